@@ -1,0 +1,119 @@
+//! Builds the runtime objects from a checked [`Config`] and runs the halves:
+//! `serve` (endpoint and worker) or `work` (worker only).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::config::{Config, secret_from_env};
+use crate::queue::Queues;
+use crate::rpc::Rpc;
+use crate::server;
+use crate::storage::Buckets;
+use crate::submit::Submitter;
+use crate::tasks::{HttpPoster, TaskRunner};
+use crate::worker::Worker;
+
+/// Everything a renderq process runs on, built once at start-up.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub config: Config,
+    pub catalog: Arc<Catalog>,
+    pub queues: Queues,
+    pub tasks: TaskRunner,
+}
+
+impl App {
+    /// Opens every queue and bucket and reads the secrets the config names.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let secret = config
+            .http_post
+            .signing_secret_env
+            .as_deref()
+            .map(|var| secret_from_env("http_post.signing_secret_env", var))
+            .transpose()
+            .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+        let http =
+            HttpPoster::new(&config.http_post, secret).context("building the HTTP client")?;
+        let queues = Queues::open(&config.queues).await?;
+        Ok(Self {
+            catalog: Arc::new(Catalog::from_config(&config)),
+            tasks: TaskRunner {
+                buckets: Buckets::open(&config.buckets),
+                http,
+            },
+            queues,
+            config,
+        })
+    }
+
+    pub fn submitter(&self) -> Submitter {
+        Submitter::new(
+            self.catalog.clone(),
+            self.queues.clone(),
+            self.config.queue_manager.default_queue.clone(),
+        )
+    }
+
+    /// The worker for `queue_manager.listen_queue`.
+    pub fn worker(&self) -> Worker {
+        let name = &self.config.queue_manager.listen_queue;
+        let queue = self
+            .queues
+            .get(name)
+            .expect("config checks that listen_queue is defined")
+            .clone();
+        Worker::new(
+            queue,
+            self.catalog.clone(),
+            self.tasks.clone(),
+            self.config.worker.clone(),
+        )
+    }
+
+    /// The HTTP router of the submit half.
+    pub fn router(&self) -> anyhow::Result<axum::Router> {
+        let token = self
+            .config
+            .server
+            .auth_token_env
+            .as_deref()
+            .map(|var| secret_from_env("server.auth_token_env", var))
+            .transpose()
+            .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+        Ok(server::app(
+            Rpc::new(self.submitter()),
+            token,
+            self.config.server.max_body_bytes,
+        ))
+    }
+
+    /// Runs the JSON-RPC endpoint and a worker until `shutdown`.
+    pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let router = self.router()?;
+        let listen = &self.config.server.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        tracing::info!(address = %listener.local_addr()?, "Listening for JSON-RPC.");
+        let worker = Arc::new(self.worker());
+        let (served, ()) = tokio::join!(
+            async {
+                let result = server::serve(listener, router, shutdown.clone()).await;
+                // If the endpoint dies, the whole process stops.
+                shutdown.cancel();
+                result
+            },
+            worker.run(shutdown.clone()),
+        );
+        served.context("HTTP server failed")
+    }
+
+    /// Runs only the worker until `shutdown`.
+    pub async fn work(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        Arc::new(self.worker()).run(shutdown).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,204 @@
+//! What a job may ask for: the allowed commands with their schemas, the
+//! queues, the buckets and the postback policy. The submit half checks a job
+//! against it before sending; the worker checks again on receive, because a
+//! message can be inserted straight into the queue.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Map, Value};
+
+use crate::commands::{Builtin, Command};
+use crate::config::Config;
+use crate::job::TaskSpec;
+use crate::params::FieldError;
+use crate::tasks::{HostPolicy, Task};
+
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    commands: BTreeMap<String, Command>,
+    queues: BTreeSet<String>,
+    buckets: BTreeSet<String>,
+    hosts: HostPolicy,
+}
+
+/// A job that passed every check, ready to run.
+#[derive(Debug, Clone)]
+pub struct ValidJob<'a> {
+    pub command: &'a Command,
+    /// Parameters with defaults filled in.
+    pub parameters: Map<String, Value>,
+    pub tasks: Vec<Task>,
+}
+
+impl Catalog {
+    pub fn from_config(config: &Config) -> Self {
+        let commands = config
+            .queue_manager
+            .allow_commands
+            .iter()
+            .filter_map(|name| Builtin::from_name(name))
+            .map(|b| (b.name().to_owned(), Command::builtin(b)))
+            .collect();
+        Self {
+            commands,
+            queues: config.queues.keys().cloned().collect(),
+            buckets: config.buckets.keys().cloned().collect(),
+            hosts: HostPolicy::from_config(&config.http_post),
+        }
+    }
+
+    pub fn commands(&self) -> impl Iterator<Item = &Command> {
+        self.commands.values()
+    }
+
+    pub fn has_queue(&self, name: &str) -> bool {
+        self.queues.contains(name)
+    }
+
+    pub fn validate(
+        &self,
+        command: &str,
+        parameters: &Map<String, Value>,
+        tasks: &[TaskSpec],
+    ) -> Result<ValidJob<'_>, FieldError> {
+        let command = self.commands.get(command).ok_or_else(|| {
+            FieldError::new("command", format!("command `{command}` is not allowed"))
+        })?;
+        let parameters = command.schema.apply(parameters)?;
+        let tasks = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let task = Task::parse(spec, i)?;
+                self.check_task(&task, i)?;
+                Ok(task)
+            })
+            .collect::<Result<_, FieldError>>()?;
+        Ok(ValidJob {
+            command,
+            parameters,
+            tasks,
+        })
+    }
+
+    /// Checks what a task refers to outside itself.
+    fn check_task(&self, task: &Task, index: usize) -> Result<(), FieldError> {
+        match task {
+            Task::S3Upload(t) if !self.buckets.contains(&t.bucket) => Err(FieldError::new(
+                format!("tasks[{index}].config.bucket"),
+                format!("no bucket `{}` is configured", t.bucket),
+            )),
+            Task::S3Upload(_) => Ok(()),
+            Task::HttpPost(t) => {
+                let field = || format!("tasks[{index}].config.postback_uri");
+                let prefix = t.postback_uri.literal_prefix();
+                if !prefix.starts_with("http://") && !prefix.starts_with("https://") {
+                    return Err(FieldError::new(
+                        field(),
+                        "must start with http:// or https://",
+                    ));
+                }
+                // The host can be checked now when it is written out before
+                // the first variable; otherwise the worker checks it.
+                let host_written = t.postback_uri.is_literal()
+                    || prefix
+                        .split_once("://")
+                        .is_some_and(|(_, rest)| rest.contains(['/', '?', '#']));
+                if host_written {
+                    let url = reqwest::Url::parse(prefix)
+                        .map_err(|e| FieldError::new(field(), e.to_string()))?;
+                    self.hosts
+                        .check_url(&url)
+                        .map_err(|e| FieldError::new(field(), e))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn catalog() -> Catalog {
+        let config = Config::from_toml(
+            r#"
+[queue_manager]
+allow_commands = ["get_version", "render_demo"]
+default_queue = "q"
+listen_queue = "q"
+[queues.q]
+backend = "local"
+path = "q"
+[buckets.results]
+backend = "local"
+path = "r"
+[http_post]
+allow_hosts = ["127.0.0.1"]
+"#,
+            std::path::Path::new("/tmp"),
+        )
+        .unwrap();
+        Catalog::from_config(&config)
+    }
+
+    fn tasks(v: Value) -> Vec<TaskSpec> {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn field(command: &str, params: Value, t: Value) -> String {
+        catalog()
+            .validate(command, params.as_object().unwrap(), &tasks(t))
+            .unwrap_err()
+            .field
+    }
+
+    #[test]
+    fn valid_job_gets_defaults() {
+        let c = catalog();
+        let job = c
+            .validate(
+                "render_demo",
+                &Map::new(),
+                &tasks(json!([{"name": "s3_upload", "config": {"bucket": "results", "key": "r/${message_id}.${mime_ext}"}}])),
+            )
+            .unwrap();
+        assert_eq!(job.parameters["width"], 640);
+        assert_eq!(job.tasks.len(), 1);
+    }
+
+    #[test]
+    fn each_bad_input_names_its_field() {
+        assert_eq!(field("rm", json!({}), json!([])), "command");
+        assert_eq!(
+            field("render_demo", json!({"width": "x"}), json!([])),
+            "parameters.width"
+        );
+        assert_eq!(
+            field(
+                "get_version",
+                json!({}),
+                json!([{"name": "s3_upload", "config": {"bucket": "nope", "key": "k"}}])
+            ),
+            "tasks[0].config.bucket"
+        );
+        assert_eq!(
+            field(
+                "get_version",
+                json!({}),
+                json!([{"name": "http_post", "config": {"postback_uri": "http://10.0.0.1/x"}}])
+            ),
+            "tasks[0].config.postback_uri"
+        );
+        assert_eq!(
+            field(
+                "get_version",
+                json!({}),
+                json!([{"name": "http_post", "config": {"postback_uri": "file:///etc/passwd"}}])
+            ),
+            "tasks[0].config.postback_uri"
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! The command line: argument types and what each subcommand does.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::config::{Config, secret_from_env};
+use crate::queue::Queue;
+
+#[derive(Debug, Parser)]
+#[command(name = "renderq", version, about = "A queue manager for render farms")]
+pub struct Cli {
+    /// Path to workers.toml.
+    #[arg(
+        long,
+        global = true,
+        env = "RENDERQ_CONFIG",
+        default_value = "workers.toml"
+    )]
+    pub config: PathBuf,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the JSON-RPC endpoint and a worker.
+    Serve,
+    /// Run only a worker on queue_manager.listen_queue.
+    Worker,
+    /// Submit a job to a running endpoint; prints the message id.
+    Submit(SubmitArgs),
+    /// Check workers.toml and open every queue and bucket it names.
+    CheckConfig,
+    /// Inspect queues.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+    /// Inspect or redrive a queue's dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Measure throughput and latency on the embedded queue.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The command to run, e.g. render_demo.
+    pub command: String,
+    /// Parameters as a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub params: String,
+    /// Post-tasks as a JSON array.
+    #[arg(long, default_value = "[]")]
+    pub tasks: String,
+    /// Queue to submit to (default: queue_manager.default_queue).
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Endpoint URL (default: http://<server.listen>/).
+    #[arg(long)]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Visible, in-flight and dead-lettered counts.
+    Stats {
+        /// One queue (default: all).
+        #[arg(long)]
+        queue: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// One line per dead-lettered message: id, receive count, reason.
+    List(DlqArgs),
+    /// Move dead-lettered messages back to their queue.
+    Redrive(DlqArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    /// Queue whose dead-letter queue to use (default: listen_queue).
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// At most this many messages.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Bench(args) = &cli.command {
+        return crate::bench::run(args).await;
+    }
+    let config = Config::load(&cli.config)?;
+    match cli.command {
+        Command::Serve => {
+            with_shutdown(|s| async move { App::build(config).await?.serve(s).await }).await
+        }
+        Command::Worker => {
+            with_shutdown(|s| async move { App::build(config).await?.work(s).await }).await
+        }
+        Command::Submit(args) => submit(&config, args).await,
+        Command::CheckConfig => {
+            let app = App::build(config).await?;
+            // Building the router reads the token variable the config names.
+            let _ = app.router()?;
+            let queues: Vec<_> = app.queues.names().collect();
+            let commands: Vec<_> = app.catalog.commands().map(|c| c.name.as_str()).collect();
+            println!(
+                "{}: ok (queues: {}; commands: {})",
+                cli.config.display(),
+                queues.join(", "),
+                commands.join(", ")
+            );
+            Ok(())
+        }
+        Command::Queue {
+            command: QueueCommand::Stats { queue },
+        } => {
+            let app = App::build(config).await?;
+            let names: Vec<String> = match queue {
+                Some(name) => vec![name],
+                None => app.queues.names().map(str::to_owned).collect(),
+            };
+            for name in names {
+                let stats = queue_named(&app, &name)?.stats().await?;
+                println!(
+                    "{name}\tvisible={}\tin_flight={}\tdead_lettered={}",
+                    stats.visible, stats.in_flight, stats.dead_lettered
+                );
+            }
+            Ok(())
+        }
+        Command::Dlq { command } => {
+            let app = App::build(config).await?;
+            let default = app.config.queue_manager.listen_queue.clone();
+            match command {
+                DlqCommand::List(args) => {
+                    let queue = queue_named(&app, args.queue.as_deref().unwrap_or(&default))?;
+                    for dead in queue.dlq_list(args.limit).await? {
+                        println!(
+                            "{}\t{}\t{}",
+                            dead.message_id, dead.receive_count, dead.reason
+                        );
+                    }
+                }
+                DlqCommand::Redrive(args) => {
+                    let queue = queue_named(&app, args.queue.as_deref().unwrap_or(&default))?;
+                    let moved = queue.dlq_redrive(args.limit).await?;
+                    println!("redrove {moved} message(s) to {}", queue.name());
+                }
+            }
+            Ok(())
+        }
+        Command::Bench(_) => unreachable!("handled above"),
+    }
+}
+
+fn queue_named<'a>(app: &'a App, name: &str) -> anyhow::Result<&'a Queue> {
+    app.queues
+        .get(name)
+        .with_context(|| format!("no queue `{name}` in the config"))
+}
+
+/// Runs `body` with a shutdown token cancelled by SIGINT or SIGTERM.
+async fn with_shutdown<F, Fut>(body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let shutdown = CancellationToken::new();
+    crate::lifecycle::cancel_on_signal(shutdown.clone())?;
+    body(shutdown).await
+}
+
+async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
+    let parameters: Value = serde_json::from_str(&args.params).context("--params is not JSON")?;
+    let tasks: Value = serde_json::from_str(&args.tasks).context("--tasks is not JSON")?;
+    let mut params = json!({ "command": args.command, "parameters": parameters, "tasks": tasks });
+    if let Some(queue) = args.queue {
+        params["queue_name"] = queue.into();
+    }
+    let url = args
+        .url
+        .unwrap_or_else(|| format!("http://{}/", config.server.listen));
+    let mut request = reqwest::Client::new().post(&url).json(&json!({
+        "jsonrpc": "2.0", "method": "queue_manager_submit_job", "params": params, "id": 1
+    }));
+    if let Some(var) = &config.server.auth_token_env {
+        let token = secret_from_env("server.auth_token_env", var)
+            .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        bail!(
+            "{url} answered {status}: {}",
+            response.text().await.unwrap_or_default()
+        );
+    }
+    let reply: Value = response.json().await.context("reply is not JSON")?;
+    match (&reply["result"], &reply["error"]) {
+        (Value::String(id), _) => {
+            println!("{id}");
+            Ok(())
+        }
+        (_, Value::Object(error)) => bail!(
+            "submit refused ({}): {}{}",
+            error.get("code").unwrap_or(&Value::Null),
+            error.get("message").and_then(Value::as_str).unwrap_or(""),
+            error
+                .get("data")
+                .map(|d| format!(" {d}"))
+                .unwrap_or_default()
+        ),
+        _ => bail!("unexpected reply: {reply}"),
+    }
+}

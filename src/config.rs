@@ -1,0 +1,520 @@
+//! `workers.toml`: the configuration types, their defaults and their checks.
+//!
+//! These are plain serde types (`deny_unknown_fields`, a doc comment on every
+//! field that doubles as the user documentation). They describe what the
+//! operator asked for; the runtime objects (queues, buckets, the catalog of
+//! commands) are built from them elsewhere and never deserialize themselves.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+/// SQS refuses to keep a message invisible for longer than this after it was
+/// received, so a job must finish (or be failed) within it.
+pub const SQS_MAX_INVISIBILITY: Duration = Duration::from_secs(12 * 3600);
+
+/// The whole of `workers.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// What may be queued and where the two halves send and listen.
+    pub queue_manager: QueueManagerConfig,
+    /// The JSON-RPC endpoint of the submit half.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The listen half: slots, visibility, retries, shutdown.
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    /// Named queues; jobs name one with `queue_name`.
+    #[serde(default)]
+    pub queues: BTreeMap<String, QueueConfig>,
+    /// Named buckets that `s3_upload` tasks may write to.
+    #[serde(default)]
+    pub buckets: BTreeMap<String, BucketConfig>,
+    /// Operator policy for the `http_post` task.
+    #[serde(default)]
+    pub http_post: HttpPostConfig,
+}
+
+/// `[queue_manager]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueManagerConfig {
+    /// The only commands a job may name; anything else is refused at submit
+    /// and dead-lettered on receive.
+    pub allow_commands: Vec<String>,
+    /// The queue a submit goes to when it names none.
+    pub default_queue: String,
+    /// The queue this process's worker pulls jobs from.
+    pub listen_queue: String,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the JSON-RPC endpoint binds to.
+    pub listen: String,
+    /// Name of an environment variable holding the bearer token every request
+    /// must carry. The token itself never appears in the file.
+    pub auth_token_env: Option<String>,
+    /// Requests with a larger body are refused with HTTP 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            auth_token_env: None,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Jobs run at the same time by one process, each pulled on its own.
+    pub slots: usize,
+    /// How long a received job stays invisible to other workers; the
+    /// heartbeat extends it while the job runs.
+    #[serde(with = "humantime_serde")]
+    pub visibility_timeout: Duration,
+    /// Longest a receive waits for a message (long polling).
+    #[serde(with = "humantime_serde")]
+    pub wait_time: Duration,
+    /// Back-off after the first failure; doubles with every receive.
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
+    /// Cap on the back-off between tries.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_delay: Duration,
+    /// A job still running after this long is cancelled and failed.
+    #[serde(with = "humantime_serde")]
+    pub max_runtime: Duration,
+    /// On shutdown, how long a running job may take to finish before it is
+    /// cancelled and handed back to the queue.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            slots: 1,
+            visibility_timeout: Duration::from_secs(120),
+            wait_time: Duration::from_secs(20),
+            retry_delay: Duration::from_secs(5),
+            max_retry_delay: Duration::from_secs(300),
+            max_runtime: Duration::from_secs(2 * 3600),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[queues.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum QueueConfig {
+    /// The embedded queue: durable on disk, one machine.
+    Local(LocalQueueConfig),
+}
+
+/// `[queues.NAME]` with `backend = "local"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalQueueConfig {
+    /// Folder holding the queue's store; relative paths are taken from the
+    /// folder of the config file.
+    pub path: PathBuf,
+    /// Receives after which a message goes to the dead-letter queue (the
+    /// embedded counterpart of an SQS redrive policy).
+    #[serde(default = "default_max_receive_count")]
+    pub max_receive_count: u32,
+}
+
+fn default_max_receive_count() -> u32 {
+    3
+}
+
+/// `[buckets.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum BucketConfig {
+    /// A local folder standing in for an object store.
+    Local(LocalBucketConfig),
+}
+
+/// `[buckets.NAME]` with `backend = "local"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalBucketConfig {
+    /// Folder the objects are written under; relative paths are taken from
+    /// the folder of the config file.
+    pub path: PathBuf,
+}
+
+/// `[http_post]`: what the operator lets jobs post to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpPostConfig {
+    /// Hosts a postback may go to. When absent, any host is allowed except
+    /// link-local and cloud metadata addresses.
+    pub allow_hosts: Option<Vec<String>>,
+    /// Allow link-local and metadata addresses (169.254.0.0/16, fe80::/10).
+    pub allow_link_local: bool,
+    /// Limit on one attempt, connect to last byte.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts before the task fails (and the job is retried later).
+    pub attempts: u32,
+    /// Back-off after the first failed attempt; doubles with each one.
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
+    /// Name of an environment variable holding the HMAC-SHA256 secret used
+    /// for the `X-Renderq-Signature` header.
+    pub signing_secret_env: Option<String>,
+}
+
+impl Default for HttpPostConfig {
+    fn default() -> Self {
+        Self {
+            allow_hosts: None,
+            allow_link_local: false,
+            timeout: Duration::from_secs(30),
+            attempts: 4,
+            retry_delay: Duration::from_millis(500),
+            signing_secret_env: None,
+        }
+    }
+}
+
+/// A configuration that could not be used, naming the file, line and key.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    path: PathBuf,
+    line: Option<usize>,
+    key: Option<String>,
+    message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// A problem found after parsing, located by its dotted key.
+#[derive(Debug)]
+pub struct Invalid {
+    /// Dotted path to the offending key, e.g. `queue_manager.default_queue`.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks a config file. Relative paths inside it are
+    /// resolved against the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let error = |line, key, message: String| ConfigError {
+            path: path.to_owned(),
+            line,
+            key,
+            message,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| error(None, None, format!("cannot read: {e}")))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| {
+            let at = e.span().map(|span| {
+                unknown_field_at(&text, span.clone(), e.message()).unwrap_or(span.start)
+            });
+            let line = at.map(|at| line_of(&text, at));
+            let key = at.and_then(|at| key_at(&text, at));
+            error(line, key, e.message().trim().to_owned())
+        })?;
+        config.validate().map_err(|invalid| {
+            let line = span_of_key(&text, &invalid.key).map(|start| line_of(&text, start));
+            error(line, Some(invalid.key), invalid.message)
+        })?;
+        let absolute = std::path::absolute(path)
+            .map_err(|e| error(None, None, format!("cannot resolve path: {e}")))?;
+        config.resolve_paths(absolute.parent().unwrap_or(Path::new("/")));
+        Ok(config)
+    }
+
+    /// Parses a config from text, with relative paths resolved against
+    /// `base`. For tests and examples that build configs in memory.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, anyhow::Error> {
+        let mut config: Config = toml::from_str(text)?;
+        config
+            .validate()
+            .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    /// Checks that hold across keys: names that refer to other tables exist,
+    /// durations fit the queue's limits.
+    fn validate(&self) -> Result<(), Invalid> {
+        let qm = &self.queue_manager;
+        for (i, name) in qm.allow_commands.iter().enumerate() {
+            if crate::commands::Builtin::from_name(name).is_none() {
+                return Err(Invalid::new(
+                    format!("queue_manager.allow_commands[{i}]"),
+                    format!("unknown command `{name}`"),
+                ));
+            }
+        }
+        for (key, queue) in [
+            ("queue_manager.default_queue", &qm.default_queue),
+            ("queue_manager.listen_queue", &qm.listen_queue),
+        ] {
+            if !self.queues.contains_key(queue) {
+                return Err(Invalid::new(
+                    key,
+                    format!("no [queues.{queue}] table defines queue `{queue}`"),
+                ));
+            }
+        }
+        let w = &self.worker;
+        if w.slots == 0 {
+            return Err(Invalid::new("worker.slots", "must be at least 1"));
+        }
+        if w.visibility_timeout < Duration::from_secs(1) {
+            return Err(Invalid::new(
+                "worker.visibility_timeout",
+                "must be at least 1s",
+            ));
+        }
+        if w.max_runtime >= SQS_MAX_INVISIBILITY {
+            return Err(Invalid::new(
+                "worker.max_runtime",
+                "must be below 12h, the longest SQS keeps a received message invisible",
+            ));
+        }
+        if w.max_retry_delay < w.retry_delay {
+            return Err(Invalid::new(
+                "worker.max_retry_delay",
+                "must not be shorter than worker.retry_delay",
+            ));
+        }
+        if self.http_post.attempts == 0 {
+            return Err(Invalid::new("http_post.attempts", "must be at least 1"));
+        }
+        let mut paths = BTreeMap::new();
+        for (name, queue) in &self.queues {
+            let QueueConfig::Local(local) = queue;
+            if local.max_receive_count == 0 {
+                return Err(Invalid::new(
+                    format!("queues.{name}.max_receive_count"),
+                    "must be at least 1",
+                ));
+            }
+            if let Some(other) = paths.insert(&local.path, name) {
+                return Err(Invalid::new(
+                    format!("queues.{name}.path"),
+                    format!("queue `{other}` already uses this path"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for queue in self.queues.values_mut() {
+            let QueueConfig::Local(local) = queue;
+            local.path = base.join(&local.path);
+        }
+        for bucket in self.buckets.values_mut() {
+            let BucketConfig::Local(local) = bucket;
+            local.path = base.join(&local.path);
+        }
+    }
+}
+
+/// Reads the secret an `*_env` key names, so the file never holds it.
+pub fn secret_from_env(key: &str, var: &str) -> Result<String, Invalid> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Ok(value),
+        _ => Err(Invalid::new(
+            key,
+            format!("environment variable `{var}` is not set"),
+        )),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Where an unknown field is written in the table starting at `span`.
+/// Errors inside tagged tables (`[queues.NAME]`) point at the table's
+/// header; this finds the field's own line.
+fn unknown_field_at(text: &str, span: std::ops::Range<usize>, message: &str) -> Option<usize> {
+    let field = message.strip_prefix("unknown field `")?.split('`').next()?;
+    let mut offset = span.start;
+    let table = text.get(span.start..)?;
+    for (i, line) in table.split_inclusive('\n').enumerate() {
+        if i > 0 && line.trim_start().starts_with('[') {
+            break;
+        }
+        let rest = line.trim_start().strip_prefix(field);
+        if rest.is_some_and(|r| r.trim_start().starts_with('=')) {
+            return Some(offset + (line.len() - line.trim_start().len()));
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// The dotted key an error at `offset` is about: the key of the
+/// `key = value` line it falls on, under the table header above it, or the
+/// header itself.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = text[line_start..line_end].trim();
+    let header = |l: &str| {
+        l.strip_prefix('[').map(|rest| {
+            rest.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned()
+        })
+    };
+    if let Some(table) = header(line) {
+        return Some(table);
+    }
+    let key = line.split_once('=')?.0.trim().trim_matches('"');
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| header(l.trim()));
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+/// Byte offset of a dotted key (`a.b[2]` style) in the document.
+fn span_of_key(text: &str, dotted: &str) -> Option<usize> {
+    let doc = toml_edit::Document::parse(text).ok()?;
+    let mut item = doc.as_item();
+    let mut start = None;
+    for part in dotted.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let (key, value) = item.as_table_like()?.get_key_value(name)?;
+        start = key.span().map(|s| s.start).or(start);
+        item = value;
+        if let Some(index) = index {
+            let array = item.as_array()?;
+            start = array.get(index)?.span().map(|s| s.start).or(start);
+            return start;
+        }
+    }
+    start
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[queue_manager]
+allow_commands = ["get_version"]
+default_queue = "q"
+listen_queue = "q"
+
+[queues.q]
+backend = "local"
+path = "var/q"
+"#;
+
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("workers.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let config = load_text(MINIMAL).unwrap();
+        assert_eq!(config.worker.slots, 1);
+        assert_eq!(config.server.max_body_bytes, 262144);
+        let QueueConfig::Local(q) = &config.queues["q"];
+        assert!(q.path.is_absolute());
+        assert_eq!(q.max_receive_count, 3);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = MINIMAL.replace("path = \"var/q\"", "path = \"var/q\"\npth = 1");
+        let err = load_text(&text).unwrap_err().to_string();
+        assert!(err.contains("pth"), "{err}");
+        assert!(err.contains("workers.toml:10: `queues.q.pth`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_top_level_key_names_its_line() {
+        let text = format!("{MINIMAL}\n[wrker]\nslots = 2\n");
+        let err = load_text(&text).unwrap_err().to_string();
+        let line = text.lines().position(|l| l == "[wrker]").unwrap() + 1;
+        assert!(err.contains(&format!("workers.toml:{line}")), "{err}");
+        assert!(err.contains("wrker"), "{err}");
+    }
+
+    #[test]
+    fn missing_queue_names_the_key_and_line() {
+        let text = MINIMAL.replace("listen_queue = \"q\"", "listen_queue = \"nope\"");
+        let err = load_text(&text).unwrap_err().to_string();
+        assert!(err.contains(":5: `queue_manager.listen_queue`"), "{err}");
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn disallowed_command_names_array_entry() {
+        let text = MINIMAL.replace("[\"get_version\"]", "[\"get_version\", \"rm_rf\"]");
+        let err = load_text(&text).unwrap_err().to_string();
+        assert!(err.contains("allow_commands[1]"), "{err}");
+        assert!(err.contains("rm_rf"), "{err}");
+    }
+
+    #[test]
+    fn max_runtime_must_stay_below_sqs_cap() {
+        let text = format!("{MINIMAL}\n[worker]\nmax_runtime = \"12h\"\n");
+        let err = load_text(&text).unwrap_err().to_string();
+        assert!(err.contains("worker.max_runtime"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_an_error() {
+        let text = format!("{MINIMAL}\n[worker]\nvisibility_timeout = \"soon\"\n");
+        let err = load_text(&text).unwrap_err().to_string();
+        assert!(err.contains("`worker.visibility_timeout`"), "{err}");
+    }
+}

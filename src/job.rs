@@ -1,0 +1,342 @@
+//! Jobs as they travel: the queue message envelope, post-task specs, key
+//! templates and the checks on rendered keys. Pure: no I/O here.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The envelope version this build writes and understands.
+pub const PROTOCOL: u32 = 1;
+
+/// A post-task as a job names it: `{"name": "s3_upload", "config": {...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub name: String,
+    #[serde(default)]
+    pub config: Map<String, Value>,
+}
+
+/// The body of a queue message (SPEC §3).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope {
+    /// Envelope version; absent on a bare direct insert.
+    #[serde(default = "protocol")]
+    pub renderq: u32,
+    /// The job's own id; a bare insert takes its message id.
+    #[serde(default)]
+    pub job_id: String,
+    pub command: String,
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+    #[serde(default)]
+    pub tasks: Vec<TaskSpec>,
+    /// When the job was first submitted (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<String>,
+    /// Times the job was handed back by an interrupted worker.
+    #[serde(default)]
+    pub interrupts: u32,
+    /// The id the submit returned, carried when a backend must re-send the
+    /// job as a new message, so `${message_id}` stays the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+}
+
+fn protocol() -> u32 {
+    PROTOCOL
+}
+
+impl Envelope {
+    /// A fresh envelope for a job being submitted now.
+    pub fn new(command: String, parameters: Map<String, Value>, tasks: Vec<TaskSpec>) -> Self {
+        Self {
+            renderq: PROTOCOL,
+            job_id: uuid::Uuid::new_v4().to_string(),
+            command,
+            parameters,
+            tasks,
+            submitted_at: Some(
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ),
+            interrupts: 0,
+            message_id: None,
+        }
+    }
+
+    /// Parses a message body: a full envelope or a bare
+    /// `{"command", "parameters", "tasks"}` insert.
+    pub fn parse(body: &str, message_id: &str) -> Result<Self, String> {
+        let mut envelope: Envelope =
+            serde_json::from_str(body).map_err(|e| format!("malformed message body: {e}"))?;
+        if envelope.renderq != PROTOCOL {
+            return Err(format!(
+                "unsupported envelope version {} (this worker speaks {PROTOCOL})",
+                envelope.renderq
+            ));
+        }
+        if envelope.job_id.is_empty() {
+            envelope.job_id = message_id.to_owned();
+        }
+        Ok(envelope)
+    }
+
+    /// The id `${message_id}` stands for.
+    pub fn message_id<'a>(&'a self, received_id: &'a str) -> &'a str {
+        self.message_id.as_deref().unwrap_or(received_id)
+    }
+
+    pub fn to_body(&self) -> String {
+        serde_json::to_string(self).expect("an envelope always serializes")
+    }
+}
+
+/// A variable a template may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Var {
+    MessageId,
+    JobId,
+    MimeExt,
+    Command,
+    ArrayIndex,
+    Frame,
+    Date,
+}
+
+impl Var {
+    const ALL: [(&'static str, Var); 7] = [
+        ("message_id", Var::MessageId),
+        ("job_id", Var::JobId),
+        ("mime_ext", Var::MimeExt),
+        ("command", Var::Command),
+        ("array_index", Var::ArrayIndex),
+        ("frame", Var::Frame),
+        ("date", Var::Date),
+    ];
+
+    fn from_name(name: &str) -> Option<Var> {
+        Var::ALL.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+}
+
+/// Values for a template's variables, known once the command has run.
+#[derive(Debug, Clone, Default)]
+pub struct Vars<'a> {
+    pub message_id: &'a str,
+    pub job_id: &'a str,
+    pub mime_ext: &'a str,
+    pub command: &'a str,
+    /// Index of an array child; empty for a plain job.
+    pub array_index: String,
+    /// First frame of the job; empty when the job has none.
+    pub frame: String,
+    /// UTC date of the run, `YYYY-MM-DD`.
+    pub date: String,
+}
+
+impl Vars<'_> {
+    fn get(&self, var: Var) -> &str {
+        match var {
+            Var::MessageId => self.message_id,
+            Var::JobId => self.job_id,
+            Var::MimeExt => self.mime_ext,
+            Var::Command => self.command,
+            Var::ArrayIndex => &self.array_index,
+            Var::Frame => &self.frame,
+            Var::Date => &self.date,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Var(Var),
+}
+
+/// A string with `${name}` variables, parsed (and so checked) up front.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(Vec<Segment>);
+
+impl Template {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut segments = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("${") {
+            if start > 0 {
+                segments.push(Segment::Literal(rest[..start].to_owned()));
+            }
+            let after = &rest[start + 2..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed `${{` in template `{text}`"))?;
+            let name = &after[..end];
+            let var = Var::from_name(name).ok_or_else(|| {
+                let known: Vec<_> = Var::ALL.iter().map(|(n, _)| *n).collect();
+                format!(
+                    "unknown template variable `${{{name}}}` (known: {})",
+                    known.join(", ")
+                )
+            })?;
+            segments.push(Segment::Var(var));
+            rest = &after[end + 1..];
+        }
+        if !rest.is_empty() {
+            segments.push(Segment::Literal(rest.to_owned()));
+        }
+        Ok(Self(segments))
+    }
+
+    pub fn render(&self, vars: &Vars) -> String {
+        self.0
+            .iter()
+            .map(|s| match s {
+                Segment::Literal(text) => text.as_str(),
+                Segment::Var(var) => vars.get(*var),
+            })
+            .collect()
+    }
+
+    /// True when the template has no variables.
+    pub fn is_literal(&self) -> bool {
+        self.0.iter().all(|s| matches!(s, Segment::Literal(_)))
+    }
+
+    /// The text before the first variable: enough to check a URL's scheme
+    /// and host at submit when they are written out.
+    pub fn literal_prefix(&self) -> &str {
+        match self.0.first() {
+            Some(Segment::Literal(text)) => text,
+            _ => "",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Template {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Template::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Longest object key S3 accepts, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Checks a rendered object key: it must stay inside its bucket.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("object key is empty".into());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "object key is {} bytes, over the {MAX_KEY_BYTES}-byte limit",
+            key.len()
+        ));
+    }
+    if key.starts_with('/') {
+        return Err(format!("object key `{key}` starts with `/`"));
+    }
+    if key.chars().any(char::is_control) {
+        return Err("object key contains a control character".into());
+    }
+    if key.split('/').any(|part| part == ".." || part == ".") {
+        return Err(format!("object key `{key}` has a `.` or `..` segment"));
+    }
+    Ok(())
+}
+
+/// The file extension `${mime_ext}` stands for.
+pub fn mime_ext(mime: &mime::Mime) -> String {
+    // mime_guess lists extensions alphabetically; prefer the usual one.
+    let preferred = match mime.essence_str() {
+        "image/jpeg" => Some("jpg"),
+        "image/tiff" => Some("tif"),
+        "text/plain" => Some("txt"),
+        "application/octet-stream" => Some("bin"),
+        "image/x-exr" | "image/aces" => Some("exr"),
+        _ => None,
+    };
+    preferred
+        .or_else(|| {
+            mime_guess::get_mime_extensions_str(mime.essence_str())
+                .and_then(|exts| {
+                    exts.iter()
+                        .find(|e| **e == mime.subtype().as_str())
+                        .or(exts.first())
+                })
+                .copied()
+        })
+        .unwrap_or("bin")
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_renders_known_vars() {
+        let t = Template::parse("renders/demo-${message_id}.${mime_ext}").unwrap();
+        let vars = Vars {
+            message_id: "abc",
+            mime_ext: "png",
+            ..Vars::default()
+        };
+        assert_eq!(t.render(&vars), "renders/demo-abc.png");
+    }
+
+    #[test]
+    fn template_refuses_unknown_var() {
+        let err = Template::parse("x/${nope}.png").unwrap_err();
+        assert!(err.contains("${nope}"), "{err}");
+    }
+
+    #[test]
+    fn template_refuses_unclosed_var() {
+        assert!(Template::parse("x/${message_id").is_err());
+    }
+
+    #[test]
+    fn dollar_without_brace_is_literal() {
+        let t = Template::parse("price$5").unwrap();
+        assert_eq!(t.render(&Vars::default()), "price$5");
+    }
+
+    #[test]
+    fn keys_must_stay_inside_the_bucket() {
+        assert!(check_key("renders/a.png").is_ok());
+        assert!(check_key("/etc/passwd").is_err());
+        assert!(check_key("a/../../b").is_err());
+        assert!(check_key("a\nb").is_err());
+        assert!(check_key("").is_err());
+        assert!(check_key(&"k".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn mime_ext_prefers_usual_extensions() {
+        assert_eq!(mime_ext(&mime::IMAGE_PNG), "png");
+        assert_eq!(mime_ext(&mime::APPLICATION_JSON), "json");
+        assert_eq!(mime_ext(&mime::IMAGE_JPEG), "jpg");
+        assert_eq!(mime_ext(&mime::TEXT_PLAIN), "txt");
+    }
+
+    #[test]
+    fn bare_insert_parses_and_takes_message_id() {
+        let e = Envelope::parse(r#"{"command":"get_version"}"#, "m-1").unwrap();
+        assert_eq!(e.job_id, "m-1");
+        assert_eq!(e.renderq, PROTOCOL);
+        assert!(e.tasks.is_empty());
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let e = Envelope::new("sleep".into(), Map::new(), vec![]);
+        assert_eq!(Envelope::parse(&e.to_body(), "m").unwrap(), e);
+    }
+
+    #[test]
+    fn malformed_and_future_bodies_are_refused() {
+        assert!(Envelope::parse("not json", "m").is_err());
+        assert!(Envelope::parse(r#"{"parameters":{}}"#, "m").is_err());
+        assert!(Envelope::parse(r#"{"renderq":2,"command":"x"}"#, "m").is_err());
+    }
+}

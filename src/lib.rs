@@ -1,0 +1,61 @@
+//! renderq: a queue manager for render farms.
+//!
+//! Clients submit render jobs over JSON-RPC; jobs travel through a message
+//! queue; workers pull one job per slot, run the command, run the post-tasks,
+//! and delete the message only when all of that succeeded.
+//!
+//! # Code map
+//!
+//! - [`config`]: `workers.toml` types, defaults and checks (file, line, key
+//!   in every error).
+//! - [`job`]: the queue message envelope, key templates, key checks. Pure.
+//! - [`params`]: command parameter schemas. Pure.
+//! - [`catalog`]: what a job may ask for; the one validator used by both the
+//!   submit half and the worker.
+//! - [`submit`]: the submit half (validate, then send).
+//! - [`rpc`]: JSON-RPC 2.0 types and dispatch, no HTTP.
+//! - [`server`]: the HTTP router: auth, body limit, `/healthz`.
+//! - [`queue`]: the queue interface with SQS semantics; `local` is the
+//!   embedded SQLite backend.
+//! - [`storage`]: buckets for results; `local` is a folder.
+//! - [`commands`]: built-in commands, including the `render_demo` ray tracer.
+//! - [`tasks`]: post-tasks `s3_upload` and `http_post`.
+//! - [`worker`]: the listen half: a step function plus slot loops, heartbeat,
+//!   back-off, drain on shutdown.
+//! - [`app`]: builds all of the above from a config; [`lifecycle`] turns
+//!   signals into the shutdown token; [`cli`] and [`bench`] are the command
+//!   line.
+//!
+//! # Invariants
+//!
+//! - Only the worker deletes messages, and only after the command and every
+//!   post-task succeeded. The submit half never receives or deletes.
+//! - Every job is validated twice: at submit, and on receive (messages can be
+//!   inserted straight into the queue). A job that fails validation never
+//!   runs; on receive it is dead-lettered at once with its reason.
+//! - A retryable failure leaves the message in the queue with a back-off
+//!   delay; the queue's redrive policy moves it to the dead-letter queue.
+//! - Shutdown is one `CancellationToken`: it stops receiving; running jobs get
+//!   the drain timeout, then are cancelled and handed back without using up
+//!   a try.
+//! - No secret is read from `workers.toml` or written to a log.
+
+pub mod app;
+pub mod bench;
+pub mod catalog;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod job;
+pub mod lifecycle;
+pub mod params;
+pub mod queue;
+pub mod rpc;
+pub mod server;
+pub mod storage;
+pub mod submit;
+pub mod tasks;
+pub mod worker;
+
+/// This build's version, as `get_version` reports it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

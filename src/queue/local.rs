@@ -1,0 +1,603 @@
+//! The embedded queue: one SQLite database per queue, in WAL mode.
+//!
+//! Every state change is one transaction, so the queue survives `kill -9` of
+//! any process using it, and several processes may share it: a receive takes
+//! the write lock (`BEGIN IMMEDIATE`), so two workers never claim the same
+//! message. Commits are not fsynced one by one (`synchronous = NORMAL`): a
+//! power cut may lose the last few, a process crash loses nothing.
+//!
+//! Waiting receivers sleep until the earliest moment a message becomes
+//! visible, or until a sender rings the doorbell: an in-process `Notify`,
+//! and a file whose timestamp senders touch so that receivers in other
+//! processes wake through inotify. No receiver polls.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use notify::Watcher;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{DeadLetter, QueueError, Received, Stats};
+use crate::config::LocalQueueConfig;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT NOT NULL UNIQUE,
+    body          TEXT NOT NULL,
+    sent_at       INTEGER NOT NULL,
+    visible_at    INTEGER NOT NULL,
+    receive_count INTEGER NOT NULL DEFAULT 0,
+    receipt       TEXT,
+    last_error    TEXT,
+    dead_at       INTEGER
+);
+CREATE INDEX IF NOT EXISTS by_visibility ON messages (dead_at, visible_at, seq);
+CREATE INDEX IF NOT EXISTS by_receipt ON messages (receipt);
+";
+
+/// A handle on one embedded queue; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct LocalQueue {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// The queue's name in the config, for logs.
+    name: String,
+    /// One connection per process; SQLite serialises writers anyway.
+    conn: Mutex<Connection>,
+    /// Receives after which a message is dead-lettered instead of delivered.
+    max_receive_count: u32,
+    /// File touched after every change that may make a message visible.
+    doorbell: PathBuf,
+    /// Wakes this process's waiting receivers (from sends here, or from the
+    /// doorbell watcher for sends elsewhere).
+    arrivals: Arc<Notify>,
+    /// Kept alive for as long as the queue is open.
+    _watcher: notify::RecommendedWatcher,
+}
+
+enum Claim {
+    Got(Received),
+    /// Nothing visible; the earliest `visible_at` of any live message.
+    Empty(Option<i64>),
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+fn unavailable(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+impl LocalQueue {
+    pub async fn open(name: &str, config: &LocalQueueConfig) -> Result<Self, QueueError> {
+        let name = name.to_owned();
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Self::open_blocking(name, &config))
+            .await
+            .map_err(unavailable)?
+    }
+
+    fn open_blocking(name: String, config: &LocalQueueConfig) -> Result<Self, QueueError> {
+        let dir = &config.path;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        let conn = Connection::open(dir.join("queue.sqlite3")).map_err(unavailable)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(unavailable)?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+
+        let doorbell = dir.join("doorbell");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&doorbell)
+            .map_err(|e| unavailable(format!("cannot create {}: {e}", doorbell.display())))?;
+        let arrivals = Arc::new(Notify::new());
+        let wake = arrivals.clone();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok_and(|e| e.kind.is_modify()) {
+                    wake.notify_waiters();
+                }
+            })
+            .map_err(unavailable)?;
+        watcher
+            .watch(&doorbell, notify::RecursiveMode::NonRecursive)
+            .map_err(unavailable)?;
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                name,
+                conn: Mutex::new(conn),
+                max_receive_count: config.max_receive_count,
+                doorbell,
+                arrivals,
+                _watcher: watcher,
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Runs `f` on the connection off the async threads (SQLite may wait on
+    /// another process's lock).
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, QueueError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, QueueError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.conn.lock().map_err(unavailable)?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    /// Wakes receivers here and in other processes.
+    fn ring(&self) {
+        self.inner.arrivals.notify_waiters();
+        let touched = std::fs::File::options()
+            .write(true)
+            .open(&self.inner.doorbell)
+            .and_then(|f| f.set_modified(SystemTime::now()));
+        if let Err(error) = touched {
+            tracing::warn!(%error, queue = %self.inner.name, "cannot ring the queue doorbell");
+        }
+    }
+
+    pub async fn send(&self, body: &str) -> Result<String, QueueError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let (row_id, body) = (id.clone(), body.to_owned());
+        self.with_conn(move |conn| {
+            let now = now_ms();
+            conn.execute(
+                "INSERT INTO messages (id, body, sent_at, visible_at) VALUES (?1, ?2, ?3, ?3)",
+                params![row_id, body, now],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await?;
+        self.ring();
+        Ok(id)
+    }
+
+    pub async fn receive(
+        &self,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Option<Received>, QueueError> {
+        let deadline = Instant::now() + wait;
+        let max_receive_count = self.inner.max_receive_count;
+        loop {
+            // Register for wake-ups before looking, so a send that lands
+            // between the look and the wait is not missed.
+            let arrival = self.inner.arrivals.notified();
+            tokio::pin!(arrival);
+            arrival.as_mut().enable();
+
+            let claim = self
+                .with_conn(move |conn| claim(conn, ms(visibility), max_receive_count))
+                .await?;
+            let next_visible = match claim {
+                Claim::Got(received) => return Ok(Some(received)),
+                Claim::Empty(next_visible) => next_visible,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let wake_at = next_visible
+                .map(|at| now + Duration::from_millis((at - now_ms()).max(1) as u64))
+                .map_or(deadline, |at| at.min(deadline));
+            tokio::select! {
+                _ = arrival => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+    }
+
+    pub async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
+        let receipt = receipt.to_owned();
+        self.with_conn(move |conn| {
+            let n = conn
+                .execute(
+                    "DELETE FROM messages WHERE receipt = ?1 AND dead_at IS NULL",
+                    [receipt],
+                )
+                .map_err(unavailable)?;
+            if n == 0 {
+                return Err(QueueError::StaleReceipt);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sets when the message becomes visible again, optionally recording the
+    /// error that made the worker give it back.
+    pub async fn set_visibility(
+        &self,
+        receipt: &str,
+        visibility: Duration,
+        error: Option<&str>,
+    ) -> Result<(), QueueError> {
+        let (receipt, error_text) = (receipt.to_owned(), error.map(str::to_owned));
+        self.with_conn(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE messages SET visible_at = ?2, last_error = COALESCE(?3, last_error)
+                     WHERE receipt = ?1 AND dead_at IS NULL",
+                    params![receipt, now_ms() + ms(visibility), error_text],
+                )
+                .map_err(unavailable)?;
+            if n == 0 {
+                return Err(QueueError::StaleReceipt);
+            }
+            Ok(())
+        })
+        .await?;
+        if error.is_some() {
+            // The message may now come back sooner than sleeping receivers
+            // expect; let them look again.
+            self.ring();
+        }
+        Ok(())
+    }
+
+    pub async fn dead_letter(&self, receipt: &str, reason: &str) -> Result<(), QueueError> {
+        let (receipt, reason) = (receipt.to_owned(), reason.to_owned());
+        self.with_conn(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE messages SET dead_at = ?2, receipt = NULL, last_error = ?3
+                     WHERE receipt = ?1 AND dead_at IS NULL",
+                    params![receipt, now_ms(), reason],
+                )
+                .map_err(unavailable)?;
+            if n == 0 {
+                return Err(QueueError::StaleReceipt);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Makes the message visible at once with a new body, giving back the
+    /// receive this worker used.
+    pub async fn requeue(&self, receipt: &str, body: &str) -> Result<(), QueueError> {
+        let (receipt, body) = (receipt.to_owned(), body.to_owned());
+        self.with_conn(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE messages SET body = ?2, visible_at = ?3, receipt = NULL,
+                        receive_count = MAX(receive_count - 1, 0)
+                     WHERE receipt = ?1 AND dead_at IS NULL",
+                    params![receipt, body, now_ms()],
+                )
+                .map_err(unavailable)?;
+            if n == 0 {
+                return Err(QueueError::StaleReceipt);
+            }
+            Ok(())
+        })
+        .await?;
+        self.ring();
+        Ok(())
+    }
+
+    pub async fn stats(&self) -> Result<Stats, QueueError> {
+        self.with_conn(|conn| {
+            conn.query_row(
+                "SELECT
+                    COUNT(*) FILTER (WHERE dead_at IS NULL AND visible_at <= ?1),
+                    COUNT(*) FILTER (WHERE dead_at IS NULL AND visible_at > ?1),
+                    COUNT(*) FILTER (WHERE dead_at IS NOT NULL)
+                 FROM messages",
+                [now_ms()],
+                |row| {
+                    let count = |i| row.get::<_, i64>(i).map(|n| n as u64);
+                    Ok(Stats {
+                        visible: count(0)?,
+                        in_flight: count(1)?,
+                        dead_lettered: count(2)?,
+                    })
+                },
+            )
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id, receive_count, last_error FROM messages
+                     WHERE dead_at IS NOT NULL ORDER BY dead_at, seq LIMIT ?1",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([limit as i64], |row| {
+                    Ok(DeadLetter {
+                        message_id: row.get(0)?,
+                        receive_count: row.get(1)?,
+                        reason: row
+                            .get::<_, Option<String>>(2)?
+                            .unwrap_or_else(|| "no reason recorded".into()),
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<_, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn dlq_redrive(&self, limit: usize) -> Result<usize, QueueError> {
+        let moved = self
+            .with_conn(move |conn| {
+                conn.execute(
+                    "UPDATE messages SET dead_at = NULL, receive_count = 0, receipt = NULL,
+                        last_error = NULL, visible_at = ?2
+                     WHERE seq IN (SELECT seq FROM messages WHERE dead_at IS NOT NULL
+                                   ORDER BY dead_at, seq LIMIT ?1)",
+                    params![limit as i64, now_ms()],
+                )
+                .map_err(unavailable)
+            })
+            .await?;
+        if moved > 0 {
+            self.ring();
+        }
+        Ok(moved)
+    }
+}
+
+/// Claims the next visible message, dead-lettering on the way any that have
+/// used up their receives (as an SQS redrive policy does on receive).
+fn claim(
+    conn: &mut Connection,
+    visibility: i64,
+    max_receive_count: u32,
+) -> Result<Claim, QueueError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(unavailable)?;
+    let now = now_ms();
+    loop {
+        let next = tx
+            .query_row(
+                "SELECT seq, id, body, receive_count FROM messages
+                 WHERE dead_at IS NULL AND visible_at <= ?1
+                 ORDER BY visible_at, seq LIMIT 1",
+                [now],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, u32>(3)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(unavailable)?;
+        let Some((seq, message_id, body, count)) = next else {
+            let next_visible: Option<i64> = tx
+                .query_row(
+                    "SELECT MIN(visible_at) FROM messages WHERE dead_at IS NULL",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            return Ok(Claim::Empty(next_visible));
+        };
+        if count >= max_receive_count {
+            tx.execute(
+                "UPDATE messages SET dead_at = ?2, receipt = NULL,
+                    last_error = COALESCE(last_error, 'no reason recorded')
+                        || ' (after ' || receive_count || ' receives)'
+                 WHERE seq = ?1",
+                params![seq, now],
+            )
+            .map_err(unavailable)?;
+            tracing::info!(%message_id, receives = count, "Moved job to the dead-letter queue.");
+            continue;
+        }
+        let receipt = uuid::Uuid::new_v4().to_string();
+        tx.execute(
+            "UPDATE messages SET receipt = ?2, receive_count = receive_count + 1, visible_at = ?3
+             WHERE seq = ?1",
+            params![seq, receipt, now + visibility],
+        )
+        .map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+        return Ok(Claim::Got(Received {
+            message_id,
+            receipt,
+            body,
+            receive_count: count + 1,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn queue(dir: &tempfile::TempDir, max_receive_count: u32) -> LocalQueue {
+        let config = LocalQueueConfig {
+            path: dir.path().to_owned(),
+            max_receive_count,
+        };
+        LocalQueue::open("test", &config).await.unwrap()
+    }
+
+    const VIS: Duration = Duration::from_secs(30);
+    const NO_WAIT: Duration = Duration::ZERO;
+
+    #[tokio::test]
+    async fn received_message_is_hidden_until_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 3).await;
+        let id = q.send("hello").await.unwrap();
+        let got = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        assert_eq!(
+            (got.message_id.as_str(), got.body.as_str()),
+            (id.as_str(), "hello")
+        );
+        assert_eq!(got.receive_count, 1);
+        assert!(q.receive(NO_WAIT, VIS).await.unwrap().is_none());
+        q.delete(&got.receipt).await.unwrap();
+        assert_eq!(
+            q.stats().await.unwrap(),
+            Stats {
+                visible: 0,
+                in_flight: 0,
+                dead_lettered: 0
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn stale_receipt_is_refused_after_redelivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 5).await;
+        q.send("x").await.unwrap();
+        let first = q
+            .receive(NO_WAIT, Duration::from_millis(1))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let second = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        assert_eq!(second.receive_count, 2);
+        assert!(matches!(
+            q.delete(&first.receipt).await,
+            Err(QueueError::StaleReceipt)
+        ));
+        q.delete(&second.receipt).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn long_poll_wakes_on_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 3).await;
+        let receiver = {
+            let q = q.clone();
+            tokio::spawn(async move { q.receive(Duration::from_secs(20), VIS).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        q.send("wake").await.unwrap();
+        let got = receiver.await.unwrap().unwrap().unwrap();
+        assert_eq!(got.body, "wake");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn long_poll_wakes_on_send_from_another_handle() {
+        // A second handle has its own connection and doorbell watcher, as a
+        // second process would.
+        let dir = tempfile::tempdir().unwrap();
+        let receiver_side = queue(&dir, 3).await;
+        let sender_side = queue(&dir, 3).await;
+        let receiver =
+            tokio::spawn(async move { receiver_side.receive(Duration::from_secs(20), VIS).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        sender_side.send("across").await.unwrap();
+        let got = receiver.await.unwrap().unwrap().unwrap();
+        assert_eq!(got.body, "across");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn redrive_policy_dead_letters_after_max_receives() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 2).await;
+        q.send("doomed").await.unwrap();
+        for attempt in 1..=2 {
+            let got = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+            assert_eq!(got.receive_count, attempt);
+            q.set_visibility(&got.receipt, Duration::ZERO, Some("boom"))
+                .await
+                .unwrap();
+        }
+        assert!(q.receive(NO_WAIT, VIS).await.unwrap().is_none());
+        let dead = q.dlq_list(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].receive_count, 2);
+        assert!(dead[0].reason.starts_with("boom"), "{}", dead[0].reason);
+
+        assert_eq!(q.dlq_redrive(10).await.unwrap(), 1);
+        let back = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        assert_eq!((back.body.as_str(), back.receive_count), ("doomed", 1));
+    }
+
+    #[tokio::test]
+    async fn dead_letter_keeps_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 3).await;
+        q.send("bad").await.unwrap();
+        let got = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        q.dead_letter(&got.receipt, "command `rm` is not allowed")
+            .await
+            .unwrap();
+        let dead = q.dlq_list(10).await.unwrap();
+        assert_eq!(dead[0].reason, "command `rm` is not allowed");
+        assert_eq!(q.stats().await.unwrap().dead_lettered, 1);
+    }
+
+    #[tokio::test]
+    async fn requeue_does_not_use_up_receives() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 1).await;
+        q.send("v1").await.unwrap();
+        let got = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        q.requeue(&got.receipt, "v2").await.unwrap();
+        let again = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        assert_eq!((again.body.as_str(), again.receive_count), ("v2", 1));
+        assert_eq!(again.message_id, got.message_id);
+    }
+
+    #[tokio::test]
+    async fn messages_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = queue(&dir, 3).await.send("durable").await.unwrap();
+        let got = queue(&dir, 3)
+            .await
+            .receive(NO_WAIT, VIS)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.message_id, id);
+    }
+}

@@ -1,0 +1,176 @@
+//! The queue interface every backend offers, with SQS semantics: at-least-once
+//! delivery, visibility timeouts, receive counts, a dead-letter queue.
+
+mod local;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::config::QueueConfig;
+pub use local::LocalQueue;
+
+/// A message handed to a worker. It stays invisible to others until its
+/// visibility lapses or it is deleted with `receipt`.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub message_id: String,
+    /// Proof of this particular receive; refused once the message has been
+    /// received again by someone else.
+    pub receipt: String,
+    pub body: String,
+    /// How many times the message has been received, this time included.
+    pub receive_count: u32,
+}
+
+/// Counts for `queue stats` and `queue_manager_queue_stats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub visible: u64,
+    pub in_flight: u64,
+    pub dead_lettered: u64,
+}
+
+/// A message in the dead-letter queue.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub message_id: String,
+    pub receive_count: u32,
+    /// Why it was dead-lettered: the fatal error, or the last retryable one.
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The receipt is no longer valid: the message was received again or
+    /// deleted. The caller's work may be repeated elsewhere.
+    #[error("receipt handle is stale: the message was received again or deleted")]
+    StaleReceipt,
+    /// The backend could not be reached or failed; try again later.
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// One configured queue.
+#[derive(Debug, Clone)]
+pub enum Queue {
+    Local(LocalQueue),
+}
+
+impl Queue {
+    pub async fn open(name: &str, config: &QueueConfig) -> Result<Self, QueueError> {
+        match config {
+            QueueConfig::Local(c) => Ok(Queue::Local(LocalQueue::open(name, c).await?)),
+        }
+    }
+
+    /// The name the config gives this queue.
+    pub fn name(&self) -> &str {
+        match self {
+            Queue::Local(q) => q.name(),
+        }
+    }
+
+    /// Adds a message; returns its id.
+    pub async fn send(&self, body: &str) -> Result<String, QueueError> {
+        match self {
+            Queue::Local(q) => q.send(body).await,
+        }
+    }
+
+    /// Waits up to `wait` for a message and hides it for `visibility`.
+    pub async fn receive(
+        &self,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Option<Received>, QueueError> {
+        match self {
+            Queue::Local(q) => q.receive(wait, visibility).await,
+        }
+    }
+
+    /// Removes a message for good: the job is done.
+    pub async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
+        match self {
+            Queue::Local(q) => q.delete(receipt).await,
+        }
+    }
+
+    /// Keeps a running job's message hidden for `visibility` from now.
+    pub async fn extend(&self, receipt: &str, visibility: Duration) -> Result<(), QueueError> {
+        match self {
+            Queue::Local(q) => q.set_visibility(receipt, visibility, None).await,
+        }
+    }
+
+    /// Leaves the message for another try after `delay`, remembering `error`
+    /// where the backend can, so `dlq list` can show it.
+    pub async fn retry_later(
+        &self,
+        receipt: &str,
+        delay: Duration,
+        error: &str,
+    ) -> Result<(), QueueError> {
+        match self {
+            Queue::Local(q) => q.set_visibility(receipt, delay, Some(error)).await,
+        }
+    }
+
+    /// Moves a message to the dead-letter queue at once, with its reason.
+    pub async fn dead_letter(&self, received: &Received, reason: &str) -> Result<(), QueueError> {
+        match self {
+            Queue::Local(q) => q.dead_letter(&received.receipt, reason).await,
+        }
+    }
+
+    /// Hands an interrupted job back at once, with `body` (its interrupt count
+    /// raised), without using up its failure budget.
+    pub async fn requeue(&self, received: &Received, body: &str) -> Result<(), QueueError> {
+        match self {
+            Queue::Local(q) => q.requeue(&received.receipt, body).await,
+        }
+    }
+
+    pub async fn stats(&self) -> Result<Stats, QueueError> {
+        match self {
+            Queue::Local(q) => q.stats().await,
+        }
+    }
+
+    pub async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        match self {
+            Queue::Local(q) => q.dlq_list(limit).await,
+        }
+    }
+
+    /// Moves up to `limit` dead-lettered messages back; returns how many.
+    pub async fn dlq_redrive(&self, limit: usize) -> Result<usize, QueueError> {
+        match self {
+            Queue::Local(q) => q.dlq_redrive(limit).await,
+        }
+    }
+}
+
+/// Every configured queue, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Queues(BTreeMap<String, Queue>);
+
+impl Queues {
+    pub async fn open(configs: &BTreeMap<String, QueueConfig>) -> Result<Self, anyhow::Error> {
+        let mut queues = BTreeMap::new();
+        for (name, config) in configs {
+            let queue = Queue::open(name, config)
+                .await
+                .map_err(|e| anyhow::anyhow!("queue `{name}`: {e}"))?;
+            queues.insert(name.clone(), queue);
+        }
+        Ok(Self(queues))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Queue> {
+        self.0.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}

@@ -1,0 +1,346 @@
+//! JSON-RPC 2.0: request and response types and method dispatch, with no
+//! HTTP in sight (the server module only routes bytes here).
+//!
+//! Errors map to JSON-RPC codes without leaking internals: a refused job is
+//! -32602 with `data.field` naming what to fix; a queue that cannot be
+//! reached is -32000.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Value, json};
+
+use crate::params::{FieldError, deserialize_named};
+use crate::submit::{SubmitError, SubmitRequest, Submitter};
+
+pub const PARSE_ERROR: i64 = -32700;
+pub const INVALID_REQUEST: i64 = -32600;
+pub const METHOD_NOT_FOUND: i64 = -32601;
+pub const INVALID_PARAMS: i64 = -32602;
+pub const INTERNAL_ERROR: i64 = -32603;
+pub const QUEUE_UNAVAILABLE: i64 = -32000;
+
+#[derive(Debug, Deserialize)]
+struct Request {
+    jsonrpc: String,
+    method: String,
+    #[serde(default)]
+    params: Option<Value>,
+    /// Absent for a notification; `Some(Value::Null)` for `"id": null`.
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Response {
+    jsonrpc: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<RpcError>,
+    id: Value,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    fn new(code: i64, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+}
+
+impl From<FieldError> for RpcError {
+    fn from(e: FieldError) -> Self {
+        Self {
+            code: INVALID_PARAMS,
+            message: format!("Invalid params: {e}"),
+            data: Some(json!({ "field": e.field, "reason": e.reason })),
+        }
+    }
+}
+
+impl From<SubmitError> for RpcError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Invalid(field) => field.into(),
+            SubmitError::Queue { queue, source } => {
+                tracing::error!(%queue, error = %source, "submit failed");
+                Self {
+                    code: QUEUE_UNAVAILABLE,
+                    message: "Queue unavailable".into(),
+                    data: Some(json!({ "queue": queue })),
+                }
+            }
+        }
+    }
+}
+
+impl Response {
+    fn reply(id: Value, outcome: Result<Value, RpcError>) -> Self {
+        let (result, error) = match outcome {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e)),
+        };
+        Self {
+            jsonrpc: "2.0",
+            result,
+            error,
+            id,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsParams {
+    #[serde(default)]
+    queue_name: Option<String>,
+}
+
+/// The JSON-RPC methods of the submit half.
+#[derive(Debug, Clone)]
+pub struct Rpc {
+    submitter: Submitter,
+}
+
+impl Rpc {
+    pub fn new(submitter: Submitter) -> Self {
+        Self { submitter }
+    }
+
+    /// Handles one HTTP body: a request or a batch. Returns the JSON to send
+    /// back, or `None` when everything in it was a notification.
+    pub async fn handle(&self, body: &[u8]) -> Option<String> {
+        let value: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => {
+                let error = RpcError::new(PARSE_ERROR, format!("Parse error: {e}"));
+                return Some(to_json(&Response::reply(Value::Null, Err(error))));
+            }
+        };
+        match value {
+            Value::Array(items) if items.is_empty() => {
+                let error = RpcError::new(INVALID_REQUEST, "Invalid Request: empty batch");
+                Some(to_json(&Response::reply(Value::Null, Err(error))))
+            }
+            Value::Array(items) => {
+                let mut replies = Vec::new();
+                for item in items {
+                    replies.extend(self.handle_one(item).await);
+                }
+                (!replies.is_empty()).then(|| to_json(&replies))
+            }
+            single => self.handle_one(single).await.map(|r| to_json(&r)),
+        }
+    }
+
+    async fn handle_one(&self, value: Value) -> Option<Response> {
+        let id_hint = value.get("id").cloned().unwrap_or(Value::Null);
+        let request: Request = match serde_json::from_value(value) {
+            Ok(r) => r,
+            Err(e) => {
+                let error = RpcError::new(INVALID_REQUEST, format!("Invalid Request: {e}"));
+                return Some(Response::reply(id_hint, Err(error)));
+            }
+        };
+        if request.jsonrpc != "2.0" {
+            let error = RpcError::new(INVALID_REQUEST, "Invalid Request: jsonrpc must be \"2.0\"");
+            return Some(Response::reply(id_hint, Err(error)));
+        }
+        let outcome = self.call(&request.method, request.params).await;
+        request.id.map(|id| Response::reply(id, outcome))
+    }
+
+    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        let params = match params {
+            None | Some(Value::Null) => json!({}),
+            Some(p @ Value::Object(_)) => p,
+            Some(_) => {
+                return Err(FieldError::new("params", "params must be an object (by name)").into());
+            }
+        };
+        match method {
+            "queue_manager_submit_job" => {
+                let request: SubmitRequest = deserialize_named(params, "")?;
+                Ok(Value::String(self.submitter.submit(request).await?))
+            }
+            "queue_manager_list_commands" => Ok(self.list_commands()),
+            "queue_manager_queue_stats" => {
+                let p: StatsParams = deserialize_named(params, "")?;
+                self.queue_stats(p.queue_name).await
+            }
+            other => Err(RpcError::new(
+                METHOD_NOT_FOUND,
+                format!("Method not found: {other}"),
+            )),
+        }
+    }
+
+    fn list_commands(&self) -> Value {
+        let commands: Vec<Value> = self
+            .submitter
+            .catalog()
+            .commands()
+            .map(|c| json!({ "name": c.name, "parameters": c.schema.describe() }))
+            .collect();
+        Value::Array(commands)
+    }
+
+    async fn queue_stats(&self, queue_name: Option<String>) -> Result<Value, RpcError> {
+        let name = queue_name.unwrap_or_else(|| self.submitter.default_queue().to_owned());
+        let queue = self.submitter.queues().get(&name).ok_or_else(|| {
+            FieldError::new("queue_name", format!("no queue `{name}` is configured"))
+        })?;
+        let stats = queue.stats().await.map_err(|source| SubmitError::Queue {
+            queue: name.clone(),
+            source,
+        })?;
+        Ok(json!({
+            "queue": name,
+            "visible": stats.visible,
+            "in_flight": stats.in_flight,
+            "dead_lettered": stats.dead_lettered,
+        }))
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot serialize a JSON-RPC reply");
+        format!(r#"{{"jsonrpc":"2.0","error":{{"code":{INTERNAL_ERROR},"message":"Internal error"}},"id":null}}"#)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use crate::catalog::Catalog;
+    use crate::config::Config;
+    use crate::queue::Queues;
+
+    async fn rpc(dir: &tempfile::TempDir) -> (Rpc, Queues) {
+        let config = Config::from_toml(
+            r#"
+[queue_manager]
+allow_commands = ["get_version", "render_demo"]
+default_queue = "q"
+listen_queue = "q"
+[queues.q]
+backend = "local"
+path = "q"
+[buckets.results]
+backend = "local"
+path = "r"
+"#,
+            dir.path(),
+        )
+        .unwrap();
+        let queues = Queues::open(&config.queues).await.unwrap();
+        let submitter = Submitter::new(
+            Arc::new(Catalog::from_config(&config)),
+            queues.clone(),
+            "q".into(),
+        );
+        (Rpc::new(submitter), queues)
+    }
+
+    async fn call(rpc: &Rpc, body: &str) -> Value {
+        serde_json::from_str(&rpc.handle(body.as_bytes()).await.unwrap()).unwrap()
+    }
+
+    async fn visible(queues: &Queues) -> u64 {
+        queues.get("q").unwrap().stats().await.unwrap().visible
+    }
+
+    #[tokio::test]
+    async fn submit_returns_message_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rpc, queues) = rpc(&dir).await;
+        let reply = call(
+            &rpc,
+            r#"{"jsonrpc":"2.0","method":"queue_manager_submit_job","params":{"command":"get_version"},"id":7}"#,
+        )
+        .await;
+        assert_eq!(reply["id"], 7);
+        assert!(
+            reply["result"].as_str().is_some_and(|id| id.len() == 36),
+            "{reply}"
+        );
+        assert_eq!(visible(&queues).await, 1);
+    }
+
+    #[tokio::test]
+    async fn standard_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rpc, queues) = rpc(&dir).await;
+        let code = |v: Value| v["error"]["code"].as_i64().unwrap();
+        assert_eq!(code(call(&rpc, "{not json").await), PARSE_ERROR);
+        assert_eq!(code(call(&rpc, r#"{"foo":1}"#).await), INVALID_REQUEST);
+        assert_eq!(code(call(&rpc, "[]").await), INVALID_REQUEST);
+        assert_eq!(
+            code(call(&rpc, r#"{"jsonrpc":"2.0","method":"nope","id":1}"#).await),
+            METHOD_NOT_FOUND
+        );
+        let refused = call(
+            &rpc,
+            r#"{"jsonrpc":"2.0","method":"queue_manager_submit_job","params":{"command":"rm"},"id":1}"#,
+        )
+        .await;
+        assert_eq!(code(refused.clone()), INVALID_PARAMS);
+        assert_eq!(refused["error"]["data"]["field"], "command");
+        let unknown_queue = call(
+            &rpc,
+            r#"{"jsonrpc":"2.0","method":"queue_manager_submit_job","params":{"command":"get_version","queue_name":"zz"},"id":1}"#,
+        )
+        .await;
+        assert_eq!(unknown_queue["error"]["data"]["field"], "queue_name");
+        assert_eq!(visible(&queues).await, 0);
+    }
+
+    #[tokio::test]
+    async fn notifications_get_no_reply_and_batches_mix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rpc, queues) = rpc(&dir).await;
+        let note = r#"{"jsonrpc":"2.0","method":"queue_manager_submit_job","params":{"command":"get_version"}}"#;
+        assert!(rpc.handle(note.as_bytes()).await.is_none());
+        assert_eq!(visible(&queues).await, 1);
+
+        let batch = format!(
+            r#"[{note}, {{"jsonrpc":"2.0","method":"queue_manager_list_commands","id":"a"}}, {{"jsonrpc":"2.0","method":"nope","id":null}}]"#
+        );
+        let reply = call(&rpc, &batch).await;
+        let replies = reply.as_array().unwrap();
+        assert_eq!(replies.len(), 2);
+        assert_eq!(replies[0]["id"], "a");
+        assert!(replies[0]["result"].as_array().unwrap().len() == 2);
+        assert_eq!(replies[1]["id"], Value::Null);
+        assert_eq!(replies[1]["error"]["code"], METHOD_NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn queue_stats_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rpc, _) = rpc(&dir).await;
+        let reply = call(
+            &rpc,
+            r#"{"jsonrpc":"2.0","method":"queue_manager_queue_stats","id":1}"#,
+        )
+        .await;
+        assert_eq!(reply["result"]["queue"], "q");
+        assert_eq!(reply["result"]["visible"], 0);
+    }
+}

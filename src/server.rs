@@ -1,0 +1,80 @@
+//! HTTP for the submit half: routes `POST /` and `POST /rpc` to the JSON-RPC
+//! handler, checks the bearer token before any JSON is read, limits body
+//! size, and answers `GET /healthz`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::rpc::Rpc;
+
+/// What the HTTP handlers share.
+#[derive(Debug, Clone)]
+struct AppState {
+    rpc: Rpc,
+    /// When set, every JSON-RPC request must carry `Authorization: Bearer` it.
+    token: Option<Arc<str>>,
+}
+
+/// The router; tests drive it directly.
+pub fn app(rpc: Rpc, token: Option<String>, max_body_bytes: usize) -> Router {
+    let state = AppState {
+        rpc,
+        token: token.map(Arc::from),
+    };
+    let rpc_routes = Router::new()
+        .route("/", post(handle_rpc))
+        .route("/rpc", post(handle_rpc))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(rpc_routes)
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// Serves `app` until `shutdown` is cancelled, then lets open requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &state.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "missing or wrong bearer token\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn handle_rpc(State(state): State<AppState>, body: Bytes) -> Response {
+    match state.rpc.handle(&body).await {
+        Some(reply) => ([(header::CONTENT_TYPE, "application/json")], reply).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
+}

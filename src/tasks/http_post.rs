@@ -1,0 +1,310 @@
+//! `http_post`: POSTs the result to a templated URL.
+//!
+//! The operator's `[http_post]` policy decides where jobs may post: an
+//! optional host allow-list, and never to link-local or cloud metadata
+//! addresses unless allowed. Host names are checked after resolution (a
+//! guarded DNS resolver), and every redirect hop is checked too, so neither a
+//! DNS record nor a redirect can steer a postback to the metadata service.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use reqwest::Url;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+use sha2::Sha256;
+
+use super::TaskError;
+use crate::commands::{Body, Output};
+use crate::config::HttpPostConfig;
+use crate::job::{Template, Vars};
+
+/// Header carrying `sha256=<hex HMAC of the body>` when a secret is set.
+pub const SIGNATURE_HEADER: &str = "X-Renderq-Signature";
+
+/// An `http_post` task's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpPost {
+    /// URL template, e.g. `https://api.example.com/done/${message_id}`.
+    pub postback_uri: Template,
+    /// Extra request headers.
+    #[serde(default, deserialize_with = "headers")]
+    pub headers: BTreeMap<String, String>,
+    /// Follow 3xx responses (each hop is checked against the host policy).
+    #[serde(default)]
+    pub follow_redirects: bool,
+    /// Check the server's TLS certificate.
+    #[serde(default = "yes")]
+    pub verify_ssl: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn headers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let map = BTreeMap::<String, String>::deserialize(d)?;
+    for (name, value) in &map {
+        HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| serde::de::Error::custom(format!("invalid header name `{name}`")))?;
+        HeaderValue::from_str(value)
+            .map_err(|_| serde::de::Error::custom(format!("invalid value for header `{name}`")))?;
+    }
+    Ok(map)
+}
+
+/// Where postbacks may go.
+#[derive(Debug, Clone, Default)]
+pub struct HostPolicy {
+    allow_hosts: Option<Vec<String>>,
+    allow_link_local: bool,
+}
+
+impl HostPolicy {
+    pub fn from_config(config: &HttpPostConfig) -> Self {
+        Self {
+            allow_hosts: config
+                .allow_hosts
+                .as_ref()
+                .map(|hosts| hosts.iter().map(|h| h.to_ascii_lowercase()).collect()),
+            allow_link_local: config.allow_link_local,
+        }
+    }
+
+    /// Checks a URL's scheme and host (and its address, when it is an IP).
+    pub fn check_url(&self, url: &Url) -> Result<(), String> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("scheme `{}` is not http or https", url.scheme()));
+        }
+        let host = url.host_str().ok_or("URL has no host")?;
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if let Some(allowed) = &self.allow_hosts
+            && !allowed.iter().any(|h| h.eq_ignore_ascii_case(bare))
+        {
+            return Err(format!("host `{bare}` is not in http_post.allow_hosts"));
+        }
+        match bare.parse::<IpAddr>() {
+            Ok(ip) => self.check_ip(ip),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn check_ip(&self, ip: IpAddr) -> Result<(), String> {
+        let link_local = match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => {
+                (v6.segments()[0] & 0xffc0) == 0xfe80
+                    // The EC2 metadata service's IPv6 address.
+                    || v6 == "fd00:ec2::254".parse::<std::net::Ipv6Addr>().expect("valid literal")
+                    || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+            }
+        };
+        if link_local && !self.allow_link_local {
+            return Err(format!(
+                "address {ip} is link-local or a metadata service (set http_post.allow_link_local to allow)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Resolves host names and drops addresses the policy forbids.
+struct GuardedResolver(HostPolicy);
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.0.clone();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0))
+                .await?
+                .filter(|a| policy.check_ip(a.ip()).is_ok())
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("`{}` resolves to no allowed address", name.as_str()).into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Sends postbacks under the operator's policy, with retries.
+#[derive(Debug, Clone)]
+pub struct HttpPoster {
+    policy: HostPolicy,
+    /// One client per (follow_redirects, verify_ssl) pair, built once.
+    clients: Arc<[reqwest::Client; 4]>,
+    attempts: u32,
+    retry_delay: Duration,
+    /// HMAC key for the signature header; read from the environment.
+    secret: Option<Arc<[u8]>>,
+}
+
+impl HttpPoster {
+    pub fn new(config: &HttpPostConfig, secret: Option<String>) -> Result<Self, reqwest::Error> {
+        let policy = HostPolicy::from_config(config);
+        let build = |follow: bool, verify: bool| {
+            let hop_policy = policy.clone();
+            let redirect = if follow {
+                reqwest::redirect::Policy::custom(move |attempt| {
+                    if attempt.previous().len() >= 5 {
+                        attempt.error("more than 5 redirects")
+                    } else if let Err(e) = hop_policy.check_url(attempt.url()) {
+                        attempt.error(format!("redirect refused: {e}"))
+                    } else {
+                        attempt.follow()
+                    }
+                })
+            } else {
+                reqwest::redirect::Policy::none()
+            };
+            reqwest::Client::builder()
+                .timeout(config.timeout)
+                .redirect(redirect)
+                .danger_accept_invalid_certs(!verify)
+                .dns_resolver(Arc::new(GuardedResolver(policy.clone())))
+                .user_agent(concat!("renderq/", env!("CARGO_PKG_VERSION")))
+                .build()
+        };
+        Ok(Self {
+            clients: Arc::new([
+                build(false, false)?,
+                build(false, true)?,
+                build(true, false)?,
+                build(true, true)?,
+            ]),
+            policy,
+            attempts: config.attempts,
+            retry_delay: config.retry_delay,
+            secret: secret.map(|s| Arc::from(s.into_bytes())),
+        })
+    }
+
+    pub fn policy(&self) -> &HostPolicy {
+        &self.policy
+    }
+
+    pub async fn post(
+        &self,
+        task: &HttpPost,
+        output: &Output,
+        vars: &Vars<'_>,
+    ) -> Result<String, TaskError> {
+        let rendered = task.postback_uri.render(vars);
+        let url = Url::parse(&rendered)
+            .map_err(|e| TaskError(format!("postback_uri `{rendered}`: {e}")))?;
+        self.policy.check_url(&url).map_err(TaskError)?;
+
+        let body: bytes::Bytes = match &output.body {
+            Body::Bytes(b) => b.clone().into(),
+            Body::File(path) => tokio::fs::read(path)
+                .await
+                .map_err(|e| TaskError(format!("cannot read result {}: {e}", path.display())))?
+                .into(),
+        };
+        let mut headers = HeaderMap::new();
+        let content_type = HeaderValue::from_str(output.mime.as_ref())
+            .map_err(|e| TaskError(format!("content type: {e}")))?;
+        headers.insert(CONTENT_TYPE, content_type);
+        for (name, value) in &task.headers {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+        if let Some(secret) = &self.secret {
+            let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key");
+            mac.update(&body);
+            let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+            headers.insert(
+                SIGNATURE_HEADER,
+                HeaderValue::from_str(&signature).expect("hex is a valid header value"),
+            );
+        }
+
+        let client =
+            &self.clients[usize::from(task.follow_redirects) * 2 + usize::from(task.verify_ssl)];
+        let mut last_error = String::new();
+        for attempt in 1..=self.attempts {
+            if attempt > 1 {
+                tokio::time::sleep(self.retry_delay * 2u32.saturating_pow(attempt - 2)).await;
+            }
+            let sent = client
+                .post(url.clone())
+                .headers(headers.clone())
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(response) if response.status().is_success() => return Ok(url.to_string()),
+                Ok(response) => {
+                    let status = response.status();
+                    last_error = format!("{url} answered {status}");
+                    let transient = status.is_server_error()
+                        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+                    if !transient {
+                        break;
+                    }
+                }
+                Err(e) => last_error = format!("{url}: {}", error_chain(&e)),
+            }
+            tracing::warn!(attempt, error = %last_error, "http_post attempt failed");
+        }
+        Err(TaskError(last_error))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(hosts: Option<&[&str]>) -> HostPolicy {
+        HostPolicy::from_config(&HttpPostConfig {
+            allow_hosts: hosts.map(|h| h.iter().map(|s| s.to_string()).collect()),
+            ..HttpPostConfig::default()
+        })
+    }
+
+    fn check(p: &HostPolicy, url: &str) -> Result<(), String> {
+        p.check_url(&Url::parse(url).unwrap())
+    }
+
+    #[test]
+    fn metadata_and_link_local_are_refused() {
+        let p = policy(None);
+        assert!(check(&p, "http://169.254.169.254/latest/meta-data/").is_err());
+        assert!(check(&p, "http://[fe80::1]/").is_err());
+        assert!(check(&p, "http://[fd00:ec2::254]/").is_err());
+        assert!(check(&p, "http://127.0.0.1:9000/done").is_ok());
+    }
+
+    #[test]
+    fn allow_list_is_enforced() {
+        let p = policy(Some(&["api.example.com"]));
+        assert!(check(&p, "https://API.example.com/x").is_ok());
+        assert!(check(&p, "https://evil.example.com/x").is_err());
+    }
+
+    #[test]
+    fn only_http_schemes() {
+        assert!(check(&policy(None), "file:///etc/passwd").is_err());
+        assert!(check(&policy(None), "ftp://host/x").is_err());
+    }
+}

@@ -1,0 +1,47 @@
+//! `s3_upload`: stores the result in a configured bucket under a templated key.
+
+use serde::Deserialize;
+
+use super::TaskError;
+use crate::commands::Output;
+use crate::job::{Template, Vars, check_key};
+use crate::storage::Buckets;
+
+/// An `s3_upload` task's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Upload {
+    /// A `[buckets.NAME]` from workers.toml.
+    pub bucket: String,
+    /// Object key template, e.g. `renders/${message_id}.${mime_ext}`.
+    pub key: Template,
+    /// Canned ACL, e.g. `public-read` (S3 only).
+    #[serde(default)]
+    pub acl: Option<String>,
+    /// Overrides the result's own MIME type.
+    #[serde(default)]
+    pub content_type: Option<String>,
+}
+
+impl S3Upload {
+    pub async fn run(
+        &self,
+        buckets: &Buckets,
+        output: &Output,
+        vars: &Vars<'_>,
+    ) -> Result<String, TaskError> {
+        let bucket = buckets
+            .get(&self.bucket)
+            .ok_or_else(|| TaskError(format!("unknown bucket `{}`", self.bucket)))?;
+        let key = self.key.render(vars);
+        check_key(&key).map_err(TaskError)?;
+        let content_type = self
+            .content_type
+            .clone()
+            .unwrap_or_else(|| output.mime.to_string());
+        bucket
+            .put(&key, output, &content_type, self.acl.as_deref())
+            .await
+            .map_err(|e| TaskError(e.to_string()))
+    }
+}

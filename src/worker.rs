@@ -1,0 +1,325 @@
+//! The listen half: receive → check → run → post-tasks → delete.
+//!
+//! [`Worker::process_next`] is one step (one message, or none); the slot
+//! loops in [`Worker::run`] call it until shutdown, and tests call it
+//! directly to drain a queue without sleeping.
+//!
+//! A message is deleted only after the command and every task succeeded. A
+//! job that fails is left in the queue with a back-off delay; one that can
+//! never run (malformed, not allowed, invalid) is dead-lettered at once; one
+//! cut short by shutdown is handed straight back without using up a try.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::catalog::Catalog;
+use crate::commands::CommandError;
+use crate::config::WorkerConfig;
+use crate::job::{Envelope, Vars, mime_ext};
+use crate::queue::{Queue, QueueError, Received};
+use crate::tasks::TaskRunner;
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// No message arrived within the wait (or shutdown began).
+    Empty,
+    Processed {
+        message_id: String,
+        result: JobResult,
+    },
+}
+
+/// How a received job ended this time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobResult {
+    /// Done and deleted.
+    Succeeded,
+    /// Failed; left in the queue for another try after a back-off.
+    WillRetry,
+    /// Could never run; moved to the dead-letter queue.
+    DeadLettered,
+    /// Cut short by shutdown; handed back at once.
+    Requeued,
+}
+
+/// Why a job did not succeed; decides what happens to its message.
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    #[error("{0}")]
+    Retryable(String),
+    #[error("{0}")]
+    Fatal(String),
+    #[error("interrupted by shutdown")]
+    Interrupted,
+}
+
+pub struct Worker {
+    queue: Queue,
+    catalog: Arc<Catalog>,
+    tasks: TaskRunner,
+    config: WorkerConfig,
+}
+
+impl Worker {
+    pub fn new(
+        queue: Queue,
+        catalog: Arc<Catalog>,
+        tasks: TaskRunner,
+        config: WorkerConfig,
+    ) -> Self {
+        Self {
+            queue,
+            catalog,
+            tasks,
+            config,
+        }
+    }
+
+    /// Runs `slots` loops of [`Self::process_next`] until `shutdown`; then
+    /// gives running jobs `drain_timeout` to finish before cancelling them.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let abort = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        for slot in 0..self.config.slots {
+            let (worker, stop, abort) = (self.clone(), shutdown.clone(), abort.clone());
+            tracker.spawn(
+                async move { worker.slot_loop(&stop, &abort).await }
+                    .instrument(info_span!("slot", slot)),
+            );
+        }
+        tracker.close();
+        info!(queue = %self.queue.name(), slots = self.config.slots, "Worker started.");
+        shutdown.cancelled().await;
+        info!(drain_timeout = ?self.config.drain_timeout, "Worker stopping: no new jobs will be received.");
+        if tokio::time::timeout(self.config.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "Drain deadline passed: cancelling running jobs and returning them to the queue."
+            );
+            abort.cancel();
+            tracker.wait().await;
+        }
+        info!("Worker stopped.");
+    }
+
+    async fn slot_loop(&self, stop: &CancellationToken, abort: &CancellationToken) {
+        let mut failures = 0u32;
+        while !stop.is_cancelled() {
+            match self.process_next(stop, abort).await {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    let delay = backoff(
+                        Duration::from_millis(500),
+                        Duration::from_secs(30),
+                        failures,
+                    );
+                    error!(error = %e, retry_in = ?delay, "queue error");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One step: waits for a message (until `stop`) and handles it. A job
+    /// already running is cut short only by `abort`.
+    pub async fn process_next(
+        &self,
+        stop: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> Result<Outcome, QueueError> {
+        let received = tokio::select! {
+            r = self.queue.receive(self.config.wait_time, self.config.visibility_timeout) => r?,
+            _ = stop.cancelled() => None,
+        };
+        let Some(message) = received else {
+            return Ok(Outcome::Empty);
+        };
+        let span = info_span!(
+            "job",
+            queue = %self.queue.name(),
+            message_id = %message.message_id,
+            receive_count = message.receive_count,
+        );
+        let result = self.handle(&message, abort).instrument(span).await?;
+        Ok(Outcome::Processed {
+            message_id: message.message_id,
+            result,
+        })
+    }
+
+    async fn handle(
+        &self,
+        message: &Received,
+        abort: &CancellationToken,
+    ) -> Result<JobResult, QueueError> {
+        info!("Received job from queue.");
+        let heartbeat = self.start_heartbeat(message);
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(self.config.max_runtime, self.execute(message, abort)) => {
+                r.unwrap_or_else(|_| Err(JobError::Retryable(format!(
+                    "job exceeded max_runtime of {}", humantime::format_duration(self.config.max_runtime)
+                ))))
+            }
+            _ = abort.cancelled() => Err(JobError::Interrupted),
+        };
+        heartbeat.cancel();
+
+        match outcome {
+            Ok(()) => {
+                info!("Job processed, removing from queue.");
+                match self.queue.delete(&message.receipt).await {
+                    Err(QueueError::StaleReceipt) => {
+                        // Someone else holds the message now and will run it
+                        // again; our outputs were written to the same keys.
+                        warn!("Job finished after its receipt expired; it may run again.");
+                    }
+                    other => other?,
+                }
+                Ok(JobResult::Succeeded)
+            }
+            Err(JobError::Retryable(reason)) => {
+                let delay = backoff(
+                    self.config.retry_delay,
+                    self.config.max_retry_delay,
+                    message.receive_count,
+                );
+                warn!(%reason, retry_in = ?delay, "Job failed, returning to queue for a retry.");
+                self.queue
+                    .retry_later(&message.receipt, delay, &reason)
+                    .await?;
+                Ok(JobResult::WillRetry)
+            }
+            Err(JobError::Fatal(reason)) => {
+                error!(%reason, "Job cannot run, moving to the dead-letter queue.");
+                self.queue.dead_letter(message, &reason).await?;
+                Ok(JobResult::DeadLettered)
+            }
+            Err(JobError::Interrupted) => {
+                let body = match Envelope::parse(&message.body, &message.message_id) {
+                    Ok(mut envelope) => {
+                        envelope.interrupts += 1;
+                        envelope.message_id =
+                            Some(envelope.message_id(&message.message_id).to_owned());
+                        envelope.to_body()
+                    }
+                    Err(_) => message.body.clone(),
+                };
+                info!("Job interrupted, returning to queue.");
+                self.queue.requeue(message, &body).await?;
+                Ok(JobResult::Requeued)
+            }
+        }
+    }
+
+    /// Checks, runs the command, then the tasks in order.
+    async fn execute(&self, message: &Received, abort: &CancellationToken) -> Result<(), JobError> {
+        let envelope =
+            Envelope::parse(&message.body, &message.message_id).map_err(JobError::Fatal)?;
+        let job = self
+            .catalog
+            .validate(&envelope.command, &envelope.parameters, &envelope.tasks)
+            .map_err(|e| JobError::Fatal(format!("invalid job: {e}")))?;
+
+        info!("Executing command: {}.", job.command.name);
+        let output = job
+            .command
+            .run(&job.parameters, abort)
+            .await
+            .map_err(|e| match e {
+                CommandError::Cancelled => JobError::Interrupted,
+                CommandError::Failed(reason) => {
+                    JobError::Retryable(format!("command {} failed: {reason}", job.command.name))
+                }
+            })?;
+        info!("Executed command: {}.", job.command.name);
+
+        let ext = mime_ext(&output.mime);
+        let vars = Vars {
+            message_id: envelope.message_id(&message.message_id),
+            job_id: &envelope.job_id,
+            mime_ext: &ext,
+            command: &envelope.command,
+            array_index: String::new(),
+            frame: job
+                .parameters
+                .get("frame")
+                .map(|f| f.to_string())
+                .unwrap_or_default(),
+            date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        };
+        for task in &job.tasks {
+            info!("Executing task: {}.", task.name());
+            let location = task
+                .run(&self.tasks, &output, &vars)
+                .await
+                .map_err(|e| JobError::Retryable(format!("task {} failed: {e}", task.name())))?;
+            info!(%location, "Executed task: {}.", task.name());
+        }
+        Ok(())
+    }
+
+    /// Keeps the message invisible while the job runs by extending its
+    /// visibility at half the timeout. Cancel the token to stop it.
+    fn start_heartbeat(&self, message: &Received) -> CancellationToken {
+        let stop = CancellationToken::new();
+        let (queue, receipt, visibility) = (
+            self.queue.clone(),
+            message.receipt.clone(),
+            self.config.visibility_timeout,
+        );
+        let guard = stop.clone();
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(visibility / 2) => {}
+                        _ = guard.cancelled() => return,
+                    }
+                    match queue.extend(&receipt, visibility).await {
+                        Ok(()) => tracing::debug!("visibility extended"),
+                        Err(e) => {
+                            warn!(error = %e, "heartbeat could not extend visibility");
+                            if matches!(e, QueueError::StaleReceipt) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        stop
+    }
+}
+
+/// `base` doubled for each try after the first, capped at `max`.
+fn backoff(base: Duration, max: Duration, tries: u32) -> Duration {
+    base.saturating_mul(2u32.saturating_pow(tries.saturating_sub(1)))
+        .min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let (base, max) = (Duration::from_secs(5), Duration::from_secs(60));
+        assert_eq!(backoff(base, max, 1), Duration::from_secs(5));
+        assert_eq!(backoff(base, max, 2), Duration::from_secs(10));
+        assert_eq!(backoff(base, max, 4), Duration::from_secs(40));
+        assert_eq!(backoff(base, max, 5), max);
+        assert_eq!(backoff(base, max, 40), max);
+    }
+}
