@@ -1,0 +1,396 @@
+//! A small harness: a throw-away farm (config, queue, bucket in a temporary
+//! folder, a free port) and helpers to run the binary against it.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_renderq");
+
+/// Which queue and bucket backends a scenario runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Local,
+}
+
+/// Knobs a scenario may turn; everything else is fast test defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub visibility_timeout: &'static str,
+    pub retry_delay: &'static str,
+    pub max_receive_count: u32,
+    pub drain_timeout: &'static str,
+    pub auth_token_env: Option<&'static str>,
+    pub max_body_bytes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: "30s",
+            retry_delay: "200ms",
+            max_receive_count: 3,
+            drain_timeout: "10s",
+            auth_token_env: None,
+            max_body_bytes: 262_144,
+        }
+    }
+}
+
+pub struct Farm {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub port: u16,
+    pub backend: Backend,
+}
+
+/// A child process killed when dropped, so a failing test leaves nothing.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), signal).expect("signal the process");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log shows `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "log never showed {needle:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+impl Farm {
+    pub fn new(backend: Backend, settings: Settings) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let auth = settings
+            .auth_token_env
+            .map(|v| format!("auth_token_env = \"{v}\"\n"))
+            .unwrap_or_default();
+        let Settings {
+            visibility_timeout,
+            retry_delay,
+            max_receive_count,
+            drain_timeout,
+            max_body_bytes,
+            ..
+        } = settings;
+        let storage = match backend {
+            Backend::Local => format!(
+                r#"
+[queues.renders]
+backend = "local"
+path = "queue"
+max_receive_count = {max_receive_count}
+
+[buckets.results]
+backend = "local"
+path = "results"
+"#
+            ),
+        };
+        let text = format!(
+            r#"
+[queue_manager]
+allow_commands = ["get_version", "sleep", "render_demo"]
+default_queue = "renders"
+listen_queue = "renders"
+
+[server]
+listen = "127.0.0.1:{port}"
+max_body_bytes = {max_body_bytes}
+{auth}
+[worker]
+visibility_timeout = "{visibility_timeout}"
+wait_time = "5s"
+retry_delay = "{retry_delay}"
+max_retry_delay = "2s"
+drain_timeout = "{drain_timeout}"
+{storage}
+[http_post]
+allow_hosts = ["127.0.0.1"]
+attempts = 3
+retry_delay = "50ms"
+timeout = "5s"
+"#
+        );
+        let config = dir.path().join("workers.toml");
+        std::fs::write(&config, text).expect("write config");
+        Self {
+            dir,
+            config,
+            port,
+            backend,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts `renderq <subcommand>` against this farm; logs go to a file.
+    pub fn spawn(&self, subcommand: &str, env: &[(&str, &str)]) -> Proc {
+        let log = self
+            .dir
+            .path()
+            .join(format!("{subcommand}-{}.log", uuid::Uuid::new_v4()));
+        let child = Command::new(BIN)
+            .arg(subcommand)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn renderq");
+        Proc { child, log }
+    }
+
+    /// Starts `renderq serve` and waits until it answers /healthz.
+    pub async fn serve(&self, env: &[(&str, &str)]) -> Proc {
+        let proc = self.spawn("serve", env);
+        let health = format!("{}healthz", self.url());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if reqwest::get(&health)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return proc;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve never became healthy:\n{}",
+                proc.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Runs a one-shot CLI command; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run renderq");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `(visible, in_flight, dead_lettered)` from `renderq queue stats`.
+    pub fn stats(&self) -> (u64, u64, u64) {
+        let (code, out, err) = self.cli(&["queue", "stats", "--queue", "renders"]);
+        assert_eq!(code, 0, "queue stats failed: {err}");
+        let field = |name: &str| -> u64 {
+            out.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {out:?}"))
+        };
+        (field("visible"), field("in_flight"), field("dead_lettered"))
+    }
+
+    /// Posts a raw body to the endpoint.
+    pub async fn post_raw(
+        &self,
+        body: impl Into<reqwest::Body>,
+        token: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = reqwest::Client::new()
+            .post(self.url())
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("post")
+    }
+
+    /// Calls a JSON-RPC method and returns the whole reply.
+    pub async fn rpc(&self, method: &str, params: Value) -> Value {
+        let body = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": 1});
+        self.post_raw(body.to_string(), None)
+            .await
+            .json()
+            .await
+            .expect("JSON reply")
+    }
+
+    /// Submits a job and returns its message id.
+    pub async fn submit(&self, job: Value) -> String {
+        let reply = self.rpc("queue_manager_submit_job", job).await;
+        reply["result"]
+            .as_str()
+            .unwrap_or_else(|| panic!("submit failed: {reply}"))
+            .to_owned()
+    }
+
+    pub fn bucket_root(&self) -> PathBuf {
+        match self.backend {
+            Backend::Local => self.dir.path().join("results"),
+        }
+    }
+
+    /// Waits for an object to appear in the results bucket; returns its
+    /// bytes and content type.
+    pub async fn wait_for_object(&self, key: &str, timeout: Duration) -> (Vec<u8>, String) {
+        let deadline = Instant::now() + timeout;
+        let bucket = renderq::storage::LocalBucket::new("results", &self.bucket_root());
+        loop {
+            if let (Ok(bytes), Some(content_type)) = (
+                std::fs::read(self.bucket_root().join(key)),
+                bucket.content_type(key),
+            ) {
+                return (bytes, content_type);
+            }
+            assert!(Instant::now() < deadline, "object {key} never appeared");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the queue holds nothing visible or in flight.
+    pub async fn wait_until_drained(&self, timeout: Duration) -> (u64, u64, u64) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stats = self.stats();
+            if stats.0 == 0 && stats.1 == 0 {
+                return stats;
+            }
+            assert!(Instant::now() < deadline, "queue never drained: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Opens the farm's queue from the test, to insert messages directly.
+    pub async fn queue(&self) -> renderq::queue::Queue {
+        let config = renderq::config::Config::load(&self.config).expect("config");
+        renderq::queue::Queue::open("renders", &config.queues["renders"])
+            .await
+            .expect("open queue")
+    }
+}
+
+/// What a test HTTP server received.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub path: String,
+    pub content_type: String,
+    pub body: Vec<u8>,
+    pub headers: axum::http::HeaderMap,
+}
+
+/// A local HTTP server that records every POST and answers 500 to the first
+/// `failures` of them, then 200.
+pub struct Receiver {
+    pub addr: std::net::SocketAddr,
+    pub hits: Arc<Mutex<Vec<Hit>>>,
+}
+
+impl Receiver {
+    pub async fn start(failures: usize) -> Self {
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode, Uri};
+
+        let hits: Arc<Mutex<Vec<Hit>>> = Arc::default();
+        let app = axum::Router::new()
+            .fallback(
+                move |State(hits): State<Arc<Mutex<Vec<Hit>>>>,
+                      uri: Uri,
+                      headers: HeaderMap,
+                      body: axum::body::Bytes| async move {
+                    let mut hits = hits.lock().unwrap();
+                    hits.push(Hit {
+                        path: uri.path().to_owned(),
+                        content_type: headers
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned(),
+                        body: body.to_vec(),
+                        headers,
+                    });
+                    if hits.len() <= failures {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    } else {
+                        StatusCode::OK
+                    }
+                },
+            )
+            .with_state(hits.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { addr, hits }
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+}
+
+/// Decodes a PNG and returns its size.
+pub fn png_size(bytes: &[u8]) -> (u32, u32) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let reader = decoder.read_info().expect("a valid PNG");
+    let info = reader.info();
+    (info.width, info.height)
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real `renderq` binary over real sockets, with a
+//! real embedded queue on disk. One binary, one module per topic.
+
+mod harness;
+
+mod config_errors;
+mod http_api;
+mod processes;
+mod scenarios;
