@@ -41,7 +41,7 @@ impl App {
         Ok(Self {
             catalog: Arc::new(Catalog::from_config(&config)),
             tasks: TaskRunner {
-                buckets: Buckets::open(&config.buckets),
+                buckets: Buckets::open(&config.buckets).await?,
                 http,
             },
             queues,

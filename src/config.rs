@@ -122,6 +122,24 @@ impl Default for WorkerConfig {
 pub enum QueueConfig {
     /// The embedded queue: durable on disk, one machine.
     Local(LocalQueueConfig),
+    /// Amazon SQS, or an SQS-compatible server.
+    Sqs(SqsQueueConfig),
+}
+
+/// `[queues.NAME]` with `backend = "sqs"`. Credentials come from the
+/// standard AWS chain (environment, profile, instance role), never this file.
+/// The queue must have a redrive policy naming its dead-letter queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsQueueConfig {
+    /// The queue URL, e.g. `https://sqs.us-east-1.amazonaws.com/123456789012/renders`.
+    pub url: String,
+    /// AWS region; defaults to the standard chain's (`AWS_REGION`, profile).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint of an SQS-compatible server, instead of AWS's.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
 }
 
 /// `[queues.NAME]` with `backend = "local"`
@@ -147,6 +165,37 @@ fn default_max_receive_count() -> u32 {
 pub enum BucketConfig {
     /// A local folder standing in for an object store.
     Local(LocalBucketConfig),
+    /// Amazon S3, or an S3-compatible server.
+    S3(S3BucketConfig),
+}
+
+/// `[buckets.NAME]` with `backend = "s3"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3BucketConfig {
+    /// The S3 bucket's name.
+    pub bucket: String,
+    /// AWS region; defaults to the standard chain's.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint of an S3-compatible server; path-style addressing is used
+    /// when set.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// File results at least this large go up as multipart uploads.
+    #[serde(default = "default_multipart_threshold")]
+    pub multipart_threshold: u64,
+    /// Size of each multipart part (S3's minimum is 5 MiB).
+    #[serde(default = "default_part_size")]
+    pub part_size: u64,
+}
+
+fn default_multipart_threshold() -> u64 {
+    16 * 1024 * 1024
+}
+
+fn default_part_size() -> u64 {
+    8 * 1024 * 1024
 }
 
 /// `[buckets.NAME]` with `backend = "local"`
@@ -324,7 +373,9 @@ impl Config {
         }
         let mut paths = BTreeMap::new();
         for (name, queue) in &self.queues {
-            let QueueConfig::Local(local) = queue;
+            let QueueConfig::Local(local) = queue else {
+                continue;
+            };
             if local.max_receive_count == 0 {
                 return Err(Invalid::new(
                     format!("queues.{name}.max_receive_count"),
@@ -338,17 +389,29 @@ impl Config {
                 ));
             }
         }
+        for (name, bucket) in &self.buckets {
+            if let BucketConfig::S3(s3) = bucket
+                && s3.part_size < 5 * 1024 * 1024
+            {
+                return Err(Invalid::new(
+                    format!("buckets.{name}.part_size"),
+                    "must be at least 5 MiB (5242880), S3's smallest part",
+                ));
+            }
+        }
         Ok(())
     }
 
     fn resolve_paths(&mut self, base: &Path) {
         for queue in self.queues.values_mut() {
-            let QueueConfig::Local(local) = queue;
-            local.path = base.join(&local.path);
+            if let QueueConfig::Local(local) = queue {
+                local.path = base.join(&local.path);
+            }
         }
         for bucket in self.buckets.values_mut() {
-            let BucketConfig::Local(local) = bucket;
-            local.path = base.join(&local.path);
+            if let BucketConfig::Local(local) = bucket {
+                local.path = base.join(&local.path);
+            }
         }
     }
 }
@@ -466,7 +529,9 @@ path = "var/q"
         let config = load_text(MINIMAL).unwrap();
         assert_eq!(config.worker.slots, 1);
         assert_eq!(config.server.max_body_bytes, 262144);
-        let QueueConfig::Local(q) = &config.queues["q"];
+        let QueueConfig::Local(q) = &config.queues["q"] else {
+            panic!("a local queue")
+        };
         assert!(q.path.is_absolute());
         assert_eq!(q.max_receive_count, 3);
     }

@@ -41,6 +41,7 @@
 //! - No secret is read from `workers.toml` or written to a log.
 
 pub mod app;
+pub mod aws;
 pub mod bench;
 pub mod catalog;
 pub mod cli;

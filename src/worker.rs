@@ -131,17 +131,18 @@ impl Worker {
         }
     }
 
-    /// One step: waits for a message (until `stop`) and handles it. A job
-    /// already running is cut short only by `abort`.
+    /// One step: waits for a message (until `stop`, where the backend can
+    /// stop safely) and handles it. A job, once received, is cut short only
+    /// by `abort`.
     pub async fn process_next(
         &self,
         stop: &CancellationToken,
         abort: &CancellationToken,
     ) -> Result<Outcome, QueueError> {
-        let received = tokio::select! {
-            r = self.queue.receive(self.config.wait_time, self.config.visibility_timeout) => r?,
-            _ = stop.cancelled() => None,
-        };
+        let received = self
+            .queue
+            .receive(self.config.wait_time, self.config.visibility_timeout, stop)
+            .await?;
         let Some(message) = received else {
             return Ok(Outcome::Empty);
         };
@@ -187,6 +188,16 @@ impl Worker {
                     other => other?,
                 }
                 Ok(JobResult::Succeeded)
+            }
+            Err(JobError::Retryable(reason))
+                if message.receive_count >= self.queue.max_receive_count() =>
+            {
+                // The last try: dead-letter it now, with the reason, rather
+                // than leave it for the redrive policy, which cannot say why.
+                let reason = format!("{reason} (after {} receives)", message.receive_count);
+                error!(%reason, "Job failed its last try, moving to the dead-letter queue.");
+                self.queue.dead_letter(message, &reason).await?;
+                Ok(JobResult::DeadLettered)
             }
             Err(JobError::Retryable(reason)) => {
                 let delay = backoff(

@@ -3,9 +3,10 @@
 
 #![allow(dead_code)]
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -15,7 +16,200 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_renderq");
 /// Which queue and bucket backends a scenario runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// The embedded queue and a local folder.
     Local,
+    /// SQS and S3, served by moto.
+    Sqs,
+}
+
+/// Static credentials for moto, handed to every process we start.
+pub const AWS_ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+/// Forks `command` from a thread that lives as long as the test binary, with
+/// SIGKILL as its parent-death signal: servers never outlive the tests.
+fn spawn_owned(mut command: Command) -> Child {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::spawn(move || {
+            for (mut command, reply) in rx {
+                // SAFETY: prctl is async-signal-safe; nothing else runs
+                // between fork and exec.
+                unsafe {
+                    command.pre_exec(|| {
+                        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                            .map_err(std::io::Error::from)
+                    });
+                }
+                let _ = reply.send(command.spawn());
+            }
+        });
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    command.stdout(Stdio::null()).stderr(Stdio::null());
+    spawner.lock().unwrap().send((command, tx)).unwrap();
+    rx.recv().unwrap().expect("spawn server")
+}
+
+/// A moto server (SQS and S3) on a loopback port.
+pub struct Moto {
+    pub port: u16,
+    child: Mutex<Option<Child>>,
+}
+
+impl Moto {
+    /// The server most tests share; each test uses fresh queue and bucket
+    /// names, so they can run in parallel.
+    pub fn shared() -> &'static Moto {
+        static SHARED: OnceLock<Moto> = OnceLock::new();
+        SHARED.get_or_init(|| Moto::start_on(free_port()))
+    }
+
+    pub fn start_on(port: u16) -> Moto {
+        let moto = Moto {
+            port,
+            child: Mutex::new(None),
+        };
+        moto.start();
+        moto
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts requests.
+    pub fn start(&self) {
+        let mut command = Command::new("python3");
+        command.args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+        ]);
+        *self.child.lock().unwrap() = Some(spawn_owned(command));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto did not start on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// SDK clients for checking SQS and S3 from the test itself.
+#[derive(Clone)]
+pub struct Aws {
+    pub sqs: aws_sdk_sqs::Client,
+    pub s3: aws_sdk_s3::Client,
+    pub queue_url: String,
+    pub dlq_url: String,
+    pub bucket: String,
+}
+
+pub async fn aws_clients(endpoint: &str) -> (aws_sdk_sqs::Client, aws_sdk_s3::Client) {
+    let credentials =
+        aws_sdk_sqs::config::Credentials::new("testing", "testing", None, None, "tests");
+    let region = aws_sdk_sqs::config::Region::new("us-east-1");
+    let sqs = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::Config::builder()
+            .behavior_version_latest()
+            .endpoint_url(endpoint)
+            .region(region.clone())
+            .credentials_provider(credentials.clone())
+            .build(),
+    );
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::Config::builder()
+            .behavior_version_latest()
+            .endpoint_url(endpoint)
+            .region(region)
+            .credentials_provider(credentials)
+            .force_path_style(true)
+            .build(),
+    );
+    (sqs, s3)
+}
+
+impl Aws {
+    /// Creates a fresh queue with a dead-letter queue and redrive policy,
+    /// and a fresh bucket.
+    pub async fn create(endpoint: &str, max_receive_count: u32) -> Self {
+        let (sqs, s3) = aws_clients(endpoint).await;
+        let name = format!(
+            "renders-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let dlq_url = sqs
+            .create_queue()
+            .queue_name(format!("{name}-dlq"))
+            .send()
+            .await
+            .expect("create dead-letter queue")
+            .queue_url
+            .unwrap();
+        let arn = sqs
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap()
+            .attributes
+            .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+            .clone();
+        let policy =
+            json!({"deadLetterTargetArn": arn, "maxReceiveCount": max_receive_count.to_string()});
+        let queue_url = sqs
+            .create_queue()
+            .queue_name(&name)
+            .attributes(
+                aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
+                policy.to_string(),
+            )
+            .send()
+            .await
+            .expect("create queue")
+            .queue_url
+            .unwrap();
+        s3.create_bucket()
+            .bucket(&name)
+            .send()
+            .await
+            .expect("create bucket");
+        Self {
+            sqs,
+            s3,
+            queue_url,
+            dlq_url,
+            bucket: name,
+        }
+    }
 }
 
 /// Knobs a scenario may turn; everything else is fast test defaults.
@@ -47,6 +241,10 @@ pub struct Farm {
     pub config: PathBuf,
     pub port: u16,
     pub backend: Backend,
+    /// The SQS queue and S3 bucket, on the SQS backend.
+    pub aws: Option<Aws>,
+    /// Environment for every renderq process started.
+    pub env: Vec<(String, String)>,
 }
 
 /// A child process killed when dropped, so a failing test leaves nothing.
@@ -113,7 +311,20 @@ pub fn free_port() -> u16 {
 }
 
 impl Farm {
-    pub fn new(backend: Backend, settings: Settings) -> Self {
+    pub async fn new(backend: Backend, settings: Settings) -> Self {
+        let endpoint = match backend {
+            Backend::Local => None,
+            Backend::Sqs => Some(Moto::shared().endpoint()),
+        };
+        Self::with_endpoint(backend, settings, endpoint).await
+    }
+
+    /// A farm on the SQS backend of a given moto (e.g. one a test restarts).
+    pub async fn on_moto(moto: &Moto, settings: Settings) -> Self {
+        Self::with_endpoint(Backend::Sqs, settings, Some(moto.endpoint())).await
+    }
+
+    async fn with_endpoint(backend: Backend, settings: Settings, endpoint: Option<String>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let auth = settings
@@ -128,8 +339,28 @@ impl Farm {
             max_body_bytes,
             ..
         } = settings;
-        let storage = match backend {
-            Backend::Local => format!(
+        let aws = match &endpoint {
+            Some(endpoint) => Some(Aws::create(endpoint, max_receive_count).await),
+            None => None,
+        };
+        let storage = match (&aws, &endpoint) {
+            (Some(aws), Some(endpoint)) => format!(
+                r#"
+[queues.renders]
+backend = "sqs"
+url = "{}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+
+[buckets.results]
+backend = "s3"
+bucket = "{}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+"#,
+                aws.queue_url, aws.bucket
+            ),
+            _ => format!(
                 r#"
 [queues.renders]
 backend = "local"
@@ -169,11 +400,20 @@ timeout = "5s"
         );
         let config = dir.path().join("workers.toml");
         std::fs::write(&config, text).expect("write config");
+        let env = match backend {
+            Backend::Local => vec![],
+            Backend::Sqs => AWS_ENV
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
         Self {
             dir,
             config,
             port,
             backend,
+            aws,
+            env,
         }
     }
 
@@ -191,6 +431,7 @@ timeout = "5s"
             .arg(subcommand)
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -227,6 +468,7 @@ timeout = "5s"
             .args(args)
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run renderq");
         (
@@ -284,9 +526,32 @@ timeout = "5s"
             .to_owned()
     }
 
+    /// The local bucket's folder (local backend only).
     pub fn bucket_root(&self) -> PathBuf {
-        match self.backend {
-            Backend::Local => self.dir.path().join("results"),
+        self.dir.path().join("results")
+    }
+
+    /// An object's bytes and content type, if it exists.
+    pub async fn object(&self, key: &str) -> Option<(Vec<u8>, String)> {
+        match &self.aws {
+            None => {
+                let bucket = renderq::storage::LocalBucket::new("results", &self.bucket_root());
+                let bytes = std::fs::read(self.bucket_root().join(key)).ok()?;
+                Some((bytes, bucket.content_type(key)?))
+            }
+            Some(aws) => {
+                let object = aws
+                    .s3
+                    .get_object()
+                    .bucket(&aws.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .ok()?;
+                let content_type = object.content_type.clone().unwrap_or_default();
+                let bytes = object.body.collect().await.ok()?.into_bytes().to_vec();
+                Some((bytes, content_type))
+            }
         }
     }
 
@@ -294,16 +559,12 @@ timeout = "5s"
     /// bytes and content type.
     pub async fn wait_for_object(&self, key: &str, timeout: Duration) -> (Vec<u8>, String) {
         let deadline = Instant::now() + timeout;
-        let bucket = renderq::storage::LocalBucket::new("results", &self.bucket_root());
         loop {
-            if let (Ok(bytes), Some(content_type)) = (
-                std::fs::read(self.bucket_root().join(key)),
-                bucket.content_type(key),
-            ) {
-                return (bytes, content_type);
+            if let Some(found) = self.object(key).await {
+                return found;
             }
             assert!(Instant::now() < deadline, "object {key} never appeared");
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -320,12 +581,28 @@ timeout = "5s"
         }
     }
 
-    /// Opens the farm's queue from the test, to insert messages directly.
-    pub async fn queue(&self) -> renderq::queue::Queue {
-        let config = renderq::config::Config::load(&self.config).expect("config");
-        renderq::queue::Queue::open("renders", &config.queues["renders"])
-            .await
-            .expect("open queue")
+    /// Sends a raw message body straight into the queue, bypassing the
+    /// submit half; returns its message id.
+    pub async fn insert(&self, body: &str) -> String {
+        match &self.aws {
+            None => {
+                let config = renderq::config::Config::load(&self.config).expect("config");
+                let queue = renderq::queue::Queue::open("renders", &config.queues["renders"])
+                    .await
+                    .expect("open queue");
+                queue.send(body).await.expect("send")
+            }
+            Some(aws) => aws
+                .sqs
+                .send_message()
+                .queue_url(&aws.queue_url)
+                .message_body(body)
+                .send()
+                .await
+                .expect("send")
+                .message_id
+                .unwrap(),
+        }
     }
 }
 

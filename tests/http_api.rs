@@ -12,7 +12,7 @@ fn submit(params: Value) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_their_error_codes_and_enqueue_nothing() {
-    let farm = Farm::new(Backend::Local, Settings::default());
+    let farm = Farm::new(Backend::Local, Settings::default()).await;
     let _serve = farm.serve(&[]).await;
     let key = "k/${message_id}.${mime_ext}";
     let cases: Vec<(String, i64, Option<&str>)> = vec![
@@ -96,7 +96,8 @@ async fn oversized_body_gets_413() {
             max_body_bytes: 1024,
             ..Settings::default()
         },
-    );
+    )
+    .await;
     let _serve = farm.serve(&[]).await;
     let big = submit(json!({"command": "get_version", "parameters": {"pad": "x".repeat(4096)}}));
     assert_eq!(farm.post_raw(big, None).await.status(), 413);
@@ -111,7 +112,8 @@ async fn token_is_required_when_configured() {
             auth_token_env: Some("RENDERQ_TEST_TOKEN"),
             ..Settings::default()
         },
-    );
+    )
+    .await;
     let _serve = farm.serve(&[("RENDERQ_TEST_TOKEN", "s3cret")]).await;
     let body = submit(json!({"command": "get_version"}));
     assert_eq!(farm.post_raw(body.clone(), None).await.status(), 401);
@@ -130,7 +132,7 @@ async fn token_is_required_when_configured() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn list_commands_and_stats() {
-    let farm = Farm::new(Backend::Local, Settings::default());
+    let farm = Farm::new(Backend::Local, Settings::default()).await;
     let _serve = farm.serve(&[]).await;
     let reply = farm.rpc("queue_manager_list_commands", json!({})).await;
     let names: Vec<_> = reply["result"]

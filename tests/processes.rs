@@ -10,7 +10,7 @@ use crate::harness::{Backend, Farm, Settings};
 /// runs exactly once and the queue ends empty.
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_in_several_processes_never_share_a_job() {
-    let farm = Farm::new(Backend::Local, Settings::default());
+    let farm = Farm::new(Backend::Local, Settings::default()).await;
     let serve = farm.serve(&[]).await;
     let workers: Vec<_> = (0..3).map(|_| farm.spawn("worker", &[])).collect();
     let mut ids = Vec::new();

@@ -19,6 +19,14 @@ macro_rules! scenarios {
                 }
             )*
         }
+        mod sqs {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Backend::Sqs).await
+                }
+            )*
+        }
     };
 }
 
@@ -31,6 +39,7 @@ scenarios!(
     sigterm_finishes_running_job_and_exits_zero,
     drain_deadline_hands_job_back_without_using_a_try,
     bad_direct_inserts_are_dead_lettered_and_never_run,
+    long_job_outlives_visibility_timeout_and_runs_once,
 );
 
 const LONG: Duration = Duration::from_secs(30);
@@ -40,7 +49,7 @@ fn upload(key: &str) -> serde_json::Value {
 }
 
 async fn render_demo_png_lands_in_bucket(backend: Backend) {
-    let farm = Farm::new(backend, Settings::default());
+    let farm = Farm::new(backend, Settings::default()).await;
     let _serve = farm.serve(&[]).await;
     let id = farm
         .submit(json!({
@@ -58,7 +67,7 @@ async fn render_demo_png_lands_in_bucket(backend: Backend) {
 }
 
 async fn get_version_uploads_json(backend: Backend) {
-    let farm = Farm::new(backend, Settings::default());
+    let farm = Farm::new(backend, Settings::default()).await;
     let _serve = farm.serve(&[]).await;
     let id = farm
         .submit(json!({"command": "get_version", "tasks": [upload("tests/version-${message_id}.${mime_ext}")]}))
@@ -81,7 +90,8 @@ async fn failing_task_dead_letters_after_max_receives_then_redrives(backend: Bac
             max_receive_count: 3,
             ..Settings::default()
         },
-    );
+    )
+    .await;
     let always_failing = Receiver::start(usize::MAX).await;
     let mut serve = farm.serve(&[]).await;
     let started = Instant::now();
@@ -137,7 +147,8 @@ async fn killed_worker_job_is_finished_by_another(backend: Backend) {
             visibility_timeout: "2s",
             ..Settings::default()
         },
-    );
+    )
+    .await;
     let mut first = farm.serve(&[]).await;
     let id = farm
         .submit(json!({"command": "sleep", "parameters": {"seconds": 3},
@@ -164,7 +175,7 @@ async fn killed_worker_job_is_finished_by_another(backend: Backend) {
 }
 
 async fn http_post_delivers_png_through_retries(backend: Backend) {
-    let farm = Farm::new(backend, Settings::default());
+    let farm = Farm::new(backend, Settings::default()).await;
     let flaky = Receiver::start(2).await;
     let _serve = farm.serve(&[]).await;
     let id = farm
@@ -186,7 +197,7 @@ async fn http_post_delivers_png_through_retries(backend: Backend) {
 }
 
 async fn sigterm_finishes_running_job_and_exits_zero(backend: Backend) {
-    let farm = Farm::new(backend, Settings::default());
+    let farm = Farm::new(backend, Settings::default()).await;
     let mut serve = farm.serve(&[]).await;
     let id = farm
         .submit(json!({"command": "sleep", "parameters": {"seconds": 1},
@@ -213,7 +224,8 @@ async fn drain_deadline_hands_job_back_without_using_a_try(backend: Backend) {
             max_receive_count: 1,
             ..Settings::default()
         },
-    );
+    )
+    .await;
     let mut serve = farm.serve(&[]).await;
     let id = farm
         .submit(json!({"command": "sleep", "parameters": {"seconds": 2},
@@ -241,9 +253,8 @@ async fn drain_deadline_hands_job_back_without_using_a_try(backend: Backend) {
 }
 
 async fn bad_direct_inserts_are_dead_lettered_and_never_run(backend: Backend) {
-    let farm = Farm::new(backend, Settings::default());
+    let farm = Farm::new(backend, Settings::default()).await;
     let serve = farm.serve(&[]).await;
-    let queue = farm.queue().await;
     let bad = [
         ("not json at all", "malformed message body"),
         (r#"{"command": "rm_rf", "parameters": {}}"#, "not allowed"),
@@ -257,19 +268,26 @@ async fn bad_direct_inserts_are_dead_lettered_and_never_run(backend: Backend) {
         ),
     ];
     for (body, _) in bad {
-        queue.send(body).await.unwrap();
+        farm.insert(body).await;
     }
-    let good = queue
-        .send(&json!({"command": "get_version", "tasks": [upload("direct-${message_id}.${mime_ext}")]}).to_string())
-        .await
-        .unwrap();
+    let good = farm
+        .insert(&json!({"command": "get_version", "tasks": [upload("direct-${message_id}.${mime_ext}")]}).to_string())
+        .await;
     farm.wait_for_object(&format!("direct-{good}.json"), LONG)
         .await;
     assert_eq!(farm.wait_until_drained(LONG).await, (0, 0, 4));
 
     let (_, listing, _) = farm.cli(&["dlq", "list"]);
     for (_, reason) in bad {
-        assert!(listing.contains(reason), "no {reason:?} in:\n{listing}");
+        let line = listing
+            .lines()
+            .find(|l| l.contains(reason))
+            .unwrap_or_else(|| panic!("no {reason:?} in:\n{listing}"));
+        assert_eq!(
+            line.split('\t').nth(1),
+            Some("1"),
+            "dead-lettered on its first receive: {line}"
+        );
     }
     let log = serve.log_text();
     assert_eq!(
@@ -277,4 +295,31 @@ async fn bad_direct_inserts_are_dead_lettered_and_never_run(backend: Backend) {
         1,
         "only the good job ran:\n{log}"
     );
+}
+
+async fn long_job_outlives_visibility_timeout_and_runs_once(backend: Backend) {
+    // Two workers watch the queue while a job runs three times longer than
+    // the visibility timeout: only the heartbeat keeps the second one off it.
+    let farm = Farm::new(
+        backend,
+        Settings {
+            visibility_timeout: "2s",
+            ..Settings::default()
+        },
+    )
+    .await;
+    let serve = farm.serve(&[]).await;
+    let other = farm.spawn("worker", &[]);
+    let id = farm
+        .submit(json!({"command": "sleep", "parameters": {"seconds": 6},
+                       "tasks": [upload("long-${message_id}.${mime_ext}")]}))
+        .await;
+    farm.wait_for_object(&format!("long-{id}.json"), LONG).await;
+    assert_eq!(farm.wait_until_drained(LONG).await, (0, 0, 0));
+    let logs = serve.log_text() + &other.log_text();
+    let runs = logs
+        .lines()
+        .filter(|l| l.contains(&id) && l.contains("Received job from queue."))
+        .count();
+    assert_eq!(runs, 1, "received more than once:\n{logs}");
 }

@@ -19,6 +19,7 @@ use notify::Watcher;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::{DeadLetter, QueueError, Received, Stats};
 use crate::config::LocalQueueConfig;
@@ -139,6 +140,10 @@ impl LocalQueue {
         &self.inner.name
     }
 
+    pub fn max_receive_count(&self) -> u32 {
+        self.inner.max_receive_count
+    }
+
     /// Runs `f` on the connection off the async threads (SQLite may wait on
     /// another process's lock).
     async fn with_conn<T, F>(&self, f: F) -> Result<T, QueueError>
@@ -188,6 +193,7 @@ impl LocalQueue {
         &self,
         wait: Duration,
         visibility: Duration,
+        stop: &CancellationToken,
     ) -> Result<Option<Received>, QueueError> {
         let deadline = Instant::now() + wait;
         let max_receive_count = self.inner.max_receive_count;
@@ -206,15 +212,17 @@ impl LocalQueue {
                 Claim::Empty(next_visible) => next_visible,
             };
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || stop.is_cancelled() {
                 return Ok(None);
             }
             let wake_at = next_visible
                 .map(|at| now + Duration::from_millis((at - now_ms()).max(1) as u64))
                 .map_or(deadline, |at| at.min(deadline));
+            // Only the wait is cut short by `stop`, never a claim.
             tokio::select! {
                 _ = arrival => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
+                _ = stop.cancelled() => return Ok(None),
             }
         }
     }
@@ -458,19 +466,21 @@ mod tests {
 
     const VIS: Duration = Duration::from_secs(30);
     const NO_WAIT: Duration = Duration::ZERO;
+    static NEVER: std::sync::LazyLock<CancellationToken> =
+        std::sync::LazyLock::new(CancellationToken::new);
 
     #[tokio::test]
     async fn received_message_is_hidden_until_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let q = queue(&dir, 3).await;
         let id = q.send("hello").await.unwrap();
-        let got = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        let got = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
         assert_eq!(
             (got.message_id.as_str(), got.body.as_str()),
             (id.as_str(), "hello")
         );
         assert_eq!(got.receive_count, 1);
-        assert!(q.receive(NO_WAIT, VIS).await.unwrap().is_none());
+        assert!(q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().is_none());
         q.delete(&got.receipt).await.unwrap();
         assert_eq!(
             q.stats().await.unwrap(),
@@ -488,12 +498,12 @@ mod tests {
         let q = queue(&dir, 5).await;
         q.send("x").await.unwrap();
         let first = q
-            .receive(NO_WAIT, Duration::from_millis(1))
+            .receive(NO_WAIT, Duration::from_millis(1), &NEVER)
             .await
             .unwrap()
             .unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let second = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        let second = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
         assert_eq!(second.receive_count, 2);
         assert!(matches!(
             q.delete(&first.receipt).await,
@@ -508,7 +518,10 @@ mod tests {
         let q = queue(&dir, 3).await;
         let receiver = {
             let q = q.clone();
-            tokio::spawn(async move { q.receive(Duration::from_secs(20), VIS).await })
+            tokio::spawn(async move {
+                q.receive(Duration::from_secs(20), VIS, &CancellationToken::new())
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         let started = Instant::now();
@@ -525,8 +538,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let receiver_side = queue(&dir, 3).await;
         let sender_side = queue(&dir, 3).await;
-        let receiver =
-            tokio::spawn(async move { receiver_side.receive(Duration::from_secs(20), VIS).await });
+        let receiver = tokio::spawn(async move {
+            receiver_side
+                .receive(Duration::from_secs(20), VIS, &CancellationToken::new())
+                .await
+        });
         tokio::time::sleep(Duration::from_millis(100)).await;
         let started = Instant::now();
         sender_side.send("across").await.unwrap();
@@ -540,25 +556,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn stop_ends_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 3).await;
+        let stop = CancellationToken::new();
+        let receiver = {
+            let (q, stop) = (q.clone(), stop.clone());
+            tokio::spawn(async move { q.receive(Duration::from_secs(20), VIS, &stop).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        stop.cancel();
+        assert!(receiver.await.unwrap().unwrap().is_none());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
     async fn redrive_policy_dead_letters_after_max_receives() {
         let dir = tempfile::tempdir().unwrap();
         let q = queue(&dir, 2).await;
         q.send("doomed").await.unwrap();
         for attempt in 1..=2 {
-            let got = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+            let got = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
             assert_eq!(got.receive_count, attempt);
             q.set_visibility(&got.receipt, Duration::ZERO, Some("boom"))
                 .await
                 .unwrap();
         }
-        assert!(q.receive(NO_WAIT, VIS).await.unwrap().is_none());
+        assert!(q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().is_none());
         let dead = q.dlq_list(10).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].receive_count, 2);
         assert!(dead[0].reason.starts_with("boom"), "{}", dead[0].reason);
 
         assert_eq!(q.dlq_redrive(10).await.unwrap(), 1);
-        let back = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        let back = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
         assert_eq!((back.body.as_str(), back.receive_count), ("doomed", 1));
     }
 
@@ -567,7 +599,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = queue(&dir, 3).await;
         q.send("bad").await.unwrap();
-        let got = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        let got = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
         q.dead_letter(&got.receipt, "command `rm` is not allowed")
             .await
             .unwrap();
@@ -581,9 +613,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = queue(&dir, 1).await;
         q.send("v1").await.unwrap();
-        let got = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        let got = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
         q.requeue(&got.receipt, "v2").await.unwrap();
-        let again = q.receive(NO_WAIT, VIS).await.unwrap().unwrap();
+        let again = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
         assert_eq!((again.body.as_str(), again.receive_count), ("v2", 1));
         assert_eq!(again.message_id, got.message_id);
     }
@@ -594,7 +626,7 @@ mod tests {
         let id = queue(&dir, 3).await.send("durable").await.unwrap();
         let got = queue(&dir, 3)
             .await
-            .receive(NO_WAIT, VIS)
+            .receive(NO_WAIT, VIS, &NEVER)
             .await
             .unwrap()
             .unwrap();

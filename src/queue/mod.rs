@@ -2,12 +2,16 @@
 //! delivery, visibility timeouts, receive counts, a dead-letter queue.
 
 mod local;
+mod sqs;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::QueueConfig;
 pub use local::LocalQueue;
+pub use sqs::SqsQueue;
 
 /// A message handed to a worker. It stays invisible to others until its
 /// visibility lapses or it is deleted with `receipt`.
@@ -54,12 +58,14 @@ pub enum QueueError {
 #[derive(Debug, Clone)]
 pub enum Queue {
     Local(LocalQueue),
+    Sqs(SqsQueue),
 }
 
 impl Queue {
     pub async fn open(name: &str, config: &QueueConfig) -> Result<Self, QueueError> {
         match config {
             QueueConfig::Local(c) => Ok(Queue::Local(LocalQueue::open(name, c).await?)),
+            QueueConfig::Sqs(c) => Ok(Queue::Sqs(SqsQueue::open(name, c).await?)),
         }
     }
 
@@ -67,6 +73,16 @@ impl Queue {
     pub fn name(&self) -> &str {
         match self {
             Queue::Local(q) => q.name(),
+            Queue::Sqs(q) => q.name(),
+        }
+    }
+
+    /// Receives after which the queue dead-letters a message (the local
+    /// config's `max_receive_count`, or the SQS redrive policy's).
+    pub fn max_receive_count(&self) -> u32 {
+        match self {
+            Queue::Local(q) => q.max_receive_count(),
+            Queue::Sqs(q) => q.max_receive_count(),
         }
     }
 
@@ -74,17 +90,25 @@ impl Queue {
     pub async fn send(&self, body: &str) -> Result<String, QueueError> {
         match self {
             Queue::Local(q) => q.send(body).await,
+            Queue::Sqs(q) => q.send(body).await,
         }
     }
 
     /// Waits up to `wait` for a message and hides it for `visibility`.
+    ///
+    /// `stop` ends the wait early where that is safe. A request already on
+    /// its way is never abandoned: the server could hand a message to it
+    /// that nobody would then see for a whole visibility timeout. So an SQS
+    /// receive runs to the end of its long poll (at most 20 s).
     pub async fn receive(
         &self,
         wait: Duration,
         visibility: Duration,
+        stop: &CancellationToken,
     ) -> Result<Option<Received>, QueueError> {
         match self {
-            Queue::Local(q) => q.receive(wait, visibility).await,
+            Queue::Local(q) => q.receive(wait, visibility, stop).await,
+            Queue::Sqs(q) => q.receive(wait, visibility).await,
         }
     }
 
@@ -92,6 +116,7 @@ impl Queue {
     pub async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
         match self {
             Queue::Local(q) => q.delete(receipt).await,
+            Queue::Sqs(q) => q.delete(receipt).await,
         }
     }
 
@@ -99,6 +124,7 @@ impl Queue {
     pub async fn extend(&self, receipt: &str, visibility: Duration) -> Result<(), QueueError> {
         match self {
             Queue::Local(q) => q.set_visibility(receipt, visibility, None).await,
+            Queue::Sqs(q) => q.set_visibility(receipt, visibility).await,
         }
     }
 
@@ -112,6 +138,9 @@ impl Queue {
     ) -> Result<(), QueueError> {
         match self {
             Queue::Local(q) => q.set_visibility(receipt, delay, Some(error)).await,
+            // SQS cannot annotate a message; the worker dead-letters the
+            // last failure itself, with its reason.
+            Queue::Sqs(q) => q.set_visibility(receipt, delay).await,
         }
     }
 
@@ -119,6 +148,7 @@ impl Queue {
     pub async fn dead_letter(&self, received: &Received, reason: &str) -> Result<(), QueueError> {
         match self {
             Queue::Local(q) => q.dead_letter(&received.receipt, reason).await,
+            Queue::Sqs(q) => q.dead_letter(received, reason).await,
         }
     }
 
@@ -127,18 +157,21 @@ impl Queue {
     pub async fn requeue(&self, received: &Received, body: &str) -> Result<(), QueueError> {
         match self {
             Queue::Local(q) => q.requeue(&received.receipt, body).await,
+            Queue::Sqs(q) => q.requeue(received, body).await,
         }
     }
 
     pub async fn stats(&self) -> Result<Stats, QueueError> {
         match self {
             Queue::Local(q) => q.stats().await,
+            Queue::Sqs(q) => q.stats().await,
         }
     }
 
     pub async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
         match self {
             Queue::Local(q) => q.dlq_list(limit).await,
+            Queue::Sqs(q) => q.dlq_list(limit).await,
         }
     }
 
@@ -146,6 +179,7 @@ impl Queue {
     pub async fn dlq_redrive(&self, limit: usize) -> Result<usize, QueueError> {
         match self {
             Queue::Local(q) => q.dlq_redrive(limit).await,
+            Queue::Sqs(q) => q.dlq_redrive(limit).await,
         }
     }
 }

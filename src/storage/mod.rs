@@ -1,12 +1,14 @@
 //! Object storage for results: where `s3_upload` puts them.
 
 mod local;
+mod s3;
 
 use std::collections::BTreeMap;
 
 use crate::commands::Output;
 use crate::config::BucketConfig;
 pub use local::LocalBucket;
+pub use s3::S3Bucket;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -18,12 +20,22 @@ pub enum StorageError {
 #[derive(Debug, Clone)]
 pub enum Bucket {
     Local(LocalBucket),
+    S3(S3Bucket),
 }
 
 impl Bucket {
-    pub fn open(name: &str, config: &BucketConfig) -> Self {
+    pub async fn open(name: &str, config: &BucketConfig) -> Self {
         match config {
             BucketConfig::Local(c) => Bucket::Local(LocalBucket::new(name, &c.path)),
+            BucketConfig::S3(c) => Bucket::S3(S3Bucket::open(name, c).await),
+        }
+    }
+
+    /// Checks that the bucket can be reached (for `check-config` and start-up).
+    pub async fn check(&self) -> Result<(), String> {
+        match self {
+            Bucket::Local(_) => Ok(()),
+            Bucket::S3(b) => b.check().await,
         }
     }
 
@@ -39,10 +51,14 @@ impl Bucket {
     ) -> Result<String, StorageError> {
         match self {
             // A folder has no ACLs; the setting matters only on S3.
-            Bucket::Local(b) => {
-                let _ = acl;
-                b.put(key, output, content_type).await
-            }
+            Bucket::Local(b) => b.put(key, output, content_type).await,
+            Bucket::S3(b) => b
+                .put(key, output, content_type, acl)
+                .await
+                .map_err(|message| StorageError::Write {
+                    bucket: b.name().to_owned(),
+                    message,
+                }),
         }
     }
 }
@@ -52,13 +68,19 @@ impl Bucket {
 pub struct Buckets(BTreeMap<String, Bucket>);
 
 impl Buckets {
-    pub fn open(configs: &BTreeMap<String, BucketConfig>) -> Self {
-        Self(
-            configs
-                .iter()
-                .map(|(name, c)| (name.clone(), Bucket::open(name, c)))
-                .collect(),
-        )
+    /// Opens and checks every bucket; an unreachable one is an error that
+    /// names it.
+    pub async fn open(configs: &BTreeMap<String, BucketConfig>) -> anyhow::Result<Self> {
+        let mut buckets = BTreeMap::new();
+        for (name, config) in configs {
+            let bucket = Bucket::open(name, config).await;
+            bucket
+                .check()
+                .await
+                .map_err(|e| anyhow::anyhow!("bucket `{name}`: {e}"))?;
+            buckets.insert(name.clone(), bucket);
+        }
+        Ok(Self(buckets))
     }
 
     pub fn get(&self, name: &str) -> Option<&Bucket> {

@@ -1,0 +1,465 @@
+//! Amazon SQS (or an SQS-compatible server) as the queue.
+//!
+//! The queue must have a redrive policy: its dead-letter queue is where the
+//! worker sends jobs that can never run (with the reason as a message
+//! attribute), and its `maxReceiveCount` is the failure budget. Receives long
+//! poll for up to 20 s with an SDK operation timeout above that.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
+
+use super::{DeadLetter, QueueError, Received, Stats};
+use crate::config::SqsQueueConfig;
+
+/// Longest long-poll SQS allows.
+const MAX_WAIT: Duration = Duration::from_secs(20);
+/// Message attribute carrying why the worker dead-lettered a message.
+const REASON: &str = "renderq_reason";
+/// Message attribute carrying the original message id of a dead letter.
+const SOURCE_ID: &str = "renderq_message_id";
+/// Message attribute carrying how often the message had been received.
+const RECEIVES: &str = "renderq_receive_count";
+
+#[derive(Debug, Clone)]
+pub struct SqsQueue {
+    name: String,
+    client: Client,
+    url: String,
+    /// The dead-letter queue named by the redrive policy.
+    dlq_url: String,
+    /// The redrive policy's `maxReceiveCount`.
+    max_receive_count: u32,
+}
+
+/// Maps an SDK error to what the worker decides on: a refused receipt, or
+/// a queue that is unavailable for now.
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    error: SdkError<E>,
+) -> QueueError {
+    let stale = match error.code() {
+        Some("ReceiptHandleIsInvalid" | "MessageNotInflight") => true,
+        // Some SQS-compatible servers report a stale receipt as a bad value.
+        Some("InvalidParameterValue") => error
+            .message()
+            .is_some_and(|m| m.to_ascii_lowercase().contains("receipt")),
+        _ => false,
+    };
+    if stale {
+        QueueError::StaleReceipt
+    } else {
+        QueueError::Unavailable(describe(&error))
+    }
+}
+
+fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(error: &SdkError<E>) -> String {
+    match (error.code(), error.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => {
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(s) = source {
+                text = format!("{text}: {s}");
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+fn seconds(d: Duration) -> i32 {
+    d.as_secs().min(43_200) as i32
+}
+
+fn string_attribute(value: impl Into<String>) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(value)
+        .build()
+        .expect("data type is set")
+}
+
+impl SqsQueue {
+    /// Connects and reads the redrive policy; fails (naming why) when the
+    /// queue is missing, unreachable or has no dead-letter queue.
+    pub async fn open(name: &str, config: &SqsQueueConfig) -> Result<Self, QueueError> {
+        let sdk =
+            crate::aws::sdk_config(config.region.as_deref(), config.endpoint_url.as_deref()).await;
+        let client = Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(&sdk)
+                .timeout_config(crate::aws::timeouts(MAX_WAIT + Duration::from_secs(10)))
+                .build(),
+        );
+        let attributes = client
+            .get_queue_attributes()
+            .queue_url(&config.url)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("{}: {}", config.url, describe(&e))))?;
+        let policy = attributes
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
+            .ok_or_else(|| {
+                QueueError::Unavailable(format!(
+                    "{} has no redrive policy; renderq needs a dead-letter queue",
+                    config.url
+                ))
+            })?;
+        let (dlq_arn, max_receive_count) = parse_redrive_policy(policy).ok_or_else(|| {
+            QueueError::Unavailable(format!("unreadable redrive policy: {policy}"))
+        })?;
+        let (account, dlq_name) = arn_account_and_name(&dlq_arn).ok_or_else(|| {
+            QueueError::Unavailable(format!("unreadable dead-letter ARN: {dlq_arn}"))
+        })?;
+        let dlq_url = client
+            .get_queue_url()
+            .queue_name(dlq_name)
+            .queue_owner_aws_account_id(account)
+            .send()
+            .await
+            .map_err(|e| {
+                QueueError::Unavailable(format!("dead-letter queue {dlq_arn}: {}", describe(&e)))
+            })?
+            .queue_url
+            .ok_or_else(|| QueueError::Unavailable(format!("no URL for {dlq_arn}")))?;
+        Ok(Self {
+            name: name.to_owned(),
+            client,
+            url: config.url.clone(),
+            dlq_url,
+            max_receive_count,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn max_receive_count(&self) -> u32 {
+        self.max_receive_count
+    }
+
+    pub async fn send(&self, body: &str) -> Result<String, QueueError> {
+        let sent = self
+            .client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(body)
+            .send()
+            .await
+            .map_err(classify)?;
+        sent.message_id
+            .ok_or_else(|| QueueError::Unavailable("SendMessage returned no message id".into()))
+    }
+
+    pub async fn receive(
+        &self,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Option<Received>, QueueError> {
+        let output = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(1)
+            .wait_time_seconds(seconds(wait.min(MAX_WAIT)))
+            .visibility_timeout(seconds(visibility))
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .map_err(classify)?;
+        let Some(message) = output.messages.unwrap_or_default().into_iter().next() else {
+            return Ok(None);
+        };
+        let receive_count = message
+            .attributes()
+            .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        match (message.message_id, message.receipt_handle) {
+            (Some(message_id), Some(receipt)) => Ok(Some(Received {
+                message_id,
+                receipt,
+                body: message.body.unwrap_or_default(),
+                receive_count,
+            })),
+            _ => Err(QueueError::Unavailable(
+                "ReceiveMessage returned a message without id or receipt".into(),
+            )),
+        }
+    }
+
+    pub async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
+        self.client
+            .delete_message()
+            .queue_url(&self.url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    pub async fn set_visibility(
+        &self,
+        receipt: &str,
+        visibility: Duration,
+    ) -> Result<(), QueueError> {
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.url)
+            .receipt_handle(receipt)
+            .visibility_timeout(seconds(visibility))
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    /// Sends a copy with its reason to the dead-letter queue, then deletes
+    /// the original. If the delete fails, the copy stays and the original
+    /// comes back later: at least once, never lost.
+    pub async fn dead_letter(&self, received: &Received, reason: &str) -> Result<(), QueueError> {
+        self.client
+            .send_message()
+            .queue_url(&self.dlq_url)
+            .message_body(&received.body)
+            .message_attributes(REASON, string_attribute(truncate(reason, 4096)))
+            .message_attributes(SOURCE_ID, string_attribute(&received.message_id))
+            .message_attributes(
+                RECEIVES,
+                string_attribute(received.receive_count.to_string()),
+            )
+            .send()
+            .await
+            .map_err(classify)?;
+        self.delete(&received.receipt).await
+    }
+
+    /// Re-sends `body` as a new message and deletes the received one, so the
+    /// job starts over with a fresh receive count.
+    pub async fn requeue(&self, received: &Received, body: &str) -> Result<(), QueueError> {
+        self.send(body).await?;
+        self.delete(&received.receipt).await
+    }
+
+    pub async fn stats(&self) -> Result<Stats, QueueError> {
+        let count = |attributes: &Option<std::collections::HashMap<QueueAttributeName, String>>,
+                     name| {
+            attributes
+                .as_ref()
+                .and_then(|a| a.get(&name))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let main = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(classify)?;
+        let dead = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.dlq_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(Stats {
+            visible: count(
+                &main.attributes,
+                QueueAttributeName::ApproximateNumberOfMessages,
+            ),
+            in_flight: count(
+                &main.attributes,
+                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            ),
+            dead_lettered: count(
+                &dead.attributes,
+                QueueAttributeName::ApproximateNumberOfMessages,
+            ) + count(
+                &dead.attributes,
+                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            ),
+        })
+    }
+
+    /// Receives up to `limit` dead letters, hiding each for `hold` so a
+    /// batch of receives does not see the same message twice.
+    async fn take_dead_letters(
+        &self,
+        limit: usize,
+        hold: Duration,
+    ) -> Result<Vec<aws_sdk_sqs::types::Message>, QueueError> {
+        let mut seen = HashSet::new();
+        let mut messages = Vec::new();
+        while messages.len() < limit {
+            let batch = self
+                .client
+                .receive_message()
+                .queue_url(&self.dlq_url)
+                .max_number_of_messages((limit - messages.len()).min(10) as i32)
+                .visibility_timeout(seconds(hold))
+                .wait_time_seconds(0)
+                .message_attribute_names("All")
+                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+                .send()
+                .await
+                .map_err(classify)?
+                .messages
+                .unwrap_or_default();
+            if batch.is_empty() {
+                break;
+            }
+            for message in batch {
+                if seen.insert(message.message_id.clone()) {
+                    messages.push(message);
+                }
+            }
+        }
+        Ok(messages)
+    }
+
+    pub async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let messages = self
+            .take_dead_letters(limit, Duration::from_secs(30))
+            .await?;
+        let mut listed = Vec::with_capacity(messages.len());
+        for message in &messages {
+            let attribute = |name| {
+                message
+                    .message_attributes()
+                    .and_then(|a| a.get(name))
+                    .and_then(|v| v.string_value())
+                    .map(str::to_owned)
+            };
+            // Messages moved by the redrive policy carry no attributes; the
+            // receive count then includes this listing's own receive.
+            let receives = attribute(RECEIVES)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| {
+                    message
+                        .attributes()
+                        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .map_or(0, |n| n.saturating_sub(1))
+                });
+            listed.push(DeadLetter {
+                message_id: attribute(SOURCE_ID)
+                    .or_else(|| message.message_id.clone())
+                    .unwrap_or_default(),
+                receive_count: receives,
+                reason: attribute(REASON).unwrap_or_else(|| {
+                    "moved by the queue's redrive policy (no reason attached)".into()
+                }),
+            });
+            // Make it visible again at once for other readers.
+            if let Some(receipt) = &message.receipt_handle {
+                self.client
+                    .change_message_visibility()
+                    .queue_url(&self.dlq_url)
+                    .receipt_handle(receipt)
+                    .visibility_timeout(0)
+                    .send()
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        Ok(listed)
+    }
+
+    /// Moves dead letters back by receiving and re-sending them (not every
+    /// SQS-compatible server has `StartMessageMoveTask`).
+    pub async fn dlq_redrive(&self, limit: usize) -> Result<usize, QueueError> {
+        let messages = self
+            .take_dead_letters(limit, Duration::from_secs(60))
+            .await?;
+        for message in &messages {
+            self.send(message.body().unwrap_or_default()).await?;
+            if let Some(receipt) = &message.receipt_handle {
+                self.client
+                    .delete_message()
+                    .queue_url(&self.dlq_url)
+                    .receipt_handle(receipt)
+                    .send()
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        Ok(messages.len())
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// `{"deadLetterTargetArn": "...", "maxReceiveCount": 3}` (the count may be
+/// a string or a number).
+fn parse_redrive_policy(policy: &str) -> Option<(String, u32)> {
+    let value: serde_json::Value = serde_json::from_str(policy).ok()?;
+    let arn = value.get("deadLetterTargetArn")?.as_str()?.to_owned();
+    let count = match value.get("maxReceiveCount")? {
+        serde_json::Value::String(s) => s.parse().ok()?,
+        n => u32::try_from(n.as_u64()?).ok()?,
+    };
+    Some((arn, count))
+}
+
+/// `arn:aws:sqs:REGION:ACCOUNT:NAME` → (ACCOUNT, NAME).
+fn arn_account_and_name(arn: &str) -> Option<(&str, &str)> {
+    let parts: Vec<&str> = arn.split(':').collect();
+    match parts.as_slice() {
+        ["arn", _, "sqs", _, account, name] => Some((account, name)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redrive_policy_parses_both_count_forms() {
+        let arn = "arn:aws:sqs:us-east-1:123456789012:jobs-dlq";
+        assert_eq!(
+            parse_redrive_policy(&format!(
+                r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"5"}}"#
+            )),
+            Some((arn.to_owned(), 5))
+        );
+        assert_eq!(
+            parse_redrive_policy(&format!(
+                r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":3}}"#
+            )),
+            Some((arn.to_owned(), 3))
+        );
+        assert_eq!(
+            arn_account_and_name(arn),
+            Some(("123456789012", "jobs-dlq"))
+        );
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,234 @@
+//! Amazon S3 (or an S3-compatible server) as a bucket.
+//!
+//! Results in memory go up in one `PutObject`. File results below the
+//! multipart threshold are streamed from disk in one `PutObject`; larger
+//! ones go up as a multipart upload, each part streamed from its offset in
+//! the file, so memory stays at about one part whatever the file's size. A
+//! multipart upload that fails is aborted: nothing appears under the key
+//! and no upload is left open.
+
+use std::path::Path;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::RequestChecksumCalculation;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ObjectCannedAcl};
+
+use crate::commands::{Body, Output};
+use crate::config::S3BucketConfig;
+
+#[derive(Debug, Clone)]
+pub struct S3Bucket {
+    /// The bucket's name in the config, for errors.
+    name: String,
+    client: Client,
+    bucket: String,
+    multipart_threshold: u64,
+    part_size: u64,
+}
+
+fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(error: &SdkError<E>) -> String {
+    match (error.code(), error.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => {
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(s) = source {
+                text = format!("{text}: {s}");
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+impl S3Bucket {
+    pub async fn open(name: &str, config: &S3BucketConfig) -> Self {
+        let sdk =
+            crate::aws::sdk_config(config.region.as_deref(), config.endpoint_url.as_deref()).await;
+        let client = Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                // Compatible servers are addressed by path, not by subdomain.
+                .force_path_style(config.endpoint_url.is_some())
+                // Checksums only where S3 requires them: compatible servers
+                // differ in which trailing-checksum forms they accept.
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .build(),
+        );
+        Self {
+            name: name.to_owned(),
+            client,
+            bucket: config.bucket.clone(),
+            multipart_threshold: config.multipart_threshold,
+            part_size: config.part_size,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Checks that the bucket exists and the credentials reach it.
+    pub async fn check(&self) -> Result<(), String> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| format!("s3://{}: {}", self.bucket, describe(&e)))
+    }
+
+    pub async fn put(
+        &self,
+        key: &str,
+        output: &Output,
+        content_type: &str,
+        acl: Option<&str>,
+    ) -> Result<String, String> {
+        let acl = acl.map(ObjectCannedAcl::from);
+        match &output.body {
+            Body::Bytes(bytes) => {
+                self.put_whole(key, ByteStream::from(bytes.clone()), content_type, acl)
+                    .await?
+            }
+            Body::File(path) => {
+                let size = tokio::fs::metadata(path)
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+                    .len();
+                if size < self.multipart_threshold {
+                    let body = ByteStream::from_path(path)
+                        .await
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    self.put_whole(key, body, content_type, acl).await?
+                } else {
+                    self.put_multipart(key, path, size, content_type, acl)
+                        .await?
+                }
+            }
+        }
+        Ok(format!("s3://{}/{key}", self.bucket))
+    }
+
+    async fn put_whole(
+        &self,
+        key: &str,
+        body: ByteStream,
+        content_type: &str,
+        acl: Option<ObjectCannedAcl>,
+    ) -> Result<(), String> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .set_acl(acl)
+            .body(body)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| format!("PutObject {key}: {}", describe(&e)))
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        content_type: &str,
+        acl: Option<ObjectCannedAcl>,
+    ) -> Result<(), String> {
+        let upload_id = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .set_acl(acl)
+            .send()
+            .await
+            .map_err(|e| format!("CreateMultipartUpload {key}: {}", describe(&e)))?
+            .upload_id
+            .ok_or("CreateMultipartUpload returned no upload id")?;
+        let uploaded = self.upload_parts(key, path, size, &upload_id).await;
+        let completed = match uploaded {
+            Ok(parts) => self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| format!("CompleteMultipartUpload {key}: {}", describe(&e))),
+            Err(e) => Err(e),
+        };
+        if let Err(error) = &completed {
+            let aborted = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+            if let Err(abort_error) = aborted {
+                tracing::error!(%error, abort_error = %describe(&abort_error), %upload_id,
+                    "multipart upload failed and could not be aborted");
+            }
+        }
+        completed
+    }
+
+    async fn upload_parts(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        upload_id: &str,
+    ) -> Result<Vec<CompletedPart>, String> {
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        while offset < size {
+            let length = self.part_size.min(size - offset);
+            let number = parts.len() as i32 + 1;
+            let body = ByteStream::read_from()
+                .path(path)
+                .offset(offset)
+                .length(Length::Exact(length))
+                .build()
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let etag = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .content_length(length as i64)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| format!("UploadPart {number} of {key}: {}", describe(&e)))?
+                .e_tag;
+            parts.push(
+                CompletedPart::builder()
+                    .set_e_tag(etag)
+                    .part_number(number)
+                    .build(),
+            );
+            offset += length;
+        }
+        Ok(parts)
+    }
+}
