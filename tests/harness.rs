@@ -160,11 +160,18 @@ impl Aws {
     /// Creates a fresh queue with a dead-letter queue and redrive policy,
     /// and a fresh bucket.
     pub async fn create(endpoint: &str, max_receive_count: u32) -> Self {
-        let (sqs, s3) = aws_clients(endpoint).await;
         let name = format!(
             "renders-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
+        Self::create_named(endpoint, &name, max_receive_count).await
+    }
+
+    /// Creates the queue, dead-letter queue and bucket under `name` (again,
+    /// after a server restart lost them).
+    pub async fn create_named(endpoint: &str, name: &str, max_receive_count: u32) -> Self {
+        let (sqs, s3) = aws_clients(endpoint).await;
+        let name = name.to_owned();
         let dlq_url = sqs
             .create_queue()
             .queue_name(format!("{name}-dlq"))

@@ -7,3 +7,4 @@ mod config_errors;
 mod http_api;
 mod processes;
 mod scenarios;
+mod sqs;

@@ -1,0 +1,161 @@
+//! SQS-only behaviour, against moto: losing the endpoint, and start-up
+//! errors that name the queue and the reason.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::harness::{AWS_ENV, Aws, BIN, Farm, Moto, Settings, free_port};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn upload(key: &str) -> serde_json::Value {
+    json!({"name": "s3_upload", "config": {"bucket": "results", "key": key}})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_recovers_when_the_endpoint_comes_back() {
+    let moto = Moto::start_on(free_port());
+    let farm = Farm::on_moto(&moto, Settings::default()).await;
+    let serve = farm.serve(&[]).await;
+    let first = farm
+        .submit(json!({"command": "get_version", "tasks": [upload("a-${message_id}.json")]}))
+        .await;
+    farm.wait_for_object(&format!("a-{first}.json"), LONG).await;
+
+    moto.stop();
+    // While the endpoint is gone a submit says so, and nothing is lost
+    // silently: the client is told to try again.
+    let refused = farm
+        .rpc(
+            "queue_manager_submit_job",
+            json!({"command": "get_version"}),
+        )
+        .await;
+    assert_eq!(refused["error"]["code"], -32000, "{refused}");
+    serve.wait_for_log("queue error", LONG);
+
+    // Back again (moto keeps state in memory, so the queue and bucket are
+    // created anew under the same names).
+    moto.start();
+    let aws = farm.aws.as_ref().unwrap();
+    Aws::create_named(&moto.endpoint(), &aws.bucket, 3).await;
+    let started = Instant::now();
+    let second = farm
+        .submit(json!({"command": "get_version", "tasks": [upload("b-${message_id}.json")]}))
+        .await;
+    farm.wait_for_object(&format!("b-{second}.json"), LONG)
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Runs `check-config` and `worker` on a config whose queue is `queue_toml`;
+/// both must fail fast, naming the queue.
+fn assert_refused(queue_toml: &str, env: &[(&str, &str)], expect: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("workers.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[queue_manager]
+allow_commands = ["get_version"]
+default_queue = "renders"
+listen_queue = "renders"
+
+[queues.renders]
+{queue_toml}
+"#
+        ),
+    )
+    .unwrap();
+    for subcommand in ["check-config", "worker"] {
+        let out = Command::new(BIN)
+            .args([subcommand, "--config"])
+            .arg(&config)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", dir.path())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{subcommand} should fail: {stderr}");
+        assert!(stderr.contains("queue `renders`"), "{subcommand}: {stderr}");
+        assert!(
+            stderr.to_lowercase().contains(expect),
+            "{subcommand}: expected {expect:?} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn missing_queue_is_named_at_start() {
+    let endpoint = Moto::shared().endpoint();
+    assert_refused(
+        &format!(
+            r#"backend = "sqs"
+url = "{endpoint}/123456789012/no-such-queue-{}"
+endpoint_url = "{endpoint}"
+region = "us-east-1""#,
+            uuid::Uuid::new_v4().simple()
+        ),
+        &AWS_ENV,
+        "nonexistentqueue",
+    );
+}
+
+#[test]
+fn refused_endpoint_is_named_at_start() {
+    let port = free_port();
+    assert_refused(
+        &format!(
+            r#"backend = "sqs"
+url = "http://127.0.0.1:{port}/123456789012/renders"
+endpoint_url = "http://127.0.0.1:{port}"
+region = "us-east-1""#
+        ),
+        &AWS_ENV,
+        "connect",
+    );
+}
+
+#[test]
+fn missing_credentials_are_named_at_start() {
+    let endpoint = Moto::shared().endpoint();
+    assert_refused(
+        &format!(
+            r#"backend = "sqs"
+url = "{endpoint}/123456789012/renders"
+endpoint_url = "{endpoint}"
+region = "us-east-1""#
+        ),
+        &[("AWS_EC2_METADATA_DISABLED", "true")],
+        "credentials",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_without_redrive_policy_is_refused() {
+    let endpoint = Moto::shared().endpoint();
+    let (sqs, _) = crate::harness::aws_clients(&endpoint).await;
+    let url = sqs
+        .create_queue()
+        .queue_name(format!("no-dlq-{}", uuid::Uuid::new_v4().simple()))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let toml = format!(
+        "backend = \"sqs\"\nurl = \"{url}\"\nendpoint_url = \"{endpoint}\"\nregion = \"us-east-1\""
+    );
+    tokio::task::spawn_blocking(move || assert_refused(&toml, &AWS_ENV, "redrive policy"))
+        .await
+        .unwrap();
+}
