@@ -6,6 +6,8 @@
 //! poll for up to 20 s with an SDK operation timeout above that.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
@@ -24,9 +26,40 @@ const SOURCE_ID: &str = "renderq_message_id";
 /// Message attribute carrying how often the message had been received.
 const RECEIVES: &str = "renderq_receive_count";
 
+/// SQS API calls made, by operation, for benchmarks and metrics.
+#[derive(Debug, Default)]
+pub struct ApiCalls {
+    pub receive: AtomicU64,
+    pub delete: AtomicU64,
+    pub change_visibility: AtomicU64,
+    pub send: AtomicU64,
+    pub get_attributes: AtomicU64,
+}
+
+impl ApiCalls {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn total(&self) -> u64 {
+        [
+            &self.receive,
+            &self.delete,
+            &self.change_visibility,
+            &self.send,
+            &self.get_attributes,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SqsQueue {
     name: String,
+    /// Calls made through this handle (and its clones).
+    calls: Arc<ApiCalls>,
     client: Client,
     url: String,
     /// The dead-letter queue named by the redrive policy.
@@ -129,6 +162,7 @@ impl SqsQueue {
             .ok_or_else(|| QueueError::Unavailable(format!("no URL for {dlq_arn}")))?;
         Ok(Self {
             name: name.to_owned(),
+            calls: Arc::default(),
             client,
             url: config.url.clone(),
             dlq_url,
@@ -144,7 +178,12 @@ impl SqsQueue {
         self.max_receive_count
     }
 
+    pub fn calls(&self) -> &ApiCalls {
+        &self.calls
+    }
+
     pub async fn send(&self, body: &str) -> Result<String, QueueError> {
+        ApiCalls::count(&self.calls.send);
         let sent = self
             .client
             .send_message()
@@ -162,6 +201,7 @@ impl SqsQueue {
         wait: Duration,
         visibility: Duration,
     ) -> Result<Option<Received>, QueueError> {
+        ApiCalls::count(&self.calls.receive);
         let output = self
             .client
             .receive_message()
@@ -195,6 +235,7 @@ impl SqsQueue {
     }
 
     pub async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
+        ApiCalls::count(&self.calls.delete);
         self.client
             .delete_message()
             .queue_url(&self.url)
@@ -210,6 +251,7 @@ impl SqsQueue {
         receipt: &str,
         visibility: Duration,
     ) -> Result<(), QueueError> {
+        ApiCalls::count(&self.calls.change_visibility);
         self.client
             .change_message_visibility()
             .queue_url(&self.url)
@@ -249,6 +291,7 @@ impl SqsQueue {
     }
 
     pub async fn stats(&self) -> Result<Stats, QueueError> {
+        self.calls.get_attributes.fetch_add(2, Ordering::Relaxed);
         let count = |attributes: &Option<std::collections::HashMap<QueueAttributeName, String>>,
                      name| {
             attributes
