@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Map, Value};
 
 use crate::commands::{Builtin, Command};
-use crate::config::Config;
+use crate::config::{Config, Invalid};
 use crate::job::TaskSpec;
 use crate::params::FieldError;
 use crate::tasks::{HostPolicy, Task};
@@ -31,19 +31,25 @@ pub struct ValidJob<'a> {
 }
 
 impl Catalog {
-    pub fn from_config(config: &Config) -> Self {
+    pub fn from_config(config: &Config) -> Result<Self, Invalid> {
         let commands = config
             .queue_manager
             .allow_commands
             .iter()
-            .filter_map(|name| Builtin::from_name(name))
-            .map(|b| (b.name().to_owned(), Command::builtin(b)))
-            .collect();
-        Self {
+            .map(|name| Ok((name.clone(), command(config, name)?)))
+            .collect::<Result<_, Invalid>>()?;
+        Ok(Self {
             commands,
             queues: config.queues.keys().cloned().collect(),
             buckets: config.buckets.keys().cloned().collect(),
             hosts: HostPolicy::from_config(&config.http_post),
+        })
+    }
+
+    /// Stops the long-lived processes behind commands (adaptors).
+    pub async fn stop(&self) {
+        for command in self.commands.values() {
+            command.stop().await;
         }
     }
 
@@ -117,6 +123,19 @@ impl Catalog {
     }
 }
 
+/// A built-in or `[commands.NAME]` command, allowed or not (for
+/// `renderq run`, which tries commands out before they are allowed).
+pub fn command(config: &Config, name: &str) -> Result<Command, Invalid> {
+    match (Builtin::from_name(name), config.commands.get(name)) {
+        (Some(builtin), _) => Ok(Command::builtin(builtin)),
+        (None, Some(c)) => Command::from_config(name, c, config),
+        (None, None) => Err(Invalid::new(
+            format!("commands.{name}"),
+            format!("no command `{name}`: neither built in nor a [commands.{name}] table"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,7 +160,7 @@ allow_hosts = ["127.0.0.1"]
             std::path::Path::new("/tmp"),
         )
         .unwrap();
-        Catalog::from_config(&config)
+        Catalog::from_config(&config).unwrap()
     }
 
     fn tasks(v: Value) -> Vec<TaskSpec> {

@@ -43,6 +43,9 @@ pub enum Command {
     Worker,
     /// Submit a job to a running endpoint; prints the message id.
     Submit(SubmitArgs),
+    /// Run one command once, with no queue and no post-tasks; prints where
+    /// the result went and its MIME type.
+    Run(RunArgs),
     /// Check workers.toml and open every queue and bucket it names.
     CheckConfig,
     /// Inspect queues.
@@ -75,6 +78,21 @@ pub struct SubmitArgs {
     /// Endpoint URL (default: http://<server.listen>/).
     #[arg(long)]
     pub url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A built-in or [commands.NAME] command (it need not be allowed yet).
+    pub command: String,
+    /// Parameters: a JSON object, or file://PATH of one.
+    #[arg(long, default_value = "{}")]
+    pub params: String,
+    /// An adaptor's init data (replacing the config's): JSON or file://PATH.
+    #[arg(long)]
+    pub init_data: Option<String>,
+    /// Where to write the result (default: ./COMMAND-result.EXT).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +137,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             with_shutdown(|s| async move { App::build(config).await?.work(s).await }).await
         }
         Command::Submit(args) => submit(&config, args).await,
+        Command::Run(args) => with_shutdown(|s| run_once(config, args, s)).await,
         Command::CheckConfig => {
             let app = App::build(config).await?;
             // Building the router reads the token variable the config names.
@@ -238,4 +257,62 @@ async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
         ),
         _ => bail!("unexpected reply: {reply}"),
     }
+}
+
+/// Reads `--params`-style input: inline JSON, or `file://PATH`.
+fn json_arg(flag: &str, text: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let text = match text.strip_prefix("file://") {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("{flag}: cannot read {path}"))?
+        }
+        None => text.to_owned(),
+    };
+    match serde_json::from_str(&text).with_context(|| format!("{flag} is not JSON"))? {
+        Value::Object(map) => Ok(map),
+        _ => bail!("{flag} must be a JSON object"),
+    }
+}
+
+async fn run_once(
+    mut config: Config,
+    args: RunArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let params = json_arg("--params", &args.params)?;
+    if let Some(init) = &args.init_data {
+        match config.commands.get_mut(&args.command) {
+            Some(crate::config::CommandConfig::Adaptor(adaptor)) => {
+                adaptor.init_data = json_arg("--init-data", init)?;
+            }
+            _ => bail!("--init-data is only for adaptor commands"),
+        }
+    }
+    let command = crate::catalog::command(&config, &args.command)
+        .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+    let params = command
+        .schema
+        .apply(&params)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ctx = crate::commands::RunContext {
+        cancel: shutdown,
+        progress: crate::commands::Progress::new(),
+        job_id: format!("run-{}", uuid::Uuid::new_v4()),
+    };
+    let output = command.run(&params, &ctx).await;
+    command.stop().await;
+    let output = output.with_context(|| format!("{} failed", args.command))?;
+    let path = args.output.unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "{}-result.{}",
+            args.command,
+            crate::job::mime_ext(&output.mime)
+        ))
+    });
+    match &output.body {
+        crate::commands::Body::Bytes(bytes) => std::fs::write(&path, bytes),
+        crate::commands::Body::File(file) => std::fs::copy(file, &path).map(drop),
+    }
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("{}\t{}", path.display(), output.mime);
+    Ok(())
 }

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::params::ParamSpec;
 /// SQS refuses to keep a message invisible for longer than this after it was
 /// received, so a job must finish (or be failed) within it.
 pub const SQS_MAX_INVISIBILITY: Duration = Duration::from_secs(12 * 3600);
@@ -36,6 +38,97 @@ pub struct Config {
     /// Operator policy for the `http_post` task.
     #[serde(default)]
     pub http_post: HttpPostConfig,
+    /// Commands defined here (beside the built-ins); a job can name one
+    /// only if `allow_commands` lists it.
+    #[serde(default)]
+    pub commands: BTreeMap<String, CommandConfig>,
+    /// The folder of the config file: relative paths start here, and
+    /// `{config_dir}` in command arguments stands for it.
+    #[serde(skip)]
+    pub config_dir: PathBuf,
+}
+
+/// `[commands.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum CommandConfig {
+    /// An external program, started afresh for every job.
+    Process(ProcessConfig),
+    /// A long-lived program started once per worker slot and reused for
+    /// many jobs (JSON lines on stdin/stdout; see the README).
+    Adaptor(AdaptorConfig),
+}
+
+/// `[commands.NAME]` with `kind = "process"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// The program: an absolute path, a path relative to the config file's
+    /// folder, or a bare name looked up on `PATH` at start-up.
+    pub program: String,
+    /// Argument templates, one argv element each (never a shell):
+    /// `{param}`, `{param:04}` (zero-padded), `{workdir}`, `{config_dir}`,
+    /// `{job_id}`; `{{` and `}}` for literal braces.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// The result file (a template like `args`); without it, the result is
+    /// the program's standard output.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// MIME type of the result; by default from the output file's
+    /// extension, or JSON / plain text for standard output.
+    #[serde(default)]
+    pub output_mime: Option<String>,
+    /// The program and every process it started are killed after this.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Environment variables passed on from the worker's environment;
+    /// nothing else is (so the worker's secrets stay with the worker).
+    #[serde(default = "default_command_env")]
+    pub env: Vec<String>,
+    /// The parameters a job may give.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParamSpec>,
+}
+
+/// `[commands.NAME]` with `kind = "adaptor"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptorConfig {
+    /// The adaptor program (found as for `process`).
+    pub program: String,
+    /// Argument templates; only `{config_dir}` is known when it starts.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Sent to the adaptor once, in its `init` message.
+    #[serde(default)]
+    pub init_data: serde_json::Map<String, serde_json::Value>,
+    /// The adaptor must answer `init` with `ready` within this.
+    #[serde(default = "default_start_timeout", with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// One run must end within this, or the adaptor is killed.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Environment variables passed on from the worker's environment.
+    #[serde(default = "default_command_env")]
+    pub env: Vec<String>,
+    /// The parameters a job may give.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParamSpec>,
+}
+
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_start_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_command_env() -> Vec<String> {
+    ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"]
+        .map(String::from)
+        .to_vec()
 }
 
 /// `[queue_manager]`
@@ -100,6 +193,9 @@ pub struct WorkerConfig {
     /// cancelled and handed back to the queue.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Where per-job working folders are made (default: the system's
+    /// temporary folder).
+    pub work_dir: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -112,6 +208,7 @@ impl Default for WorkerConfig {
             max_retry_delay: Duration::from_secs(300),
             max_runtime: Duration::from_secs(2 * 3600),
             drain_timeout: Duration::from_secs(30),
+            work_dir: None,
         }
     }
 }
@@ -302,13 +399,13 @@ impl Config {
             let key = at.and_then(|at| key_at(&text, at));
             error(line, key, e.message().trim().to_owned())
         })?;
+        let absolute = std::path::absolute(path)
+            .map_err(|e| error(None, None, format!("cannot resolve path: {e}")))?;
+        config.resolve_paths(absolute.parent().unwrap_or(Path::new("/")));
         config.validate().map_err(|invalid| {
             let line = span_of_key(&text, &invalid.key).map(|start| line_of(&text, start));
             error(line, Some(invalid.key), invalid.message)
         })?;
-        let absolute = std::path::absolute(path)
-            .map_err(|e| error(None, None, format!("cannot resolve path: {e}")))?;
-        config.resolve_paths(absolute.parent().unwrap_or(Path::new("/")));
         Ok(config)
     }
 
@@ -316,10 +413,10 @@ impl Config {
     /// `base`. For tests and examples that build configs in memory.
     pub fn from_toml(text: &str, base: &Path) -> Result<Self, anyhow::Error> {
         let mut config: Config = toml::from_str(text)?;
+        config.resolve_paths(base);
         config
             .validate()
             .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
-        config.resolve_paths(base);
         Ok(config)
     }
 
@@ -328,12 +425,26 @@ impl Config {
     fn validate(&self) -> Result<(), Invalid> {
         let qm = &self.queue_manager;
         for (i, name) in qm.allow_commands.iter().enumerate() {
-            if crate::commands::Builtin::from_name(name).is_none() {
+            if crate::commands::Builtin::from_name(name).is_none()
+                && !self.commands.contains_key(name)
+            {
                 return Err(Invalid::new(
                     format!("queue_manager.allow_commands[{i}]"),
-                    format!("unknown command `{name}`"),
+                    format!(
+                        "unknown command `{name}`: neither built in nor a [commands.{name}] table"
+                    ),
                 ));
             }
+        }
+        for (name, command) in &self.commands {
+            if crate::commands::Builtin::from_name(name).is_some() {
+                return Err(Invalid::new(
+                    format!("commands.{name}"),
+                    format!("`{name}` is a built-in command"),
+                ));
+            }
+            // Building the command checks its program, templates and schema.
+            crate::commands::Command::from_config(name, command, self)?;
         }
         for (key, queue) in [
             ("queue_manager.default_queue", &qm.default_queue),
@@ -403,6 +514,10 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
+        self.config_dir = base.to_owned();
+        if let Some(dir) = &mut self.worker.work_dir {
+            *dir = base.join(&*dir);
+        }
         for queue in self.queues.values_mut() {
             if let QueueConfig::Local(local) = queue {
                 local.path = base.join(&local.path);

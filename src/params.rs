@@ -3,15 +3,20 @@
 
 use std::collections::BTreeMap;
 
+use regex::Regex;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 /// The JSON type a parameter must have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ParamType {
     String,
     Integer,
     Number,
     Boolean,
+    /// A list whose elements all have the `items` type.
+    Array,
 }
 
 impl ParamType {
@@ -21,6 +26,7 @@ impl ParamType {
             ParamType::Integer => "integer",
             ParamType::Number => "number",
             ParamType::Boolean => "boolean",
+            ParamType::Array => "array",
         }
     }
 
@@ -30,28 +36,72 @@ impl ParamType {
             ParamType::Integer => value.is_i64() || value.is_u64(),
             ParamType::Number => value.is_number(),
             ParamType::Boolean => value.is_boolean(),
+            ParamType::Array => value.is_array(),
         }
     }
 }
 
-/// One parameter of a command.
+/// `[commands.NAME.parameters] NAME = { ... }`: one parameter as written in
+/// workers.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamSpec {
+    /// `string`, `integer`, `number`, `boolean` or `array`.
+    #[serde(rename = "type")]
+    pub kind: ParamType,
+    /// For arrays: the type of every element (not itself an array).
+    #[serde(default)]
+    pub items: Option<ParamType>,
+    /// The job must give it (unless a default is set).
+    #[serde(default)]
+    pub required: bool,
+    /// Used when the job does not give it.
+    #[serde(default)]
+    pub default: Option<Value>,
+    /// Smallest allowed number (for arrays: each element).
+    #[serde(default)]
+    pub min: Option<f64>,
+    /// Largest allowed number (for arrays: each element).
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// The only values allowed.
+    #[serde(default, rename = "enum")]
+    pub one_of: Option<Vec<Value>>,
+    /// Regular expression a string must match; anchor it with `^…$`.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Allow strings starting with `-` (which a program could take for an
+    /// option). Off by default.
+    #[serde(default)]
+    pub allow_dash: bool,
+}
+
+/// One parameter of a command, ready to check values.
 #[derive(Debug, Clone)]
 pub struct Param {
     pub kind: ParamType,
+    pub items: Option<ParamType>,
     pub required: bool,
     pub default: Option<Value>,
     pub min: Option<f64>,
     pub max: Option<f64>,
+    pub one_of: Option<Vec<Value>>,
+    pub pattern: Option<Regex>,
+    pub allow_dash: bool,
 }
 
 impl Param {
     pub fn new(kind: ParamType) -> Self {
         Self {
             kind,
+            items: None,
             required: false,
             default: None,
             min: None,
             max: None,
+            one_of: None,
+            pattern: None,
+            allow_dash: false,
         }
     }
 
@@ -65,12 +115,115 @@ impl Param {
         self.max = Some(max);
         self
     }
+
+    /// Builds a parameter from its spec; errors say what is inconsistent.
+    pub fn from_spec(spec: &ParamSpec) -> Result<Self, String> {
+        let items = match (spec.kind, spec.items) {
+            (ParamType::Array, Some(ParamType::Array)) => {
+                return Err("`items` cannot itself be `array`".into());
+            }
+            (ParamType::Array, Some(items)) => Some(items),
+            (ParamType::Array, None) => return Err("an array needs `items`".into()),
+            (_, Some(_)) => return Err("`items` is only for arrays".into()),
+            (_, None) => None,
+        };
+        let pattern = spec
+            .pattern
+            .as_deref()
+            .map(Regex::new)
+            .transpose()
+            .map_err(|e| format!("bad `pattern`: {e}"))?;
+        let param = Self {
+            kind: spec.kind,
+            items,
+            required: spec.required,
+            default: spec.default.clone(),
+            min: spec.min,
+            max: spec.max,
+            one_of: spec.one_of.clone(),
+            pattern,
+            allow_dash: spec.allow_dash,
+        };
+        if let Some(default) = &param.default {
+            param
+                .check(default, "default")
+                .map_err(|e| format!("`default` does not fit the parameter: {}", e.reason))?;
+        }
+        Ok(param)
+    }
+
+    /// Checks one value (for arrays, every element).
+    fn check(&self, value: &Value, field: &str) -> Result<(), FieldError> {
+        if !self.kind.admits(value) {
+            return Err(FieldError::new(
+                field,
+                format!("expected {}, got {value}", self.kind.name()),
+            ));
+        }
+        match (value, self.items) {
+            (Value::Array(elements), Some(items)) => {
+                for (i, element) in elements.iter().enumerate() {
+                    let field = format!("{field}[{i}]");
+                    if !items.admits(element) {
+                        return Err(FieldError::new(
+                            field,
+                            format!("expected {}, got {element}", items.name()),
+                        ));
+                    }
+                    self.check_scalar(element, &field)?;
+                }
+                Ok(())
+            }
+            _ => self.check_scalar(value, field),
+        }
+    }
+
+    fn check_scalar(&self, value: &Value, field: &str) -> Result<(), FieldError> {
+        if let Some(n) = value.as_f64()
+            && (self.min.is_some_and(|min| n < min) || self.max.is_some_and(|max| n > max))
+        {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "{n} is outside {}..={}",
+                    self.min.unwrap_or(f64::NEG_INFINITY),
+                    self.max.unwrap_or(f64::INFINITY)
+                ),
+            ));
+        }
+        if let Some(allowed) = &self.one_of
+            && !allowed.contains(value)
+        {
+            let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
+            return Err(FieldError::new(
+                field,
+                format!("{value} is not one of {}", list.join(", ")),
+            ));
+        }
+        if let Value::String(text) = value {
+            if let Some(pattern) = &self.pattern
+                && !pattern.is_match(text)
+            {
+                return Err(FieldError::new(
+                    field,
+                    format!("{value} does not match {}", pattern.as_str()),
+                ));
+            }
+            if text.starts_with('-') && !self.allow_dash {
+                return Err(FieldError::new(
+                    field,
+                    format!("{value} starts with `-` (a program could read it as an option)"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The parameters a command accepts. Unknown parameters are refused.
 #[derive(Debug, Clone, Default)]
 pub struct Schema {
-    params: BTreeMap<&'static str, Param>,
+    params: BTreeMap<String, Param>,
 }
 
 /// A parameter that broke its schema; `field` is what JSON-RPC errors name.
@@ -116,9 +269,27 @@ pub fn deserialize_named<T: serde::de::DeserializeOwned>(
 }
 
 impl Schema {
-    pub fn with(mut self, name: &'static str, param: Param) -> Self {
-        self.params.insert(name, param);
+    pub fn with(mut self, name: &str, param: Param) -> Self {
+        self.params.insert(name.to_owned(), param);
         self
+    }
+
+    /// Builds a schema from `[commands.NAME.parameters]`; errors name the
+    /// parameter.
+    pub fn from_specs(specs: &BTreeMap<String, ParamSpec>) -> Result<Self, (String, String)> {
+        let params = specs
+            .iter()
+            .map(|(name, spec)| {
+                Param::from_spec(spec)
+                    .map(|p| (name.clone(), p))
+                    .map_err(|e| (name.clone(), e))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { params })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.params.contains_key(name)
     }
 
     /// A JSON description for `queue_manager_list_commands`.
@@ -130,6 +301,9 @@ impl Schema {
                 let mut d = Map::new();
                 d.insert("type".into(), p.kind.name().into());
                 d.insert("required".into(), p.required.into());
+                if let Some(items) = p.items {
+                    d.insert("items".into(), items.name().into());
+                }
                 if let Some(default) = &p.default {
                     d.insert("default".into(), default.clone());
                 }
@@ -139,7 +313,13 @@ impl Schema {
                 if let Some(max) = p.max {
                     d.insert("max".into(), max.into());
                 }
-                (name.to_string(), Value::Object(d))
+                if let Some(one_of) = &p.one_of {
+                    d.insert("enum".into(), one_of.clone().into());
+                }
+                if let Some(pattern) = &p.pattern {
+                    d.insert("pattern".into(), pattern.as_str().into());
+                }
+                (name.clone(), Value::Object(d))
             })
             .collect();
         Value::Object(params)
@@ -155,34 +335,17 @@ impl Schema {
         }
         let mut out = Map::new();
         for (name, param) in &self.params {
-            let field = || format!("parameters.{name}");
-            let value = match (given.get(*name), &param.default) {
+            let field = format!("parameters.{name}");
+            let value = match (given.get(name), &param.default) {
                 (Some(v), _) => v,
                 (None, Some(default)) => default,
                 (None, None) if param.required => {
-                    return Err(FieldError::new(field(), "required parameter is missing"));
+                    return Err(FieldError::new(field, "required parameter is missing"));
                 }
                 (None, None) => continue,
             };
-            if !param.kind.admits(value) {
-                return Err(FieldError::new(
-                    field(),
-                    format!("expected {}, got {value}", param.kind.name()),
-                ));
-            }
-            if let Some(n) = value.as_f64()
-                && (param.min.is_some_and(|min| n < min) || param.max.is_some_and(|max| n > max))
-            {
-                return Err(FieldError::new(
-                    field(),
-                    format!(
-                        "{n} is outside {}..={}",
-                        param.min.unwrap_or(f64::NEG_INFINITY),
-                        param.max.unwrap_or(f64::INFINITY)
-                    ),
-                ));
-            }
-            out.insert(name.to_string(), value.clone());
+            param.check(value, &field)?;
+            out.insert(name.clone(), value.clone());
         }
         Ok(out)
     }
@@ -239,6 +402,69 @@ mod tests {
             apply(json!({"depth": 3})).unwrap_err().field,
             "parameters.depth"
         );
+    }
+
+    fn spec(toml_text: &str) -> ParamSpec {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn pattern_enum_and_dash_rules() {
+        let scene = Param::from_spec(&spec(
+            r#"type = "string"
+pattern = "^[a-z/]+\\.blend$""#,
+        ))
+        .unwrap();
+        let s = Schema::default().with("scene", scene);
+        let check = |v: Value| s.apply(v.as_object().unwrap());
+        assert!(check(json!({"scene": "shots/a.blend"})).is_ok());
+        assert!(check(json!({"scene": "a.blend; rm -rf /"})).is_err());
+
+        let mode = Param::from_spec(&spec(
+            r#"type = "string"
+enum = ["fast", "final"]"#,
+        ))
+        .unwrap();
+        let s = Schema::default().with("mode", mode);
+        assert!(
+            s.apply(json!({"mode": "final"}).as_object().unwrap())
+                .is_ok()
+        );
+        assert!(
+            s.apply(json!({"mode": "slow"}).as_object().unwrap())
+                .is_err()
+        );
+
+        let free = Schema::default().with("text", Param::new(ParamType::String));
+        let err = free.apply(json!({"text": "--output=/etc/passwd"}).as_object().unwrap());
+        assert_eq!(err.unwrap_err().field, "parameters.text");
+    }
+
+    #[test]
+    fn arrays_check_every_element() {
+        let frames =
+            Param::from_spec(&spec("type = \"array\"\nitems = \"integer\"\nmin = 0")).unwrap();
+        let s = Schema::default().with("frames", frames);
+        assert!(
+            s.apply(json!({"frames": [1, 2, 3]}).as_object().unwrap())
+                .is_ok()
+        );
+        let err = s
+            .apply(json!({"frames": [1, -2]}).as_object().unwrap())
+            .unwrap_err();
+        assert_eq!(err.field, "parameters.frames[1]");
+        let err = s
+            .apply(json!({"frames": [1, "x"]}).as_object().unwrap())
+            .unwrap_err();
+        assert_eq!(err.field, "parameters.frames[1]");
+    }
+
+    #[test]
+    fn inconsistent_specs_are_refused() {
+        assert!(Param::from_spec(&spec("type = \"array\"")).is_err());
+        assert!(Param::from_spec(&spec("type = \"string\"\nitems = \"string\"")).is_err());
+        assert!(Param::from_spec(&spec("type = \"string\"\npattern = \"(\"")).is_err());
+        assert!(Param::from_spec(&spec("type = \"integer\"\ndefault = \"x\"")).is_err());
     }
 
     #[test]

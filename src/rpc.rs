@@ -251,7 +251,7 @@ path = "r"
         .unwrap();
         let queues = Queues::open(&config.queues).await.unwrap();
         let submitter = Submitter::new(
-            Arc::new(Catalog::from_config(&config)),
+            Arc::new(Catalog::from_config(&config).unwrap()),
             queues.clone(),
             "q".into(),
         );

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::catalog::Catalog;
-use crate::commands::CommandError;
+use crate::commands::{CommandError, Progress, RunContext};
 use crate::config::WorkerConfig;
 use crate::job::{Envelope, Vars, mime_ext};
 use crate::queue::{Queue, QueueError, Received};
@@ -106,6 +106,7 @@ impl Worker {
             abort.cancel();
             tracker.wait().await;
         }
+        self.catalog.stop().await;
         info!("Worker stopped.");
     }
 
@@ -243,9 +244,14 @@ impl Worker {
             .map_err(|e| JobError::Fatal(format!("invalid job: {e}")))?;
 
         info!("Executing command: {}.", job.command.name);
+        let ctx = RunContext {
+            cancel: abort.clone(),
+            progress: Progress::new(),
+            job_id: envelope.job_id.clone(),
+        };
         let output = job
             .command
-            .run(&job.parameters, abort)
+            .run(&job.parameters, &ctx)
             .await
             .map_err(|e| match e {
                 CommandError::Cancelled => JobError::Interrupted,

@@ -13,6 +13,11 @@ use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_renderq");
 
+/// A file in the repository, for configs that name example programs.
+pub fn repo_path(relative: &str) -> String {
+    format!("{}/{relative}", env!("CARGO_MANIFEST_DIR"))
+}
+
 /// Which queue and bucket backends a scenario runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -228,6 +233,10 @@ pub struct Settings {
     pub drain_timeout: &'static str,
     pub auth_token_env: Option<&'static str>,
     pub max_body_bytes: usize,
+    /// More TOML (e.g. `[commands.NAME]` tables), appended to the config.
+    pub extra_toml: String,
+    /// More names for `allow_commands`.
+    pub extra_allowed: Vec<&'static str>,
 }
 
 impl Default for Settings {
@@ -239,6 +248,8 @@ impl Default for Settings {
             drain_timeout: "10s",
             auth_token_env: None,
             max_body_bytes: 262_144,
+            extra_toml: String::new(),
+            extra_allowed: Vec::new(),
         }
     }
 }
@@ -338,12 +349,19 @@ impl Farm {
             .auth_token_env
             .map(|v| format!("auth_token_env = \"{v}\"\n"))
             .unwrap_or_default();
+        let allowed: Vec<String> = ["get_version", "sleep", "render_demo"]
+            .iter()
+            .chain(&settings.extra_allowed)
+            .map(|c| format!("\"{c}\""))
+            .collect();
+        let allowed = allowed.join(", ");
         let Settings {
             visibility_timeout,
             retry_delay,
             max_receive_count,
             drain_timeout,
             max_body_bytes,
+            extra_toml,
             ..
         } = settings;
         let aws = match &endpoint {
@@ -383,7 +401,7 @@ path = "results"
         let text = format!(
             r#"
 [queue_manager]
-allow_commands = ["get_version", "sleep", "render_demo"]
+allow_commands = [{allowed}]
 default_queue = "renders"
 listen_queue = "renders"
 
@@ -403,6 +421,7 @@ allow_hosts = ["127.0.0.1"]
 attempts = 3
 retry_delay = "50ms"
 timeout = "5s"
+{extra_toml}
 "#
         );
         let config = dir.path().join("workers.toml");

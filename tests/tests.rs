@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod commands;
 mod config_errors;
 mod http_api;
 mod processes;

@@ -2,11 +2,9 @@
 
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
-use tokio_util::sync::CancellationToken;
-
-use super::{CommandError, Output, render_demo};
+use super::{CommandError, Output, RunContext, render_demo};
 use crate::params::{Param, ParamType, Schema};
+use serde_json::{Map, Value, json};
 
 /// The built-in commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +48,7 @@ impl Builtin {
     pub async fn run(
         self,
         params: &Map<String, Value>,
-        cancel: &CancellationToken,
+        ctx: &RunContext,
     ) -> Result<Output, CommandError> {
         match self {
             Builtin::GetVersion => Ok(Output::json(&json!(crate::VERSION))),
@@ -60,10 +58,10 @@ impl Builtin {
                     _ = tokio::time::sleep(Duration::from_secs_f64(seconds)) => {
                         Ok(Output::json(&json!({ "slept": seconds })))
                     }
-                    _ = cancel.cancelled() => Err(CommandError::Cancelled),
+                    _ = ctx.cancel.cancelled() => Err(CommandError::Cancelled),
                 }
             }
-            Builtin::RenderDemo => render_demo::run(params, cancel).await,
+            Builtin::RenderDemo => render_demo::run(params, ctx).await,
         }
     }
 }

@@ -1,19 +1,30 @@
 //! Commands a job can name, and what they return.
 //!
-//! A command's result is an [`Output`]: bytes in memory or a file on disk,
+//! Three kinds: built-ins compiled in, external `process` programs started
+//! per job, and long-lived `adaptor` programs reused across jobs. A
+//! command's result is an [`Output`]: bytes in memory or a file on disk,
 //! with a MIME type. Post-tasks take it from there.
 
+mod adaptor;
+mod argv;
 mod builtin;
+mod process;
 mod render_demo;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
+pub use adaptor::AdaptorCommand;
 pub use builtin::Builtin;
+pub use process::ProcessCommand;
 
+use crate::config::{CommandConfig, Config, Invalid};
 use crate::params::Schema;
+use argv::{ArgTemplate, BUILT_IN_VARS};
 
 /// Where a result's bytes are.
 #[derive(Debug, Clone)]
@@ -28,6 +39,9 @@ pub enum Body {
 pub struct Output {
     pub body: Body,
     pub mime: mime::Mime,
+    /// The job's working folder, holding a file result; it is removed once
+    /// the last clone of the output is dropped, after the tasks ran.
+    _workdir: Option<Arc<tempfile::TempDir>>,
 }
 
 impl Output {
@@ -35,6 +49,16 @@ impl Output {
         Self {
             body: Body::Bytes(bytes),
             mime,
+            _workdir: None,
+        }
+    }
+
+    /// A file inside `workdir`, which lives as long as the output.
+    pub fn file(path: PathBuf, mime: mime::Mime, workdir: Arc<tempfile::TempDir>) -> Self {
+        Self {
+            body: Body::File(path),
+            mime,
+            _workdir: Some(workdir),
         }
     }
 
@@ -57,10 +81,86 @@ pub enum CommandError {
     Cancelled,
 }
 
+/// Where a running command reports progress and status. Progress lines are
+/// throttled, so a chatty program cannot flood the logs.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// The job's span, so reports from other threads are attributed.
+    span: tracing::Span,
+    last: Arc<Mutex<Option<Instant>>>,
+}
+
+/// Least time between two logged progress reports (the last one, 100 %,
+/// always gets through).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+impl Progress {
+    /// Reports into the current span.
+    pub fn new() -> Self {
+        Self {
+            span: tracing::Span::current(),
+            last: Arc::default(),
+        }
+    }
+
+    pub fn percent(&self, percent: f64) {
+        let mut last = self.last.lock().expect("progress lock");
+        let due = last.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) || percent >= 100.0;
+        if due {
+            *last = Some(Instant::now());
+            self.span.in_scope(|| tracing::info!(percent, "Progress."));
+        }
+    }
+
+    pub fn status(&self, message: &str) {
+        self.span.in_scope(|| tracing::info!(%message, "Status."));
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a command runs with besides its parameters.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    /// Cancelled when the job must stop (shutdown past the drain deadline).
+    pub cancel: CancellationToken,
+    pub progress: Progress,
+    /// The job's id, for `{job_id}` and the adaptor's `run` message.
+    pub job_id: String,
+}
+
+/// A child's process group; signals reach everything the child started.
+#[derive(Debug, Clone, Copy)]
+struct ProcessGroup(Option<nix::unistd::Pid>);
+
+impl ProcessGroup {
+    /// The group led by `child` (spawned with `process_group(0)`).
+    fn of(child: &tokio::process::Child) -> Self {
+        Self(child.id().map(|id| nix::unistd::Pid::from_raw(id as i32)))
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pgid) = self.0 {
+            // ESRCH just means everyone is gone already.
+            let _ = nix::sys::signal::killpg(pgid, signal);
+        }
+    }
+
+    fn kill(&self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// How a command runs.
 #[derive(Debug, Clone)]
 pub enum CommandKind {
     Builtin(Builtin),
+    Process(Arc<ProcessCommand>),
+    Adaptor(Arc<AdaptorCommand>),
 }
 
 /// A command a job may name: its schema and how to run it.
@@ -80,14 +180,138 @@ impl Command {
         }
     }
 
+    /// Builds a `[commands.NAME]` command, checking its program, templates
+    /// and parameter schema; errors name the key.
+    pub fn from_config(name: &str, config: &CommandConfig, root: &Config) -> Result<Self, Invalid> {
+        let key = |rest: &str| format!("commands.{name}.{rest}");
+        let (program, args, parameters) = match config {
+            CommandConfig::Process(c) => (&c.program, &c.args, &c.parameters),
+            CommandConfig::Adaptor(c) => (&c.program, &c.args, &c.parameters),
+        };
+        let schema = Schema::from_specs(parameters)
+            .map_err(|(param, e)| Invalid::new(key(&format!("parameters.{param}")), e))?;
+        let program =
+            find_program(program, &root.config_dir).map_err(|e| Invalid::new(key("program"), e))?;
+        let known = |var: &str| BUILT_IN_VARS.contains(&var) || schema.contains(var);
+        let parse = |text: &str, what: String, adaptor: bool| -> Result<ArgTemplate, Invalid> {
+            let template = ArgTemplate::parse(text).map_err(|e| Invalid::new(what.clone(), e))?;
+            if let Some(var) = template.vars().find(|v| {
+                if adaptor {
+                    *v != "config_dir"
+                } else {
+                    !known(v)
+                }
+            }) {
+                let hint = if adaptor {
+                    "an adaptor's arguments can only use {config_dir}"
+                } else {
+                    "not a parameter, workdir, config_dir or job_id"
+                };
+                return Err(Invalid::new(
+                    what,
+                    format!("unknown placeholder `{{{var}}}`: {hint}"),
+                ));
+            }
+            Ok(template)
+        };
+        let adaptor = matches!(config, CommandConfig::Adaptor(_));
+        let args = args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| parse(a, key(&format!("args[{i}]")), adaptor))
+            .collect::<Result<Vec<_>, _>>()?;
+        let work_root = root
+            .worker
+            .work_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir);
+
+        let kind = match config {
+            CommandConfig::Process(c) => CommandKind::Process(Arc::new(ProcessCommand {
+                program,
+                args,
+                output: c
+                    .output
+                    .as_deref()
+                    .map(|o| parse(o, key("output"), false))
+                    .transpose()?,
+                output_mime: c
+                    .output_mime
+                    .as_deref()
+                    .map(|m| {
+                        m.parse()
+                            .map_err(|e| Invalid::new(key("output_mime"), format!("{e}")))
+                    })
+                    .transpose()?,
+                timeout: c.timeout,
+                env: c.env.clone(),
+                work_root,
+                config_dir: root.config_dir.clone(),
+            })),
+            CommandConfig::Adaptor(c) => CommandKind::Adaptor(Arc::new(AdaptorCommand {
+                name: name.to_owned(),
+                program,
+                args: adaptor::render_args(&args, &root.config_dir),
+                env: c.env.clone(),
+                init_data: c.init_data.clone(),
+                start_timeout: c.start_timeout,
+                timeout: c.timeout,
+                work_root,
+                idle: Mutex::default(),
+                starts: Default::default(),
+            })),
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            schema,
+            kind,
+        })
+    }
+
     /// Runs the command with parameters already checked against its schema.
     pub async fn run(
         &self,
         params: &Map<String, Value>,
-        cancel: &CancellationToken,
+        ctx: &RunContext,
     ) -> Result<Output, CommandError> {
         match &self.kind {
-            CommandKind::Builtin(b) => b.run(params, cancel).await,
+            CommandKind::Builtin(b) => b.run(params, ctx).await,
+            CommandKind::Process(p) => p.run(params, ctx).await,
+            CommandKind::Adaptor(a) => a.run(params, ctx).await,
         }
     }
+
+    /// Stops long-lived processes (adaptors); a no-op for other kinds.
+    pub async fn stop(&self) {
+        if let CommandKind::Adaptor(a) = &self.kind {
+            a.stop_all().await;
+        }
+    }
+}
+
+/// Finds a program: a path (relative to the config's folder) or a bare name
+/// on `PATH`. It must be an executable file.
+fn find_program(program: &str, config_dir: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = config_dir.join(program);
+        return if executable(&path) {
+            Ok(path)
+        } else {
+            Err(format!(
+                "program {} is missing or not executable",
+                path.display()
+            ))
+        };
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|p| executable(p))
+        .ok_or_else(|| format!("program `{program}` is not on PATH"))
 }

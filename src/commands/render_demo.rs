@@ -11,7 +11,7 @@ use std::ops::{Add, Mul, Sub};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{CommandError, Output};
+use super::{CommandError, Output, Progress, RunContext};
 use crate::params::{Param, ParamType, Schema};
 
 pub fn schema() -> Schema {
@@ -68,14 +68,11 @@ impl Shot {
     }
 }
 
-pub async fn run(
-    params: &Map<String, Value>,
-    cancel: &CancellationToken,
-) -> Result<Output, CommandError> {
+pub async fn run(params: &Map<String, Value>, ctx: &RunContext) -> Result<Output, CommandError> {
     let shot = Shot::from_params(params);
-    let cancel = cancel.clone();
+    let (cancel, progress) = (ctx.cancel.clone(), ctx.progress.clone());
     let png = tokio::task::spawn_blocking(move || {
-        let pixels = render(shot, &cancel).ok_or(CommandError::Cancelled)?;
+        let pixels = render(shot, &cancel, &progress).ok_or(CommandError::Cancelled)?;
         encode_png(shot.width, shot.height, &pixels)
             .map_err(|e| CommandError::Failed(format!("PNG encoding failed: {e}")))
     })
@@ -262,7 +259,7 @@ fn jitter(x: u32, y: u32, s: u32) -> (f64, f64) {
 }
 
 /// Renders RGB8 pixels, or `None` if cancelled part way.
-fn render(shot: Shot, cancel: &CancellationToken) -> Option<Vec<u8>> {
+fn render(shot: Shot, cancel: &CancellationToken, progress: &Progress) -> Option<Vec<u8>> {
     let scene = Scene::for_frame(shot.frame);
     let angle = shot.frame as f64 * 0.1;
     let eye = V3(6.0 * angle.sin(), 2.5, 6.0 * angle.cos());
@@ -279,6 +276,7 @@ fn render(shot: Shot, cancel: &CancellationToken) -> Option<Vec<u8>> {
         if cancel.is_cancelled() {
             return None;
         }
+        progress.percent(100.0 * y as f64 / shot.height as f64);
         for x in 0..shot.width {
             let mut sum = V3(0.0, 0.0, 0.0);
             for s in 0..shot.samples {
@@ -298,6 +296,7 @@ fn render(shot: Shot, cancel: &CancellationToken) -> Option<Vec<u8>> {
             }
         }
     }
+    progress.percent(100.0);
     Some(pixels)
 }
 
@@ -317,18 +316,24 @@ mod tests {
     #[test]
     fn same_parameters_give_same_image() {
         let cancel = CancellationToken::new();
-        assert_eq!(render(shot(3), &cancel), render(shot(3), &cancel));
+        assert_eq!(
+            render(shot(3), &cancel, &Progress::new()),
+            render(shot(3), &cancel, &Progress::new())
+        );
     }
 
     #[test]
     fn frames_differ() {
         let cancel = CancellationToken::new();
-        assert_ne!(render(shot(1), &cancel), render(shot(2), &cancel));
+        assert_ne!(
+            render(shot(1), &cancel, &Progress::new()),
+            render(shot(2), &cancel, &Progress::new())
+        );
     }
 
     #[test]
     fn image_is_not_blank() {
-        let pixels = render(shot(1), &CancellationToken::new()).unwrap();
+        let pixels = render(shot(1), &CancellationToken::new(), &Progress::new()).unwrap();
         let distinct: std::collections::BTreeSet<_> = pixels.chunks(3).collect();
         assert!(distinct.len() > 50, "only {} colours", distinct.len());
     }
@@ -337,7 +342,7 @@ mod tests {
     fn cancel_stops_rendering() {
         let cancel = CancellationToken::new();
         cancel.cancel();
-        assert!(render(shot(1), &cancel).is_none());
+        assert!(render(shot(1), &cancel, &Progress::new()).is_none());
     }
 
     #[tokio::test]
@@ -346,7 +351,12 @@ mod tests {
             .as_object()
             .unwrap()
             .clone();
-        let out = run(&params, &CancellationToken::new()).await.unwrap();
+        let ctx = RunContext {
+            cancel: CancellationToken::new(),
+            progress: Progress::new(),
+            job_id: "test".into(),
+        };
+        let out = run(&params, &ctx).await.unwrap();
         assert_eq!(out.mime, mime::IMAGE_PNG);
         let super::super::Body::Bytes(bytes) = out.body else {
             panic!("expected bytes")
