@@ -3,6 +3,7 @@
 //! `--sqs-endpoint`) a fresh SQS queue pair on an SQS-compatible server.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,15 @@ pub struct BenchArgs {
     /// receive calls are counted.
     #[arg(long, default_value_t = 60)]
     pub idle_seconds: u64,
+    /// Instead: compare the dispatch rate of a no-op `process` command
+    /// (`true`) and a no-op `adaptor` job, one slot, no queue.
+    #[arg(long)]
+    pub dispatch: bool,
+    /// With --dispatch: the adaptor program, which must answer any `run`
+    /// at once (`cargo build --release --examples` builds this one; the
+    /// Python example adaptor also works, given `noop`).
+    #[arg(long, default_value = "target/release/examples/noop_adaptor")]
+    pub adaptor: PathBuf,
 }
 
 const CONFIG: &str = r#"
@@ -69,6 +79,7 @@ fn no_op() -> SubmitRequest {
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.sqs_endpoint {
+        _ if args.dispatch => dispatch(args).await,
         Some(endpoint) => sqs(args, endpoint).await,
         None => embedded(args).await,
     }
@@ -343,5 +354,76 @@ region = "us-east-1"
             .await?;
         client.delete_queue().queue_url(url).send().await?;
     }
+    Ok(())
+}
+
+/// Jobs per second of `command` run back to back with `params`.
+async fn rate(
+    command: &crate::commands::Command,
+    params: serde_json::Value,
+    jobs: usize,
+) -> anyhow::Result<f64> {
+    let params = command
+        .schema
+        .apply(params.as_object().context("params")?)?;
+    let ctx = crate::commands::RunContext {
+        cancel: CancellationToken::new(),
+        progress: crate::commands::Progress::new(),
+        job_id: "bench".into(),
+    };
+    // One warm-up run starts what has to be started (the adaptor).
+    command.run(&params, &ctx).await?;
+    let started = Instant::now();
+    for _ in 0..jobs {
+        command.run(&params, &ctx).await?;
+    }
+    Ok(jobs as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn dispatch(args: &BenchArgs) -> anyhow::Result<()> {
+    let jobs = args.jobs.unwrap_or(2_000);
+    let adaptor = std::path::absolute(&args.adaptor)?;
+    let config = Config::from_toml(
+        &format!(
+            r#"
+[queue_manager]
+allow_commands = ["noop_process", "noop_adaptor"]
+default_queue = "q"
+listen_queue = "q"
+
+[queues.q]
+backend = "local"
+path = "queue"
+
+[commands.noop_process]
+kind = "process"
+program = "true"
+
+[commands.noop_adaptor]
+kind = "adaptor"
+program = "{}"
+[commands.noop_adaptor.parameters]
+noop = {{ type = "boolean", default = true }}
+"#,
+            adaptor.display()
+        ),
+        &std::env::temp_dir(),
+    )?;
+    let catalog = crate::catalog::Catalog::from_config(&config)
+        .map_err(|i| anyhow::anyhow!("{}: {}", i.key, i.message))?;
+    let mut commands = catalog.commands();
+    let (adaptor_cmd, process_cmd) = (
+        commands.next().context("noop_adaptor")?,
+        commands.next().context("noop_process")?,
+    );
+    let process_rate = rate(process_cmd, json!({}), jobs).await?;
+    println!("process dispatch (`true`): {jobs} jobs = {process_rate:.0} jobs/s");
+    let adaptor_rate = rate(adaptor_cmd, json!({}), jobs).await?;
+    println!(
+        "adaptor dispatch ({}): {jobs} jobs = {adaptor_rate:.0} jobs/s = {:.1}x the process rate",
+        args.adaptor.display(),
+        adaptor_rate / process_rate
+    );
+    catalog.stop().await;
     Ok(())
 }

@@ -159,3 +159,75 @@ async fn queue_without_redrive_policy_is_refused() {
         .await
         .unwrap();
 }
+
+/// Peak resident memory of a process, in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_result_streams_as_multipart_in_bounded_memory() {
+    let big_file = crate::harness::repo_path("tests/fixtures/big_file.py");
+    let farm = Farm::new(
+        crate::harness::Backend::Sqs,
+        Settings {
+            extra_toml: format!(
+                r#"
+[commands.big_file]
+kind = "process"
+program = "python3"
+args = ["{big_file}", "{{size_mib}}", "{{workdir}}/big.bin"]
+output = "{{workdir}}/big.bin"
+[commands.big_file.parameters]
+size_mib = {{ type = "integer", min = 1, max = 1024 }}
+"#
+            ),
+            extra_allowed: vec!["big_file"],
+            ..Settings::default()
+        },
+    )
+    .await;
+    let serve = farm.serve(&[]).await;
+    let id = farm
+        .submit(
+            json!({"command": "big_file", "parameters": {"size_mib": 200},
+                       "tasks": [upload("big/${message_id}.${mime_ext}")]}),
+        )
+        .await;
+    farm.wait_until_drained(Duration::from_secs(300)).await;
+
+    let aws = farm.aws.as_ref().unwrap();
+    let head = aws
+        .s3
+        .head_object()
+        .bucket(&aws.bucket)
+        .key(format!("big/{id}.bin"))
+        .send()
+        .await
+        .expect("the object is there");
+    assert_eq!(head.content_length, Some(200 * 1024 * 1024));
+    let etag = head.e_tag.unwrap_or_default();
+    assert!(
+        etag.trim_matches('"').ends_with("-25"),
+        "25 parts of 8 MiB: {etag}"
+    );
+    let open_uploads = aws
+        .s3
+        .list_multipart_uploads()
+        .bucket(&aws.bucket)
+        .send()
+        .await
+        .unwrap()
+        .uploads
+        .unwrap_or_default();
+    assert!(open_uploads.is_empty(), "no multipart upload left open");
+
+    let peak = peak_rss_kib(serve.child.id());
+    println!("worker peak resident memory during a 200 MiB multipart upload: {peak} KiB");
+    assert!(peak < 64 * 1024, "peak RSS {peak} KiB is over 64 MiB");
+}

@@ -36,7 +36,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 use super::process::allowed_env;
-use super::{CommandError, Output, ProcessGroup, Progress, RunContext};
+use super::{CommandError, Output, ProcessGroup, Progress, RunContext, workdir};
 
 /// How long a stopping or cancelled adaptor gets before it is killed.
 const GRACE: Duration = Duration::from_secs(5);
@@ -230,10 +230,7 @@ impl AdaptorCommand {
             Some(process) => process,
             None => self.start(&ctx.progress).await?,
         };
-        let workdir = tempfile::Builder::new()
-            .prefix("renderq-job-")
-            .tempdir_in(&self.work_root)
-            .map_err(|e| CommandError::Failed(format!("cannot make a working folder: {e}")))?;
+        let workdir = workdir(&self.work_root)?;
         let run = json!({"type": "run", "job_id": ctx.job_id, "parameters": params, "workdir": workdir.path()});
 
         let answered = tokio::select! {

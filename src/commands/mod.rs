@@ -71,6 +71,19 @@ impl Output {
     }
 }
 
+/// A job's fresh working folder, removed when the guard is dropped.
+fn workdir(root: &Path) -> Result<tempfile::TempDir, CommandError> {
+    tempfile::Builder::new()
+        .prefix("renderq-job-")
+        .tempdir_in(root)
+        .map_err(|e| {
+            CommandError::Failed(format!(
+                "cannot make a working folder in {}: {e}",
+                root.display()
+            ))
+        })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     /// The command ran and failed; worth another try.

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 use super::argv::{ArgTemplate, ArgVars};
-use super::{CommandError, Output, ProcessGroup, Progress, RunContext};
+use super::{CommandError, Output, ProcessGroup, Progress, RunContext, workdir};
 
 /// Most standard output kept as a result; more fails the job.
 const MAX_STDOUT: usize = 64 * 1024 * 1024;
@@ -122,10 +122,7 @@ impl ProcessCommand {
         ctx: &RunContext,
     ) -> Result<Output, CommandError> {
         let failed = |what: &str, e: std::io::Error| CommandError::Failed(format!("{what}: {e}"));
-        let workdir = tempfile::Builder::new()
-            .prefix("renderq-job-")
-            .tempdir_in(&self.work_root)
-            .map_err(|e| failed("cannot make a working folder", e))?;
+        let workdir = workdir(&self.work_root)?;
         let vars = ArgVars {
             params,
             workdir: workdir.path(),

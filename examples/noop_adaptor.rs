@@ -1,0 +1,33 @@
+//! The smallest renderq adaptor: answers every `run` at once with an empty
+//! JSON result. It measures renderq's own dispatch overhead in
+//! `renderq bench --dispatch --adaptor target/release/examples/noop_adaptor`
+//! and shows the protocol in a few lines (see the README for all of it).
+
+use std::io::{BufRead, Write};
+
+fn main() -> std::io::Result<()> {
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout().lock();
+    for line in stdin.lock().lines() {
+        let message: serde_json::Value = match serde_json::from_str(&line?) {
+            Ok(message) => message,
+            Err(error) => {
+                eprintln!("noop_adaptor: not JSON: {error}");
+                continue;
+            }
+        };
+        let answer = match message["type"].as_str() {
+            Some("init") => r#"{"type":"ready"}"#,
+            Some("run") => r#"{"type":"result","json":{}}"#,
+            Some("cancel") => r#"{"type":"fail","message":"cancelled"}"#,
+            Some("stop") => {
+                writeln!(stdout, r#"{{"type":"stopped"}}"#)?;
+                return stdout.flush();
+            }
+            _ => continue,
+        };
+        writeln!(stdout, "{answer}")?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
