@@ -237,6 +237,8 @@ pub struct Settings {
     pub extra_toml: String,
     /// More names for `allow_commands`.
     pub extra_allowed: Vec<&'static str>,
+    /// More lines for the `[worker]` table.
+    pub worker_toml: String,
 }
 
 impl Default for Settings {
@@ -250,6 +252,7 @@ impl Default for Settings {
             max_body_bytes: 262_144,
             extra_toml: String::new(),
             extra_allowed: Vec::new(),
+            worker_toml: String::new(),
         }
     }
 }
@@ -362,6 +365,7 @@ impl Farm {
             drain_timeout,
             max_body_bytes,
             extra_toml,
+            worker_toml,
             ..
         } = settings;
         let aws = match &endpoint {
@@ -415,6 +419,7 @@ wait_time = "5s"
 retry_delay = "{retry_delay}"
 max_retry_delay = "2s"
 drain_timeout = "{drain_timeout}"
+{worker_toml}
 {storage}
 [http_post]
 allow_hosts = ["127.0.0.1"]

@@ -170,10 +170,11 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn large_result_streams_as_multipart_in_bounded_memory() {
+/// A farm on moto with a `big_file` command writing `size_mib` of noise,
+/// its job folders under `work_dir`.
+async fn big_file_farm(work_dir: &std::path::Path) -> Farm {
     let big_file = crate::harness::repo_path("tests/fixtures/big_file.py");
-    let farm = Farm::new(
+    Farm::new(
         crate::harness::Backend::Sqs,
         Settings {
             extra_toml: format!(
@@ -188,10 +189,30 @@ size_mib = {{ type = "integer", min = 1, max = 1024 }}
 "#
             ),
             extra_allowed: vec!["big_file"],
+            worker_toml: format!("work_dir = \"{}\"", work_dir.display()),
             ..Settings::default()
         },
     )
-    .await;
+    .await
+}
+
+async fn open_uploads(farm: &Farm) -> usize {
+    let aws = farm.aws.as_ref().unwrap();
+    aws.s3
+        .list_multipart_uploads()
+        .bucket(&aws.bucket)
+        .send()
+        .await
+        .unwrap()
+        .uploads
+        .unwrap_or_default()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_result_streams_as_multipart_in_bounded_memory() {
+    let work_dir = tempfile::tempdir().unwrap();
+    let farm = big_file_farm(work_dir.path()).await;
     let serve = farm.serve(&[]).await;
     let id = farm
         .submit(
@@ -216,18 +237,73 @@ size_mib = {{ type = "integer", min = 1, max = 1024 }}
         etag.trim_matches('"').ends_with("-25"),
         "25 parts of 8 MiB: {etag}"
     );
-    let open_uploads = aws
-        .s3
-        .list_multipart_uploads()
-        .bucket(&aws.bucket)
-        .send()
-        .await
-        .unwrap()
-        .uploads
-        .unwrap_or_default();
-    assert!(open_uploads.is_empty(), "no multipart upload left open");
+    assert_eq!(
+        open_uploads(&farm).await,
+        0,
+        "no multipart upload left open"
+    );
 
     let peak = peak_rss_kib(serve.child.id());
     println!("worker peak resident memory during a 200 MiB multipart upload: {peak} KiB");
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB is over 64 MiB");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_failing_halfway_is_aborted_and_the_job_retried() {
+    let work_dir = tempfile::tempdir().unwrap();
+    let farm = big_file_farm(work_dir.path()).await;
+    let serve = farm.serve(&[]).await;
+    let id = farm
+        .submit(
+            json!({"command": "big_file", "parameters": {"size_mib": 200},
+                       "tasks": [upload("big/${message_id}.${mime_ext}")]}),
+        )
+        .await;
+    let key = format!("big/{id}.bin");
+
+    // Pull the file from under the upload once it has started.
+    serve.wait_for_log("Executing task: s3_upload.", LONG);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let result = std::fs::read_dir(work_dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("big.bin"))
+        .find(|p| p.exists())
+        .expect("the job's result file");
+    std::fs::File::options()
+        .write(true)
+        .open(&result)
+        .unwrap()
+        .set_len(1024)
+        .unwrap();
+
+    serve.wait_for_log("Job failed, returning to queue for a retry.", LONG);
+    let aws = farm.aws.as_ref().unwrap();
+    let partial = aws
+        .s3
+        .head_object()
+        .bucket(&aws.bucket)
+        .key(&key)
+        .send()
+        .await;
+    assert!(partial.is_err(), "no partial object under the final key");
+    assert_eq!(
+        open_uploads(&farm).await,
+        0,
+        "the failed multipart upload was aborted"
+    );
+
+    // The retry writes the file again and uploads all of it.
+    farm.wait_until_drained(Duration::from_secs(300)).await;
+    let head = aws
+        .s3
+        .head_object()
+        .bucket(&aws.bucket)
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_length, Some(200 * 1024 * 1024));
+    assert!(serve.log_text().contains("receive_count=2"));
+    assert_eq!(open_uploads(&farm).await, 0);
 }
