@@ -15,10 +15,15 @@
 //! - [`submit`]: the submit half (validate, then send).
 //! - [`rpc`]: JSON-RPC 2.0 types and dispatch, no HTTP.
 //! - [`server`]: the HTTP router: auth, body limit, `/healthz`.
-//! - [`queue`]: the queue interface with SQS semantics; `local` is the
-//!   embedded SQLite backend.
-//! - [`storage`]: buckets for results; `local` is a folder.
-//! - [`commands`]: built-in commands, including the `render_demo` ray tracer.
+//! - [`queue`]: the queue interface with SQS semantics, an enum over the
+//!   backends: `local` (embedded, SQLite in WAL mode, shared by processes on
+//!   one machine) and `sqs` (aws-sdk-sqs; needs a redrive policy).
+//! - [`storage`]: buckets for results: `local` (a folder, atomic renames) and
+//!   `s3` (streaming multipart uploads, aborted on failure).
+//! - [`aws`]: shared SDK set-up (credential chain, region, endpoint).
+//! - [`commands`]: built-ins (including the `render_demo` ray tracer),
+//!   `process` programs run per job in their own process group, and
+//!   `adaptor` programs kept running across jobs (JSON lines protocol).
 //! - [`tasks`]: post-tasks `s3_upload` and `http_post`.
 //! - [`worker`]: the listen half: a step function plus slot loops, heartbeat,
 //!   back-off, drain on shutdown.
@@ -34,7 +39,14 @@
 //!   inserted straight into the queue). A job that fails validation never
 //!   runs; on receive it is dead-lettered at once with its reason.
 //! - A retryable failure leaves the message in the queue with a back-off
-//!   delay; the queue's redrive policy moves it to the dead-letter queue.
+//!   delay; when the last allowed try fails the worker dead-letters it with
+//!   its reason. The queue's redrive policy catches jobs of workers that
+//!   died.
+//! - A receive already sent is never abandoned (a message handed to it
+//!   would be hidden for a whole visibility timeout); only waiting is cut
+//!   short by shutdown.
+//! - Nothing an external program starts outlives its job: it runs in its own
+//!   process group, killed when the job ends.
 //! - Shutdown is one `CancellationToken`: it stops receiving; running jobs get
 //!   the drain timeout, then are cancelled and handed back without using up
 //!   a try.
