@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_config::timeout::TimeoutConfig;
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 
 /// SDK config from the standard chain (environment, profile, instance
 /// role), with the region and endpoint the config file gives, if any.
@@ -26,4 +27,18 @@ pub fn timeouts(operation: Duration) -> TimeoutConfig {
         .connect_timeout(Duration::from_secs(5))
         .operation_timeout(operation)
         .build()
+}
+
+/// An SDK error as one line: the service's code and message when it sent
+/// one, else the whole chain of causes (connection refused, no credentials).
+pub fn describe<E, R>(error: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match (error.code(), error.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => crate::error_chain(error),
+    }
 }

@@ -72,3 +72,15 @@ pub mod worker;
 
 /// This build's version, as `get_version` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// An error and all its causes, `outer: inner: innermost`.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

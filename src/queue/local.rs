@@ -426,7 +426,7 @@ fn claim(
         if count >= max_receive_count {
             tx.execute(
                 "UPDATE messages SET dead_at = ?2, receipt = NULL,
-                    last_error = COALESCE(last_error, 'no reason recorded')
+                    last_error = COALESCE(last_error, 'never finished; a worker may have died')
                         || ' (after ' || receive_count || ' receives)'
                  WHERE seq = ?1",
                 params![seq, now],

@@ -84,23 +84,7 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     if stale {
         QueueError::StaleReceipt
     } else {
-        QueueError::Unavailable(describe(&error))
-    }
-}
-
-fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(error: &SdkError<E>) -> String {
-    match (error.code(), error.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_owned(),
-        _ => {
-            let mut text = error.to_string();
-            let mut source = std::error::Error::source(error);
-            while let Some(s) = source {
-                text = format!("{text}: {s}");
-                source = s.source();
-            }
-            text
-        }
+        QueueError::Unavailable(crate::aws::describe(&error))
     }
 }
 
@@ -133,7 +117,9 @@ impl SqsQueue {
             .attribute_names(QueueAttributeName::RedrivePolicy)
             .send()
             .await
-            .map_err(|e| QueueError::Unavailable(format!("{}: {}", config.url, describe(&e))))?;
+            .map_err(|e| {
+                QueueError::Unavailable(format!("{}: {}", config.url, crate::aws::describe(&e)))
+            })?;
         let policy = attributes
             .attributes()
             .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
@@ -156,7 +142,10 @@ impl SqsQueue {
             .send()
             .await
             .map_err(|e| {
-                QueueError::Unavailable(format!("dead-letter queue {dlq_arn}: {}", describe(&e)))
+                QueueError::Unavailable(format!(
+                    "dead-letter queue {dlq_arn}: {}",
+                    crate::aws::describe(&e)
+                ))
             })?
             .queue_url
             .ok_or_else(|| QueueError::Unavailable(format!("no URL for {dlq_arn}")))?;

@@ -11,7 +11,6 @@ use std::path::Path;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::RequestChecksumCalculation;
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ObjectCannedAcl};
 
@@ -26,22 +25,6 @@ pub struct S3Bucket {
     bucket: String,
     multipart_threshold: u64,
     part_size: u64,
-}
-
-fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(error: &SdkError<E>) -> String {
-    match (error.code(), error.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_owned(),
-        _ => {
-            let mut text = error.to_string();
-            let mut source = std::error::Error::source(error);
-            while let Some(s) = source {
-                text = format!("{text}: {s}");
-                source = s.source();
-            }
-            text
-        }
-    }
 }
 
 impl S3Bucket {
@@ -78,7 +61,7 @@ impl S3Bucket {
             .send()
             .await
             .map(drop)
-            .map_err(|e| format!("s3://{}: {}", self.bucket, describe(&e)))
+            .map_err(|e| format!("s3://{}: {}", self.bucket, crate::aws::describe(&e)))
     }
 
     pub async fn put(
@@ -130,7 +113,7 @@ impl S3Bucket {
             .send()
             .await
             .map(drop)
-            .map_err(|e| format!("PutObject {key}: {}", describe(&e)))
+            .map_err(|e| format!("PutObject {key}: {}", crate::aws::describe(&e)))
     }
 
     async fn put_multipart(
@@ -150,7 +133,7 @@ impl S3Bucket {
             .set_acl(acl)
             .send()
             .await
-            .map_err(|e| format!("CreateMultipartUpload {key}: {}", describe(&e)))?
+            .map_err(|e| format!("CreateMultipartUpload {key}: {}", crate::aws::describe(&e)))?
             .upload_id
             .ok_or("CreateMultipartUpload returned no upload id")?;
         let uploaded = self.upload_parts(key, path, size, &upload_id).await;
@@ -169,7 +152,12 @@ impl S3Bucket {
                 .send()
                 .await
                 .map(drop)
-                .map_err(|e| format!("CompleteMultipartUpload {key}: {}", describe(&e))),
+                .map_err(|e| {
+                    format!(
+                        "CompleteMultipartUpload {key}: {}",
+                        crate::aws::describe(&e)
+                    )
+                }),
             Err(e) => Err(e),
         };
         if let Err(error) = &completed {
@@ -182,7 +170,7 @@ impl S3Bucket {
                 .send()
                 .await;
             if let Err(abort_error) = aborted {
-                tracing::error!(%error, abort_error = %describe(&abort_error), %upload_id,
+                tracing::error!(%error, abort_error = %crate::aws::describe(&abort_error), %upload_id,
                     "multipart upload failed and could not be aborted");
             }
         }
@@ -219,7 +207,7 @@ impl S3Bucket {
                 .body(body)
                 .send()
                 .await
-                .map_err(|e| format!("UploadPart {number} of {key}: {}", describe(&e)))?
+                .map_err(|e| format!("UploadPart {number} of {key}: {}", crate::aws::describe(&e)))?
                 .e_tag;
             parts.push(
                 CompletedPart::builder()

@@ -252,23 +252,12 @@ impl HttpPoster {
                         break;
                     }
                 }
-                Err(e) => last_error = format!("{url}: {}", error_chain(&e)),
+                Err(e) => last_error = format!("{url}: {}", crate::error_chain(&e)),
             }
             tracing::warn!(attempt, error = %last_error, "http_post attempt failed");
         }
         Err(TaskError(last_error))
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
