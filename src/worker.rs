@@ -167,14 +167,16 @@ impl Worker {
     ) -> Result<JobResult, QueueError> {
         info!("Received job from queue.");
         let heartbeat = self.start_heartbeat(message);
-        let outcome = tokio::select! {
-            r = tokio::time::timeout(self.config.max_runtime, self.execute(message, abort)) => {
-                r.unwrap_or_else(|_| Err(JobError::Retryable(format!(
-                    "job exceeded max_runtime of {}", humantime::format_duration(self.config.max_runtime)
-                ))))
-            }
-            _ = abort.cancelled() => Err(JobError::Interrupted),
-        };
+        // `abort` reaches the command through its run context, so it can
+        // stop in its own way (SIGTERM and a grace, an adaptor's `cancel`).
+        let outcome = tokio::time::timeout(self.config.max_runtime, self.execute(message, abort))
+            .await
+            .unwrap_or_else(|_| {
+                Err(JobError::Retryable(format!(
+                    "job exceeded max_runtime of {}",
+                    humantime::format_duration(self.config.max_runtime)
+                )))
+            });
         heartbeat.cancel();
 
         match outcome {
@@ -277,10 +279,11 @@ impl Worker {
         };
         for task in &job.tasks {
             info!("Executing task: {}.", task.name());
-            let location = task
-                .run(&self.tasks, &output, &vars)
-                .await
-                .map_err(|e| JobError::Retryable(format!("task {} failed: {e}", task.name())))?;
+            let location = tokio::select! {
+                r = task.run(&self.tasks, &output, &vars) => r
+                    .map_err(|e| JobError::Retryable(format!("task {} failed: {e}", task.name())))?,
+                _ = abort.cancelled() => return Err(JobError::Interrupted),
+            };
             info!(%location, "Executed task: {}.", task.name());
         }
         Ok(())

@@ -48,6 +48,14 @@ timeout = "1s"
 [commands.spawner.parameters]
 pidfile = {{ type = "string", required = true }}
 
+[commands.sleeper]
+kind = "process"
+program = "python3"
+args = ["{spawner}", "{{pidfile}}"]
+timeout = "60s"
+[commands.sleeper.parameters]
+pidfile = {{ type = "string", required = true }}
+
 [commands.fails_quietly]
 kind = "process"
 program = "{fail}"
@@ -365,4 +373,42 @@ fn missing_program_is_reported_by_check_config() {
         stderr.contains("`commands.blender.program`") && stderr.contains("/opt/blender-9/blender"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_past_the_drain_deadline_kills_the_process_tree_and_requeues() {
+    let dir = tempfile::tempdir().unwrap();
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            extra_toml: commands_toml(&dir.path().join("starts").display().to_string()),
+            extra_allowed: vec!["sleeper"],
+            drain_timeout: "300ms",
+            ..Settings::default()
+        },
+    )
+    .await;
+    let mut serve = farm.serve(&[]).await;
+    let pidfile = dir.path().join("pids");
+    farm.submit(json!({"command": "sleeper", "parameters": {"pidfile": pidfile}}))
+        .await;
+    let deadline = std::time::Instant::now() + LONG;
+    while starts(&pidfile).len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the program never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    serve.signal(Signal::SIGTERM);
+    assert_eq!(serve.wait_exit(LONG), Some(0), "{}", serve.log_text());
+    assert!(
+        serve
+            .log_text()
+            .contains("Job interrupted, returning to queue.")
+    );
+    for pid in starts(&pidfile) {
+        assert!(!alive(pid), "process {pid} outlived the shutdown");
+    }
+    assert_eq!(farm.stats(), (1, 0, 0), "handed back for another worker");
 }

@@ -147,7 +147,9 @@ pub struct RunContext {
 }
 
 /// A child's process group; signals reach everything the child started.
-#[derive(Debug, Clone, Copy)]
+/// Dropping the guard kills the group, so a run that is abandoned (its
+/// future dropped on `max_runtime`, say) leaves no process behind.
+#[derive(Debug)]
 struct ProcessGroup(Option<nix::unistd::Pid>);
 
 impl ProcessGroup {
@@ -165,6 +167,12 @@ impl ProcessGroup {
 
     fn kill(&self) {
         self.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

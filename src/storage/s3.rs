@@ -136,8 +136,13 @@ impl S3Bucket {
             .map_err(|e| format!("CreateMultipartUpload {key}: {}", crate::aws::describe(&e)))?
             .upload_id
             .ok_or("CreateMultipartUpload returned no upload id")?;
-        let uploaded = self.upload_parts(key, path, size, &upload_id).await;
-        let completed = match uploaded {
+        let mut open = OpenUpload {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_owned(),
+            upload_id: Some(upload_id.clone()),
+        };
+        let completed = match self.upload_parts(key, path, size, &upload_id).await {
             Ok(parts) => self
                 .client
                 .complete_multipart_upload()
@@ -160,19 +165,9 @@ impl S3Bucket {
                 }),
             Err(e) => Err(e),
         };
-        if let Err(error) = &completed {
-            let aborted = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .send()
-                .await;
-            if let Err(abort_error) = aborted {
-                tracing::error!(%error, abort_error = %crate::aws::describe(&abort_error), %upload_id,
-                    "multipart upload failed and could not be aborted");
-            }
+        match &completed {
+            Ok(()) => open.upload_id = None,
+            Err(error) => open.abort(error).await,
         }
         completed
     }
@@ -218,5 +213,57 @@ impl S3Bucket {
             offset += length;
         }
         Ok(parts)
+    }
+}
+
+/// A multipart upload that is not yet completed. It is aborted on failure,
+/// and also (in the background) if the upload is abandoned half way, e.g.
+/// when a shutdown cuts the task short.
+struct OpenUpload {
+    client: Client,
+    bucket: String,
+    key: String,
+    /// `None` once completed or aborted.
+    upload_id: Option<String>,
+}
+
+impl OpenUpload {
+    fn request(
+        &self,
+        upload_id: &str,
+    ) -> aws_sdk_s3::operation::abort_multipart_upload::builders::AbortMultipartUploadFluentBuilder
+    {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(upload_id)
+    }
+
+    async fn abort(&mut self, error: &str) {
+        let Some(upload_id) = self.upload_id.take() else {
+            return;
+        };
+        if let Err(abort_error) = self.request(&upload_id).send().await {
+            tracing::error!(%error, abort_error = %crate::aws::describe(&abort_error), %upload_id,
+                "multipart upload failed and could not be aborted");
+        }
+    }
+}
+
+impl Drop for OpenUpload {
+    fn drop(&mut self) {
+        let Some(upload_id) = self.upload_id.take() else {
+            return;
+        };
+        let request = self.request(&upload_id);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = request.send().await {
+                    tracing::warn!(error = %crate::aws::describe(&e), %upload_id,
+                        "abandoned multipart upload could not be aborted");
+                }
+            });
+        }
     }
 }
