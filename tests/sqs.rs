@@ -307,3 +307,49 @@ async fn upload_failing_halfway_is_aborted_and_the_job_retried() {
     assert!(serve.log_text().contains("receive_count=2"));
     assert_eq!(open_uploads(&farm).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_bucket_is_named_at_start() {
+    let endpoint = Moto::shared().endpoint();
+    let aws = Aws::create(&endpoint, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("workers.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[queue_manager]
+allow_commands = ["get_version"]
+default_queue = "renders"
+listen_queue = "renders"
+
+[queues.renders]
+backend = "sqs"
+url = "{}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+
+[buckets.results]
+backend = "s3"
+bucket = "no-such-bucket-{}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+"#,
+            aws.queue_url,
+            uuid::Uuid::new_v4().simple()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .envs(AWS_ENV)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("bucket `results`") && stderr.contains("no-such-bucket"),
+        "{stderr}"
+    );
+}
