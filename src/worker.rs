@@ -290,7 +290,8 @@ impl Worker {
     }
 
     /// Keeps the message invisible while the job runs by extending its
-    /// visibility at half the timeout. Cancel the token to stop it.
+    /// visibility every third of the timeout (leaving room for a slow or
+    /// failed extension). Cancel the token to stop it.
     fn start_heartbeat(&self, message: &Received) -> CancellationToken {
         let stop = CancellationToken::new();
         let (queue, receipt, visibility) = (
@@ -303,7 +304,7 @@ impl Worker {
             async move {
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep(visibility / 2) => {}
+                        _ = tokio::time::sleep(visibility / 3) => {}
                         _ = guard.cancelled() => return,
                     }
                     match queue.extend(&receipt, visibility).await {

@@ -144,7 +144,7 @@ async fn killed_worker_job_is_finished_by_another(backend: Backend) {
     let farm = Farm::new(
         backend,
         Settings {
-            visibility_timeout: "2s",
+            visibility_timeout: "3s",
             ..Settings::default()
         },
     )
