@@ -279,50 +279,39 @@ impl SqsQueue {
         self.delete(&received.receipt).await
     }
 
-    pub async fn stats(&self) -> Result<Stats, QueueError> {
-        self.calls.get_attributes.fetch_add(2, Ordering::Relaxed);
-        let count = |attributes: &Option<std::collections::HashMap<QueueAttributeName, String>>,
-                     name| {
+    /// `(visible, in flight)` approximate counts of the queue at `url`.
+    async fn counts(&self, url: &str) -> Result<(u64, u64), QueueError> {
+        ApiCalls::count(&self.calls.get_attributes);
+        let attributes = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(classify)?
+            .attributes
+            .unwrap_or_default();
+        let count = |name| {
             attributes
-                .as_ref()
-                .and_then(|a| a.get(&name))
+                .get(&name)
                 .and_then(|n| n.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        let main = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .map_err(classify)?;
-        let dead = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.dlq_url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .map_err(classify)?;
+        Ok((
+            count(QueueAttributeName::ApproximateNumberOfMessages),
+            count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        ))
+    }
+
+    pub async fn stats(&self) -> Result<Stats, QueueError> {
+        let (visible, in_flight) = self.counts(&self.url).await?;
+        let (dead_visible, dead_held) = self.counts(&self.dlq_url).await?;
         Ok(Stats {
-            visible: count(
-                &main.attributes,
-                QueueAttributeName::ApproximateNumberOfMessages,
-            ),
-            in_flight: count(
-                &main.attributes,
-                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-            ),
-            dead_lettered: count(
-                &dead.attributes,
-                QueueAttributeName::ApproximateNumberOfMessages,
-            ) + count(
-                &dead.attributes,
-                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-            ),
+            visible,
+            in_flight,
+            dead_lettered: dead_visible + dead_held,
         })
     }
 
