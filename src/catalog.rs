@@ -16,7 +16,6 @@ use crate::tasks::{HostPolicy, Task};
 #[derive(Debug, Clone)]
 pub struct Catalog {
     commands: BTreeMap<String, Command>,
-    queues: BTreeSet<String>,
     buckets: BTreeSet<String>,
     hosts: HostPolicy,
 }
@@ -40,7 +39,6 @@ impl Catalog {
             .collect::<Result<_, Invalid>>()?;
         Ok(Self {
             commands,
-            queues: config.queues.keys().cloned().collect(),
             buckets: config.buckets.keys().cloned().collect(),
             hosts: HostPolicy::from_config(&config.http_post),
         })
@@ -55,10 +53,6 @@ impl Catalog {
 
     pub fn commands(&self) -> impl Iterator<Item = &Command> {
         self.commands.values()
-    }
-
-    pub fn has_queue(&self, name: &str) -> bool {
-        self.queues.contains(name)
     }
 
     pub fn validate(

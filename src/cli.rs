@@ -125,28 +125,33 @@ pub struct DlqArgs {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Bench(args) = &cli.command {
-        return crate::bench::run(args).await;
-    }
-    let config = Config::load(&cli.config)?;
+    // Every command but `bench` (which brings its own) needs the config.
+    let path = cli.config;
+    let load = || Config::load(&path);
     match cli.command {
+        Command::Bench(args) => crate::bench::run(&args).await,
         Command::Serve => {
+            let config = load()?;
             with_shutdown(|s| async move { App::build(config).await?.serve(s).await }).await
         }
         Command::Worker => {
+            let config = load()?;
             with_shutdown(|s| async move { App::build(config).await?.work(s).await }).await
         }
-        Command::Submit(args) => submit(&config, args).await,
-        Command::Run(args) => with_shutdown(|s| run_once(config, args, s)).await,
+        Command::Submit(args) => submit(&load()?, args).await,
+        Command::Run(args) => {
+            let config = load()?;
+            with_shutdown(|s| run_once(config, args, s)).await
+        }
         Command::CheckConfig => {
-            let app = App::build(config).await?;
+            let app = App::build(load()?).await?;
             // Building the router reads the token variable the config names.
             let _ = app.router()?;
             let queues: Vec<_> = app.queues.names().collect();
             let commands: Vec<_> = app.catalog.commands().map(|c| c.name.as_str()).collect();
             println!(
                 "{}: ok (queues: {}; commands: {})",
-                cli.config.display(),
+                path.display(),
                 queues.join(", "),
                 commands.join(", ")
             );
@@ -155,7 +160,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Queue {
             command: QueueCommand::Stats { queue },
         } => {
-            let app = App::build(config).await?;
+            let app = App::build(load()?).await?;
             let names: Vec<String> = match queue {
                 Some(name) => vec![name],
                 None => app.queues.names().map(str::to_owned).collect(),
@@ -170,7 +175,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => {
-            let app = App::build(config).await?;
+            let app = App::build(load()?).await?;
             let default = app.config.queue_manager.listen_queue.clone();
             match command {
                 DlqCommand::List(args) => {
@@ -190,7 +195,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Bench(_) => unreachable!("handled above"),
     }
 }
 

@@ -158,10 +158,6 @@ impl AdaptorProcess {
 }
 
 impl AdaptorCommand {
-    pub fn starts(&self) -> u64 {
-        self.starts.load(Ordering::Relaxed)
-    }
-
     async fn start(&self, progress: &Progress) -> Result<AdaptorProcess, CommandError> {
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             CommandError::Failed(format!("adaptor `{}`: {what}: {e}", self.name))

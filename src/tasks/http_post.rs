@@ -183,10 +183,6 @@ impl HttpPoster {
         })
     }
 
-    pub fn policy(&self) -> &HostPolicy {
-        &self.policy
-    }
-
     pub async fn post(
         &self,
         task: &HttpPost,
