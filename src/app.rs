@@ -60,8 +60,10 @@ impl App {
         )
     }
 
-    /// The worker for `queue_manager.listen_queue`.
+    /// The worker for `queue_manager.listen_queue`, after cleaning up what
+    /// dead workers left in the working folder.
     pub fn worker(&self) -> Worker {
+        crate::workspace::sweep(&self.config.worker.work_root());
         let name = &self.config.queue_manager.listen_queue;
         let queue = self
             .queues

@@ -62,6 +62,14 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
 }
 
+impl Command {
+    /// Whether this subcommand starts external programs (and so needs the
+    /// reaper to clean up after a crash).
+    pub fn runs_commands(&self) -> bool {
+        matches!(self, Command::Serve | Command::Worker | Command::Run(_))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     /// The command to run, e.g. render_demo.

@@ -198,6 +198,13 @@ pub struct WorkerConfig {
     pub work_dir: Option<PathBuf>,
 }
 
+impl WorkerConfig {
+    /// Where per-job working folders are made.
+    pub fn work_root(&self) -> PathBuf {
+        self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
@@ -479,6 +486,9 @@ impl Config {
                 "must not be shorter than worker.retry_delay",
             ));
         }
+        if let Some(dir) = &w.work_dir {
+            check_writable_dir(dir).map_err(|e| Invalid::new("worker.work_dir", e))?;
+        }
         if self.http_post.attempts == 0 {
             return Err(Invalid::new("http_post.attempts", "must be at least 1"));
         }
@@ -529,6 +539,19 @@ impl Config {
             }
         }
     }
+}
+
+/// Checks that `dir` is a folder this process can make files in.
+fn check_writable_dir(dir: &Path) -> Result<(), String> {
+    if !dir.is_dir() {
+        return Err(format!(
+            "{} does not exist or is not a folder",
+            dir.display()
+        ));
+    }
+    tempfile::tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
 }
 
 /// Reads the secret an `*_env` key names, so the file never holds it.

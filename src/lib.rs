@@ -25,6 +25,9 @@
 //!   `process` programs run per job in their own process group, and
 //!   `adaptor` programs kept running across jobs (JSON lines protocol).
 //! - [`tasks`]: post-tasks `s3_upload` and `http_post`.
+//! - [`workspace`]: each process's own folder under `work_dir` (job
+//!   folders, process-group records), its reaper, and the sweep that
+//!   cleans up after dead workers.
 //! - [`worker`]: the listen half: a step function plus slot loops, heartbeat,
 //!   back-off, drain on shutdown.
 //! - [`app`]: builds all of the above from a config; [`lifecycle`] turns
@@ -45,8 +48,10 @@
 //! - A receive already sent is never abandoned (a message handed to it
 //!   would be hidden for a whole visibility timeout); only waiting is cut
 //!   short by shutdown.
-//! - Nothing an external program starts outlives its job: it runs in its own
-//!   process group, killed when the job ends.
+//! - Nothing an external program starts outlives its job, nor its worker: it
+//!   runs in its own process group, killed when the job ends, recorded on
+//!   disk, and killed by the worker's reaper (or the next worker's sweep) if
+//!   the worker dies first. Its parent-death signal is SIGKILL.
 //! - Shutdown is one `CancellationToken`: it stops receiving; running jobs get
 //!   the drain timeout, then are cancelled and handed back without using up
 //!   a try.
@@ -69,6 +74,7 @@ pub mod storage;
 pub mod submit;
 pub mod tasks;
 pub mod worker;
+pub mod workspace;
 
 /// This build's version, as `get_version` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

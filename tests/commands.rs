@@ -7,12 +7,12 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use crate::harness::{BIN, Backend, Farm, Settings, png_size, repo_path};
+use crate::harness::{BIN, Backend, Farm, Settings, alive, png_size, repo_path};
 
 const LONG: Duration = Duration::from_secs(60);
 
 /// `[commands.*]` tables for the example programs and fixtures.
-fn commands_toml(starts_file: &str) -> String {
+pub fn commands_toml(starts_file: &str) -> String {
     let gradient = repo_path("examples/commands/gradient.py");
     let argv_json = repo_path("examples/commands/argv_json.py");
     let spawner = repo_path("tests/fixtures/spawn_children.py");
@@ -102,24 +102,12 @@ fn upload(key: &str) -> Value {
     json!({"name": "s3_upload", "config": {"bucket": "results", "key": key}})
 }
 
-fn starts(path: &std::path::Path) -> Vec<i32> {
+pub fn starts(path: &std::path::Path) -> Vec<i32> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
-}
-
-/// True while `pid` is a live (not zombie) process.
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            !stat
-                .split(") ")
-                .nth(1)
-                .is_some_and(|rest| rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread")]

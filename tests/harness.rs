@@ -419,6 +419,7 @@ wait_time = "5s"
 retry_delay = "{retry_delay}"
 max_retry_delay = "2s"
 drain_timeout = "{drain_timeout}"
+work_dir = "work"
 {worker_toml}
 {storage}
 [http_post]
@@ -431,6 +432,7 @@ timeout = "5s"
         );
         let config = dir.path().join("workers.toml");
         std::fs::write(&config, text).expect("write config");
+        std::fs::create_dir_all(dir.path().join("work")).expect("make work_dir");
         let env = match backend {
             Backend::Local => vec![],
             Backend::Sqs => AWS_ENV
@@ -555,6 +557,30 @@ timeout = "5s"
             .as_str()
             .unwrap_or_else(|| panic!("submit failed: {reply}"))
             .to_owned()
+    }
+
+    /// The workers' `work_dir`.
+    pub fn work_dir(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    /// Every job and adaptor folder under `work_dir` (each worker process
+    /// keeps its own in a folder of its own).
+    pub fn job_folders(&self) -> Vec<PathBuf> {
+        let children = |dir: PathBuf| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        children(self.work_dir())
+            .into_iter()
+            .flat_map(children)
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("renderq-job-") || n.starts_with("renderq-adaptor-")
+                })
+            })
+            .collect()
     }
 
     /// The local bucket's folder (local backend only).
@@ -693,6 +719,18 @@ impl Receiver {
     pub fn hits(&self) -> Vec<Hit> {
         self.hits.lock().unwrap().clone()
     }
+}
+
+/// True while `pid` is a live (not zombie) process.
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !stat
+                .split(") ")
+                .nth(1)
+                .is_some_and(|rest| rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// Decodes a PNG and returns its size.

@@ -170,9 +170,8 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
-/// A farm on moto with a `big_file` command writing `size_mib` of noise,
-/// its job folders under `work_dir`.
-async fn big_file_farm(work_dir: &std::path::Path) -> Farm {
+/// A farm on moto with a `big_file` command writing `size_mib` of noise.
+async fn big_file_farm() -> Farm {
     let big_file = crate::harness::repo_path("tests/fixtures/big_file.py");
     Farm::new(
         crate::harness::Backend::Sqs,
@@ -189,7 +188,6 @@ size_mib = {{ type = "integer", min = 1, max = 1024 }}
 "#
             ),
             extra_allowed: vec!["big_file"],
-            worker_toml: format!("work_dir = \"{}\"", work_dir.display()),
             ..Settings::default()
         },
     )
@@ -211,8 +209,7 @@ async fn open_uploads(farm: &Farm) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn large_result_streams_as_multipart_in_bounded_memory() {
-    let work_dir = tempfile::tempdir().unwrap();
-    let farm = big_file_farm(work_dir.path()).await;
+    let farm = big_file_farm().await;
     let serve = farm.serve(&[]).await;
     let id = farm
         .submit(
@@ -250,8 +247,7 @@ async fn large_result_streams_as_multipart_in_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upload_failing_halfway_is_aborted_and_the_job_retried() {
-    let work_dir = tempfile::tempdir().unwrap();
-    let farm = big_file_farm(work_dir.path()).await;
+    let farm = big_file_farm().await;
     let serve = farm.serve(&[]).await;
     let id = farm
         .submit(
@@ -264,10 +260,10 @@ async fn upload_failing_halfway_is_aborted_and_the_job_retried() {
     // Pull the file from under the upload once it has started.
     serve.wait_for_log("Executing task: s3_upload.", LONG);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let result = std::fs::read_dir(work_dir.path())
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path().join("big.bin"))
+    let result = farm
+        .job_folders()
+        .into_iter()
+        .map(|dir| dir.join("big.bin"))
         .find(|p| p.exists())
         .expect("the job's result file");
     std::fs::File::options()

@@ -5,6 +5,7 @@ mod harness;
 
 mod commands;
 mod config_errors;
+mod crash;
 mod http_api;
 mod processes;
 mod scenarios;

@@ -35,8 +35,8 @@ use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
-use super::process::allowed_env;
-use super::{CommandError, Output, ProcessGroup, Progress, RunContext, workdir};
+use super::{CommandError, Output, ProcessGroup, Progress, RunContext, program, workdir};
+use crate::workspace::Workspace;
 
 /// How long a stopping or cancelled adaptor gets before it is killed.
 const GRACE: Duration = Duration::from_secs(5);
@@ -51,7 +51,7 @@ pub struct AdaptorCommand {
     pub(super) init_data: Map<String, Value>,
     pub(super) start_timeout: Duration,
     pub(super) timeout: Duration,
-    pub(super) work_root: PathBuf,
+    pub(super) workspace: Arc<Workspace>,
     /// Adaptor processes not running a job.
     pub(super) idle: Mutex<Vec<AdaptorProcess>>,
     /// Processes started so far (each start is also logged).
@@ -162,26 +162,22 @@ impl AdaptorCommand {
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             CommandError::Failed(format!("adaptor `{}`: {what}: {e}", self.name))
         };
-        let home = tempfile::Builder::new()
-            .prefix("renderq-adaptor-")
-            .tempdir_in(&self.work_root)
+        let home = self
+            .workspace
+            .temp_dir("renderq-adaptor-")
             .map_err(|e| failed("cannot make a working folder", &e))?;
-        let mut child = tokio::process::Command::new(&self.program)
+        let mut child = program(&self.program, &self.env)
             .args(&self.args)
             .current_dir(home.path())
-            .env_clear()
-            .envs(allowed_env(&self.env))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .process_group(0)
-            .kill_on_drop(true)
             .spawn()
             .map_err(|e| failed(&format!("cannot start {}", self.program.display()), &e))?;
         let starts = self.starts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(adaptor = %self.name, starts, "Starting adaptor.");
         let mut process = AdaptorProcess {
-            group: ProcessGroup::of(&child),
+            group: ProcessGroup::of(&child, &self.workspace),
             stdin: child.stdin.take().expect("stdin is piped"),
             stdout: BufReader::new(child.stdout.take().expect("stdout is piped")),
             child,
@@ -226,7 +222,7 @@ impl AdaptorCommand {
             Some(process) => process,
             None => self.start(&ctx.progress).await?,
         };
-        let workdir = workdir(&self.work_root)?;
+        let workdir = workdir(&self.workspace)?;
         let run = json!({"type": "run", "job_id": ctx.job_id, "parameters": params, "workdir": workdir.path()});
 
         let answered = tokio::select! {

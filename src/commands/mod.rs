@@ -24,6 +24,7 @@ pub use process::ProcessCommand;
 
 use crate::config::{CommandConfig, Config, Invalid};
 use crate::params::Schema;
+use crate::workspace::{GroupRecord, Workspace};
 use argv::{ArgTemplate, BUILT_IN_VARS};
 
 /// Where a result's bytes are.
@@ -72,16 +73,36 @@ impl Output {
 }
 
 /// A job's fresh working folder, removed when the guard is dropped.
-fn workdir(root: &Path) -> Result<tempfile::TempDir, CommandError> {
-    tempfile::Builder::new()
-        .prefix("renderq-job-")
-        .tempdir_in(root)
-        .map_err(|e| {
-            CommandError::Failed(format!(
-                "cannot make a working folder in {}: {e}",
-                root.display()
-            ))
-        })
+fn workdir(workspace: &Workspace) -> Result<tempfile::TempDir, CommandError> {
+    workspace
+        .temp_dir("renderq-job-")
+        .map_err(|e| CommandError::Failed(format!("cannot make a working folder: {e}")))
+}
+
+/// An external program, ready to spawn: a clean environment with only the
+/// allowed variables, its own process group, and SIGKILL as its
+/// parent-death signal, so it cannot outlive a worker that is `kill -9`ed.
+fn program(path: &Path, env: &[String]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(path);
+    command
+        .env_clear()
+        .envs(process::allowed_env(env))
+        .process_group(0)
+        .kill_on_drop(true);
+    let parent = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe, and nothing else
+    // runs between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The parent may have died before the signal was armed.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("the worker exited"));
+            }
+            Ok(())
+        });
+    }
+    command
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,18 +169,28 @@ pub struct RunContext {
 
 /// A child's process group; signals reach everything the child started.
 /// Dropping the guard kills the group, so a run that is abandoned (its
-/// future dropped on `max_runtime`, say) leaves no process behind.
+/// future dropped on `max_runtime`, say) leaves no process behind; the
+/// group is recorded in the workspace so that it is killed even if the
+/// worker dies first.
 #[derive(Debug)]
-struct ProcessGroup(Option<nix::unistd::Pid>);
+struct ProcessGroup {
+    pgid: Option<nix::unistd::Pid>,
+    /// Dropped after the kill (fields drop after `Drop::drop`).
+    _record: Option<GroupRecord>,
+}
 
 impl ProcessGroup {
-    /// The group led by `child` (spawned with `process_group(0)`).
-    fn of(child: &tokio::process::Child) -> Self {
-        Self(child.id().map(|id| nix::unistd::Pid::from_raw(id as i32)))
+    /// The group led by `child` (spawned by [`program`]).
+    fn of(child: &tokio::process::Child, workspace: &Workspace) -> Self {
+        let pgid = child.id().map(|id| nix::unistd::Pid::from_raw(id as i32));
+        Self {
+            pgid,
+            _record: pgid.and_then(|pgid| workspace.record_group(pgid)),
+        }
     }
 
     fn signal(&self, signal: nix::sys::signal::Signal) {
-        if let Some(pgid) = self.0 {
+        if let Some(pgid) = self.pgid {
             // ESRCH just means everyone is gone already.
             let _ = nix::sys::signal::killpg(pgid, signal);
         }
@@ -241,11 +272,7 @@ impl Command {
             .enumerate()
             .map(|(i, a)| parse(a, key(&format!("args[{i}]")), adaptor))
             .collect::<Result<Vec<_>, _>>()?;
-        let work_root = root
-            .worker
-            .work_dir
-            .clone()
-            .unwrap_or_else(std::env::temp_dir);
+        let workspace = Arc::new(Workspace::new(&root.worker.work_root()));
 
         let kind = match config {
             CommandConfig::Process(c) => CommandKind::Process(Arc::new(ProcessCommand {
@@ -266,7 +293,7 @@ impl Command {
                     .transpose()?,
                 timeout: c.timeout,
                 env: c.env.clone(),
-                work_root,
+                workspace,
                 config_dir: root.config_dir.clone(),
             })),
             CommandConfig::Adaptor(c) => CommandKind::Adaptor(Arc::new(AdaptorCommand {
@@ -277,7 +304,7 @@ impl Command {
                 init_data: c.init_data.clone(),
                 start_timeout: c.start_timeout,
                 timeout: c.timeout,
-                work_root,
+                workspace,
                 idle: Mutex::default(),
                 starts: Default::default(),
             })),

@@ -14,7 +14,8 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 use super::argv::{ArgTemplate, ArgVars};
-use super::{CommandError, Output, ProcessGroup, Progress, RunContext, workdir};
+use super::{CommandError, Output, ProcessGroup, Progress, RunContext, program, workdir};
+use crate::workspace::Workspace;
 
 /// Most standard output kept as a result; more fails the job.
 const MAX_STDOUT: usize = 64 * 1024 * 1024;
@@ -34,7 +35,7 @@ pub struct ProcessCommand {
     /// Names of the environment variables passed on.
     pub(super) env: Vec<String>,
     /// Where per-job working folders are made.
-    pub(super) work_root: PathBuf,
+    pub(super) workspace: Arc<Workspace>,
     pub(super) config_dir: PathBuf,
 }
 
@@ -122,7 +123,7 @@ impl ProcessCommand {
         ctx: &RunContext,
     ) -> Result<Output, CommandError> {
         let failed = |what: &str, e: std::io::Error| CommandError::Failed(format!("{what}: {e}"));
-        let workdir = workdir(&self.work_root)?;
+        let workdir = workdir(&self.workspace)?;
         let vars = ArgVars {
             params,
             workdir: workdir.path(),
@@ -132,21 +133,17 @@ impl ProcessCommand {
         let argv: Vec<String> = self.args.iter().map(|a| a.render(&vars)).collect();
         tracing::debug!(program = %self.program.display(), ?argv, "starting process");
 
-        let mut child = tokio::process::Command::new(&self.program)
+        let mut child = program(&self.program, &self.env)
             .args(&argv)
             .current_dir(workdir.path())
-            .env_clear()
-            .envs(allowed_env(&self.env))
             .env("RENDERQ_WORKDIR", workdir.path())
             .env("RENDERQ_JOB_ID", &ctx.job_id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
             .spawn()
             .map_err(|e| failed(&format!("cannot start {}", self.program.display()), e))?;
-        let group = ProcessGroup::of(&child);
+        let group = ProcessGroup::of(&child, &self.workspace);
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let stdout = tokio::spawn(read_stdout(

@@ -1,0 +1,348 @@
+//! What a renderq process leaves on disk and in the process table, and how
+//! it is cleaned up when the process dies without doing it itself.
+//!
+//! A process keeps what it makes under a root (the worker's `work_dir`, a
+//! local bucket's temp folder) in a folder of its own, named for its pid and
+//! start time: `renderq-<pid>-<start>`. Inside are job folders
+//! (`renderq-job-*`), adaptor homes, and one `group-<pgid>` record per
+//! running command's process group, removed when the group is killed.
+//!
+//! Two things clean up after a process that died (`kill -9`, OOM):
+//! - its reaper, a child forked at start-up (see [`start_reaper`]), which
+//!   notices the death when its pipe closes, kills the recorded process
+//!   groups and removes the folders, within milliseconds;
+//! - a sweep ([`sweep`]) when a worker starts, which does the same for
+//!   every folder under the root whose owner is no longer running (in case
+//!   the reaper died too).
+//!
+//! Each command also gets SIGKILL as its parent-death signal, so even with
+//! no reaper the program the worker started dies with it.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// Prefix of every per-process folder.
+const DIR_PREFIX: &str = "renderq-";
+/// Prefix of a process-group record inside a per-process folder.
+const GROUP_PREFIX: &str = "group-";
+
+/// A process, told apart from a later one that reuses its pid by its start
+/// time (clock ticks after boot, `/proc/PID/stat` field 22).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pid: i32,
+    start: u64,
+}
+
+impl Owner {
+    /// This process.
+    pub fn current() -> Self {
+        let pid = std::process::id() as i32;
+        Self::of(pid).unwrap_or(Self { pid, start: 0 })
+    }
+
+    /// The process running as `pid` now, if any.
+    fn of(pid: i32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses; the
+        // fields after it are plain.
+        let after_name = &stat[stat.rfind(')')? + 1..];
+        let start = after_name.split_whitespace().nth(19)?.parse().ok()?;
+        Some(Self { pid, start })
+    }
+
+    fn is_running(&self) -> bool {
+        Self::of(self.pid) == Some(*self)
+    }
+
+    fn dir_name(&self) -> String {
+        format!("{DIR_PREFIX}{}-{}", self.pid, self.start)
+    }
+
+    fn from_dir_name(name: &str) -> Option<Self> {
+        let (pid, start) = name.strip_prefix(DIR_PREFIX)?.split_once('-')?;
+        Some(Self {
+            pid: pid.parse().ok()?,
+            start: start.parse().ok()?,
+        })
+    }
+}
+
+/// This process's folder under a root, made on first use.
+#[derive(Debug)]
+pub struct Workspace {
+    /// `root/renderq-<pid>-<start>`.
+    dir: PathBuf,
+    /// Whether the folder has been made (and handed to the reaper).
+    made: AtomicBool,
+}
+
+impl Workspace {
+    /// Touches nothing on disk until a folder is asked for.
+    pub fn new(root: &Path) -> Self {
+        Self {
+            dir: root.join(Owner::current().dir_name()),
+            made: AtomicBool::new(false),
+        }
+    }
+
+    /// The per-process folder, made (and watched by the reaper) if needed.
+    pub fn dir(&self) -> std::io::Result<&Path> {
+        if !self.made.load(Ordering::Acquire) {
+            std::fs::create_dir_all(&self.dir)?;
+            reap_at_exit(&self.dir);
+            self.made.store(true, Ordering::Release);
+        }
+        Ok(&self.dir)
+    }
+
+    /// A fresh folder, removed when the guard is dropped.
+    pub fn temp_dir(&self, prefix: &str) -> std::io::Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(self.dir()?)
+    }
+
+    /// Records a running process group so that it is killed should this
+    /// process die; the record goes when the guard is dropped.
+    pub fn record_group(&self, pgid: Pid) -> Option<GroupRecord> {
+        let leader = Owner::of(pgid.as_raw())?;
+        let path = self.dir().ok()?.join(format!("{GROUP_PREFIX}{pgid}"));
+        match std::fs::write(&path, leader.start.to_string()) {
+            Ok(()) => Some(GroupRecord(path)),
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "cannot record a process group");
+                None
+            }
+        }
+    }
+}
+
+/// A process group's record on disk; removed on drop.
+#[derive(Debug)]
+pub struct GroupRecord(PathBuf);
+
+impl Drop for GroupRecord {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// What a sweep found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Folders of dead processes removed.
+    pub folders: usize,
+    /// Process groups of dead processes killed.
+    pub groups: usize,
+}
+
+/// Cleans up after every process under `root` that is no longer running:
+/// kills the process groups it recorded and removes its folder.
+pub fn sweep(root: &Path) -> Swept {
+    let mut swept = Swept::default();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return swept;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name.to_str().and_then(Owner::from_dir_name) else {
+            continue;
+        };
+        if owner.is_running() || !entry.path().is_dir() {
+            continue;
+        }
+        swept.groups += clean(&entry.path());
+        swept.folders += 1;
+    }
+    if swept != Swept::default() {
+        tracing::info!(
+            root = %root.display(),
+            folders = swept.folders,
+            groups = swept.groups,
+            "Cleaned up after dead workers."
+        );
+    }
+    swept
+}
+
+/// Kills the groups recorded in a dead process's folder and removes it;
+/// returns how many groups were still there.
+fn clean(dir: &Path) -> usize {
+    let mut killed = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pgid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(GROUP_PREFIX))
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let start = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        // A leader that is still there must be the one recorded; once it is
+        // gone, Linux hands out its pid to no one while its group lives on.
+        let reused = Owner::of(pgid).is_some_and(|o| o.start.to_string() != start.trim());
+        if !reused && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
+            killed += 1;
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    killed
+}
+
+/// The write end of the pipe to this process's reaper, if it has one.
+static REAPER: OnceLock<Mutex<std::io::PipeWriter>> = OnceLock::new();
+
+/// Forks the reaper: a child that waits for this process to die (its pipe
+/// closes) and then cleans up every folder handed to it.
+///
+/// Call it first thing in `main`, before any thread exists: the child runs
+/// on after `fork`, which is only sound in a single-threaded process.
+pub fn start_reaper() -> std::io::Result<()> {
+    let (reader, writer) = std::io::pipe()?;
+    // SAFETY: the caller guarantees no other thread exists, so the child
+    // inherits no lock held by a thread that is not there.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Child => {
+            drop(writer);
+            reap(reader)
+        }
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(reader);
+            let _ = REAPER.set(Mutex::new(writer));
+            Ok(())
+        }
+    }
+}
+
+/// Hands a folder to the reaper, to be cleaned when this process dies.
+fn reap_at_exit(dir: &Path) {
+    let Some(writer) = REAPER.get() else {
+        return;
+    };
+    let mut line = dir.as_os_str().as_encoded_bytes().to_vec();
+    line.push(b'\n');
+    if let Ok(mut writer) = writer.lock()
+        && let Err(error) = writer.write_all(&line)
+    {
+        tracing::warn!(%error, "the reaper is gone; a crash may leave files behind");
+    }
+}
+
+/// The reaper's life: collect folders until the parent is gone, then clean
+/// them up and exit.
+fn reap(reader: std::io::PipeReader) -> ! {
+    use nix::sys::signal::{SigHandler, signal};
+    // Signals meant for the worker (Ctrl-C reaches the whole process group)
+    // must not take the reaper first.
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        // SAFETY: ignoring a signal installs no handler code.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
+    }
+    // Let go of the parent's stdin and stdout, so whoever reads them sees
+    // the end when the parent exits.
+    if let Ok(null) = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+    let mut dirs = Vec::new();
+    for line in std::io::BufReader::new(reader).split(b'\n').flatten() {
+        // SAFETY: the bytes were written by `reap_at_exit` from an OsStr.
+        let dir = PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(line) });
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    for dir in &dirs {
+        clean(dir);
+    }
+    std::process::exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_names_round_trip_and_tell_the_living() {
+        let me = Owner::current();
+        assert!(me.start > 0);
+        assert!(me.is_running());
+        assert_eq!(Owner::from_dir_name(&me.dir_name()), Some(me));
+        let ghost = Owner {
+            pid: me.pid,
+            start: me.start + 1,
+        };
+        assert!(!ghost.is_running());
+        assert_eq!(Owner::from_dir_name("renderq-job-x1"), None);
+    }
+
+    #[test]
+    fn sweep_removes_only_folders_of_dead_owners() {
+        let root = tempfile::tempdir().unwrap();
+        let mine = Workspace::new(root.path());
+        let job = mine.temp_dir("renderq-job-").unwrap();
+        let dead = root.path().join("renderq-1-1");
+        std::fs::create_dir_all(dead.join("renderq-job-abc")).unwrap();
+        std::fs::create_dir_all(root.path().join("unrelated")).unwrap();
+
+        let swept = sweep(root.path());
+        assert_eq!(swept.folders, 1);
+        assert!(!dead.exists());
+        assert!(job.path().exists());
+        assert!(root.path().join("unrelated").exists());
+    }
+
+    #[test]
+    fn sweep_kills_recorded_groups_of_dead_owners() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let root = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = Pid::from_raw(child.id() as i32);
+        let leader = Owner::of(pgid.as_raw()).unwrap();
+        let dead = root.path().join("renderq-1-1");
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(dead.join(format!("group-{pgid}")), leader.start.to_string()).unwrap();
+
+        assert_eq!(
+            sweep(root.path()),
+            Swept {
+                folders: 1,
+                groups: 1
+            }
+        );
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9));
+    }
+
+    #[test]
+    fn a_group_record_goes_with_its_guard() {
+        let root = tempfile::tempdir().unwrap();
+        let space = Workspace::new(root.path());
+        let me = Pid::from_raw(std::process::id() as i32);
+        let record = space.record_group(me).unwrap();
+        let path = record.0.clone();
+        assert!(path.exists());
+        drop(record);
+        assert!(!path.exists());
+    }
+}

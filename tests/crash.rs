@@ -1,0 +1,171 @@
+//! Crash hygiene: what a worker killed with SIGKILL leaves behind (nothing),
+//! messages no worker can decode (dead-lettered, the queue keeps moving),
+//! and the failure budget across interruptions.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+use crate::commands::{commands_toml, starts};
+use crate::harness::{Backend, Farm, Proc, Settings, alive};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Waits until `path` lists at least `n` pids; returns them.
+async fn wait_for_pids(path: &Path, n: usize) -> Vec<i32> {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let pids = starts(path);
+        if pids.len() >= n {
+            return pids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never listed {n} pids",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits up to `within` for every pid to be gone; panics naming a survivor.
+async fn assert_all_gone(pids: &[i32], within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while let Some(pid) = pids.iter().find(|p| alive(**p)) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: process {pid} is still alive"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Live processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| alive(*pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// The children of `parent` (the reaper, for a renderq process).
+fn children_of(parent: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
+async fn crash_farm(dir: &Path) -> Farm {
+    Farm::new(
+        Backend::Local,
+        Settings {
+            extra_toml: commands_toml(&dir.join("starts").display().to_string()),
+            extra_allowed: vec!["sleeper", "scene"],
+            visibility_timeout: "2s",
+            ..Settings::default()
+        },
+    )
+    .await
+}
+
+/// A farm whose `serve` runs a `sleeper` job: returns the farm, the serve
+/// process, the job's pid file and its pids (the program and the two
+/// children it started).
+async fn sleeper_running(dir: &Path) -> (Farm, Proc, std::path::PathBuf, Vec<i32>) {
+    let farm = crash_farm(dir).await;
+    let serve = farm.serve(&[]).await;
+    let pidfile = dir.join("pids");
+    farm.submit(json!({"command": "sleeper", "parameters": {"pidfile": pidfile}}))
+        .await;
+    let pids = wait_for_pids(&pidfile, 3).await;
+    (farm, serve, pidfile, pids)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_worker_leaves_no_process_and_the_job_runs_once_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let (farm, serve, pidfile, first) = sleeper_running(dir.path()).await;
+    assert!(!farm.job_folders().is_empty());
+
+    serve.signal(Signal::SIGKILL);
+    assert_all_gone(
+        &first,
+        Duration::from_secs(2),
+        "after kill -9 of the worker",
+    )
+    .await;
+    assert!(farm.job_folders().is_empty(), "{:?}", farm.job_folders());
+    drop(serve);
+
+    std::fs::remove_file(&pidfile).unwrap();
+    let worker = farm.spawn("worker", &[]);
+    let second = wait_for_pids(&pidfile, 3).await;
+    assert!(second.iter().all(|pid| !first.contains(pid)));
+    assert!(second.iter().all(|pid| alive(*pid)));
+    assert_eq!(
+        processes_mentioning(&pidfile.display().to_string()).len(),
+        1,
+        "one copy of the job runs"
+    );
+    drop(worker);
+    assert_all_gone(&second, Duration::from_secs(2), "after the second worker").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_worker_leaves_no_adaptor() {
+    let dir = tempfile::tempdir().unwrap();
+    let farm = crash_farm(dir.path()).await;
+    let serve = farm.serve(&[]).await;
+    farm.submit(json!({"command": "scene", "parameters": {"seconds": 30}}))
+        .await;
+    serve.wait_for_log("rendering frame", LONG);
+    let adaptor = wait_for_pids(&dir.path().join("starts"), 1).await;
+    serve.signal(Signal::SIGKILL);
+    assert_all_gone(
+        &adaptor,
+        Duration::from_secs(2),
+        "the adaptor after kill -9",
+    )
+    .await;
+    assert!(farm.job_folders().is_empty(), "{:?}", farm.job_folders());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn next_worker_sweeps_up_when_the_reaper_died_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (farm, serve, _, pids) = sleeper_running(dir.path()).await;
+    let reapers: Vec<i32> = children_of(serve.pid().as_raw())
+        .into_iter()
+        .filter(|pid| !pids.contains(pid))
+        .collect();
+    assert_eq!(reapers.len(), 1, "one reaper per worker: {reapers:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(reapers[0]), Signal::SIGKILL).unwrap();
+    serve.signal(Signal::SIGKILL);
+    // The program dies with its parent; what it started does not.
+    assert_all_gone(&pids[..1], Duration::from_secs(2), "the program").await;
+    assert!(pids[1..].iter().all(|pid| alive(*pid)));
+    assert!(!farm.job_folders().is_empty());
+    drop(serve);
+
+    let worker: Proc = farm.spawn("worker", &[]);
+    worker.wait_for_log("Cleaned up after dead workers.", LONG);
+    assert_all_gone(&pids, Duration::from_secs(2), "after the sweep").await;
+    // The job is running again, in a fresh folder of the new worker.
+    let folders = farm.job_folders();
+    assert!(folders.len() <= 1, "{folders:?}");
+}
