@@ -169,3 +169,51 @@ async fn next_worker_sweeps_up_when_the_reaper_died_too() {
     let folders = farm.job_folders();
     assert!(folders.len() <= 1, "{folders:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn undecodable_rows_are_dead_lettered_and_do_not_stall_the_queue() {
+    let farm = Farm::new(Backend::Local, Settings::default()).await;
+    let serve = farm.serve(&[]).await;
+    // Rows written straight into the store, as a careless tool might.
+    let conn = rusqlite::Connection::open(farm.dir.path().join("queue/queue.sqlite3")).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let insert = "INSERT INTO messages (id, body, sent_at, visible_at) VALUES (?1, ?2, 0, 0)";
+    conn.execute(
+        insert,
+        rusqlite::params!["blob-row", vec![0xffu8, 0x00, 0x9f]],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO messages (id, body, sent_at, visible_at)
+         VALUES ('bad-text-row', CAST(X'7B22C328' AS TEXT), 0, 0)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+
+    let started = Instant::now();
+    let id = farm
+        .submit(json!({"command": "get_version", "tasks": [
+            {"name": "s3_upload", "config": {"bucket": "results", "key": "v/${message_id}.json"}}]}))
+        .await;
+    farm.wait_for_object(&format!("v/{id}.json"), LONG).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the job behind the bad rows waited {:?}",
+        started.elapsed()
+    );
+    let (code, out, _) = farm.cli(&["dlq", "list"]);
+    assert_eq!(code, 0);
+    for row in ["blob-row", "bad-text-row"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(row))
+            .unwrap_or_else(|| panic!("{row} in {out}"));
+        assert!(line.contains("not valid UTF-8"), "{line}");
+    }
+    assert!(
+        !serve.log_text().contains("queue error"),
+        "{}",
+        serve.log_text()
+    );
+}

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use notify::Watcher;
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -350,7 +351,7 @@ impl LocalQueue {
             let rows = stmt
                 .query_map([limit as i64], |row| {
                     Ok(DeadLetter {
-                        message_id: row.get(0)?,
+                        message_id: text(row.get_ref(0)?),
                         receive_count: row.get(1)?,
                         reason: row
                             .get::<_, Option<String>>(2)?
@@ -404,9 +405,9 @@ fn claim(
                 |row| {
                     Ok((
                         row.get::<_, i64>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, String>(2)?,
-                        row.get::<_, u32>(3)?,
+                        text(row.get_ref(1)?),
+                        body(row.get_ref(2)?),
+                        row.get::<_, i64>(3)?.clamp(0, u32::MAX.into()) as u32,
                     ))
                 },
             )
@@ -423,13 +424,25 @@ fn claim(
             tx.commit().map_err(unavailable)?;
             return Ok(Claim::Empty(next_visible));
         };
+        // A message no worker can decode is its own problem, not the
+        // queue's: it goes to the dead-letter queue and the claim goes on.
+        let body = match body {
+            Ok(body) => body,
+            Err(reason) => {
+                dead_letter_row(&tx, seq, &reason, now)?;
+                tracing::warn!(%message_id, %reason, "Moved undecodable message to the dead-letter queue.");
+                continue;
+            }
+        };
         if count >= max_receive_count {
+            // The worker dead-letters a failed last try itself, so a message
+            // still here was on a worker that died during its last try.
+            let reason = format!("worker lost during its last try (receive {count})");
             tx.execute(
                 "UPDATE messages SET dead_at = ?2, receipt = NULL,
-                    last_error = COALESCE(last_error, 'never finished; a worker may have died')
-                        || ' (after ' || receive_count || ' receives)'
+                    last_error = ?3 || COALESCE('; the try before failed: ' || last_error, '')
                  WHERE seq = ?1",
-                params![seq, now],
+                params![seq, now, reason],
             )
             .map_err(unavailable)?;
             tracing::info!(%message_id, receives = count, "Moved job to the dead-letter queue.");
@@ -449,6 +462,41 @@ fn claim(
             body,
             receive_count: count + 1,
         }));
+    }
+}
+
+fn dead_letter_row(
+    tx: &rusqlite::Transaction,
+    seq: i64,
+    reason: &str,
+    now: i64,
+) -> Result<(), QueueError> {
+    tx.execute(
+        "UPDATE messages SET dead_at = ?2, receipt = NULL, last_error = ?3 WHERE seq = ?1",
+        params![seq, now, reason],
+    )
+    .map_err(unavailable)
+    .map(drop)
+}
+
+/// Any column as text, for ids: rows may be written by hand.
+fn text(value: ValueRef) -> String {
+    match value {
+        ValueRef::Null => String::new(),
+        ValueRef::Integer(n) => n.to_string(),
+        ValueRef::Real(x) => x.to_string(),
+        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => {
+            String::from_utf8_lossy(bytes).into_owned()
+        }
+    }
+}
+
+/// A message body, which must be UTF-8 text (as SQS requires).
+fn body(value: ValueRef) -> Result<String, String> {
+    match value {
+        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => String::from_utf8(bytes.to_vec())
+            .map_err(|e| format!("message body is not valid UTF-8 text: {}", e.utf8_error())),
+        other => Ok(text(other)),
     }
 }
 
@@ -587,7 +635,7 @@ mod tests {
         let dead = q.dlq_list(10).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].receive_count, 2);
-        assert!(dead[0].reason.starts_with("boom"), "{}", dead[0].reason);
+        assert!(dead[0].reason.contains("boom"), "{}", dead[0].reason);
 
         assert_eq!(q.dlq_redrive(10).await.unwrap(), 1);
         let back = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
@@ -618,6 +666,64 @@ mod tests {
         let again = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
         assert_eq!((again.body.as_str(), again.receive_count), ("v2", 1));
         assert_eq!(again.message_id, got.message_id);
+    }
+
+    #[tokio::test]
+    async fn undecodable_rows_are_dead_lettered_and_the_queue_moves_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 3).await;
+        {
+            let conn = Connection::open(dir.path().join("queue.sqlite3")).unwrap();
+            let insert =
+                "INSERT INTO messages (id, body, sent_at, visible_at) VALUES (?1, ?2, 0, 0)";
+            conn.execute(insert, params!["blob", b"\xff\xfe".to_vec()])
+                .unwrap();
+            conn.execute(insert, params![7, "later"]).unwrap();
+            conn.execute(
+                "INSERT INTO messages (id, body, sent_at, visible_at)
+                 VALUES ('bad-text', CAST(X'C328' AS TEXT), 0, 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let good = q.send("fine").await.unwrap();
+        let first = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
+        assert_eq!(
+            (first.message_id.as_str(), first.body.as_str()),
+            ("7", "later")
+        );
+        let second = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
+        assert_eq!(second.message_id, good);
+        let dead = q.dlq_list(10).await.unwrap();
+        let ids: Vec<_> = dead.iter().map(|d| d.message_id.as_str()).collect();
+        assert_eq!(ids, ["blob", "bad-text"]);
+        assert!(
+            dead.iter().all(|d| d.reason.contains("not valid UTF-8")),
+            "{dead:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_lost_on_its_last_try_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 2).await;
+        q.send("x").await.unwrap();
+        let got = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
+        q.set_visibility(&got.receipt, Duration::ZERO, Some("exit 1"))
+            .await
+            .unwrap();
+        // The second receive's worker dies: the message times out.
+        q.receive(NO_WAIT, Duration::from_millis(1), &NEVER)
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().is_none());
+        let dead = q.dlq_list(10).await.unwrap();
+        assert_eq!(
+            dead[0].reason,
+            "worker lost during its last try (receive 2); the try before failed: exit 1"
+        );
     }
 
     #[tokio::test]
