@@ -36,6 +36,10 @@ pub struct Envelope {
     /// Times the job was handed back by an interrupted worker.
     #[serde(default)]
     pub interrupts: u32,
+    /// Tries used before the job was last handed back: a hand-back starts
+    /// the message's receive count again, but not the failure budget.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures: u32,
     /// The id the submit returned, carried when a backend must re-send the
     /// job as a new message, so `${message_id}` stays the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,6 +48,10 @@ pub struct Envelope {
 
 fn protocol() -> u32 {
     PROTOCOL
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Envelope {
@@ -59,6 +67,7 @@ impl Envelope {
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             ),
             interrupts: 0,
+            failures: 0,
             message_id: None,
         }
     }
@@ -241,7 +250,36 @@ pub fn check_key(key: &str) -> Result<(), String> {
     if key.split('/').any(|part| part == ".." || part == ".") {
         return Err(format!("object key `{key}` has a `.` or `..` segment"));
     }
+    if key.ends_with('/') {
+        return Err(format!(
+            "object key `{key}` ends with `/`: a key names an object, not a folder"
+        ));
+    }
+    if key.split('/').any(|part| part.starts_with(RESERVED_PREFIX)) {
+        return Err(format!(
+            "object key `{key}` uses `{RESERVED_PREFIX}…`, reserved for renderq's own files"
+        ));
+    }
     Ok(())
+}
+
+/// Key segments starting with this are the local bucket's own
+/// (`.renderq-meta/`, `.renderq-tmp/`).
+pub const RESERVED_PREFIX: &str = ".renderq-";
+
+/// Checks a key template at submit: its written-out parts must make a good
+/// key whatever the variables hold (each is tried as a plain name).
+pub fn check_key_template(template: &Template) -> Result<(), String> {
+    let sample = Vars {
+        message_id: "m",
+        job_id: "j",
+        mime_ext: "bin",
+        command: "c",
+        array_index: "0".into(),
+        frame: "1".into(),
+        date: "2026-01-01".into(),
+    };
+    check_key(&template.render(&sample))
 }
 
 /// The file extension `${mime_ext}` stands for.
@@ -309,6 +347,19 @@ mod tests {
         assert!(check_key("a\nb").is_err());
         assert!(check_key("").is_err());
         assert!(check_key(&"k".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn reserved_and_folder_keys_are_refused() {
+        assert!(check_key(".renderq-meta/a.png.json").is_err());
+        assert!(check_key("out/.renderq-tmp/x").is_err());
+        assert!(check_key("out/").is_err());
+        assert!(check_key("out/.tmp-x").is_ok());
+        let template = |t: &str| check_key_template(&Template::parse(t).unwrap());
+        assert!(template("shots/${message_id}/").is_err());
+        assert!(template(".renderq-meta/${message_id}").is_err());
+        assert!(template("../${frame}").is_err());
+        assert!(template("shots/${job_id}/${frame}.${mime_ext}").is_ok());
     }
 
     #[test]

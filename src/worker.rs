@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -20,7 +21,7 @@ use crate::catalog::Catalog;
 use crate::commands::{CommandError, Progress, RunContext};
 use crate::config::WorkerConfig;
 use crate::job::{Envelope, Vars, mime_ext};
-use crate::queue::{Queue, QueueError, Received};
+use crate::queue::{DeadLetter, Queue, QueueError, Received};
 use crate::tasks::TaskRunner;
 
 /// What one step did.
@@ -56,6 +57,47 @@ enum JobError {
     Fatal(String),
     #[error("interrupted by shutdown")]
     Interrupted,
+}
+
+/// A received message, its envelope parsed once.
+struct Delivery {
+    received: Received,
+    /// The job, or why the body is not one (a fatal error).
+    envelope: Result<Envelope, String>,
+    /// The id the submit returned; stays the same across re-sends.
+    message_id: String,
+    /// Tries used so far, this one included, across hand-backs.
+    attempt: u32,
+}
+
+impl Delivery {
+    fn new(received: Received) -> Self {
+        let envelope = Envelope::parse(&received.body, &received.message_id);
+        let (message_id, failures) = match &envelope {
+            Ok(e) => (e.message_id(&received.message_id).to_owned(), e.failures),
+            Err(_) => (received.message_id.clone(), 0),
+        };
+        Self {
+            attempt: received.receive_count.saturating_add(failures),
+            message_id,
+            envelope,
+            received,
+        }
+    }
+
+    /// The body to send the job on with: its envelope, changed by `edit`
+    /// and naming the submit's message id; an unreadable body as it was.
+    fn resend_body(&self, edit: impl FnOnce(&mut Envelope)) -> String {
+        match &self.envelope {
+            Ok(envelope) => {
+                let mut envelope = envelope.clone();
+                envelope.message_id = Some(self.message_id.clone());
+                edit(&mut envelope);
+                envelope.to_body()
+            }
+            Err(_) => self.received.body.clone(),
+        }
+    }
 }
 
 pub struct Worker {
@@ -144,32 +186,44 @@ impl Worker {
             .queue
             .receive(self.config.wait_time, self.config.visibility_timeout, stop)
             .await?;
-        let Some(message) = received else {
+        let Some(received) = received else {
             return Ok(Outcome::Empty);
         };
+        let delivery = Delivery::new(received);
         let span = info_span!(
             "job",
             queue = %self.queue.name(),
-            message_id = %message.message_id,
-            receive_count = message.receive_count,
+            message_id = %delivery.message_id,
+            attempt = delivery.attempt,
         );
-        let result = self.handle(&message, abort).instrument(span).await?;
+        let result = self.handle(&delivery, abort).instrument(span).await?;
         Ok(Outcome::Processed {
-            message_id: message.message_id,
+            message_id: delivery.message_id,
             result,
         })
     }
 
     async fn handle(
         &self,
-        message: &Received,
+        delivery: &Delivery,
         abort: &CancellationToken,
     ) -> Result<JobResult, QueueError> {
         info!("Received job from queue.");
-        let heartbeat = self.start_heartbeat(message);
+        let budget = self.queue.max_receive_count();
+        if delivery.attempt > budget {
+            // Its last try was handed out and never reported back.
+            let reason = format!(
+                "worker lost during its last try (try {} of {budget})",
+                delivery.attempt - 1
+            );
+            error!(%reason, "Job used up its tries, moving to the dead-letter queue.");
+            self.dead_letter(delivery, reason).await?;
+            return Ok(JobResult::DeadLettered);
+        }
+        let heartbeat = self.start_heartbeat(&delivery.received);
         // `abort` reaches the command through its run context, so it can
         // stop in its own way (SIGTERM and a grace, an adaptor's `cancel`).
-        let outcome = tokio::time::timeout(self.config.max_runtime, self.execute(message, abort))
+        let outcome = tokio::time::timeout(self.config.max_runtime, self.execute(delivery, abort))
             .await
             .unwrap_or_else(|_| {
                 Err(JobError::Retryable(format!(
@@ -179,10 +233,11 @@ impl Worker {
             });
         heartbeat.cancel();
 
+        let receipt = &delivery.received.receipt;
         match outcome {
             Ok(()) => {
                 info!("Job processed, removing from queue.");
-                match self.queue.delete(&message.receipt).await {
+                match self.queue.delete(receipt).await {
                     Err(QueueError::StaleReceipt) => {
                         // Someone else holds the message now and will run it
                         // again; our outputs were written to the same keys.
@@ -192,54 +247,66 @@ impl Worker {
                 }
                 Ok(JobResult::Succeeded)
             }
-            Err(JobError::Retryable(reason))
-                if message.receive_count >= self.queue.max_receive_count() =>
-            {
+            Err(JobError::Retryable(reason)) if delivery.attempt >= budget => {
                 // The last try: dead-letter it now, with the reason, rather
                 // than leave it for the redrive policy, which cannot say why.
-                let reason = format!("{reason} (after {} receives)", message.receive_count);
+                let reason = format!("{reason} (after {} tries)", delivery.attempt);
                 error!(%reason, "Job failed its last try, moving to the dead-letter queue.");
-                self.queue.dead_letter(message, &reason).await?;
+                self.dead_letter(delivery, reason).await?;
                 Ok(JobResult::DeadLettered)
             }
             Err(JobError::Retryable(reason)) => {
                 let delay = backoff(
                     self.config.retry_delay,
                     self.config.max_retry_delay,
-                    message.receive_count,
+                    delivery.attempt,
                 );
                 warn!(%reason, retry_in = ?delay, "Job failed, returning to queue for a retry.");
-                self.queue
-                    .retry_later(&message.receipt, delay, &reason)
-                    .await?;
+                self.queue.retry_later(receipt, delay, &reason).await?;
                 Ok(JobResult::WillRetry)
             }
             Err(JobError::Fatal(reason)) => {
                 error!(%reason, "Job cannot run, moving to the dead-letter queue.");
-                self.queue.dead_letter(message, &reason).await?;
+                self.dead_letter(delivery, reason).await?;
                 Ok(JobResult::DeadLettered)
             }
             Err(JobError::Interrupted) => {
-                let body = match Envelope::parse(&message.body, &message.message_id) {
-                    Ok(mut envelope) => {
-                        envelope.interrupts += 1;
-                        envelope.message_id =
-                            Some(envelope.message_id(&message.message_id).to_owned());
-                        envelope.to_body()
-                    }
-                    Err(_) => message.body.clone(),
-                };
                 info!("Job interrupted, returning to queue.");
-                self.queue.requeue(message, &body).await?;
+                // This try does not count; the ones before it still do.
+                let body = delivery.resend_body(|envelope| {
+                    envelope.interrupts += 1;
+                    envelope.failures = delivery.attempt - 1;
+                });
+                self.queue.requeue(&delivery.received, &body).await?;
                 Ok(JobResult::Requeued)
             }
         }
     }
 
+    /// Moves the job to the dead-letter queue with a fresh failure budget
+    /// (a redrive starts it over) and its reason.
+    async fn dead_letter(&self, delivery: &Delivery, reason: String) -> Result<(), QueueError> {
+        let body = delivery.resend_body(|envelope| envelope.failures = 0);
+        let note = DeadLetter {
+            message_id: delivery.message_id.clone(),
+            receive_count: delivery.attempt,
+            reason,
+        };
+        self.queue
+            .dead_letter(&delivery.received, &body, &note)
+            .await
+    }
+
     /// Checks, runs the command, then the tasks in order.
-    async fn execute(&self, message: &Received, abort: &CancellationToken) -> Result<(), JobError> {
-        let envelope =
-            Envelope::parse(&message.body, &message.message_id).map_err(JobError::Fatal)?;
+    async fn execute(
+        &self,
+        delivery: &Delivery,
+        abort: &CancellationToken,
+    ) -> Result<(), JobError> {
+        let envelope = delivery
+            .envelope
+            .as_ref()
+            .map_err(|e| JobError::Fatal(e.clone()))?;
         let job = self
             .catalog
             .validate(&envelope.command, &envelope.parameters, &envelope.tasks)
@@ -265,16 +332,16 @@ impl Worker {
 
         let ext = mime_ext(&output.mime);
         let vars = Vars {
-            message_id: envelope.message_id(&message.message_id),
+            message_id: &delivery.message_id,
             job_id: &envelope.job_id,
             mime_ext: &ext,
             command: &envelope.command,
             array_index: String::new(),
-            frame: job
-                .parameters
-                .get("frame")
-                .map(|f| f.to_string())
-                .unwrap_or_default(),
+            frame: match job.parameters.get("frame") {
+                Some(Value::String(text)) => text.clone(),
+                Some(other) => other.to_string(),
+                None => String::new(),
+            },
             date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
         };
         for task in &job.tasks {

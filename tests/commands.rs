@@ -319,7 +319,7 @@ async fn killed_adaptor_is_restarted_and_its_job_retried() {
         "{}",
         serve.log_text()
     );
-    assert!(serve.log_text().contains("receive_count=2"));
+    assert!(serve.log_text().contains("attempt=2"));
     assert_eq!(farm.wait_until_drained(LONG).await, (0, 0, 0));
 }
 

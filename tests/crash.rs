@@ -217,3 +217,170 @@ async fn undecodable_rows_are_dead_lettered_and_do_not_stall_the_queue() {
         serve.log_text()
     );
 }
+
+scenarios!(interruption_keeps_the_failure_budget_and_the_message_id);
+
+/// Try 1 fails, try 2 is interrupted by shutdown, tries 2 and 3 fail: the
+/// job runs 4 times in all (an interruption uses no try, earlier failures
+/// still count), and `dlq list` names the id the submit returned.
+async fn interruption_keeps_the_failure_budget_and_the_message_id(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = crate::harness::repo_path("tests/fixtures/fail_or_hang.py");
+    let farm = Farm::new(
+        backend,
+        Settings {
+            extra_toml: format!(
+                r#"
+[commands.flaky]
+kind = "process"
+program = "{fixture}"
+args = ["{{runs}}", "{{hang_while}}"]
+[commands.flaky.parameters]
+runs = {{ type = "string", required = true }}
+hang_while = {{ type = "string", required = true }}
+"#
+            ),
+            extra_allowed: vec!["flaky"],
+            retry_delay: "1s",
+            drain_timeout: "300ms",
+            max_receive_count: 3,
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (runs, marker) = (dir.path().join("runs"), dir.path().join("hang"));
+    let mut serve = farm.serve(&[]).await;
+    let id = farm
+        .submit(json!({"command": "flaky", "parameters": {"runs": runs, "hang_while": marker}}))
+        .await;
+    wait_for_pids(&runs, 1).await;
+    std::fs::write(&marker, "").unwrap();
+    serve.wait_for_log("Job failed, returning to queue for a retry.", LONG);
+    wait_for_pids(&runs, 2).await;
+    serve.signal(Signal::SIGTERM);
+    assert_eq!(serve.wait_exit(LONG), Some(0), "{}", serve.log_text());
+    assert!(
+        serve
+            .log_text()
+            .contains("Job interrupted, returning to queue.")
+    );
+    std::fs::remove_file(&marker).unwrap();
+
+    let worker = farm.spawn("worker", &[]);
+    let started = Instant::now();
+    while farm.stats().2 == 0 {
+        assert!(
+            started.elapsed() < LONG,
+            "never dead-lettered:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(starts(&runs).len(), 4, "{}", worker.log_text());
+    assert!(worker.log_text().contains(&format!("message_id={id}")));
+    let (_, listing, _) = farm.cli(&["dlq", "list"]);
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{id} not in:\n{listing}"));
+    let fields: Vec<_> = line.split('\t').collect();
+    assert_eq!(fields[1], "3", "{line}");
+    assert!(fields[2].contains("after 3 tries"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_worker_leaves_no_temporary_file_in_the_bucket() {
+    let farm = crate::harness::big_file_farm(Backend::Local).await;
+    let serve = farm.serve(&[]).await;
+    farm.submit(json!({"command": "big_file", "parameters": {"size_mib": 300},
+                       "tasks": [{"name": "s3_upload", "config": {"bucket": "results", "key": "big/${message_id}.bin"}}]}))
+        .await;
+    serve.wait_for_log("Executing task: s3_upload.", LONG);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !files_under(&farm.bucket_root().join(".renderq-tmp")).is_empty(),
+        "the write is under way"
+    );
+    serve.signal(Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let files = files_under(&farm.bucket_root());
+        let half_written: Vec<_> = files.iter().filter(|f| !f.ends_with(".json")).collect();
+        if half_written.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {half_written:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every file below `root`, as paths relative to it.
+fn files_under(root: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reserved_and_folder_keys_are_refused_at_submit() {
+    let farm = Farm::new(Backend::Local, Settings::default()).await;
+    let _serve = farm.serve(&[]).await;
+    for key in [
+        ".renderq-meta/${message_id}.json",
+        "out/.renderq-tmp/${message_id}",
+        "out/${message_id}/",
+        "../${message_id}",
+    ] {
+        let reply = farm
+            .rpc(
+                "queue_manager_submit_job",
+                json!({"command": "get_version", "tasks": [
+                    {"name": "s3_upload", "config": {"bucket": "results", "key": key}}]}),
+            )
+            .await;
+        assert_eq!(reply["error"]["code"], -32602, "{key}: {reply}");
+        assert_eq!(
+            reply["error"]["data"]["field"], "tasks[0].config.key",
+            "{key}: {reply}"
+        );
+    }
+    assert_eq!(farm.stats(), (0, 0, 0), "nothing was sent");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_string_frame_renders_without_quotes() {
+    let argv_json = crate::harness::repo_path("examples/commands/argv_json.py");
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            extra_toml: format!(
+                r#"
+[commands.shot]
+kind = "process"
+program = "python3"
+args = ["{argv_json}", "{{frame}}"]
+[commands.shot.parameters]
+frame = {{ type = "string", pattern = "^[a-z0-9]+$" }}
+"#
+            ),
+            extra_allowed: vec!["shot"],
+            ..Settings::default()
+        },
+    )
+    .await;
+    let _serve = farm.serve(&[]).await;
+    farm.submit(json!({"command": "shot", "parameters": {"frame": "abc"}, "tasks": [
+        {"name": "s3_upload", "config": {"bucket": "results", "key": "f/${frame}/x.${mime_ext}"}}]}))
+        .await;
+    farm.wait_for_object("f/abc/x.json", LONG).await;
+}

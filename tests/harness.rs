@@ -721,6 +721,30 @@ impl Receiver {
     }
 }
 
+/// A farm with a `big_file` command writing `size_mib` of noise.
+pub async fn big_file_farm(backend: Backend) -> Farm {
+    let big_file = repo_path("tests/fixtures/big_file.py");
+    Farm::new(
+        backend,
+        Settings {
+            extra_toml: format!(
+                r#"
+[commands.big_file]
+kind = "process"
+program = "python3"
+args = ["{big_file}", "{{size_mib}}", "{{workdir}}/big.bin"]
+output = "{{workdir}}/big.bin"
+[commands.big_file.parameters]
+size_mib = {{ type = "integer", min = 1, max = 1024 }}
+"#
+            ),
+            extra_allowed: vec!["big_file"],
+            ..Settings::default()
+        },
+    )
+    .await
+}
+
 /// True while `pid` is a live (not zombie) process.
 pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

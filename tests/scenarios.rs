@@ -8,28 +8,6 @@ use serde_json::json;
 
 use crate::harness::{Backend, Farm, Receiver, Settings, png_size};
 
-/// Runs each scenario once per backend.
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        mod local {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(super::Backend::Local).await
-                }
-            )*
-        }
-        mod sqs {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(super::Backend::Sqs).await
-                }
-            )*
-        }
-    };
-}
-
 scenarios!(
     render_demo_png_lands_in_bucket,
     get_version_uploads_json,
@@ -167,7 +145,7 @@ async fn killed_worker_job_is_finished_by_another(backend: Backend) {
     farm.wait_for_object(&format!("slept-{id}.json"), LONG)
         .await;
     assert!(
-        second.log_text().contains("receive_count=2"),
+        second.log_text().contains("attempt=2"),
         "{}",
         second.log_text()
     );
@@ -245,7 +223,7 @@ async fn drain_deadline_hands_job_back_without_using_a_try(backend: Backend) {
     let worker = farm.spawn("worker", &[]);
     farm.wait_for_object(&format!("long-{id}.json"), LONG).await;
     assert!(
-        worker.log_text().contains("receive_count=1"),
+        worker.log_text().contains("attempt=1"),
         "{}",
         worker.log_text()
     );

@@ -170,30 +170,6 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
-/// A farm on moto with a `big_file` command writing `size_mib` of noise.
-async fn big_file_farm() -> Farm {
-    let big_file = crate::harness::repo_path("tests/fixtures/big_file.py");
-    Farm::new(
-        crate::harness::Backend::Sqs,
-        Settings {
-            extra_toml: format!(
-                r#"
-[commands.big_file]
-kind = "process"
-program = "python3"
-args = ["{big_file}", "{{size_mib}}", "{{workdir}}/big.bin"]
-output = "{{workdir}}/big.bin"
-[commands.big_file.parameters]
-size_mib = {{ type = "integer", min = 1, max = 1024 }}
-"#
-            ),
-            extra_allowed: vec!["big_file"],
-            ..Settings::default()
-        },
-    )
-    .await
-}
-
 async fn open_uploads(farm: &Farm) -> usize {
     let aws = farm.aws.as_ref().unwrap();
     aws.s3
@@ -209,7 +185,7 @@ async fn open_uploads(farm: &Farm) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn large_result_streams_as_multipart_in_bounded_memory() {
-    let farm = big_file_farm().await;
+    let farm = crate::harness::big_file_farm(crate::harness::Backend::Sqs).await;
     let serve = farm.serve(&[]).await;
     let id = farm
         .submit(
@@ -247,7 +223,7 @@ async fn large_result_streams_as_multipart_in_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upload_failing_halfway_is_aborted_and_the_job_retried() {
-    let farm = big_file_farm().await;
+    let farm = crate::harness::big_file_farm(crate::harness::Backend::Sqs).await;
     let serve = farm.serve(&[]).await;
     let id = farm
         .submit(
@@ -300,7 +276,7 @@ async fn upload_failing_halfway_is_aborted_and_the_job_retried() {
         .await
         .unwrap();
     assert_eq!(head.content_length, Some(200 * 1024 * 1024));
-    assert!(serve.log_text().contains("receive_count=2"));
+    assert!(serve.log_text().contains("attempt=2"));
     assert_eq!(open_uploads(&farm).await, 0);
 }
 

@@ -1,6 +1,29 @@
 //! Integration tests: the real `renderq` binary over real sockets, with a
 //! real embedded queue on disk. One binary, one module per topic.
 
+/// Runs each scenario (an `async fn(Backend)` in the calling module) once
+/// per backend, as `local::NAME` and `sqs::NAME`.
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Backend::Local).await
+                }
+            )*
+        }
+        mod sqs {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Backend::Sqs).await
+                }
+            )*
+        }
+    };
+}
+
 mod harness;
 
 mod commands;

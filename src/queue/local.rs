@@ -276,14 +276,22 @@ impl LocalQueue {
         Ok(())
     }
 
-    pub async fn dead_letter(&self, receipt: &str, reason: &str) -> Result<(), QueueError> {
-        let (receipt, reason) = (receipt.to_owned(), reason.to_owned());
+    /// Dead-letters the message as `body`. The row keeps its id, which is
+    /// the one the submit returned.
+    pub async fn dead_letter(
+        &self,
+        receipt: &str,
+        body: &str,
+        note: &DeadLetter,
+    ) -> Result<(), QueueError> {
+        let (receipt, body, note) = (receipt.to_owned(), body.to_owned(), note.clone());
         self.with_conn(move |conn| {
             let n = conn
                 .execute(
-                    "UPDATE messages SET dead_at = ?2, receipt = NULL, last_error = ?3
+                    "UPDATE messages SET dead_at = ?2, receipt = NULL, last_error = ?3,
+                        body = ?4, receive_count = ?5
                      WHERE receipt = ?1 AND dead_at IS NULL",
-                    params![receipt, now_ms(), reason],
+                    params![receipt, now_ms(), note.reason, body, note.receive_count],
                 )
                 .map_err(unavailable)?;
             if n == 0 {
@@ -294,15 +302,15 @@ impl LocalQueue {
         .await
     }
 
-    /// Makes the message visible at once with a new body, giving back the
-    /// receive this worker used.
+    /// Makes the message visible at once with a new body (which carries the
+    /// tries used so far), its receive count started again.
     pub async fn requeue(&self, receipt: &str, body: &str) -> Result<(), QueueError> {
         let (receipt, body) = (receipt.to_owned(), body.to_owned());
         self.with_conn(move |conn| {
             let n = conn
                 .execute(
                     "UPDATE messages SET body = ?2, visible_at = ?3, receipt = NULL,
-                        receive_count = MAX(receive_count - 1, 0)
+                        receive_count = 0
                      WHERE receipt = ?1 AND dead_at IS NULL",
                     params![receipt, body, now_ms()],
                 )
@@ -648,9 +656,12 @@ mod tests {
         let q = queue(&dir, 3).await;
         q.send("bad").await.unwrap();
         let got = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
-        q.dead_letter(&got.receipt, "command `rm` is not allowed")
-            .await
-            .unwrap();
+        let note = DeadLetter {
+            message_id: got.message_id.clone(),
+            receive_count: 1,
+            reason: "command `rm` is not allowed".into(),
+        };
+        q.dead_letter(&got.receipt, "bad", &note).await.unwrap();
         let dead = q.dlq_list(10).await.unwrap();
         assert_eq!(dead[0].reason, "command `rm` is not allowed");
         assert_eq!(q.stats().await.unwrap().dead_lettered, 1);

@@ -37,7 +37,9 @@ pub struct Stats {
 /// A message in the dead-letter queue.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeadLetter {
+    /// The id the submit returned, kept across re-sends.
     pub message_id: String,
+    /// Tries used, across re-sends.
     pub receive_count: u32,
     /// Why it was dead-lettered: the fatal error, or the last retryable one.
     pub reason: String,
@@ -144,16 +146,23 @@ impl Queue {
         }
     }
 
-    /// Moves a message to the dead-letter queue at once, with its reason.
-    pub async fn dead_letter(&self, received: &Received, reason: &str) -> Result<(), QueueError> {
+    /// Moves a message to the dead-letter queue at once, as `body`, noting
+    /// the job's id, tries and reason for `dlq list`.
+    pub async fn dead_letter(
+        &self,
+        received: &Received,
+        body: &str,
+        note: &DeadLetter,
+    ) -> Result<(), QueueError> {
         match self {
-            Queue::Local(q) => q.dead_letter(&received.receipt, reason).await,
-            Queue::Sqs(q) => q.dead_letter(received, reason).await,
+            Queue::Local(q) => q.dead_letter(&received.receipt, body, note).await,
+            Queue::Sqs(q) => q.dead_letter(received, body, note).await,
         }
     }
 
-    /// Hands an interrupted job back at once, with `body` (its interrupt count
-    /// raised), without using up its failure budget.
+    /// Hands an interrupted job back at once as `body`, which carries the
+    /// tries already used: on every backend the message's own receive count
+    /// starts again (SQS re-sends it as a new message).
     pub async fn requeue(&self, received: &Received, body: &str) -> Result<(), QueueError> {
         match self {
             Queue::Local(q) => q.requeue(&received.receipt, body).await,

@@ -255,17 +255,20 @@ impl SqsQueue {
     /// Sends a copy with its reason to the dead-letter queue, then deletes
     /// the original. If the delete fails, the copy stays and the original
     /// comes back later: at least once, never lost.
-    pub async fn dead_letter(&self, received: &Received, reason: &str) -> Result<(), QueueError> {
+    pub async fn dead_letter(
+        &self,
+        received: &Received,
+        body: &str,
+        note: &DeadLetter,
+    ) -> Result<(), QueueError> {
+        ApiCalls::count(&self.calls.send);
         self.client
             .send_message()
             .queue_url(&self.dlq_url)
-            .message_body(&received.body)
-            .message_attributes(REASON, string_attribute(truncate(reason, 4096)))
-            .message_attributes(SOURCE_ID, string_attribute(&received.message_id))
-            .message_attributes(
-                RECEIVES,
-                string_attribute(received.receive_count.to_string()),
-            )
+            .message_body(body)
+            .message_attributes(REASON, string_attribute(truncate(&note.reason, 4096)))
+            .message_attributes(SOURCE_ID, string_attribute(&note.message_id))
+            .message_attributes(RECEIVES, string_attribute(note.receive_count.to_string()))
             .send()
             .await
             .map_err(classify)?;
@@ -273,7 +276,8 @@ impl SqsQueue {
     }
 
     /// Re-sends `body` as a new message and deletes the received one, so the
-    /// job starts over with a fresh receive count.
+    /// message starts over with a fresh receive count (the body carries the
+    /// tries already used).
     pub async fn requeue(&self, received: &Received, body: &str) -> Result<(), QueueError> {
         self.send(body).await?;
         self.delete(&received.receipt).await

@@ -1,21 +1,32 @@
-//! A folder as a bucket. Each object is written to a temporary file beside
-//! its final name, synced, then renamed over it, so no reader ever sees half
-//! an object. Its content type goes in a sidecar under `.renderq-meta/`,
-//! written the same way before the object itself.
+//! A folder as a bucket. Each object is written to a temporary file, synced,
+//! then renamed over its final name, so no reader ever sees half an object.
+//! Its content type goes in a sidecar under `.renderq-meta/`, written the
+//! same way before the object itself.
+//!
+//! Temporary files live outside the key space, under `.renderq-tmp/` in a
+//! folder per process (see [`crate::workspace`]), so a process killed
+//! mid-write leaves nothing among the objects, and what it left there is
+//! removed by its reaper or when the bucket is next opened.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::StorageError;
 use crate::commands::{Body, Output};
+use crate::workspace::Workspace;
 
 /// Folder holding each object's metadata, mirroring the object keys.
 pub const META_DIR: &str = ".renderq-meta";
+/// Folder holding writes in progress.
+pub const TMP_DIR: &str = ".renderq-tmp";
 
 #[derive(Debug, Clone)]
 pub struct LocalBucket {
     name: String,
     root: PathBuf,
+    /// This process's folder for writes in progress.
+    tmp: Arc<Workspace>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -24,11 +35,20 @@ struct Meta {
 }
 
 impl LocalBucket {
+    /// A handle on the folder, for reading and writing.
     pub fn new(name: &str, root: &Path) -> Self {
         Self {
             name: name.to_owned(),
             root: root.to_owned(),
+            tmp: Arc::new(Workspace::new(&root.join(TMP_DIR))),
         }
+    }
+
+    /// A handle for a process that writes, after removing what writers that
+    /// died left half-written.
+    pub fn open(name: &str, root: &Path) -> Self {
+        crate::workspace::sweep(&root.join(TMP_DIR));
+        Self::new(name, root)
     }
 
     /// The content type stored with an object, if the object exists.
@@ -45,18 +65,25 @@ impl LocalBucket {
         output: &Output,
         content_type: &str,
     ) -> Result<String, StorageError> {
-        let (root, key_owned, output) = (self.root.clone(), key.to_owned(), output.clone());
+        let (root, key_owned, output, tmp) = (
+            self.root.clone(),
+            key.to_owned(),
+            output.clone(),
+            self.tmp.clone(),
+        );
         let meta = serde_json::to_vec(&Meta {
             content_type: content_type.to_owned(),
         })
         .expect("metadata always serializes");
         tokio::task::spawn_blocking(move || {
             let path = root.join(&key_owned);
+            let tmp = tmp.dir()?;
             write_atomically(
+                tmp,
                 &root.join(META_DIR).join(format!("{key_owned}.json")),
                 |f| f.write_all(&meta),
             )?;
-            write_atomically(&path, |f| match &output.body {
+            write_atomically(tmp, &path, |f| match &output.body {
                 Body::Bytes(bytes) => f.write_all(bytes),
                 Body::File(source) => std::io::copy(&mut std::fs::File::open(source)?, f).map(drop),
             })?;
@@ -72,13 +99,14 @@ impl LocalBucket {
     }
 }
 
+/// Fills a temporary file in `tmp`, syncs it and renames it to `path`.
 fn write_atomically(
+    tmp: &Path,
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    let mut tmp = tempfile::Builder::new().prefix("put-").tempfile_in(tmp)?;
     fill(tmp.as_file_mut())?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -104,11 +132,24 @@ mod tests {
             bucket.content_type("a/b.json").as_deref(),
             Some("application/json")
         );
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("a"))
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
-            .collect();
-        assert!(leftovers.is_empty());
+        let names = |path: PathBuf| -> Vec<String> {
+            std::fs::read_dir(path)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(dir.path().join("a")), ["b.json"]);
+        let tmp = bucket.tmp.dir().unwrap().to_owned();
+        assert!(names(tmp).is_empty(), "no temporary file is left");
+    }
+
+    #[test]
+    fn opening_removes_writes_left_by_dead_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join(TMP_DIR).join("renderq-1-1");
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(dead.join("put-abc"), b"half").unwrap();
+        LocalBucket::open("results", dir.path());
+        assert!(!dead.exists());
     }
 }

@@ -26,7 +26,7 @@ pub enum Bucket {
 impl Bucket {
     pub async fn open(name: &str, config: &BucketConfig) -> Self {
         match config {
-            BucketConfig::Local(c) => Bucket::Local(LocalBucket::new(name, &c.path)),
+            BucketConfig::Local(c) => Bucket::Local(LocalBucket::open(name, &c.path)),
             BucketConfig::S3(c) => Bucket::S3(S3Bucket::open(name, c).await),
         }
     }

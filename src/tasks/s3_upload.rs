@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 use super::TaskError;
 use crate::commands::Output;
-use crate::job::{Template, Vars, check_key};
+use crate::job::{Template, Vars, check_key, check_key_template};
 use crate::storage::Buckets;
 
 /// An `s3_upload` task's config.
@@ -14,6 +14,7 @@ pub struct S3Upload {
     /// A `[buckets.NAME]` from workers.toml.
     pub bucket: String,
     /// Object key template, e.g. `renders/${message_id}.${mime_ext}`.
+    #[serde(deserialize_with = "key_template")]
     pub key: Template,
     /// Canned ACL, e.g. `public-read` (S3 only).
     #[serde(default)]
@@ -21,6 +22,13 @@ pub struct S3Upload {
     /// Overrides the result's own MIME type.
     #[serde(default)]
     pub content_type: Option<String>,
+}
+
+/// A key template whose written-out parts already make a good key.
+fn key_template<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Template, D::Error> {
+    let template = Template::deserialize(d)?;
+    check_key_template(&template).map_err(serde::de::Error::custom)?;
+    Ok(template)
 }
 
 impl S3Upload {
