@@ -45,6 +45,11 @@
 //!   delay; when the last allowed try fails the worker dead-letters it with
 //!   its reason. The queue's redrive policy catches jobs of workers that
 //!   died.
+//! - A job's tries are counted across hand-backs: an interruption uses none,
+//!   and the envelope carries the ones used before (`failures`) and the id
+//!   the submit returned (`message_id`), which logs and `dlq list` show.
+//! - No single message stops a queue: one the worker cannot decode is
+//!   dead-lettered with its reason, never retried as a queue error.
 //! - A receive already sent is never abandoned (a message handed to it
 //!   would be hidden for a whole visibility timeout); only waiting is cut
 //!   short by shutdown.

@@ -10,6 +10,7 @@
 //! cut short by shutdown is handed straight back without using up a try.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -105,6 +106,8 @@ pub struct Worker {
     catalog: Arc<Catalog>,
     tasks: TaskRunner,
     config: WorkerConfig,
+    /// Jobs received and not yet settled, across slots.
+    running: AtomicUsize,
 }
 
 impl Worker {
@@ -119,6 +122,7 @@ impl Worker {
             catalog,
             tasks,
             config,
+            running: AtomicUsize::new(0),
         }
     }
 
@@ -142,9 +146,14 @@ impl Worker {
             .await
             .is_err()
         {
-            warn!(
-                "Drain deadline passed: cancelling running jobs and returning them to the queue."
-            );
+            if self.running.load(Ordering::Relaxed) > 0 {
+                warn!(
+                    "Drain deadline passed: cancelling running jobs and returning them to the queue."
+                );
+            } else {
+                // A job a late receive brings in is handed back at once.
+                info!("No job is running; waiting for receives already sent to end.");
+            }
             abort.cancel();
             tracker.wait().await;
         }
@@ -196,7 +205,10 @@ impl Worker {
             message_id = %delivery.message_id,
             attempt = delivery.attempt,
         );
-        let result = self.handle(&delivery, abort).instrument(span).await?;
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let result = self.handle(&delivery, abort).instrument(span).await;
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        let result = result?;
         Ok(Outcome::Processed {
             message_id: delivery.message_id,
             result,

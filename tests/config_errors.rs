@@ -93,3 +93,31 @@ fn missing_token_variable_is_reported() {
         "{stderr}"
     );
 }
+
+#[test]
+fn unusable_work_dir_is_reported_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("workers.toml");
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    for work_dir in ["no/such/folder", "a-file"] {
+        let config = repo_config().replace(
+            "slots = 1",
+            &format!("slots = 1\nwork_dir = \"{work_dir}\""),
+        );
+        std::fs::write(&path, &config).unwrap();
+        let line = config
+            .lines()
+            .position(|l| l.starts_with("work_dir"))
+            .unwrap()
+            + 1;
+        for args in [&["check-config"][..], &["worker"]] {
+            let (code, stderr) = run(args, &path);
+            assert_ne!(code, 0, "{work_dir}: {args:?} should fail");
+            let expected = format!("{}:{line}: `worker.work_dir`", path.display());
+            assert!(
+                stderr.contains(&expected) && stderr.contains(work_dir),
+                "{work_dir}: {args:?}: {stderr}"
+            );
+        }
+    }
+}

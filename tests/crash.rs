@@ -42,6 +42,19 @@ async fn assert_all_gone(pids: &[i32], within: Duration, what: &str) {
     }
 }
 
+/// Waits up to `within` for the job folders to be removed.
+async fn assert_no_job_folders(farm: &Farm, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !farm.job_folders().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            farm.job_folders()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Live processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<i32> {
     std::fs::read_dir("/proc")
@@ -109,7 +122,7 @@ async fn killed_worker_leaves_no_process_and_the_job_runs_once_more() {
         "after kill -9 of the worker",
     )
     .await;
-    assert!(farm.job_folders().is_empty(), "{:?}", farm.job_folders());
+    assert_no_job_folders(&farm, Duration::from_secs(2)).await;
     drop(serve);
 
     std::fs::remove_file(&pidfile).unwrap();
@@ -142,7 +155,7 @@ async fn killed_worker_leaves_no_adaptor() {
         "the adaptor after kill -9",
     )
     .await;
-    assert!(farm.job_folders().is_empty(), "{:?}", farm.job_folders());
+    assert_no_job_folders(&farm, Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -218,7 +231,11 @@ async fn undecodable_rows_are_dead_lettered_and_do_not_stall_the_queue() {
     );
 }
 
-scenarios!(interruption_keeps_the_failure_budget_and_the_message_id);
+scenarios!(
+    interruption_keeps_the_failure_budget_and_the_message_id,
+    job_lost_on_its_last_try_is_dead_lettered_as_worker_lost,
+    idle_worker_stops_without_cancelling_anything,
+);
 
 /// Try 1 fails, try 2 is interrupted by shutdown, tries 2 and 3 fail: the
 /// job runs 4 times in all (an interruption uses no try, earlier failures
@@ -315,7 +332,7 @@ async fn killed_worker_leaves_no_temporary_file_in_the_bucket() {
 }
 
 /// Every file below `root`, as paths relative to it.
-fn files_under(root: &Path) -> Vec<String> {
+pub fn files_under(root: &Path) -> Vec<String> {
     let mut files = Vec::new();
     let mut dirs = vec![root.to_owned()];
     while let Some(dir) = dirs.pop() {
@@ -383,4 +400,57 @@ frame = {{ type = "string", pattern = "^[a-z0-9]+$" }}
         {"name": "s3_upload", "config": {"bucket": "results", "key": "f/${frame}/x.${mime_ext}"}}]}))
         .await;
     farm.wait_for_object("f/abc/x.json", LONG).await;
+}
+
+async fn job_lost_on_its_last_try_is_dead_lettered_as_worker_lost(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let farm = Farm::new(
+        backend,
+        Settings {
+            extra_toml: commands_toml(&dir.path().join("starts").display().to_string()),
+            extra_allowed: vec!["sleeper"],
+            visibility_timeout: "2s",
+            max_receive_count: 1,
+            ..Settings::default()
+        },
+    )
+    .await;
+    let serve = farm.serve(&[]).await;
+    let pidfile = dir.path().join("pids");
+    let id = farm
+        .submit(json!({"command": "sleeper", "parameters": {"pidfile": pidfile}}))
+        .await;
+    wait_for_pids(&pidfile, 3).await;
+    serve.signal(Signal::SIGKILL);
+    let _worker = farm.spawn("worker", &[]);
+    let started = Instant::now();
+    while farm.stats().2 == 0 {
+        assert!(started.elapsed() < LONG, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, listing, _) = farm.cli(&["dlq", "list"]);
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{id} not in:\n{listing}"));
+    assert!(line.contains("worker lost"), "{line}");
+}
+
+async fn idle_worker_stops_without_cancelling_anything(backend: Backend) {
+    let farm = Farm::new(
+        backend,
+        Settings {
+            drain_timeout: "300ms",
+            ..Settings::default()
+        },
+    )
+    .await;
+    let mut worker = farm.spawn("worker", &[]);
+    worker.wait_for_log("Worker started.", LONG);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.signal(Signal::SIGTERM);
+    assert_eq!(worker.wait_exit(LONG), Some(0));
+    let log = worker.log_text();
+    assert!(!log.contains("cancelling running jobs"), "{log}");
+    assert!(log.contains("Worker stopped."), "{log}");
 }

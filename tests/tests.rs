@@ -33,3 +33,4 @@ mod http_api;
 mod processes;
 mod scenarios;
 mod sqs;
+mod storm;

@@ -384,8 +384,12 @@ impl SqsQueue {
                     .or_else(|| message.message_id.clone())
                     .unwrap_or_default(),
                 receive_count: receives,
+                // renderq dead-letters every failure itself, so the redrive
+                // policy only moves jobs whose last worker never reported.
                 reason: attribute(REASON).unwrap_or_else(|| {
-                    "moved by the queue's redrive policy (no reason attached)".into()
+                    "worker lost: moved by the queue's redrive policy after its last try \
+                     never finished"
+                        .into()
                 }),
             });
             // Make it visible again at once for other readers.
