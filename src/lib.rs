@@ -28,6 +28,8 @@
 //! - [`workspace`]: each process's own folder under `work_dir` (job
 //!   folders, process-group records), its reaper, and the sweep that
 //!   cleans up after dead workers.
+//! - [`retry`]: the one back-off policy (job retries, queue outages,
+//!   postbacks).
 //! - [`worker`]: the listen half: a step function plus slot loops, heartbeat,
 //!   back-off, drain on shutdown.
 //! - [`app`]: builds all of the above from a config; [`lifecycle`] turns
@@ -73,6 +75,7 @@ pub mod job;
 pub mod lifecycle;
 pub mod params;
 pub mod queue;
+pub mod retry;
 pub mod rpc;
 pub mod server;
 pub mod storage;

@@ -23,7 +23,11 @@ use crate::commands::{CommandError, Progress, RunContext};
 use crate::config::WorkerConfig;
 use crate::job::{Envelope, Vars, mime_ext};
 use crate::queue::{DeadLetter, Queue, QueueError, Received};
-use crate::tasks::TaskRunner;
+use crate::retry::Backoff;
+use crate::tasks::{TaskError, TaskRunner};
+
+/// Waits between receives while the queue cannot be reached.
+const QUEUE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
 /// What one step did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,11 +172,7 @@ impl Worker {
                 Ok(_) => failures = 0,
                 Err(e) => {
                     failures += 1;
-                    let delay = backoff(
-                        Duration::from_millis(500),
-                        Duration::from_secs(30),
-                        failures,
-                    );
+                    let delay = QUEUE_BACKOFF.delay(failures);
                     error!(error = %e, retry_in = ?delay, "queue error");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -268,11 +268,8 @@ impl Worker {
                 Ok(JobResult::DeadLettered)
             }
             Err(JobError::Retryable(reason)) => {
-                let delay = backoff(
-                    self.config.retry_delay,
-                    self.config.max_retry_delay,
-                    delivery.attempt,
-                );
+                let delay = Backoff::new(self.config.retry_delay, self.config.max_retry_delay)
+                    .delay(delivery.attempt);
                 warn!(%reason, retry_in = ?delay, "Job failed, returning to queue for a retry.");
                 self.queue.retry_later(receipt, delay, &reason).await?;
                 Ok(JobResult::WillRetry)
@@ -359,8 +356,14 @@ impl Worker {
         for task in &job.tasks {
             info!("Executing task: {}.", task.name());
             let location = tokio::select! {
-                r = task.run(&self.tasks, &output, &vars) => r
-                    .map_err(|e| JobError::Retryable(format!("task {} failed: {e}", task.name())))?,
+                r = task.run(&self.tasks, &output, &vars) => r.map_err(|e| match e {
+                    TaskError::Retryable(e) => {
+                        JobError::Retryable(format!("task {} failed: {e}", task.name()))
+                    }
+                    TaskError::Permanent(e) => {
+                        JobError::Fatal(format!("task {} failed for good: {e}", task.name()))
+                    }
+                })?,
                 _ = abort.cancelled() => return Err(JobError::Interrupted),
             };
             info!(%location, "Executed task: {}.", task.name());
@@ -400,26 +403,5 @@ impl Worker {
             .in_current_span(),
         );
         stop
-    }
-}
-
-/// `base` doubled for each try after the first, capped at `max`.
-fn backoff(base: Duration, max: Duration, tries: u32) -> Duration {
-    base.saturating_mul(2u32.saturating_pow(tries.saturating_sub(1)))
-        .min(max)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let (base, max) = (Duration::from_secs(5), Duration::from_secs(60));
-        assert_eq!(backoff(base, max, 1), Duration::from_secs(5));
-        assert_eq!(backoff(base, max, 2), Duration::from_secs(10));
-        assert_eq!(backoff(base, max, 4), Duration::from_secs(40));
-        assert_eq!(backoff(base, max, 5), max);
-        assert_eq!(backoff(base, max, 40), max);
     }
 }

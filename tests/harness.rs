@@ -672,8 +672,8 @@ pub struct Hit {
     pub headers: axum::http::HeaderMap,
 }
 
-/// A local HTTP server that records every POST and answers 500 to the first
-/// `failures` of them, then 200.
+/// A local HTTP server that records every POST and answers 500 (or another
+/// status) to the first `failures` of them, then 200.
 pub struct Receiver {
     pub addr: std::net::SocketAddr,
     pub hits: Arc<Mutex<Vec<Hit>>>,
@@ -681,6 +681,11 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(failures: usize) -> Self {
+        Self::answering(failures, axum::http::StatusCode::INTERNAL_SERVER_ERROR).await
+    }
+
+    /// Answers `status` to the first `failures` POSTs, then 200.
+    pub async fn answering(failures: usize, status: axum::http::StatusCode) -> Self {
         use axum::extract::State;
         use axum::http::{HeaderMap, StatusCode, Uri};
 
@@ -703,7 +708,7 @@ impl Receiver {
                         headers,
                     });
                     if hits.len() <= failures {
-                        StatusCode::INTERNAL_SERVER_ERROR
+                        status
                     } else {
                         StatusCode::OK
                     }

@@ -92,9 +92,10 @@ impl LocalBucket {
         .await
         .map_err(|e| e.to_string())
         .and_then(|r: std::io::Result<String>| r.map_err(|e| e.to_string()))
-        .map_err(|message| StorageError::Write {
+        .map_err(|message| StorageError {
             bucket: self.name.clone(),
             message: format!("{key}: {message}"),
+            permanent: false,
         })
     }
 }

@@ -10,10 +10,14 @@ use crate::config::BucketConfig;
 pub use local::LocalBucket;
 pub use s3::S3Bucket;
 
+/// A write that failed.
 #[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    #[error("bucket `{bucket}`: {message}")]
-    Write { bucket: String, message: String },
+#[error("bucket `{bucket}`: {message}")]
+pub struct StorageError {
+    pub bucket: String,
+    pub message: String,
+    /// No retry can help (no such bucket, access denied).
+    pub permanent: bool,
 }
 
 /// One configured bucket.
@@ -55,9 +59,10 @@ impl Bucket {
             Bucket::S3(b) => b
                 .put(key, output, content_type, acl)
                 .await
-                .map_err(|message| StorageError::Write {
+                .map_err(|failure| StorageError {
                     bucket: b.name().to_owned(),
-                    message,
+                    message: failure.message,
+                    permanent: failure.permanent,
                 }),
         }
     }

@@ -11,11 +11,53 @@ use std::path::Path;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::RequestChecksumCalculation;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ObjectCannedAcl};
 
 use crate::commands::{Body, Output};
 use crate::config::S3BucketConfig;
+
+/// A failed S3 call: what went wrong, and whether another try can help.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    /// The bucket refuses this for good (missing, no access).
+    pub permanent: bool,
+}
+
+/// S3 error codes that no retry will change.
+const PERMANENT_CODES: [&str; 6] = [
+    "AccessDenied",
+    "NoSuchBucket",
+    "InvalidBucketName",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+];
+
+impl Failure {
+    fn sdk<E, R>(context: String, error: &SdkError<E, R>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        Self {
+            message: format!("{context}: {}", crate::aws::describe(error)),
+            permanent: error.code().is_some_and(|c| PERMANENT_CODES.contains(&c)),
+        }
+    }
+}
+
+/// Local trouble (reading the result file): worth another try.
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            permanent: false,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct S3Bucket {
@@ -70,7 +112,7 @@ impl S3Bucket {
         output: &Output,
         content_type: &str,
         acl: Option<&str>,
-    ) -> Result<String, String> {
+    ) -> Result<String, Failure> {
         let acl = acl.map(ObjectCannedAcl::from);
         match &output.body {
             Body::Bytes(bytes) => {
@@ -102,7 +144,7 @@ impl S3Bucket {
         body: ByteStream,
         content_type: &str,
         acl: Option<ObjectCannedAcl>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -113,7 +155,7 @@ impl S3Bucket {
             .send()
             .await
             .map(drop)
-            .map_err(|e| format!("PutObject {key}: {}", crate::aws::describe(&e)))
+            .map_err(|e| Failure::sdk(format!("PutObject {key}"), &e))
     }
 
     async fn put_multipart(
@@ -123,7 +165,7 @@ impl S3Bucket {
         size: u64,
         content_type: &str,
         acl: Option<ObjectCannedAcl>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let upload_id = self
             .client
             .create_multipart_upload()
@@ -133,9 +175,11 @@ impl S3Bucket {
             .set_acl(acl)
             .send()
             .await
-            .map_err(|e| format!("CreateMultipartUpload {key}: {}", crate::aws::describe(&e)))?
+            .map_err(|e| Failure::sdk(format!("CreateMultipartUpload {key}"), &e))?
             .upload_id
-            .ok_or("CreateMultipartUpload returned no upload id")?;
+            .ok_or_else(|| {
+                Failure::from("CreateMultipartUpload returned no upload id".to_owned())
+            })?;
         let mut open = OpenUpload {
             client: self.client.clone(),
             bucket: self.bucket.clone(),
@@ -157,17 +201,12 @@ impl S3Bucket {
                 .send()
                 .await
                 .map(drop)
-                .map_err(|e| {
-                    format!(
-                        "CompleteMultipartUpload {key}: {}",
-                        crate::aws::describe(&e)
-                    )
-                }),
+                .map_err(|e| Failure::sdk(format!("CompleteMultipartUpload {key}"), &e)),
             Err(e) => Err(e),
         };
         match &completed {
             Ok(()) => open.upload_id = None,
-            Err(error) => open.abort(error).await,
+            Err(error) => open.abort(&error.message).await,
         }
         completed
     }
@@ -178,7 +217,7 @@ impl S3Bucket {
         path: &Path,
         size: u64,
         upload_id: &str,
-    ) -> Result<Vec<CompletedPart>, String> {
+    ) -> Result<Vec<CompletedPart>, Failure> {
         let mut parts = Vec::new();
         let mut offset = 0;
         while offset < size {
@@ -202,7 +241,7 @@ impl S3Bucket {
                 .body(body)
                 .send()
                 .await
-                .map_err(|e| format!("UploadPart {number} of {key}: {}", crate::aws::describe(&e)))?
+                .map_err(|e| Failure::sdk(format!("UploadPart {number} of {key}"), &e))?
                 .e_tag;
             parts.push(
                 CompletedPart::builder()

@@ -21,6 +21,10 @@ use super::TaskError;
 use crate::commands::{Body, Output};
 use crate::config::HttpPostConfig;
 use crate::job::{Template, Vars};
+use crate::retry::Backoff;
+
+/// Longest wait between two attempts of one postback.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// Header carrying `sha256=<hex HMAC of the body>` when a secret is set.
 pub const SIGNATURE_HEADER: &str = "X-Renderq-Signature";
@@ -138,7 +142,7 @@ pub struct HttpPoster {
     /// One client per (follow_redirects, verify_ssl) pair, built once.
     clients: Arc<[reqwest::Client; 4]>,
     attempts: u32,
-    retry_delay: Duration,
+    retry: Backoff,
     /// HMAC key for the signature header; read from the environment.
     secret: Option<Arc<[u8]>>,
 }
@@ -178,7 +182,7 @@ impl HttpPoster {
             ]),
             policy,
             attempts: config.attempts,
-            retry_delay: config.retry_delay,
+            retry: Backoff::new(config.retry_delay, MAX_RETRY_DELAY),
             secret: secret.map(|s| Arc::from(s.into_bytes())),
         })
     }
@@ -191,19 +195,21 @@ impl HttpPoster {
     ) -> Result<String, TaskError> {
         let rendered = task.postback_uri.render(vars);
         let url = Url::parse(&rendered)
-            .map_err(|e| TaskError(format!("postback_uri `{rendered}`: {e}")))?;
-        self.policy.check_url(&url).map_err(TaskError)?;
+            .map_err(|e| TaskError::Permanent(format!("postback_uri `{rendered}`: {e}")))?;
+        self.policy.check_url(&url).map_err(TaskError::Permanent)?;
 
         let body: bytes::Bytes = match &output.body {
             Body::Bytes(b) => b.clone().into(),
             Body::File(path) => tokio::fs::read(path)
                 .await
-                .map_err(|e| TaskError(format!("cannot read result {}: {e}", path.display())))?
+                .map_err(|e| {
+                    TaskError::Retryable(format!("cannot read result {}: {e}", path.display()))
+                })?
                 .into(),
         };
         let mut headers = HeaderMap::new();
         let content_type = HeaderValue::from_str(output.mime.as_ref())
-            .map_err(|e| TaskError(format!("content type: {e}")))?;
+            .map_err(|e| TaskError::Permanent(format!("content type: {e}")))?;
         headers.insert(CONTENT_TYPE, content_type);
         for (name, value) in &task.headers {
             if let (Ok(name), Ok(value)) = (
@@ -225,10 +231,10 @@ impl HttpPoster {
 
         let client =
             &self.clients[usize::from(task.follow_redirects) * 2 + usize::from(task.verify_ssl)];
-        let mut last_error = String::new();
+        let mut last_error = TaskError::Retryable(String::new());
         for attempt in 1..=self.attempts {
             if attempt > 1 {
-                tokio::time::sleep(self.retry_delay * 2u32.saturating_pow(attempt - 2)).await;
+                tokio::time::sleep(self.retry.delay(attempt - 1)).await;
             }
             let sent = client
                 .post(url.clone())
@@ -236,29 +242,59 @@ impl HttpPoster {
                 .body(body.clone())
                 .send()
                 .await;
-            match sent {
+            last_error = match sent {
                 Ok(response) if response.status().is_success() => return Ok(url.to_string()),
-                Ok(response) => {
-                    let status = response.status();
-                    last_error = format!("{url} answered {status}");
-                    let transient = status.is_server_error()
-                        || status == reqwest::StatusCode::REQUEST_TIMEOUT
-                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
-                    if !transient {
-                        break;
-                    }
+                Ok(response) => status_error(&url, response.status()),
+                Err(e) if e.is_redirect() => {
+                    TaskError::Permanent(format!("{url}: {}", crate::error_chain(&e)))
                 }
-                Err(e) => last_error = format!("{url}: {}", crate::error_chain(&e)),
-            }
+                Err(e) => TaskError::Retryable(format!("{url}: {}", crate::error_chain(&e))),
+            };
             tracing::warn!(attempt, error = %last_error, "http_post attempt failed");
+            if matches!(last_error, TaskError::Permanent(_)) {
+                break;
+            }
         }
-        Err(TaskError(last_error))
+        Err(last_error)
+    }
+}
+
+/// What an answer other than 2xx means: the server may recover from a 5xx,
+/// a 408 or a 429; any other answer will be the same next time.
+fn status_error(url: &Url, status: reqwest::StatusCode) -> TaskError {
+    let message = format!("{url} answered {status}");
+    if status.is_server_error()
+        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+    {
+        TaskError::Retryable(message)
+    } else {
+        TaskError::Permanent(message)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_server_trouble_is_worth_another_try() {
+        let url = Url::parse("http://127.0.0.1/x").unwrap();
+        for code in [500, 503, 408, 429] {
+            let status = reqwest::StatusCode::from_u16(code).unwrap();
+            assert!(
+                matches!(status_error(&url, status), TaskError::Retryable(_)),
+                "{code}"
+            );
+        }
+        for code in [400, 403, 404, 410, 301] {
+            let status = reqwest::StatusCode::from_u16(code).unwrap();
+            assert!(
+                matches!(status_error(&url, status), TaskError::Permanent(_)),
+                "{code}"
+            );
+        }
+    }
 
     fn policy(hosts: Option<&[&str]>) -> HostPolicy {
         HostPolicy::from_config(&HttpPostConfig {

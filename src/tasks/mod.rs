@@ -30,9 +30,18 @@ pub struct TaskRunner {
     pub http: HttpPoster,
 }
 
+/// Why a post-task failed; decides between another try and the
+/// dead-letter queue.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct TaskError(pub String);
+pub enum TaskError {
+    /// May work next time: connection errors, 5xx, 408, 429, throttling.
+    #[error("{0}")]
+    Retryable(String),
+    /// Will fail the same way every time: a 4xx answer, a refused host, a
+    /// missing bucket or denied access, a bad key.
+    #[error("{0}")]
+    Permanent(String),
+}
 
 impl Task {
     /// Parses the `index`th task of a job; errors name the field.

@@ -40,9 +40,9 @@ impl S3Upload {
     ) -> Result<String, TaskError> {
         let bucket = buckets
             .get(&self.bucket)
-            .ok_or_else(|| TaskError(format!("unknown bucket `{}`", self.bucket)))?;
+            .ok_or_else(|| TaskError::Permanent(format!("unknown bucket `{}`", self.bucket)))?;
         let key = self.key.render(vars);
-        check_key(&key).map_err(TaskError)?;
+        check_key(&key).map_err(TaskError::Permanent)?;
         let content_type = self
             .content_type
             .clone()
@@ -50,6 +50,9 @@ impl S3Upload {
         bucket
             .put(&key, output, &content_type, self.acl.as_deref())
             .await
-            .map_err(|e| TaskError(e.to_string()))
+            .map_err(|e| match e.permanent {
+                true => TaskError::Permanent(e.to_string()),
+                false => TaskError::Retryable(e.to_string()),
+            })
     }
 }
