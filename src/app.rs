@@ -39,10 +39,7 @@ impl App {
             HttpPoster::new(&config.http_post, secret).context("building the HTTP client")?;
         let queues = Queues::open(&config.queues).await?;
         Ok(Self {
-            catalog: Arc::new(
-                Catalog::from_config(&config)
-                    .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?,
-            ),
+            catalog: Arc::new(Catalog::from_config(&config).map_err(|i| config.locate(i))?),
             tasks: TaskRunner {
                 buckets: Buckets::open(&config.buckets).await?,
                 http,

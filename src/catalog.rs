@@ -30,12 +30,39 @@ pub struct ValidJob<'a> {
 }
 
 impl Catalog {
+    /// Builds every `[commands.NAME]` once (so each is checked, allowed or
+    /// not) and keeps the allowed ones. Errors name the key; the caller
+    /// locates it in the file with [`Config::locate`].
     pub fn from_config(config: &Config) -> Result<Self, Invalid> {
+        let mut defined = BTreeMap::new();
+        for (name, table) in &config.commands {
+            if Builtin::from_name(name).is_some() {
+                return Err(Invalid::new(
+                    format!("commands.{name}"),
+                    format!("`{name}` is a built-in command"),
+                ));
+            }
+            defined.insert(name.as_str(), Command::from_config(name, table, config)?);
+        }
         let commands = config
             .queue_manager
             .allow_commands
             .iter()
-            .map(|name| Ok((name.clone(), command(config, name)?)))
+            .enumerate()
+            .map(|(i, name)| {
+                let command = match Builtin::from_name(name) {
+                    Some(builtin) => Command::builtin(builtin),
+                    None => defined.get(name.as_str()).cloned().ok_or_else(|| {
+                        Invalid::new(
+                            format!("queue_manager.allow_commands[{i}]"),
+                            format!(
+                                "unknown command `{name}`: neither built in nor a [commands.{name}] table"
+                            ),
+                        )
+                    })?,
+                };
+                Ok((name.clone(), command))
+            })
             .collect::<Result<_, Invalid>>()?;
         Ok(Self {
             commands,
@@ -180,6 +207,26 @@ allow_hosts = ["127.0.0.1"]
             .unwrap();
         assert_eq!(job.parameters["width"], 640);
         assert_eq!(job.tasks.len(), 1);
+    }
+
+    #[test]
+    fn unknown_allowed_command_names_its_array_entry() {
+        let config = Config::from_toml(
+            r#"
+[queue_manager]
+allow_commands = ["get_version", "rm_rf"]
+default_queue = "q"
+listen_queue = "q"
+[queues.q]
+backend = "local"
+path = "q"
+"#,
+            std::path::Path::new("/tmp"),
+        )
+        .unwrap();
+        let err = Catalog::from_config(&config).unwrap_err();
+        assert_eq!(err.key, "queue_manager.allow_commands[1]");
+        assert!(err.message.contains("rm_rf"), "{}", err.message);
     }
 
     #[test]

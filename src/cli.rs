@@ -299,8 +299,7 @@ async fn run_once(
             _ => bail!("--init-data is only for adaptor commands"),
         }
     }
-    let command = crate::catalog::command(&config, &args.command)
-        .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+    let command = crate::catalog::command(&config, &args.command).map_err(|i| config.locate(i))?;
     let params = command
         .schema
         .apply(&params)

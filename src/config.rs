@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -46,6 +47,16 @@ pub struct Config {
     /// `{config_dir}` in command arguments stands for it.
     #[serde(skip)]
     pub config_dir: PathBuf,
+    /// The file and its text, so that problems found later (building the
+    /// commands) can name their line too.
+    #[serde(skip)]
+    source: Option<Arc<Source>>,
+}
+
+#[derive(Debug)]
+struct Source {
+    path: PathBuf,
+    text: String,
 }
 
 /// `[commands.NAME]`
@@ -409,11 +420,32 @@ impl Config {
         let absolute = std::path::absolute(path)
             .map_err(|e| error(None, None, format!("cannot resolve path: {e}")))?;
         config.resolve_paths(absolute.parent().unwrap_or(Path::new("/")));
-        config.validate().map_err(|invalid| {
-            let line = span_of_key(&text, &invalid.key).map(|start| line_of(&text, start));
-            error(line, Some(invalid.key), invalid.message)
-        })?;
+        config.source = Some(Arc::new(Source {
+            path: path.to_owned(),
+            text,
+        }));
+        config
+            .validate()
+            .map_err(|invalid| config.locate(invalid))?;
         Ok(config)
+    }
+
+    /// A problem with a key, as an error naming the file and line where the
+    /// key is written (when the config came from a file).
+    pub fn locate(&self, invalid: Invalid) -> ConfigError {
+        let (path, line) = match &self.source {
+            Some(source) => (
+                source.path.clone(),
+                span_of_key(&source.text, &invalid.key).map(|at| line_of(&source.text, at)),
+            ),
+            None => (PathBuf::from("(config)"), None),
+        };
+        ConfigError {
+            path,
+            line,
+            key: Some(invalid.key),
+            message: invalid.message,
+        }
     }
 
     /// Parses a config from text, with relative paths resolved against
@@ -431,28 +463,6 @@ impl Config {
     /// durations fit the queue's limits.
     fn validate(&self) -> Result<(), Invalid> {
         let qm = &self.queue_manager;
-        for (i, name) in qm.allow_commands.iter().enumerate() {
-            if crate::commands::Builtin::from_name(name).is_none()
-                && !self.commands.contains_key(name)
-            {
-                return Err(Invalid::new(
-                    format!("queue_manager.allow_commands[{i}]"),
-                    format!(
-                        "unknown command `{name}`: neither built in nor a [commands.{name}] table"
-                    ),
-                ));
-            }
-        }
-        for (name, command) in &self.commands {
-            if crate::commands::Builtin::from_name(name).is_some() {
-                return Err(Invalid::new(
-                    format!("commands.{name}"),
-                    format!("`{name}` is a built-in command"),
-                ));
-            }
-            // Building the command checks its program, templates and schema.
-            crate::commands::Command::from_config(name, command, self)?;
-        }
         for (key, queue) in [
             ("queue_manager.default_queue", &qm.default_queue),
             ("queue_manager.listen_queue", &qm.listen_queue),
@@ -700,11 +710,15 @@ path = "var/q"
     }
 
     #[test]
-    fn disallowed_command_names_array_entry() {
-        let text = MINIMAL.replace("[\"get_version\"]", "[\"get_version\", \"rm_rf\"]");
-        let err = load_text(&text).unwrap_err().to_string();
-        assert!(err.contains("allow_commands[1]"), "{err}");
-        assert!(err.contains("rm_rf"), "{err}");
+    fn later_problems_are_located_in_the_file() {
+        let config = load_text(MINIMAL).unwrap();
+        let err = config
+            .locate(Invalid::new("queue_manager.default_queue", "no such queue"))
+            .to_string();
+        assert!(
+            err.ends_with("workers.toml:4: `queue_manager.default_queue`: no such queue"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! - [`job`]: the queue message envelope, key templates, key checks. Pure.
 //! - [`params`]: command parameter schemas. Pure.
 //! - [`catalog`]: what a job may ask for; the one validator used by both the
-//!   submit half and the worker.
+//!   submit half and the worker. It builds every command once; its errors
+//!   are located in the file by [`config::Config::locate`] (the config
+//!   module knows nothing of commands).
 //! - [`submit`]: the submit half (validate, then send).
 //! - [`rpc`]: JSON-RPC 2.0 types and dispatch, no HTTP.
 //! - [`server`]: the HTTP router: auth, body limit, `/healthz`.

@@ -121,3 +121,22 @@ fn unusable_work_dir_is_reported_with_its_key() {
         }
     }
 }
+
+#[test]
+fn unknown_allowed_command_names_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("workers.toml");
+    let broken = repo_config().replace("\"render_demo\"]", "\"render_demo\", \"rm_rf\"]");
+    std::fs::write(&path, &broken).unwrap();
+    let line = broken.lines().position(|l| l.contains("rm_rf")).unwrap() + 1;
+    let (code, stderr) = run(&["check-config"], &path);
+    assert_ne!(code, 0);
+    let expected = format!(
+        "{}:{line}: `queue_manager.allow_commands[3]`",
+        path.display()
+    );
+    assert!(
+        stderr.contains(&expected) && stderr.contains("rm_rf"),
+        "{stderr}"
+    );
+}
