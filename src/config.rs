@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::event::EventType;
 use crate::params::ParamSpec;
 /// SQS refuses to keep a message invisible for longer than this after it was
 /// received, so a job must finish (or be failed) within it.
@@ -43,6 +44,9 @@ pub struct Config {
     /// only if `allow_commands` lists it.
     #[serde(default)]
     pub commands: BTreeMap<String, CommandConfig>,
+    /// Where lifecycle events go.
+    #[serde(default)]
+    pub events: EventsConfig,
     /// The folder of the config file: relative paths start here, and
     /// `{config_dir}` in command arguments stands for it.
     #[serde(skip)]
@@ -357,6 +361,109 @@ impl Default for HttpPostConfig {
     }
 }
 
+/// `[events]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Named targets; each gets the events its filter lets through, and
+    /// jobs may subscribe to any of them by name.
+    pub targets: BTreeMap<String, EventTargetConfig>,
+    /// Events waiting per target while it is slow or down; past this, new
+    /// ones are dropped (and counted).
+    pub buffer: usize,
+    /// How many times a batch is sent before it is dropped (and counted).
+    pub attempts: u32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            targets: BTreeMap::new(),
+            buffer: 10_000,
+            attempts: 10,
+        }
+    }
+}
+
+/// `[events.targets.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum EventTargetConfig {
+    /// One JSON event per line, appended to a file.
+    File(FileTargetConfig),
+    /// An SQS queue (a plain one; no redrive policy needed).
+    Sqs(SqsTargetConfig),
+    /// An EventBridge bus: `source = "renderq"`, detail-type = event type.
+    Eventbridge(EventBridgeTargetConfig),
+    /// An HTTP endpoint, one POST per event.
+    Webhook(WebhookTargetConfig),
+}
+
+impl EventTargetConfig {
+    /// The event types this target gets without a subscription (`None`:
+    /// all; `[]`: only what jobs subscribe to).
+    pub fn events(&self) -> Option<&[EventType]> {
+        match self {
+            EventTargetConfig::File(c) => c.events.as_deref(),
+            EventTargetConfig::Sqs(c) => c.events.as_deref(),
+            EventTargetConfig::Eventbridge(c) => c.events.as_deref(),
+            EventTargetConfig::Webhook(c) => c.events.as_deref(),
+        }
+    }
+}
+
+/// `kind = "file"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTargetConfig {
+    /// The file; relative paths start at the config's folder.
+    pub path: PathBuf,
+    /// Event types sent without a subscription (default: all).
+    pub events: Option<Vec<EventType>>,
+}
+
+/// `kind = "sqs"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsTargetConfig {
+    pub url: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    /// Event types sent without a subscription (default: all).
+    pub events: Option<Vec<EventType>>,
+}
+
+/// `kind = "eventbridge"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventBridgeTargetConfig {
+    /// The bus, by name or ARN.
+    pub bus: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    /// Event types sent without a subscription (default: all).
+    pub events: Option<Vec<EventType>>,
+}
+
+/// `kind = "webhook"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookTargetConfig {
+    pub url: String,
+    /// Environment variable holding the HMAC-SHA256 secret for the
+    /// `X-Renderq-Signature` header.
+    pub secret_env: Option<String>,
+    /// Limit on one attempt.
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Event types sent without a subscription (default: all).
+    pub events: Option<Vec<EventType>>,
+}
+
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
 /// A configuration that could not be used, naming the file, line and key.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
@@ -499,6 +606,12 @@ impl Config {
         if let Some(dir) = &w.work_dir {
             check_writable_dir(dir).map_err(|e| Invalid::new("worker.work_dir", e))?;
         }
+        if self.events.buffer == 0 {
+            return Err(Invalid::new("events.buffer", "must be at least 1"));
+        }
+        if self.events.attempts == 0 {
+            return Err(Invalid::new("events.attempts", "must be at least 1"));
+        }
         if self.http_post.attempts == 0 {
             return Err(Invalid::new("http_post.attempts", "must be at least 1"));
         }
@@ -546,6 +659,11 @@ impl Config {
         for bucket in self.buckets.values_mut() {
             if let BucketConfig::Local(local) = bucket {
                 local.path = base.join(&local.path);
+            }
+        }
+        for target in self.events.targets.values_mut() {
+            if let EventTargetConfig::File(file) = target {
+                file.path = base.join(&file.path);
             }
         }
     }

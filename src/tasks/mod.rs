@@ -8,7 +8,7 @@ mod s3_upload;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-pub use http_post::{HostPolicy, HttpPost, HttpPoster};
+pub use http_post::{HostPolicy, HttpPost, HttpPoster, SIGNATURE_HEADER};
 pub use s3_upload::S3Upload;
 
 use crate::commands::Output;

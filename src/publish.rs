@@ -1,0 +1,465 @@
+//! Delivers events to their targets without ever holding up a job.
+//!
+//! Each target has a bounded buffer and a task of its own that sends in
+//! batches, retrying with back-off while the target is down. Publishing
+//! never waits: when a buffer is full the event is dropped, counted and
+//! logged. On shutdown [`Publisher::close`] lets the buffers drain until the
+//! drain deadline.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::{Map, Value};
+use sha2::Sha256;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{EventTargetConfig, EventsConfig, secret_from_env};
+use crate::event::{Event, EventType, Notification, WorkerIdentity};
+use crate::retry::Backoff;
+
+/// Waits between tries of a batch a target refused.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+
+/// A place events go.
+#[derive(Debug)]
+enum Target {
+    File(std::path::PathBuf),
+    Sqs {
+        client: aws_sdk_sqs::Client,
+        url: String,
+    },
+    EventBridge {
+        client: aws_sdk_eventbridge::Client,
+        bus: String,
+    },
+    Webhook {
+        client: reqwest::Client,
+        url: String,
+        secret: Option<Vec<u8>>,
+    },
+}
+
+impl Target {
+    async fn open(name: &str, config: &EventTargetConfig) -> anyhow::Result<Self> {
+        Ok(match config {
+            EventTargetConfig::File(c) => Target::File(c.path.clone()),
+            EventTargetConfig::Sqs(c) => {
+                let sdk =
+                    crate::aws::sdk_config(c.region.as_deref(), c.endpoint_url.as_deref()).await;
+                Target::Sqs {
+                    client: aws_sdk_sqs::Client::new(&sdk),
+                    url: c.url.clone(),
+                }
+            }
+            EventTargetConfig::Eventbridge(c) => {
+                let sdk =
+                    crate::aws::sdk_config(c.region.as_deref(), c.endpoint_url.as_deref()).await;
+                Target::EventBridge {
+                    client: aws_sdk_eventbridge::Client::new(&sdk),
+                    bus: c.bus.clone(),
+                }
+            }
+            EventTargetConfig::Webhook(c) => {
+                let secret = c
+                    .secret_env
+                    .as_deref()
+                    .map(|var| secret_from_env(&format!("events.targets.{name}.secret_env"), var))
+                    .transpose()
+                    .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+                Target::Webhook {
+                    client: reqwest::Client::builder()
+                        .timeout(c.timeout)
+                        .user_agent(concat!("renderq/", env!("CARGO_PKG_VERSION")))
+                        .build()?,
+                    url: c.url.clone(),
+                    secret: secret.map(String::into_bytes),
+                }
+            }
+        })
+    }
+
+    /// Most events sent in one call.
+    fn batch_size(&self) -> usize {
+        match self {
+            Target::File(_) => 100,
+            Target::Sqs { .. } | Target::EventBridge { .. } => 10,
+            Target::Webhook { .. } => 1,
+        }
+    }
+
+    async fn send(&self, batch: &[Event]) -> Result<(), String> {
+        match self {
+            Target::File(path) => {
+                let mut lines = String::new();
+                for event in batch {
+                    lines.push_str(&event.to_json());
+                    lines.push('\n');
+                }
+                let mut file = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                // One write per batch: appends from several processes do
+                // not interleave within a line.
+                file.write_all(lines.as_bytes())
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            }
+            Target::Sqs { client, url } => {
+                let entries = batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, event)| {
+                        aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .message_body(event.to_json())
+                            .build()
+                            .map_err(|e| e.to_string())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let sent = client
+                    .send_message_batch()
+                    .queue_url(url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                    .map_err(|e| crate::aws::describe(&e))?;
+                match sent.failed.first() {
+                    Some(failed) => Err(format!("SendMessageBatch: {}", failed.code)),
+                    None => Ok(()),
+                }
+            }
+            Target::EventBridge { client, bus } => {
+                let entries = batch
+                    .iter()
+                    .map(|event| {
+                        aws_sdk_eventbridge::types::PutEventsRequestEntry::builder()
+                            .source("renderq")
+                            .detail_type(event.kind.name())
+                            .detail(event.to_json())
+                            .event_bus_name(bus)
+                            .build()
+                    })
+                    .collect();
+                let put = client
+                    .put_events()
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                    .map_err(|e| crate::aws::describe(&e))?;
+                match put.failed_entry_count {
+                    0 => Ok(()),
+                    n => Err(format!("PutEvents: {n} entries failed")),
+                }
+            }
+            Target::Webhook {
+                client,
+                url,
+                secret,
+            } => {
+                for event in batch {
+                    let body = event.to_json();
+                    let mut request = client
+                        .post(url)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json");
+                    if let Some(secret) = secret {
+                        let mut mac =
+                            Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key");
+                        mac.update(body.as_bytes());
+                        request = request.header(
+                            crate::tasks::SIGNATURE_HEADER,
+                            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
+                        );
+                    }
+                    let response = request
+                        .body(body)
+                        .send()
+                        .await
+                        .map_err(|e| format!("{url}: {}", crate::error_chain(&e)))?;
+                    if !response.status().is_success() {
+                        return Err(format!("{url} answered {}", response.status()));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A target's buffer, as the publisher sees it.
+#[derive(Debug)]
+struct Outlet {
+    /// Event types it gets without a subscription (`None`: all).
+    filter: Option<Vec<EventType>>,
+    /// `None` once closed.
+    sender: Mutex<Option<mpsc::Sender<Event>>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    worker: Option<WorkerIdentity>,
+    outlets: BTreeMap<String, Outlet>,
+    tasks: TaskTracker,
+    /// Events dropped: buffer full, or a batch out of tries.
+    dropped: Arc<AtomicU64>,
+}
+
+/// Publishes events to the configured targets; clones share the targets.
+#[derive(Debug, Clone, Default)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+impl Publisher {
+    /// Opens every target and starts its delivery task.
+    pub async fn start(config: &EventsConfig, worker: WorkerIdentity) -> anyhow::Result<Self> {
+        let dropped = Arc::new(AtomicU64::new(0));
+        let tasks = TaskTracker::new();
+        let mut outlets = BTreeMap::new();
+        for (name, target_config) in &config.targets {
+            let target = Target::open(name, target_config).await?;
+            let (sender, receiver) = mpsc::channel(config.buffer);
+            tasks.spawn(deliver(
+                name.clone(),
+                target,
+                receiver,
+                config.attempts,
+                dropped.clone(),
+            ));
+            outlets.insert(
+                name.clone(),
+                Outlet {
+                    filter: target_config.events().map(<[EventType]>::to_vec),
+                    sender: Mutex::new(Some(sender)),
+                },
+            );
+        }
+        tasks.close();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                worker: Some(worker),
+                outlets,
+                tasks,
+                dropped,
+            }),
+        })
+    }
+
+    /// Whether a target of that name is configured (for subscriptions).
+    pub fn has_target(&self, name: &str) -> bool {
+        self.inner.outlets.contains_key(name)
+    }
+
+    /// Events dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Sends an event to every target whose filter lets it through, with
+    /// the job's variables, and once more to each of the job's own
+    /// subscriptions that wants it, with that subscription's variables.
+    /// Never waits.
+    pub fn publish(&self, mut event: Event, notifications: &[Notification]) {
+        if self.inner.outlets.is_empty() {
+            return;
+        }
+        event.worker = self.inner.worker.clone();
+        for notification in notifications {
+            if notification.wants(event.kind) {
+                let mut own = event.clone();
+                own.event_id = uuid::Uuid::new_v4().to_string();
+                own.vars = notification.vars.clone();
+                self.enqueue(&notification.target, own);
+            }
+        }
+        event.vars = notifications
+            .iter()
+            .flat_map(|n| n.vars.clone())
+            .collect::<Map<String, Value>>();
+        for (name, outlet) in &self.inner.outlets {
+            if outlet
+                .filter
+                .as_ref()
+                .is_none_or(|f| f.contains(&event.kind))
+            {
+                self.enqueue(name, event.clone());
+            }
+        }
+    }
+
+    fn enqueue(&self, target: &str, event: Event) {
+        let Some(outlet) = self.inner.outlets.get(target) else {
+            return;
+        };
+        let sender = outlet.sender.lock().expect("outlet lock").clone();
+        let refused = match sender {
+            Some(sender) => sender.try_send(event).is_err(),
+            None => true,
+        };
+        if refused {
+            let dropped = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                target,
+                dropped,
+                "event dropped: the target's buffer is full"
+            );
+        }
+    }
+
+    /// Stops taking events and gives the buffers until `deadline` to drain.
+    pub async fn close(&self, deadline: Duration) {
+        for outlet in self.inner.outlets.values() {
+            outlet.sender.lock().expect("outlet lock").take();
+        }
+        if tokio::time::timeout(deadline, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("event targets did not drain before the deadline");
+        }
+    }
+}
+
+/// A target's delivery loop: batches, retries with back-off, and counts
+/// what it has to give up on.
+async fn deliver(
+    name: String,
+    target: Target,
+    mut receiver: mpsc::Receiver<Event>,
+    attempts: u32,
+    dropped: Arc<AtomicU64>,
+) {
+    while let Some(first) = receiver.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < target.batch_size() {
+            match receiver.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(_) => break,
+            }
+        }
+        for tries in 1..=attempts {
+            match target.send(&batch).await {
+                Ok(()) => break,
+                Err(error) if tries == attempts => {
+                    let total = dropped.fetch_add(batch.len() as u64, Ordering::Relaxed)
+                        + batch.len() as u64;
+                    tracing::error!(target = %name, %error, dropped = total,
+                        "event target failed every try; events dropped");
+                }
+                Err(error) => {
+                    let delay = RETRY.delay(tries);
+                    tracing::warn!(target = %name, %error, retry_in = ?delay, "event target failed");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{EventTargetConfig, FileTargetConfig};
+    use serde_json::json;
+
+    fn file_target(path: &std::path::Path, events: Option<Vec<EventType>>) -> EventTargetConfig {
+        EventTargetConfig::File(FileTargetConfig {
+            path: path.to_owned(),
+            events,
+        })
+    }
+
+    fn lines(path: &std::path::Path) -> Vec<Event> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| Event::parse(l).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn filters_and_subscriptions_pick_what_each_target_gets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (all, succeeded, mine) = (
+            dir.path().join("all"),
+            dir.path().join("succeeded"),
+            dir.path().join("mine"),
+        );
+        let config = EventsConfig {
+            targets: BTreeMap::from([
+                ("all".into(), file_target(&all, None)),
+                (
+                    "succeeded".into(),
+                    file_target(&succeeded, Some(vec![EventType::JobSucceeded])),
+                ),
+                ("mine".into(), file_target(&mine, Some(vec![]))),
+            ]),
+            ..EventsConfig::default()
+        };
+        let publisher = Publisher::start(&config, WorkerIdentity::current())
+            .await
+            .unwrap();
+        let subscription = Notification {
+            events: vec![EventType::JobFailed],
+            target: "mine".into(),
+            vars: json!({"project": "x"}).as_object().unwrap().clone(),
+        };
+        for kind in [
+            EventType::JobStarted,
+            EventType::JobFailed,
+            EventType::JobSucceeded,
+        ] {
+            publisher.publish(
+                Event::new(kind, None, json!({})),
+                std::slice::from_ref(&subscription),
+            );
+        }
+        publisher.close(Duration::from_secs(5)).await;
+
+        assert_eq!(lines(&all).len(), 3);
+        assert!(lines(&all).iter().all(|e| e.vars["project"] == "x"));
+        let kinds = |path| lines(path).iter().map(|e| e.kind).collect::<Vec<_>>();
+        assert_eq!(kinds(&succeeded), [EventType::JobSucceeded]);
+        assert_eq!(kinds(&mine), [EventType::JobFailed]);
+        assert_eq!(publisher.dropped(), 0);
+        let ids: std::collections::HashSet<_> = [&all, &succeeded, &mine]
+            .iter()
+            .flat_map(|p| lines(p))
+            .map(|e| e.event_id)
+            .collect();
+        assert_eq!(ids.len(), 4, "the subscription's copy has an id of its own");
+    }
+
+    #[tokio::test]
+    async fn a_full_buffer_drops_and_counts_without_waiting() {
+        let config = EventsConfig {
+            targets: BTreeMap::from([(
+                "down".into(),
+                file_target(std::path::Path::new("/nonexistent/dir/events"), None),
+            )]),
+            buffer: 2,
+            attempts: 1,
+        };
+        let publisher = Publisher::start(&config, WorkerIdentity::current())
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..100 {
+            publisher.publish(Event::new(EventType::JobStarted, None, json!({})), &[]);
+        }
+        assert!(started.elapsed() < Duration::from_millis(500));
+        publisher.close(Duration::from_secs(5)).await;
+        assert_eq!(
+            publisher.dropped(),
+            100,
+            "dropped when full, or out of tries"
+        );
+    }
+}
