@@ -8,6 +8,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::config::{Config, secret_from_env};
+use crate::event::WorkerIdentity;
+use crate::ledger::Ledgers;
+use crate::observe::Observer;
+use crate::publish::Publisher;
 use crate::queue::Queues;
 use crate::rpc::Rpc;
 use crate::server;
@@ -23,6 +27,10 @@ pub struct App {
     pub catalog: Arc<Catalog>,
     pub queues: Queues,
     pub tasks: TaskRunner,
+    /// Sends events to `[events.targets.*]`; shared by both halves.
+    pub publisher: Publisher,
+    /// Each queue's ledger (array completion, reported tries).
+    pub ledgers: Ledgers,
 }
 
 impl App {
@@ -38,12 +46,14 @@ impl App {
         let http =
             HttpPoster::new(&config.http_post, secret).context("building the HTTP client")?;
         let queues = Queues::open(&config.queues).await?;
+        let publisher = Publisher::start(&config.events, WorkerIdentity::current()).await?;
+        let buckets = Buckets::open(&config.buckets).await?;
+        let ledgers = Ledgers::open(&config.queues, &buckets)?;
         Ok(Self {
+            publisher,
+            ledgers,
             catalog: Arc::new(Catalog::from_config(&config).map_err(|i| config.locate(i))?),
-            tasks: TaskRunner {
-                buckets: Buckets::open(&config.buckets).await?,
-                http,
-            },
+            tasks: TaskRunner { buckets, http },
             queues,
             config,
         })
@@ -54,6 +64,9 @@ impl App {
             self.catalog.clone(),
             self.queues.clone(),
             self.config.queue_manager.default_queue.clone(),
+            self.publisher.clone(),
+            self.ledgers.clone(),
+            self.config.queue_manager.max_array_size,
         )
     }
 
@@ -72,6 +85,8 @@ impl App {
             self.catalog.clone(),
             self.tasks.clone(),
             self.config.worker.clone(),
+            Observer::new(self.publisher.clone()),
+            self.ledgers.get(name).cloned(),
         )
     }
 
@@ -110,12 +125,19 @@ impl App {
             },
             worker.run(shutdown.clone()),
         );
+        self.flush_events().await;
         served.context("HTTP server failed")
     }
 
     /// Runs only the worker until `shutdown`.
     pub async fn work(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         Arc::new(self.worker()).run(shutdown).await;
+        self.flush_events().await;
         Ok(())
+    }
+
+    /// Gives the events still buffered the drain timeout to go out.
+    async fn flush_events(&self) {
+        self.publisher.close(self.config.worker.drain_timeout).await;
     }
 }

@@ -74,6 +74,9 @@ fn no_op() -> SubmitRequest {
         parameters: Default::default(),
         tasks: vec![],
         queue_name: None,
+        frames: None,
+        chunk_size: None,
+        notifications: vec![],
     }
 }
 
@@ -136,7 +139,10 @@ async fn embedded(args: &BenchArgs) -> anyhow::Result<()> {
     let mut pending = HashMap::new();
     for _ in 0..args.latency_jobs {
         let sent = Instant::now();
-        let id = submitter.submit(no_op()).await?;
+        let crate::submit::Submitted::Job { message_id: id } = submitter.submit(no_op()).await?
+        else {
+            anyhow::bail!("a plain job came back as an array");
+        };
         pending.insert(id, sent);
         let (id, at) = finished.recv().await.context("worker stopped")?;
         if let Some(sent) = pending.remove(&id) {
@@ -370,6 +376,7 @@ async fn rate(
         cancel: CancellationToken::new(),
         progress: crate::commands::Progress::new(),
         job_id: "bench".into(),
+        frames: Vec::new(),
     };
     // One warm-up run starts what has to be started (the adaptor).
     command.run(&params, &ctx).await?;

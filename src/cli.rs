@@ -308,22 +308,29 @@ async fn run_once(
         cancel: shutdown,
         progress: crate::commands::Progress::new(),
         job_id: format!("run-{}", uuid::Uuid::new_v4()),
+        frames: Vec::new(),
     };
-    let output = command.run(&params, &ctx).await;
+    let outputs = command.run(&params, &ctx).await;
     command.stop().await;
-    let output = output.with_context(|| format!("{} failed", args.command))?;
-    let path = args.output.unwrap_or_else(|| {
-        PathBuf::from(format!(
-            "{}-result.{}",
-            args.command,
-            crate::job::mime_ext(&output.mime)
-        ))
-    });
-    match &output.body {
-        crate::commands::Body::Bytes(bytes) => std::fs::write(&path, bytes),
-        crate::commands::Body::File(file) => std::fs::copy(file, &path).map(drop),
+    let outputs = outputs.with_context(|| format!("{} failed", args.command))?;
+    let several = outputs.len() > 1;
+    for output in &outputs {
+        let ext = crate::job::mime_ext(&output.mime);
+        // Several outputs go into `--output` as a folder, one file each.
+        let path = match (&args.output, several) {
+            (Some(path), false) => path.clone(),
+            (None, false) => PathBuf::from(format!("{}-result.{ext}", args.command)),
+            (folder, true) => folder
+                .clone()
+                .unwrap_or_default()
+                .join(format!("{}-{}.{ext}", args.command, output.name)),
+        };
+        match &output.body {
+            crate::commands::Body::Bytes(bytes) => std::fs::write(&path, bytes),
+            crate::commands::Body::File(file) => std::fs::copy(file, &path).map(drop),
+        }
+        .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("{}\t{}", path.display(), output.mime);
     }
-    .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("{}\t{}", path.display(), output.mime);
     Ok(())
 }

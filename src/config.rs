@@ -157,6 +157,13 @@ pub struct QueueManagerConfig {
     pub default_queue: String,
     /// The queue this process's worker pulls jobs from.
     pub listen_queue: String,
+    /// Most children one array job may have.
+    #[serde(default = "default_max_array_size")]
+    pub max_array_size: u32,
+}
+
+fn default_max_array_size() -> u32 {
+    10_000
 }
 
 /// `[server]`
@@ -259,6 +266,18 @@ pub struct SqsQueueConfig {
     /// Endpoint of an SQS-compatible server, instead of AWS's.
     #[serde(default)]
     pub endpoint_url: Option<String>,
+    /// A `[buckets.NAME]` on S3 where workers keep the queue's ledger
+    /// (array children's final states, failed tries). Array jobs on this
+    /// queue need it.
+    #[serde(default)]
+    pub status_bucket: Option<String>,
+    /// Key prefix of the ledger in `status_bucket`.
+    #[serde(default = "default_status_prefix")]
+    pub status_prefix: String,
+}
+
+fn default_status_prefix() -> String {
+    "renderq-status".into()
 }
 
 /// `[queues.NAME]` with `backend = "local"`
@@ -630,6 +649,17 @@ impl Config {
                 return Err(Invalid::new(
                     format!("queues.{name}.path"),
                     format!("queue `{other}` already uses this path"),
+                ));
+            }
+        }
+        for (name, queue) in &self.queues {
+            if let QueueConfig::Sqs(sqs) = queue
+                && let Some(bucket) = &sqs.status_bucket
+                && !matches!(self.buckets.get(bucket), Some(BucketConfig::S3(_)))
+            {
+                return Err(Invalid::new(
+                    format!("queues.{name}.status_bucket"),
+                    format!("no [buckets.{bucket}] with backend = \"s3\""),
                 ));
             }
         }

@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::event::Notification;
+
 /// The envelope version this build writes and understands.
 pub const PROTOCOL: u32 = 1;
 
@@ -44,6 +46,25 @@ pub struct Envelope {
     /// job as a new message, so `${message_id}` stays the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
+    /// Set on a child of an array job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<ArrayPart>,
+    /// The job's own event subscriptions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<Notification>,
+}
+
+/// A child's place in its array job (SPEC §7).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ArrayPart {
+    /// The array's id: the one the submit returned.
+    pub job_id: String,
+    pub index: u32,
+    /// Children in the array.
+    pub size: u32,
+    /// The frames this child renders.
+    pub frames: Vec<i64>,
 }
 
 fn protocol() -> u32 {
@@ -69,7 +90,14 @@ impl Envelope {
             interrupts: 0,
             failures: 0,
             message_id: None,
+            array: None,
+            notifications: Vec::new(),
         }
+    }
+
+    /// The id `${job_id}` stands for: an array child's is its array's.
+    pub fn template_job_id(&self) -> &str {
+        self.array.as_ref().map_or(&self.job_id, |a| &a.job_id)
     }
 
     /// Parses a message body: a full envelope or a bare
@@ -108,17 +136,19 @@ pub enum Var {
     Command,
     ArrayIndex,
     Frame,
+    OutputName,
     Date,
 }
 
 impl Var {
-    const ALL: [(&'static str, Var); 7] = [
+    const ALL: [(&'static str, Var); 8] = [
         ("message_id", Var::MessageId),
         ("job_id", Var::JobId),
         ("mime_ext", Var::MimeExt),
         ("command", Var::Command),
         ("array_index", Var::ArrayIndex),
         ("frame", Var::Frame),
+        ("output_name", Var::OutputName),
         ("date", Var::Date),
     ];
 
@@ -136,8 +166,12 @@ pub struct Vars<'a> {
     pub command: &'a str,
     /// Index of an array child; empty for a plain job.
     pub array_index: String,
-    /// First frame of the job; empty when the job has none.
+    /// The frame an output belongs to, else the job's first frame; empty
+    /// when the job has none.
     pub frame: String,
+    /// The output's file name without its extension (`result` for one
+    /// that is not a file).
+    pub output_name: String,
     /// UTC date of the run, `YYYY-MM-DD`.
     pub date: String,
 }
@@ -151,6 +185,7 @@ impl Vars<'_> {
             Var::Command => self.command,
             Var::ArrayIndex => &self.array_index,
             Var::Frame => &self.frame,
+            Var::OutputName => &self.output_name,
             Var::Date => &self.date,
         }
     }
@@ -277,6 +312,7 @@ pub fn check_key_template(template: &Template) -> Result<(), String> {
         command: "c",
         array_index: "0".into(),
         frame: "1".into(),
+        output_name: "o".into(),
         date: "2026-01-01".into(),
     };
     check_key(&template.render(&sample))

@@ -67,21 +67,26 @@
 //! - No secret is read from `workers.toml` or written to a log.
 
 pub mod app;
+pub mod array;
 pub mod aws;
 pub mod bench;
 pub mod catalog;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod delivery;
 pub mod event;
 pub mod job;
+pub mod ledger;
 pub mod lifecycle;
+pub mod observe;
 pub mod params;
 pub mod publish;
 pub mod queue;
 pub mod retry;
 pub mod rpc;
 pub mod server;
+pub mod status;
 pub mod storage;
 pub mod submit;
 pub mod tasks;

@@ -108,9 +108,13 @@ impl Target {
                     .map_err(|e| format!("{}: {e}", path.display()))?;
                 // One write per batch: appends from several processes do
                 // not interleave within a line.
-                file.write_all(lines.as_bytes())
-                    .await
-                    .map_err(|e| format!("{}: {e}", path.display()))
+                // tokio writes in the background until flushed.
+                async {
+                    file.write_all(lines.as_bytes()).await?;
+                    file.flush().await
+                }
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))
             }
             Target::Sqs { client, url } => {
                 let entries = batch

@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 
 use crate::params::{FieldError, deserialize_named};
-use crate::submit::{SubmitError, SubmitRequest, Submitter};
+use crate::submit::{SubmitError, SubmitRequest, Submitted, Submitter};
 
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
@@ -75,12 +75,21 @@ impl From<SubmitError> for RpcError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::Invalid(field) => field.into(),
-            SubmitError::Queue { queue, source } => {
-                tracing::error!(%queue, error = %source, "submit failed");
+            SubmitError::Queue {
+                queue,
+                source,
+                sent,
+            } => {
+                tracing::error!(%queue, error = %source, sent = sent.len(), "submit failed");
+                let mut data = json!({ "queue": queue });
+                if !sent.is_empty() {
+                    // Part of an array went out; those children will run.
+                    data["sent_message_ids"] = json!(sent);
+                }
                 Self {
                     code: QUEUE_UNAVAILABLE,
                     message: "Queue unavailable".into(),
-                    data: Some(json!({ "queue": queue })),
+                    data: Some(data),
                 }
             }
         }
@@ -174,7 +183,13 @@ impl Rpc {
         match method {
             "queue_manager_submit_job" => {
                 let request: SubmitRequest = deserialize_named(params, "")?;
-                Ok(Value::String(self.submitter.submit(request).await?))
+                Ok(match self.submitter.submit(request).await? {
+                    Submitted::Job { message_id } => Value::String(message_id),
+                    Submitted::Array {
+                        job_id,
+                        message_ids,
+                    } => json!({"job_id": job_id, "message_ids": message_ids}),
+                })
             }
             "queue_manager_list_commands" => Ok(self.list_commands()),
             "queue_manager_queue_stats" => {
@@ -206,6 +221,7 @@ impl Rpc {
         let stats = queue.stats().await.map_err(|source| SubmitError::Queue {
             queue: name.clone(),
             source,
+            sent: Vec::new(),
         })?;
         Ok(json!({
             "queue": name,
@@ -254,6 +270,9 @@ path = "r"
             Arc::new(Catalog::from_config(&config).unwrap()),
             queues.clone(),
             "q".into(),
+            crate::publish::Publisher::default(),
+            crate::ledger::Ledgers::default(),
+            10,
         );
         (Rpc::new(submitter), queues)
     }

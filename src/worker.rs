@@ -11,17 +11,21 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use tokio_util::sync::CancellationToken;
+use serde_json::{Value, json};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::catalog::Catalog;
-use crate::commands::{CommandError, Progress, RunContext};
+use crate::commands::{CommandError, Progress, ProgressSink, RunContext};
 use crate::config::WorkerConfig;
-use crate::job::{Envelope, Vars, mime_ext};
+use crate::delivery::Delivery;
+use crate::event::EventType;
+use crate::job::{Vars, mime_ext};
+use crate::ledger::{ChildState, Ledger};
+use crate::observe::{JobEnd, Observer, Subject};
 use crate::queue::{DeadLetter, Queue, QueueError, Received};
 use crate::retry::Backoff;
 use crate::tasks::{TaskError, TaskRunner};
@@ -30,79 +34,30 @@ use crate::tasks::{TaskError, TaskRunner};
 const QUEUE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
 /// What one step did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// No message arrived within the wait (or shutdown began).
     Empty,
     Processed {
         message_id: String,
-        result: JobResult,
+        end: JobEnd,
     },
-}
-
-/// How a received job ended this time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobResult {
-    /// Done and deleted.
-    Succeeded,
-    /// Failed; left in the queue for another try after a back-off.
-    WillRetry,
-    /// Could never run; moved to the dead-letter queue.
-    DeadLettered,
-    /// Cut short by shutdown; handed back at once.
-    Requeued,
 }
 
 /// Why a job did not succeed; decides what happens to its message.
 #[derive(Debug, thiserror::Error)]
 enum JobError {
+    /// Worth another try.
     #[error("{0}")]
     Retryable(String),
+    /// Can never run (malformed, refused): dead-lettered unrun.
     #[error("{0}")]
-    Fatal(String),
+    Refused(String),
+    /// Ran and failed in a way no retry fixes: dead-lettered now.
+    #[error("{0}")]
+    Permanent(String),
     #[error("interrupted by shutdown")]
     Interrupted,
-}
-
-/// A received message, its envelope parsed once.
-struct Delivery {
-    received: Received,
-    /// The job, or why the body is not one (a fatal error).
-    envelope: Result<Envelope, String>,
-    /// The id the submit returned; stays the same across re-sends.
-    message_id: String,
-    /// Tries used so far, this one included, across hand-backs.
-    attempt: u32,
-}
-
-impl Delivery {
-    fn new(received: Received) -> Self {
-        let envelope = Envelope::parse(&received.body, &received.message_id);
-        let (message_id, failures) = match &envelope {
-            Ok(e) => (e.message_id(&received.message_id).to_owned(), e.failures),
-            Err(_) => (received.message_id.clone(), 0),
-        };
-        Self {
-            attempt: received.receive_count.saturating_add(failures),
-            message_id,
-            envelope,
-            received,
-        }
-    }
-
-    /// The body to send the job on with: its envelope, changed by `edit`
-    /// and naming the submit's message id; an unreadable body as it was.
-    fn resend_body(&self, edit: impl FnOnce(&mut Envelope)) -> String {
-        match &self.envelope {
-            Ok(envelope) => {
-                let mut envelope = envelope.clone();
-                envelope.message_id = Some(self.message_id.clone());
-                edit(&mut envelope);
-                envelope.to_body()
-            }
-            Err(_) => self.received.body.clone(),
-        }
-    }
 }
 
 pub struct Worker {
@@ -110,6 +65,10 @@ pub struct Worker {
     catalog: Arc<Catalog>,
     tasks: TaskRunner,
     config: WorkerConfig,
+    /// Logs and publishes what happens to jobs.
+    observer: Observer,
+    /// The queue's ledger: reported tries, array children.
+    ledger: Option<Ledger>,
     /// Jobs received and not yet settled, across slots.
     running: AtomicUsize,
 }
@@ -120,12 +79,16 @@ impl Worker {
         catalog: Arc<Catalog>,
         tasks: TaskRunner,
         config: WorkerConfig,
+        observer: Observer,
+        ledger: Option<Ledger>,
     ) -> Self {
         Self {
             queue,
             catalog,
             tasks,
             config,
+            observer,
+            ledger,
             running: AtomicUsize::new(0),
         }
     }
@@ -144,8 +107,16 @@ impl Worker {
         }
         tracker.close();
         info!(queue = %self.queue.name(), slots = self.config.slots, "Worker started.");
+        self.observer.worker_event(
+            EventType::WorkerStarted,
+            json!({"queue": self.queue.name(), "slots": self.config.slots}),
+        );
         shutdown.cancelled().await;
         info!(drain_timeout = ?self.config.drain_timeout, "Worker stopping: no new jobs will be received.");
+        self.observer.worker_event(
+            EventType::WorkerStopping,
+            json!({"drain_timeout_ms": self.config.drain_timeout.as_millis() as u64}),
+        );
         if tokio::time::timeout(self.config.drain_timeout, tracker.wait())
             .await
             .is_err()
@@ -206,49 +177,103 @@ impl Worker {
             attempt = delivery.attempt,
         );
         self.running.fetch_add(1, Ordering::Relaxed);
-        let result = self.handle(&delivery, abort).instrument(span).await;
+        let end = self.handle(&delivery, abort).instrument(span).await;
         self.running.fetch_sub(1, Ordering::Relaxed);
-        let result = result?;
         Ok(Outcome::Processed {
             message_id: delivery.message_id,
-            result,
+            end: end?,
         })
     }
 
+    /// Runs the job, settles its message, and reports how it ended.
     async fn handle(
         &self,
         delivery: &Delivery,
         abort: &CancellationToken,
-    ) -> Result<JobResult, QueueError> {
+    ) -> Result<JobEnd, QueueError> {
         info!("Received job from queue.");
+        let subject = delivery.subject(self.queue.name());
         let budget = self.queue.max_receive_count();
-        if delivery.attempt > budget {
+        let outcome = if delivery.attempt > budget {
             // Its last try was handed out and never reported back.
-            let reason = format!(
+            Err(JobError::Refused(format!(
                 "worker lost during its last try (try {} of {budget})",
                 delivery.attempt - 1
-            );
-            error!(%reason, "Job used up its tries, moving to the dead-letter queue.");
-            self.dead_letter(delivery, reason).await?;
-            return Ok(JobResult::DeadLettered);
-        }
-        let heartbeat = self.start_heartbeat(&delivery.received);
-        // `abort` reaches the command through its run context, so it can
-        // stop in its own way (SIGTERM and a grace, an adaptor's `cancel`).
-        let outcome = tokio::time::timeout(self.config.max_runtime, self.execute(delivery, abort))
+            )))
+        } else {
+            self.check_previous_try(delivery, &subject).await;
+            let started = Instant::now();
+            let _heartbeat = self.heartbeat(&delivery.received);
+            // `abort` reaches the command through its run context, so it
+            // can stop in its own way (SIGTERM and a grace, an adaptor's
+            // `cancel`).
+            tokio::time::timeout(
+                self.config.max_runtime,
+                self.execute(delivery, &subject, abort),
+            )
             .await
             .unwrap_or_else(|_| {
                 Err(JobError::Retryable(format!(
                     "job exceeded max_runtime of {}",
                     humantime::format_duration(self.config.max_runtime)
                 )))
-            });
-        heartbeat.cancel();
+            })
+            .map(|outputs| (outputs, started.elapsed()))
+        };
+        let end = self.settle(delivery, outcome).await?;
+        self.observer.ended(&subject, &end);
+        self.count_array_child(delivery, &subject, &end).await;
+        Ok(end)
+    }
 
+    /// A try after the first whose predecessor never reported a failure:
+    /// the worker running it was lost.
+    async fn check_previous_try(&self, delivery: &Delivery, subject: &Subject) {
+        let (Some(ledger), true) = (&self.ledger, delivery.attempt > 1) else {
+            return;
+        };
+        match ledger
+            .was_reported(&delivery.message_id, delivery.attempt - 1)
+            .await
+        {
+            Ok(false) => self.observer.lost_before(subject),
+            Ok(true) => {}
+            Err(error) => warn!(%error, "cannot read the ledger"),
+        }
+    }
+
+    /// Records an array child's final state; the one call that completes
+    /// the array announces it.
+    async fn count_array_child(&self, delivery: &Delivery, subject: &Subject, end: &JobEnd) {
+        let state = match end {
+            JobEnd::Succeeded { .. } => ChildState::Succeeded,
+            JobEnd::DeadLettered { .. } => ChildState::DeadLettered,
+            JobEnd::WillRetry { .. } | JobEnd::Requeued { .. } => return,
+        };
+        let (Some(ledger), Ok(Some(array))) = (
+            &self.ledger,
+            delivery.envelope.as_ref().map(|e| e.array.as_ref()),
+        ) else {
+            return;
+        };
+        match ledger.child_settled(array, state).await {
+            Ok(Some(counts)) => self
+                .observer
+                .array_completed(subject, &array.job_id, counts),
+            Ok(None) => {}
+            Err(error) => error!(%error, "cannot record the array child's end"),
+        }
+    }
+
+    /// Does to the message what the outcome calls for.
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        outcome: Result<(Vec<String>, Duration), JobError>,
+    ) -> Result<JobEnd, QueueError> {
         let receipt = &delivery.received.receipt;
-        match outcome {
-            Ok(()) => {
-                info!("Job processed, removing from queue.");
+        Ok(match outcome {
+            Ok((outputs, duration)) => {
                 match self.queue.delete(receipt).await {
                     Err(QueueError::StaleReceipt) => {
                         // Someone else holds the message now and will run it
@@ -257,77 +282,104 @@ impl Worker {
                     }
                     other => other?,
                 }
-                Ok(JobResult::Succeeded)
+                JobEnd::Succeeded { outputs, duration }
             }
-            Err(JobError::Retryable(reason)) if delivery.attempt >= budget => {
+            Err(JobError::Retryable(reason))
+                if delivery.attempt >= self.queue.max_receive_count() =>
+            {
                 // The last try: dead-letter it now, with the reason, rather
                 // than leave it for the redrive policy, which cannot say why.
                 let reason = format!("{reason} (after {} tries)", delivery.attempt);
-                error!(%reason, "Job failed its last try, moving to the dead-letter queue.");
-                self.dead_letter(delivery, reason).await?;
-                Ok(JobResult::DeadLettered)
+                self.dead_letter(delivery, &reason).await?;
+                JobEnd::DeadLettered { reason, ran: true }
             }
             Err(JobError::Retryable(reason)) => {
                 let delay = Backoff::new(self.config.retry_delay, self.config.max_retry_delay)
                     .delay(delivery.attempt);
-                warn!(%reason, retry_in = ?delay, "Job failed, returning to queue for a retry.");
+                // Reported before the message can come back, so the next
+                // try does not take this one for a lost worker.
+                if let Some(ledger) = &self.ledger
+                    && let Err(error) = ledger
+                        .report_failure(&delivery.message_id, delivery.attempt)
+                        .await
+                {
+                    warn!(%error, "cannot record the failed try in the ledger");
+                }
                 self.queue.retry_later(receipt, delay, &reason).await?;
-                Ok(JobResult::WillRetry)
+                JobEnd::WillRetry { reason, delay }
             }
-            Err(JobError::Fatal(reason)) => {
-                error!(%reason, "Job cannot run, moving to the dead-letter queue.");
-                self.dead_letter(delivery, reason).await?;
-                Ok(JobResult::DeadLettered)
+            Err(JobError::Permanent(reason)) => {
+                self.dead_letter(delivery, &reason).await?;
+                JobEnd::DeadLettered { reason, ran: true }
+            }
+            Err(JobError::Refused(reason)) => {
+                self.dead_letter(delivery, &reason).await?;
+                JobEnd::DeadLettered { reason, ran: false }
             }
             Err(JobError::Interrupted) => {
-                info!("Job interrupted, returning to queue.");
                 // This try does not count; the ones before it still do.
                 let body = delivery.resend_body(|envelope| {
                     envelope.interrupts += 1;
                     envelope.failures = delivery.attempt - 1;
                 });
                 self.queue.requeue(&delivery.received, &body).await?;
-                Ok(JobResult::Requeued)
+                JobEnd::Requeued {
+                    reason: "interrupted".into(),
+                }
             }
-        }
+        })
     }
 
     /// Moves the job to the dead-letter queue with a fresh failure budget
     /// (a redrive starts it over) and its reason.
-    async fn dead_letter(&self, delivery: &Delivery, reason: String) -> Result<(), QueueError> {
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
         let body = delivery.resend_body(|envelope| envelope.failures = 0);
         let note = DeadLetter {
             message_id: delivery.message_id.clone(),
             receive_count: delivery.attempt,
-            reason,
+            reason: reason.to_owned(),
         };
         self.queue
             .dead_letter(&delivery.received, &body, &note)
             .await
     }
 
-    /// Checks, runs the command, then the tasks in order.
+    /// Checks, runs the command, then the tasks in order (each on every
+    /// output); returns where the outputs went.
     async fn execute(
         &self,
         delivery: &Delivery,
+        subject: &Subject,
         abort: &CancellationToken,
-    ) -> Result<(), JobError> {
+    ) -> Result<Vec<String>, JobError> {
         let envelope = delivery
             .envelope
             .as_ref()
-            .map_err(|e| JobError::Fatal(e.clone()))?;
+            .map_err(|e| JobError::Refused(e.clone()))?;
         let job = self
             .catalog
             .validate(&envelope.command, &envelope.parameters, &envelope.tasks)
-            .map_err(|e| JobError::Fatal(format!("invalid job: {e}")))?;
+            .map_err(|e| JobError::Refused(format!("invalid job: {e}")))?;
 
-        info!("Executing command: {}.", job.command.name);
+        self.observer.started(subject);
+        let frames = envelope
+            .array
+            .as_ref()
+            .map(|a| a.frames.clone())
+            .unwrap_or_default();
+        let progress = {
+            let (observer, subject) = (self.observer.clone(), subject.clone());
+            Progress::with_sink(ProgressSink(Arc::new(move |percent| {
+                observer.progress(&subject, percent)
+            })))
+        };
         let ctx = RunContext {
             cancel: abort.clone(),
-            progress: Progress::new(),
+            progress,
             job_id: envelope.job_id.clone(),
+            frames: frames.clone(),
         };
-        let output = job
+        let outputs = job
             .command
             .run(&job.parameters, &ctx)
             .await
@@ -337,44 +389,73 @@ impl Worker {
                     JobError::Retryable(format!("command {} failed: {reason}", job.command.name))
                 }
             })?;
-        info!("Executed command: {}.", job.command.name);
+        info!(
+            outputs = outputs.len(),
+            "Executed command: {}.", job.command.name
+        );
 
-        let ext = mime_ext(&output.mime);
-        let vars = Vars {
-            message_id: &delivery.message_id,
-            job_id: &envelope.job_id,
-            mime_ext: &ext,
-            command: &envelope.command,
-            array_index: String::new(),
-            frame: match job.parameters.get("frame") {
+        let first_frame = frames.first().map(i64::to_string).unwrap_or_else(|| {
+            match job.parameters.get("frame") {
                 Some(Value::String(text)) => text.clone(),
                 Some(other) => other.to_string(),
                 None => String::new(),
-            },
-            date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
-        };
+            }
+        });
+        let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
+        let mut locations = Vec::new();
         for task in &job.tasks {
             info!("Executing task: {}.", task.name());
-            let location = tokio::select! {
-                r = task.run(&self.tasks, &output, &vars) => r.map_err(|e| match e {
-                    TaskError::Retryable(e) => {
-                        JobError::Retryable(format!("task {} failed: {e}", task.name()))
+            for output in &outputs {
+                let ext = mime_ext(&output.mime);
+                let vars = Vars {
+                    message_id: &delivery.message_id,
+                    job_id: envelope.template_job_id(),
+                    mime_ext: &ext,
+                    command: &envelope.command,
+                    array_index: envelope
+                        .array
+                        .as_ref()
+                        .map(|a| a.index.to_string())
+                        .unwrap_or_default(),
+                    frame: output
+                        .frame
+                        .map_or_else(|| first_frame.clone(), |f| f.to_string()),
+                    output_name: output.name.clone(),
+                    date: date.clone(),
+                };
+                let ran = tokio::select! {
+                    ran = task.run(&self.tasks, output, &vars) => ran,
+                    _ = abort.cancelled() => return Err(JobError::Interrupted),
+                };
+                match ran {
+                    Ok(location) => {
+                        self.observer
+                            .task_ended(subject, task.name(), Ok(&location));
+                        locations.push(location);
                     }
-                    TaskError::Permanent(e) => {
-                        JobError::Fatal(format!("task {} failed for good: {e}", task.name()))
+                    Err(error) => {
+                        self.observer
+                            .task_ended(subject, task.name(), Err(&error.to_string()));
+                        return Err(match error {
+                            TaskError::Retryable(e) => {
+                                JobError::Retryable(format!("task {} failed: {e}", task.name()))
+                            }
+                            TaskError::Permanent(e) => JobError::Permanent(format!(
+                                "task {} failed for good: {e}",
+                                task.name()
+                            )),
+                        });
                     }
-                })?,
-                _ = abort.cancelled() => return Err(JobError::Interrupted),
-            };
-            info!(%location, "Executed task: {}.", task.name());
+                }
+            }
         }
-        Ok(())
+        Ok(locations)
     }
 
     /// Keeps the message invisible while the job runs by extending its
     /// visibility every third of the timeout (leaving room for a slow or
-    /// failed extension). Cancel the token to stop it.
-    fn start_heartbeat(&self, message: &Received) -> CancellationToken {
+    /// failed extension). It stops when the guard is dropped.
+    fn heartbeat(&self, message: &Received) -> DropGuard {
         let stop = CancellationToken::new();
         let (queue, receipt, visibility) = (
             self.queue.clone(),
@@ -402,6 +483,6 @@ impl Worker {
             }
             .in_current_span(),
         );
-        stop
+        stop.drop_guard()
     }
 }

@@ -195,8 +195,9 @@ impl Aws {
             .attributes
             .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
             .clone();
-        let policy =
-            json!({"deadLetterTargetArn": arn, "maxReceiveCount": max_receive_count.to_string()});
+        // renderq's budget is one below the redrive policy's count.
+        let policy = json!({"deadLetterTargetArn": arn,
+                            "maxReceiveCount": (max_receive_count + 1).to_string()});
         let queue_url = sqs
             .create_queue()
             .queue_name(&name)
@@ -380,6 +381,7 @@ backend = "sqs"
 url = "{}"
 endpoint_url = "{endpoint}"
 region = "us-east-1"
+status_bucket = "results"
 
 [buckets.results]
 backend = "s3"
@@ -557,6 +559,38 @@ timeout = "5s"
             .as_str()
             .unwrap_or_else(|| panic!("submit failed: {reply}"))
             .to_owned()
+    }
+
+    /// The events a `file` target at `events.jsonl` (in the farm's folder)
+    /// received so far.
+    pub fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("an event is JSON"))
+            .collect()
+    }
+
+    /// Waits until `count` events pass `filter`; returns them.
+    pub async fn wait_for_events(
+        &self,
+        filter: impl Fn(&Value) -> bool,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found: Vec<Value> = self.events().into_iter().filter(|e| filter(e)).collect();
+            if found.len() >= count {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {count} events arrived: {found:?}",
+                found.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The workers' `work_dir`.

@@ -72,6 +72,9 @@ enum Message {
     Result {
         #[serde(default)]
         path: Option<PathBuf>,
+        /// Several files, e.g. one per frame of an array chunk.
+        #[serde(default)]
+        paths: Vec<PathBuf>,
         #[serde(default)]
         json: Option<Value>,
         #[serde(default)]
@@ -216,14 +219,15 @@ impl AdaptorCommand {
         &self,
         params: &Map<String, Value>,
         ctx: &RunContext,
-    ) -> Result<Output, CommandError> {
+    ) -> Result<Vec<Output>, CommandError> {
         let idle = self.idle.lock().expect("adaptor pool lock").pop();
         let mut process = match idle {
             Some(process) => process,
             None => self.start(&ctx.progress).await?,
         };
         let workdir = workdir(&self.workspace)?;
-        let run = json!({"type": "run", "job_id": ctx.job_id, "parameters": params, "workdir": workdir.path()});
+        let run = json!({"type": "run", "job_id": ctx.job_id, "parameters": params,
+                         "frames": ctx.frames, "workdir": workdir.path()});
 
         let answered = tokio::select! {
             answer = tokio::time::timeout(self.timeout, async {
@@ -249,26 +253,33 @@ impl AdaptorCommand {
         };
         let result = match message {
             Message::Result {
-                path: Some(path),
-                mime,
-                ..
-            } => {
-                let path = workdir.path().join(path);
-                if path.is_file() {
-                    let mime = mime
-                        .and_then(|m| m.parse().ok())
-                        .unwrap_or_else(|| mime_guess::from_path(&path).first_or_octet_stream());
-                    Ok(Output::file(path, mime, Arc::new(workdir)))
-                } else {
-                    Err(CommandError::Failed(format!(
-                        "adaptor result {} does not exist",
-                        path.display()
-                    )))
-                }
+                path, paths, mime, ..
+            } if path.is_some() || !paths.is_empty() => {
+                let workdir = Arc::new(workdir);
+                path.into_iter()
+                    .chain(paths)
+                    .map(|path| {
+                        let path = workdir.path().join(path);
+                        if !path.is_file() {
+                            return Err(CommandError::Failed(format!(
+                                "adaptor result {} does not exist",
+                                path.display()
+                            )));
+                        }
+                        let mime =
+                            mime.as_deref()
+                                .and_then(|m| m.parse().ok())
+                                .unwrap_or_else(|| {
+                                    mime_guess::from_path(&path).first_or_octet_stream()
+                                });
+                        Ok(Output::file(path, mime, workdir.clone())
+                            .with_frame_from_name(&ctx.frames))
+                    })
+                    .collect()
             }
             Message::Result {
                 json: Some(value), ..
-            } => Ok(Output::json(&value)),
+            } => Ok(vec![Output::json(&value)]),
             Message::Fail { message } => Err(CommandError::Failed(message)),
             other => {
                 process.kill().await;

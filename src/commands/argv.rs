@@ -17,8 +17,9 @@ enum Piece {
     },
 }
 
-/// Names every command template knows besides its parameters.
-pub const BUILT_IN_VARS: [&str; 3] = ["workdir", "config_dir", "job_id"];
+/// Names every command template knows besides its parameters (`frames`
+/// is an array chunk's frame list, joined with `,`).
+pub const BUILT_IN_VARS: [&str; 4] = ["workdir", "config_dir", "job_id", "frames"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArgTemplate(Vec<Piece>);

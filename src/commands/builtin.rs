@@ -49,14 +49,14 @@ impl Builtin {
         self,
         params: &Map<String, Value>,
         ctx: &RunContext,
-    ) -> Result<Output, CommandError> {
+    ) -> Result<Vec<Output>, CommandError> {
         match self {
-            Builtin::GetVersion => Ok(Output::json(&json!(crate::VERSION))),
+            Builtin::GetVersion => Ok(vec![Output::json(&json!(crate::VERSION))]),
             Builtin::Sleep => {
                 let seconds = params.get("seconds").and_then(Value::as_f64).unwrap_or(1.0);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs_f64(seconds)) => {
-                        Ok(Output::json(&json!({ "slept": seconds })))
+                        Ok(vec![Output::json(&json!({ "slept": seconds }))])
                     }
                     _ = ctx.cancel.cancelled() => Err(CommandError::Cancelled),
                 }

@@ -35,11 +35,15 @@ pub enum Body {
     File(PathBuf),
 }
 
-/// A command's result.
+/// A command's result (a command may give several: one per frame).
 #[derive(Debug, Clone)]
 pub struct Output {
     pub body: Body,
     pub mime: mime::Mime,
+    /// The frame it shows, when the command knows.
+    pub frame: Option<i64>,
+    /// `${output_name}`: a file's name without extension, else `result`.
+    pub name: String,
     /// The job's working folder, holding a file result; it is removed once
     /// the last clone of the output is dropped, after the tasks ran.
     _workdir: Option<Arc<tempfile::TempDir>>,
@@ -50,17 +54,50 @@ impl Output {
         Self {
             body: Body::Bytes(bytes),
             mime,
+            frame: None,
+            name: "result".into(),
             _workdir: None,
         }
     }
 
     /// A file inside `workdir`, which lives as long as the output.
     pub fn file(path: PathBuf, mime: mime::Mime, workdir: Arc<tempfile::TempDir>) -> Self {
+        let name = path
+            .file_stem()
+            .map_or_else(|| "result".into(), |s| s.to_string_lossy().into_owned());
         Self {
             body: Body::File(path),
             mime,
+            frame: None,
+            name,
             _workdir: Some(workdir),
         }
+    }
+
+    /// The same output, marked as showing `frame`, named `name`.
+    pub fn for_frame(self, frame: i64, name: String) -> Self {
+        Self {
+            frame: Some(frame),
+            name,
+            ..self
+        }
+    }
+
+    /// Marks a file output with the frame its name shows (the last number
+    /// in it), when that frame is one of `frames`.
+    pub fn with_frame_from_name(mut self, frames: &[i64]) -> Self {
+        let digits: String = {
+            let tail: String = self
+                .name
+                .chars()
+                .rev()
+                .skip_while(|c| !c.is_ascii_digit())
+                .take_while(char::is_ascii_digit)
+                .collect();
+            tail.chars().rev().collect()
+        };
+        self.frame = digits.parse().ok().filter(|f| frames.contains(f));
+        self
     }
 
     /// A JSON value as `application/json`.
@@ -122,6 +159,18 @@ pub struct Progress {
     /// The job's span, so reports from other threads are attributed.
     span: tracing::Span,
     last: Arc<Mutex<Option<Instant>>>,
+    /// Also told of every report that gets through (the job's events).
+    sink: Option<ProgressSink>,
+}
+
+/// Where throttled progress reports go besides the log.
+#[derive(Clone)]
+pub struct ProgressSink(pub Arc<dyn Fn(f64) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressSink")
+    }
 }
 
 /// Least time between two logged progress reports (the last one, 100 %,
@@ -134,6 +183,15 @@ impl Progress {
         Self {
             span: tracing::Span::current(),
             last: Arc::default(),
+            sink: None,
+        }
+    }
+
+    /// Reports into the current span and to `sink`.
+    pub fn with_sink(sink: ProgressSink) -> Self {
+        Self {
+            sink: Some(sink),
+            ..Self::new()
         }
     }
 
@@ -143,6 +201,9 @@ impl Progress {
         if due {
             *last = Some(Instant::now());
             self.span.in_scope(|| tracing::info!(percent, "Progress."));
+            if let Some(sink) = &self.sink {
+                (sink.0)(percent);
+            }
         }
     }
 
@@ -165,6 +226,9 @@ pub struct RunContext {
     pub progress: Progress,
     /// The job's id, for `{job_id}` and the adaptor's `run` message.
     pub job_id: String,
+    /// An array chunk's frames (empty for a plain job): a command may
+    /// render them all and give an output for each.
+    pub frames: Vec<i64>,
 }
 
 /// A child's process group; signals reach everything the child started.
@@ -321,7 +385,7 @@ impl Command {
         &self,
         params: &Map<String, Value>,
         ctx: &RunContext,
-    ) -> Result<Output, CommandError> {
+    ) -> Result<Vec<Output>, CommandError> {
         match &self.kind {
             CommandKind::Builtin(b) => b.run(params, ctx).await,
             CommandKind::Process(p) => p.run(params, ctx).await,

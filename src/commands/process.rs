@@ -121,11 +121,13 @@ impl ProcessCommand {
         &self,
         params: &Map<String, Value>,
         ctx: &RunContext,
-    ) -> Result<Output, CommandError> {
+    ) -> Result<Vec<Output>, CommandError> {
         let failed = |what: &str, e: std::io::Error| CommandError::Failed(format!("{what}: {e}"));
         let workdir = workdir(&self.workspace)?;
+        let mut params = params.clone();
+        params.insert("frames".into(), Value::from(ctx.frames.clone()));
         let vars = ArgVars {
-            params,
+            params: &params,
             workdir: workdir.path(),
             config_dir: &self.config_dir,
             job_id: &ctx.job_id,
@@ -209,20 +211,34 @@ impl ProcessCommand {
                     mime::APPLICATION_OCTET_STREAM
                 }
             });
-            return Ok(Output::bytes(stdout, mime));
+            return Ok(vec![Output::bytes(stdout, mime)]);
         };
-        let path = workdir.path().join(output.render(&vars));
-        if !path.is_file() {
+        // `output` may be a pattern (`{workdir}/out_*.png`): one output per
+        // file it matches, each with the frame its name shows.
+        let pattern = workdir.path().join(output.render(&vars));
+        let mut paths: Vec<PathBuf> = glob::glob(&pattern.to_string_lossy())
+            .map_err(|e| CommandError::Failed(format!("output pattern: {e}")))?
+            .filter_map(Result::ok)
+            .filter(|p| p.is_file())
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
             return Err(CommandError::Failed(with_stderr(format!(
                 "the program exited 0 but wrote no output file {}",
-                path.display()
+                pattern.display()
             ))));
         }
-        let mime = self
-            .output_mime
-            .clone()
-            .unwrap_or_else(|| mime_guess::from_path(&path).first_or_octet_stream());
-        Ok(Output::file(path, mime, Arc::new(workdir)))
+        let workdir = Arc::new(workdir);
+        Ok(paths
+            .into_iter()
+            .map(|path| {
+                let mime = self
+                    .output_mime
+                    .clone()
+                    .unwrap_or_else(|| mime_guess::from_path(&path).first_or_octet_stream());
+                Output::file(path, mime, workdir.clone()).with_frame_from_name(&ctx.frames)
+            })
+            .collect())
     }
 }
 

@@ -68,8 +68,32 @@ impl Shot {
     }
 }
 
-pub async fn run(params: &Map<String, Value>, ctx: &RunContext) -> Result<Output, CommandError> {
+/// Renders the `frame` parameter, or each frame of an array chunk (one
+/// output per frame).
+pub async fn run(
+    params: &Map<String, Value>,
+    ctx: &RunContext,
+) -> Result<Vec<Output>, CommandError> {
     let shot = Shot::from_params(params);
+    if ctx.frames.is_empty() {
+        return Ok(vec![render_png(shot, ctx).await?]);
+    }
+    let mut outputs = Vec::with_capacity(ctx.frames.len());
+    for &frame in &ctx.frames {
+        let shot = Shot {
+            frame: u32::try_from(frame).unwrap_or(0),
+            ..shot
+        };
+        outputs.push(
+            render_png(shot, ctx)
+                .await?
+                .for_frame(frame, format!("frame_{frame:04}")),
+        );
+    }
+    Ok(outputs)
+}
+
+async fn render_png(shot: Shot, ctx: &RunContext) -> Result<Output, CommandError> {
     let (cancel, progress) = (ctx.cancel.clone(), ctx.progress.clone());
     let png = tokio::task::spawn_blocking(move || {
         let pixels = render(shot, &cancel, &progress).ok_or(CommandError::Cancelled)?;
@@ -346,21 +370,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn run_returns_a_png() {
+    async fn run_returns_a_png_or_one_per_frame_of_a_chunk() {
         let params = serde_json::json!({"width": 16, "height": 8})
             .as_object()
             .unwrap()
             .clone();
-        let ctx = RunContext {
+        let mut ctx = RunContext {
             cancel: CancellationToken::new(),
             progress: Progress::new(),
             job_id: "test".into(),
+            frames: Vec::new(),
         };
         let out = run(&params, &ctx).await.unwrap();
-        assert_eq!(out.mime, mime::IMAGE_PNG);
-        let super::super::Body::Bytes(bytes) = out.body else {
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].mime, mime::IMAGE_PNG);
+        let super::super::Body::Bytes(bytes) = &out[0].body else {
             panic!("expected bytes")
         };
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+
+        ctx.frames = vec![4, 5, 6];
+        let out = run(&params, &ctx).await.unwrap();
+        let frames: Vec<_> = out.iter().map(|o| (o.frame, o.name.as_str())).collect();
+        assert_eq!(
+            frames,
+            [
+                (Some(4), "frame_0004"),
+                (Some(5), "frame_0005"),
+                (Some(6), "frame_0006")
+            ]
+        );
     }
 }

@@ -174,20 +174,32 @@ impl LocalQueue {
     }
 
     pub async fn send(&self, body: &str) -> Result<String, QueueError> {
-        let id = uuid::Uuid::new_v4().to_string();
-        let (row_id, body) = (id.clone(), body.to_owned());
+        let mut ids = self.send_batch(&[body.to_owned()]).await?;
+        Ok(ids.remove(0))
+    }
+
+    /// Adds every body in one transaction: all or none.
+    pub async fn send_batch(&self, bodies: &[String]) -> Result<Vec<String>, QueueError> {
+        let rows: Vec<(String, String)> = bodies
+            .iter()
+            .map(|body| (uuid::Uuid::new_v4().to_string(), body.clone()))
+            .collect();
+        let ids = rows.iter().map(|(id, _)| id.clone()).collect();
         self.with_conn(move |conn| {
             let now = now_ms();
-            conn.execute(
-                "INSERT INTO messages (id, body, sent_at, visible_at) VALUES (?1, ?2, ?3, ?3)",
-                params![row_id, body, now],
-            )
-            .map_err(unavailable)?;
-            Ok(())
+            let tx = conn.transaction().map_err(unavailable)?;
+            for (id, body) in rows {
+                tx.execute(
+                    "INSERT INTO messages (id, body, sent_at, visible_at) VALUES (?1, ?2, ?3, ?3)",
+                    params![id, body, now],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
         })
         .await?;
         self.ring();
-        Ok(id)
+        Ok(ids)
     }
 
     pub async fn receive(
@@ -442,10 +454,12 @@ fn claim(
                 continue;
             }
         };
-        if count >= max_receive_count {
-            // The worker dead-letters a failed last try itself, so a message
-            // still here was on a worker that died during its last try.
-            let reason = format!("worker lost during its last try (receive {count})");
+        // The backstop, like an SQS redrive policy set one above the budget:
+        // a worker sees the receive after the last try (and dead-letters it
+        // as lost, counting it for its array); only if that worker dies too
+        // does the queue dead-letter it here.
+        if count > max_receive_count {
+            let reason = format!("worker lost: receive {count} never reported back");
             tx.execute(
                 "UPDATE messages SET dead_at = ?2, receipt = NULL,
                     last_error = ?3 || COALESCE('; the try before failed: ' || last_error, '')
@@ -632,7 +646,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = queue(&dir, 2).await;
         q.send("doomed").await.unwrap();
-        for attempt in 1..=2 {
+        // Two tries, and the receive after them (where a worker would find
+        // the budget spent), all left undeleted.
+        for attempt in 1..=3 {
             let got = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
             assert_eq!(got.receive_count, attempt);
             q.set_visibility(&got.receipt, Duration::ZERO, Some("boom"))
@@ -642,7 +658,7 @@ mod tests {
         assert!(q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().is_none());
         let dead = q.dlq_list(10).await.unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].receive_count, 2);
+        assert_eq!(dead[0].receive_count, 3);
         assert!(dead[0].reason.contains("boom"), "{}", dead[0].reason);
 
         assert_eq!(q.dlq_redrive(10).await.unwrap(), 1);
@@ -723,17 +739,20 @@ mod tests {
         q.set_visibility(&got.receipt, Duration::ZERO, Some("exit 1"))
             .await
             .unwrap();
-        // The second receive's worker dies: the message times out.
-        q.receive(NO_WAIT, Duration::from_millis(1), &NEVER)
-            .await
-            .unwrap()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The workers of the second and third receives die: the message
+        // times out each time.
+        for _ in 2..=3 {
+            q.receive(NO_WAIT, Duration::from_millis(1), &NEVER)
+                .await
+                .unwrap()
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert!(q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().is_none());
         let dead = q.dlq_list(10).await.unwrap();
         assert_eq!(
             dead[0].reason,
-            "worker lost during its last try (receive 2); the try before failed: exit 1"
+            "worker lost: receive 3 never reported back; the try before failed: exit 1"
         );
     }
 

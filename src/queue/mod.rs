@@ -96,6 +96,16 @@ impl Queue {
         }
     }
 
+    /// Adds up to 10 messages in one call; returns their ids in order. On
+    /// error none or some may have been added (SQS reports per entry; the
+    /// embedded queue adds all or none).
+    pub async fn send_batch(&self, bodies: &[String]) -> Result<Vec<String>, QueueError> {
+        match self {
+            Queue::Local(q) => q.send_batch(bodies).await,
+            Queue::Sqs(q) => q.send_batch(bodies).await,
+        }
+    }
+
     /// Waits up to `wait` for a message and hides it for `visibility`.
     ///
     /// `stop` ends the wait early where that is safe. A request already on

@@ -64,7 +64,8 @@ pub struct SqsQueue {
     url: String,
     /// The dead-letter queue named by the redrive policy.
     dlq_url: String,
-    /// The redrive policy's `maxReceiveCount`.
+    /// renderq's failure budget: the redrive policy's `maxReceiveCount`
+    /// less one.
     max_receive_count: u32,
 }
 
@@ -155,7 +156,10 @@ impl SqsQueue {
             client,
             url: config.url.clone(),
             dlq_url,
-            max_receive_count,
+            // One below the redrive policy's, so that a worker always sees
+            // the receive after the last try (and can count it as lost);
+            // the policy only catches what that worker could not.
+            max_receive_count: max_receive_count.saturating_sub(1).max(1),
         })
     }
 
@@ -183,6 +187,47 @@ impl SqsQueue {
             .map_err(classify)?;
         sent.message_id
             .ok_or_else(|| QueueError::Unavailable("SendMessage returned no message id".into()))
+    }
+
+    /// `SendMessageBatch` of up to 10; fails if any entry failed.
+    pub async fn send_batch(&self, bodies: &[String]) -> Result<Vec<String>, QueueError> {
+        ApiCalls::count(&self.calls.send);
+        let entries = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, body)| {
+                aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(body)
+                    .build()
+                    .map_err(|e| QueueError::Unavailable(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let sent = self
+            .client
+            .send_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(classify)?;
+        if let Some(failed) = sent.failed.first() {
+            return Err(QueueError::Unavailable(format!(
+                "SendMessageBatch entry {}: {} {}",
+                failed.id,
+                failed.code,
+                failed.message.as_deref().unwrap_or_default()
+            )));
+        }
+        let mut ids = vec![String::new(); bodies.len()];
+        for entry in sent.successful {
+            if let Ok(i) = entry.id.parse::<usize>()
+                && i < ids.len()
+            {
+                ids[i] = entry.message_id;
+            }
+        }
+        Ok(ids)
     }
 
     pub async fn receive(

@@ -95,6 +95,11 @@ impl S3Bucket {
         &self.name
     }
 
+    /// The client and the S3 bucket's own name (for the ledger).
+    pub fn client(&self) -> (&Client, &str) {
+        (&self.client, &self.bucket)
+    }
+
     /// Checks that the bucket exists and the credentials reach it.
     pub async fn check(&self) -> Result<(), String> {
         self.client

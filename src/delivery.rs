@@ -1,0 +1,69 @@
+//! A received message with its envelope parsed once: who it is (the id the
+//! submit returned), which try this is, and how to send it on.
+
+use crate::event::{ArrayRef, JobRef};
+use crate::job::Envelope;
+use crate::observe::Subject;
+use crate::queue::Received;
+
+pub struct Delivery {
+    pub received: Received,
+    /// The job, or why the body is not one (a fatal error).
+    pub envelope: Result<Envelope, String>,
+    /// The id the submit returned; stays the same across re-sends.
+    pub message_id: String,
+    /// Tries used so far, this one included, across hand-backs.
+    pub attempt: u32,
+}
+
+impl Delivery {
+    pub fn new(received: Received) -> Self {
+        let envelope = Envelope::parse(&received.body, &received.message_id);
+        let (message_id, failures) = match &envelope {
+            Ok(e) => (e.message_id(&received.message_id).to_owned(), e.failures),
+            Err(_) => (received.message_id.clone(), 0),
+        };
+        Self {
+            attempt: received.receive_count.saturating_add(failures),
+            message_id,
+            envelope,
+            received,
+        }
+    }
+
+    /// The job as its events name it.
+    pub fn subject(&self, queue: &str) -> Subject {
+        let envelope = self.envelope.as_ref().ok();
+        Subject {
+            job: JobRef {
+                job_id: envelope.map_or_else(|| self.message_id.clone(), |e| e.job_id.clone()),
+                message_id: self.message_id.clone(),
+                queue: queue.to_owned(),
+                command: envelope.map(|e| e.command.clone()).unwrap_or_default(),
+                attempt: self.attempt,
+                array: envelope.and_then(|e| e.array.as_ref()).map(|a| ArrayRef {
+                    job_id: a.job_id.clone(),
+                    index: a.index,
+                    size: a.size,
+                }),
+            },
+            notifications: envelope
+                .map(|e| e.notifications.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The body to send the job on with: its envelope, changed by `edit`
+    /// and naming the submit's message id; an unreadable body as it was.
+    pub fn resend_body(&self, edit: impl FnOnce(&mut Envelope)) -> String {
+        match &self.envelope {
+            Ok(envelope) => {
+                let mut envelope = envelope.clone();
+                envelope.message_id = Some(self.message_id.clone());
+                edit(&mut envelope);
+                envelope.to_body()
+            }
+            Err(_) => self.received.body.clone(),
+        }
+    }
+}

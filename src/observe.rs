@@ -1,0 +1,171 @@
+//! How a job's try went, as values, and the one place that tells the world:
+//! the log line and the event for each (and, later, the metrics).
+//!
+//! The worker decides what happens to a message; it then hands the result
+//! here as a [`JobEnd`], once. Nothing else in the worker logs a job's end
+//! or publishes its events.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tracing::{error, info, warn};
+
+use crate::event::{Event, EventType, JobRef, Notification};
+use crate::ledger::ArrayCounts;
+use crate::publish::Publisher;
+
+/// How one try of a job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEnd {
+    /// Done and deleted; where its outputs went.
+    Succeeded {
+        outputs: Vec<String>,
+        duration: Duration,
+    },
+    /// Failed; back in the queue after `delay`.
+    WillRetry { reason: String, delay: Duration },
+    /// Moved to the dead-letter queue. `ran` is false for a job that could
+    /// never run (malformed, refused, lost on its last try).
+    DeadLettered { reason: String, ran: bool },
+    /// Handed back without using up a try (interruption).
+    Requeued { reason: String },
+}
+
+/// A job as its events name it, with its subscriptions.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub job: JobRef,
+    pub notifications: Vec<Notification>,
+}
+
+/// Logs and publishes what happens to jobs.
+#[derive(Debug, Clone, Default)]
+pub struct Observer {
+    publisher: Publisher,
+}
+
+impl Observer {
+    pub fn new(publisher: Publisher) -> Self {
+        Self { publisher }
+    }
+
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    fn publish(&self, kind: EventType, subject: &Subject, detail: Value) {
+        self.publisher.publish(
+            Event::new(kind, Some(subject.job.clone()), detail),
+            &subject.notifications,
+        );
+    }
+
+    /// Something that happened to the worker itself.
+    pub fn worker_event(&self, kind: EventType, detail: Value) {
+        self.publisher.publish(Event::new(kind, None, detail), &[]);
+    }
+
+    /// A redelivery no worker reported on: the worker before died.
+    pub fn lost_before(&self, subject: &Subject) {
+        warn!("The job's previous try never reported back: its worker was lost.");
+        self.publish(
+            EventType::JobRequeued,
+            subject,
+            json!({"reason": "worker lost"}),
+        );
+    }
+
+    pub fn started(&self, subject: &Subject) {
+        info!("Executing command: {}.", subject.job.command);
+        self.publish(EventType::JobStarted, subject, json!({}));
+    }
+
+    /// Publishes progress (already throttled by the command's reporter).
+    pub fn progress(&self, subject: &Subject, percent: f64) {
+        self.publish(EventType::JobProgress, subject, json!({"percent": percent}));
+    }
+
+    pub fn task_ended(&self, subject: &Subject, task: &str, result: Result<&str, &str>) {
+        match result {
+            Ok(location) => {
+                info!(%location, "Executed task: {task}.");
+                self.publish(
+                    EventType::TaskSucceeded,
+                    subject,
+                    json!({"task": task, "location": location}),
+                );
+            }
+            Err(reason) => {
+                warn!(%reason, "Task failed: {task}.");
+                self.publish(
+                    EventType::TaskFailed,
+                    subject,
+                    json!({"task": task, "reason": reason}),
+                );
+            }
+        }
+    }
+
+    /// The last child of an array reached a final state (announced by
+    /// exactly one worker).
+    pub fn array_completed(&self, child: &Subject, array_id: &str, counts: ArrayCounts) {
+        info!(array_id, ?counts, "Array job completed.");
+        let array = Subject {
+            job: JobRef {
+                job_id: array_id.to_owned(),
+                message_id: String::new(),
+                attempt: 0,
+                array: None,
+                ..child.job.clone()
+            },
+            notifications: child.notifications.clone(),
+        };
+        self.publish(EventType::ArrayJobCompleted, &array, json!(counts));
+    }
+
+    /// The one report of how a try ended.
+    pub fn ended(&self, subject: &Subject, end: &JobEnd) {
+        match end {
+            JobEnd::Succeeded { outputs, duration } => {
+                info!(
+                    duration_ms = duration.as_millis() as u64,
+                    "Job processed, removing from queue."
+                );
+                self.publish(
+                    EventType::JobSucceeded,
+                    subject,
+                    json!({"duration_ms": duration.as_millis() as u64, "outputs": outputs}),
+                );
+            }
+            JobEnd::WillRetry { reason, delay } => {
+                warn!(%reason, retry_in = ?delay, "Job failed, returning to queue for a retry.");
+                self.publish(
+                    EventType::JobFailed,
+                    subject,
+                    json!({"reason": reason, "will_retry": true, "retry_in_ms": delay.as_millis() as u64}),
+                );
+            }
+            JobEnd::DeadLettered { reason, ran } => {
+                if *ran {
+                    error!(%reason, "Job failed its last try, moving to the dead-letter queue.");
+                    self.publish(
+                        EventType::JobFailed,
+                        subject,
+                        json!({"reason": reason, "will_retry": false}),
+                    );
+                } else {
+                    error!(%reason, "Job cannot run, moving to the dead-letter queue.");
+                }
+                self.publish(
+                    EventType::JobDeadLettered,
+                    subject,
+                    json!({"reason": reason}),
+                );
+            }
+            JobEnd::Requeued { reason } => {
+                info!(%reason, "Job interrupted, returning to queue.");
+                self.publish(EventType::JobRequeued, subject, json!({"reason": reason}));
+            }
+        }
+    }
+}
