@@ -15,6 +15,7 @@ use crate::publish::Publisher;
 use crate::queue::Queues;
 use crate::rpc::Rpc;
 use crate::server;
+use crate::status::StatusTable;
 use crate::storage::Buckets;
 use crate::submit::Submitter;
 use crate::tasks::{HttpPoster, TaskRunner};
@@ -31,6 +32,8 @@ pub struct App {
     pub publisher: Publisher,
     /// Each queue's ledger (array completion, reported tries).
     pub ledgers: Ledgers,
+    /// The job-status table, when `[events] status` names one.
+    pub status: Option<Arc<StatusTable>>,
 }
 
 impl App {
@@ -46,12 +49,21 @@ impl App {
         let http =
             HttpPoster::new(&config.http_post, secret).context("building the HTTP client")?;
         let queues = Queues::open(&config.queues).await?;
-        let publisher = Publisher::start(&config.events, WorkerIdentity::current()).await?;
+        let status = config
+            .events
+            .status
+            .as_deref()
+            .map(StatusTable::open)
+            .transpose()?
+            .map(Arc::new);
+        let publisher =
+            Publisher::start(&config.events, WorkerIdentity::current(), status.clone()).await?;
         let buckets = Buckets::open(&config.buckets).await?;
         let ledgers = Ledgers::open(&config.queues, &buckets)?;
         Ok(Self {
             publisher,
             ledgers,
+            status,
             catalog: Arc::new(Catalog::from_config(&config).map_err(|i| config.locate(i))?),
             tasks: TaskRunner { buckets, http },
             queues,
@@ -101,7 +113,7 @@ impl App {
             .transpose()
             .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
         Ok(server::app(
-            Rpc::new(self.submitter()),
+            Rpc::new(self.submitter(), self.status.clone()),
             token,
             self.config.server.max_body_bytes,
         ))

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::config::{Config, secret_from_env};
+use crate::config::Config;
 use crate::queue::Queue;
 
 #[derive(Debug, Parser)]
@@ -60,6 +60,30 @@ pub enum Command {
     },
     /// Measure throughput and latency on the embedded queue.
     Bench(crate::bench::BenchArgs),
+    /// Consume lifecycle events.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// A job's or an array's state, from the status table.
+    Status {
+        /// A job id, an array's id, or a message id.
+        job_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Feed a `file` or `sqs` target into the status table (`[events]
+    /// status`), skipping repeats and anything that is not an event.
+    Watch {
+        /// An `[events.targets.NAME]`.
+        #[arg(long)]
+        target: String,
+        /// Stop when the target has nothing more for now.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 impl Command {
@@ -86,6 +110,16 @@ pub struct SubmitArgs {
     /// Endpoint URL (default: http://<server.listen>/).
     #[arg(long)]
     pub url: Option<String>,
+    /// Make an array job of these frames (`1-100`, `1-100x5`, `1,5,9-12`).
+    #[arg(long)]
+    pub frames: Option<String>,
+    /// Frames per child of an array job.
+    #[arg(long)]
+    pub chunk_size: Option<u32>,
+    /// Follow the job (or array) to its end with a progress bar; exit
+    /// non-zero if anything was dead-lettered. Needs `[events] status`.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -146,7 +180,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load()?;
             with_shutdown(|s| async move { App::build(config).await?.work(s).await }).await
         }
-        Command::Submit(args) => submit(&load()?, args).await,
+        Command::Submit(args) => crate::client::submit(&load()?, args).await,
+        Command::Events {
+            command: EventsCommand::Watch { target, once },
+        } => {
+            let config = load()?;
+            with_shutdown(|stop| async move {
+                let watched = crate::watch::run(&config, &target, once, stop).await?;
+                println!(
+                    "applied={}\tduplicates={}\tskipped={}",
+                    watched.applied, watched.duplicates, watched.skipped
+                );
+                Ok(())
+            })
+            .await
+        }
+        Command::Status { job_id } => {
+            let config = load()?;
+            let path = config
+                .events
+                .status
+                .as_deref()
+                .context("no status table: set [events] status in workers.toml")?;
+            match crate::status::StatusTable::open(path)?.get(&job_id)? {
+                Some(status) => {
+                    println!("{status}");
+                    Ok(())
+                }
+                None => bail!("no job or array `{job_id}` in {}", path.display()),
+            }
+        }
         Command::Run(args) => {
             let config = load()?;
             with_shutdown(|s| run_once(config, args, s)).await
@@ -221,54 +284,6 @@ where
     let shutdown = CancellationToken::new();
     crate::lifecycle::cancel_on_signal(shutdown.clone())?;
     body(shutdown).await
-}
-
-async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
-    let parameters: Value = serde_json::from_str(&args.params).context("--params is not JSON")?;
-    let tasks: Value = serde_json::from_str(&args.tasks).context("--tasks is not JSON")?;
-    let mut params = json!({ "command": args.command, "parameters": parameters, "tasks": tasks });
-    if let Some(queue) = args.queue {
-        params["queue_name"] = queue.into();
-    }
-    let url = args
-        .url
-        .unwrap_or_else(|| format!("http://{}/", config.server.listen));
-    let mut request = reqwest::Client::new().post(&url).json(&json!({
-        "jsonrpc": "2.0", "method": "queue_manager_submit_job", "params": params, "id": 1
-    }));
-    if let Some(var) = &config.server.auth_token_env {
-        let token = secret_from_env("server.auth_token_env", var)
-            .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
-        request = request.bearer_auth(token);
-    }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    let status = response.status();
-    if !status.is_success() {
-        bail!(
-            "{url} answered {status}: {}",
-            response.text().await.unwrap_or_default()
-        );
-    }
-    let reply: Value = response.json().await.context("reply is not JSON")?;
-    match (&reply["result"], &reply["error"]) {
-        (Value::String(id), _) => {
-            println!("{id}");
-            Ok(())
-        }
-        (_, Value::Object(error)) => bail!(
-            "submit refused ({}): {}{}",
-            error.get("code").unwrap_or(&Value::Null),
-            error.get("message").and_then(Value::as_str).unwrap_or(""),
-            error
-                .get("data")
-                .map(|d| format!(" {d}"))
-                .unwrap_or_default()
-        ),
-        _ => bail!("unexpected reply: {reply}"),
-    }
 }
 
 /// Reads `--params`-style input: inline JSON, or `file://PATH`.

@@ -392,6 +392,10 @@ pub struct EventsConfig {
     pub buffer: usize,
     /// How many times a batch is sent before it is dropped (and counted).
     pub attempts: u32,
+    /// A job-status table (SQLite) this process keeps up to date with the
+    /// events it publishes; `renderq status`, `events watch` and
+    /// `queue_manager_job_status` use it. Relative to the config's folder.
+    pub status: Option<PathBuf>,
 }
 
 impl Default for EventsConfig {
@@ -400,6 +404,7 @@ impl Default for EventsConfig {
             targets: BTreeMap::new(),
             buffer: 10_000,
             attempts: 10,
+            status: None,
         }
     }
 }
@@ -690,6 +695,9 @@ impl Config {
             if let BucketConfig::Local(local) = bucket {
                 local.path = base.join(&local.path);
             }
+        }
+        if let Some(status) = &mut self.events.status {
+            *status = base.join(&*status);
         }
         for target in self.events.targets.values_mut() {
             if let EventTargetConfig::File(file) = target {

@@ -14,7 +14,15 @@
 //!   submit half and the worker. It builds every command once; its errors
 //!   are located in the file by [`config::Config::locate`] (the config
 //!   module knows nothing of commands).
-//! - [`submit`]: the submit half (validate, then send).
+//! - [`submit`]: the submit half (validate, then send; array jobs are cut
+//!   into children here, see [`mod@array`]).
+//! - [`event`]: lifecycle events as values (pure); [`publish`] delivers
+//!   them to their targets through bounded buffers; [`observe`] is the one
+//!   place a job's end is logged and published; [`status`] folds events
+//!   into the job-status table, fed in-process or by [`watch`].
+//! - [`ledger`]: reported tries and array children's final states (SQLite
+//!   beside the embedded queue, S3 conditional writes for SQS): exactly one
+//!   `ArrayJobCompleted`, and "worker lost" redeliveries.
 //! - [`rpc`]: JSON-RPC 2.0 types and dispatch, no HTTP.
 //! - [`server`]: the HTTP router: auth, body limit, `/healthz`.
 //! - [`queue`]: the queue interface with SQS semantics, an enum over the
@@ -33,10 +41,11 @@
 //! - [`retry`]: the one back-off policy (job retries, queue outages,
 //!   postbacks).
 //! - [`worker`]: the listen half: a step function plus slot loops, heartbeat,
-//!   back-off, drain on shutdown.
+//!   back-off, drain on shutdown; [`delivery`] is a received message with
+//!   its envelope parsed once.
 //! - [`app`]: builds all of the above from a config; [`lifecycle`] turns
-//!   signals into the shutdown token; [`cli`] and [`bench`] are the command
-//!   line.
+//!   signals into the shutdown token; [`cli`], [`client`] and [`bench`]
+//!   are the command line.
 //!
 //! # Invariants
 //!
@@ -64,6 +73,9 @@
 //! - Shutdown is one `CancellationToken`: it stops receiving; running jobs get
 //!   the drain timeout, then are cancelled and handed back without using up
 //!   a try.
+//! - Publishing an event never waits: a full buffer drops (and counts).
+//! - Of all workers settling an array's children, exactly one publishes its
+//!   `ArrayJobCompleted` (the ledger's claim is one conditional write).
 //! - No secret is read from `workers.toml` or written to a log.
 
 pub mod app;
@@ -72,6 +84,7 @@ pub mod aws;
 pub mod bench;
 pub mod catalog;
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod config;
 pub mod delivery;
@@ -90,6 +103,7 @@ pub mod status;
 pub mod storage;
 pub mod submit;
 pub mod tasks;
+pub mod watch;
 pub mod worker;
 pub mod workspace;
 

@@ -21,6 +21,10 @@ use tokio_util::task::TaskTracker;
 use crate::config::{EventTargetConfig, EventsConfig, secret_from_env};
 use crate::event::{Event, EventType, Notification, WorkerIdentity};
 use crate::retry::Backoff;
+use crate::status::StatusTable;
+
+/// The status table's outlet name (not a valid TOML key, so no clash).
+const STATUS: &str = "(status)";
 
 /// Waits between tries of a batch a target refused.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
@@ -42,6 +46,8 @@ enum Target {
         url: String,
         secret: Option<Vec<u8>>,
     },
+    /// The job-status table (`[events] status`).
+    Status(Arc<StatusTable>),
 }
 
 impl Target {
@@ -86,7 +92,7 @@ impl Target {
     /// Most events sent in one call.
     fn batch_size(&self) -> usize {
         match self {
-            Target::File(_) => 100,
+            Target::File(_) | Target::Status(_) => 100,
             Target::Sqs { .. } | Target::EventBridge { .. } => 10,
             Target::Webhook { .. } => 1,
         }
@@ -163,6 +169,14 @@ impl Target {
                     n => Err(format!("PutEvents: {n} entries failed")),
                 }
             }
+            Target::Status(table) => {
+                let (table, batch) = (table.clone(), batch.to_vec());
+                tokio::task::spawn_blocking(move || table.apply_all(&batch))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
             Target::Webhook {
                 client,
                 url,
@@ -222,13 +236,29 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Opens every target and starts its delivery task.
-    pub async fn start(config: &EventsConfig, worker: WorkerIdentity) -> anyhow::Result<Self> {
+    /// Opens every target (and the status table, as one more) and starts
+    /// their delivery tasks.
+    pub async fn start(
+        config: &EventsConfig,
+        worker: WorkerIdentity,
+        status: Option<Arc<StatusTable>>,
+    ) -> anyhow::Result<Self> {
         let dropped = Arc::new(AtomicU64::new(0));
         let tasks = TaskTracker::new();
         let mut outlets = BTreeMap::new();
+        let mut targets = Vec::new();
         for (name, target_config) in &config.targets {
-            let target = Target::open(name, target_config).await?;
+            targets.push((
+                name.clone(),
+                Target::open(name, target_config).await?,
+                target_config.events().map(<[EventType]>::to_vec),
+            ));
+        }
+        if let Some(table) = status {
+            // Not a name a job can subscribe to: it gets everything anyway.
+            targets.push((STATUS.into(), Target::Status(table), None));
+        }
+        for (name, target, filter) in targets {
             let (sender, receiver) = mpsc::channel(config.buffer);
             tasks.spawn(deliver(
                 name.clone(),
@@ -238,9 +268,9 @@ impl Publisher {
                 dropped.clone(),
             ));
             outlets.insert(
-                name.clone(),
+                name,
                 Outlet {
-                    filter: target_config.events().map(<[EventType]>::to_vec),
+                    filter,
                     sender: Mutex::new(Some(sender)),
                 },
             );
@@ -258,7 +288,7 @@ impl Publisher {
 
     /// Whether a target of that name is configured (for subscriptions).
     pub fn has_target(&self, name: &str) -> bool {
-        self.inner.outlets.contains_key(name)
+        name != STATUS && self.inner.outlets.contains_key(name)
     }
 
     /// Events dropped so far.
@@ -407,7 +437,7 @@ mod tests {
             ]),
             ..EventsConfig::default()
         };
-        let publisher = Publisher::start(&config, WorkerIdentity::current())
+        let publisher = Publisher::start(&config, WorkerIdentity::current(), None)
             .await
             .unwrap();
         let subscription = Notification {
@@ -450,8 +480,9 @@ mod tests {
             )]),
             buffer: 2,
             attempts: 1,
+            ..EventsConfig::default()
         };
-        let publisher = Publisher::start(&config, WorkerIdentity::current())
+        let publisher = Publisher::start(&config, WorkerIdentity::current(), None)
             .await
             .unwrap();
         let started = std::time::Instant::now();

@@ -8,7 +8,10 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 
+use std::sync::Arc;
+
 use crate::params::{FieldError, deserialize_named};
+use crate::status::StatusTable;
 use crate::submit::{SubmitError, SubmitRequest, Submitted, Submitter};
 
 pub const PARSE_ERROR: i64 = -32700;
@@ -17,6 +20,7 @@ pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
 pub const INTERNAL_ERROR: i64 = -32603;
 pub const QUEUE_UNAVAILABLE: i64 = -32000;
+pub const STATUS_UNAVAILABLE: i64 = -32001;
 
 #[derive(Debug, Deserialize)]
 struct Request {
@@ -118,15 +122,24 @@ struct StatsParams {
     queue_name: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobStatusParams {
+    /// A job id, an array's id, or a message id.
+    job_id: String,
+}
+
 /// The JSON-RPC methods of the submit half.
 #[derive(Debug, Clone)]
 pub struct Rpc {
     submitter: Submitter,
+    /// For `queue_manager_job_status`, when configured.
+    status: Option<Arc<StatusTable>>,
 }
 
 impl Rpc {
-    pub fn new(submitter: Submitter) -> Self {
-        Self { submitter }
+    pub fn new(submitter: Submitter, status: Option<Arc<StatusTable>>) -> Self {
+        Self { submitter, status }
     }
 
     /// Handles one HTTP body: a request or a batch. Returns the JSON to send
@@ -192,6 +205,10 @@ impl Rpc {
                 })
             }
             "queue_manager_list_commands" => Ok(self.list_commands()),
+            "queue_manager_job_status" => {
+                let p: JobStatusParams = deserialize_named(params, "")?;
+                self.job_status(&p.job_id).await
+            }
             "queue_manager_queue_stats" => {
                 let p: StatsParams = deserialize_named(params, "")?;
                 self.queue_stats(p.queue_name).await
@@ -200,6 +217,27 @@ impl Rpc {
                 METHOD_NOT_FOUND,
                 format!("Method not found: {other}"),
             )),
+        }
+    }
+
+    async fn job_status(&self, id: &str) -> Result<Value, RpcError> {
+        let Some(table) = self.status.clone() else {
+            return Err(RpcError::new(
+                STATUS_UNAVAILABLE,
+                "No status table: set [events] status in workers.toml",
+            ));
+        };
+        let id = id.to_owned();
+        let found = tokio::task::spawn_blocking(move || table.get(&id))
+            .await
+            .map_err(|e| RpcError::new(INTERNAL_ERROR, e.to_string()))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "status table unreadable");
+                RpcError::new(STATUS_UNAVAILABLE, "Status table unavailable")
+            })?;
+        match found {
+            Some(status) => Ok(serde_json::to_value(status).expect("a status serializes")),
+            None => Err(FieldError::new("job_id", "no such job (yet)").into()),
         }
     }
 
@@ -274,7 +312,7 @@ path = "r"
             crate::ledger::Ledgers::default(),
             10,
         );
-        (Rpc::new(submitter), queues)
+        (Rpc::new(submitter, None), queues)
     }
 
     async fn call(rpc: &Rpc, body: &str) -> Value {

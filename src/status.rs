@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::event::{Event, EventType};
@@ -61,7 +61,7 @@ pub enum Applied {
 }
 
 /// One job's status.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
     pub job_id: String,
     pub message_id: String,
@@ -74,7 +74,7 @@ pub struct JobStatus {
 }
 
 /// An array's status, counted from its children.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ArrayStatus {
     pub job_id: String,
     pub command: String,
@@ -87,11 +87,45 @@ pub struct ArrayStatus {
 }
 
 /// A job or an array, as `renderq status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Status {
     Job(JobStatus),
     Array(ArrayStatus),
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Status::Job(job) => {
+                write!(
+                    f,
+                    "job {}\tstate={}\tattempt={}\tcommand={}",
+                    job.job_id, job.state, job.attempt, job.command
+                )?;
+                if let Some(progress) = job.progress {
+                    write!(f, "\tprogress={progress:.0}%")?;
+                }
+                if let Some(reason) = &job.reason {
+                    write!(f, "\treason={reason}")?;
+                }
+                for output in &job.outputs {
+                    write!(f, "\toutput={output}")?;
+                }
+                Ok(())
+            }
+            Status::Array(array) => write!(
+                f,
+                "array {}\tsize={}\tsucceeded={}\tdead_lettered={}\trunning={}\tcompleted={}",
+                array.job_id,
+                array.size,
+                array.succeeded,
+                array.dead_lettered,
+                array.running,
+                array.completed
+            ),
+        }
+    }
 }
 
 impl Status {

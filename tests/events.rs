@@ -250,6 +250,7 @@ scenarios!(
     racing_last_children_complete_each_array_once,
     array_with_a_failing_child_completes_with_it_dead_lettered,
     killed_worker_is_reported_as_lost_on_the_next_receive,
+    submit_wait_follows_an_array_to_its_end,
 );
 
 async fn array_farm(backend: Backend, extra: &str, settings: Settings) -> Farm {
@@ -540,4 +541,137 @@ async fn a_down_webhook_does_not_slow_jobs_and_catches_up() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+async fn submit_wait_follows_an_array_to_its_end(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let farm = array_farm(
+        backend,
+        &frame_job(),
+        Settings {
+            extra_allowed: vec!["frame_job"],
+            max_receive_count: 1,
+            ..Settings::default()
+        },
+    )
+    .await;
+    let _serve = farm.serve(&[]).await;
+    let pids = dir.path().join("pids").display().to_string();
+    let submit = |mode: &str| {
+        farm.cli(&[
+            "submit",
+            "frame_job",
+            "--frames",
+            "1-6",
+            "--chunk-size",
+            "2",
+            "--wait",
+            "--params",
+            &json!({"mode": mode, "pids": pids}).to_string(),
+        ])
+    };
+    let (code, out, err) = submit("fail:none");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("size=3\tsucceeded=3\tdead_lettered=0"),
+        "{out}"
+    );
+    let (code, out, err) = submit("fail:4");
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.contains("succeeded=2\tdead_lettered=1"), "{out}");
+    assert!(err.contains("dead-lettered"), "{err}");
+    // `renderq status` reads the same table.
+    let array_id = out.lines().next().unwrap();
+    let (code, status, _) = farm.cli(&["status", array_id]);
+    assert_eq!(code, 0);
+    assert!(status.contains("completed=true"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_watch_gives_the_same_table_for_repeats_in_any_order() {
+    let farm = array_farm(Backend::Local, "", Settings::default()).await;
+    let serve = farm.serve(&[]).await;
+    let (job_id, _) = submit_array(
+        &farm,
+        json!({"command": "get_version", "frames": "1-4", "chunk_size": 2,
+               "tasks": [upload("w/${job_id}/${array_index}.json")]}),
+    )
+    .await;
+    let failing = Receiver::answering(usize::MAX, axum::http::StatusCode::FORBIDDEN).await;
+    let lost = farm
+        .submit(
+            json!({"command": "get_version", "tasks": [{"name": "http_post",
+            "config": {"postback_uri": format!("http://{}/x", failing.addr)}}]}),
+        )
+        .await;
+    farm.wait_for_events(
+        |e| e["type"] == "ArrayJobCompleted" && e["job_id"] == job_id.as_str(),
+        1,
+        LONG,
+    )
+    .await;
+    farm.wait_for_events(
+        |e| e["type"] == "JobDeadLettered" && e["message_id"] == lost.as_str(),
+        1,
+        LONG,
+    )
+    .await;
+    drop(serve);
+
+    let lines: Vec<String> = std::fs::read_to_string(farm.dir.path().join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let mut shuffled: Vec<String> = lines.iter().chain(&lines).cloned().collect();
+    // A fixed shuffle: reversed, then every third swapped forward.
+    shuffled.reverse();
+    for i in (3..shuffled.len()).step_by(3) {
+        shuffled.swap(i, i / 3);
+    }
+    shuffled.insert(1, "not an event".into());
+    shuffled.insert(4, lines[0].replace("\"protocol\":1", "\"protocol\":99"));
+    let watch = |name: &str, text: String| {
+        std::fs::write(farm.dir.path().join(format!("{name}.jsonl")), text + "\n").unwrap();
+        let config = std::fs::read_to_string(&farm.config).unwrap().replace(
+            "status = \"status.sqlite3\"",
+            &format!("status = \"{name}.sqlite3\"\n[events.targets.{name}]\nkind = \"file\"\npath = \"{name}.jsonl\"\nevents = []"),
+        );
+        let path = farm.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let out = std::process::Command::new(crate::harness::BIN)
+            .args(["events", "watch", "--target", name, "--once", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+        let table =
+            renderq::status::StatusTable::open(&farm.dir.path().join(format!("{name}.sqlite3")))
+                .unwrap();
+        (summary, table.dump().unwrap())
+    };
+    let (once, in_order) = watch("once", lines.join("\n"));
+    let (twice, any_order) = watch("twice", shuffled.join("\n"));
+    assert!(
+        once.contains(&format!("applied={}\tduplicates=0\tskipped=0", lines.len())),
+        "{once}"
+    );
+    assert!(
+        twice.contains(&format!(
+            "applied={}\tduplicates={}\tskipped=2",
+            lines.len(),
+            lines.len()
+        )),
+        "{twice}"
+    );
+    assert_eq!(in_order, any_order);
+    assert!(
+        in_order.iter().any(|row| row.contains("dead_lettered")),
+        "{in_order:?}"
+    );
 }

@@ -424,6 +424,9 @@ drain_timeout = "{drain_timeout}"
 work_dir = "work"
 {worker_toml}
 {storage}
+[events]
+status = "status.sqlite3"
+
 [http_post]
 allow_hosts = ["127.0.0.1"]
 attempts = 3

@@ -12,6 +12,8 @@ use clap::Args;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+mod events;
+
 use crate::app::App;
 use crate::config::Config;
 use crate::submit::SubmitRequest;
@@ -49,6 +51,11 @@ pub struct BenchArgs {
     /// Python example adaptor also works, given `noop`).
     #[arg(long, default_value = "target/release/examples/noop_adaptor")]
     pub adaptor: PathBuf,
+    /// Instead: the cost of events to a JSON-lines file (and SQS, with
+    /// --sqs-endpoint), a 1,000-frame array submit, and the delay of its
+    /// `ArrayJobCompleted`.
+    #[arg(long)]
+    pub events: bool,
 }
 
 const CONFIG: &str = r#"
@@ -83,6 +90,7 @@ fn no_op() -> SubmitRequest {
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.sqs_endpoint {
         _ if args.dispatch => dispatch(args).await,
+        _ if args.events => events::run(args).await,
         Some(endpoint) => sqs(args, endpoint).await,
         None => embedded(args).await,
     }

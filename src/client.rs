@@ -1,0 +1,156 @@
+//! `renderq submit`: the JSON-RPC client side, and `--wait`, which follows
+//! a job or an array to its end with a progress bar.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use crate::cli::SubmitArgs;
+use crate::config::{Config, secret_from_env};
+use crate::status::Status;
+
+/// A JSON-RPC client for one endpoint.
+struct Client {
+    http: reqwest::Client,
+    url: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn new(config: &Config, url: Option<String>) -> anyhow::Result<Self> {
+        let token = config
+            .server
+            .auth_token_env
+            .as_deref()
+            .map(|var| secret_from_env("server.auth_token_env", var))
+            .transpose()
+            .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+        Ok(Self {
+            http: reqwest::Client::new(),
+            url: url.unwrap_or_else(|| format!("http://{}/", config.server.listen)),
+            token,
+        })
+    }
+
+    /// Calls `method`; returns its result, or its error as an error.
+    async fn call(&self, method: &str, params: Value) -> anyhow::Result<Value> {
+        let mut request = self.http.post(&self.url).json(&json!({
+            "jsonrpc": "2.0", "method": method, "params": params, "id": 1
+        }));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.url))?;
+        let status = response.status();
+        if !status.is_success() {
+            bail!(
+                "{} answered {status}: {}",
+                self.url,
+                response.text().await.unwrap_or_default()
+            );
+        }
+        let mut reply: Value = response.json().await.context("reply is not JSON")?;
+        if let Value::Object(error) = &reply["error"] {
+            bail!(
+                "{method} refused ({}): {}{}",
+                error.get("code").unwrap_or(&Value::Null),
+                error.get("message").and_then(Value::as_str).unwrap_or(""),
+                error
+                    .get("data")
+                    .map(|d| format!(" {d}"))
+                    .unwrap_or_default()
+            );
+        }
+        Ok(reply["result"].take())
+    }
+}
+
+/// Submits a job (or an array); prints its id. With `--wait`, follows it
+/// to the end and fails if anything was dead-lettered.
+pub async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
+    let parameters: Value = serde_json::from_str(&args.params).context("--params is not JSON")?;
+    let tasks: Value = serde_json::from_str(&args.tasks).context("--tasks is not JSON")?;
+    let mut params = json!({ "command": args.command, "parameters": parameters, "tasks": tasks });
+    if let Some(queue) = args.queue {
+        params["queue_name"] = queue.into();
+    }
+    if let Some(frames) = args.frames {
+        params["frames"] = frames.into();
+    }
+    if let Some(chunk_size) = args.chunk_size {
+        params["chunk_size"] = chunk_size.into();
+    }
+    let client = Client::new(config, args.url)?;
+    let result = client.call("queue_manager_submit_job", params).await?;
+    let id = match &result {
+        Value::String(message_id) => message_id.clone(),
+        array => array["job_id"]
+            .as_str()
+            .with_context(|| format!("unexpected result: {result}"))?
+            .to_owned(),
+    };
+    println!("{id}");
+    if args.wait {
+        wait(&client, &id).await?;
+    }
+    Ok(())
+}
+
+/// Polls the job's status until it is final, showing progress.
+async fn wait(client: &Client, id: &str) -> anyhow::Result<()> {
+    let bar = ProgressBar::new_spinner();
+    let final_status = loop {
+        let status = match client
+            .call("queue_manager_job_status", json!({ "job_id": id }))
+            .await
+        {
+            Ok(value) => Some(serde_json::from_value::<Status>(value)?),
+            // Not in the table until its first event arrives.
+            Err(e) if e.to_string().contains("no such job") => None,
+            Err(e) => return Err(e),
+        };
+        match &status {
+            Some(Status::Array(array)) => {
+                if bar.length() != Some(array.size.into()) {
+                    bar.set_length(array.size.into());
+                    bar.set_style(
+                        ProgressStyle::with_template("{bar:40} {pos}/{len} children {msg}")
+                            .expect("a valid template"),
+                    );
+                }
+                bar.set_position((array.succeeded + array.dead_lettered).into());
+                bar.set_message(format!(
+                    "({} dead-lettered, {} running)",
+                    array.dead_lettered, array.running
+                ));
+            }
+            Some(Status::Job(job)) => {
+                bar.set_message(format!(
+                    "{} (attempt {}{})",
+                    job.state,
+                    job.attempt,
+                    job.progress
+                        .map(|p| format!(", {p:.0}%"))
+                        .unwrap_or_default()
+                ));
+                bar.tick();
+            }
+            None => bar.set_message("submitted"),
+        }
+        if let Some(status) = status.filter(Status::is_final) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    bar.finish_and_clear();
+    println!("{final_status}");
+    if final_status.has_dead_letters() {
+        bail!("dead-lettered: see `renderq dlq list`");
+    }
+    Ok(())
+}
