@@ -126,6 +126,8 @@ impl Ledger {
             .map_err(failed)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(failed)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(failed)?;
         conn.execute_batch(SCHEMA).map_err(failed)?;
         Ok(Ledger::Local(Arc::new(Mutex::new(conn))))
     }

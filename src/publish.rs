@@ -32,7 +32,11 @@ const RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_s
 /// A place events go.
 #[derive(Debug)]
 enum Target {
-    File(std::path::PathBuf),
+    /// The file, and its handle once opened (kept across batches).
+    File(
+        std::path::PathBuf,
+        tokio::sync::Mutex<Option<tokio::fs::File>>,
+    ),
     Sqs {
         client: aws_sdk_sqs::Client,
         url: String,
@@ -53,7 +57,7 @@ enum Target {
 impl Target {
     async fn open(name: &str, config: &EventTargetConfig) -> anyhow::Result<Self> {
         Ok(match config {
-            EventTargetConfig::File(c) => Target::File(c.path.clone()),
+            EventTargetConfig::File(c) => Target::File(c.path.clone(), Default::default()),
             EventTargetConfig::Sqs(c) => {
                 let sdk =
                     crate::aws::sdk_config(c.region.as_deref(), c.endpoint_url.as_deref()).await;
@@ -92,7 +96,7 @@ impl Target {
     /// Most events sent in one call.
     fn batch_size(&self) -> usize {
         match self {
-            Target::File(_) | Target::Status(_) => 100,
+            Target::File(..) | Target::Status(_) => 1000,
             Target::Sqs { .. } | Target::EventBridge { .. } => 10,
             Target::Webhook { .. } => 1,
         }
@@ -100,27 +104,35 @@ impl Target {
 
     async fn send(&self, batch: &[Event]) -> Result<(), String> {
         match self {
-            Target::File(path) => {
+            Target::File(path, handle) => {
                 let mut lines = String::new();
                 for event in batch {
                     lines.push_str(&event.to_json());
                     lines.push('\n');
                 }
-                let mut file = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .await
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                // One write per batch: appends from several processes do
-                // not interleave within a line.
-                // tokio writes in the background until flushed.
-                async {
+                let mut handle = handle.lock().await;
+                let written = async {
+                    if handle.is_none() {
+                        let file = tokio::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(path)
+                            .await?;
+                        *handle = Some(file);
+                    }
+                    let file = handle.as_mut().expect("opened above");
+                    // One write per batch: appends from several processes
+                    // do not interleave within a line. tokio writes in the
+                    // background until flushed.
                     file.write_all(lines.as_bytes()).await?;
                     file.flush().await
                 }
-                .await
-                .map_err(|e| format!("{}: {e}", path.display()))
+                .await;
+                if written.is_err() {
+                    // Open afresh next time (the file may have been moved).
+                    *handle = None;
+                }
+                written.map_err(|e| format!("{}: {e}", path.display()))
             }
             Target::Sqs { client, url } => {
                 let entries = batch

@@ -177,6 +177,9 @@ impl StatusTable {
             .map_err(failed)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(failed)?;
+        // A crash may lose the last commits; events are delivered again.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(failed)?;
         conn.execute_batch(SCHEMA).map_err(failed)?;
         Ok(Self {
             conn: Mutex::new(conn),
@@ -295,15 +298,29 @@ fn text(value: Option<rusqlite::types::ValueRef>) -> String {
     }
 }
 
+/// Runs a statement, prepared once per connection.
+fn exec(
+    tx: &rusqlite::Transaction,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(sql)?.execute(params)
+}
+
 fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied> {
-    if tx.execute("INSERT OR IGNORE INTO seen VALUES (?1)", [&event.event_id])? == 0 {
+    if tx
+        .prepare_cached("INSERT OR IGNORE INTO seen VALUES (?1)")?
+        .execute([&event.event_id])?
+        == 0
+    {
         return Ok(Applied::Duplicate);
     }
     let Some(job) = &event.job else {
         return Ok(Applied::New);
     };
     if let Some(array) = &job.array {
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO arrays (job_id, command, size) VALUES (?1, ?2, ?3)
              ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size)",
             params![array.job_id, job.command, array.size],
@@ -312,7 +329,8 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
     match event.kind {
         EventType::ArrayJobCompleted => {
             let size = event.detail["size"].as_i64().unwrap_or(0);
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO arrays (job_id, command, size, completed) VALUES (?1, ?2, ?3, 1)
                  ON CONFLICT (job_id) DO UPDATE SET completed = 1, size = MAX(size, excluded.size)",
                 params![job.job_id, job.command, size],
@@ -321,7 +339,8 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
         }
         EventType::JobSubmitted if event.detail.get("array_size").is_some() => {
             let size = event.detail["array_size"].as_i64().unwrap_or(0);
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO arrays (job_id, command, size) VALUES (?1, ?2, ?3)
                  ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size)",
                 params![job.job_id, job.command, size],
@@ -343,11 +362,8 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
         }
     };
     let existing: Option<(i64, i64)> = tx
-        .query_row(
-            "SELECT attempt, rank FROM jobs WHERE job_id = ?1",
-            [&job.job_id],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
+        .prepare_cached("SELECT attempt, rank FROM jobs WHERE job_id = ?1")?
+        .query_row([&job.job_id], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     let reason = event.detail.get("reason").and_then(Value::as_str);
     let (array_id, array_index) = match &job.array {
@@ -356,13 +372,14 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
     };
     let ahead = existing.is_none_or(|(a, r)| order(attempt, rank) > order(a, r));
     if existing.is_none() {
-        tx.execute(
+        exec(tx,
             "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason],
         )?;
     } else if ahead {
-        tx.execute(
+        exec(
+            tx,
             "UPDATE jobs SET state = ?2, rank = ?3, attempt = MAX(attempt, ?4),
                 reason = ?5,
                 message_id = CASE WHEN message_id = '' THEN ?6 ELSE message_id END
@@ -370,7 +387,8 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
             params![job.job_id, state, rank, attempt, reason, job.message_id],
         )?;
     } else {
-        tx.execute(
+        exec(
+            tx,
             "UPDATE jobs SET attempt = MAX(attempt, ?2) WHERE job_id = ?1 AND rank < ?3",
             params![job.job_id, attempt, FINAL_RANK],
         )?;
@@ -378,7 +396,7 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
     if event.kind == EventType::JobProgress
         && let Some(percent) = event.detail["percent"].as_f64()
     {
-        tx.execute(
+        exec(tx,
             "UPDATE jobs SET
                 progress = CASE WHEN ?2 > progress_of THEN ?3 ELSE MAX(COALESCE(progress, 0), ?3) END,
                 progress_of = MAX(progress_of, ?2)
@@ -387,7 +405,8 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
         )?;
     }
     if event.kind == EventType::JobSucceeded {
-        tx.execute(
+        exec(
+            tx,
             // Done is 100 %, whatever progress arrives late.
             "UPDATE jobs SET outputs = ?2, progress = 100, progress_of = 2147483647 WHERE job_id = ?1",
             params![job.job_id, event.detail["outputs"].to_string()],
