@@ -4,12 +4,13 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 
 use crate::catalog::Catalog;
 use crate::config::{Config, secret_from_env};
 use crate::event::WorkerIdentity;
 use crate::ledger::Ledgers;
+use crate::lifecycle::{Shutdown, StopReason};
 use crate::observe::Observer;
 use crate::publish::Publisher;
 use crate::queue::Queues;
@@ -120,19 +121,23 @@ impl App {
     }
 
     /// Runs the JSON-RPC endpoint and a worker until `shutdown`.
-    pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn serve(self, shutdown: Shutdown) -> anyhow::Result<()> {
         let router = self.router()?;
         let listen = &self.config.server.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "Listening for JSON-RPC.");
+        self.watch_instance(&shutdown);
         let worker = Arc::new(self.worker());
         let (served, ()) = tokio::join!(
             async {
-                let result = server::serve(listener, router, shutdown.clone()).await;
+                let result = server::serve(listener, router, shutdown.token().clone()).await;
                 // If the endpoint dies, the whole process stops.
-                shutdown.cancel();
+                shutdown.request(
+                    StopReason::EndpointFailed,
+                    Instant::now() + self.config.worker.drain_timeout,
+                );
                 result
             },
             worker.run(shutdown.clone()),
@@ -142,10 +147,24 @@ impl App {
     }
 
     /// Runs only the worker until `shutdown`.
-    pub async fn work(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn work(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        self.watch_instance(&shutdown);
         Arc::new(self.worker()).run(shutdown).await;
         self.flush_events().await;
         Ok(())
+    }
+
+    /// Starts the IMDS watcher when `[worker] imds` asks for one.
+    fn watch_instance(&self, shutdown: &Shutdown) {
+        let worker = &self.config.worker;
+        if let Ok(setting) = crate::imds::Setting::parse(&worker.imds) {
+            crate::imds::watch(
+                &setting,
+                shutdown.clone(),
+                worker.stop_margin,
+                worker.drain_timeout,
+            );
+        }
     }
 
     /// Gives the events still buffered the drain timeout to go out.

@@ -7,8 +7,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use std::time::Duration;
+
 use crate::app::App;
 use crate::config::Config;
+use crate::lifecycle::Shutdown;
 use crate::queue::Queue;
 
 #[derive(Debug, Parser)]
@@ -174,19 +177,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => crate::bench::run(&args).await,
         Command::Serve => {
             let config = load()?;
-            with_shutdown(|s| async move { App::build(config).await?.serve(s).await }).await
+            let drain = config.worker.drain_timeout;
+            with_shutdown(drain, |s| async move {
+                App::build(config).await?.serve(s).await
+            })
+            .await
         }
         Command::Worker => {
             let config = load()?;
-            with_shutdown(|s| async move { App::build(config).await?.work(s).await }).await
+            let drain = config.worker.drain_timeout;
+            with_shutdown(
+                drain,
+                |s| async move { App::build(config).await?.work(s).await },
+            )
+            .await
         }
         Command::Submit(args) => crate::client::submit(&load()?, args).await,
         Command::Events {
             command: EventsCommand::Watch { target, once },
         } => {
             let config = load()?;
-            with_shutdown(|stop| async move {
-                let watched = crate::watch::run(&config, &target, once, stop).await?;
+            with_shutdown(Duration::ZERO, |stop| async move {
+                let watched =
+                    crate::watch::run(&config, &target, once, stop.token().clone()).await?;
                 println!(
                     "applied={}\tduplicates={}\tskipped={}",
                     watched.applied, watched.duplicates, watched.skipped
@@ -212,7 +225,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             let config = load()?;
-            with_shutdown(|s| run_once(config, args, s)).await
+            with_shutdown(Duration::ZERO, |s| {
+                run_once(config, args, s.token().clone())
+            })
+            .await
         }
         Command::CheckConfig => {
             let app = App::build(load()?).await?;
@@ -275,14 +291,15 @@ fn queue_named<'a>(app: &'a App, name: &str) -> anyhow::Result<&'a Queue> {
         .with_context(|| format!("no queue `{name}` in the config"))
 }
 
-/// Runs `body` with a shutdown token cancelled by SIGINT or SIGTERM.
-async fn with_shutdown<F, Fut>(body: F) -> anyhow::Result<()>
+/// Runs `body` with a shutdown that SIGINT or SIGTERM requests, with
+/// `drain` to finish running work.
+async fn with_shutdown<F, Fut>(drain: Duration, body: F) -> anyhow::Result<()>
 where
-    F: FnOnce(CancellationToken) -> Fut,
+    F: FnOnce(Shutdown) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let shutdown = CancellationToken::new();
-    crate::lifecycle::cancel_on_signal(shutdown.clone())?;
+    let shutdown = Shutdown::new();
+    crate::lifecycle::stop_on_signal(shutdown.clone(), drain)?;
     body(shutdown).await
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::drain::UnknownEta;
 use crate::event::EventType;
 use crate::params::ParamSpec;
 /// SQS refuses to keep a message invisible for longer than this after it was
@@ -218,6 +219,17 @@ pub struct WorkerConfig {
     /// Where per-job working folders are made (default: the system's
     /// temporary folder).
     pub work_dir: Option<PathBuf>,
+    /// On an instance notice (spot, autoscaling), what to do with a job
+    /// that reported no progress: `release` it at once, or
+    /// `run-to-deadline`.
+    pub unknown_eta: UnknownEta,
+    /// On an instance notice, jobs must be handed back this long before
+    /// the deadline.
+    #[serde(with = "humantime_serde")]
+    pub stop_margin: Duration,
+    /// The EC2 instance metadata service to watch for spot and autoscaling
+    /// notices: `"off"`, `"auto"` (the standard address), or a base URL.
+    pub imds: String,
 }
 
 impl WorkerConfig {
@@ -238,6 +250,9 @@ impl Default for WorkerConfig {
             max_runtime: Duration::from_secs(2 * 3600),
             drain_timeout: Duration::from_secs(30),
             work_dir: None,
+            unknown_eta: UnknownEta::default(),
+            stop_margin: Duration::from_secs(10),
+            imds: "off".into(),
         }
     }
 }
@@ -627,6 +642,7 @@ impl Config {
                 "must not be shorter than worker.retry_delay",
             ));
         }
+        crate::imds::Setting::parse(&w.imds).map_err(|e| Invalid::new("worker.imds", e))?;
         if let Some(dir) = &w.work_dir {
             check_writable_dir(dir).map_err(|e| Invalid::new("worker.work_dir", e))?;
         }

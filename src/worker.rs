@@ -9,11 +9,11 @@
 //! never run (malformed, not allowed, invalid) is dead-lettered at once; one
 //! cut short by shutdown is handed straight back without using up a try.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -22,9 +22,11 @@ use crate::catalog::Catalog;
 use crate::commands::{CommandError, Progress, ProgressSink, RunContext};
 use crate::config::WorkerConfig;
 use crate::delivery::Delivery;
+use crate::drain::{Registered, RunningJobs};
 use crate::event::EventType;
 use crate::job::{Vars, mime_ext};
 use crate::ledger::{ChildState, Ledger};
+use crate::lifecycle::{Shutdown, StopReason};
 use crate::observe::{JobEnd, Observer, Subject};
 use crate::queue::{DeadLetter, Queue, QueueError, Received};
 use crate::retry::Backoff;
@@ -70,7 +72,7 @@ pub struct Worker {
     /// The queue's ledger: reported tries, array children.
     ledger: Option<Ledger>,
     /// Jobs received and not yet settled, across slots.
-    running: AtomicUsize,
+    running: RunningJobs,
 }
 
 impl Worker {
@@ -89,17 +91,19 @@ impl Worker {
             config,
             observer,
             ledger,
-            running: AtomicUsize::new(0),
+            running: RunningJobs::default(),
         }
     }
 
-    /// Runs `slots` loops of [`Self::process_next`] until `shutdown`; then
-    /// gives running jobs `drain_timeout` to finish before cancelling them.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Runs `slots` loops of [`Self::process_next`] until a stop is
+    /// requested; then drains to the stop's deadline: jobs that cannot
+    /// finish in time are handed back early (see [`crate::drain`]), and
+    /// whatever still runs at the deadline is cancelled and handed back.
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
         for slot in 0..self.config.slots {
-            let (worker, stop, abort) = (self.clone(), shutdown.clone(), abort.clone());
+            let (worker, stop, abort) = (self.clone(), shutdown.token().clone(), abort.clone());
             tracker.spawn(
                 async move { worker.slot_loop(&stop, &abort).await }
                     .instrument(info_span!("slot", slot)),
@@ -111,26 +115,58 @@ impl Worker {
             EventType::WorkerStarted,
             json!({"queue": self.queue.name(), "slots": self.config.slots}),
         );
-        shutdown.cancelled().await;
-        info!(drain_timeout = ?self.config.drain_timeout, "Worker stopping: no new jobs will be received.");
+        shutdown.token().cancelled().await;
+        let Some(first) = shutdown.stop() else {
+            return;
+        };
+        let notice = !matches!(first.reason, StopReason::Signal(_));
+        let left = first.deadline.saturating_duration_since(Instant::now());
+        info!(reason = first.reason.name(), deadline_in = ?left, "Worker stopping: no new jobs will be received.");
         self.observer.worker_event(
-            EventType::WorkerStopping,
-            json!({"drain_timeout_ms": self.config.drain_timeout.as_millis() as u64}),
-        );
-        if tokio::time::timeout(self.config.drain_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
-            if self.running.load(Ordering::Relaxed) > 0 {
-                warn!(
-                    "Drain deadline passed: cancelling running jobs and returning them to the queue."
-                );
+            if notice {
+                EventType::WorkerInterrupted
             } else {
-                // A job a late receive brings in is handed back at once.
-                info!("No job is running; waiting for receives already sent to end.");
+                EventType::WorkerStopping
+            },
+            json!({"reason": first.reason.name(), "deadline_in_ms": left.as_millis() as u64}),
+        );
+        loop {
+            let stop = shutdown.stop().unwrap_or(first);
+            // An instance notice leaves a margin and releases what cannot
+            // make it; a signal lets every job run to the drain deadline.
+            let cutoff = if notice {
+                let cutoff = stop
+                    .deadline
+                    .checked_sub(self.config.stop_margin)
+                    .unwrap_or(stop.deadline);
+                let released = self.running.release_late(cutoff, self.config.unknown_eta);
+                if released > 0 {
+                    info!(
+                        released,
+                        "Handing back jobs that cannot finish before the deadline."
+                    );
+                }
+                cutoff
+            } else {
+                stop.deadline
+            };
+            tokio::select! {
+                _ = tracker.wait() => break,
+                _ = shutdown.changed() => continue,
+                // Progress may change a job's prospects.
+                _ = tokio::time::sleep(Duration::from_millis(500)), if notice => continue,
+                _ = tokio::time::sleep_until(cutoff) => {
+                    if self.running.is_empty() {
+                        // A job a late receive brings in is handed back at once.
+                        info!("No job is running; waiting for receives already sent to end.");
+                    } else {
+                        warn!("Drain deadline passed: cancelling running jobs and returning them to the queue.");
+                    }
+                    abort.cancel();
+                    tracker.wait().await;
+                    break;
+                }
             }
-            abort.cancel();
-            tracker.wait().await;
         }
         self.catalog.stop().await;
         info!("Worker stopped.");
@@ -176,9 +212,14 @@ impl Worker {
             message_id = %delivery.message_id,
             attempt = delivery.attempt,
         );
-        self.running.fetch_add(1, Ordering::Relaxed);
-        let end = self.handle(&delivery, abort).instrument(span).await;
-        self.running.fetch_sub(1, Ordering::Relaxed);
+        // Each job can be handed back on its own (see `run`).
+        let cancel = abort.child_token();
+        let registered = self.running.register(cancel.clone());
+        let end = self
+            .handle(&delivery, &cancel, &registered.progress)
+            .instrument(span)
+            .await;
+        drop(registered);
         Ok(Outcome::Processed {
             message_id: delivery.message_id,
             end: end?,
@@ -190,6 +231,7 @@ impl Worker {
         &self,
         delivery: &Delivery,
         abort: &CancellationToken,
+        progress: &Arc<Mutex<Option<f64>>>,
     ) -> Result<JobEnd, QueueError> {
         info!("Received job from queue.");
         let subject = delivery.subject(self.queue.name());
@@ -209,7 +251,7 @@ impl Worker {
             // `cancel`).
             tokio::time::timeout(
                 self.config.max_runtime,
-                self.execute(delivery, &subject, abort),
+                self.execute(delivery, &subject, abort, progress),
             )
             .await
             .unwrap_or_else(|_| {
@@ -351,6 +393,7 @@ impl Worker {
         delivery: &Delivery,
         subject: &Subject,
         abort: &CancellationToken,
+        progress_cell: &Arc<Mutex<Option<f64>>>,
     ) -> Result<Vec<String>, JobError> {
         let envelope = delivery
             .envelope
@@ -368,8 +411,13 @@ impl Worker {
             .map(|a| a.frames.clone())
             .unwrap_or_default();
         let progress = {
-            let (observer, subject) = (self.observer.clone(), subject.clone());
+            let (observer, subject, cell) = (
+                self.observer.clone(),
+                subject.clone(),
+                progress_cell.clone(),
+            );
             Progress::with_sink(ProgressSink(Arc::new(move |percent| {
+                Registered::report(&cell, percent);
                 observer.progress(&subject, percent)
             })))
         };

@@ -96,6 +96,10 @@ impl Workspace {
         if !self.made.load(Ordering::Acquire) {
             std::fs::create_dir_all(&self.dir)?;
             reap_at_exit(&self.dir);
+            let mut own = OWN.lock().expect("own folders lock");
+            if !own.contains(&self.dir) {
+                own.push(self.dir.clone());
+            }
             self.made.store(true, Ordering::Release);
         }
         Ok(&self.dir)
@@ -174,6 +178,23 @@ pub fn sweep(root: &Path) -> Swept {
 /// Kills the groups recorded in a dead process's folder and removes it;
 /// returns how many groups were still there.
 fn clean(dir: &Path) -> usize {
+    let killed = kill_recorded(dir);
+    let _ = std::fs::remove_dir_all(dir);
+    killed
+}
+
+/// This process's own folders, for [`kill_own_groups`].
+static OWN: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Kills every process group this process's commands are running in (on
+/// a second signal, just before exiting); returns how many.
+pub fn kill_own_groups() -> usize {
+    let own = OWN.lock().map(|o| o.clone()).unwrap_or_default();
+    own.iter().map(|dir| kill_recorded(dir)).sum()
+}
+
+/// Kills the process groups recorded in `dir`; returns how many.
+fn kill_recorded(dir: &Path) -> usize {
     let mut killed = 0;
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = entry.file_name();
@@ -192,7 +213,6 @@ fn clean(dir: &Path) -> usize {
             killed += 1;
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
     killed
 }
 

@@ -461,6 +461,24 @@ timeout = "5s"
 
     /// Starts `renderq <subcommand>` against this farm; logs go to a file.
     pub fn spawn(&self, subcommand: &str, env: &[(&str, &str)]) -> Proc {
+        self.spawn_with(subcommand, env, &self.config)
+    }
+
+    /// A copy of the config with `edit` applied, beside the original.
+    pub fn config_variant(&self, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        std::fs::write(&path, edit(text)).expect("write config");
+        path
+    }
+
+    /// Starts `renderq <subcommand>` with another config.
+    pub fn spawn_with(
+        &self,
+        subcommand: &str,
+        env: &[(&str, &str)],
+        config: &std::path::Path,
+    ) -> Proc {
         let log = self
             .dir
             .path()
@@ -468,7 +486,7 @@ timeout = "5s"
         let child = Command::new(BIN)
             .arg(subcommand)
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")

@@ -31,6 +31,7 @@ mod config_errors;
 mod crash;
 mod events;
 mod failures;
+mod fleet;
 mod http_api;
 mod processes;
 mod scenarios;

@@ -1,0 +1,167 @@
+//! Draining to a deadline: which running jobs can finish before the
+//! process must be gone, and which are better handed back at once so that
+//! another worker can start them sooner.
+//!
+//! A job's expected remaining time comes from its progress (elapsed ÷
+//! fraction done). A job that reported none has an unknown end: on an
+//! instance notice it is released at once unless `unknown_eta =
+//! "run-to-deadline"`; on a signal it runs until the drain deadline.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What to do on an instance notice with a job whose end is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownEta {
+    /// Hand it back at once (another worker starts it sooner).
+    #[default]
+    Release,
+    /// Let it run until the deadline less the margin (for short jobs).
+    RunToDeadline,
+}
+
+/// A running job, as the drain sees it.
+#[derive(Debug)]
+struct Running {
+    cancel: CancellationToken,
+    started: Instant,
+    /// Latest percent done, from the command's progress reports.
+    progress: Arc<Mutex<Option<f64>>>,
+}
+
+/// The jobs running in this process.
+#[derive(Debug, Default)]
+pub struct RunningJobs {
+    next: AtomicU64,
+    jobs: Mutex<HashMap<u64, Running>>,
+}
+
+/// A job's place in [`RunningJobs`]; it leaves when this is dropped.
+#[derive(Debug)]
+pub struct Registered<'a> {
+    id: u64,
+    jobs: &'a RunningJobs,
+    /// Where the job's progress goes.
+    pub progress: Arc<Mutex<Option<f64>>>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.jobs.lock().remove(&self.id);
+    }
+}
+
+impl Registered<'_> {
+    /// Records a progress report.
+    pub fn report(progress: &Mutex<Option<f64>>, percent: f64) {
+        if let Ok(mut p) = progress.lock() {
+            *p = Some(percent);
+        }
+    }
+}
+
+/// Expected time left: elapsed × (100 − p) ÷ p, once some progress is known.
+pub fn eta(elapsed: Duration, percent: Option<f64>) -> Option<Duration> {
+    let p = percent.filter(|p| *p > 0.0)?.min(100.0);
+    Some(elapsed.mul_f64((100.0 - p) / p))
+}
+
+impl RunningJobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Running>> {
+        self.jobs.lock().expect("running jobs lock")
+    }
+
+    pub fn register(&self, cancel: CancellationToken) -> Registered<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let progress = Arc::new(Mutex::new(None));
+        self.lock().insert(
+            id,
+            Running {
+                cancel,
+                started: Instant::now(),
+                progress: progress.clone(),
+            },
+        );
+        Registered {
+            id,
+            jobs: self,
+            progress,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Cancels (so hands back) every job not expected to end by `cutoff`;
+    /// `unknown` decides for jobs that reported no progress. Returns how
+    /// many were cancelled now.
+    pub fn release_late(&self, cutoff: Instant, unknown: UnknownEta) -> usize {
+        let now = Instant::now();
+        let mut released = 0;
+        for job in self.lock().values() {
+            if job.cancel.is_cancelled() {
+                continue;
+            }
+            let percent = *job.progress.lock().expect("progress lock");
+            let late = match eta(now - job.started, percent) {
+                Some(left) => now + left > cutoff,
+                None => unknown == UnknownEta::Release,
+            };
+            if late {
+                job.cancel.cancel();
+                released += 1;
+            }
+        }
+        released
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_follows_progress() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(eta(ten, None), None);
+        assert_eq!(eta(ten, Some(0.0)), None);
+        assert_eq!(eta(ten, Some(50.0)), Some(ten));
+        assert_eq!(eta(ten, Some(25.0)), Some(Duration::from_secs(30)));
+        assert_eq!(eta(ten, Some(100.0)), Some(Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn only_jobs_that_cannot_make_it_are_released() {
+        let jobs = RunningJobs::default();
+        let (quick, slow, silent) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let q = jobs.register(quick.clone());
+        let s = jobs.register(slow.clone());
+        let _u = jobs.register(silent.clone());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        *q.progress.lock().unwrap() = Some(90.0);
+        *s.progress.lock().unwrap() = Some(1.0);
+        let cutoff = Instant::now() + Duration::from_secs(2);
+        assert_eq!(jobs.release_late(cutoff, UnknownEta::RunToDeadline), 1);
+        assert!(!quick.is_cancelled() && slow.is_cancelled() && !silent.is_cancelled());
+        assert_eq!(jobs.release_late(cutoff, UnknownEta::Release), 1);
+        assert!(silent.is_cancelled() && !quick.is_cancelled());
+        drop(q);
+        assert_eq!(jobs.len(), 2);
+    }
+}

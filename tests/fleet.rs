@@ -1,0 +1,289 @@
+//! The fleet runtime: spot and autoscaling notices from a stand-in for the
+//! EC2 instance metadata service, draining to a deadline, and signals.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, put};
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+use crate::harness::{Backend, Farm, Settings, alive, free_port};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// A local IMDSv2: a token, an instance id, and the two notices the test
+/// sets.
+#[derive(Clone, Default)]
+struct FakeImds {
+    /// The body of `spot/instance-action`, 404 while `None`.
+    spot: Arc<Mutex<Option<String>>>,
+    /// `autoscaling/target-lifecycle-state`.
+    lifecycle: Arc<Mutex<String>>,
+    port: u16,
+}
+
+impl FakeImds {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let imds = FakeImds {
+            lifecycle: Arc::new(Mutex::new("InService".into())),
+            port: listener.local_addr().unwrap().port(),
+            ..FakeImds::default()
+        };
+        let token_ok = |headers: &HeaderMap| headers.get("x-aws-ec2-metadata-token").is_some();
+        let (spot, lifecycle) = (imds.spot.clone(), imds.lifecycle.clone());
+        let app = axum::Router::new()
+            .route(
+                "/latest/api/token",
+                put(|| async {
+                    (
+                        [("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
+                        "token-1",
+                    )
+                }),
+            )
+            .route(
+                "/latest/meta-data/instance-id",
+                get(move |h: HeaderMap| async move {
+                    if token_ok(&h) {
+                        (StatusCode::OK, "i-0abc".to_owned())
+                    } else {
+                        (StatusCode::UNAUTHORIZED, String::new())
+                    }
+                }),
+            )
+            .route(
+                "/latest/meta-data/spot/instance-action",
+                get(move |h: HeaderMap| {
+                    let spot = spot.lock().unwrap().clone();
+                    async move {
+                        match (token_ok(&h), spot) {
+                            (false, _) => (StatusCode::UNAUTHORIZED, String::new()),
+                            (true, Some(body)) => (StatusCode::OK, body),
+                            (true, None) => (StatusCode::NOT_FOUND, String::new()),
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/latest/meta-data/autoscaling/target-lifecycle-state",
+                get(move || {
+                    let state = lifecycle.lock().unwrap().clone();
+                    async move { state }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        imds
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A spot interruption `seconds` from now.
+    fn interrupt_in(&self, seconds: i64) {
+        let at = (chrono::Utc::now() + chrono::Duration::seconds(seconds))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        *self.spot.lock().unwrap() = Some(json!({"action": "terminate", "time": at}).to_string());
+    }
+}
+
+fn fleet_settings(imds: &FakeImds, extra_worker: &str) -> Settings {
+    Settings {
+        max_receive_count: 1,
+        worker_toml: format!(
+            "imds = \"{}\"\nstop_margin = \"1s\"\n{extra_worker}",
+            imds.url()
+        ),
+        ..Settings::default()
+    }
+}
+
+scenarios!(spot_notice_hands_a_long_job_back_at_once);
+
+async fn spot_notice_hands_a_long_job_back_at_once(backend: Backend) {
+    let imds = FakeImds::start().await;
+    let farm = Farm::new(backend, fleet_settings(&imds, "")).await;
+    let mut first = farm.serve(&[]).await;
+    first.wait_for_log("Watching instance metadata", LONG);
+    let id = farm
+        .submit(json!({"command": "sleep", "parameters": {"seconds": 6},
+                       "tasks": [{"name": "s3_upload", "config": {"bucket": "results", "key": "spot/${message_id}.json"}}]}))
+        .await;
+    first.wait_for_log("Executing command: sleep.", LONG);
+    // The second worker is not on a doomed instance.
+    let elsewhere = farm.config_variant("elsewhere", |c| {
+        c.replace(&format!("imds = \"{}\"", imds.url()), "")
+    });
+    let second = farm.spawn_with("worker", &[], &elsewhere);
+    second.wait_for_log("Worker started.", LONG);
+
+    imds.interrupt_in(4);
+    let noticed = Instant::now();
+    second.wait_for_log("Received job from queue.", LONG);
+    let back_in = noticed.elapsed();
+    assert!(
+        back_in < Duration::from_secs(2),
+        "receivable again after {back_in:?}"
+    );
+    assert_eq!(
+        first.wait_exit(Duration::from_secs(4)),
+        Some(0),
+        "{}",
+        first.log_text()
+    );
+    assert!(
+        noticed.elapsed() < Duration::from_secs(4),
+        "exited before the deadline"
+    );
+    assert!(
+        first
+            .log_text()
+            .contains("Job interrupted, returning to queue.")
+    );
+
+    farm.wait_for_object(&format!("spot/{id}.json"), LONG).await;
+    // max_receive_count = 1: a counted interruption would have dead-lettered it.
+    assert!(
+        second.log_text().contains("attempt=1"),
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(farm.wait_until_drained(LONG).await, (0, 0, 0));
+    println!("spot notice to receivable again: {back_in:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_fits_before_the_deadline_finishes() {
+    let imds = FakeImds::start().await;
+    let farm = Farm::new(
+        Backend::Local,
+        fleet_settings(&imds, "unknown_eta = \"run-to-deadline\""),
+    )
+    .await;
+    let mut serve = farm.serve(&[]).await;
+    serve.wait_for_log("Watching instance metadata", LONG);
+    let id = farm
+        .submit(json!({"command": "sleep", "parameters": {"seconds": 1},
+                       "tasks": [{"name": "s3_upload", "config": {"bucket": "results", "key": "fit/${message_id}.json"}}]}))
+        .await;
+    serve.wait_for_log("Executing command: sleep.", LONG);
+    imds.interrupt_in(8);
+    assert_eq!(
+        serve.wait_exit(Duration::from_secs(8)),
+        Some(0),
+        "{}",
+        serve.log_text()
+    );
+    assert!(
+        !serve.log_text().contains("Job interrupted"),
+        "{}",
+        serve.log_text()
+    );
+    assert!(farm.object(&format!("fit/{id}.json")).await.is_some());
+    assert_eq!(farm.stats(), (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn autoscaling_termination_stops_the_worker() {
+    let imds = FakeImds::start().await;
+    let farm = Farm::new(Backend::Local, fleet_settings(&imds, "")).await;
+    let mut serve = farm.serve(&[]).await;
+    serve.wait_for_log("Watching instance metadata", LONG);
+    *imds.lifecycle.lock().unwrap() = "Terminated".into();
+    assert_eq!(serve.wait_exit(LONG), Some(0));
+    assert!(
+        serve.log_text().contains("autoscaling termination"),
+        "{}",
+        serve.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_notice_is_taken_on_the_safe_side() {
+    let imds = FakeImds::start().await;
+    let farm = Farm::new(Backend::Local, fleet_settings(&imds, "")).await;
+    let mut serve = farm.serve(&[]).await;
+    serve.wait_for_log("Watching instance metadata", LONG);
+    *imds.spot.lock().unwrap() = Some("{not json".into());
+    assert_eq!(serve.wait_exit(LONG), Some(0));
+    let log = serve.log_text();
+    assert!(
+        log.contains("unreadable spot instance-action") && log.contains("spot interruption"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_imds_is_one_info_line_and_no_delay() {
+    let port = free_port();
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            worker_toml: format!("imds = \"http://127.0.0.1:{port}\""),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let serve = farm.serve(&[]).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "start-up took {:?}",
+        started.elapsed()
+    );
+    serve.wait_for_log("Instance metadata unreachable", Duration::from_secs(2));
+    assert_eq!(
+        serve
+            .log_text()
+            .matches("Instance metadata unreachable")
+            .count(),
+        1
+    );
+    let id = farm
+        .submit(json!({"command": "get_version", "tasks": [
+        {"name": "s3_upload", "config": {"bucket": "results", "key": "u/${message_id}.json"}}]}))
+        .await;
+    farm.wait_for_object(&format!("u/{id}.json"), LONG).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_kills_the_process_tree_before_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            extra_toml: crate::commands::commands_toml(
+                &dir.path().join("starts").display().to_string(),
+            ),
+            extra_allowed: vec!["sleeper"],
+            drain_timeout: "60s",
+            ..Settings::default()
+        },
+    )
+    .await;
+    let mut serve = farm.serve(&[]).await;
+    let pidfile = dir.path().join("pids");
+    farm.submit(json!({"command": "sleeper", "parameters": {"pidfile": pidfile}}))
+        .await;
+    let deadline = Instant::now() + LONG;
+    while crate::commands::starts(&pidfile).len() < 3 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pids = crate::commands::starts(&pidfile);
+    serve.signal(Signal::SIGTERM);
+    serve.wait_for_log("Worker stopping", LONG);
+    serve.signal(Signal::SIGTERM);
+    assert_eq!(serve.wait_exit(Duration::from_secs(5)), Some(130));
+    assert!(
+        serve
+            .log_text()
+            .contains("Second signal: killed running commands")
+    );
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} outlived the second signal");
+    }
+}
