@@ -7,8 +7,9 @@ use anyhow::Context;
 use tokio::time::Instant;
 
 use crate::catalog::Catalog;
-use crate::config::{Config, secret_from_env};
+use crate::config::{Config, Invalid, secret_from_env};
 use crate::event::WorkerIdentity;
+use crate::gpu::GpusConfig;
 use crate::ledger::Ledgers;
 use crate::lifecycle::{Shutdown, StopReason};
 use crate::observe::Observer;
@@ -35,6 +36,8 @@ pub struct App {
     pub ledgers: Ledgers,
     /// The job-status table, when `[events] status` names one.
     pub status: Option<Arc<StatusTable>>,
+    /// The GPU of each worker slot (empty: not pinned).
+    pub gpus: Vec<u32>,
 }
 
 impl App {
@@ -59,12 +62,18 @@ impl App {
             .map(Arc::new);
         let publisher =
             Publisher::start(&config.events, WorkerIdentity::current(), status.clone()).await?;
+        let gpus = match &config.worker.gpus {
+            GpusConfig::Mode(off) if off == "off" => Vec::new(),
+            setting => crate::gpu::assign(setting, crate::gpu::discover())
+                .map_err(|e| config.locate(Invalid::new("worker.gpus", e)))?,
+        };
         let buckets = Buckets::open(&config.buckets).await?;
         let ledgers = Ledgers::open(&config.queues, &buckets)?;
         Ok(Self {
             publisher,
             ledgers,
             status,
+            gpus,
             catalog: Arc::new(Catalog::from_config(&config).map_err(|i| config.locate(i))?),
             tasks: TaskRunner { buckets, http },
             queues,
@@ -100,6 +109,7 @@ impl App {
             self.config.worker.clone(),
             Observer::new(self.publisher.clone()),
             self.ledgers.get(name).cloned(),
+            self.gpus.clone(),
         )
     }
 

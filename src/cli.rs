@@ -341,6 +341,7 @@ async fn run_once(
         progress: crate::commands::Progress::new(),
         job_id: format!("run-{}", uuid::Uuid::new_v4()),
         frames: Vec::new(),
+        gpu: None,
     };
     let outputs = command.run(&params, &ctx).await;
     command.stop().await;

@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::drain::UnknownEta;
 use crate::event::EventType;
+use crate::gpu::GpusConfig;
 use crate::params::ParamSpec;
 /// SQS refuses to keep a message invisible for longer than this after it was
 /// received, so a job must finish (or be failed) within it.
@@ -194,8 +195,9 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// Jobs run at the same time by one process, each pulled on its own.
-    pub slots: usize,
+    /// Jobs run at the same time by one process, each pulled on its own
+    /// (default: 1, or one per GPU with `gpus`).
+    pub slots: Option<usize>,
     /// How long a received job stays invisible to other workers; the
     /// heartbeat extends it while the job runs.
     #[serde(with = "humantime_serde")]
@@ -230,6 +232,9 @@ pub struct WorkerConfig {
     /// The EC2 instance metadata service to watch for spot and autoscaling
     /// notices: `"off"`, `"auto"` (the standard address), or a base URL.
     pub imds: String,
+    /// `"off"`, `"auto"` (one slot per GPU `nvidia-smi` lists, each pinned
+    /// to its GPU), or GPU indexes, e.g. `[0, 1]`.
+    pub gpus: GpusConfig,
 }
 
 impl WorkerConfig {
@@ -242,7 +247,7 @@ impl WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            slots: 1,
+            slots: None,
             visibility_timeout: Duration::from_secs(120),
             wait_time: Duration::from_secs(20),
             retry_delay: Duration::from_secs(5),
@@ -253,6 +258,7 @@ impl Default for WorkerConfig {
             unknown_eta: UnknownEta::default(),
             stop_margin: Duration::from_secs(10),
             imds: "off".into(),
+            gpus: GpusConfig::default(),
         }
     }
 }
@@ -621,7 +627,7 @@ impl Config {
             }
         }
         let w = &self.worker;
-        if w.slots == 0 {
+        if w.slots == Some(0) {
             return Err(Invalid::new("worker.slots", "must be at least 1"));
         }
         if w.visibility_timeout < Duration::from_secs(1) {
@@ -847,7 +853,7 @@ path = "var/q"
     #[test]
     fn minimal_config_loads_with_defaults() {
         let config = load_text(MINIMAL).unwrap();
-        assert_eq!(config.worker.slots, 1);
+        assert_eq!(config.worker.slots, None);
         assert_eq!(config.server.max_body_bytes, 262144);
         let QueueConfig::Local(q) = &config.queues["q"] else {
             panic!("a local queue")

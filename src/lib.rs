@@ -90,6 +90,7 @@ pub mod config;
 pub mod delivery;
 pub mod drain;
 pub mod event;
+pub mod gpu;
 pub mod imds;
 pub mod job;
 pub mod ledger;

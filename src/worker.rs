@@ -73,6 +73,11 @@ pub struct Worker {
     ledger: Option<Ledger>,
     /// Jobs received and not yet settled, across slots.
     running: RunningJobs,
+    /// Slots, each pulling jobs on its own.
+    slots: usize,
+    /// The GPU each slot is pinned to, by slot (round robin); empty when
+    /// slots are not pinned.
+    gpus: Vec<u32>,
 }
 
 impl Worker {
@@ -83,8 +88,11 @@ impl Worker {
         config: WorkerConfig,
         observer: Observer,
         ledger: Option<Ledger>,
+        gpus: Vec<u32>,
     ) -> Self {
         Self {
+            slots: config.slots.unwrap_or(gpus.len().max(1)),
+            gpus,
             queue,
             catalog,
             tasks,
@@ -102,18 +110,18 @@ impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
-        for slot in 0..self.config.slots {
+        for slot in 0..self.slots {
             let (worker, stop, abort) = (self.clone(), shutdown.token().clone(), abort.clone());
             tracker.spawn(
-                async move { worker.slot_loop(&stop, &abort).await }
+                async move { worker.slot_loop(slot, &stop, &abort).await }
                     .instrument(info_span!("slot", slot)),
             );
         }
         tracker.close();
-        info!(queue = %self.queue.name(), slots = self.config.slots, "Worker started.");
+        info!(queue = %self.queue.name(), slots = self.slots, gpus = ?self.gpus, "Worker started.");
         self.observer.worker_event(
             EventType::WorkerStarted,
-            json!({"queue": self.queue.name(), "slots": self.config.slots}),
+            json!({"queue": self.queue.name(), "slots": self.slots, "gpus": self.gpus}),
         );
         shutdown.token().cancelled().await;
         let Some(first) = shutdown.stop() else {
@@ -172,10 +180,10 @@ impl Worker {
         info!("Worker stopped.");
     }
 
-    async fn slot_loop(&self, stop: &CancellationToken, abort: &CancellationToken) {
+    async fn slot_loop(&self, slot: usize, stop: &CancellationToken, abort: &CancellationToken) {
         let mut failures = 0u32;
         while !stop.is_cancelled() {
-            match self.process_next(stop, abort).await {
+            match self.step(slot, stop, abort).await {
                 Ok(_) => failures = 0,
                 Err(e) => {
                     failures += 1;
@@ -198,6 +206,16 @@ impl Worker {
         stop: &CancellationToken,
         abort: &CancellationToken,
     ) -> Result<Outcome, QueueError> {
+        self.step(0, stop, abort).await
+    }
+
+    /// [`Self::process_next`] on a given slot (and so on its GPU).
+    async fn step(
+        &self,
+        slot: usize,
+        stop: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> Result<Outcome, QueueError> {
         let received = self
             .queue
             .receive(self.config.wait_time, self.config.visibility_timeout, stop)
@@ -215,8 +233,9 @@ impl Worker {
         // Each job can be handed back on its own (see `run`).
         let cancel = abort.child_token();
         let registered = self.running.register(cancel.clone());
+        let gpu = (!self.gpus.is_empty()).then(|| self.gpus[slot % self.gpus.len()]);
         let end = self
-            .handle(&delivery, &cancel, &registered.progress)
+            .handle(&delivery, &cancel, &registered.progress, gpu)
             .instrument(span)
             .await;
         drop(registered);
@@ -232,6 +251,7 @@ impl Worker {
         delivery: &Delivery,
         abort: &CancellationToken,
         progress: &Arc<Mutex<Option<f64>>>,
+        gpu: Option<u32>,
     ) -> Result<JobEnd, QueueError> {
         info!("Received job from queue.");
         let subject = delivery.subject(self.queue.name());
@@ -251,7 +271,7 @@ impl Worker {
             // `cancel`).
             tokio::time::timeout(
                 self.config.max_runtime,
-                self.execute(delivery, &subject, abort, progress),
+                self.execute(delivery, &subject, abort, progress, gpu),
             )
             .await
             .unwrap_or_else(|_| {
@@ -394,6 +414,7 @@ impl Worker {
         subject: &Subject,
         abort: &CancellationToken,
         progress_cell: &Arc<Mutex<Option<f64>>>,
+        gpu: Option<u32>,
     ) -> Result<Vec<String>, JobError> {
         let envelope = delivery
             .envelope
@@ -426,6 +447,7 @@ impl Worker {
             progress,
             job_id: envelope.job_id.clone(),
             frames: frames.clone(),
+            gpu,
         };
         let outputs = job
             .command

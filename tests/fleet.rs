@@ -287,3 +287,75 @@ async fn a_second_sigterm_kills_the_process_tree_before_exiting() {
         assert!(!alive(pid), "process {pid} outlived the second signal");
     }
 }
+
+/// `PATH` with the fake `nvidia-smi` (two GPUs) first.
+fn fake_gpu_path() -> String {
+    format!(
+        "{}:{}",
+        crate::harness::repo_path("tests/fixtures/fakebin"),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_gpu_slot_sees_only_its_gpu() {
+    let fixture = crate::harness::repo_path("tests/fixtures/gpu_env.py");
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            extra_toml: format!(
+                "[commands.gpu_env]\nkind = \"process\"\nprogram = \"python3\"\nargs = [\"{fixture}\"]\n"
+            ),
+            extra_allowed: vec!["gpu_env"],
+            worker_toml: "gpus = \"auto\"".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let path = fake_gpu_path();
+    let serve = farm.serve(&[("PATH", &path)]).await;
+    assert!(serve.log_text().contains("slots=2"), "{}", serve.log_text());
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(
+            farm.submit(json!({"command": "gpu_env", "tasks": [
+                {"name": "s3_upload", "config": {"bucket": "results", "key": "gpu/${message_id}.json"}}]}))
+                .await,
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for id in &ids {
+        let (bytes, _) = farm.wait_for_object(&format!("gpu/{id}.json"), LONG).await;
+        let env: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            env["CUDA_VISIBLE_DEVICES"], env["NVIDIA_VISIBLE_DEVICES"],
+            "{env}"
+        );
+        seen.insert(env["CUDA_VISIBLE_DEVICES"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["0", "1"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gpu_that_is_not_there_is_a_config_error() {
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            worker_toml: "gpus = [0, 3]".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let out = std::process::Command::new(crate::harness::BIN)
+        .args(["check-config", "--config"])
+        .arg(&farm.config)
+        .env("PATH", fake_gpu_path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("`worker.gpus`") && stderr.contains("GPU 3"),
+        "{stderr}"
+    );
+}

@@ -385,6 +385,7 @@ async fn rate(
         progress: crate::commands::Progress::new(),
         job_id: "bench".into(),
         frames: Vec::new(),
+        gpu: None,
     };
     // One warm-up run starts what has to be started (the adaptor).
     command.run(&params, &ctx).await?;

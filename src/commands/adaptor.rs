@@ -99,6 +99,8 @@ enum Broken {
 
 #[derive(Debug)]
 pub(super) struct AdaptorProcess {
+    /// The GPU it was started on; it serves only jobs of that GPU's slots.
+    gpu: Option<u32>,
     child: Child,
     group: ProcessGroup,
     stdin: ChildStdin,
@@ -161,7 +163,11 @@ impl AdaptorProcess {
 }
 
 impl AdaptorCommand {
-    async fn start(&self, progress: &Progress) -> Result<AdaptorProcess, CommandError> {
+    async fn start(
+        &self,
+        progress: &Progress,
+        gpu: Option<u32>,
+    ) -> Result<AdaptorProcess, CommandError> {
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             CommandError::Failed(format!("adaptor `{}`: {what}: {e}", self.name))
         };
@@ -169,7 +175,7 @@ impl AdaptorCommand {
             .workspace
             .temp_dir("renderq-adaptor-")
             .map_err(|e| failed("cannot make a working folder", &e))?;
-        let mut child = program(&self.program, &self.env)
+        let mut child = program(&self.program, &self.env, gpu)
             .args(&self.args)
             .current_dir(home.path())
             .stdin(Stdio::piped())
@@ -180,6 +186,7 @@ impl AdaptorCommand {
         let starts = self.starts.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(adaptor = %self.name, starts, "Starting adaptor.");
         let mut process = AdaptorProcess {
+            gpu,
             group: ProcessGroup::of(&child, &self.workspace),
             stdin: child.stdin.take().expect("stdin is piped"),
             stdout: BufReader::new(child.stdout.take().expect("stdout is piped")),
@@ -220,10 +227,15 @@ impl AdaptorCommand {
         params: &Map<String, Value>,
         ctx: &RunContext,
     ) -> Result<Vec<Output>, CommandError> {
-        let idle = self.idle.lock().expect("adaptor pool lock").pop();
+        let idle = {
+            let mut idle = self.idle.lock().expect("adaptor pool lock");
+            idle.iter()
+                .rposition(|p| p.gpu == ctx.gpu)
+                .map(|at| idle.remove(at))
+        };
         let mut process = match idle {
             Some(process) => process,
-            None => self.start(&ctx.progress).await?,
+            None => self.start(&ctx.progress, ctx.gpu).await?,
         };
         let workdir = workdir(&self.workspace)?;
         let run = json!({"type": "run", "job_id": ctx.job_id, "parameters": params,

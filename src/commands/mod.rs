@@ -119,13 +119,18 @@ fn workdir(workspace: &Workspace) -> Result<tempfile::TempDir, CommandError> {
 /// An external program, ready to spawn: a clean environment with only the
 /// allowed variables, its own process group, and SIGKILL as its
 /// parent-death signal, so it cannot outlive a worker that is `kill -9`ed.
-fn program(path: &Path, env: &[String]) -> tokio::process::Command {
+fn program(path: &Path, env: &[String], gpu: Option<u32>) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(path);
     command
         .env_clear()
         .envs(process::allowed_env(env))
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(gpu) = gpu {
+        command
+            .env("CUDA_VISIBLE_DEVICES", gpu.to_string())
+            .env("NVIDIA_VISIBLE_DEVICES", gpu.to_string());
+    }
     let parent = nix::unistd::getpid();
     // SAFETY: prctl and getppid are async-signal-safe, and nothing else
     // runs between fork and exec.
@@ -229,6 +234,8 @@ pub struct RunContext {
     /// An array chunk's frames (empty for a plain job): a command may
     /// render them all and give an output for each.
     pub frames: Vec<i64>,
+    /// The GPU the slot is pinned to: external programs see only it.
+    pub gpu: Option<u32>,
 }
 
 /// A child's process group; signals reach everything the child started.

@@ -380,6 +380,7 @@ mod tests {
             progress: Progress::new(),
             job_id: "test".into(),
             frames: Vec::new(),
+            gpu: None,
         };
         let out = run(&params, &ctx).await.unwrap();
         assert_eq!(out.len(), 1);

@@ -1,0 +1,155 @@
+//! GPUs on this machine (`nvidia-smi`), and which slot runs on which.
+//!
+//! With `[worker] gpus = "auto"` every GPU found gets a slot (unless
+//! `slots` says otherwise), and each slot's commands see only their GPU
+//! through `CUDA_VISIBLE_DEVICES` and `NVIDIA_VISIBLE_DEVICES`. No GPU, or
+//! no `nvidia-smi`, is one info line and slots as configured.
+
+use serde::Deserialize;
+
+/// `[worker] gpus`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum GpusConfig {
+    /// `"auto"` or `"off"`.
+    Mode(String),
+    /// These GPU indexes.
+    List(Vec<u32>),
+}
+
+impl Default for GpusConfig {
+    fn default() -> Self {
+        GpusConfig::Mode("off".into())
+    }
+}
+
+/// One GPU, as `nvidia-smi` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gpu {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub memory_mib: u64,
+}
+
+/// Parses `nvidia-smi --query-gpu=index,uuid,name,memory.total
+/// --format=csv,noheader,nounits`.
+fn parse(csv: &str) -> Result<Vec<Gpu>, String> {
+    csv.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            let [index, uuid, name, memory] = fields[..] else {
+                return Err(format!("unexpected nvidia-smi line `{line}`"));
+            };
+            Ok(Gpu {
+                index: index
+                    .parse()
+                    .map_err(|_| format!("bad GPU index in `{line}`"))?,
+                uuid: uuid.to_owned(),
+                name: name.to_owned(),
+                memory_mib: memory.trim_end_matches(" MiB").parse().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// The GPUs `nvidia-smi` on `PATH` reports; `Err` when there is no
+/// `nvidia-smi` or it fails.
+pub fn discover() -> Result<Vec<Gpu>, String> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=index,uuid,name,memory.total",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run nvidia-smi: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "nvidia-smi failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The GPU index each slot is pinned to (empty: no pinning), from the
+/// setting and what is installed. Errors name what is wrong with the
+/// setting.
+pub fn assign(config: &GpusConfig, found: Result<Vec<Gpu>, String>) -> Result<Vec<u32>, String> {
+    match config {
+        GpusConfig::Mode(mode) if mode == "off" => Ok(Vec::new()),
+        GpusConfig::Mode(mode) if mode == "auto" => match found {
+            Ok(gpus) if !gpus.is_empty() => {
+                for gpu in &gpus {
+                    tracing::info!(index = gpu.index, name = %gpu.name, memory_mib = gpu.memory_mib, uuid = %gpu.uuid, "Found GPU.");
+                }
+                Ok(gpus.iter().map(|g| g.index).collect())
+            }
+            Ok(_) | Err(_) => {
+                let why = found.err().unwrap_or_else(|| "none found".into());
+                tracing::info!(reason = %why, "No GPU: slots are not pinned.");
+                Ok(Vec::new())
+            }
+        },
+        GpusConfig::Mode(other) => Err(format!(
+            "`{other}` is not \"auto\", \"off\" or a list of GPU indexes"
+        )),
+        GpusConfig::List(wanted) => {
+            let found = found?;
+            match wanted
+                .iter()
+                .find(|i| !found.iter().any(|g| g.index == **i))
+            {
+                Some(missing) => Err(format!(
+                    "GPU {missing} is not on this machine (nvidia-smi lists {:?})",
+                    found.iter().map(|g| g.index).collect::<Vec<_>>()
+                )),
+                None => Ok(wanted.clone()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO: &str = "0, GPU-aaaa, NVIDIA L4, 23034\n1, GPU-bbbb, NVIDIA L4, 23034\n";
+
+    #[test]
+    fn nvidia_smi_csv_parses() {
+        let gpus = parse(TWO).unwrap();
+        assert_eq!(gpus.len(), 2);
+        assert_eq!(
+            (gpus[1].index, gpus[1].uuid.as_str(), gpus[1].memory_mib),
+            (1, "GPU-bbbb", 23034)
+        );
+        assert!(parse("garbage").is_err());
+    }
+
+    #[test]
+    fn settings_pick_the_slots_gpus() {
+        let found = || parse(TWO);
+        assert_eq!(
+            assign(&GpusConfig::Mode("auto".into()), found()),
+            Ok(vec![0, 1])
+        );
+        assert_eq!(assign(&GpusConfig::Mode("off".into()), found()), Ok(vec![]));
+        assert_eq!(
+            assign(
+                &GpusConfig::Mode("auto".into()),
+                Err("no nvidia-smi".into())
+            ),
+            Ok(vec![])
+        );
+        assert_eq!(assign(&GpusConfig::List(vec![1]), found()), Ok(vec![1]));
+        assert!(
+            assign(&GpusConfig::List(vec![3]), found())
+                .unwrap_err()
+                .contains("GPU 3")
+        );
+        assert!(assign(&GpusConfig::List(vec![0]), Err("no nvidia-smi".into())).is_err());
+        assert!(assign(&GpusConfig::Mode("all".into()), found()).is_err());
+    }
+}
