@@ -12,6 +12,7 @@ use crate::event::WorkerIdentity;
 use crate::gpu::GpusConfig;
 use crate::ledger::Ledgers;
 use crate::lifecycle::{Shutdown, StopReason};
+use crate::metrics::Metrics;
 use crate::observe::Observer;
 use crate::publish::Publisher;
 use crate::queue::Queues;
@@ -38,6 +39,8 @@ pub struct App {
     pub status: Option<Arc<StatusTable>>,
     /// The GPU of each worker slot (empty: not pinned).
     pub gpus: Vec<u32>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -60,8 +63,15 @@ impl App {
             .map(StatusTable::open)
             .transpose()?
             .map(Arc::new);
-        let publisher =
-            Publisher::start(&config.events, WorkerIdentity::current(), status.clone()).await?;
+        let catalog = Arc::new(Catalog::from_config(&config).map_err(|i| config.locate(i))?);
+        let metrics = Arc::new(Metrics::new(Some(catalog.clone())));
+        let publisher = Publisher::start(
+            &config.events,
+            WorkerIdentity::current(),
+            status.clone(),
+            metrics.events_dropped.clone(),
+        )
+        .await?;
         let gpus = match &config.worker.gpus {
             GpusConfig::Mode(off) if off == "off" => Vec::new(),
             setting => crate::gpu::assign(setting, crate::gpu::discover())
@@ -74,7 +84,8 @@ impl App {
             ledgers,
             status,
             gpus,
-            catalog: Arc::new(Catalog::from_config(&config).map_err(|i| config.locate(i))?),
+            catalog,
+            metrics,
             tasks: TaskRunner { buckets, http },
             queues,
             config,
@@ -107,7 +118,7 @@ impl App {
             self.catalog.clone(),
             self.tasks.clone(),
             self.config.worker.clone(),
-            Observer::new(self.publisher.clone()),
+            Observer::new(self.publisher.clone(), self.metrics.clone()),
             self.ledgers.get(name).cloned(),
             self.gpus.clone(),
         )
@@ -125,6 +136,7 @@ impl App {
             .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
         Ok(server::app(
             Rpc::new(self.submitter(), self.status.clone()),
+            Some(self.metrics.clone()),
             token,
             self.config.server.max_body_bytes,
         ))
@@ -159,13 +171,24 @@ impl App {
     /// Runs only the worker until `shutdown`.
     pub async fn work(self, shutdown: Shutdown) -> anyhow::Result<()> {
         self.watch_instance(&shutdown);
+        if let Some(listen) = &self.config.metrics.listen {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} (metrics.listen)"))?;
+            tracing::info!(address = %listener.local_addr()?, "Serving /metrics.");
+            let router = server::metrics_app(self.metrics.clone());
+            tokio::spawn(server::serve(listener, router, shutdown.token().clone()));
+        }
         Arc::new(self.worker()).run(shutdown).await;
         self.flush_events().await;
         Ok(())
     }
 
-    /// Starts the IMDS watcher when `[worker] imds` asks for one.
+    /// Starts the IMDS watcher when `[worker] imds` asks for one, and the
+    /// GPU sampler when slots are pinned.
     fn watch_instance(&self, shutdown: &Shutdown) {
+        self.metrics
+            .sample_gpus(self.gpus.clone(), std::time::Duration::from_secs(10));
         let worker = &self.config.worker;
         if let Ok(setting) = crate::imds::Setting::parse(&worker.imds) {
             crate::imds::watch(

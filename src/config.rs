@@ -49,6 +49,9 @@ pub struct Config {
     /// Where lifecycle events go.
     #[serde(default)]
     pub events: EventsConfig,
+    /// `GET /metrics` for a process that runs no endpoint (`worker`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The folder of the config file: relative paths start here, and
     /// `{config_dir}` in command arguments stands for it.
     #[serde(skip)]
@@ -399,6 +402,15 @@ impl Default for HttpPostConfig {
             signing_secret_env: None,
         }
     }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address `renderq worker` serves `/metrics` and `/healthz` on, e.g.
+    /// `127.0.0.1:9464` (`serve` has them on its endpoint anyway).
+    pub listen: Option<String>,
 }
 
 /// `[events]`

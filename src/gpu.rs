@@ -73,6 +73,44 @@ pub fn discover() -> Result<Vec<Gpu>, String> {
     parse(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// One GPU's load at a moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub index: u32,
+    /// 0 to 1.
+    pub utilization: f64,
+    pub memory_used_bytes: u64,
+}
+
+/// Reads every GPU's utilization and memory in use.
+pub async fn utilization() -> Result<Vec<Sample>, String> {
+    let out = tokio::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=index,utilization.gpu,memory.used",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .await
+        .map_err(|e| format!("cannot run nvidia-smi: {e}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            let [index, percent, mib] = fields[..] else {
+                return Err(format!("unexpected nvidia-smi line `{line}`"));
+            };
+            Ok(Sample {
+                index: index
+                    .parse()
+                    .map_err(|_| format!("bad index in `{line}`"))?,
+                utilization: percent.parse::<f64>().unwrap_or(0.0) / 100.0,
+                memory_used_bytes: mib.parse::<u64>().unwrap_or(0) * 1024 * 1024,
+            })
+        })
+        .collect()
+}
+
 /// The GPU index each slot is pinned to (empty: no pinning), from the
 /// setting and what is installed. Errors name what is wrong with the
 /// setting.

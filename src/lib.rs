@@ -95,6 +95,7 @@ pub mod imds;
 pub mod job;
 pub mod ledger;
 pub mod lifecycle;
+pub mod metrics;
 pub mod observe;
 pub mod params;
 pub mod publish;

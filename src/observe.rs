@@ -5,6 +5,7 @@
 //! here as a [`JobEnd`], once. Nothing else in the worker logs a job's end
 //! or publishes its events.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -12,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::event::{Event, EventType, JobRef, Notification};
 use crate::ledger::ArrayCounts;
+use crate::metrics::Metrics;
 use crate::publish::Publisher;
 
 /// How one try of a job ended.
@@ -38,19 +40,20 @@ pub struct Subject {
     pub notifications: Vec<Notification>,
 }
 
-/// Logs and publishes what happens to jobs.
+/// Logs, publishes and counts what happens to jobs.
 #[derive(Debug, Clone, Default)]
 pub struct Observer {
     publisher: Publisher,
+    metrics: Arc<Metrics>,
 }
 
 impl Observer {
-    pub fn new(publisher: Publisher) -> Self {
-        Self { publisher }
+    pub fn new(publisher: Publisher, metrics: Arc<Metrics>) -> Self {
+        Self { publisher, metrics }
     }
 
-    pub fn publisher(&self) -> &Publisher {
-        &self.publisher
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     fn publish(&self, kind: EventType, subject: &Subject, detail: Value) {
@@ -75,8 +78,10 @@ impl Observer {
         );
     }
 
-    pub fn started(&self, subject: &Subject) {
+    /// The command starts, `waited` after the submit.
+    pub fn started(&self, subject: &Subject, waited: Option<Duration>) {
         info!("Executing command: {}.", subject.job.command);
+        self.metrics.job_started(waited);
         self.publish(EventType::JobStarted, subject, json!({}));
     }
 
@@ -85,7 +90,14 @@ impl Observer {
         self.publish(EventType::JobProgress, subject, json!({"percent": percent}));
     }
 
-    pub fn task_ended(&self, subject: &Subject, task: &str, result: Result<&str, &str>) {
+    pub fn task_ended(
+        &self,
+        subject: &Subject,
+        task: &str,
+        result: Result<&str, &str>,
+        took: Duration,
+    ) {
+        self.metrics.task_ended(task, took);
         match result {
             Ok(location) => {
                 info!(%location, "Executed task: {task}.");
@@ -125,6 +137,13 @@ impl Observer {
 
     /// The one report of how a try ended.
     pub fn ended(&self, subject: &Subject, end: &JobEnd) {
+        let (outcome, duration) = match end {
+            JobEnd::Succeeded { duration, .. } => ("succeeded", Some(*duration)),
+            JobEnd::WillRetry { .. } => ("will_retry", None),
+            JobEnd::DeadLettered { .. } => ("dead_lettered", None),
+            JobEnd::Requeued { .. } => ("requeued", None),
+        };
+        self.metrics.job_ended(outcome, duration);
         match end {
             JobEnd::Succeeded { outputs, duration } => {
                 info!(

@@ -7,11 +7,11 @@
 //! drain deadline.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
+use prometheus_client::metrics::counter::Counter;
 use serde_json::{Map, Value};
 use sha2::Sha256;
 use tokio::io::AsyncWriteExt;
@@ -238,7 +238,7 @@ struct Inner {
     outlets: BTreeMap<String, Outlet>,
     tasks: TaskTracker,
     /// Events dropped: buffer full, or a batch out of tries.
-    dropped: Arc<AtomicU64>,
+    dropped: Counter,
 }
 
 /// Publishes events to the configured targets; clones share the targets.
@@ -254,8 +254,8 @@ impl Publisher {
         config: &EventsConfig,
         worker: WorkerIdentity,
         status: Option<Arc<StatusTable>>,
+        dropped: Counter,
     ) -> anyhow::Result<Self> {
-        let dropped = Arc::new(AtomicU64::new(0));
         let tasks = TaskTracker::new();
         let mut outlets = BTreeMap::new();
         let mut targets = Vec::new();
@@ -305,7 +305,7 @@ impl Publisher {
 
     /// Events dropped so far.
     pub fn dropped(&self) -> u64 {
-        self.inner.dropped.load(Ordering::Relaxed)
+        self.inner.dropped.get()
     }
 
     /// Sends an event to every target whose filter lets it through, with
@@ -350,7 +350,7 @@ impl Publisher {
             None => true,
         };
         if refused {
-            let dropped = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let dropped = self.inner.dropped.inc() + 1;
             tracing::warn!(
                 target,
                 dropped,
@@ -380,7 +380,7 @@ async fn deliver(
     target: Target,
     mut receiver: mpsc::Receiver<Event>,
     attempts: u32,
-    dropped: Arc<AtomicU64>,
+    dropped: Counter,
 ) {
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
@@ -394,8 +394,7 @@ async fn deliver(
             match target.send(&batch).await {
                 Ok(()) => break,
                 Err(error) if tries == attempts => {
-                    let total = dropped.fetch_add(batch.len() as u64, Ordering::Relaxed)
-                        + batch.len() as u64;
+                    let total = dropped.inc_by(batch.len() as u64) + batch.len() as u64;
                     tracing::error!(target = %name, %error, dropped = total,
                         "event target failed every try; events dropped");
                 }
@@ -449,9 +448,10 @@ mod tests {
             ]),
             ..EventsConfig::default()
         };
-        let publisher = Publisher::start(&config, WorkerIdentity::current(), None)
-            .await
-            .unwrap();
+        let publisher =
+            Publisher::start(&config, WorkerIdentity::current(), None, Counter::default())
+                .await
+                .unwrap();
         let subscription = Notification {
             events: vec![EventType::JobFailed],
             target: "mine".into(),
@@ -494,9 +494,10 @@ mod tests {
             attempts: 1,
             ..EventsConfig::default()
         };
-        let publisher = Publisher::start(&config, WorkerIdentity::current(), None)
-            .await
-            .unwrap();
+        let publisher =
+            Publisher::start(&config, WorkerIdentity::current(), None, Counter::default())
+                .await
+                .unwrap();
         let started = std::time::Instant::now();
         for _ in 0..100 {
             publisher.publish(Event::new(EventType::JobStarted, None, json!({})), &[]);

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::rpc::Rpc;
 
 /// What the HTTP handlers share.
@@ -24,8 +25,14 @@ struct AppState {
     token: Option<Arc<str>>,
 }
 
-/// The router; tests drive it directly.
-pub fn app(rpc: Rpc, token: Option<String>, max_body_bytes: usize) -> Router {
+/// The router; tests drive it directly. `/metrics` is open, like
+/// `/healthz`.
+pub fn app(
+    rpc: Rpc,
+    metrics: Option<Arc<Metrics>>,
+    token: Option<String>,
+    max_body_bytes: usize,
+) -> Router {
     let state = AppState {
         rpc,
         token: token.map(Arc::from),
@@ -35,10 +42,42 @@ pub fn app(rpc: Rpc, token: Option<String>, max_body_bytes: usize) -> Router {
         .route("/rpc", post(handle_rpc))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let router = Router::new()
         .merge(rpc_routes)
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(state)
+        .route("/healthz", get(health))
+        .with_state(state);
+    match metrics {
+        Some(metrics) => router.merge(metrics_routes(metrics)),
+        None => router,
+    }
+}
+
+/// `/metrics` and `/healthz`, for a worker without an endpoint.
+pub fn metrics_app(metrics: Arc<Metrics>) -> Router {
+    metrics_routes(metrics).route("/healthz", get(health))
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+/// `/metrics`, in Prometheus text format.
+fn metrics_routes(metrics: Arc<Metrics>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    )
 }
 
 /// Serves `app` until `shutdown` is cancelled, then lets open requests finish.

@@ -118,6 +118,7 @@ impl Worker {
             );
         }
         tracker.close();
+        self.observer.metrics().slots(self.slots);
         info!(queue = %self.queue.name(), slots = self.slots, gpus = ?self.gpus, "Worker started.");
         self.observer.worker_event(
             EventType::WorkerStarted,
@@ -219,8 +220,14 @@ impl Worker {
         let received = self
             .queue
             .receive(self.config.wait_time, self.config.visibility_timeout, stop)
-            .await?;
-        let Some(received) = received else {
+            .await;
+        let metrics = self.observer.metrics();
+        metrics.received(match &received {
+            Ok(Some(_)) => "message",
+            Ok(None) => "empty",
+            Err(_) => "error",
+        });
+        let Some(received) = received? else {
             return Ok(Outcome::Empty);
         };
         let delivery = Delivery::new(received);
@@ -233,12 +240,14 @@ impl Worker {
         // Each job can be handed back on its own (see `run`).
         let cancel = abort.child_token();
         let registered = self.running.register(cancel.clone());
+        metrics.busy(1);
         let gpu = (!self.gpus.is_empty()).then(|| self.gpus[slot % self.gpus.len()]);
         let end = self
             .handle(&delivery, &cancel, &registered.progress, gpu)
             .instrument(span)
             .await;
         drop(registered);
+        metrics.busy(-1);
         Ok(Outcome::Processed {
             message_id: delivery.message_id,
             end: end?,
@@ -425,7 +434,16 @@ impl Worker {
             .validate(&envelope.command, &envelope.parameters, &envelope.tasks)
             .map_err(|e| JobError::Refused(format!("invalid job: {e}")))?;
 
-        self.observer.started(subject);
+        let waited = envelope
+            .submitted_at
+            .as_deref()
+            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+            .and_then(|at| {
+                (chrono::Utc::now() - at.with_timezone(&chrono::Utc))
+                    .to_std()
+                    .ok()
+            });
+        self.observer.started(subject, waited);
         let frames = envelope
             .array
             .as_ref()
@@ -493,19 +511,28 @@ impl Worker {
                     output_name: output.name.clone(),
                     date: date.clone(),
                 };
+                let task_started = Instant::now();
                 let ran = tokio::select! {
                     ran = task.run(&self.tasks, output, &vars) => ran,
                     _ = abort.cancelled() => return Err(JobError::Interrupted),
                 };
                 match ran {
                     Ok(location) => {
-                        self.observer
-                            .task_ended(subject, task.name(), Ok(&location));
+                        self.observer.task_ended(
+                            subject,
+                            task.name(),
+                            Ok(&location),
+                            task_started.elapsed(),
+                        );
                         locations.push(location);
                     }
                     Err(error) => {
-                        self.observer
-                            .task_ended(subject, task.name(), Err(&error.to_string()));
+                        self.observer.task_ended(
+                            subject,
+                            task.name(),
+                            Err(&error.to_string()),
+                            task_started.elapsed(),
+                        );
                         return Err(match error {
                             TaskError::Retryable(e) => {
                                 JobError::Retryable(format!("task {} failed: {e}", task.name()))
@@ -527,10 +554,11 @@ impl Worker {
     /// failed extension). It stops when the guard is dropped.
     fn heartbeat(&self, message: &Received) -> DropGuard {
         let stop = CancellationToken::new();
-        let (queue, receipt, visibility) = (
+        let (queue, receipt, visibility, observer) = (
             self.queue.clone(),
             message.receipt.clone(),
             self.config.visibility_timeout,
+            self.observer.clone(),
         );
         let guard = stop.clone();
         tokio::spawn(
@@ -540,7 +568,9 @@ impl Worker {
                         _ = tokio::time::sleep(visibility / 3) => {}
                         _ = guard.cancelled() => return,
                     }
-                    match queue.extend(&receipt, visibility).await {
+                    let extended = queue.extend(&receipt, visibility).await;
+                    observer.metrics().heartbeat(extended.is_ok());
+                    match extended {
                         Ok(()) => tracing::debug!("visibility extended"),
                         Err(e) => {
                             warn!(error = %e, "heartbeat could not extend visibility");

@@ -359,3 +359,106 @@ async fn a_gpu_that_is_not_there_is_a_config_error() {
         "{stderr}"
     );
 }
+
+/// `/metrics` at `url`, parsed by Prometheus's reference parser.
+async fn scrape(url: &str) -> serde_json::Map<String, serde_json::Value> {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    let mut parser = std::process::Command::new("python3")
+        .arg(crate::harness::repo_path("tests/fixtures/parse_metrics.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    parser
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = parser.wait_with_output().unwrap();
+    assert!(out.status.success(), "not Prometheus text:\n{text}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_and_move_as_jobs_run() {
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            worker_toml: "gpus = \"auto\"".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let path = fake_gpu_path();
+    let _serve = farm.serve(&[("PATH", &path)]).await;
+    let url = format!("{}metrics", farm.url());
+    let before = scrape(&url).await;
+    assert_eq!(before["renderq_slots"], 2.0);
+    for _ in 0..3 {
+        let id = farm.submit(json!({"command": "render_demo", "parameters": {"width": 16, "height": 16},
+            "tasks": [{"name": "s3_upload", "config": {"bucket": "results", "key": "m/${message_id}.png"}}]})).await;
+        farm.wait_for_object(&format!("m/{id}.png"), LONG).await;
+    }
+    farm.wait_until_drained(LONG).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = scrape(&url).await;
+    assert_eq!(
+        after["renderq_jobs_total{outcome=\"succeeded\"}"], 3.0,
+        "{after:?}"
+    );
+    assert_eq!(after["renderq_job_duration_seconds_count"], 3.0);
+    assert_eq!(
+        after["renderq_task_duration_seconds_count{task=\"s3_upload\"}"],
+        3.0
+    );
+    assert_eq!(after["renderq_queue_wait_seconds_count"], 3.0);
+    assert!(
+        after["renderq_receive_calls_total{result=\"message\"}"]
+            .as_f64()
+            .unwrap()
+            >= 3.0
+    );
+    assert_eq!(after["renderq_slots_busy"], 0.0);
+    for series in [
+        "renderq_heartbeats_total",
+        "renderq_visibility_extensions_failed_total",
+        "renderq_events_dropped_total",
+        "renderq_adaptor_starts_total",
+    ] {
+        assert!(after.contains_key(series), "{series} in {after:?}");
+    }
+    // The fake nvidia-smi says GPU 0 is 37 % busy.
+    let deadline = Instant::now() + LONG;
+    while scrape(&url)
+        .await
+        .get("renderq_gpu_utilization_ratio{gpu=\"0\"}")
+        .and_then(|v| v.as_f64())
+        != Some(0.37)
+    {
+        assert!(Instant::now() < deadline, "no GPU sample");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_serves_metrics_and_health_when_asked() {
+    let port = free_port();
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            extra_toml: format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let worker = farm.spawn("worker", &[]);
+    worker.wait_for_log("Serving /metrics.", LONG);
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+    let metrics = scrape(&format!("http://127.0.0.1:{port}/metrics")).await;
+    assert_eq!(metrics["renderq_slots"], 1.0);
+}

@@ -400,6 +400,14 @@ impl Command {
         }
     }
 
+    /// Adaptor processes started so far (0 for other kinds).
+    pub fn adaptor_starts(&self) -> u64 {
+        match &self.kind {
+            CommandKind::Adaptor(a) => a.starts.load(std::sync::atomic::Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+
     /// Stops long-lived processes (adaptors); a no-op for other kinds.
     pub async fn stop(&self) {
         if let CommandKind::Adaptor(a) = &self.kind {
