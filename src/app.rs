@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::config::{Config, Invalid, secret_from_env};
@@ -17,6 +18,7 @@ use crate::observe::Observer;
 use crate::publish::Publisher;
 use crate::queue::Queues;
 use crate::rpc::Rpc;
+use crate::scaling::Scaling;
 use crate::server;
 use crate::status::StatusTable;
 use crate::storage::Buckets;
@@ -162,7 +164,7 @@ impl App {
                 );
                 result
             },
-            worker.run(shutdown.clone()),
+            self.run_worker(worker, shutdown.clone()),
         );
         self.flush_events().await;
         served.context("HTTP server failed")
@@ -179,9 +181,54 @@ impl App {
             let router = server::metrics_app(self.metrics.clone());
             tokio::spawn(server::serve(listener, router, shutdown.token().clone()));
         }
-        Arc::new(self.worker()).run(shutdown).await;
+        self.run_worker(Arc::new(self.worker()), shutdown).await;
         self.flush_events().await;
         Ok(())
+    }
+
+    /// Runs the worker; with `[worker.autoscaling]`, also keeps scale-in
+    /// protection on while it is busy and, when the group terminates the
+    /// instance, heartbeats the lifecycle hook while it drains and
+    /// completes it at the end.
+    async fn run_worker(&self, worker: Arc<Worker>, shutdown: Shutdown) {
+        let scaling = match &self.config.worker.autoscaling {
+            Some(config) => {
+                let setting = crate::imds::Setting::parse(&self.config.worker.imds);
+                match setting.ok().as_ref().map(crate::imds::instance_id) {
+                    Some(id) => match id.await {
+                        Some(id) => Some(Arc::new(Scaling::connect(config, id).await)),
+                        None => {
+                            tracing::warn!(
+                                "no instance id from IMDS: not working with the autoscaling group"
+                            );
+                            None
+                        }
+                    },
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let drained = CancellationToken::new();
+        if let Some(scaling) = &scaling {
+            let (protector, busy, stop) =
+                (scaling.clone(), worker.clone(), shutdown.token().clone());
+            tokio::spawn(async move { protector.protect_while_busy(busy.running(), stop).await });
+            let (hook, shutdown, drained) = (scaling.clone(), shutdown.clone(), drained.clone());
+            tokio::spawn(async move {
+                shutdown.token().cancelled().await;
+                if is_termination(&shutdown) {
+                    hook.heartbeat_hook(drained).await;
+                }
+            });
+        }
+        worker.run(shutdown.clone()).await;
+        drained.cancel();
+        if let Some(scaling) = &scaling
+            && is_termination(&shutdown)
+        {
+            scaling.complete_hook().await;
+        }
     }
 
     /// Starts the IMDS watcher when `[worker] imds` asks for one, and the
@@ -204,4 +251,11 @@ impl App {
     async fn flush_events(&self) {
         self.publisher.close(self.config.worker.drain_timeout).await;
     }
+}
+
+/// Whether the stop came from the autoscaling group.
+fn is_termination(shutdown: &Shutdown) -> bool {
+    shutdown
+        .stop()
+        .is_some_and(|s| s.reason == StopReason::AutoscalingTermination)
 }

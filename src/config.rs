@@ -238,6 +238,43 @@ pub struct WorkerConfig {
     /// `"off"`, `"auto"` (one slot per GPU `nvidia-smi` lists, each pinned
     /// to its GPU), or GPU indexes, e.g. `[0, 1]`.
     pub gpus: GpusConfig,
+    /// Cooperation with the instance's autoscaling group (needs `imds`,
+    /// for the instance id).
+    pub autoscaling: Option<ScalingConfig>,
+}
+
+/// `[worker.autoscaling]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalingConfig {
+    /// The autoscaling group's name.
+    pub group: String,
+    /// Turn scale-in protection on while jobs run.
+    #[serde(default = "yes")]
+    pub protect_when_busy: bool,
+    /// Turn it off after this long without a job.
+    #[serde(default = "default_idle_before_unprotect", with = "humantime_serde")]
+    pub idle_before_unprotect: Duration,
+    /// A termination lifecycle hook: heartbeats while draining, then
+    /// `CompleteLifecycleAction` (CONTINUE) when done.
+    pub lifecycle_hook: Option<String>,
+    /// How often the hook gets a heartbeat while the worker drains.
+    #[serde(default = "default_hook_heartbeat", with = "humantime_serde")]
+    pub hook_heartbeat: Duration,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_idle_before_unprotect() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_hook_heartbeat() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl WorkerConfig {
@@ -262,6 +299,7 @@ impl Default for WorkerConfig {
             stop_margin: Duration::from_secs(10),
             imds: "off".into(),
             gpus: GpusConfig::default(),
+            autoscaling: None,
         }
     }
 }
@@ -660,7 +698,14 @@ impl Config {
                 "must not be shorter than worker.retry_delay",
             ));
         }
-        crate::imds::Setting::parse(&w.imds).map_err(|e| Invalid::new("worker.imds", e))?;
+        let imds =
+            crate::imds::Setting::parse(&w.imds).map_err(|e| Invalid::new("worker.imds", e))?;
+        if w.autoscaling.is_some() && imds == crate::imds::Setting::Off {
+            return Err(Invalid::new(
+                "worker.autoscaling",
+                "needs worker.imds (\"auto\" on EC2) to learn the instance id",
+            ));
+        }
         if let Some(dir) = &w.work_dir {
             check_writable_dir(dir).map_err(|e| Invalid::new("worker.work_dir", e))?;
         }

@@ -52,29 +52,45 @@ enum Notice {
     Stop(StopReason, Duration),
 }
 
-/// Starts the watcher (unless off). It returns at once; the probe and the
-/// polling run in the background until `shutdown`.
-pub fn watch(setting: &Setting, shutdown: Shutdown, margin: Duration, drain: Duration) {
+/// A client with short timeouts (off EC2 it must give up quickly).
+fn client(setting: &Setting) -> Option<aws_config::imds::Client> {
     let endpoint = match setting {
-        Setting::Off => return,
+        Setting::Off => return None,
         Setting::Auto => DEFAULT_ENDPOINT.to_owned(),
         Setting::Url(url) => url.clone(),
     };
+    match aws_config::imds::Client::builder().endpoint(&endpoint) {
+        Ok(builder) => Some(
+            builder
+                .max_attempts(1)
+                .connect_timeout(Duration::from_secs(1))
+                .read_timeout(Duration::from_secs(1))
+                .build(),
+        ),
+        Err(error) => {
+            tracing::warn!(%error, %endpoint, "bad IMDS endpoint");
+            None
+        }
+    }
+}
+
+/// This instance's id, when IMDS answers.
+pub async fn instance_id(setting: &Setting) -> Option<String> {
+    let client = client(setting)?;
+    client
+        .get("/latest/meta-data/instance-id")
+        .await
+        .ok()
+        .map(|id| id.as_ref().to_owned())
+}
+
+/// Starts the watcher (unless off). It returns at once; the probe and the
+/// polling run in the background until `shutdown`.
+pub fn watch(setting: &Setting, shutdown: Shutdown, margin: Duration, drain: Duration) {
+    let Some(client) = client(setting) else {
+        return;
+    };
     tokio::spawn(async move {
-        let client = match aws_config::imds::Client::builder()
-            .endpoint(&endpoint)
-            .map(|b| {
-                b.max_attempts(1)
-                    .connect_timeout(Duration::from_secs(1))
-                    .read_timeout(Duration::from_secs(1))
-                    .build()
-            }) {
-            Ok(client) => client,
-            Err(error) => {
-                tracing::warn!(%error, %endpoint, "bad IMDS endpoint; not watching for notices");
-                return;
-            }
-        };
         match client.get("/latest/meta-data/instance-id").await {
             Ok(id) => tracing::info!(
                 instance_id = id.as_ref(),

@@ -102,6 +102,7 @@ pub mod publish;
 pub mod queue;
 pub mod retry;
 pub mod rpc;
+pub mod scaling;
 pub mod server;
 pub mod status;
 pub mod storage;

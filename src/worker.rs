@@ -199,6 +199,11 @@ impl Worker {
         }
     }
 
+    /// The jobs running now.
+    pub fn running(&self) -> &RunningJobs {
+        &self.running
+    }
+
     /// One step: waits for a message (until `stop`, where the backend can
     /// stop safely) and handles it. A job, once received, is cut short only
     /// by `abort`.

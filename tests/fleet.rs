@@ -21,6 +21,8 @@ struct FakeImds {
     spot: Arc<Mutex<Option<String>>>,
     /// `autoscaling/target-lifecycle-state`.
     lifecycle: Arc<Mutex<String>>,
+    /// `instance-id`.
+    instance_id: Arc<Mutex<String>>,
     port: u16,
 }
 
@@ -29,11 +31,16 @@ impl FakeImds {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let imds = FakeImds {
             lifecycle: Arc::new(Mutex::new("InService".into())),
+            instance_id: Arc::new(Mutex::new("i-0abc".into())),
             port: listener.local_addr().unwrap().port(),
             ..FakeImds::default()
         };
         let token_ok = |headers: &HeaderMap| headers.get("x-aws-ec2-metadata-token").is_some();
-        let (spot, lifecycle) = (imds.spot.clone(), imds.lifecycle.clone());
+        let (spot, lifecycle, instance) = (
+            imds.spot.clone(),
+            imds.lifecycle.clone(),
+            imds.instance_id.clone(),
+        );
         let app = axum::Router::new()
             .route(
                 "/latest/api/token",
@@ -46,11 +53,14 @@ impl FakeImds {
             )
             .route(
                 "/latest/meta-data/instance-id",
-                get(move |h: HeaderMap| async move {
-                    if token_ok(&h) {
-                        (StatusCode::OK, "i-0abc".to_owned())
-                    } else {
-                        (StatusCode::UNAUTHORIZED, String::new())
+                get(move |h: HeaderMap| {
+                    let id = instance.lock().unwrap().clone();
+                    async move {
+                        if token_ok(&h) {
+                            (StatusCode::OK, id)
+                        } else {
+                            (StatusCode::UNAUTHORIZED, String::new())
+                        }
                     }
                 }),
             )
@@ -461,4 +471,191 @@ async fn a_worker_serves_metrics_and_health_when_asked() {
     assert!(health.status().is_success());
     let metrics = scrape(&format!("http://127.0.0.1:{port}/metrics")).await;
     assert_eq!(metrics["renderq_slots"], 1.0);
+}
+
+async fn autoscaling_client(endpoint: &str) -> aws_sdk_autoscaling::Client {
+    let config = aws_sdk_autoscaling::Config::builder()
+        .behavior_version_latest()
+        .endpoint_url(endpoint)
+        .region(aws_sdk_autoscaling::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_autoscaling::config::Credentials::new(
+            "testing", "testing", None, None, "tests",
+        ))
+        .build();
+    aws_sdk_autoscaling::Client::from_conf(config)
+}
+
+async fn is_protected(client: &aws_sdk_autoscaling::Client, instance: &str) -> bool {
+    client
+        .describe_auto_scaling_instances()
+        .instance_ids(instance)
+        .send()
+        .await
+        .unwrap()
+        .auto_scaling_instances()[0]
+        .protected_from_scale_in()
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scale_in_protection_follows_the_busy_state() {
+    let endpoint = crate::harness::Moto::shared().endpoint();
+    let client = autoscaling_client(&endpoint).await;
+    let group = format!("asg-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    client
+        .create_launch_configuration()
+        .launch_configuration_name(&group)
+        .image_id("ami-12c6146b")
+        .instance_type("g5.xlarge")
+        .send()
+        .await
+        .unwrap();
+    client
+        .create_auto_scaling_group()
+        .auto_scaling_group_name(&group)
+        .launch_configuration_name(&group)
+        .min_size(1)
+        .max_size(1)
+        .desired_capacity(1)
+        .availability_zones("us-east-1a")
+        .send()
+        .await
+        .unwrap();
+    let instance = client
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(&group)
+        .send()
+        .await
+        .unwrap()
+        .auto_scaling_groups()[0]
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_owned();
+    let imds = FakeImds::start().await;
+    *imds.instance_id.lock().unwrap() = instance.clone();
+    let farm = Farm::new(
+        Backend::Local,
+        fleet_settings(
+            &imds,
+            &format!(
+                "[worker.autoscaling]\ngroup = \"{group}\"\nidle_before_unprotect = \"1s\"\nendpoint_url = \"{endpoint}\"\nregion = \"us-east-1\"\n"
+            ),
+        ),
+    )
+    .await;
+    let serve = farm.serve(&crate::harness::AWS_ENV).await;
+    assert!(!is_protected(&client, &instance).await);
+    farm.submit(json!({"command": "sleep", "parameters": {"seconds": 3}}))
+        .await;
+    serve.wait_for_log("Executing command: sleep.", LONG);
+    let deadline = Instant::now() + LONG;
+    while !is_protected(&client, &instance).await {
+        assert!(
+            Instant::now() < deadline,
+            "never protected:\n{}",
+            serve.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    farm.wait_until_drained(LONG).await;
+    while is_protected(&client, &instance).await {
+        assert!(
+            Instant::now() < deadline,
+            "never unprotected:\n{}",
+            serve.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // One call to protect, one to unprotect: never one per job.
+    assert_eq!(
+        serve
+            .log_text()
+            .matches("Scale-in protection changed.")
+            .count(),
+        2
+    );
+}
+
+/// A stand-in for the autoscaling API that records every action and
+/// answers each with an empty success (moto does not implement the
+/// lifecycle-action calls).
+async fn recording_autoscaling() -> (String, Arc<Mutex<Vec<String>>>) {
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let recorded = calls.clone();
+    let app = axum::Router::new().fallback(move |body: String| {
+        let action = body
+            .split('&')
+            .find_map(|p| p.strip_prefix("Action="))
+            .unwrap_or("Unknown")
+            .to_owned();
+        recorded.lock().unwrap().push(body);
+        async move {
+            (
+                [("content-type", "text/xml")],
+                format!(
+                    "<{action}Response xmlns=\"http://autoscaling.amazonaws.com/doc/2011-01-01/\"><{action}Result></{action}Result><ResponseMetadata><RequestId>r-1</RequestId></ResponseMetadata></{action}Response>"
+                ),
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, calls)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn termination_hook_gets_heartbeats_then_continue() {
+    let (endpoint, calls) = recording_autoscaling().await;
+    let imds = FakeImds::start().await;
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            drain_timeout: "20s",
+            ..fleet_settings(
+                &imds,
+                &format!(
+                    "unknown_eta = \"run-to-deadline\"\n[worker.autoscaling]\ngroup = \"fleet\"\nprotect_when_busy = false\nlifecycle_hook = \"drain\"\nhook_heartbeat = \"300ms\"\nendpoint_url = \"{endpoint}\"\nregion = \"us-east-1\"\n"
+                ),
+            )
+        },
+    )
+    .await;
+    let mut serve = farm.serve(&crate::harness::AWS_ENV).await;
+    serve.wait_for_log("Watching instance metadata", LONG);
+    farm.submit(json!({"command": "sleep", "parameters": {"seconds": 2}}))
+        .await;
+    serve.wait_for_log("Executing command: sleep.", LONG);
+    *imds.lifecycle.lock().unwrap() = "Terminated".into();
+    assert_eq!(serve.wait_exit(LONG), Some(0), "{}", serve.log_text());
+    let calls = calls.lock().unwrap().clone();
+    let actions: Vec<&str> = calls
+        .iter()
+        .filter_map(|c| c.split('&').find_map(|p| p.strip_prefix("Action=")))
+        .collect();
+    let heartbeats = actions
+        .iter()
+        .filter(|a| **a == "RecordLifecycleActionHeartbeat")
+        .count();
+    assert!(heartbeats >= 2, "{actions:?}");
+    assert_eq!(
+        actions.last(),
+        Some(&"CompleteLifecycleAction"),
+        "{actions:?}"
+    );
+    let complete = calls.last().unwrap();
+    for field in [
+        "LifecycleHookName=drain",
+        "AutoScalingGroupName=fleet",
+        "InstanceId=i-0abc",
+        "LifecycleActionResult=CONTINUE",
+    ] {
+        assert!(complete.contains(field), "{field} in {complete}");
+    }
+    assert_eq!(
+        farm.stats(),
+        (0, 0, 0),
+        "the job finished before the instance went"
+    );
 }

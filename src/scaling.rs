@@ -1,0 +1,128 @@
+//! Working with the autoscaling group: scale-in protection while the
+//! worker is busy (so a scale-in picks idle instances), and the termination
+//! lifecycle hook while it drains (heartbeats, then "continue" when done).
+//!
+//! Protection is turned on when the first job starts and off after
+//! `idle_before_unprotect` without one: one call per change, never one per
+//! job.
+
+use std::time::Duration;
+
+use aws_sdk_autoscaling::Client;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ScalingConfig;
+use crate::drain::RunningJobs;
+
+/// How often the busy state is looked at.
+const LOOK_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone)]
+pub struct Scaling {
+    client: Client,
+    config: ScalingConfig,
+    instance_id: String,
+}
+
+impl Scaling {
+    pub async fn connect(config: &ScalingConfig, instance_id: String) -> Self {
+        let sdk =
+            crate::aws::sdk_config(config.region.as_deref(), config.endpoint_url.as_deref()).await;
+        Self {
+            client: Client::new(&sdk),
+            config: config.clone(),
+            instance_id,
+        }
+    }
+
+    async fn set_protection(&self, on: bool) -> Result<(), String> {
+        self.client
+            .set_instance_protection()
+            .auto_scaling_group_name(&self.config.group)
+            .instance_ids(&self.instance_id)
+            .protected_from_scale_in(on)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| crate::aws::describe(&e))
+    }
+
+    /// Keeps scale-in protection on while `running` has jobs (and for
+    /// `idle_before_unprotect` after), until `stop`.
+    pub async fn protect_while_busy(&self, running: &RunningJobs, stop: CancellationToken) {
+        if !self.config.protect_when_busy {
+            return;
+        }
+        let mut protected = false;
+        let mut idle_since = Instant::now();
+        while !stop.is_cancelled() {
+            let busy = !running.is_empty();
+            if busy {
+                idle_since = Instant::now();
+            }
+            let want =
+                busy || (protected && idle_since.elapsed() < self.config.idle_before_unprotect);
+            if want != protected {
+                match self.set_protection(want).await {
+                    Ok(()) => {
+                        protected = want;
+                        tracing::info!(instance_id = %self.instance_id, protected, "Scale-in protection changed.");
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot change scale-in protection"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LOOK_EVERY) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    }
+
+    /// While the worker drains for a termination, tells the lifecycle hook
+    /// it is still working, every `hook_heartbeat`, until `done`.
+    pub async fn heartbeat_hook(&self, done: CancellationToken) {
+        let Some(hook) = &self.config.lifecycle_hook else {
+            return;
+        };
+        loop {
+            let sent = self
+                .client
+                .record_lifecycle_action_heartbeat()
+                .auto_scaling_group_name(&self.config.group)
+                .lifecycle_hook_name(hook)
+                .instance_id(&self.instance_id)
+                .send()
+                .await;
+            if let Err(error) = sent {
+                tracing::warn!(error = %crate::aws::describe(&error), "lifecycle heartbeat failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.hook_heartbeat) => {}
+                _ = done.cancelled() => return,
+            }
+        }
+    }
+
+    /// The drain is over: the group may terminate the instance now.
+    pub async fn complete_hook(&self) {
+        let Some(hook) = &self.config.lifecycle_hook else {
+            return;
+        };
+        let completed = self
+            .client
+            .complete_lifecycle_action()
+            .auto_scaling_group_name(&self.config.group)
+            .lifecycle_hook_name(hook)
+            .instance_id(&self.instance_id)
+            .lifecycle_action_result("CONTINUE")
+            .send()
+            .await;
+        match completed {
+            Ok(_) => tracing::info!(hook = %hook, "Lifecycle action completed."),
+            Err(error) => {
+                tracing::warn!(error = %crate::aws::describe(&error), "cannot complete the lifecycle action")
+            }
+        }
+    }
+}
