@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 mod events;
+mod spot;
 
 use crate::app::App;
 use crate::config::Config;
@@ -56,6 +57,11 @@ pub struct BenchArgs {
     /// `ArrayJobCompleted`.
     #[arg(long)]
     pub events: bool,
+    /// Instead: time from a spot interruption notice to the interrupted
+    /// job being receivable again (--jobs runs, default 20; with
+    /// --sqs-endpoint, on SQS).
+    #[arg(long)]
+    pub spot: bool,
 }
 
 const CONFIG: &str = r#"
@@ -91,6 +97,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.sqs_endpoint {
         _ if args.dispatch => dispatch(args).await,
         _ if args.events => events::run(args).await,
+        _ if args.spot => spot::run(args).await,
         Some(endpoint) => sqs(args, endpoint).await,
         None => embedded(args).await,
     }
