@@ -43,8 +43,12 @@
 //! - [`worker`]: the listen half: a step function plus slot loops, heartbeat,
 //!   back-off, drain on shutdown; [`delivery`] is a received message with
 //!   its envelope parsed once.
-//! - [`app`]: builds all of the above from a config; [`lifecycle`] turns
-//!   signals into the shutdown token; [`cli`], [`client`] and [`bench`]
+//! - [`lifecycle`]: shutdown as a value (reason and deadline) that signals
+//!   and [`imds`] (spot and autoscaling notices) feed; [`drain`] decides which
+//!   running jobs can finish before it; [`scaling`] keeps scale-in
+//!   protection and the termination lifecycle hook; [`gpu`] pins slots to
+//!   GPUs; [`metrics`] is `/metrics`.
+//! - [`app`]: builds all of the above from a config; [`cli`], [`client`] and [`bench`]
 //!   are the command line.
 //!
 //! # Invariants
@@ -70,9 +74,9 @@
 //!   runs in its own process group, killed when the job ends, recorded on
 //!   disk, and killed by the worker's reaper (or the next worker's sweep) if
 //!   the worker dies first. Its parent-death signal is SIGKILL.
-//! - Shutdown is one `CancellationToken`: it stops receiving; running jobs get
-//!   the drain timeout, then are cancelled and handed back without using up
-//!   a try.
+//! - Shutdown is one value (reason, deadline): it stops receiving; a job that
+//!   cannot finish by the deadline is cancelled and handed back without
+//!   using up a try; the worker is gone before the deadline.
 //! - Publishing an event never waits: a full buffer drops (and counts).
 //! - Of all workers settling an array's children, exactly one publishes its
 //!   `ArrayJobCompleted` (the ledger's claim is one conditional write).
