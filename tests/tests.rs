@@ -29,6 +29,7 @@ mod harness;
 mod commands;
 mod config_errors;
 mod crash;
+mod deploy;
 mod events;
 mod failures;
 mod fleet;
