@@ -13,7 +13,10 @@ fn main() -> ExitCode {
     {
         eprintln!("renderq: cannot start the reaper, a crash may leave processes behind: {error}");
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Benchmarks print their figures; their logs only when asked.
+    let quiet = matches!(cli.command, renderq::cli::Command::Bench(_));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(if quiet { "warn" } else { "info" }));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 mod events;
+mod procs;
 mod spot;
 
 use crate::app::App;
@@ -62,6 +63,14 @@ pub struct BenchArgs {
     /// --sqs-endpoint, on SQS).
     #[arg(long)]
     pub spot: bool,
+    /// Instead: the aggregate rate of this many worker processes on one
+    /// embedded queue (with --slots each), jobs submitted over HTTP while
+    /// they drain [default jobs: 30000].
+    #[arg(long)]
+    pub procs: Option<usize>,
+    /// With --procs: slots per worker process.
+    #[arg(long, default_value_t = 1)]
+    pub slots: usize,
 }
 
 const CONFIG: &str = r#"
@@ -98,6 +107,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         _ if args.dispatch => dispatch(args).await,
         _ if args.events => events::run(args).await,
         _ if args.spot => spot::run(args).await,
+        _ if args.procs.is_some() => procs::run(args).await,
         Some(endpoint) => sqs(args, endpoint).await,
         None => embedded(args).await,
     }
