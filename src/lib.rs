@@ -108,6 +108,7 @@ pub mod retry;
 pub mod rpc;
 pub mod scaling;
 pub mod server;
+pub mod sqlite;
 pub mod status;
 pub mod storage;
 pub mod submit;

@@ -172,14 +172,7 @@ impl StatusTable {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(failed)?;
         }
-        let conn = Connection::open(path).map_err(failed)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(failed)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(failed)?;
-        // A crash may lose the last commits; events are delivered again.
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(failed)?;
+        let conn = crate::sqlite::open(path).map_err(failed)?;
         conn.execute_batch(SCHEMA).map_err(failed)?;
         Ok(Self {
             conn: Mutex::new(conn),

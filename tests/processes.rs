@@ -44,3 +44,48 @@ async fn workers_in_several_processes_never_share_a_job() {
         .count();
     assert!(busy >= 1, "the extra worker processes took some jobs");
 }
+
+/// Four worker processes of four slots each drain 2,000 jobs: every job is
+/// executed exactly once (counted from the executions, not the deletes).
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_slots_in_four_processes_run_each_of_2000_jobs_once() {
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            worker_toml: "slots = 4".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let config = renderq::config::Config::load(&farm.config).unwrap();
+    let queue = renderq::queue::Queue::open("renders", &config.queues["renders"])
+        .await
+        .unwrap();
+    let body = json!({"command": "get_version"}).to_string();
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        ids.extend(queue.send_batch(&vec![body.clone(); 10]).await.unwrap());
+    }
+    let workers: Vec<_> = (0..4).map(|_| farm.spawn("worker", &[])).collect();
+    assert_eq!(
+        farm.wait_until_drained(Duration::from_secs(120)).await,
+        (0, 0, 0)
+    );
+    let mut runs = std::collections::HashMap::new();
+    for worker in &workers {
+        for line in worker.log_text().lines() {
+            if line.contains("Executing command: get_version.")
+                && let Some(id) = line
+                    .split("message_id=")
+                    .nth(1)
+                    .and_then(|rest| rest.split([' ', '}']).next())
+            {
+                *runs.entry(id.to_owned()).or_insert(0) += 1;
+            }
+        }
+    }
+    for id in &ids {
+        assert_eq!(runs.get(id), Some(&1), "job {id}");
+    }
+    assert_eq!(runs.len(), ids.len());
+}

@@ -97,13 +97,7 @@ impl LocalQueue {
         let dir = &config.path;
         std::fs::create_dir_all(dir)
             .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
-        let conn = Connection::open(dir.join("queue.sqlite3")).map_err(unavailable)?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(unavailable)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(unavailable)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(unavailable)?;
+        let conn = crate::sqlite::open(&dir.join("queue.sqlite3")).map_err(unavailable)?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
 
         let doorbell = dir.join("doorbell");
