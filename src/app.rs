@@ -128,6 +128,25 @@ impl App {
 
     /// The HTTP router of the submit half.
     pub fn router(&self) -> anyhow::Result<axum::Router> {
+        let server = &self.config.server;
+        let loopback = server
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or_else(|_| server.listen.starts_with("localhost:"));
+        if !loopback && server.auth_token_env.is_none() && !server.allow_anonymous {
+            return Err(self
+                .config
+                .locate(Invalid::new(
+                    "server.auth_token_env",
+                    format!(
+                        "server.listen = \"{}\" is reachable from other machines: set a token \
+                         (auth_token_env), or server.allow_anonymous = true if anyone may submit",
+                        server.listen
+                    ),
+                ))
+                .into());
+        }
         let token = self
             .config
             .server

@@ -267,7 +267,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match command {
                 DlqCommand::List(args) => {
                     let queue = queue_named(&app, args.queue.as_deref().unwrap_or(&default))?;
-                    for dead in queue.dlq_list(args.limit).await? {
+                    let dead_letters = queue.dlq_list(args.limit).await?;
+                    if dead_letters.is_empty() {
+                        eprintln!("no dead-lettered messages in {}", queue.name());
+                    }
+                    for dead in dead_letters {
                         println!(
                             "{}\t{}\t{}",
                             dead.message_id, dead.receive_count, dead.reason

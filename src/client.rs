@@ -42,10 +42,16 @@ impl Client {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", self.url))?;
+        let response = request.send().await.map_err(|e| {
+            if e.is_connect() {
+                anyhow::anyhow!(
+                    "nothing answers at {}: is `renderq serve` running (with this config)?",
+                    self.url
+                )
+            } else {
+                anyhow::anyhow!("cannot reach {}: {}", self.url, crate::error_chain(&e))
+            }
+        })?;
         let status = response.status();
         if !status.is_success() {
             bail!(

@@ -182,6 +182,9 @@ pub struct ServerConfig {
     pub auth_token_env: Option<String>,
     /// Requests with a larger body are refused with HTTP 413.
     pub max_body_bytes: usize,
+    /// Serve a non-loopback address without a token, on purpose (anyone who
+    /// reaches the port can then fill the queue).
+    pub allow_anonymous: bool,
 }
 
 impl Default for ServerConfig {
@@ -190,6 +193,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             auth_token_env: None,
             max_body_bytes: 256 * 1024,
+            allow_anonymous: false,
         }
     }
 }

@@ -227,6 +227,18 @@ impl Template {
         if !rest.is_empty() {
             segments.push(Segment::Literal(rest.to_owned()));
         }
+        // `{message_id}` without its `$` would be written out literally.
+        for segment in &segments {
+            if let Segment::Literal(text) = segment
+                && let Some((name, _)) = Var::ALL
+                    .iter()
+                    .find(|(name, _)| text.contains(&format!("{{{name}}}")))
+            {
+                return Err(format!(
+                    "`{{{name}}}` in template `{text}` would be kept as it is: did you mean `${{{name}}}`?"
+                ));
+            }
+        }
         Ok(Self(segments))
     }
 
@@ -367,6 +379,16 @@ mod tests {
     #[test]
     fn template_refuses_unclosed_var() {
         assert!(Template::parse("x/${message_id").is_err());
+    }
+
+    #[test]
+    fn a_known_variable_without_its_dollar_is_refused_with_a_hint() {
+        let err = Template::parse("r/{message_id}.png").unwrap_err();
+        assert!(err.contains("did you mean `${message_id}`?"), "{err}");
+        assert!(
+            Template::parse("r/{scene}/${message_id}").is_ok(),
+            "unknown names stay literal"
+        );
     }
 
     #[test]

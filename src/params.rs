@@ -307,11 +307,19 @@ impl Schema {
                 if let Some(default) = &p.default {
                     d.insert("default".into(), default.clone());
                 }
+                // Whole limits read as integers (`4096`, not `4096.0`).
+                let limit = |x: f64| {
+                    if x.fract() == 0.0 && x.abs() < 9e15 {
+                        Value::from(x as i64)
+                    } else {
+                        Value::from(x)
+                    }
+                };
                 if let Some(min) = p.min {
-                    d.insert("min".into(), min.into());
+                    d.insert("min".into(), limit(min));
                 }
                 if let Some(max) = p.max {
-                    d.insert("max".into(), max.into());
+                    d.insert("max".into(), limit(max));
                 }
                 if let Some(one_of) = &p.one_of {
                     d.insert("enum".into(), one_of.clone().into());

@@ -38,7 +38,7 @@ pub fn app(
         token: token.map(Arc::from),
     };
     let rpc_routes = Router::new()
-        .route("/", post(handle_rpc))
+        .route("/", post(handle_rpc).get(about))
         .route("/rpc", post(handle_rpc))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -55,6 +55,28 @@ pub fn app(
 /// `/metrics` and `/healthz`, for a worker without an endpoint.
 pub fn metrics_app(metrics: Arc<Metrics>) -> Router {
     metrics_routes(metrics).route("/healthz", get(health))
+}
+
+/// `GET /`: what this endpoint is, for someone who opens it in a browser.
+async fn about() -> Response {
+    let body = serde_json::json!({
+        "service": "renderq",
+        "version": crate::VERSION,
+        "protocol": "JSON-RPC 2.0: POST / or /rpc with Content-Type: application/json",
+        "methods": [
+            "queue_manager_submit_job",
+            "queue_manager_list_commands",
+            "queue_manager_queue_stats",
+            "queue_manager_job_status"
+        ],
+        "health": "/healthz",
+        "metrics": "/metrics"
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn health() -> &'static str {

@@ -32,6 +32,7 @@ mod crash;
 mod deploy;
 mod events;
 mod failures;
+mod first_hour;
 mod fleet;
 mod http_api;
 mod processes;

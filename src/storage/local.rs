@@ -107,7 +107,13 @@ fn write_atomically(
     fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
-    let mut tmp = tempfile::Builder::new().prefix("put-").tempfile_in(tmp)?;
+    // Readable like any file this process makes (0644 with the usual
+    // umask), not the owner-only mode of a temporary file: a web server or
+    // another user may serve the results folder.
+    let mut tmp = tempfile::Builder::new()
+        .prefix("put-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(tmp)?;
     fill(tmp.as_file_mut())?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -140,6 +146,12 @@ mod tests {
                 .collect()
         };
         assert_eq!(names(dir.path().join("a")), ["b.json"]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("a/b.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o644, 0o644, "readable by all: {mode:o}");
         let tmp = bucket.tmp.dir().unwrap().to_owned();
         assert!(names(tmp).is_empty(), "no temporary file is left");
     }
