@@ -351,16 +351,33 @@ async fn run_once(
     command.stop().await;
     let outputs = outputs.with_context(|| format!("{} failed", args.command))?;
     let several = outputs.len() > 1;
+    // One JSON or text result with nowhere named goes to stdout.
+    if let ([output], None) = (outputs.as_slice(), &args.output)
+        && let crate::commands::Body::Bytes(bytes) = &output.body
+        && (output.mime.type_() == mime::TEXT || output.mime.subtype() == mime::JSON)
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout();
+        stdout.write_all(bytes)?;
+        if !bytes.ends_with(b"\n") {
+            stdout.write_all(b"\n")?;
+        }
+        return Ok(());
+    }
     for output in &outputs {
         let ext = crate::job::mime_ext(&output.mime);
-        // Several outputs go into `--output` as a folder, one file each.
+        // Files go to `--output` (a folder for several), else under
+        // ./renderq-run/, not loose in the working folder.
         let path = match (&args.output, several) {
             (Some(path), false) => path.clone(),
-            (None, false) => PathBuf::from(format!("{}-result.{ext}", args.command)),
-            (folder, true) => folder
-                .clone()
-                .unwrap_or_default()
-                .join(format!("{}-{}.{ext}", args.command, output.name)),
+            (folder, _) => {
+                let folder = folder
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("renderq-run"));
+                std::fs::create_dir_all(&folder)
+                    .with_context(|| format!("cannot make {}", folder.display()))?;
+                folder.join(format!("{}-{}.{ext}", args.command, output.name))
+            }
         };
         match &output.body {
             crate::commands::Body::Bytes(bytes) => std::fs::write(&path, bytes),

@@ -62,14 +62,27 @@ impl Client {
         }
         let mut reply: Value = response.json().await.context("reply is not JSON")?;
         if let Value::Object(error) = &reply["error"] {
+            // The message already says the field and the reason; show only
+            // what else the data holds (e.g. the children already sent).
+            let extra: serde_json::Map<String, Value> = error
+                .get("data")
+                .and_then(Value::as_object)
+                .map(|data| {
+                    data.iter()
+                        .filter(|(k, _)| !matches!(k.as_str(), "field" | "reason"))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
             bail!(
                 "{method} refused ({}): {}{}",
                 error.get("code").unwrap_or(&Value::Null),
                 error.get("message").and_then(Value::as_str).unwrap_or(""),
-                error
-                    .get("data")
-                    .map(|d| format!(" {d}"))
-                    .unwrap_or_default()
+                if extra.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", Value::Object(extra))
+                }
             );
         }
         Ok(reply["result"].take())

@@ -237,6 +237,10 @@ async fn run_writes_render_demo_png_and_prints_its_path() {
     assert_eq!(code, 0, "{stderr}");
     let (path, mime) = stdout.trim().split_once('\t').expect("PATH\tMIME");
     assert_eq!(mime, "image/png");
+    assert!(
+        path.starts_with("renderq-run/"),
+        "not loose in the working folder: {path}"
+    );
     let bytes = std::fs::read(farm.dir.path().join(path)).unwrap();
     assert_eq!(png_size(&bytes), (64, 64));
 
@@ -256,6 +260,13 @@ async fn run_writes_render_demo_png_and_prints_its_path() {
     assert_eq!(
         png_size(&std::fs::read(farm.dir.path().join("x.png")).unwrap()),
         (16, 8)
+    );
+
+    // A JSON result with nowhere named goes to stdout.
+    let (code, stdout, _) = run_cli(&farm, &["get_version"]);
+    assert_eq!(
+        (code, stdout.trim()),
+        (0, format!("\"{}\"", env!("CARGO_PKG_VERSION")).as_str())
     );
 
     let (code, _, stderr) = run_cli(&farm, &["render_demo", "--params", r#"{"width":"wide"}"#]);

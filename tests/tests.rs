@@ -36,6 +36,7 @@ mod first_hour;
 mod fleet;
 mod http_api;
 mod processes;
+mod readme;
 mod scenarios;
 mod sqs;
 mod storm;
