@@ -392,10 +392,17 @@ pub struct S3BucketConfig {
     /// Size of each multipart part (S3's minimum is 5 MiB).
     #[serde(default = "default_part_size")]
     pub part_size: u64,
+    /// Parts uploaded at once (one connection each).
+    #[serde(default = "default_upload_concurrency")]
+    pub upload_concurrency: usize,
 }
 
 fn default_multipart_threshold() -> u64 {
     16 * 1024 * 1024
+}
+
+fn default_upload_concurrency() -> usize {
+    8
 }
 
 fn default_part_size() -> u64 {

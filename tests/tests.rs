@@ -40,3 +40,4 @@ mod readme;
 mod scenarios;
 mod sqs;
 mod storm;
+mod uploads;

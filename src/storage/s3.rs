@@ -67,6 +67,8 @@ pub struct S3Bucket {
     bucket: String,
     multipart_threshold: u64,
     part_size: u64,
+    /// Parts in flight at once.
+    upload_concurrency: usize,
 }
 
 impl S3Bucket {
@@ -88,6 +90,7 @@ impl S3Bucket {
             bucket: config.bucket.clone(),
             multipart_threshold: config.multipart_threshold,
             part_size: config.part_size,
+            upload_concurrency: config.upload_concurrency.max(1),
         }
     }
 
@@ -216,6 +219,8 @@ impl S3Bucket {
         completed
     }
 
+    /// Uploads the file's parts, `upload_concurrency` at a time, each
+    /// streamed from its offset; returns them in part order.
     async fn upload_parts(
         &self,
         key: &str,
@@ -223,40 +228,69 @@ impl S3Bucket {
         size: u64,
         upload_id: &str,
     ) -> Result<Vec<CompletedPart>, Failure> {
+        let mut uploads = tokio::task::JoinSet::new();
         let mut parts = Vec::new();
         let mut offset = 0;
-        while offset < size {
-            let length = self.part_size.min(size - offset);
-            let number = parts.len() as i32 + 1;
-            let body = ByteStream::read_from()
-                .path(path)
-                .offset(offset)
-                .length(Length::Exact(length))
-                .build()
-                .await
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            let etag = self
-                .client
-                .upload_part()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(upload_id)
-                .part_number(number)
-                .content_length(length as i64)
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| Failure::sdk(format!("UploadPart {number} of {key}"), &e))?
-                .e_tag;
-            parts.push(
-                CompletedPart::builder()
-                    .set_e_tag(etag)
-                    .part_number(number)
-                    .build(),
-            );
-            offset += length;
+        let mut number = 0;
+        while offset < size || !uploads.is_empty() {
+            // Keep the window full, then wait for one to finish.
+            while offset < size && uploads.len() < self.upload_concurrency {
+                let length = self.part_size.min(size - offset);
+                number += 1;
+                uploads.spawn(self.clone().upload_part(
+                    key.to_owned(),
+                    path.to_owned(),
+                    upload_id.to_owned(),
+                    number,
+                    offset,
+                    length,
+                ));
+                offset += length;
+            }
+            if let Some(done) = uploads.join_next().await {
+                // A failed part ends the upload; dropping the set cancels
+                // the others, and the caller aborts the upload.
+                let part = done.map_err(|e| Failure::from(format!("upload task: {e}")))??;
+                parts.push(part);
+            }
         }
+        parts.sort_by_key(|p| p.part_number());
         Ok(parts)
+    }
+
+    async fn upload_part(
+        self,
+        key: String,
+        path: std::path::PathBuf,
+        upload_id: String,
+        number: i32,
+        offset: u64,
+        length: u64,
+    ) -> Result<CompletedPart, Failure> {
+        let body = ByteStream::read_from()
+            .path(&path)
+            .offset(offset)
+            .length(Length::Exact(length))
+            .build()
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let etag = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&key)
+            .upload_id(&upload_id)
+            .part_number(number)
+            .content_length(length as i64)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| Failure::sdk(format!("UploadPart {number} of {key}"), &e))?
+            .e_tag;
+        Ok(CompletedPart::builder()
+            .set_e_tag(etag)
+            .part_number(number)
+            .build())
     }
 }
 

@@ -198,14 +198,8 @@ impl HttpPoster {
             .map_err(|e| TaskError::Permanent(format!("postback_uri `{rendered}`: {e}")))?;
         self.policy.check_url(&url).map_err(TaskError::Permanent)?;
 
-        let body: bytes::Bytes = match &output.body {
-            Body::Bytes(b) => b.clone().into(),
-            Body::File(path) => tokio::fs::read(path)
-                .await
-                .map_err(|e| {
-                    TaskError::Retryable(format!("cannot read result {}: {e}", path.display()))
-                })?
-                .into(),
+        let read_error = |path: &std::path::Path, e: std::io::Error| {
+            TaskError::Retryable(format!("cannot read result {}: {e}", path.display()))
         };
         let mut headers = HeaderMap::new();
         let content_type = HeaderValue::from_str(output.mime.as_ref())
@@ -221,7 +215,27 @@ impl HttpPoster {
         }
         if let Some(secret) = &self.secret {
             let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key");
-            mac.update(&body);
+            match &output.body {
+                Body::Bytes(bytes) => mac.update(bytes),
+                // Signed chunk by chunk, never held whole in memory.
+                Body::File(path) => {
+                    use tokio::io::AsyncReadExt;
+                    let mut file = tokio::fs::File::open(path)
+                        .await
+                        .map_err(|e| read_error(path, e))?;
+                    let mut chunk = vec![0; 1 << 16];
+                    loop {
+                        let n = file
+                            .read(&mut chunk)
+                            .await
+                            .map_err(|e| read_error(path, e))?;
+                        if n == 0 {
+                            break;
+                        }
+                        mac.update(&chunk[..n]);
+                    }
+                }
+            }
             let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
             headers.insert(
                 SIGNATURE_HEADER,
@@ -236,10 +250,15 @@ impl HttpPoster {
             if attempt > 1 {
                 tokio::time::sleep(self.retry.delay(attempt - 1)).await;
             }
+            let (body, length) = request_body(&output.body)
+                .await
+                .map_err(|(path, e)| read_error(&path, e))?;
             let sent = client
                 .post(url.clone())
                 .headers(headers.clone())
-                .body(body.clone())
+                // A streamed file keeps its length: no chunked encoding.
+                .header(reqwest::header::CONTENT_LENGTH, length)
+                .body(body)
                 .send()
                 .await;
             last_error = match sent {
@@ -256,6 +275,24 @@ impl HttpPoster {
             }
         }
         Err(last_error)
+    }
+}
+
+/// A fresh request body for each attempt and its length: bytes, or the
+/// file streamed from disk (never read whole into memory).
+async fn request_body(
+    body: &Body,
+) -> Result<(reqwest::Body, u64), (std::path::PathBuf, std::io::Error)> {
+    match body {
+        Body::Bytes(bytes) => Ok((reqwest::Body::from(bytes.clone()), bytes.len() as u64)),
+        Body::File(path) => {
+            let file = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| (path.clone(), e))?;
+            let length = file.metadata().await.map_err(|e| (path.clone(), e))?.len();
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 16);
+            Ok((reqwest::Body::wrap_stream(stream), length))
+        }
     }
 }
 
