@@ -71,3 +71,64 @@ fn every_readme_command_line_names_a_real_subcommand() {
         );
     }
 }
+
+/// The README's curl example, sent as written to `serve` running on a copy
+/// of the repository's `workers.toml` (on a free port), lands its PNG where
+/// the README says.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_curl_example_renders_where_it_says() {
+    let readme = std::fs::read_to_string(repo_path("README.md")).unwrap();
+    let start = readme.find("curl -s http://127.0.0.1:8080/").unwrap();
+    let body_start = start + readme[start..].find("-d '").unwrap() + 4;
+    let body_end = body_start + readme[body_start..].find("}'").unwrap() + 1;
+    let body = &readme[body_start..body_end];
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::harness::free_port();
+    let config = std::fs::read_to_string(repo_path("workers.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    let path = dir.path().join("workers.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut serve = std::process::Command::new(crate::harness::BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/");
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let reply: serde_json::Value = loop {
+        match client
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+        {
+            Ok(response) => break response.json().await.unwrap(),
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("serve never answered: {e}"),
+        }
+    };
+    let id = reply["result"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"));
+    let png = dir
+        .path()
+        .join(format!("var/results/renders/demo-{id}.png"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !png.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            png.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = serve.kill();
+    let _ = serve.wait();
+}
