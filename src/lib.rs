@@ -38,6 +38,8 @@
 //! - [`workspace`]: each process's own folder under `work_dir` (job
 //!   folders, process-group records), its reaper, and the sweep that
 //!   cleans up after dead workers.
+//! - [`sqlite`]: how the queue, ledger and status files are opened (WAL, a
+//!   busy handler that retries soon).
 //! - [`retry`]: the one back-off policy (job retries, queue outages,
 //!   postbacks).
 //! - [`worker`]: the listen half: a step function plus slot loops, heartbeat,
