@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
-use crate::config::{Config, Invalid, secret_from_env};
+use crate::config::{Config, Invalid, optional_secret};
 use crate::event::WorkerIdentity;
 use crate::gpu::GpusConfig;
 use crate::ledger::Ledgers;
@@ -48,13 +48,11 @@ pub struct App {
 impl App {
     /// Opens every queue and bucket and reads the secrets the config names.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let secret = config
-            .http_post
-            .signing_secret_env
-            .as_deref()
-            .map(|var| secret_from_env("http_post.signing_secret_env", var))
-            .transpose()
-            .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+        let secret = optional_secret(
+            &config,
+            "http_post.signing_secret_env",
+            config.http_post.signing_secret_env.as_deref(),
+        )?;
         let http =
             HttpPoster::new(&config.http_post, secret).context("building the HTTP client")?;
         let queues = Queues::open(&config.queues).await?;
@@ -147,14 +145,11 @@ impl App {
                 ))
                 .into());
         }
-        let token = self
-            .config
-            .server
-            .auth_token_env
-            .as_deref()
-            .map(|var| secret_from_env("server.auth_token_env", var))
-            .transpose()
-            .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+        let token = optional_secret(
+            &self.config,
+            "server.auth_token_env",
+            server.auth_token_env.as_deref(),
+        )?;
         Ok(server::app(
             Rpc::new(self.submitter(), self.status.clone()),
             Some(self.metrics.clone()),

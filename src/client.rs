@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use crate::cli::SubmitArgs;
-use crate::config::{Config, secret_from_env};
+use crate::config::{Config, optional_secret};
 use crate::status::Status;
 
 /// A JSON-RPC client for one endpoint.
@@ -20,13 +20,11 @@ struct Client {
 
 impl Client {
     fn new(config: &Config, url: Option<String>) -> anyhow::Result<Self> {
-        let token = config
-            .server
-            .auth_token_env
-            .as_deref()
-            .map(|var| secret_from_env("server.auth_token_env", var))
-            .transpose()
-            .map_err(|i| anyhow::anyhow!("`{}`: {}", i.key, i.message))?;
+        let token = optional_secret(
+            config,
+            "server.auth_token_env",
+            config.server.auth_token_env.as_deref(),
+        )?;
         Ok(Self {
             http: reqwest::Client::new(),
             url: url.unwrap_or_else(|| format!("http://{}/", config.server.listen)),

@@ -810,6 +810,18 @@ fn check_writable_dir(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
 }
 
+/// Reads the secret an optional `*_env` key names (`key` for errors),
+/// located in the file when it is missing.
+pub fn optional_secret(
+    config: &Config,
+    key: &str,
+    var: Option<&str>,
+) -> Result<Option<String>, ConfigError> {
+    var.map(|var| secret_from_env(key, var))
+        .transpose()
+        .map_err(|i| config.locate(i))
+}
+
 /// Reads the secret an `*_env` key names, so the file never holds it.
 pub fn secret_from_env(key: &str, var: &str) -> Result<String, Invalid> {
     match std::env::var(var) {
