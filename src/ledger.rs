@@ -121,8 +121,7 @@ CREATE TABLE IF NOT EXISTS completed (array_id TEXT PRIMARY KEY);
 impl Ledger {
     /// The embedded queue's ledger, in `dir`.
     pub fn local(dir: &Path) -> Result<Self, LedgerError> {
-        let conn = crate::sqlite::open(&dir.join("ledger.sqlite3")).map_err(failed)?;
-        conn.execute_batch(SCHEMA).map_err(failed)?;
+        let conn = crate::sqlite::open(&dir.join("ledger.sqlite3"), SCHEMA).map_err(failed)?;
         Ok(Ledger::Local(Arc::new(Mutex::new(conn))))
     }
 

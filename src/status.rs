@@ -172,8 +172,7 @@ impl StatusTable {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(failed)?;
         }
-        let conn = crate::sqlite::open(path).map_err(failed)?;
-        conn.execute_batch(SCHEMA).map_err(failed)?;
+        let conn = crate::sqlite::open(path, SCHEMA).map_err(failed)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })

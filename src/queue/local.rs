@@ -62,7 +62,19 @@ struct Inner {
     arrivals: Arc<Notify>,
     /// Kept alive for as long as the queue is open.
     _watcher: notify::RecommendedWatcher,
+    /// Sends waiting to be committed, together, by whoever commits next.
+    pending: Mutex<Vec<PendingSend>>,
+    /// Held by the one send committing the pending ones.
+    committing: tokio::sync::Mutex<()>,
 }
+
+/// A send waiting for its commit: its id, body, and where to say how the
+/// commit went.
+type PendingSend = (
+    String,
+    String,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
 
 enum Claim {
     Got(Received),
@@ -97,8 +109,7 @@ impl LocalQueue {
         let dir = &config.path;
         std::fs::create_dir_all(dir)
             .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
-        let conn = crate::sqlite::open(&dir.join("queue.sqlite3")).map_err(unavailable)?;
-        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        let conn = crate::sqlite::open(&dir.join("queue.sqlite3"), SCHEMA).map_err(unavailable)?;
 
         let doorbell = dir.join("doorbell");
         std::fs::OpenOptions::new()
@@ -127,6 +138,8 @@ impl LocalQueue {
                 doorbell,
                 arrivals,
                 _watcher: watcher,
+                pending: Mutex::default(),
+                committing: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -167,9 +180,46 @@ impl LocalQueue {
         }
     }
 
+    /// Adds a message. Concurrent sends are committed together (group
+    /// commit): each waits for the commit that holds it, and whoever gets
+    /// to commit next takes every send waiting by then.
     pub async fn send(&self, body: &str) -> Result<String, QueueError> {
-        let mut ids = self.send_batch(&[body.to_owned()]).await?;
-        Ok(ids.remove(0))
+        let id = uuid::Uuid::new_v4().to_string();
+        let (done, mut committed) = tokio::sync::oneshot::channel();
+        self.inner
+            .pending
+            .lock()
+            .map_err(unavailable)?
+            .push((id.clone(), body.to_owned(), done));
+        let turn = self.inner.committing.lock().await;
+        match committed.try_recv() {
+            // Committed (or failed) with the sends before it.
+            Ok(result) => return result.map(|()| id).map_err(QueueError::Unavailable),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                return Err(QueueError::Unavailable(
+                    "the commit holding this send was abandoned; it may or may not be queued"
+                        .into(),
+                ));
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+        }
+        {
+            // Not committed yet: commit everything waiting, this one too.
+            let batch = std::mem::take(&mut *self.inner.pending.lock().map_err(unavailable)?);
+            let (rows, waiters): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|(id, body, done)| ((id, body), done))
+                .unzip();
+            let result = self.insert(rows).await.map_err(|e| e.to_string());
+            drop(turn);
+            if result.is_ok() {
+                self.ring();
+            }
+            for waiter in waiters {
+                let _ = waiter.send(result.clone());
+            }
+            result.map(|()| id).map_err(QueueError::Unavailable)
+        }
     }
 
     /// Adds every body in one transaction: all or none.
@@ -179,6 +229,13 @@ impl LocalQueue {
             .map(|body| (uuid::Uuid::new_v4().to_string(), body.clone()))
             .collect();
         let ids = rows.iter().map(|(id, _)| id.clone()).collect();
+        self.insert(rows).await?;
+        self.ring();
+        Ok(ids)
+    }
+
+    /// Inserts `(id, body)` rows in one transaction.
+    async fn insert(&self, rows: Vec<(String, String)>) -> Result<(), QueueError> {
         self.with_conn(move |conn| {
             let now = now_ms();
             let tx = conn.transaction().map_err(unavailable)?;
@@ -191,9 +248,7 @@ impl LocalQueue {
             }
             tx.commit().map_err(unavailable)
         })
-        .await?;
-        self.ring();
-        Ok(ids)
+        .await
     }
 
     pub async fn receive(
@@ -748,6 +803,28 @@ mod tests {
             dead[0].reason,
             "worker lost: receive 3 never reported back; the try before failed: exit 1"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_sends_are_committed_together_and_all_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 3).await;
+        let mut sends = tokio::task::JoinSet::new();
+        for i in 0..500 {
+            let q = q.clone();
+            sends.spawn(async move { q.send(&format!("m{i}")).await });
+        }
+        let mut ids = std::collections::HashSet::new();
+        while let Some(sent) = sends.join_next().await {
+            assert!(ids.insert(sent.unwrap().unwrap()));
+        }
+        assert_eq!(q.stats().await.unwrap().visible, 500);
+        let mut bodies = std::collections::HashSet::new();
+        while let Some(got) = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap() {
+            assert!(ids.contains(&got.message_id));
+            bodies.insert(got.body);
+        }
+        assert_eq!(bodies.len(), 500);
     }
 
     #[tokio::test]
