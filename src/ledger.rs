@@ -194,7 +194,7 @@ impl Ledger {
                 bucket,
                 prefix,
             } => {
-                let key = format!("{prefix}reports/{message_id}/{attempt}");
+                let key = report_key(prefix, message_id, attempt);
                 Self::create(client, bucket, key, "failed").await.map(drop)
             }
         }
@@ -221,7 +221,7 @@ impl Ledger {
                 bucket,
                 prefix,
             } => {
-                let key = format!("{prefix}reports/{message_id}/{attempt}");
+                let key = report_key(prefix, message_id, attempt);
                 match client.head_object().bucket(bucket).key(&key).send().await {
                     Ok(_) => Ok(true),
                     Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
@@ -318,6 +318,11 @@ impl Ledger {
             }
         }
     }
+}
+
+/// Where the S3 ledger notes that try `attempt` of a job failed.
+fn report_key(prefix: &str, message_id: &str, attempt: u32) -> String {
+    format!("{prefix}reports/{message_id}/{attempt}")
 }
 
 #[cfg(test)]

@@ -57,6 +57,11 @@ impl Observer {
     }
 
     fn publish(&self, kind: EventType, subject: &Subject, detail: Value) {
+        // Without targets an event (a uuid, a timestamp, a copy of the job)
+        // would be made per step only to be thrown away.
+        if self.publisher.is_idle() {
+            return;
+        }
         self.publisher.publish(
             Event::new(kind, Some(subject.job.clone()), detail),
             &subject.notifications,

@@ -298,6 +298,11 @@ impl Publisher {
         })
     }
 
+    /// No target at all: callers can skip building events.
+    pub fn is_idle(&self) -> bool {
+        self.inner.outlets.is_empty()
+    }
+
     /// Whether a target of that name is configured (for subscriptions).
     pub fn has_target(&self, name: &str) -> bool {
         name != STATUS && self.inner.outlets.contains_key(name)
@@ -313,7 +318,7 @@ impl Publisher {
     /// subscriptions that wants it, with that subscription's variables.
     /// Never waits.
     pub fn publish(&self, mut event: Event, notifications: &[Notification]) {
-        if self.inner.outlets.is_empty() {
+        if self.is_idle() {
             return;
         }
         event.worker = self.inner.worker.clone();

@@ -361,17 +361,25 @@ mode = { type = "string", required = true }
 pids = { type = "string", required = true }
 "#;
 
-fn frame_job() -> String {
-    FRAME_JOB.replace("FIXTURE", &repo_path("tests/fixtures/frame_job.py"))
+/// An array farm that can run the `frame_job` fixture.
+async fn frame_job_farm(backend: Backend, settings: Settings) -> Farm {
+    let command = FRAME_JOB.replace("FIXTURE", &repo_path("tests/fixtures/frame_job.py"));
+    array_farm(
+        backend,
+        &command,
+        Settings {
+            extra_allowed: vec!["frame_job"],
+            ..settings
+        },
+    )
+    .await
 }
 
 async fn array_with_a_failing_child_completes_with_it_dead_lettered(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let farm = array_farm(
+    let farm = frame_job_farm(
         backend,
-        &frame_job(),
         Settings {
-            extra_allowed: vec!["frame_job"],
             max_receive_count: 2,
             ..Settings::default()
         },
@@ -401,11 +409,9 @@ async fn array_with_a_failing_child_completes_with_it_dead_lettered(backend: Bac
 async fn child_whose_workers_keep_dying_still_completes_its_array_once() {
     let dir = tempfile::tempdir().unwrap();
     let pids = dir.path().join("pids");
-    let farm = array_farm(
+    let farm = frame_job_farm(
         Backend::Local,
-        &frame_job(),
         Settings {
-            extra_allowed: vec!["frame_job"],
             max_receive_count: 2,
             visibility_timeout: "2s",
             ..Settings::default()
@@ -545,11 +551,9 @@ async fn a_down_webhook_does_not_slow_jobs_and_catches_up() {
 
 async fn submit_wait_follows_an_array_to_its_end(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let farm = array_farm(
+    let farm = frame_job_farm(
         backend,
-        &frame_job(),
         Settings {
-            extra_allowed: vec!["frame_job"],
             max_receive_count: 1,
             ..Settings::default()
         },
