@@ -53,8 +53,7 @@ impl App {
             "http_post.signing_secret_env",
             config.http_post.signing_secret_env.as_deref(),
         )?;
-        let http =
-            HttpPoster::new(&config.http_post, secret).context("building the HTTP client")?;
+        let http = HttpPoster::new(&config.http_post, secret);
         let queues = Queues::open(&config.queues).await?;
         let status = config
             .events

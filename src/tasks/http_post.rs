@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -139,8 +139,10 @@ impl reqwest::dns::Resolve for GuardedResolver {
 #[derive(Debug, Clone)]
 pub struct HttpPoster {
     policy: HostPolicy,
-    /// One client per (follow_redirects, verify_ssl) pair, built once.
-    clients: Arc<[reqwest::Client; 4]>,
+    timeout: Duration,
+    /// One client per (follow_redirects, verify_ssl) pair, built on first
+    /// use: a worker that never posts never pays for a TLS client.
+    clients: Arc<[OnceLock<reqwest::Client>; 4]>,
     attempts: u32,
     retry: Backoff,
     /// HMAC key for the signature header; read from the environment.
@@ -148,43 +150,52 @@ pub struct HttpPoster {
 }
 
 impl HttpPoster {
-    pub fn new(config: &HttpPostConfig, secret: Option<String>) -> Result<Self, reqwest::Error> {
-        let policy = HostPolicy::from_config(config);
-        let build = |follow: bool, verify: bool| {
-            let hop_policy = policy.clone();
-            let redirect = if follow {
-                reqwest::redirect::Policy::custom(move |attempt| {
-                    if attempt.previous().len() >= 5 {
-                        attempt.error("more than 5 redirects")
-                    } else if let Err(e) = hop_policy.check_url(attempt.url()) {
-                        attempt.error(format!("redirect refused: {e}"))
-                    } else {
-                        attempt.follow()
-                    }
-                })
-            } else {
-                reqwest::redirect::Policy::none()
-            };
-            reqwest::Client::builder()
-                .timeout(config.timeout)
-                .redirect(redirect)
-                .danger_accept_invalid_certs(!verify)
-                .dns_resolver(Arc::new(GuardedResolver(policy.clone())))
-                .user_agent(concat!("renderq/", env!("CARGO_PKG_VERSION")))
-                .build()
-        };
-        Ok(Self {
-            clients: Arc::new([
-                build(false, false)?,
-                build(false, true)?,
-                build(true, false)?,
-                build(true, true)?,
-            ]),
-            policy,
+    pub fn new(config: &HttpPostConfig, secret: Option<String>) -> Self {
+        Self {
+            policy: HostPolicy::from_config(config),
+            timeout: config.timeout,
+            clients: Arc::default(),
             attempts: config.attempts,
             retry: Backoff::new(config.retry_delay, MAX_RETRY_DELAY),
             secret: secret.map(|s| Arc::from(s.into_bytes())),
-        })
+        }
+    }
+
+    /// The client for one (follow_redirects, verify_ssl) pair.
+    fn client(&self, follow: bool, verify: bool) -> Result<&reqwest::Client, TaskError> {
+        let cell = &self.clients[usize::from(follow) * 2 + usize::from(verify)];
+        if let Some(client) = cell.get() {
+            return Ok(client);
+        }
+        let hop_policy = self.policy.clone();
+        let redirect = if follow {
+            reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 5 {
+                    attempt.error("more than 5 redirects")
+                } else if let Err(e) = hop_policy.check_url(attempt.url()) {
+                    attempt.error(format!("redirect refused: {e}"))
+                } else {
+                    attempt.follow()
+                }
+            })
+        } else {
+            reqwest::redirect::Policy::none()
+        };
+        let client = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .redirect(redirect)
+            .danger_accept_invalid_certs(!verify)
+            .dns_resolver(Arc::new(GuardedResolver(self.policy.clone())))
+            .user_agent(concat!("renderq/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| {
+                TaskError::Permanent(format!(
+                    "building the HTTP client: {}",
+                    crate::error_chain(&e)
+                ))
+            })?;
+        // A racing first use may have won; either client will do.
+        Ok(cell.get_or_init(|| client))
     }
 
     pub async fn post(
@@ -243,8 +254,7 @@ impl HttpPoster {
             );
         }
 
-        let client =
-            &self.clients[usize::from(task.follow_redirects) * 2 + usize::from(task.verify_ssl)];
+        let client = self.client(task.follow_redirects, task.verify_ssl)?;
         let mut last_error = TaskError::Retryable(String::new());
         for attempt in 1..=self.attempts {
             if attempt > 1 {
