@@ -1,6 +1,8 @@
 //! `renderq bench`: throughput and latency measured on this machine, on a
 //! throw-away queue: the embedded one in a temporary folder, or (with
-//! `--sqs-endpoint`) a fresh SQS queue pair on an SQS-compatible server.
+//! `--sqs-endpoint`) a fresh SQS queue pair on an SQS-compatible server;
+//! or one of the special modes below (dispatch, events, spot, procs,
+//! uploads), each in its own module.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 mod events;
 mod procs;
 mod spot;
+mod uploads;
 
 use crate::app::App;
 use crate::config::Config;
@@ -71,6 +74,21 @@ pub struct BenchArgs {
     /// With --procs: slots per worker process.
     #[arg(long, default_value_t = 1)]
     pub slots: usize,
+    /// Instead: upload one large file result to the S3-compatible server
+    /// at this endpoint (e.g. a local moto) through a proxy that adds
+    /// latency and caps each connection's rate: renderq at upload
+    /// concurrency 1 and 8, and `aws s3 cp` when installed.
+    #[arg(long, value_name = "URL")]
+    pub uploads: Option<String>,
+    /// With --uploads: the file's size.
+    #[arg(long, default_value_t = 1024)]
+    pub size_mib: u64,
+    /// With --uploads: delay the proxy adds to everything sent upstream.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+    /// With --uploads: each connection's upstream rate cap.
+    #[arg(long, default_value_t = 50)]
+    pub rate_mib: u64,
 }
 
 const CONFIG: &str = r#"
@@ -108,6 +126,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         _ if args.events => events::run(args).await,
         _ if args.spot => spot::run(args).await,
         _ if args.procs.is_some() => procs::run(args).await,
+        _ if args.uploads.is_some() => uploads::run(args).await,
         Some(endpoint) => sqs(args, endpoint).await,
         None => embedded(args).await,
     }

@@ -26,6 +26,9 @@ pub struct Failure {
     pub permanent: bool,
 }
 
+/// Bytes read from a result file at a time while a part streams.
+const READ_BUFFER: usize = 128 * 1024;
+
 /// S3 error codes that no retry will change.
 const PERMANENT_CODES: [&str; 6] = [
     "AccessDenied",
@@ -269,6 +272,8 @@ impl S3Bucket {
     ) -> Result<CompletedPart, Failure> {
         let body = ByteStream::read_from()
             .path(&path)
+            // The default 4 KiB reads make every part 2,048 small writes.
+            .buffer_size(READ_BUFFER)
             .offset(offset)
             .length(Length::Exact(length))
             .build()

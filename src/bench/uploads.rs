@@ -1,0 +1,308 @@
+//! `renderq bench --uploads URL`: one large file result put
+//! into an S3-compatible bucket through a proxy that makes the link look
+//! like a distant one (a delay on every byte sent, a rate cap on every
+//! connection), by a `renderq worker` at upload concurrency 1 and 8, and by
+//! `aws s3 cp` when the AWS CLI is installed. Reports the time and the
+//! uploader's peak resident memory (VmHWM).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use super::BenchArgs;
+use crate::config::Config;
+use crate::queue::Queue;
+use crate::submit::SubmitRequest;
+
+/// The proxy's unit of transfer.
+const PROXY_CHUNK: usize = 64 * 1024;
+/// Chunks waiting in the proxy per connection.
+const PROXY_CHUNKS: usize = 64;
+/// How far a connection may run ahead of its rate before it is paused: the
+/// timer's resolution is a millisecond, so pausing after every chunk would
+/// cap the rate below the one asked for.
+const PROXY_SLACK: Duration = Duration::from_millis(10);
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let endpoint = args.uploads.as_deref().context("--uploads needs a URL")?;
+    let size = args.size_mib * 1024 * 1024;
+    let rate = args.rate_mib * 1024 * 1024;
+    let upstream = reqwest::Url::parse(endpoint)?
+        .socket_addrs(|| None)?
+        .into_iter()
+        .next()
+        .context("S3 endpoint has no address")?;
+    let proxy = latency_proxy(upstream, args.latency, rate).await?;
+    let proxy_url = format!("http://{proxy}");
+    println!(
+        "{} MiB through a proxy adding {:?} to every request and capping each connection at {} MiB/s:",
+        args.size_mib, args.latency, args.rate_mib
+    );
+
+    let sdk = crate::aws::sdk_config(Some("us-east-1"), Some(endpoint)).await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = format!(
+        "renderq-bench-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    s3.create_bucket().bucket(&bucket).send().await?;
+
+    let dir = tempfile::tempdir()?;
+    for concurrency in [1, 8] {
+        let (took, peak) =
+            renderq_upload(dir.path(), &proxy_url, &bucket, size, concurrency).await?;
+        let key = format!("renderq-{concurrency}.bin");
+        check_and_delete(&s3, &bucket, &key, size).await?;
+        report(
+            &format!("renderq, upload_concurrency {concurrency}"),
+            size,
+            took,
+            peak,
+        );
+    }
+
+    // The same file and link for the AWS CLI (its defaults: 8 MiB parts,
+    // 10 requests at once).
+    let file = dir.path().join("big.bin");
+    std::fs::File::create(&file)?.set_len(size)?;
+    let aws = tokio::process::Command::new("aws")
+        .args([
+            "s3",
+            "cp",
+            "--only-show-errors",
+            "--endpoint-url",
+            &proxy_url,
+        ])
+        .arg(&file)
+        .arg(format!("s3://{bucket}/aws.bin"))
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    match aws {
+        Err(error) => println!("  aws s3 cp: not run ({error}; `pip install awscli`)"),
+        Ok(child) => {
+            let (took, peak) = run_to_end(child).await?;
+            check_and_delete(&s3, &bucket, "aws.bin", size).await?;
+            report("aws s3 cp", size, took, peak);
+        }
+    }
+    s3.delete_bucket().bucket(&bucket).send().await?;
+    Ok(())
+}
+
+fn report(who: &str, size: u64, took: Duration, peak_kib: u64) {
+    println!(
+        "  {who}: {took:.1?} = {:.1} MiB/s, peak RSS {:.1} MiB",
+        size as f64 / (1024.0 * 1024.0) / took.as_secs_f64(),
+        peak_kib as f64 / 1024.0
+    );
+}
+
+/// Puts one `size`-byte file result into `bucket` with a `renderq worker`
+/// process; returns the time from the worker's start to the job's delete,
+/// and the worker's peak resident memory in KiB.
+async fn renderq_upload(
+    dir: &Path,
+    endpoint: &str,
+    bucket: &str,
+    size: u64,
+    concurrency: usize,
+) -> anyhow::Result<(Duration, u64)> {
+    let config_path = dir.join(format!("upload-{concurrency}.toml"));
+    let queue_path = dir.join(format!("queue-{concurrency}"));
+    // A sparse file: the disk plays no part in the figure.
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"
+[queue_manager]
+allow_commands = ["big_file"]
+default_queue = "bench"
+listen_queue = "bench"
+[worker]
+wait_time = "1s"
+[queues.bench]
+backend = "local"
+path = "{queue}"
+[buckets.results]
+backend = "s3"
+bucket = "{bucket}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+upload_concurrency = {concurrency}
+[commands.big_file]
+kind = "process"
+program = "truncate"
+args = ["-s", "{size}", "{{workdir}}/big.bin"]
+output = "{{workdir}}/big.bin"
+"#,
+            queue = queue_path.display()
+        ),
+    )?;
+    let config = Config::load(&config_path)?;
+    let queue = Queue::open("bench", &config.queues["bench"]).await?;
+    let app = crate::app::App::build(config).await?;
+    let request: SubmitRequest = serde_json::from_value(serde_json::json!({
+        "command": "big_file",
+        "tasks": [{"name": "s3_upload", "config": {
+            "bucket": "results", "key": format!("renderq-{concurrency}.bin")}}]
+    }))?;
+    app.submitter().submit(request).await?;
+
+    let started = Instant::now();
+    let mut worker = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["worker", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = worker.id().context("worker exited at once")?;
+    loop {
+        let stats = queue.stats().await?;
+        anyhow::ensure!(stats.dead_lettered == 0, "the upload job was dead-lettered");
+        if stats.visible == 0 && stats.in_flight == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            worker.try_wait()?.is_none(),
+            "the worker exited before the upload ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let peak = peak_rss_kib(pid).context("reading the worker's peak memory")?;
+    worker.start_kill()?;
+    worker.wait().await?;
+    Ok((took, peak))
+}
+
+/// Waits for `child`, watching its peak resident memory; returns how long
+/// it ran and that peak in KiB.
+async fn run_to_end(mut child: tokio::process::Child) -> anyhow::Result<(Duration, u64)> {
+    let started = Instant::now();
+    let pid = child.id().context("exited at once")?;
+    let mut peak = 0;
+    loop {
+        // VmHWM only grows, so the last reading before the exit is the
+        // peak (up to the last 10 ms).
+        if let Some(now) = peak_rss_kib(pid) {
+            peak = now;
+        }
+        tokio::select! {
+            status = child.wait() => {
+                let status = status?;
+                anyhow::ensure!(status.success(), "exited with {status}");
+                return Ok((started.elapsed(), peak));
+            }
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+}
+
+/// A process's peak resident memory in KiB (VmHWM), while it lives.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .ok()
+}
+
+async fn check_and_delete(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    size: u64,
+) -> anyhow::Result<()> {
+    let head = s3.head_object().bucket(bucket).key(key).send().await?;
+    anyhow::ensure!(
+        head.content_length == Some(size as i64),
+        "{key} has {:?} bytes, not {size}",
+        head.content_length
+    );
+    s3.delete_object().bucket(bucket).key(key).send().await?;
+    Ok(())
+}
+
+/// A TCP proxy in front of `upstream`, listening on a free local port. What
+/// a client sends reaches `upstream` `latency` later and, per connection, at
+/// no more than `rate` bytes/s; answers come back as they are.
+async fn latency_proxy(
+    upstream: SocketAddr,
+    latency: Duration,
+    rate: u64,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(server) = TcpStream::connect(upstream).await {
+                    let _ = relay(client, server, latency, rate).await;
+                }
+            });
+        }
+    });
+    Ok(address)
+}
+
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    latency: Duration,
+    rate: u64,
+) -> std::io::Result<()> {
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let (chunks, mut delayed) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(PROXY_CHUNKS);
+    let read = async move {
+        loop {
+            let mut chunk = vec![0; PROXY_CHUNK];
+            let n = from_client.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            chunk.truncate(n);
+            if chunks
+                .send((Instant::now() + latency, chunk))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    };
+    let write = async move {
+        // The time the link is free again at the capped rate.
+        let mut free_at = Instant::now();
+        while let Some((due, chunk)) = delayed.recv().await {
+            tokio::time::sleep_until(due).await;
+            free_at = free_at.max(Instant::now())
+                + Duration::from_secs_f64(chunk.len() as f64 / rate as f64);
+            to_server.write_all(&chunk).await?;
+            if free_at > Instant::now() + PROXY_SLACK {
+                tokio::time::sleep_until(free_at).await;
+            }
+        }
+        to_server.shutdown().await
+    };
+    let answer = async move {
+        tokio::io::copy(&mut from_server, &mut to_client).await?;
+        to_client.shutdown().await
+    };
+    let (read, write, answer) = tokio::join!(read, write, answer);
+    read.and(write).and(answer)
+}
