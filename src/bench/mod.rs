@@ -245,10 +245,16 @@ async fn embedded(args: &BenchArgs) -> anyhow::Result<()> {
         submitted as f64 / elapsed.as_secs_f64()
     );
 
-    // Resident memory of an idle worker process.
+    // Resident memory of an idle worker process: on a queue of its own,
+    // as the submits above are still queued.
+    let idle_config = dir.path().join("idle.toml");
+    std::fs::write(
+        &idle_config,
+        CONFIG.replace("path = \"queue\"", "path = \"idle-queue\""),
+    )?;
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .args(["worker", "--config"])
-        .arg(&config_path)
+        .arg(&idle_config)
         .env("RUST_LOG", "warn")
         .spawn()?;
     tokio::time::sleep(Duration::from_secs(3)).await;
