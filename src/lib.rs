@@ -27,7 +27,8 @@
 //! - [`server`]: the HTTP router: auth, body limit, `/healthz`.
 //! - [`queue`]: the queue interface with SQS semantics, an enum over the
 //!   backends: `local` (embedded, SQLite in WAL mode, shared by processes on
-//!   one machine) and `sqs` (aws-sdk-sqs; needs a redrive policy).
+//!   one machine; concurrent sends committed together) and `sqs`
+//!   (aws-sdk-sqs; needs a redrive policy).
 //! - [`storage`]: buckets for results: `local` (a folder, atomic renames) and
 //!   `s3` (streaming multipart uploads, aborted on failure).
 //! - [`aws`]: shared SDK set-up (credential chain, region, endpoint).
@@ -39,7 +40,8 @@
 //!   folders, process-group records), its reaper, and the sweep that
 //!   cleans up after dead workers.
 //! - [`sqlite`]: how the queue, ledger and status files are opened (WAL, a
-//!   busy handler that retries soon).
+//!   busy handler that retries soon), and SQLite work on an async thread
+//!   that gives up on a lock instead of waiting (`without_waiting`).
 //! - [`retry`]: the one back-off policy (job retries, queue outages,
 //!   postbacks).
 //! - [`worker`]: the listen half: a step function plus slot loops, heartbeat,
@@ -79,6 +81,10 @@
 //! - Shutdown is one value (reason, deadline): it stops receiving; a job that
 //!   cannot finish by the deadline is cancelled and handed back without
 //!   using up a try; the worker is gone before the deadline.
+//! - No async thread waits for SQLite: the embedded queue's short work runs
+//!   there only while it meets no lock held elsewhere, and is otherwise
+//!   done again on a blocking thread; its checkpoints (with their fsyncs)
+//!   and whole-queue scans always run on blocking threads.
 //! - Publishing an event never waits: a full buffer drops (and counts).
 //! - Of all workers settling an array's children, exactly one publishes its
 //!   `ArrayJobCompleted` (the ledger's claim is one conditional write).

@@ -9,9 +9,20 @@
 //! Waiting receivers sleep until the earliest moment a message becomes
 //! visible, or until a sender rings the doorbell: an in-process `Notify`,
 //! and a file whose timestamp senders touch so that receivers in other
-//! processes wake through inotify. No receiver polls.
+//! processes wake through inotify. No receiver polls, and a receiver takes
+//! the write lock only once a read (which takes no lock) has seen a visible
+//! message.
+//!
+//! Speed: each operation is a short transaction through cached prepared
+//! statements, run on the calling async thread unless the connection is
+//! busy or another process holds the lock, when it goes to a blocking
+//! thread and waits there (see `with_conn`). SQLite's automatic checkpoint
+//! is off; one runs every `CHECKPOINT_EVERY` commits on a blocking thread
+//! through a connection of its own.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -66,6 +77,14 @@ struct Inner {
     pending: Mutex<Vec<PendingSend>>,
     /// Held by the one send committing the pending ones.
     committing: tokio::sync::Mutex<()>,
+    /// Commits by this process, for checkpointing every so many.
+    commits: AtomicU32,
+    /// Set while a checkpoint runs.
+    checkpointing: AtomicBool,
+    /// The database file, and the connection checkpoints go through
+    /// (opened by the first).
+    path: PathBuf,
+    checkpointer: Mutex<Option<Connection>>,
 }
 
 /// A send waiting for its commit: its id, body, and where to say how the
@@ -75,6 +94,13 @@ type PendingSend = (
     String,
     tokio::sync::oneshot::Sender<Result<(), String>>,
 );
+
+/// Commits between two checkpoints (each commit adds a few pages to the
+/// write-ahead log; SQLite's default is a checkpoint per 1,000 pages).
+const CHECKPOINT_EVERY: u32 = 256;
+
+/// Rows an insert may hold and still count as short work (see `with_conn`).
+const SHORT_INSERT: usize = 64;
 
 enum Claim {
     Got(Received),
@@ -109,7 +135,11 @@ impl LocalQueue {
         let dir = &config.path;
         std::fs::create_dir_all(dir)
             .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
-        let conn = crate::sqlite::open(&dir.join("queue.sqlite3"), SCHEMA).map_err(unavailable)?;
+        let path = dir.join("queue.sqlite3");
+        let conn = crate::sqlite::open(&path, SCHEMA).map_err(unavailable)?;
+        // Checkpoints are started by `count_commit`, off the async threads.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(unavailable)?;
 
         let doorbell = dir.join("doorbell");
         std::fs::OpenOptions::new()
@@ -140,6 +170,10 @@ impl LocalQueue {
                 _watcher: watcher,
                 pending: Mutex::default(),
                 committing: tokio::sync::Mutex::new(()),
+                commits: AtomicU32::new(0),
+                checkpointing: AtomicBool::new(false),
+                path,
+                checkpointer: Mutex::default(),
             }),
         })
     }
@@ -152,9 +186,28 @@ impl LocalQueue {
         self.inner.max_receive_count
     }
 
-    /// Runs `f` on the connection off the async threads (SQLite may wait on
-    /// another process's lock).
+    /// Runs `f`, a short piece of work (one row or a few), on the
+    /// connection. It runs right here when the connection is free and no
+    /// other process holds the lock it needs: tens of microseconds, less
+    /// than the trip to a blocking thread and back. Otherwise it runs on a
+    /// blocking thread, which may wait for the lock.
     async fn with_conn<T, F>(&self, f: F) -> Result<T, QueueError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut Connection) -> Result<T, QueueError> + Send + 'static,
+    {
+        self.count_commit();
+        if let Ok(mut conn) = self.inner.conn.try_lock()
+            && let Some(done) = crate::sqlite::without_waiting(|| f(&mut conn))
+        {
+            return done;
+        }
+        self.with_conn_blocking(f).await
+    }
+
+    /// Runs `f` on the connection on a blocking thread: for work that may
+    /// take long (a scan of the whole queue) or wait for a lock.
+    async fn with_conn_blocking<T, F>(&self, f: F) -> Result<T, QueueError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, QueueError> + Send + 'static,
@@ -166,6 +219,37 @@ impl LocalQueue {
         })
         .await
         .map_err(unavailable)?
+    }
+
+    /// Counts a commit and, every `CHECKPOINT_EVERY`, starts a checkpoint
+    /// on a blocking thread, through a connection of its own so that the
+    /// queue's work goes on meanwhile. SQLite's own checkpoint would run
+    /// inside a commit, on an async thread, with two fsyncs.
+    fn count_commit(&self) {
+        let inner = &self.inner;
+        if inner.commits.fetch_add(1, Relaxed) % CHECKPOINT_EVERY != CHECKPOINT_EVERY - 1
+            || inner.checkpointing.swap(true, Relaxed)
+        {
+            return;
+        }
+        let inner = inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut checkpointer = inner.checkpointer.lock().unwrap_or_else(|e| e.into_inner());
+            let checkpoint = match checkpointer.take() {
+                Some(conn) => Ok(conn),
+                None => crate::sqlite::open(&inner.path, ""),
+            }
+            .and_then(|conn| {
+                // Passive: copies what it can without waiting for anyone.
+                let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                *checkpointer = Some(conn);
+                done
+            });
+            if let Err(error) = checkpoint {
+                tracing::warn!(%error, queue = %inner.name, "checkpoint failed");
+            }
+            inner.checkpointing.store(false, Relaxed);
+        });
     }
 
     /// Wakes receivers here and in other processes.
@@ -236,19 +320,26 @@ impl LocalQueue {
 
     /// Inserts `(id, body)` rows in one transaction.
     async fn insert(&self, rows: Vec<(String, String)>) -> Result<(), QueueError> {
-        self.with_conn(move |conn| {
+        let many = rows.len() > SHORT_INSERT;
+        let insert = move |conn: &mut Connection| {
             let now = now_ms();
             let tx = conn.transaction().map_err(unavailable)?;
-            for (id, body) in rows {
-                tx.execute(
+            for (id, body) in &rows {
+                execute(
+                    &tx,
                     "INSERT INTO messages (id, body, sent_at, visible_at) VALUES (?1, ?2, ?3, ?3)",
                     params![id, body, now],
                 )
                 .map_err(unavailable)?;
             }
             tx.commit().map_err(unavailable)
-        })
-        .await
+        };
+        if many {
+            self.count_commit();
+            self.with_conn_blocking(insert).await
+        } else {
+            self.with_conn(insert).await
+        }
     }
 
     pub async fn receive(
@@ -292,12 +383,12 @@ impl LocalQueue {
     pub async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
         let receipt = receipt.to_owned();
         self.with_conn(move |conn| {
-            let n = conn
-                .execute(
-                    "DELETE FROM messages WHERE receipt = ?1 AND dead_at IS NULL",
-                    [receipt],
-                )
-                .map_err(unavailable)?;
+            let n = execute(
+                conn,
+                "DELETE FROM messages WHERE receipt = ?1 AND dead_at IS NULL",
+                [&receipt],
+            )
+            .map_err(unavailable)?;
             if n == 0 {
                 return Err(QueueError::StaleReceipt);
             }
@@ -316,13 +407,13 @@ impl LocalQueue {
     ) -> Result<(), QueueError> {
         let (receipt, error_text) = (receipt.to_owned(), error.map(str::to_owned));
         self.with_conn(move |conn| {
-            let n = conn
-                .execute(
-                    "UPDATE messages SET visible_at = ?2, last_error = COALESCE(?3, last_error)
+            let n = execute(
+                conn,
+                "UPDATE messages SET visible_at = ?2, last_error = COALESCE(?3, last_error)
                      WHERE receipt = ?1 AND dead_at IS NULL",
-                    params![receipt, now_ms() + ms(visibility), error_text],
-                )
-                .map_err(unavailable)?;
+                params![receipt, now_ms() + ms(visibility), error_text],
+            )
+            .map_err(unavailable)?;
             if n == 0 {
                 return Err(QueueError::StaleReceipt);
             }
@@ -347,14 +438,14 @@ impl LocalQueue {
     ) -> Result<(), QueueError> {
         let (receipt, body, note) = (receipt.to_owned(), body.to_owned(), note.clone());
         self.with_conn(move |conn| {
-            let n = conn
-                .execute(
-                    "UPDATE messages SET dead_at = ?2, receipt = NULL, last_error = ?3,
+            let n = execute(
+                conn,
+                "UPDATE messages SET dead_at = ?2, receipt = NULL, last_error = ?3,
                         body = ?4, receive_count = ?5
                      WHERE receipt = ?1 AND dead_at IS NULL",
-                    params![receipt, now_ms(), note.reason, body, note.receive_count],
-                )
-                .map_err(unavailable)?;
+                params![receipt, now_ms(), note.reason, body, note.receive_count],
+            )
+            .map_err(unavailable)?;
             if n == 0 {
                 return Err(QueueError::StaleReceipt);
             }
@@ -368,14 +459,14 @@ impl LocalQueue {
     pub async fn requeue(&self, receipt: &str, body: &str) -> Result<(), QueueError> {
         let (receipt, body) = (receipt.to_owned(), body.to_owned());
         self.with_conn(move |conn| {
-            let n = conn
-                .execute(
-                    "UPDATE messages SET body = ?2, visible_at = ?3, receipt = NULL,
+            let n = execute(
+                conn,
+                "UPDATE messages SET body = ?2, visible_at = ?3, receipt = NULL,
                         receive_count = 0
                      WHERE receipt = ?1 AND dead_at IS NULL",
-                    params![receipt, body, now_ms()],
-                )
-                .map_err(unavailable)?;
+                params![receipt, body, now_ms()],
+            )
+            .map_err(unavailable)?;
             if n == 0 {
                 return Err(QueueError::StaleReceipt);
             }
@@ -387,8 +478,9 @@ impl LocalQueue {
     }
 
     pub async fn stats(&self) -> Result<Stats, QueueError> {
-        self.with_conn(|conn| {
-            conn.query_row(
+        self.with_conn_blocking(|conn| {
+            query_row(
+                conn,
                 "SELECT
                     COUNT(*) FILTER (WHERE dead_at IS NULL AND visible_at <= ?1),
                     COUNT(*) FILTER (WHERE dead_at IS NULL AND visible_at > ?1),
@@ -410,7 +502,7 @@ impl LocalQueue {
     }
 
     pub async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        self.with_conn(move |conn| {
+        self.with_conn_blocking(move |conn| {
             let mut stmt = conn
                 .prepare(
                     "SELECT id, receive_count, last_error FROM messages
@@ -435,8 +527,9 @@ impl LocalQueue {
 
     pub async fn dlq_redrive(&self, limit: usize) -> Result<usize, QueueError> {
         let moved = self
-            .with_conn(move |conn| {
-                conn.execute(
+            .with_conn_blocking(move |conn| {
+                execute(
+                    conn,
                     "UPDATE messages SET dead_at = NULL, receive_count = 0, receipt = NULL,
                         last_error = NULL, visible_at = ?2
                      WHERE seq IN (SELECT seq FROM messages WHERE dead_at IS NOT NULL
@@ -453,6 +546,22 @@ impl LocalQueue {
     }
 }
 
+/// Runs a statement through the connection's cache of prepared statements:
+/// the queue's few statements are parsed once, not on every call.
+fn execute(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+/// Reads one row through the cache of prepared statements.
+fn query_row<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
 /// Claims the next visible message, dead-lettering on the way any that have
 /// used up their receives (as an SQS redrive policy does on receive).
 fn claim(
@@ -460,38 +569,49 @@ fn claim(
     visibility: i64,
     max_receive_count: u32,
 ) -> Result<Claim, QueueError> {
+    let now = now_ms();
+    // A look without the write lock first. Waiting receivers mostly find
+    // nothing, and taking the lock only to find nothing would line every
+    // waiting worker up behind the senders. (A message sent after this look
+    // rings the doorbell, which the caller listens to from before it.)
+    let next_visible = |conn: &Connection| {
+        query_row(
+            conn,
+            "SELECT MIN(visible_at) FROM messages WHERE dead_at IS NULL",
+            [],
+            |row| row.get::<_, Option<i64>>(0),
+        )
+        .map_err(unavailable)
+    };
+    match next_visible(conn)? {
+        Some(at) if at <= now => {}
+        later => return Ok(Claim::Empty(later)),
+    }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(unavailable)?;
-    let now = now_ms();
     loop {
-        let next = tx
-            .query_row(
-                "SELECT seq, id, body, receive_count FROM messages
+        let next = query_row(
+            &tx,
+            "SELECT seq, id, body, receive_count FROM messages
                  WHERE dead_at IS NULL AND visible_at <= ?1
                  ORDER BY visible_at, seq LIMIT 1",
-                [now],
-                |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        text(row.get_ref(1)?),
-                        body(row.get_ref(2)?),
-                        row.get::<_, i64>(3)?.clamp(0, u32::MAX.into()) as u32,
-                    ))
-                },
-            )
-            .optional()
-            .map_err(unavailable)?;
+            [now],
+            |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    text(row.get_ref(1)?),
+                    body(row.get_ref(2)?),
+                    row.get::<_, i64>(3)?.clamp(0, u32::MAX.into()) as u32,
+                ))
+            },
+        )
+        .optional()
+        .map_err(unavailable)?;
         let Some((seq, message_id, body, count)) = next else {
-            let next_visible: Option<i64> = tx
-                .query_row(
-                    "SELECT MIN(visible_at) FROM messages WHERE dead_at IS NULL",
-                    [],
-                    |row| row.get(0),
-                )
-                .map_err(unavailable)?;
+            let later = next_visible(&tx)?;
             tx.commit().map_err(unavailable)?;
-            return Ok(Claim::Empty(next_visible));
+            return Ok(Claim::Empty(later));
         };
         // A message no worker can decode is its own problem, not the
         // queue's: it goes to the dead-letter queue and the claim goes on.
@@ -509,7 +629,8 @@ fn claim(
         // does the queue dead-letter it here.
         if count > max_receive_count {
             let reason = format!("worker lost: receive {count} never reported back");
-            tx.execute(
+            execute(
+                &tx,
                 "UPDATE messages SET dead_at = ?2, receipt = NULL,
                     last_error = ?3 || COALESCE('; the try before failed: ' || last_error, '')
                  WHERE seq = ?1",
@@ -520,7 +641,8 @@ fn claim(
             continue;
         }
         let receipt = uuid::Uuid::new_v4().to_string();
-        tx.execute(
+        execute(
+            &tx,
             "UPDATE messages SET receipt = ?2, receive_count = receive_count + 1, visible_at = ?3
              WHERE seq = ?1",
             params![seq, receipt, now + visibility],
@@ -542,7 +664,8 @@ fn dead_letter_row(
     reason: &str,
     now: i64,
 ) -> Result<(), QueueError> {
-    tx.execute(
+    execute(
+        tx,
         "UPDATE messages SET dead_at = ?2, receipt = NULL, last_error = ?3 WHERE seq = ?1",
         params![seq, now, reason],
     )
@@ -825,6 +948,45 @@ mod tests {
             bodies.insert(got.body);
         }
         assert_eq!(bodies.len(), 500);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn work_meeting_another_processs_lock_waits_for_it_off_the_async_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir, 3).await;
+        // Another process's writer, holding the lock for 300 ms.
+        let holder = crate::sqlite::open(&dir.path().join("queue.sqlite3"), SCHEMA).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            holder.execute_batch("COMMIT").unwrap();
+        });
+        // The one async thread stays free meanwhile: a timer on it fires
+        // on time.
+        let ticker = tokio::spawn(async {
+            let started = Instant::now();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            started.elapsed()
+        });
+        let sender = q.clone();
+        let started = Instant::now();
+        let id = tokio::spawn(async move { sender.send("{}").await })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert!(ticker.await.unwrap() < Duration::from_millis(200));
+        release.join().unwrap();
+        let got = q
+            .receive(
+                Duration::ZERO,
+                Duration::from_secs(30),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.message_id, id);
     }
 
     #[tokio::test]
