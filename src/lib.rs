@@ -45,14 +45,15 @@
 //! - [`retry`]: the one back-off policy (job retries, queue outages,
 //!   postbacks).
 //! - [`worker`]: the listen half: a step function plus slot loops, heartbeat,
-//!   back-off, drain on shutdown; [`delivery`] is a received message with
-//!   its envelope parsed once.
+//!   back-off, drain on shutdown (`worker::execute` runs one job,
+//!   `worker::settle` decides its message's fate); [`delivery`] is a
+//!   received message with its envelope parsed once.
 //! - [`lifecycle`]: shutdown as a value (reason and deadline) that signals
 //!   and [`imds`] (spot and autoscaling notices) feed; [`drain`] decides which
 //!   running jobs can finish before it; [`scaling`] keeps scale-in
 //!   protection and the termination lifecycle hook; [`gpu`] pins slots to
 //!   GPUs; [`metrics`] is `/metrics`.
-//! - [`app`]: builds all of the above from a config; [`cli`], [`client`] and [`bench`]
+//! - [`app`]: builds all of the above from a config; [`cli`], [`client`] and [`bench`](mod@bench)
 //!   are the command line.
 //!
 //! # Invariants

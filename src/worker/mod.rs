@@ -8,29 +8,34 @@
 //! job that fails is left in the queue with a back-off delay; one that can
 //! never run (malformed, not allowed, invalid) is dead-lettered at once; one
 //! cut short by shutdown is handed straight back without using up a try.
+//!
+//! Here: the slots, one step, and the heartbeat. `execute` runs one job
+//! (checks, command, tasks); `settle` does to its message what the job's
+//! end calls for.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::catalog::Catalog;
-use crate::commands::{CommandError, Progress, ProgressSink, RunContext};
 use crate::config::WorkerConfig;
 use crate::delivery::Delivery;
-use crate::drain::{Registered, RunningJobs};
+use crate::drain::RunningJobs;
 use crate::event::EventType;
-use crate::job::{Vars, mime_ext};
-use crate::ledger::{ChildState, Ledger};
+use crate::ledger::Ledger;
 use crate::lifecycle::{Shutdown, StopReason};
-use crate::observe::{JobEnd, Observer, Subject};
-use crate::queue::{DeadLetter, Queue, QueueError, Received};
+use crate::observe::{JobEnd, Observer};
+use crate::queue::{Queue, QueueError, Received};
 use crate::retry::Backoff;
-use crate::tasks::{TaskError, TaskRunner};
+use crate::tasks::TaskRunner;
+
+mod execute;
+mod settle;
 
 /// Waits between receives while the queue cannot be reached.
 const QUEUE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
@@ -300,258 +305,6 @@ impl Worker {
         self.observer.ended(&subject, &end);
         self.count_array_child(delivery, &subject, &end).await;
         Ok(end)
-    }
-
-    /// A try after the first whose predecessor never reported a failure:
-    /// the worker running it was lost.
-    async fn check_previous_try(&self, delivery: &Delivery, subject: &Subject) {
-        let (Some(ledger), true) = (&self.ledger, delivery.attempt > 1) else {
-            return;
-        };
-        match ledger
-            .was_reported(&delivery.message_id, delivery.attempt - 1)
-            .await
-        {
-            Ok(false) => self.observer.lost_before(subject),
-            Ok(true) => {}
-            Err(error) => warn!(%error, "cannot read the ledger"),
-        }
-    }
-
-    /// Records an array child's final state; the one call that completes
-    /// the array announces it.
-    async fn count_array_child(&self, delivery: &Delivery, subject: &Subject, end: &JobEnd) {
-        let state = match end {
-            JobEnd::Succeeded { .. } => ChildState::Succeeded,
-            JobEnd::DeadLettered { .. } => ChildState::DeadLettered,
-            JobEnd::WillRetry { .. } | JobEnd::Requeued { .. } => return,
-        };
-        let (Some(ledger), Ok(Some(array))) = (
-            &self.ledger,
-            delivery.envelope.as_ref().map(|e| e.array.as_ref()),
-        ) else {
-            return;
-        };
-        match ledger.child_settled(array, state).await {
-            Ok(Some(counts)) => self
-                .observer
-                .array_completed(subject, &array.job_id, counts),
-            Ok(None) => {}
-            Err(error) => error!(%error, "cannot record the array child's end"),
-        }
-    }
-
-    /// Does to the message what the outcome calls for.
-    async fn settle(
-        &self,
-        delivery: &Delivery,
-        outcome: Result<(Vec<String>, Duration), JobError>,
-    ) -> Result<JobEnd, QueueError> {
-        let receipt = &delivery.received.receipt;
-        Ok(match outcome {
-            Ok((outputs, duration)) => {
-                match self.queue.delete(receipt).await {
-                    Err(QueueError::StaleReceipt) => {
-                        // Someone else holds the message now and will run it
-                        // again; our outputs were written to the same keys.
-                        warn!("Job finished after its receipt expired; it may run again.");
-                    }
-                    other => other?,
-                }
-                JobEnd::Succeeded { outputs, duration }
-            }
-            Err(JobError::Retryable(reason))
-                if delivery.attempt >= self.queue.max_receive_count() =>
-            {
-                // The last try: dead-letter it now, with the reason, rather
-                // than leave it for the redrive policy, which cannot say why.
-                let reason = format!("{reason} (after {} tries)", delivery.attempt);
-                self.dead_letter(delivery, &reason).await?;
-                JobEnd::DeadLettered { reason, ran: true }
-            }
-            Err(JobError::Retryable(reason)) => {
-                let delay = Backoff::new(self.config.retry_delay, self.config.max_retry_delay)
-                    .delay(delivery.attempt);
-                // Reported before the message can come back, so the next
-                // try does not take this one for a lost worker.
-                if let Some(ledger) = &self.ledger
-                    && let Err(error) = ledger
-                        .report_failure(&delivery.message_id, delivery.attempt)
-                        .await
-                {
-                    warn!(%error, "cannot record the failed try in the ledger");
-                }
-                self.queue.retry_later(receipt, delay, &reason).await?;
-                JobEnd::WillRetry { reason, delay }
-            }
-            Err(JobError::Permanent(reason)) => {
-                self.dead_letter(delivery, &reason).await?;
-                JobEnd::DeadLettered { reason, ran: true }
-            }
-            Err(JobError::Refused(reason)) => {
-                self.dead_letter(delivery, &reason).await?;
-                JobEnd::DeadLettered { reason, ran: false }
-            }
-            Err(JobError::Interrupted) => {
-                // This try does not count; the ones before it still do.
-                let body = delivery.resend_body(|envelope| {
-                    envelope.interrupts += 1;
-                    envelope.failures = delivery.attempt - 1;
-                });
-                self.queue.requeue(&delivery.received, &body).await?;
-                JobEnd::Requeued {
-                    reason: "interrupted".into(),
-                }
-            }
-        })
-    }
-
-    /// Moves the job to the dead-letter queue with a fresh failure budget
-    /// (a redrive starts it over) and its reason.
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
-        let body = delivery.resend_body(|envelope| envelope.failures = 0);
-        let note = DeadLetter {
-            message_id: delivery.message_id.clone(),
-            receive_count: delivery.attempt,
-            reason: reason.to_owned(),
-        };
-        self.queue
-            .dead_letter(&delivery.received, &body, &note)
-            .await
-    }
-
-    /// Checks, runs the command, then the tasks in order (each on every
-    /// output); returns where the outputs went.
-    async fn execute(
-        &self,
-        delivery: &Delivery,
-        subject: &Subject,
-        abort: &CancellationToken,
-        progress_cell: &Arc<Mutex<Option<f64>>>,
-        gpu: Option<u32>,
-    ) -> Result<Vec<String>, JobError> {
-        let envelope = delivery
-            .envelope
-            .as_ref()
-            .map_err(|e| JobError::Refused(e.clone()))?;
-        let job = self
-            .catalog
-            .validate(&envelope.command, &envelope.parameters, &envelope.tasks)
-            .map_err(|e| JobError::Refused(format!("invalid job: {e}")))?;
-
-        let waited = envelope
-            .submitted_at
-            .as_deref()
-            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
-            .and_then(|at| {
-                (chrono::Utc::now() - at.with_timezone(&chrono::Utc))
-                    .to_std()
-                    .ok()
-            });
-        self.observer.started(subject, waited);
-        let frames = envelope
-            .array
-            .as_ref()
-            .map(|a| a.frames.clone())
-            .unwrap_or_default();
-        let progress = {
-            let (observer, subject, cell) = (
-                self.observer.clone(),
-                subject.clone(),
-                progress_cell.clone(),
-            );
-            Progress::with_sink(ProgressSink(Arc::new(move |percent| {
-                Registered::report(&cell, percent);
-                observer.progress(&subject, percent)
-            })))
-        };
-        let ctx = RunContext {
-            cancel: abort.clone(),
-            progress,
-            job_id: envelope.job_id.clone(),
-            frames: frames.clone(),
-            gpu,
-        };
-        let outputs = job
-            .command
-            .run(&job.parameters, &ctx)
-            .await
-            .map_err(|e| match e {
-                CommandError::Cancelled => JobError::Interrupted,
-                CommandError::Failed(reason) => {
-                    JobError::Retryable(format!("command {} failed: {reason}", job.command.name))
-                }
-            })?;
-        info!(
-            outputs = outputs.len(),
-            "Executed command: {}.", job.command.name
-        );
-
-        let first_frame = frames.first().map(i64::to_string).unwrap_or_else(|| {
-            match job.parameters.get("frame") {
-                Some(Value::String(text)) => text.clone(),
-                Some(other) => other.to_string(),
-                None => String::new(),
-            }
-        });
-        let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
-        let mut locations = Vec::new();
-        for task in &job.tasks {
-            info!("Executing task: {}.", task.name());
-            for output in &outputs {
-                let ext = mime_ext(&output.mime);
-                let vars = Vars {
-                    message_id: &delivery.message_id,
-                    job_id: envelope.template_job_id(),
-                    mime_ext: &ext,
-                    command: &envelope.command,
-                    array_index: envelope
-                        .array
-                        .as_ref()
-                        .map(|a| a.index.to_string())
-                        .unwrap_or_default(),
-                    frame: output
-                        .frame
-                        .map_or_else(|| first_frame.clone(), |f| f.to_string()),
-                    output_name: output.name.clone(),
-                    date: date.clone(),
-                };
-                let task_started = Instant::now();
-                let ran = tokio::select! {
-                    ran = task.run(&self.tasks, output, &vars) => ran,
-                    _ = abort.cancelled() => return Err(JobError::Interrupted),
-                };
-                match ran {
-                    Ok(location) => {
-                        self.observer.task_ended(
-                            subject,
-                            task.name(),
-                            Ok(&location),
-                            task_started.elapsed(),
-                        );
-                        locations.push(location);
-                    }
-                    Err(error) => {
-                        self.observer.task_ended(
-                            subject,
-                            task.name(),
-                            Err(&error.to_string()),
-                            task_started.elapsed(),
-                        );
-                        return Err(match error {
-                            TaskError::Retryable(e) => {
-                                JobError::Retryable(format!("task {} failed: {e}", task.name()))
-                            }
-                            TaskError::Permanent(e) => JobError::Permanent(format!(
-                                "task {} failed for good: {e}",
-                                task.name()
-                            )),
-                        });
-                    }
-                }
-            }
-        }
-        Ok(locations)
     }
 
     /// Keeps the message invisible while the job runs by extending its

@@ -1,0 +1,152 @@
+//! Running one job: the checks, the command, then each task on each output.
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::{JobError, Worker};
+use crate::commands::{CommandError, Progress, ProgressSink, RunContext};
+use crate::delivery::Delivery;
+use crate::drain::Registered;
+use crate::job::{Vars, mime_ext};
+use crate::observe::Subject;
+use crate::tasks::TaskError;
+
+impl Worker {
+    /// Checks, runs the command, then the tasks in order (each on every
+    /// output); returns where the outputs went.
+    pub(super) async fn execute(
+        &self,
+        delivery: &Delivery,
+        subject: &Subject,
+        abort: &CancellationToken,
+        progress_cell: &Arc<Mutex<Option<f64>>>,
+        gpu: Option<u32>,
+    ) -> Result<Vec<String>, JobError> {
+        let envelope = delivery
+            .envelope
+            .as_ref()
+            .map_err(|e| JobError::Refused(e.clone()))?;
+        let job = self
+            .catalog
+            .validate(&envelope.command, &envelope.parameters, &envelope.tasks)
+            .map_err(|e| JobError::Refused(format!("invalid job: {e}")))?;
+
+        let waited = envelope
+            .submitted_at
+            .as_deref()
+            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+            .and_then(|at| {
+                (chrono::Utc::now() - at.with_timezone(&chrono::Utc))
+                    .to_std()
+                    .ok()
+            });
+        self.observer.started(subject, waited);
+        let frames = envelope
+            .array
+            .as_ref()
+            .map(|a| a.frames.clone())
+            .unwrap_or_default();
+        let progress = {
+            let (observer, subject, cell) = (
+                self.observer.clone(),
+                subject.clone(),
+                progress_cell.clone(),
+            );
+            Progress::with_sink(ProgressSink(Arc::new(move |percent| {
+                Registered::report(&cell, percent);
+                observer.progress(&subject, percent)
+            })))
+        };
+        let ctx = RunContext {
+            cancel: abort.clone(),
+            progress,
+            job_id: envelope.job_id.clone(),
+            frames: frames.clone(),
+            gpu,
+        };
+        let outputs = job
+            .command
+            .run(&job.parameters, &ctx)
+            .await
+            .map_err(|e| match e {
+                CommandError::Cancelled => JobError::Interrupted,
+                CommandError::Failed(reason) => {
+                    JobError::Retryable(format!("command {} failed: {reason}", job.command.name))
+                }
+            })?;
+        info!(
+            outputs = outputs.len(),
+            "Executed command: {}.", job.command.name
+        );
+
+        let first_frame = frames.first().map(i64::to_string).unwrap_or_else(|| {
+            match job.parameters.get("frame") {
+                Some(Value::String(text)) => text.clone(),
+                Some(other) => other.to_string(),
+                None => String::new(),
+            }
+        });
+        let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
+        let mut locations = Vec::new();
+        for task in &job.tasks {
+            info!("Executing task: {}.", task.name());
+            for output in &outputs {
+                let ext = mime_ext(&output.mime);
+                let vars = Vars {
+                    message_id: &delivery.message_id,
+                    job_id: envelope.template_job_id(),
+                    mime_ext: &ext,
+                    command: &envelope.command,
+                    array_index: envelope
+                        .array
+                        .as_ref()
+                        .map(|a| a.index.to_string())
+                        .unwrap_or_default(),
+                    frame: output
+                        .frame
+                        .map_or_else(|| first_frame.clone(), |f| f.to_string()),
+                    output_name: output.name.clone(),
+                    date: date.clone(),
+                };
+                let task_started = Instant::now();
+                let ran = tokio::select! {
+                    ran = task.run(&self.tasks, output, &vars) => ran,
+                    _ = abort.cancelled() => return Err(JobError::Interrupted),
+                };
+                match ran {
+                    Ok(location) => {
+                        self.observer.task_ended(
+                            subject,
+                            task.name(),
+                            Ok(&location),
+                            task_started.elapsed(),
+                        );
+                        locations.push(location);
+                    }
+                    Err(error) => {
+                        self.observer.task_ended(
+                            subject,
+                            task.name(),
+                            Err(&error.to_string()),
+                            task_started.elapsed(),
+                        );
+                        return Err(match error {
+                            TaskError::Retryable(e) => {
+                                JobError::Retryable(format!("task {} failed: {e}", task.name()))
+                            }
+                            TaskError::Permanent(e) => JobError::Permanent(format!(
+                                "task {} failed for good: {e}",
+                                task.name()
+                            )),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(locations)
+    }
+}
