@@ -1,0 +1,406 @@
+//! The tables of `workers.toml` other than `[events]`, one type each, with
+//! their defaults.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::drain::UnknownEta;
+use crate::gpu::GpusConfig;
+use crate::params::ParamSpec;
+
+/// `[commands.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum CommandConfig {
+    /// An external program, started afresh for every job.
+    Process(ProcessConfig),
+    /// A long-lived program started once per worker slot and reused for
+    /// many jobs (JSON lines on stdin/stdout; see the README).
+    Adaptor(AdaptorConfig),
+}
+
+/// `[commands.NAME]` with `kind = "process"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// The program: an absolute path, a path relative to the config file's
+    /// folder, or a bare name looked up on `PATH` at start-up.
+    pub program: String,
+    /// Argument templates, one argv element each (never a shell):
+    /// `{param}`, `{param:04}` (zero-padded), `{workdir}`, `{config_dir}`,
+    /// `{job_id}`; `{{` and `}}` for literal braces.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// The result file (a template like `args`); without it, the result is
+    /// the program's standard output.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// MIME type of the result; by default from the output file's
+    /// extension, or JSON / plain text for standard output.
+    #[serde(default)]
+    pub output_mime: Option<String>,
+    /// The program and every process it started are killed after this.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Environment variables passed on from the worker's environment;
+    /// nothing else is (so the worker's secrets stay with the worker).
+    #[serde(default = "default_command_env")]
+    pub env: Vec<String>,
+    /// The parameters a job may give.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParamSpec>,
+}
+
+/// `[commands.NAME]` with `kind = "adaptor"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptorConfig {
+    /// The adaptor program (found as for `process`).
+    pub program: String,
+    /// Argument templates; only `{config_dir}` is known when it starts.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Sent to the adaptor once, in its `init` message.
+    #[serde(default)]
+    pub init_data: serde_json::Map<String, serde_json::Value>,
+    /// The adaptor must answer `init` with `ready` within this.
+    #[serde(default = "default_start_timeout", with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// One run must end within this, or the adaptor is killed.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Environment variables passed on from the worker's environment.
+    #[serde(default = "default_command_env")]
+    pub env: Vec<String>,
+    /// The parameters a job may give.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParamSpec>,
+}
+
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_start_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_command_env() -> Vec<String> {
+    ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// `[queue_manager]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueManagerConfig {
+    /// The only commands a job may name; anything else is refused at submit
+    /// and dead-lettered on receive.
+    pub allow_commands: Vec<String>,
+    /// The queue a submit goes to when it names none.
+    pub default_queue: String,
+    /// The queue this process's worker pulls jobs from.
+    pub listen_queue: String,
+    /// Most children one array job may have.
+    #[serde(default = "default_max_array_size")]
+    pub max_array_size: u32,
+}
+
+fn default_max_array_size() -> u32 {
+    10_000
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the JSON-RPC endpoint binds to.
+    pub listen: String,
+    /// Name of an environment variable holding the bearer token every request
+    /// must carry. The token itself never appears in the file.
+    pub auth_token_env: Option<String>,
+    /// Requests with a larger body are refused with HTTP 413.
+    pub max_body_bytes: usize,
+    /// Serve a non-loopback address without a token, on purpose (anyone who
+    /// reaches the port can then fill the queue).
+    pub allow_anonymous: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            auth_token_env: None,
+            max_body_bytes: 256 * 1024,
+            allow_anonymous: false,
+        }
+    }
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Jobs run at the same time by one process, each pulled on its own
+    /// (default: 1, or one per GPU with `gpus`).
+    pub slots: Option<usize>,
+    /// How long a received job stays invisible to other workers; the
+    /// heartbeat extends it while the job runs.
+    #[serde(with = "humantime_serde")]
+    pub visibility_timeout: Duration,
+    /// Longest a receive waits for a message (long polling).
+    #[serde(with = "humantime_serde")]
+    pub wait_time: Duration,
+    /// Back-off after the first failure; doubles with every receive.
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
+    /// Cap on the back-off between tries.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_delay: Duration,
+    /// A job still running after this long is cancelled and failed.
+    #[serde(with = "humantime_serde")]
+    pub max_runtime: Duration,
+    /// On shutdown, how long a running job may take to finish before it is
+    /// cancelled and handed back to the queue.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Where per-job working folders are made (default: the system's
+    /// temporary folder).
+    pub work_dir: Option<PathBuf>,
+    /// On an instance notice (spot, autoscaling), what to do with a job
+    /// that reported no progress: `release` it at once, or
+    /// `run-to-deadline`.
+    pub unknown_eta: UnknownEta,
+    /// On an instance notice, jobs must be handed back this long before
+    /// the deadline.
+    #[serde(with = "humantime_serde")]
+    pub stop_margin: Duration,
+    /// The EC2 instance metadata service to watch for spot and autoscaling
+    /// notices: `"off"`, `"auto"` (the standard address), or a base URL.
+    pub imds: String,
+    /// `"off"`, `"auto"` (one slot per GPU `nvidia-smi` lists, each pinned
+    /// to its GPU), or GPU indexes, e.g. `[0, 1]`.
+    pub gpus: GpusConfig,
+    /// Cooperation with the instance's autoscaling group (needs `imds`,
+    /// for the instance id).
+    pub autoscaling: Option<ScalingConfig>,
+}
+
+/// `[worker.autoscaling]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalingConfig {
+    /// The autoscaling group's name.
+    pub group: String,
+    /// Turn scale-in protection on while jobs run.
+    #[serde(default = "yes")]
+    pub protect_when_busy: bool,
+    /// Turn it off after this long without a job.
+    #[serde(default = "default_idle_before_unprotect", with = "humantime_serde")]
+    pub idle_before_unprotect: Duration,
+    /// A termination lifecycle hook: heartbeats while draining, then
+    /// `CompleteLifecycleAction` (CONTINUE) when done.
+    pub lifecycle_hook: Option<String>,
+    /// How often the hook gets a heartbeat while the worker drains.
+    #[serde(default = "default_hook_heartbeat", with = "humantime_serde")]
+    pub hook_heartbeat: Duration,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_idle_before_unprotect() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_hook_heartbeat() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl WorkerConfig {
+    /// Where per-job working folders are made.
+    pub fn work_root(&self) -> PathBuf {
+        self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            slots: None,
+            visibility_timeout: Duration::from_secs(120),
+            wait_time: Duration::from_secs(20),
+            retry_delay: Duration::from_secs(5),
+            max_retry_delay: Duration::from_secs(300),
+            max_runtime: Duration::from_secs(2 * 3600),
+            drain_timeout: Duration::from_secs(30),
+            work_dir: None,
+            unknown_eta: UnknownEta::default(),
+            stop_margin: Duration::from_secs(10),
+            imds: "off".into(),
+            gpus: GpusConfig::default(),
+            autoscaling: None,
+        }
+    }
+}
+
+/// `[queues.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum QueueConfig {
+    /// The embedded queue: durable on disk, one machine.
+    Local(LocalQueueConfig),
+    /// Amazon SQS, or an SQS-compatible server.
+    Sqs(SqsQueueConfig),
+}
+
+/// `[queues.NAME]` with `backend = "sqs"`. Credentials come from the
+/// standard AWS chain (environment, profile, instance role), never this file.
+/// The queue must have a redrive policy naming its dead-letter queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsQueueConfig {
+    /// The queue URL, e.g. `https://sqs.us-east-1.amazonaws.com/123456789012/renders`.
+    pub url: String,
+    /// AWS region; defaults to the standard chain's (`AWS_REGION`, profile).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint of an SQS-compatible server, instead of AWS's.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// A `[buckets.NAME]` on S3 where workers keep the queue's ledger
+    /// (array children's final states, failed tries). Array jobs on this
+    /// queue need it.
+    #[serde(default)]
+    pub status_bucket: Option<String>,
+    /// Key prefix of the ledger in `status_bucket`.
+    #[serde(default = "default_status_prefix")]
+    pub status_prefix: String,
+}
+
+fn default_status_prefix() -> String {
+    "renderq-status".into()
+}
+
+/// `[queues.NAME]` with `backend = "local"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalQueueConfig {
+    /// Folder holding the queue's store; relative paths are taken from the
+    /// folder of the config file.
+    pub path: PathBuf,
+    /// Receives after which a message goes to the dead-letter queue (the
+    /// embedded counterpart of an SQS redrive policy).
+    #[serde(default = "default_max_receive_count")]
+    pub max_receive_count: u32,
+}
+
+fn default_max_receive_count() -> u32 {
+    3
+}
+
+/// `[buckets.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum BucketConfig {
+    /// A local folder standing in for an object store.
+    Local(LocalBucketConfig),
+    /// Amazon S3, or an S3-compatible server.
+    S3(S3BucketConfig),
+}
+
+/// `[buckets.NAME]` with `backend = "s3"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3BucketConfig {
+    /// The S3 bucket's name.
+    pub bucket: String,
+    /// AWS region; defaults to the standard chain's.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint of an S3-compatible server; path-style addressing is used
+    /// when set.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// File results at least this large go up as multipart uploads.
+    #[serde(default = "default_multipart_threshold")]
+    pub multipart_threshold: u64,
+    /// Size of each multipart part (S3's minimum is 5 MiB).
+    #[serde(default = "default_part_size")]
+    pub part_size: u64,
+    /// Parts uploaded at once (one connection each).
+    #[serde(default = "default_upload_concurrency")]
+    pub upload_concurrency: usize,
+}
+
+fn default_multipart_threshold() -> u64 {
+    16 * 1024 * 1024
+}
+
+fn default_upload_concurrency() -> usize {
+    8
+}
+
+fn default_part_size() -> u64 {
+    8 * 1024 * 1024
+}
+
+/// `[buckets.NAME]` with `backend = "local"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalBucketConfig {
+    /// Folder the objects are written under; relative paths are taken from
+    /// the folder of the config file.
+    pub path: PathBuf,
+}
+
+/// `[http_post]`: what the operator lets jobs post to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpPostConfig {
+    /// Hosts a postback may go to. When absent, any host is allowed except
+    /// link-local and cloud metadata addresses.
+    pub allow_hosts: Option<Vec<String>>,
+    /// Allow link-local and metadata addresses (169.254.0.0/16, fe80::/10).
+    pub allow_link_local: bool,
+    /// Limit on one attempt, connect to last byte.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts before the task fails (and the job is retried later).
+    pub attempts: u32,
+    /// Back-off after the first failed attempt; doubles with each one.
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
+    /// Name of an environment variable holding the HMAC-SHA256 secret used
+    /// for the `X-Renderq-Signature` header.
+    pub signing_secret_env: Option<String>,
+}
+
+impl Default for HttpPostConfig {
+    fn default() -> Self {
+        Self {
+            allow_hosts: None,
+            allow_link_local: false,
+            timeout: Duration::from_secs(30),
+            attempts: 4,
+            retry_delay: Duration::from_millis(500),
+            signing_secret_env: None,
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address `renderq worker` serves `/metrics` and `/healthz` on, e.g.
+    /// `127.0.0.1:9464` (`serve` has them on its endpoint anyway).
+    pub listen: Option<String>,
+}
