@@ -9,7 +9,8 @@ use axum::routing::{get, put};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BenchArgs, CONFIG, create_queue_pair};
+use super::sqs::create_queue_pair;
+use super::{BenchArgs, CONFIG};
 use crate::app::App;
 use crate::config::Config;
 use crate::lifecycle::Shutdown;

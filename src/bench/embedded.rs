@@ -1,0 +1,142 @@
+//! `renderq bench`: the embedded queue through one slot, one job's
+//! submit-to-deleted latency, HTTP submits, and an idle worker's memory.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{BenchArgs, CONFIG, drain, no_op};
+use crate::app::App;
+use crate::config::Config;
+use crate::worker::Outcome;
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let jobs = args.jobs.unwrap_or(10_000);
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("workers.toml");
+    std::fs::write(&config_path, CONFIG)?;
+    let app = App::build(Config::load(&config_path)?).await?;
+    let submitter = app.submitter();
+    let worker = app.worker();
+    let never = CancellationToken::new();
+
+    // Jobs through one slot: fill the queue, then time draining it.
+    for _ in 0..jobs {
+        submitter.submit(no_op()).await?;
+    }
+    let jobs_per_s = drain(&worker, jobs).await?;
+    println!("jobs through one slot: {jobs} = {jobs_per_s:.0} jobs/s");
+
+    // Latency: one job at a time on an otherwise idle queue.
+    let worker = Arc::new(worker);
+    let (finished_tx, mut finished) = tokio::sync::mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let runner = {
+        let (worker, stop) = (worker.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Ok(Outcome::Processed { message_id, .. }) =
+                    worker.process_next(&stop, &never).await
+                {
+                    let _ = finished_tx.send((message_id, Instant::now()));
+                }
+            }
+        })
+    };
+    let mut latencies = Vec::with_capacity(args.latency_jobs);
+    let mut pending = HashMap::new();
+    for _ in 0..args.latency_jobs {
+        let sent = Instant::now();
+        let crate::submit::Submitted::Job { message_id: id } = submitter.submit(no_op()).await?
+        else {
+            anyhow::bail!("a plain job came back as an array");
+        };
+        pending.insert(id, sent);
+        let (id, at) = finished.recv().await.context("worker stopped")?;
+        if let Some(sent) = pending.remove(&id) {
+            latencies.push(at - sent);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.cancel();
+    runner.await?;
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "submit-to-deleted latency over {} jobs: p50 {:.2?}, p99 {:.2?}, max {:.2?}",
+        latencies.len(),
+        pct(0.50),
+        pct(0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+
+    // Submits over HTTP, with keep-alive clients.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/", listener.local_addr()?);
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(crate::server::serve(
+        listener,
+        app.router()?,
+        server_stop.clone(),
+    ));
+    let client = reqwest::Client::new();
+    let per_client = args.submits.div_ceil(args.concurrency.max(1));
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (client, url) = (client.clone(), url.clone());
+        clients.spawn(async move {
+            let body = json!({"jsonrpc": "2.0", "method": "queue_manager_submit_job",
+                              "params": {"command": "get_version"}, "id": 1});
+            for _ in 0..per_client {
+                let reply: serde_json::Value =
+                    client.post(&url).json(&body).send().await?.json().await?;
+                anyhow::ensure!(reply["result"].is_string(), "submit failed: {reply}");
+            }
+            anyhow::Ok(per_client)
+        });
+    }
+    let mut submitted = 0;
+    while let Some(result) = clients.join_next().await {
+        submitted += result??;
+    }
+    let elapsed = started.elapsed();
+    server_stop.cancel();
+    server.await??;
+    println!(
+        "HTTP submits: {submitted} with {} clients in {elapsed:.2?} = {:.0} submits/s",
+        args.concurrency,
+        submitted as f64 / elapsed.as_secs_f64()
+    );
+
+    // Resident memory of an idle worker process: on a queue of its own,
+    // as the submits above are still queued.
+    let idle_config = dir.path().join("idle.toml");
+    std::fs::write(
+        &idle_config,
+        CONFIG.replace("path = \"queue\"", "path = \"idle-queue\""),
+    )?;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["worker", "--config"])
+        .arg(&idle_config)
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = child.id().context("worker exited early")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or("VmRSS: unknown")
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .to_owned();
+    child.start_kill()?;
+    child.wait().await?;
+    println!("idle worker resident memory: {rss}");
+    Ok(())
+}
