@@ -4,8 +4,10 @@
 //! worker sends jobs that can never run (with the reason as a message
 //! attribute), and its `maxReceiveCount` is the failure budget. Receives long
 //! poll for up to 20 s with an SDK operation timeout above that.
+//!
+//! Here: opening the queue, and sending, receiving and settling messages;
+//! `inspect` is what the operator's `queue stats` and `dlq` commands see.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,8 +16,10 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
 
-use super::{DeadLetter, QueueError, Received, Stats};
+use super::{DeadLetter, QueueError, Received};
 use crate::config::SqsQueueConfig;
+
+mod inspect;
 
 /// Longest long-poll SQS allows.
 const MAX_WAIT: Duration = Duration::from_secs(20);
@@ -326,151 +330,6 @@ impl SqsQueue {
     pub async fn requeue(&self, received: &Received, body: &str) -> Result<(), QueueError> {
         self.send(body).await?;
         self.delete(&received.receipt).await
-    }
-
-    /// `(visible, in flight)` approximate counts of the queue at `url`.
-    async fn counts(&self, url: &str) -> Result<(u64, u64), QueueError> {
-        ApiCalls::count(&self.calls.get_attributes);
-        let attributes = self
-            .client
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .map_err(classify)?
-            .attributes
-            .unwrap_or_default();
-        let count = |name| {
-            attributes
-                .get(&name)
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        Ok((
-            count(QueueAttributeName::ApproximateNumberOfMessages),
-            count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-        ))
-    }
-
-    pub async fn stats(&self) -> Result<Stats, QueueError> {
-        let (visible, in_flight) = self.counts(&self.url).await?;
-        let (dead_visible, dead_held) = self.counts(&self.dlq_url).await?;
-        Ok(Stats {
-            visible,
-            in_flight,
-            dead_lettered: dead_visible + dead_held,
-        })
-    }
-
-    /// Receives up to `limit` dead letters, hiding each for `hold` so a
-    /// batch of receives does not see the same message twice.
-    async fn take_dead_letters(
-        &self,
-        limit: usize,
-        hold: Duration,
-    ) -> Result<Vec<aws_sdk_sqs::types::Message>, QueueError> {
-        let mut seen = HashSet::new();
-        let mut messages = Vec::new();
-        while messages.len() < limit {
-            let batch = self
-                .client
-                .receive_message()
-                .queue_url(&self.dlq_url)
-                .max_number_of_messages((limit - messages.len()).min(10) as i32)
-                .visibility_timeout(seconds(hold))
-                .wait_time_seconds(0)
-                .message_attribute_names("All")
-                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-                .send()
-                .await
-                .map_err(classify)?
-                .messages
-                .unwrap_or_default();
-            if batch.is_empty() {
-                break;
-            }
-            for message in batch {
-                if seen.insert(message.message_id.clone()) {
-                    messages.push(message);
-                }
-            }
-        }
-        Ok(messages)
-    }
-
-    pub async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let messages = self
-            .take_dead_letters(limit, Duration::from_secs(30))
-            .await?;
-        let mut listed = Vec::with_capacity(messages.len());
-        for message in &messages {
-            let attribute = |name| {
-                message
-                    .message_attributes()
-                    .and_then(|a| a.get(name))
-                    .and_then(|v| v.string_value())
-                    .map(str::to_owned)
-            };
-            // Messages moved by the redrive policy carry no attributes; the
-            // receive count then includes this listing's own receive.
-            let receives = attribute(RECEIVES)
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| {
-                    message
-                        .attributes()
-                        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-                        .and_then(|n| n.parse::<u32>().ok())
-                        .map_or(0, |n| n.saturating_sub(1))
-                });
-            listed.push(DeadLetter {
-                message_id: attribute(SOURCE_ID)
-                    .or_else(|| message.message_id.clone())
-                    .unwrap_or_default(),
-                receive_count: receives,
-                // renderq dead-letters every failure itself, so the redrive
-                // policy only moves jobs whose last worker never reported.
-                reason: attribute(REASON).unwrap_or_else(|| {
-                    "worker lost: moved by the queue's redrive policy after its last try \
-                     never finished"
-                        .into()
-                }),
-            });
-            // Make it visible again at once for other readers.
-            if let Some(receipt) = &message.receipt_handle {
-                self.client
-                    .change_message_visibility()
-                    .queue_url(&self.dlq_url)
-                    .receipt_handle(receipt)
-                    .visibility_timeout(0)
-                    .send()
-                    .await
-                    .map_err(classify)?;
-            }
-        }
-        Ok(listed)
-    }
-
-    /// Moves dead letters back by receiving and re-sending them (not every
-    /// SQS-compatible server has `StartMessageMoveTask`).
-    pub async fn dlq_redrive(&self, limit: usize) -> Result<usize, QueueError> {
-        let messages = self
-            .take_dead_letters(limit, Duration::from_secs(60))
-            .await?;
-        for message in &messages {
-            self.send(message.body().unwrap_or_default()).await?;
-            if let Some(receipt) = &message.receipt_handle {
-                self.client
-                    .delete_message()
-                    .queue_url(&self.dlq_url)
-                    .receipt_handle(receipt)
-                    .send()
-                    .await
-                    .map_err(classify)?;
-            }
-        }
-        Ok(messages.len())
     }
 }
 
