@@ -2,7 +2,7 @@
 //! work reaches it. Short work runs on the calling async thread unless the
 //! connection is busy or another process holds the lock it needs; then it
 //! goes to a blocking thread and waits there. SQLite's automatic
-//! checkpoint is off: one runs every `CHECKPOINT_EVERY` commits on a
+//! checkpoint is off: one runs every `CHECKPOINT_EVERY` operations on a
 //! blocking thread, through a connection of its own.
 
 use std::path::PathBuf;
@@ -15,7 +15,7 @@ use rusqlite::Connection;
 use super::unavailable;
 use crate::queue::QueueError;
 
-/// Commits between two checkpoints (each commit adds a few pages to the
+/// Operations between two checkpoints (a commit adds a few pages to the
 /// write-ahead log; SQLite's default is a checkpoint per 1,000 pages).
 const CHECKPOINT_EVERY: u32 = 256;
 
@@ -24,8 +24,9 @@ pub(super) struct Db {
     /// The queue's name, for logs.
     name: String,
     conn: Mutex<Connection>,
-    /// Commits by this process, for checkpointing every so many.
-    commits: AtomicU32,
+    /// Operations by this process (most of them commits), for
+    /// checkpointing every so many.
+    operations: AtomicU32,
     /// Set while a checkpoint runs.
     checkpointing: AtomicBool,
     /// The database file, and the connection checkpoints go through
@@ -42,7 +43,7 @@ impl Db {
         Ok(Self {
             name: name.to_owned(),
             conn: Mutex::new(conn),
-            commits: AtomicU32::new(0),
+            operations: AtomicU32::new(0),
             checkpointing: AtomicBool::new(false),
             path,
             checkpointer: Mutex::default(),
@@ -62,7 +63,7 @@ impl Db {
         if let Ok(mut conn) = self.conn.try_lock()
             && let Some(done) = crate::sqlite::without_waiting(|| f(&mut conn))
         {
-            self.count_commit();
+            self.count();
             return done;
         }
         self.run_blocking(f).await
@@ -75,7 +76,7 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, QueueError> + Send + 'static,
     {
-        self.count_commit();
+        self.count();
         let db = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = db.conn.lock().map_err(unavailable)?;
@@ -85,12 +86,12 @@ impl Db {
         .map_err(unavailable)?
     }
 
-    /// Counts a commit and, every `CHECKPOINT_EVERY`, starts a checkpoint
+    /// Counts an operation and, every `CHECKPOINT_EVERY`, starts a checkpoint
     /// on a blocking thread, through a connection of its own so that the
     /// queue's work goes on meanwhile. SQLite's own checkpoint would run
     /// inside a commit, on an async thread, with two fsyncs.
-    fn count_commit(self: &Arc<Self>) {
-        if self.commits.fetch_add(1, Relaxed) % CHECKPOINT_EVERY != CHECKPOINT_EVERY - 1
+    fn count(self: &Arc<Self>) {
+        if self.operations.fetch_add(1, Relaxed) % CHECKPOINT_EVERY != CHECKPOINT_EVERY - 1
             || self.checkpointing.swap(true, Relaxed)
         {
             return;
