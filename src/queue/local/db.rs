@@ -55,6 +55,9 @@ impl Db {
     /// other process holds the lock it needs: tens of microseconds, less
     /// than the trip to a blocking thread and back. Otherwise it runs on a
     /// blocking thread, which may wait for the lock.
+    ///
+    /// `f` may so run twice: it must make its changes in one statement or
+    /// one transaction, so that a first run stopped by a lock left nothing.
     pub(super) async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, QueueError>
     where
         T: Send + 'static,
