@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use notify::Watcher;
+use rusqlite::types::Value;
 use rusqlite::{Connection, params};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -290,22 +291,12 @@ impl LocalQueue {
     }
 
     pub async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
-        let receipt = receipt.to_owned();
-        self.inner
-            .db
-            .run(move |conn| {
-                let n = execute(
-                    conn,
-                    "DELETE FROM messages WHERE receipt = ?1 AND dead_at IS NULL",
-                    [&receipt],
-                )
-                .map_err(unavailable)?;
-                if n == 0 {
-                    return Err(QueueError::StaleReceipt);
-                }
-                Ok(())
-            })
-            .await
+        self.change_held(
+            "DELETE FROM messages WHERE receipt = ?1 AND dead_at IS NULL",
+            receipt,
+            vec![],
+        )
+        .await
     }
 
     /// Sets when the message becomes visible again, optionally recording the
@@ -316,23 +307,16 @@ impl LocalQueue {
         visibility: Duration,
         error: Option<&str>,
     ) -> Result<(), QueueError> {
-        let (receipt, error_text) = (receipt.to_owned(), error.map(str::to_owned));
-        self.inner
-            .db
-            .run(move |conn| {
-                let n = execute(
-                    conn,
-                    "UPDATE messages SET visible_at = ?2, last_error = COALESCE(?3, last_error)
-                     WHERE receipt = ?1 AND dead_at IS NULL",
-                    params![receipt, now_ms() + ms(visibility), error_text],
-                )
-                .map_err(unavailable)?;
-                if n == 0 {
-                    return Err(QueueError::StaleReceipt);
-                }
-                Ok(())
-            })
-            .await?;
+        self.change_held(
+            "UPDATE messages SET visible_at = ?2, last_error = COALESCE(?3, last_error)
+             WHERE receipt = ?1 AND dead_at IS NULL",
+            receipt,
+            vec![
+                (now_ms() + ms(visibility)).into(),
+                error.map(str::to_owned).into(),
+            ],
+        )
+        .await?;
         if error.is_some() {
             // The message may now come back sooner than sleeping receivers
             // expect; let them look again.
@@ -349,49 +333,58 @@ impl LocalQueue {
         body: &str,
         note: &DeadLetter,
     ) -> Result<(), QueueError> {
-        let (receipt, body, note) = (receipt.to_owned(), body.to_owned(), note.clone());
+        self.change_held(
+            "UPDATE messages SET dead_at = ?2, receipt = NULL, last_error = ?3,
+                body = ?4, receive_count = ?5
+             WHERE receipt = ?1 AND dead_at IS NULL",
+            receipt,
+            vec![
+                now_ms().into(),
+                note.reason.clone().into(),
+                body.to_owned().into(),
+                note.receive_count.into(),
+            ],
+        )
+        .await
+    }
+
+    /// Makes the message visible at once with a new body (which carries the
+    /// tries used so far), its receive count started again.
+    pub async fn requeue(&self, receipt: &str, body: &str) -> Result<(), QueueError> {
+        self.change_held(
+            "UPDATE messages SET body = ?2, visible_at = ?3, receipt = NULL,
+                receive_count = 0
+             WHERE receipt = ?1 AND dead_at IS NULL",
+            receipt,
+            vec![body.to_owned().into(), now_ms().into()],
+        )
+        .await?;
+        self.ring();
+        Ok(())
+    }
+
+    /// Runs `statement` (`?1` is the receipt, `values` the rest) on the
+    /// message `receipt` holds; `StaleReceipt` when the message has been
+    /// received again since, or is gone.
+    async fn change_held(
+        &self,
+        statement: &'static str,
+        receipt: &str,
+        values: Vec<Value>,
+    ) -> Result<(), QueueError> {
+        let mut all = vec![Value::from(receipt.to_owned())];
+        all.extend(values);
         self.inner
             .db
             .run(move |conn| {
-                let n = execute(
-                    conn,
-                    "UPDATE messages SET dead_at = ?2, receipt = NULL, last_error = ?3,
-                        body = ?4, receive_count = ?5
-                     WHERE receipt = ?1 AND dead_at IS NULL",
-                    params![receipt, now_ms(), note.reason, body, note.receive_count],
-                )
-                .map_err(unavailable)?;
+                let n = execute(conn, statement, rusqlite::params_from_iter(&all))
+                    .map_err(unavailable)?;
                 if n == 0 {
                     return Err(QueueError::StaleReceipt);
                 }
                 Ok(())
             })
             .await
-    }
-
-    /// Makes the message visible at once with a new body (which carries the
-    /// tries used so far), its receive count started again.
-    pub async fn requeue(&self, receipt: &str, body: &str) -> Result<(), QueueError> {
-        let (receipt, body) = (receipt.to_owned(), body.to_owned());
-        self.inner
-            .db
-            .run(move |conn| {
-                let n = execute(
-                    conn,
-                    "UPDATE messages SET body = ?2, visible_at = ?3, receipt = NULL,
-                        receive_count = 0
-                     WHERE receipt = ?1 AND dead_at IS NULL",
-                    params![receipt, body, now_ms()],
-                )
-                .map_err(unavailable)?;
-                if n == 0 {
-                    return Err(QueueError::StaleReceipt);
-                }
-                Ok(())
-            })
-            .await?;
-        self.ring();
-        Ok(())
     }
 
     pub async fn stats(&self) -> Result<Stats, QueueError> {
