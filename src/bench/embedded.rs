@@ -127,16 +127,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .spawn()?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = child.id().context("worker exited early")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap_or("VmRSS: unknown")
-        .trim_start_matches("VmRSS:")
-        .trim()
-        .to_owned();
+    let rss = super::proc_status_kib(pid, "VmRSS").context("reading the worker's memory")?;
     child.start_kill()?;
     child.wait().await?;
-    println!("idle worker resident memory: {rss}");
+    println!("idle worker resident memory: {rss} kB");
     Ok(())
 }

@@ -141,3 +141,16 @@ async fn drain(worker: &crate::worker::Worker, jobs: usize) -> anyhow::Result<f6
     }
     Ok(jobs as f64 / started.elapsed().as_secs_f64())
 }
+
+/// A `kB` field of a live process's `/proc/PID/status`, such as `VmRSS`
+/// (resident now) or `VmHWM` (its peak).
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .ok()
+}

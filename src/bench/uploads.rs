@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use super::BenchArgs;
+use super::{BenchArgs, proc_status_kib};
 use crate::config::Config;
 use crate::queue::Queue;
 use crate::submit::SubmitRequest;
@@ -180,7 +180,7 @@ output = "{{workdir}}/big.bin"
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = started.elapsed();
-    let peak = peak_rss_kib(pid).context("reading the worker's peak memory")?;
+    let peak = proc_status_kib(pid, "VmHWM").context("reading the worker's peak memory")?;
     worker.start_kill()?;
     worker.wait().await?;
     Ok((took, peak))
@@ -195,7 +195,7 @@ async fn run_to_end(mut child: tokio::process::Child) -> anyhow::Result<(Duratio
     loop {
         // VmHWM only grows, so the last reading before the exit is the
         // peak (up to the last 10 ms).
-        if let Some(now) = peak_rss_kib(pid) {
+        if let Some(now) = proc_status_kib(pid, "VmHWM") {
             peak = now;
         }
         tokio::select! {
@@ -207,18 +207,6 @@ async fn run_to_end(mut child: tokio::process::Child) -> anyhow::Result<(Duratio
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
         }
     }
-}
-
-/// A process's peak resident memory in KiB (VmHWM), while it lives.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches(" kB")
-        .parse()
-        .ok()
 }
 
 async fn check_and_delete(
