@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::Catalog;
 use crate::config::{Config, Invalid, optional_secret};
 use crate::event::WorkerIdentity;
-use crate::gpu::GpusConfig;
 use crate::ledger::Ledgers;
 use crate::lifecycle::{Shutdown, StopReason};
 use crate::metrics::Metrics;
@@ -71,11 +70,8 @@ impl App {
             metrics.events_dropped.clone(),
         )
         .await?;
-        let gpus = match &config.worker.gpus {
-            GpusConfig::Mode(off) if off == "off" => Vec::new(),
-            setting => crate::gpu::assign(setting, crate::gpu::discover())
-                .map_err(|e| config.locate(Invalid::new("worker.gpus", e)))?,
-        };
+        let gpus = crate::gpu::assign(&config.worker.gpus, crate::gpu::discover)
+            .map_err(|e| config.locate(Invalid::new("worker.gpus", e)))?;
         let buckets = Buckets::open(&config.buckets).await?;
         let ledgers = Ledgers::open(&config.queues, &buckets)?;
         Ok(Self {

@@ -112,19 +112,23 @@ pub async fn utilization() -> Result<Vec<Sample>, String> {
 }
 
 /// The GPU index each slot is pinned to (empty: no pinning), from the
-/// setting and what is installed. Errors name what is wrong with the
+/// setting and what `discover` finds installed (called only when the
+/// setting needs it: not for "off"). Errors name what is wrong with the
 /// setting.
-pub fn assign(config: &GpusConfig, found: Result<Vec<Gpu>, String>) -> Result<Vec<u32>, String> {
+pub fn assign(
+    config: &GpusConfig,
+    discover: impl FnOnce() -> Result<Vec<Gpu>, String>,
+) -> Result<Vec<u32>, String> {
     match config {
         GpusConfig::Mode(mode) if mode == "off" => Ok(Vec::new()),
-        GpusConfig::Mode(mode) if mode == "auto" => match found {
+        GpusConfig::Mode(mode) if mode == "auto" => match discover() {
             Ok(gpus) if !gpus.is_empty() => {
                 for gpu in &gpus {
                     tracing::info!(index = gpu.index, name = %gpu.name, memory_mib = gpu.memory_mib, uuid = %gpu.uuid, "Found GPU.");
                 }
                 Ok(gpus.iter().map(|g| g.index).collect())
             }
-            Ok(_) | Err(_) => {
+            found => {
                 let why = found.err().unwrap_or_else(|| "none found".into());
                 tracing::info!(reason = %why, "No GPU: slots are not pinned.");
                 Ok(Vec::new())
@@ -134,7 +138,7 @@ pub fn assign(config: &GpusConfig, found: Result<Vec<Gpu>, String>) -> Result<Ve
             "`{other}` is not \"auto\", \"off\" or a list of GPU indexes"
         )),
         GpusConfig::List(wanted) => {
-            let found = found?;
+            let found = discover()?;
             match wanted
                 .iter()
                 .find(|i| !found.iter().any(|g| g.index == **i))
@@ -170,24 +174,23 @@ mod tests {
     fn settings_pick_the_slots_gpus() {
         let found = || parse(TWO);
         assert_eq!(
-            assign(&GpusConfig::Mode("auto".into()), found()),
+            assign(&GpusConfig::Mode("auto".into()), found),
             Ok(vec![0, 1])
         );
-        assert_eq!(assign(&GpusConfig::Mode("off".into()), found()), Ok(vec![]));
+        assert_eq!(assign(&GpusConfig::Mode("off".into()), found), Ok(vec![]));
         assert_eq!(
-            assign(
-                &GpusConfig::Mode("auto".into()),
-                Err("no nvidia-smi".into())
-            ),
+            assign(&GpusConfig::Mode("auto".into()), || Err(
+                "no nvidia-smi".into()
+            )),
             Ok(vec![])
         );
-        assert_eq!(assign(&GpusConfig::List(vec![1]), found()), Ok(vec![1]));
+        assert_eq!(assign(&GpusConfig::List(vec![1]), found), Ok(vec![1]));
         assert!(
-            assign(&GpusConfig::List(vec![3]), found())
+            assign(&GpusConfig::List(vec![3]), found)
                 .unwrap_err()
                 .contains("GPU 3")
         );
-        assert!(assign(&GpusConfig::List(vec![0]), Err("no nvidia-smi".into())).is_err());
-        assert!(assign(&GpusConfig::Mode("all".into()), found()).is_err());
+        assert!(assign(&GpusConfig::List(vec![0]), || Err("no nvidia-smi".into())).is_err());
+        assert!(assign(&GpusConfig::Mode("all".into()), found).is_err());
     }
 }
