@@ -26,17 +26,8 @@ fn repo_workers_toml_checks_out() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("workers.toml");
     std::fs::write(&path, repo_config()).unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    let out = crate::harness::renderq_ok(&["check-config"], &path, &[]);
+    assert!(out.contains("ok"));
 }
 
 #[test]

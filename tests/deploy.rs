@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use crate::harness::{AWS_ENV, Aws, BIN, Moto, repo_path};
+use crate::harness::{AWS_ENV, Aws, Moto, repo_path};
 
 fn template() -> Value {
     let out = std::process::Command::new("python3")
@@ -201,15 +201,5 @@ async fn the_installed_workers_toml_checks_out_against_moto() {
     );
     let path = dir.path().join("workers.toml");
     std::fs::write(&path, config).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .envs(AWS_ENV)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::harness::renderq_ok(&["check-config"], &path, &AWS_ENV);
 }

@@ -643,17 +643,11 @@ async fn events_watch_gives_the_same_table_for_repeats_in_any_order() {
         );
         let path = farm.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, config).unwrap();
-        let out = std::process::Command::new(crate::harness::BIN)
-            .args(["events", "watch", "--target", name, "--once", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let summary = crate::harness::renderq_ok(
+            &["events", "watch", "--target", name, "--once"],
+            &path,
+            &[],
         );
-        let summary = String::from_utf8_lossy(&out.stdout).into_owned();
         let table =
             renderq::status::StatusTable::open(&farm.dir.path().join(format!("{name}.sqlite3")))
                 .unwrap();

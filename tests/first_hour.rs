@@ -100,14 +100,5 @@ fn serving_other_machines_without_a_token_is_refused() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(crate::harness::BIN)
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::harness::renderq_ok(&["check-config"], &config, &[]);
 }

@@ -63,6 +63,24 @@ fn spawn_owned(mut command: Command) -> Child {
     rx.recv().unwrap().expect("spawn server")
 }
 
+/// Runs `renderq ARGS --config CONFIG` with `env`, asserts that it
+/// succeeded (showing its stderr if not), and returns its stdout.
+pub fn renderq_ok(args: &[&str], config: &std::path::Path, env: &[(&str, &str)]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run renderq");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A moto server (SQS and S3) on a loopback port.
 pub struct Moto {
     pub port: u16,
