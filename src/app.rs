@@ -94,7 +94,7 @@ impl App {
             self.config.queue_manager.default_queue.clone(),
             self.publisher.clone(),
             self.ledgers.clone(),
-            self.config.queue_manager.max_array_size,
+            (&self.config.queue_manager).into(),
         )
     }
 
@@ -240,9 +240,10 @@ impl App {
         }
     }
 
-    /// Starts the IMDS watcher when `[worker] imds` asks for one, and the
-    /// GPU sampler when slots are pinned.
+    /// Starts the IMDS watcher when `[worker] imds` asks for one, the GPU
+    /// sampler when slots are pinned, and the hourly prune.
     fn watch_instance(&self, shutdown: &Shutdown) {
+        self.prune_hourly(shutdown);
         self.metrics
             .sample_gpus(self.gpus.clone(), std::time::Duration::from_secs(10));
         let worker = &self.config.worker;
@@ -254,6 +255,43 @@ impl App {
                 worker.drain_timeout,
             );
         }
+    }
+
+    /// Deletes the records of work finished longer than
+    /// `queue_manager.retention` ago: the status table's rows and the
+    /// embedded ledgers' (S3 ledgers expire by the bucket's lifecycle
+    /// rule). Returns the rows deleted.
+    pub async fn prune(&self) -> anyhow::Result<u64> {
+        let retention = self.config.queue_manager.retention;
+        let mut deleted = 0;
+        if let Some(status) = self.status.clone() {
+            deleted += tokio::task::spawn_blocking(move || status.prune(retention)).await??;
+        }
+        for (queue, ledger) in self.ledgers.iter() {
+            deleted += ledger
+                .prune(retention)
+                .await
+                .with_context(|| format!("queue `{queue}`"))?;
+        }
+        Ok(deleted)
+    }
+
+    /// Prunes now and every hour until `shutdown`.
+    fn prune_hourly(&self, shutdown: &Shutdown) {
+        let (app, stop) = (self.clone(), shutdown.token().clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                match app.prune().await {
+                    Ok(deleted) => tracing::debug!(deleted, "pruned old records"),
+                    Err(error) => tracing::warn!(error = format!("{error:#}"), "prune failed"),
+                }
+            }
+        });
     }
 
     /// Gives the events still buffered the drain timeout to go out.

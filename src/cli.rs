@@ -73,6 +73,9 @@ pub enum Command {
         /// A job id, an array's id, or a message id.
         job_id: String,
     },
+    /// Delete the status table's and ledgers' records older than
+    /// queue_manager.retention (serve and worker do it every hour).
+    Prune,
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +196,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Submit(args) => crate::client::submit(&load()?, args).await,
+        Command::Prune => {
+            let app = App::build(load()?).await?;
+            let deleted = app.prune().await?;
+            println!(
+                "Pruned {deleted} records older than {}.",
+                humantime::format_duration(app.config.queue_manager.retention)
+            );
+            Ok(())
+        }
         Command::Events {
             command: EventsCommand::Watch { target, once },
         } => {

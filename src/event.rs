@@ -174,6 +174,41 @@ impl Event {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("an event always serializes")
     }
+
+    /// The event as JSON of at most `limit` bytes: whole, or with
+    /// `detail.outputs` cut short (`detail.outputs_omitted` says how many
+    /// were left out; a `JobSucceeded` of a thousand frames, say).
+    /// `Err(bytes)` when it does not fit even so.
+    pub fn to_json_within(&self, limit: usize) -> Result<String, usize> {
+        let json = self.to_json();
+        let outputs = self.detail["outputs"].as_array().map_or(0, Vec::len);
+        if json.len() <= limit || outputs == 0 {
+            return if json.len() <= limit {
+                Ok(json)
+            } else {
+                Err(json.len())
+            };
+        }
+        // Halve what is kept until it fits: at most log2(outputs) tries.
+        let mut keep = outputs;
+        while keep > 0 {
+            keep /= 2;
+            let mut trimmed = self.clone();
+            let all = trimmed.detail["outputs"]
+                .as_array_mut()
+                .expect("counted above");
+            all.truncate(keep);
+            trimmed.detail["outputs_omitted"] = (outputs - keep).into();
+            let json = trimmed.to_json();
+            if json.len() <= limit {
+                return Ok(json);
+            }
+            if keep == 0 {
+                return Err(json.len());
+            }
+        }
+        Err(json.len())
+    }
 }
 
 /// A job's own subscription: `{"events": [...], "target": "NAME", "vars": {...}}`.

@@ -18,19 +18,29 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::job::ArrayPart;
 
-/// A child's final state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A child's final state, ranked: a later variant replaces an earlier one
+/// (a redriven child that then succeeds), never the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ChildState {
-    Succeeded,
+    /// The submit gave up sending it: it will never run.
+    NotSent,
     DeadLettered,
+    Succeeded,
 }
 
 impl ChildState {
     fn name(self) -> &'static str {
         match self {
-            ChildState::Succeeded => "succeeded",
+            ChildState::NotSent => "not_sent",
             ChildState::DeadLettered => "dead_lettered",
+            ChildState::Succeeded => "succeeded",
         }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        [Self::NotSent, Self::DeadLettered, Self::Succeeded]
+            .into_iter()
+            .find(|s| s.name() == name)
     }
 }
 
@@ -40,6 +50,34 @@ pub struct ArrayCounts {
     pub size: u32,
     pub succeeded: u32,
     pub dead_lettered: u32,
+    /// Children the submit could not queue (it said which); absent when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub not_sent: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl ArrayCounts {
+    fn tally(size: u32, states: impl IntoIterator<Item = ChildState>) -> (u32, Self) {
+        let mut counts = Self {
+            size,
+            succeeded: 0,
+            dead_lettered: 0,
+            not_sent: 0,
+        };
+        let mut done = 0;
+        for state in states {
+            done += 1;
+            *match state {
+                ChildState::Succeeded => &mut counts.succeeded,
+                ChildState::DeadLettered => &mut counts.dead_lettered,
+                ChildState::NotSent => &mut counts.not_sent,
+            } += 1;
+        }
+        (done, counts)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +128,11 @@ impl Ledgers {
     pub fn get(&self, queue: &str) -> Option<&Ledger> {
         self.0.get(queue)
     }
+
+    /// Every ledger, with its queue's name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Ledger)> {
+        self.0.iter()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -118,10 +161,18 @@ CREATE TABLE IF NOT EXISTS children (
 CREATE TABLE IF NOT EXISTS completed (array_id TEXT PRIMARY KEY);
 ";
 
+/// When each row was written (seconds since the epoch), for the prune;
+/// added apart from `SCHEMA` so that older files gain it too.
+const WRITTEN_AT: [&str; 3] = ["reports", "children", "completed"];
+
 impl Ledger {
     /// The embedded queue's ledger, in `dir`.
     pub fn local(dir: &Path) -> Result<Self, LedgerError> {
         let conn = crate::sqlite::open(&dir.join("ledger.sqlite3"), SCHEMA).map_err(failed)?;
+        for table in WRITTEN_AT {
+            crate::sqlite::add_column(&conn, table, "at", "INTEGER NOT NULL DEFAULT 0")
+                .map_err(failed)?;
+        }
         Ok(Ledger::Local(Arc::new(Mutex::new(conn))))
     }
 
@@ -151,14 +202,14 @@ impl Ledger {
         client: &aws_sdk_s3::Client,
         bucket: &str,
         key: String,
-        body: &'static str,
+        body: impl Into<Vec<u8>>,
     ) -> Result<bool, LedgerError> {
         match client
             .put_object()
             .bucket(bucket)
             .key(&key)
             .if_none_match("*")
-            .body(body.as_bytes().to_vec().into())
+            .body(body.into().into())
             .send()
             .await
         {
@@ -182,8 +233,9 @@ impl Ledger {
                 let message_id = message_id.to_owned();
                 Self::sql(conn, move |c| {
                     c.execute(
-                        "INSERT OR IGNORE INTO reports VALUES (?1, ?2)",
-                        params![message_id, attempt],
+                        "INSERT OR IGNORE INTO reports (message_id, attempt, at)
+                         VALUES (?1, ?2, ?3)",
+                        params![message_id, attempt, crate::sqlite::now_s()],
                     )
                     .map(drop)
                 })
@@ -239,38 +291,64 @@ impl Ledger {
         array: &ArrayPart,
         state: ChildState,
     ) -> Result<Option<ArrayCounts>, LedgerError> {
+        self.settle(&array.job_id, array.size, vec![array.index], state)
+            .await
+    }
+
+    /// Records children that the submit could not send: they count as final
+    /// (`not_sent`), so that the array completes with the children that
+    /// were sent. Returns the counts if that completed it.
+    pub async fn children_not_sent(
+        &self,
+        array_id: &str,
+        size: u32,
+        indexes: Vec<u32>,
+    ) -> Result<Option<ArrayCounts>, LedgerError> {
+        self.settle(array_id, size, indexes, ChildState::NotSent)
+            .await
+    }
+
+    async fn settle(
+        &self,
+        array_id: &str,
+        size: u32,
+        indexes: Vec<u32>,
+        state: ChildState,
+    ) -> Result<Option<ArrayCounts>, LedgerError> {
         match self {
             Ledger::Local(conn) => {
-                let (array_id, index, size) = (array.job_id.clone(), array.index, array.size);
+                let array_id = array_id.to_owned();
                 Self::sql(conn, move |c| {
                     // One transaction: the count and the claim see the same
                     // rows, and only one process can hold the write lock.
                     let tx =
                         c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                    // A success replaces an earlier dead letter (a redrive
-                    // that then succeeded); nothing replaces a success.
-                    tx.execute(
-                        "INSERT INTO children VALUES (?1, ?2, ?3)
-                         ON CONFLICT (array_id, idx) DO UPDATE SET state = excluded.state
-                         WHERE excluded.state = 'succeeded'",
-                        params![array_id, index, state.name()],
-                    )?;
-                    let (done, succeeded): (u32, u32) = tx.query_row(
-                        "SELECT COUNT(*), COUNT(*) FILTER (WHERE state = 'succeeded')
-                         FROM children WHERE array_id = ?1",
-                        [&array_id],
-                        |row| Ok((row.get(0)?, row.get(1)?)),
-                    )?;
+                    let now = crate::sqlite::now_s();
+                    for index in indexes {
+                        // A state replaces only a lower one (ChildState's
+                        // order): a redriven child that then succeeds.
+                        tx.execute(
+                            "INSERT INTO children (array_id, idx, state, at) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (array_id, idx) DO UPDATE
+                             SET state = excluded.state, at = excluded.at
+                             WHERE excluded.state = 'succeeded'
+                                OR (excluded.state = 'dead_lettered' AND state = 'not_sent')",
+                            params![array_id, index, state.name(), now],
+                        )?;
+                    }
+                    let states = tx
+                        .prepare_cached("SELECT state FROM children WHERE array_id = ?1")?
+                        .query_map([&array_id], |row| row.get::<_, String>(0))?
+                        .filter_map(|name| name.map(|n| ChildState::from_name(&n)).transpose())
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    let (done, counts) = ArrayCounts::tally(size, states);
                     let claimed = done >= size
-                        && tx
-                            .execute("INSERT OR IGNORE INTO completed VALUES (?1)", [&array_id])?
-                            == 1;
+                        && tx.execute(
+                            "INSERT OR IGNORE INTO completed (array_id, at) VALUES (?1, ?2)",
+                            params![array_id, now],
+                        )? == 1;
                     tx.commit()?;
-                    Ok(claimed.then_some(ArrayCounts {
-                        size,
-                        succeeded,
-                        dead_lettered: done - succeeded,
-                    }))
+                    Ok(claimed.then_some(counts))
                 })
                 .await
             }
@@ -279,9 +357,17 @@ impl Ledger {
                 bucket,
                 prefix,
             } => {
-                let root = format!("{prefix}arrays/{}/", array.job_id);
-                let key = format!("{root}{}/{}", state.name(), array.index);
-                Self::create(client, bucket, key, "final").await?;
+                let root = format!("{prefix}arrays/{array_id}/");
+                if state == ChildState::NotSent {
+                    // One object for all of them, written once by the submit.
+                    let body = serde_json::to_vec(&indexes).map_err(failed)?;
+                    Self::create(client, bucket, format!("{root}{NOT_SENT}"), body).await?;
+                } else {
+                    for index in indexes {
+                        let key = format!("{root}{}/{index}", state.name());
+                        Self::create(client, bucket, key, "final").await?;
+                    }
+                }
                 let mut children = std::collections::BTreeMap::new();
                 let mut pages = client
                     .list_objects_v2()
@@ -295,30 +381,87 @@ impl Ledger {
                         let Some(rest) = object.key().and_then(|k| k.strip_prefix(&root)) else {
                             continue;
                         };
+                        if rest == NOT_SENT {
+                            for index in Self::not_sent(client, bucket, &root).await? {
+                                children.entry(index).or_insert(ChildState::NotSent);
+                            }
+                            continue;
+                        }
                         let Some((state, index)) = rest.split_once('/') else {
                             continue;
                         };
-                        let succeeded = state == ChildState::Succeeded.name();
-                        let entry = children.entry(index.to_owned()).or_insert(false);
-                        *entry |= succeeded;
+                        let (Some(state), Ok(index)) =
+                            (ChildState::from_name(state), index.parse::<u32>())
+                        else {
+                            continue;
+                        };
+                        let entry = children.entry(index).or_insert(state);
+                        *entry = (*entry).max(state);
                     }
                 }
-                let done = children.len() as u32;
-                if done < array.size {
+                let (done, counts) = ArrayCounts::tally(size, children.into_values());
+                if done < size {
                     return Ok(None);
                 }
-                let succeeded = children.values().filter(|s| **s).count() as u32;
                 let won =
                     Self::create(client, bucket, format!("{root}completed"), "completed").await?;
-                Ok(won.then_some(ArrayCounts {
-                    size: array.size,
-                    succeeded,
-                    dead_lettered: done - succeeded,
-                }))
+                Ok(won.then_some(counts))
             }
         }
     }
+
+    /// The S3 ledger's list of an array's children that were never sent.
+    async fn not_sent(
+        client: &aws_sdk_s3::Client,
+        bucket: &str,
+        root: &str,
+    ) -> Result<Vec<u32>, LedgerError> {
+        let key = format!("{root}{NOT_SENT}");
+        let object = client
+            .get_object()
+            .bucket(bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| LedgerError(format!("{key}: {}", crate::aws::describe(&e))))?;
+        let body = object.body.collect().await.map_err(failed)?.into_bytes();
+        serde_json::from_slice(&body).map_err(|e| LedgerError(format!("{key}: {e}")))
+    }
+
+    /// Deletes what is older than `retention`: failure reports, and the
+    /// states of arrays none of whose children settled since. Returns the
+    /// rows (or objects) deleted.
+    pub async fn prune(&self, retention: std::time::Duration) -> Result<u64, LedgerError> {
+        let cutoff = crate::sqlite::now_s() - retention.as_secs() as i64;
+        match self {
+            Ledger::Local(conn) => {
+                Self::sql(conn, move |c| {
+                    let tx = c.transaction()?;
+                    let mut deleted = tx.execute("DELETE FROM reports WHERE at < ?1", [cutoff])?;
+                    deleted += tx.execute(
+                        "DELETE FROM children WHERE array_id IN
+                         (SELECT array_id FROM children GROUP BY array_id HAVING MAX(at) < ?1)",
+                        [cutoff],
+                    )?;
+                    deleted += tx.execute(
+                        "DELETE FROM completed WHERE at < ?1
+                         AND array_id NOT IN (SELECT array_id FROM children)",
+                        [cutoff],
+                    )?;
+                    tx.commit()?;
+                    Ok(deleted as u64)
+                })
+                .await
+            }
+            // S3 expires these objects itself, by the bucket's lifecycle
+            // rule on the status prefix (deploy/ sets one; see the README).
+            Ledger::S3 { .. } => Ok(0),
+        }
+    }
 }
+
+/// The S3 ledger's object listing an array's children that were not sent.
+const NOT_SENT: &str = "not_sent";
 
 /// Where the S3 ledger notes that try `attempt` of a job failed.
 fn report_key(prefix: &str, message_id: &str, attempt: u32) -> String {
@@ -328,6 +471,7 @@ fn report_key(prefix: &str, message_id: &str, attempt: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn part(index: u32, size: u32) -> ArrayPart {
         ArrayPart {
@@ -365,7 +509,8 @@ mod tests {
             Some(ArrayCounts {
                 size: 3,
                 succeeded: 2,
-                dead_lettered: 1
+                dead_lettered: 1,
+                not_sent: 0,
             })
         );
         // A repeat (a child run twice) claims nothing more.
@@ -397,6 +542,81 @@ mod tests {
             let winners = [a.unwrap(), b.unwrap()].into_iter().flatten().count();
             assert_eq!(winners, 1);
         }
+    }
+
+    #[tokio::test]
+    async fn children_not_sent_let_the_array_complete_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::local(dir.path()).unwrap();
+        ledger
+            .child_settled(&part(0, 4), ChildState::Succeeded)
+            .await
+            .unwrap();
+        assert_eq!(
+            ledger.children_not_sent("a", 4, vec![2, 3]).await.unwrap(),
+            None
+        );
+        let counts = ledger
+            .child_settled(&part(1, 4), ChildState::DeadLettered)
+            .await
+            .unwrap();
+        assert_eq!(
+            counts,
+            Some(ArrayCounts {
+                size: 4,
+                succeeded: 1,
+                dead_lettered: 1,
+                not_sent: 2,
+            })
+        );
+        let json = serde_json::to_value(counts.unwrap()).unwrap();
+        assert_eq!(json["not_sent"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_prune_deletes_what_is_older_than_the_retention_and_nothing_younger() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::local(dir.path()).unwrap();
+        ledger.report_failure("old", 1).await.unwrap();
+        ledger
+            .child_settled(&part(0, 1), ChildState::Succeeded)
+            .await
+            .unwrap();
+        let Ledger::Local(conn) = &ledger else {
+            unreachable!()
+        };
+        // Age what exists by two days; then add young rows.
+        conn.lock()
+            .unwrap()
+            .execute_batch(
+                "UPDATE reports SET at = at - 172800; UPDATE children SET at = at - 172800;
+                 UPDATE completed SET at = at - 172800;",
+            )
+            .unwrap();
+        ledger.report_failure("young", 1).await.unwrap();
+        let young = ArrayPart {
+            job_id: "b".into(),
+            ..part(0, 2)
+        };
+        ledger
+            .child_settled(&young, ChildState::Succeeded)
+            .await
+            .unwrap();
+
+        let deleted = ledger.prune(Duration::from_secs(86400)).await.unwrap();
+        assert_eq!(deleted, 3, "the old report, child and completion");
+        assert!(!ledger.was_reported("old", 1).await.unwrap());
+        assert!(ledger.was_reported("young", 1).await.unwrap());
+        let rows: u32 = conn
+            .lock()
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM children WHERE array_id = 'b'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 1, "the young array is untouched");
     }
 
     #[tokio::test]

@@ -28,6 +28,71 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 4.0, 10))
 }
 
+/// Why an event was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The target's buffer was full.
+    BufferFull,
+    /// The target failed every try.
+    OutOfTries,
+    /// Over the target's size limit for one entry, even trimmed.
+    TooLarge,
+    /// The target refused the entry for a reason no retry changes.
+    Refused,
+}
+
+impl DropReason {
+    const ALL: [Self; 4] = [
+        Self::BufferFull,
+        Self::OutOfTries,
+        Self::TooLarge,
+        Self::Refused,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BufferFull => "buffer_full",
+            Self::OutOfTries => "out_of_tries",
+            Self::TooLarge => "too_large",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+/// Events dropped, by reason (`renderq_events_dropped_total{reason}`);
+/// clones count into the same series.
+#[derive(Debug, Clone)]
+pub struct EventsDropped(Family<Labels, Counter>);
+
+impl Default for EventsDropped {
+    fn default() -> Self {
+        let family = Family::default();
+        // Every reason is exported from the start, at 0.
+        for reason in DropReason::ALL {
+            drop(family.get_or_create(&label("reason", reason.name())));
+        }
+        Self(family)
+    }
+}
+
+impl EventsDropped {
+    /// Counts `n` more; returns the new total of all reasons.
+    pub fn count(&self, reason: DropReason, n: u64) -> u64 {
+        self.0
+            .get_or_create(&label("reason", reason.name()))
+            .inc_by(n);
+        self.total()
+    }
+
+    pub fn of(&self, reason: DropReason) -> u64 {
+        self.0.get_or_create(&label("reason", reason.name())).get()
+    }
+
+    pub fn total(&self) -> u64 {
+        DropReason::ALL.into_iter().map(|r| self.of(r)).sum()
+    }
+}
+
 /// Every series this process exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -42,7 +107,7 @@ pub struct Metrics {
     slots_busy: Gauge,
     slots: Gauge,
     /// Shared with the publisher, which counts into it.
-    pub events_dropped: Counter,
+    pub events_dropped: EventsDropped,
     gpu_utilization: Family<Labels, Gauge<f64, AtomicU64>>,
     gpu_memory_used: Family<Labels, Gauge>,
 }
@@ -84,7 +149,7 @@ impl Metrics {
             extensions_failed: Counter::default(),
             slots_busy: Gauge::default(),
             slots: Gauge::default(),
-            events_dropped: Counter::default(),
+            events_dropped: EventsDropped::default(),
             gpu_utilization: Family::default(),
             gpu_memory_used: Family::default(),
             registry: Registry::default(),
@@ -128,8 +193,9 @@ impl Metrics {
         registry.register("slots", "Slots of this worker", metrics.slots.clone());
         registry.register(
             "events_dropped",
-            "Events dropped: buffer full or out of tries",
-            metrics.events_dropped.clone(),
+            "Events dropped, by reason: buffer_full, out_of_tries, too_large (over the \
+             target's entry limit), refused (an entry the target will never take)",
+            metrics.events_dropped.0.clone(),
         );
         registry.register(
             "gpu_utilization_ratio",

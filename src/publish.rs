@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use prometheus_client::metrics::counter::Counter;
 use serde_json::{Map, Value};
 use sha2::Sha256;
 use tokio::io::AsyncWriteExt;
@@ -20,14 +19,54 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{EventTargetConfig, EventsConfig, secret_from_env};
 use crate::event::{Event, EventType, Notification, WorkerIdentity};
+use crate::metrics::{DropReason, EventsDropped};
 use crate::retry::Backoff;
 use crate::status::StatusTable;
 
 /// The status table's outlet name (not a valid TOML key, so no clash).
 const STATUS: &str = "(status)";
 
+/// EventBridge's `source` for renderq's events.
+const SOURCE: &str = "renderq";
+
 /// Waits between tries of a batch a target refused.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+
+/// The largest entry SQS and EventBridge take (256 KiB). EventBridge
+/// counts the source and detail-type with the detail.
+const MAX_ENTRY: usize = 256 * 1024;
+
+/// What a target made of a batch, by index in the batch: entries to send
+/// again, and entries it will never take (with why).
+#[derive(Debug, Default)]
+struct Refused {
+    again: Vec<usize>,
+    never: Vec<(usize, DropReason, String)>,
+}
+
+impl Refused {
+    /// Sizes every entry against `limit` (trimming where it can): the
+    /// entries to send, as (index, JSON), and the ones too large.
+    fn sized(batch: &[Event], limit: impl Fn(&Event) -> usize) -> (Vec<(usize, String)>, Self) {
+        let mut refused = Self::default();
+        let mut entries = Vec::with_capacity(batch.len());
+        for (i, event) in batch.iter().enumerate() {
+            let limit = limit(event);
+            match event.to_json_within(limit) {
+                Ok(json) => entries.push((i, json)),
+                Err(bytes) => refused.never.push((
+                    i,
+                    DropReason::TooLarge,
+                    format!(
+                        "{} of {bytes} bytes, over the target's {limit}",
+                        event.kind.name()
+                    ),
+                )),
+            }
+        }
+        (entries, refused)
+    }
+}
 
 /// A place events go.
 #[derive(Debug)]
@@ -102,7 +141,9 @@ impl Target {
         }
     }
 
-    async fn send(&self, batch: &[Event]) -> Result<(), String> {
+    /// Sends a batch. `Err` when the whole call failed (all of it is tried
+    /// again); otherwise what the target refused.
+    async fn send(&self, batch: &[Event]) -> Result<Refused, String> {
         match self {
             Target::File(path, handle) => {
                 let mut lines = String::new();
@@ -132,16 +173,21 @@ impl Target {
                     // Open afresh next time (the file may have been moved).
                     *handle = None;
                 }
-                written.map_err(|e| format!("{}: {e}", path.display()))
+                written
+                    .map(|()| Refused::default())
+                    .map_err(|e| format!("{}: {e}", path.display()))
             }
             Target::Sqs { client, url } => {
-                let entries = batch
+                let (entries, mut refused) = Refused::sized(batch, |_| MAX_ENTRY);
+                if entries.is_empty() {
+                    return Ok(refused);
+                }
+                let built = entries
                     .iter()
-                    .enumerate()
-                    .map(|(i, event)| {
+                    .map(|(i, json)| {
                         aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
                             .id(i.to_string())
-                            .message_body(event.to_json())
+                            .message_body(json)
                             .build()
                             .map_err(|e| e.to_string())
                     })
@@ -149,44 +195,75 @@ impl Target {
                 let sent = client
                     .send_message_batch()
                     .queue_url(url)
-                    .set_entries(Some(entries))
+                    .set_entries(Some(built))
                     .send()
                     .await
                     .map_err(|e| crate::aws::describe(&e))?;
-                match sent.failed.first() {
-                    Some(failed) => Err(format!("SendMessageBatch: {}", failed.code)),
-                    None => Ok(()),
+                for failed in sent.failed {
+                    let Ok(i) = failed.id.parse::<usize>() else {
+                        continue;
+                    };
+                    if failed.sender_fault {
+                        let why = format!("SendMessageBatch: {}", failed.code);
+                        refused.never.push((i, DropReason::Refused, why));
+                    } else {
+                        refused.again.push(i);
+                    }
                 }
+                Ok(refused)
             }
             Target::EventBridge { client, bus } => {
-                let entries = batch
+                // The source and detail-type count towards the entry's size.
+                let (entries, mut refused) = Refused::sized(batch, |event| {
+                    MAX_ENTRY - SOURCE.len() - event.kind.name().len()
+                });
+                if entries.is_empty() {
+                    return Ok(refused);
+                }
+                let built = entries
                     .iter()
-                    .map(|event| {
+                    .map(|(i, json)| {
                         aws_sdk_eventbridge::types::PutEventsRequestEntry::builder()
-                            .source("renderq")
-                            .detail_type(event.kind.name())
-                            .detail(event.to_json())
+                            .source(SOURCE)
+                            .detail_type(batch[*i].kind.name())
+                            .detail(json)
                             .event_bus_name(bus)
                             .build()
                     })
                     .collect();
                 let put = client
                     .put_events()
-                    .set_entries(Some(entries))
+                    .set_entries(Some(built))
                     .send()
                     .await
                     .map_err(|e| crate::aws::describe(&e))?;
-                match put.failed_entry_count {
-                    0 => Ok(()),
-                    n => Err(format!("PutEvents: {n} entries failed")),
+                // Results come in the order of the entries sent.
+                for ((i, _), result) in entries.iter().zip(put.entries()) {
+                    match result.error_code() {
+                        None => {}
+                        Some(
+                            "ThrottlingException"
+                            | "InternalFailure"
+                            | "InternalException"
+                            | "ServiceUnavailable",
+                        ) => refused.again.push(*i),
+                        Some(code) => {
+                            let why = format!(
+                                "PutEvents: {code} {}",
+                                result.error_message().unwrap_or_default()
+                            );
+                            refused.never.push((*i, DropReason::Refused, why));
+                        }
+                    }
                 }
+                Ok(refused)
             }
             Target::Status(table) => {
                 let (table, batch) = (table.clone(), batch.to_vec());
                 tokio::task::spawn_blocking(move || table.apply_all(&batch))
                     .await
                     .map_err(|e| e.to_string())?
-                    .map(drop)
+                    .map(|_| Refused::default())
                     .map_err(|e| e.to_string())
             }
             Target::Webhook {
@@ -217,7 +294,7 @@ impl Target {
                         return Err(format!("{url} answered {}", response.status()));
                     }
                 }
-                Ok(())
+                Ok(Refused::default())
             }
         }
     }
@@ -237,8 +314,8 @@ struct Inner {
     worker: Option<WorkerIdentity>,
     outlets: BTreeMap<String, Outlet>,
     tasks: TaskTracker,
-    /// Events dropped: buffer full, or a batch out of tries.
-    dropped: Counter,
+    /// Events dropped, by reason.
+    dropped: EventsDropped,
 }
 
 /// Publishes events to the configured targets; clones share the targets.
@@ -254,7 +331,7 @@ impl Publisher {
         config: &EventsConfig,
         worker: WorkerIdentity,
         status: Option<Arc<StatusTable>>,
-        dropped: Counter,
+        dropped: EventsDropped,
     ) -> anyhow::Result<Self> {
         let tasks = TaskTracker::new();
         let mut outlets = BTreeMap::new();
@@ -308,9 +385,14 @@ impl Publisher {
         name != STATUS && self.inner.outlets.contains_key(name)
     }
 
-    /// Events dropped so far.
+    /// Events dropped so far, for every reason.
     pub fn dropped(&self) -> u64 {
-        self.inner.dropped.get()
+        self.inner.dropped.total()
+    }
+
+    /// Events dropped so far for one reason.
+    pub fn dropped_for(&self, reason: DropReason) -> u64 {
+        self.inner.dropped.of(reason)
     }
 
     /// Sends an event to every target whose filter lets it through, with
@@ -355,7 +437,7 @@ impl Publisher {
             None => true,
         };
         if refused {
-            let dropped = self.inner.dropped.inc() + 1;
+            let dropped = self.inner.dropped.count(DropReason::BufferFull, 1);
             tracing::warn!(
                 target,
                 dropped,
@@ -378,14 +460,14 @@ impl Publisher {
     }
 }
 
-/// A target's delivery loop: batches, retries with back-off, and counts
-/// what it has to give up on.
+/// A target's delivery loop: batches, retries with back-off what the
+/// target did not take, and counts what it has to give up on.
 async fn deliver(
     name: String,
     target: Target,
     mut receiver: mpsc::Receiver<Event>,
     attempts: u32,
-    dropped: Counter,
+    dropped: EventsDropped,
 ) {
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
@@ -395,20 +477,40 @@ async fn deliver(
                 Err(_) => break,
             }
         }
-        for tries in 1..=attempts {
-            match target.send(&batch).await {
-                Ok(()) => break,
-                Err(error) if tries == attempts => {
-                    let total = dropped.inc_by(batch.len() as u64) + batch.len() as u64;
-                    tracing::error!(target = %name, %error, dropped = total,
-                        "event target failed every try; events dropped");
+        let mut tries = 0;
+        while !batch.is_empty() {
+            tries += 1;
+            let error = match target.send(&batch).await {
+                Ok(refused) => {
+                    for (i, reason, why) in &refused.never {
+                        let total = dropped.count(*reason, 1);
+                        tracing::error!(target = %name, reason = reason.name(), %why,
+                            event_id = %batch[*i].event_id, dropped = total,
+                            "event dropped: the target will never take it");
+                    }
+                    let again = refused.again.len();
+                    let mut slots: Vec<Option<Event>> = batch.into_iter().map(Some).collect();
+                    batch = refused
+                        .again
+                        .into_iter()
+                        .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+                        .collect();
+                    if batch.is_empty() {
+                        break;
+                    }
+                    format!("{again} entries refused for now")
                 }
-                Err(error) => {
-                    let delay = RETRY.delay(tries);
-                    tracing::warn!(target = %name, %error, retry_in = ?delay, "event target failed");
-                    tokio::time::sleep(delay).await;
-                }
+                Err(error) => error,
+            };
+            if tries >= attempts {
+                let total = dropped.count(DropReason::OutOfTries, batch.len() as u64);
+                tracing::error!(target = %name, %error, dropped = total,
+                    "event target failed every try; events dropped");
+                break;
             }
+            let delay = RETRY.delay(tries);
+            tracing::warn!(target = %name, %error, retry_in = ?delay, "event target failed");
+            tokio::time::sleep(delay).await;
         }
     }
 }
@@ -453,10 +555,14 @@ mod tests {
             ]),
             ..EventsConfig::default()
         };
-        let publisher =
-            Publisher::start(&config, WorkerIdentity::current(), None, Counter::default())
-                .await
-                .unwrap();
+        let publisher = Publisher::start(
+            &config,
+            WorkerIdentity::current(),
+            None,
+            EventsDropped::default(),
+        )
+        .await
+        .unwrap();
         let subscription = Notification {
             events: vec![EventType::JobFailed],
             target: "mine".into(),
@@ -499,10 +605,14 @@ mod tests {
             attempts: 1,
             ..EventsConfig::default()
         };
-        let publisher =
-            Publisher::start(&config, WorkerIdentity::current(), None, Counter::default())
-                .await
-                .unwrap();
+        let publisher = Publisher::start(
+            &config,
+            WorkerIdentity::current(),
+            None,
+            EventsDropped::default(),
+        )
+        .await
+        .unwrap();
         let started = std::time::Instant::now();
         for _ in 0..100 {
             publisher.publish(Event::new(EventType::JobStarted, None, json!({})), &[]);

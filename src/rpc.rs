@@ -83,16 +83,40 @@ impl From<SubmitError> for RpcError {
                 queue,
                 source,
                 sent,
+                not_sent,
             } => {
                 tracing::error!(%queue, error = %source, sent = sent.len(), "submit failed");
                 let mut data = json!({ "queue": queue });
-                if !sent.is_empty() {
+                let mut message = String::from("Queue unavailable");
+                if let Some(not_sent) = not_sent {
                     // Part of an array went out; those children will run.
+                    message = if not_sent.recorded {
+                        format!(
+                            "Queue unavailable: {} children of array {} were queued and will \
+                             run, and the array completes with them; frames `{}` were not \
+                             queued: submit them as a new array",
+                            sent.len(),
+                            not_sent.job_id,
+                            not_sent.frames
+                        )
+                    } else {
+                        format!(
+                            "Queue unavailable: {} children of array {} were queued and will \
+                             run, but the array cannot complete (its ledger could not be told \
+                             what was not sent); frames `{}` were not queued",
+                            sent.len(),
+                            not_sent.job_id,
+                            not_sent.frames
+                        )
+                    };
+                    data["job_id"] = json!(not_sent.job_id);
                     data["sent_message_ids"] = json!(sent);
+                    data["not_sent_frames"] = json!(not_sent.frames);
+                    data["completes_with_sent"] = json!(not_sent.recorded);
                 }
                 Self {
                     code: QUEUE_UNAVAILABLE,
-                    message: "Queue unavailable".into(),
+                    message,
                     data: Some(data),
                 }
             }
@@ -161,18 +185,39 @@ impl Rpc {
                 let error = RpcError::new(INVALID_REQUEST, "Invalid Request: empty batch");
                 Some(to_json(&Response::reply(Value::Null, Err(error))))
             }
+            Value::Array(items) if items.len() > self.submitter.limits().max_batch => {
+                let limit = self.submitter.limits().max_batch;
+                let error = RpcError {
+                    code: INVALID_REQUEST,
+                    message: format!(
+                        "Invalid Request: a batch of {} requests; at most {limit} \
+                         (queue_manager.max_batch)",
+                        items.len()
+                    ),
+                    data: Some(json!({"field": "batch", "limit": limit})),
+                };
+                Some(to_json(&Response::reply(Value::Null, Err(error))))
+            }
             Value::Array(items) => {
+                let mut budget = self.submitter.limits().max_request_messages;
                 let mut replies = Vec::new();
                 for item in items {
-                    replies.extend(self.handle_one(item).await);
+                    replies.extend(self.handle_one(item, &mut budget).await);
                 }
                 (!replies.is_empty()).then(|| to_json(&replies))
             }
-            single => self.handle_one(single).await.map(|r| to_json(&r)),
+            single => {
+                let mut budget = self.submitter.limits().max_request_messages;
+                self.handle_one(single, &mut budget)
+                    .await
+                    .map(|r| to_json(&r))
+            }
         }
     }
 
-    async fn handle_one(&self, value: Value) -> Option<Response> {
+    /// Handles one request; `budget` is what is left of the messages the
+    /// whole HTTP request may queue.
+    async fn handle_one(&self, value: Value, budget: &mut u32) -> Option<Response> {
         let id_hint = value.get("id").cloned().unwrap_or(Value::Null);
         let request: Request = match serde_json::from_value(value) {
             Ok(r) => r,
@@ -197,11 +242,16 @@ impl Rpc {
             );
             return Some(Response::reply(Value::Null, Err(error)));
         }
-        let outcome = self.call(&request.method, request.params).await;
+        let outcome = self.call(&request.method, request.params, budget).await;
         request.id.map(|id| Response::reply(id, outcome))
     }
 
-    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+    async fn call(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        budget: &mut u32,
+    ) -> Result<Value, RpcError> {
         // The method is checked before its params.
         const METHODS: [&str; 4] = [
             "queue_manager_submit_job",
@@ -222,7 +272,20 @@ impl Rpc {
         match method {
             "queue_manager_submit_job" => {
                 let request: SubmitRequest = deserialize_named(params, "")?;
-                Ok(match self.submitter.submit(request).await? {
+                let prepared = self.submitter.prepare(request)?;
+                let Some(left) = budget.checked_sub(prepared.messages()) else {
+                    let limit = self.submitter.limits().max_request_messages;
+                    return Err(FieldError::new(
+                        "frames",
+                        format!(
+                            "this request would queue more than {limit} messages in all \
+                             (queue_manager.max_request_messages)"
+                        ),
+                    )
+                    .into());
+                };
+                *budget = left;
+                Ok(match self.submitter.send(prepared).await? {
                     Submitted::Job { message_id } => Value::String(message_id),
                     Submitted::Array {
                         job_id,
@@ -283,6 +346,7 @@ impl Rpc {
             queue: name.clone(),
             source,
             sent: Vec::new(),
+            not_sent: None,
         })?;
         Ok(json!({
             "queue": name,
@@ -333,7 +397,7 @@ path = "r"
             "q".into(),
             crate::publish::Publisher::default(),
             crate::ledger::Ledgers::default(),
-            10,
+            (&config.queue_manager).into(),
         );
         (Rpc::new(submitter, None), queues)
     }
@@ -448,7 +512,7 @@ mod spec_examples {
             "q".into(),
             crate::publish::Publisher::default(),
             crate::ledger::Ledgers::default(),
-            10,
+            (&config.queue_manager).into(),
         );
         (Rpc::new(submitter, None), dir)
     }

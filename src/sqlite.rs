@@ -40,6 +40,31 @@ fn try_open(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Adds a column that files made by an earlier version lack.
+pub fn add_column(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    decl: &str,
+) -> rusqlite::Result<()> {
+    let has = conn
+        .prepare(&format!(
+            "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+        ))?
+        .exists([column])?;
+    if !has {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
+}
+
+/// Now, in seconds since the Unix epoch: when a row was last written.
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 thread_local! {
     /// `Some` while this thread runs `without_waiting`; then `Some(true)`
     /// once a lock held elsewhere was met.

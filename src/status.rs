@@ -173,6 +173,12 @@ impl StatusTable {
             std::fs::create_dir_all(dir).map_err(failed)?;
         }
         let conn = crate::sqlite::open(path, SCHEMA).map_err(failed)?;
+        // When a row was last written, for the prune; files made by an
+        // earlier version gain the column.
+        for table in ["seen", "jobs", "arrays"] {
+            crate::sqlite::add_column(&conn, table, "at", "INTEGER NOT NULL DEFAULT 0")
+                .map_err(failed)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -188,6 +194,22 @@ impl StatusTable {
             .collect::<Result<_, _>>()?;
         tx.commit().map_err(failed)?;
         Ok(applied)
+    }
+
+    /// Deletes the rows no event touched within `retention`; returns how
+    /// many.
+    pub fn prune(&self, retention: std::time::Duration) -> Result<u64, StatusError> {
+        let cutoff = crate::sqlite::now_s() - retention.as_secs() as i64;
+        let mut conn = self.conn.lock().map_err(failed)?;
+        let tx = conn.transaction().map_err(failed)?;
+        let mut deleted = 0;
+        for table in ["seen", "jobs", "arrays"] {
+            deleted += tx
+                .execute(&format!("DELETE FROM {table} WHERE at < ?1"), [cutoff])
+                .map_err(failed)?;
+        }
+        tx.commit().map_err(failed)?;
+        Ok(deleted as u64)
     }
 
     pub fn apply(&self, event: &Event) -> Result<Applied, StatusError> {
@@ -300,10 +322,14 @@ fn exec(
 }
 
 fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied> {
-    if tx
-        .prepare_cached("INSERT OR IGNORE INTO seen VALUES (?1)")?
-        .execute([&event.event_id])?
-        == 0
+    let now = crate::sqlite::now_s();
+    // Progress folds the same however often it comes (the highest wins), so
+    // its ids, most of all events, are not kept.
+    if event.kind != EventType::JobProgress
+        && tx
+            .prepare_cached("INSERT OR IGNORE INTO seen (event_id, at) VALUES (?1, ?2)")?
+            .execute(params![event.event_id, now])?
+            == 0
     {
         return Ok(Applied::Duplicate);
     }
@@ -313,9 +339,9 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
     if let Some(array) = &job.array {
         exec(
             tx,
-            "INSERT INTO arrays (job_id, command, size) VALUES (?1, ?2, ?3)
-             ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size)",
-            params![array.job_id, job.command, array.size],
+            "INSERT INTO arrays (job_id, command, size, at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size), at = excluded.at",
+            params![array.job_id, job.command, array.size, now],
         )?;
     }
     match event.kind {
@@ -323,9 +349,10 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
             let size = event.detail["size"].as_i64().unwrap_or(0);
             exec(
                 tx,
-                "INSERT INTO arrays (job_id, command, size, completed) VALUES (?1, ?2, ?3, 1)
-                 ON CONFLICT (job_id) DO UPDATE SET completed = 1, size = MAX(size, excluded.size)",
-                params![job.job_id, job.command, size],
+                "INSERT INTO arrays (job_id, command, size, completed, at) VALUES (?1, ?2, ?3, 1, ?4)
+                 ON CONFLICT (job_id) DO UPDATE
+                 SET completed = 1, size = MAX(size, excluded.size), at = excluded.at",
+                params![job.job_id, job.command, size, now],
             )?;
             return Ok(Applied::New);
         }
@@ -333,9 +360,9 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
             let size = event.detail["array_size"].as_i64().unwrap_or(0);
             exec(
                 tx,
-                "INSERT INTO arrays (job_id, command, size) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size)",
-                params![job.job_id, job.command, size],
+                "INSERT INTO arrays (job_id, command, size, at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size), at = excluded.at",
+                params![job.job_id, job.command, size, now],
             )?;
             return Ok(Applied::New);
         }
@@ -365,24 +392,32 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
     let ahead = existing.is_none_or(|(a, r)| order(attempt, rank) > order(a, r));
     if existing.is_none() {
         exec(tx,
-            "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason],
+            "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason, now],
         )?;
     } else if ahead {
         exec(
             tx,
             "UPDATE jobs SET state = ?2, rank = ?3, attempt = MAX(attempt, ?4),
-                reason = ?5,
+                reason = ?5, at = ?7,
                 message_id = CASE WHEN message_id = '' THEN ?6 ELSE message_id END
              WHERE job_id = ?1",
-            params![job.job_id, state, rank, attempt, reason, job.message_id],
+            params![
+                job.job_id,
+                state,
+                rank,
+                attempt,
+                reason,
+                job.message_id,
+                now
+            ],
         )?;
     } else {
         exec(
             tx,
-            "UPDATE jobs SET attempt = MAX(attempt, ?2) WHERE job_id = ?1 AND rank < ?3",
-            params![job.job_id, attempt, FINAL_RANK],
+            "UPDATE jobs SET attempt = MAX(attempt, ?2), at = ?4 WHERE job_id = ?1 AND rank < ?3",
+            params![job.job_id, attempt, FINAL_RANK, now],
         )?;
     }
     if event.kind == EventType::JobProgress
@@ -467,9 +502,10 @@ mod tests {
         twice.reverse();
         twice.swap(1, 9);
         let applied = shuffled.apply_all(&twice).unwrap();
+        // Progress is folded again, harmlessly, rather than remembered.
         assert_eq!(
             applied.iter().filter(|a| **a == Applied::Duplicate).count(),
-            8
+            6
         );
         assert_eq!(once.dump().unwrap(), shuffled.dump().unwrap());
 
@@ -485,5 +521,35 @@ mod tests {
             (array.size, array.succeeded, array.dead_lettered),
             (2, 1, 1)
         );
+    }
+
+    #[test]
+    fn a_prune_deletes_rows_older_than_the_retention_and_nothing_younger() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = StatusTable::open(&dir.path().join("status")).unwrap();
+        table.apply_all(&history()).unwrap();
+        // Everything so far is two days old; then job c arrives.
+        table
+            .conn
+            .lock()
+            .unwrap()
+            .execute_batch(
+                "UPDATE seen SET at = at - 172800; UPDATE jobs SET at = at - 172800;
+                 UPDATE arrays SET at = at - 172800;",
+            )
+            .unwrap();
+        table
+            .apply(&event(EventType::JobStarted, "c", 1, json!({})))
+            .unwrap();
+        let deleted = table.prune(std::time::Duration::from_secs(86400)).unwrap();
+        assert_eq!(
+            deleted,
+            6 + 2,
+            "six seen ids and jobs a and b (the array was touched by c)"
+        );
+        assert!(table.get("a").unwrap().is_none());
+        assert!(table.get("b").unwrap().is_none());
+        assert!(table.get("c").unwrap().is_some());
+        assert!(table.get("arr").unwrap().is_some());
     }
 }

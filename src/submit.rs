@@ -1,20 +1,29 @@
 //! The submit half: checks a job against the catalog and sends it to a queue.
 //! It never receives or deletes messages.
+//!
+//! What one request may cost is bounded before anything is built or sent
+//! ([`Limits`], from `[queue_manager]`): frames are measured before they are
+//! expanded, every child's body is sized before the first is sent, and an
+//! array goes out one batch of ten at a time, so memory does not grow with
+//! its size.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::array::parse_frames;
+use crate::array::{format_frames, parse_frames};
 use crate::catalog::Catalog;
+use crate::config::QueueManagerConfig;
 use crate::event::{Event, EventType, JobRef, Notification};
 use crate::job::{ArrayPart, Envelope, TaskSpec};
-use crate::ledger::Ledgers;
+use crate::ledger::{ArrayCounts, Ledger, Ledgers};
 use crate::observe::Subject;
 use crate::params::FieldError;
 use crate::publish::Publisher;
-use crate::queue::{QueueError, Queues};
+use crate::queue::{Queue, QueueError, Queues};
+use crate::retry::Backoff;
 
 /// `queue_manager_submit_job` params.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,19 +61,61 @@ pub enum Submitted {
     },
 }
 
+/// The children of an array that a failed submit did not send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotSent {
+    /// The array's id.
+    pub job_id: String,
+    /// Their frames, as a spec the client can resubmit.
+    pub frames: String,
+    /// Whether the ledger recorded them as final, so that the array
+    /// completes with the children that were sent.
+    pub recorded: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     /// The job was refused; nothing was sent.
     #[error(transparent)]
     Invalid(#[from] FieldError),
     /// The queue could not take it. For an array, `sent` lists the
-    /// children queued before the failure (they will run).
+    /// children queued before the failure (they will run), and `not_sent`
+    /// says which were not.
     #[error("queue `{queue}`: {source}")]
     Queue {
         queue: String,
         source: QueueError,
         sent: Vec<String>,
+        not_sent: Option<NotSent>,
     },
+}
+
+/// What one submit may cost: `[queue_manager]`'s limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_array_size: u32,
+    pub max_chunk_size: u32,
+    pub max_frames: u32,
+    pub max_message_bytes: usize,
+    pub max_array_bytes: usize,
+    pub max_notifications: usize,
+    pub max_batch: usize,
+    pub max_request_messages: u32,
+}
+
+impl From<&QueueManagerConfig> for Limits {
+    fn from(c: &QueueManagerConfig) -> Self {
+        Self {
+            max_array_size: c.max_array_size,
+            max_chunk_size: c.max_chunk_size,
+            max_frames: c.max_frames,
+            max_message_bytes: c.max_message_bytes,
+            max_array_bytes: c.max_array_bytes,
+            max_notifications: c.max_notifications,
+            max_batch: c.max_batch,
+            max_request_messages: c.max_request_messages,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -76,12 +127,55 @@ pub struct Submitter {
     publisher: Publisher,
     /// Queues with a ledger can take array jobs (it counts their children).
     ledgers: Ledgers,
-    /// Most children one array job may have.
-    max_array_size: u32,
+    limits: Limits,
 }
 
 /// Children sent per call (SQS `SendMessageBatch` takes 10).
 const BATCH: usize = 10;
+
+/// Tries of one batch (only its unsent entries are sent again), and the
+/// waits between them.
+const SEND_TRIES: u32 = 4;
+const SEND_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+
+/// Room left in a child's size estimate for what differs between children
+/// (its index, its `frame` parameter): at most 20 digits each.
+const CHILD_SLACK: usize = 64;
+
+/// A checked submit, nothing sent yet: what it will queue is known.
+#[derive(Debug)]
+pub struct Prepared {
+    queue_name: String,
+    queue: Queue,
+    envelope: Envelope,
+    array: Option<ArrayPlan>,
+}
+
+#[derive(Debug)]
+struct ArrayPlan {
+    frames: Vec<i64>,
+    chunk_size: usize,
+    /// Whether each child gets its first frame as the `frame` parameter.
+    has_frame: bool,
+    ledger: Ledger,
+}
+
+impl ArrayPlan {
+    fn chunks(&self) -> std::slice::Chunks<'_, i64> {
+        self.frames.chunks(self.chunk_size)
+    }
+
+    fn size(&self) -> u32 {
+        self.frames.len().div_ceil(self.chunk_size) as u32
+    }
+}
+
+impl Prepared {
+    /// Messages it will send.
+    pub fn messages(&self) -> u32 {
+        self.array.as_ref().map_or(1, ArrayPlan::size)
+    }
+}
 
 impl Submitter {
     pub fn new(
@@ -90,7 +184,7 @@ impl Submitter {
         default_queue: String,
         publisher: Publisher,
         ledgers: Ledgers,
-        max_array_size: u32,
+        limits: Limits,
     ) -> Self {
         Self {
             catalog,
@@ -98,7 +192,7 @@ impl Submitter {
             default_queue,
             publisher,
             ledgers,
-            max_array_size,
+            limits,
         }
     }
 
@@ -114,9 +208,21 @@ impl Submitter {
         &self.default_queue
     }
 
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// Checks and sends a job, or an array job's children; returns what
     /// was queued.
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, SubmitError> {
+        let prepared = self.prepare(request)?;
+        self.send(prepared).await
+    }
+
+    /// Checks a job against the catalog and the limits, without sending
+    /// anything. Its work is bounded by the limits, not by the request.
+    pub fn prepare(&self, request: SubmitRequest) -> Result<Prepared, SubmitError> {
+        let limits = &self.limits;
         let queue_name = request
             .queue_name
             .clone()
@@ -127,11 +233,19 @@ impl Submitter {
                 format!("no queue `{queue_name}` is configured"),
             )
         })?;
-        let job = self
-            .catalog
-            .validate(&request.command, &request.parameters, &request.tasks)?;
-        let has_frame = job.command.schema.contains("frame");
-        for (i, notification) in request.notifications.iter().enumerate() {
+        let notifications = merge_notifications(request.notifications);
+        if notifications.len() > limits.max_notifications {
+            return Err(FieldError::new(
+                "notifications",
+                format!(
+                    "{} subscriptions; at most {} a job (queue_manager.max_notifications)",
+                    notifications.len(),
+                    limits.max_notifications
+                ),
+            )
+            .into());
+        }
+        for (i, notification) in notifications.iter().enumerate() {
             if !self.publisher.has_target(&notification.target) {
                 return Err(FieldError::new(
                     format!("notifications[{i}].target"),
@@ -140,12 +254,129 @@ impl Submitter {
                 .into());
             }
         }
+        let job = self
+            .catalog
+            .validate(&request.command, &request.parameters, &request.tasks)?;
+        let has_frame = job.command.schema.contains("frame");
         let mut envelope = Envelope::new(request.command, request.parameters, request.tasks);
-        envelope.notifications = request.notifications;
-        let subject = |job_id: &str, message_id: &str| Subject {
+        envelope.notifications = notifications;
+
+        let Some(spec) = request.frames else {
+            let bytes = envelope.to_body().len();
+            if bytes > limits.max_message_bytes {
+                return Err(too_large("parameters", bytes, limits.max_message_bytes).into());
+            }
+            return Ok(Prepared {
+                queue_name,
+                queue: queue.clone(),
+                envelope,
+                array: None,
+            });
+        };
+
+        let Some(ledger) = self.ledgers.get(&queue_name).cloned() else {
+            return Err(FieldError::new(
+                "frames",
+                format!("queue `{queue_name}` has no status_bucket to count an array's children"),
+            )
+            .into());
+        };
+        let chunk_size = request.chunk_size.unwrap_or(1);
+        if !(1..=limits.max_chunk_size).contains(&chunk_size) {
+            return Err(FieldError::new(
+                "chunk_size",
+                format!(
+                    "must be from 1 to {} frames a child (queue_manager.max_chunk_size)",
+                    limits.max_chunk_size
+                ),
+            )
+            .into());
+        }
+        let frames = parse_frames(&spec, limits.max_frames.into())
+            .map_err(|e| FieldError::new("frames", format!("{e} (queue_manager.max_frames)")))?;
+        let plan = ArrayPlan {
+            frames,
+            chunk_size: chunk_size as usize,
+            has_frame,
+            ledger,
+        };
+        if plan.size() > limits.max_array_size {
+            return Err(FieldError::new(
+                "frames",
+                format!(
+                    "{} children of {chunk_size} frames; at most {} (queue_manager.max_array_size)",
+                    plan.size(),
+                    limits.max_array_size
+                ),
+            )
+            .into());
+        }
+        self.check_children(&envelope, &plan)?;
+        Ok(Prepared {
+            queue_name,
+            queue: queue.clone(),
+            envelope,
+            array: Some(plan),
+        })
+    }
+
+    /// Every child must pass the catalog (with its own `frame`), fit in a
+    /// message, and all of them together in `max_array_bytes`. One child's
+    /// body is built; the others are sized from their frames.
+    fn check_children(&self, envelope: &Envelope, plan: &ArrayPlan) -> Result<(), FieldError> {
+        let limits = &self.limits;
+        let size = plan.size();
+        let first = plan.chunks().next().unwrap_or_default();
+        let mut sample = envelope.clone();
+        make_child(&mut sample, &envelope.job_id, plan, 0, first);
+        let base = sample.to_body().len().saturating_sub(json_len(first)) + CHILD_SLACK;
+        let mut total = 0usize;
+        let mut parameters = envelope.parameters.clone();
+        for chunk in plan.chunks() {
+            let bytes = base + json_len(chunk);
+            if bytes > limits.max_message_bytes {
+                let field = if plan.chunk_size > 1 {
+                    "chunk_size"
+                } else {
+                    "parameters"
+                };
+                return Err(too_large(field, bytes, limits.max_message_bytes));
+            }
+            total = total.saturating_add(bytes);
+            if total > limits.max_array_bytes {
+                return Err(FieldError::new(
+                    "frames",
+                    format!(
+                        "{size} children of about {bytes} bytes would queue more than {} bytes \
+                         (queue_manager.max_array_bytes)",
+                        limits.max_array_bytes
+                    ),
+                ));
+            }
+            if plan.has_frame {
+                parameters.insert("frame".into(), json!(chunk[0]));
+                self.catalog
+                    .validate(&envelope.command, &parameters, &envelope.tasks)
+                    .map_err(|e| {
+                        FieldError::new("frames", format!("a child would be refused: {e}"))
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what [`Submitter::prepare`] checked.
+    pub async fn send(&self, prepared: Prepared) -> Result<Submitted, SubmitError> {
+        let Prepared {
+            queue_name,
+            queue,
+            envelope,
+            array,
+        } = prepared;
+        let subject = Subject {
             job: JobRef {
-                job_id: job_id.to_owned(),
-                message_id: message_id.to_owned(),
+                job_id: envelope.job_id.clone(),
+                message_id: String::new(),
                 queue: queue_name.clone(),
                 command: envelope.command.clone(),
                 attempt: 0,
@@ -153,83 +384,71 @@ impl Submitter {
             },
             notifications: envelope.notifications.clone(),
         };
-        let queue_error = |source, sent| SubmitError::Queue {
-            queue: queue_name.clone(),
-            source,
-            sent,
-        };
-
-        let Some(spec) = request.frames else {
-            let message_id = queue
-                .send(&envelope.to_body())
-                .await
-                .map_err(|e| queue_error(e, Vec::new()))?;
+        let Some(plan) = array else {
+            let message_id =
+                queue
+                    .send(&envelope.to_body())
+                    .await
+                    .map_err(|source| SubmitError::Queue {
+                        queue: queue_name.clone(),
+                        source,
+                        sent: Vec::new(),
+                        not_sent: None,
+                    })?;
             tracing::info!(queue = %queue_name, %message_id, job_id = %envelope.job_id, "Job successfully queued.");
-            self.publish_submitted(&subject(&envelope.job_id, &message_id), json!({}));
+            let subject = Subject {
+                job: JobRef {
+                    message_id: message_id.clone(),
+                    ..subject.job
+                },
+                ..subject
+            };
+            self.publish(EventType::JobSubmitted, &subject, json!({}));
             return Ok(Submitted::Job { message_id });
         };
 
-        if self.ledgers.get(&queue_name).is_none() {
-            return Err(FieldError::new(
-                "frames",
-                format!("queue `{queue_name}` has no status_bucket to count an array's children"),
-            )
-            .into());
-        }
-        let chunk_size = request.chunk_size.unwrap_or(1);
-        if chunk_size == 0 {
-            return Err(FieldError::new("chunk_size", "must be at least 1").into());
-        }
-        let max_frames = self.max_array_size as usize * chunk_size as usize;
-        let frames = parse_frames(&spec, max_frames).map_err(|e| {
-            FieldError::new(
-                "frames",
-                format!("{e} (at most {} children)", self.max_array_size),
-            )
-        })?;
-        let chunks: Vec<&[i64]> = frames.chunks(chunk_size as usize).collect();
-        let size = chunks.len() as u32;
-        let children: Vec<String> = chunks
-            .iter()
-            .enumerate()
-            .map(|(index, chunk)| {
-                let mut child = envelope.clone();
-                child.job_id = uuid::Uuid::new_v4().to_string();
-                if has_frame {
-                    child.parameters.insert("frame".into(), json!(chunk[0]));
+        let size = plan.size();
+        let mut message_ids = Vec::with_capacity(size as usize);
+        let mut template = envelope.clone();
+        for (batch_no, batch) in plan.chunks().collect::<Vec<_>>().chunks(BATCH).enumerate() {
+            let first_index = batch_no * BATCH;
+            let bodies: Vec<String> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, chunk)| {
+                    let index = (first_index + i) as u32;
+                    make_child(&mut template, &envelope.job_id, &plan, index, chunk);
+                    template.to_body()
+                })
+                .collect();
+            match send_batch(&queue, &bodies).await {
+                Ok(ids) => message_ids.extend(ids),
+                Err((ids, source)) => {
+                    let unsent: Vec<usize> = ids
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, id)| id.is_none())
+                        .map(|(i, _)| first_index + i)
+                        .chain(first_index + batch.len()..size as usize)
+                        .collect();
+                    message_ids.extend(ids.into_iter().flatten());
+                    let not_sent = self
+                        .not_sent(&plan, &subject, &envelope.job_id, &unsent)
+                        .await;
+                    return Err(SubmitError::Queue {
+                        queue: queue_name,
+                        source,
+                        sent: message_ids,
+                        not_sent: Some(not_sent),
+                    });
                 }
-                child.array = Some(ArrayPart {
-                    job_id: envelope.job_id.clone(),
-                    index: index as u32,
-                    size,
-                    frames: chunk.to_vec(),
-                });
-                child
-            })
-            .collect::<Vec<_>>()
-            .iter()
-            .map(|child| {
-                // A child's parameters (with its `frame`) must pass too.
-                self.catalog
-                    .validate(&child.command, &child.parameters, &child.tasks)
-                    .map_err(|e| {
-                        FieldError::new("frames", format!("a child would be refused: {e}"))
-                    })?;
-                Ok(child.to_body())
-            })
-            .collect::<Result<_, FieldError>>()?;
-        let mut message_ids = Vec::with_capacity(children.len());
-        for batch in children.chunks(BATCH) {
-            let ids = queue
-                .send_batch(batch)
-                .await
-                .map_err(|e| queue_error(e, message_ids.clone()))?;
-            message_ids.extend(ids);
+            }
         }
-        tracing::info!(queue = %queue_name, job_id = %envelope.job_id, children = size, frames = frames.len(), "Array job successfully queued.");
-        self.publish_submitted(
-            &subject(&envelope.job_id, ""),
-            json!({"array_size": size, "frames": frames.len()}),
+        tracing::info!(queue = %queue_name, job_id = %envelope.job_id, children = size, frames = plan.frames.len(), "Array job successfully queued.");
+        self.publish(
+            EventType::JobSubmitted,
+            &subject,
+            json!({"array_size": size, "frames": plan.frames.len()}),
         );
         Ok(Submitted::Array {
             job_id: envelope.job_id,
@@ -237,10 +456,182 @@ impl Submitter {
         })
     }
 
-    fn publish_submitted(&self, subject: &Subject, detail: Value) {
+    /// Records the children a failed submit did not send, so that the
+    /// array can complete with the others (announcing it, should those
+    /// have finished already).
+    async fn not_sent(
+        &self,
+        plan: &ArrayPlan,
+        subject: &Subject,
+        array_id: &str,
+        unsent: &[usize],
+    ) -> NotSent {
+        let chunks: Vec<&[i64]> = plan.chunks().collect();
+        let frames: Vec<i64> = unsent
+            .iter()
+            .flat_map(|&i| chunks[i].iter().copied())
+            .collect();
+        let indexes = unsent.iter().map(|&i| i as u32).collect();
+        let recorded = match plan
+            .ledger
+            .children_not_sent(array_id, plan.size(), indexes)
+            .await
+        {
+            Ok(completed) => {
+                if let Some(counts) = completed {
+                    self.array_completed(subject, counts);
+                }
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, array_id, "cannot record the children not sent");
+                false
+            }
+        };
+        tracing::warn!(
+            array_id,
+            not_sent = unsent.len(),
+            recorded,
+            "array job partly queued"
+        );
+        NotSent {
+            job_id: array_id.to_owned(),
+            frames: format_frames(&frames),
+            recorded,
+        }
+    }
+
+    fn array_completed(&self, subject: &Subject, counts: ArrayCounts) {
+        tracing::info!(array_id = %subject.job.job_id, ?counts, "Array job completed.");
+        self.publish(EventType::ArrayJobCompleted, subject, json!(counts));
+    }
+
+    fn publish(&self, kind: EventType, subject: &Subject, detail: Value) {
         self.publisher.publish(
-            Event::new(EventType::JobSubmitted, Some(subject.job.clone()), detail),
+            Event::new(kind, Some(subject.job.clone()), detail),
             &subject.notifications,
         );
+    }
+}
+
+/// Sends one batch, trying again (with back-off) only the entries that
+/// were not added. On failure, returns what was added and the last error.
+async fn send_batch(
+    queue: &Queue,
+    bodies: &[String],
+) -> Result<Vec<String>, (Vec<Option<String>>, QueueError)> {
+    let mut ids: Vec<Option<String>> = vec![None; bodies.len()];
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let pending: Vec<usize> = (0..ids.len()).filter(|&i| ids[i].is_none()).collect();
+        let batch: Vec<String> = pending.iter().map(|&i| bodies[i].clone()).collect();
+        let error = match queue.send_batch(&batch).await {
+            Ok(outcomes) => {
+                let mut last = None;
+                for (i, outcome) in pending.into_iter().zip(outcomes) {
+                    match outcome {
+                        Ok(id) => ids[i] = Some(id),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                match last {
+                    None => return Ok(ids.into_iter().flatten().collect()),
+                    Some(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        if tries == SEND_TRIES {
+            return Err((ids, error));
+        }
+        let delay = SEND_RETRY.delay(tries);
+        tracing::warn!(%error, retry_in = ?delay, "array batch partly refused; sending the rest again");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Makes `envelope` (the parent, or the previous child: only a child's own
+/// fields change) child `index` of array `array_id`.
+fn make_child(
+    envelope: &mut Envelope,
+    array_id: &str,
+    plan: &ArrayPlan,
+    index: u32,
+    chunk: &[i64],
+) {
+    envelope.job_id = uuid::Uuid::new_v4().to_string();
+    if plan.has_frame
+        && let Some(&first) = chunk.first()
+    {
+        envelope.parameters.insert("frame".into(), json!(first));
+    }
+    envelope.array = Some(ArrayPart {
+        job_id: array_id.to_owned(),
+        index,
+        size: plan.size(),
+        frames: chunk.to_vec(),
+    });
+}
+
+/// Bytes of `frames` as a JSON array.
+fn json_len(frames: &[i64]) -> usize {
+    let digits: usize = frames
+        .iter()
+        .map(|f| {
+            f.unsigned_abs()
+                .checked_ilog10()
+                .map_or(1, |d| d as usize + 1)
+                + usize::from(*f < 0)
+        })
+        .sum();
+    2 + digits + frames.len().saturating_sub(1)
+}
+
+/// Identical subscriptions merged, first ones first.
+fn merge_notifications(notifications: Vec<Notification>) -> Vec<Notification> {
+    let mut seen = std::collections::HashSet::new();
+    notifications
+        .into_iter()
+        .filter(|n| seen.insert(serde_json::to_string(n).unwrap_or_default()))
+        .collect()
+}
+
+fn too_large(field: &str, bytes: usize, limit: usize) -> FieldError {
+    FieldError::new(
+        field,
+        format!(
+            "the message would be {bytes} bytes; at most {limit} (queue_manager.max_message_bytes)"
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_len_counts_what_serde_writes() {
+        for frames in [
+            vec![],
+            vec![0],
+            vec![-5, 10, 999, i64::MIN, i64::MAX, 1_000_000],
+        ] {
+            assert_eq!(
+                json_len(&frames),
+                serde_json::to_string(&frames).unwrap().len()
+            );
+        }
+    }
+
+    #[test]
+    fn identical_subscriptions_are_merged() {
+        let n = |target: &str| Notification {
+            events: vec![],
+            target: target.into(),
+            vars: Map::new(),
+        };
+        let merged = merge_notifications(vec![n("a"), n("b"), n("a"), n("a")]);
+        assert_eq!(merged, [n("a"), n("b")]);
     }
 }

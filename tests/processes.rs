@@ -64,7 +64,8 @@ async fn sixteen_slots_in_four_processes_run_each_of_2000_jobs_once() {
     let body = json!({"command": "get_version"}).to_string();
     let mut ids = Vec::new();
     for _ in 0..200 {
-        ids.extend(queue.send_batch(&vec![body.clone(); 10]).await.unwrap());
+        let sent = queue.send_batch(&vec![body.clone(); 10]).await.unwrap();
+        ids.extend(sent.into_iter().map(Result::unwrap));
     }
     let workers: Vec<_> = (0..4).map(|_| farm.spawn("worker", &[])).collect();
     assert_eq!(

@@ -193,6 +193,22 @@ impl Config {
                 ));
             }
         }
+        for (key, value) in [
+            ("queue_manager.max_array_size", qm.max_array_size as usize),
+            ("queue_manager.max_chunk_size", qm.max_chunk_size as usize),
+            ("queue_manager.max_frames", qm.max_frames as usize),
+            ("queue_manager.max_message_bytes", qm.max_message_bytes),
+            ("queue_manager.max_array_bytes", qm.max_array_bytes),
+            ("queue_manager.max_batch", qm.max_batch),
+            (
+                "queue_manager.max_request_messages",
+                qm.max_request_messages as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(Invalid::new(key, "must be at least 1"));
+            }
+        }
         let w = &self.worker;
         if w.slots == Some(0) {
             return Err(Invalid::new("worker.slots", "must be at least 1"));

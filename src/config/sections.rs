@@ -108,10 +108,72 @@ pub struct QueueManagerConfig {
     /// Most children one array job may have.
     #[serde(default = "default_max_array_size")]
     pub max_array_size: u32,
+    /// Most frames one child of an array may carry (`chunk_size`).
+    #[serde(default = "default_max_chunk_size")]
+    pub max_chunk_size: u32,
+    /// Most frames one array may name, counted range by range before any
+    /// is expanded (a frame written twice counts twice).
+    #[serde(default = "default_max_frames")]
+    pub max_frames: u32,
+    /// Largest message body a submit may send, one job or one child
+    /// (SQS takes at most 256 KiB).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Largest total of an array's children's bodies: what one submit may
+    /// put on the queue.
+    #[serde(default = "default_max_array_bytes")]
+    pub max_array_bytes: usize,
+    /// Most requests in one JSON-RPC batch.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Most messages one HTTP request may queue, across its whole batch.
+    #[serde(default = "default_max_request_messages")]
+    pub max_request_messages: u32,
+    /// Most event subscriptions (`notifications`) one job may carry, after
+    /// identical ones are merged.
+    #[serde(default = "default_max_notifications")]
+    pub max_notifications: usize,
+    /// How long the records of finished work are kept: the job-status
+    /// table's rows and the ledger's reports and array states. Pruned
+    /// every hour by `serve` and `worker`, and by `renderq prune`.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 fn default_max_array_size() -> u32 {
     10_000
+}
+
+fn default_max_chunk_size() -> u32 {
+    10_000
+}
+
+fn default_max_frames() -> u32 {
+    100_000
+}
+
+fn default_max_message_bytes() -> usize {
+    256 * 1024
+}
+
+fn default_max_array_bytes() -> usize {
+    256 * 1024 * 1024
+}
+
+fn default_max_batch() -> usize {
+    100
+}
+
+fn default_max_request_messages() -> u32 {
+    10_000
+}
+
+fn default_max_notifications() -> usize {
+    10
+}
+
+fn default_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 /// `[server]`

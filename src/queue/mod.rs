@@ -96,10 +96,14 @@ impl Queue {
         }
     }
 
-    /// Adds up to 10 messages in one call; returns their ids in order. On
-    /// error none or some may have been added (SQS reports per entry; the
-    /// embedded queue adds all or none).
-    pub async fn send_batch(&self, bodies: &[String]) -> Result<Vec<String>, QueueError> {
+    /// Adds up to 10 messages in one call; returns, in order, each one's
+    /// message id or why it was not added (SQS reports per entry; the
+    /// embedded queue adds all or none). On an error for the whole call,
+    /// none or some may have been added.
+    pub async fn send_batch(
+        &self,
+        bodies: &[String],
+    ) -> Result<Vec<Result<String, QueueError>>, QueueError> {
         match self {
             Queue::Local(q) => q.send_batch(bodies).await,
             Queue::Sqs(q) => q.send_batch(bodies).await,

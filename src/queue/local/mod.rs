@@ -216,12 +216,15 @@ impl LocalQueue {
     }
 
     /// Adds every body in one transaction: all or none.
-    pub async fn send_batch(&self, bodies: &[String]) -> Result<Vec<String>, QueueError> {
+    pub async fn send_batch(
+        &self,
+        bodies: &[String],
+    ) -> Result<Vec<Result<String, QueueError>>, QueueError> {
         let rows: Vec<(String, String)> = bodies
             .iter()
             .map(|body| (uuid::Uuid::new_v4().to_string(), body.clone()))
             .collect();
-        let ids = rows.iter().map(|(id, _)| id.clone()).collect();
+        let ids = rows.iter().map(|(id, _)| Ok(id.clone())).collect();
         self.insert(rows).await?;
         self.ring();
         Ok(ids)

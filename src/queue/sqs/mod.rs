@@ -194,7 +194,10 @@ impl SqsQueue {
     }
 
     /// `SendMessageBatch` of up to 10; fails if any entry failed.
-    pub async fn send_batch(&self, bodies: &[String]) -> Result<Vec<String>, QueueError> {
+    pub async fn send_batch(
+        &self,
+        bodies: &[String],
+    ) -> Result<Vec<Result<String, QueueError>>, QueueError> {
         ApiCalls::count(&self.calls.send);
         let entries = bodies
             .iter()
@@ -215,23 +218,31 @@ impl SqsQueue {
             .send()
             .await
             .map_err(classify)?;
-        if let Some(failed) = sent.failed.first() {
-            return Err(QueueError::Unavailable(format!(
-                "SendMessageBatch entry {}: {} {}",
-                failed.id,
-                failed.code,
-                failed.message.as_deref().unwrap_or_default()
-            )));
-        }
-        let mut ids = vec![String::new(); bodies.len()];
+        // An entry SQS names in neither list was not added, as far as
+        // anyone can tell.
+        let mut outcomes: Vec<Result<String, QueueError>> = (0..bodies.len())
+            .map(|_| {
+                Err(QueueError::Unavailable(
+                    "SendMessageBatch: no answer".into(),
+                ))
+            })
+            .collect();
+        let at = |id: &str| id.parse::<usize>().ok().filter(|&i| i < bodies.len());
         for entry in sent.successful {
-            if let Ok(i) = entry.id.parse::<usize>()
-                && i < ids.len()
-            {
-                ids[i] = entry.message_id;
+            if let Some(i) = at(&entry.id) {
+                outcomes[i] = Ok(entry.message_id);
             }
         }
-        Ok(ids)
+        for entry in sent.failed {
+            if let Some(i) = at(&entry.id) {
+                outcomes[i] = Err(QueueError::Unavailable(format!(
+                    "SendMessageBatch: {} {}",
+                    entry.code,
+                    entry.message.as_deref().unwrap_or_default()
+                )));
+            }
+        }
+        Ok(outcomes)
     }
 
     pub async fn receive(
