@@ -14,15 +14,17 @@
 //!   submit half and the worker. It builds every command once; its errors
 //!   are located in the file by [`config::Config::locate`] (the config
 //!   module knows nothing of commands).
-//! - [`submit`]: the submit half (validate, then send; array jobs are cut
-//!   into children here, see [`mod@array`]).
+//! - [`submit`]: the submit half (validate against the catalog and the
+//!   `[queue_manager]` limits, then send; array jobs are cut into children
+//!   here, see [`mod@array`], and sent a batch at a time).
 //! - [`event`]: lifecycle events as values (pure); [`publish`] delivers
 //!   them to their targets through bounded buffers; [`observe`] is the one
 //!   place a job's end is logged and published; [`status`] folds events
 //!   into the job-status table, fed in-process or by [`watch`].
 //! - [`ledger`]: reported tries and array children's final states (SQLite
 //!   beside the embedded queue, S3 conditional writes for SQS): exactly one
-//!   `ArrayJobCompleted`, and "worker lost" redeliveries.
+//!   `ArrayJobCompleted`, and "worker lost" redeliveries. It and the status
+//!   table are pruned after `queue_manager.retention`.
 //! - [`rpc`]: JSON-RPC 2.0 types and dispatch, no HTTP.
 //! - [`server`]: the HTTP router: auth, body limit, `/healthz`.
 //! - [`queue`]: the queue interface with SQS semantics, an enum over the
@@ -87,6 +89,10 @@
 //!   done again on a blocking thread; its checkpoints (with their fsyncs)
 //!   and whole-queue scans always run on blocking threads.
 //! - Publishing an event never waits: a full buffer drops (and counts).
+//!   A target is sent again only what it refused, never what it took.
+//! - What one request costs is bounded before anything is expanded, built or
+//!   sent: frames are measured range by range, every child is sized before
+//!   the first goes out, and children are built a batch at a time.
 //! - Of all workers settling an array's children, exactly one publishes its
 //!   `ArrayJobCompleted` (the ledger's claim is one conditional write).
 //! - No secret is read from `workers.toml` or written to a log.

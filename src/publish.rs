@@ -528,6 +528,17 @@ mod tests {
         })
     }
 
+    async fn start(config: &EventsConfig) -> Publisher {
+        Publisher::start(
+            config,
+            WorkerIdentity::current(),
+            None,
+            EventsDropped::default(),
+        )
+        .await
+        .unwrap()
+    }
+
     fn lines(path: &std::path::Path) -> Vec<Event> {
         std::fs::read_to_string(path)
             .unwrap_or_default()
@@ -555,14 +566,7 @@ mod tests {
             ]),
             ..EventsConfig::default()
         };
-        let publisher = Publisher::start(
-            &config,
-            WorkerIdentity::current(),
-            None,
-            EventsDropped::default(),
-        )
-        .await
-        .unwrap();
+        let publisher = start(&config).await;
         let subscription = Notification {
             events: vec![EventType::JobFailed],
             target: "mine".into(),
@@ -605,14 +609,7 @@ mod tests {
             attempts: 1,
             ..EventsConfig::default()
         };
-        let publisher = Publisher::start(
-            &config,
-            WorkerIdentity::current(),
-            None,
-            EventsDropped::default(),
-        )
-        .await
-        .unwrap();
+        let publisher = start(&config).await;
         let started = std::time::Instant::now();
         for _ in 0..100 {
             publisher.publish(Event::new(EventType::JobStarted, None, json!({})), &[]);

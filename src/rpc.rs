@@ -6,6 +6,7 @@
 //! reached is -32000.
 
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use std::sync::Arc;
@@ -173,46 +174,48 @@ impl Rpc {
     /// Handles one HTTP body: a request or a batch. Returns the JSON to send
     /// back, or `None` when everything in it was a notification.
     pub async fn handle(&self, body: &[u8]) -> Option<String> {
-        let value: Value = match serde_json::from_slice(body) {
-            Ok(v) => v,
-            Err(e) => {
-                let error = RpcError::new(PARSE_ERROR, format!("Parse error: {e}"));
-                return Some(to_json(&Response::reply(Value::Null, Err(error))));
-            }
+        let parse_error = |e: serde_json::Error| {
+            let error = RpcError::new(PARSE_ERROR, format!("Parse error: {e}"));
+            Some(to_json(&Response::reply(Value::Null, Err(error))))
         };
-        match value {
-            Value::Array(items) if items.is_empty() => {
-                let error = RpcError::new(INVALID_REQUEST, "Invalid Request: empty batch");
-                Some(to_json(&Response::reply(Value::Null, Err(error))))
-            }
-            Value::Array(items) if items.len() > self.submitter.limits().max_batch => {
-                let limit = self.submitter.limits().max_batch;
-                let error = RpcError {
+        let mut budget = self.submitter.limits().max_request_messages;
+        let is_batch = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+        if !is_batch {
+            return match serde_json::from_slice(body) {
+                Ok(single) => self
+                    .handle_one(single, &mut budget)
+                    .await
+                    .map(|r| to_json(&r)),
+                Err(e) => parse_error(e),
+            };
+        }
+        // A batch's requests are counted before any is parsed into a tree.
+        let items: Vec<&RawValue> = match serde_json::from_slice(body) {
+            Ok(items) => items,
+            Err(e) => return parse_error(e),
+        };
+        let limit = self.submitter.limits().max_batch;
+        if items.is_empty() || items.len() > limit {
+            let error = match items.len() {
+                0 => RpcError::new(INVALID_REQUEST, "Invalid Request: empty batch"),
+                n => RpcError {
                     code: INVALID_REQUEST,
                     message: format!(
-                        "Invalid Request: a batch of {} requests; at most {limit} \
-                         (queue_manager.max_batch)",
-                        items.len()
+                        "Invalid Request: a batch of {n} requests; at most {limit} \
+                         (queue_manager.max_batch)"
                     ),
                     data: Some(json!({"field": "batch", "limit": limit})),
-                };
-                Some(to_json(&Response::reply(Value::Null, Err(error))))
-            }
-            Value::Array(items) => {
-                let mut budget = self.submitter.limits().max_request_messages;
-                let mut replies = Vec::new();
-                for item in items {
-                    replies.extend(self.handle_one(item, &mut budget).await);
-                }
-                (!replies.is_empty()).then(|| to_json(&replies))
-            }
-            single => {
-                let mut budget = self.submitter.limits().max_request_messages;
-                self.handle_one(single, &mut budget)
-                    .await
-                    .map(|r| to_json(&r))
-            }
+                },
+            };
+            return Some(to_json(&Response::reply(Value::Null, Err(error))));
         }
+        let mut replies = Vec::new();
+        for item in items {
+            // Checked as JSON already; anything else is an invalid request.
+            let value = serde_json::from_str(item.get()).unwrap_or(Value::Null);
+            replies.extend(self.handle_one(value, &mut budget).await);
+        }
+        (!replies.is_empty()).then(|| to_json(&replies))
     }
 
     /// Handles one request; `budget` is what is left of the messages the
@@ -272,7 +275,7 @@ impl Rpc {
         match method {
             "queue_manager_submit_job" => {
                 let request: SubmitRequest = deserialize_named(params, "")?;
-                let prepared = self.submitter.prepare(request)?;
+                let prepared = self.submitter.prepare(request).await?;
                 let Some(left) = budget.checked_sub(prepared.messages()) else {
                     let limit = self.submitter.limits().max_request_messages;
                     return Err(FieldError::new(

@@ -86,7 +86,7 @@ pub enum SubmitError {
         queue: String,
         source: QueueError,
         sent: Vec<String>,
-        not_sent: Option<NotSent>,
+        not_sent: Option<Box<NotSent>>,
     },
 }
 
@@ -215,13 +215,25 @@ impl Submitter {
     /// Checks and sends a job, or an array job's children; returns what
     /// was queued.
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, SubmitError> {
-        let prepared = self.prepare(request)?;
+        let prepared = self.prepare(request).await?;
         self.send(prepared).await
     }
 
     /// Checks a job against the catalog and the limits, without sending
-    /// anything. Its work is bounded by the limits, not by the request.
-    pub fn prepare(&self, request: SubmitRequest) -> Result<Prepared, SubmitError> {
+    /// anything. Its work is bounded by the limits, not by the request; an
+    /// array's (up to `max_frames` frames and `max_array_size` children
+    /// checked) is done off the async threads.
+    pub async fn prepare(&self, request: SubmitRequest) -> Result<Prepared, SubmitError> {
+        if request.frames.is_none() {
+            return self.check(request);
+        }
+        let submitter = self.clone();
+        tokio::task::spawn_blocking(move || submitter.check(request))
+            .await
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
+    }
+
+    fn check(&self, request: SubmitRequest) -> Result<Prepared, SubmitError> {
         let limits = &self.limits;
         let queue_name = request
             .queue_name
@@ -233,18 +245,18 @@ impl Submitter {
                 format!("no queue `{queue_name}` is configured"),
             )
         })?;
-        let notifications = merge_notifications(request.notifications);
-        if notifications.len() > limits.max_notifications {
+        if request.notifications.len() > limits.max_notifications {
             return Err(FieldError::new(
                 "notifications",
                 format!(
                     "{} subscriptions; at most {} a job (queue_manager.max_notifications)",
-                    notifications.len(),
+                    request.notifications.len(),
                     limits.max_notifications
                 ),
             )
             .into());
         }
+        let notifications = merge_notifications(request.notifications);
         for (i, notification) in notifications.iter().enumerate() {
             if !self.publisher.has_target(&notification.target) {
                 return Err(FieldError::new(
@@ -439,7 +451,7 @@ impl Submitter {
                         queue: queue_name,
                         source,
                         sent: message_ids,
-                        not_sent: Some(not_sent),
+                        not_sent: Some(Box::new(not_sent)),
                     });
                 }
             }

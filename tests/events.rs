@@ -37,8 +37,47 @@ async fn eventbridge(endpoint: &str) -> aws_sdk_eventbridge::Client {
     aws_sdk_eventbridge::Client::from_conf(config)
 }
 
+/// An EventBridge bus `name` whose rule routes renderq's events to a new
+/// SQS queue `name-bus`; returns the queue's URL.
+pub async fn bus_routed_to_queue(endpoint: &str, sqs: &aws_sdk_sqs::Client, name: &str) -> String {
+    let queue = format!("{name}-bus");
+    let url = sqs
+        .create_queue()
+        .queue_name(&queue)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let bridge = eventbridge(endpoint).await;
+    bridge.create_event_bus().name(name).send().await.unwrap();
+    bridge
+        .put_rule()
+        .name(name)
+        .event_bus_name(name)
+        .event_pattern(json!({"source": ["renderq"]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    bridge
+        .put_targets()
+        .rule(name)
+        .event_bus_name(name)
+        .targets(
+            aws_sdk_eventbridge::types::Target::builder()
+                .id("q")
+                .arn(format!("arn:aws:sqs:us-east-1:123456789012:{queue}"))
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    url
+}
+
 /// Receives from `url` until `done` holds for what arrived.
-async fn drain_queue(
+pub async fn drain_queue(
     sqs: &aws_sdk_sqs::Client,
     url: &str,
     done: impl Fn(&[Value]) -> bool,
@@ -68,47 +107,15 @@ async fn one_jobs_events_reach_a_file_an_sqs_queue_and_an_eventbridge_bus() {
     let endpoint = moto.endpoint();
     let (sqs, _) = crate::harness::aws_clients(&endpoint).await;
     let name = format!("ev-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let create = |queue: String| {
-        let sqs = sqs.clone();
-        async move {
-            sqs.create_queue()
-                .queue_name(queue)
-                .send()
-                .await
-                .unwrap()
-                .queue_url
-                .unwrap()
-        }
-    };
-    let (pipeline, routed) = (
-        create(format!("{name}-pipe")).await,
-        create(format!("{name}-bus")).await,
-    );
-    let routed_arn = format!("arn:aws:sqs:us-east-1:123456789012:{name}-bus");
-    let bridge = eventbridge(&endpoint).await;
-    bridge.create_event_bus().name(&name).send().await.unwrap();
-    bridge
-        .put_rule()
-        .name(&name)
-        .event_bus_name(&name)
-        .event_pattern(json!({"source": ["renderq"]}).to_string())
+    let pipeline = sqs
+        .create_queue()
+        .queue_name(format!("{name}-pipe"))
         .send()
         .await
+        .unwrap()
+        .queue_url
         .unwrap();
-    bridge
-        .put_targets()
-        .rule(&name)
-        .event_bus_name(&name)
-        .targets(
-            aws_sdk_eventbridge::types::Target::builder()
-                .id("q")
-                .arn(&routed_arn)
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let routed = bus_routed_to_queue(&endpoint, &sqs, &name).await;
 
     let farm = Farm::new(
         Backend::Local,

@@ -371,7 +371,7 @@ async fn a_gpu_that_is_not_there_is_a_config_error() {
 }
 
 /// `/metrics` at `url`, parsed by Prometheus's reference parser.
-async fn scrape(url: &str) -> serde_json::Map<String, serde_json::Value> {
+pub async fn scrape(url: &str) -> serde_json::Map<String, serde_json::Value> {
     let text = reqwest::get(url).await.unwrap().text().await.unwrap();
     let mut parser = std::process::Command::new("python3")
         .arg(crate::harness::repo_path("tests/fixtures/parse_metrics.py"))
@@ -434,7 +434,8 @@ async fn metrics_parse_and_move_as_jobs_run() {
     for series in [
         "renderq_heartbeats_total",
         "renderq_visibility_extensions_failed_total",
-        "renderq_events_dropped_total",
+        "renderq_events_dropped_total{reason=\"buffer_full\"}",
+        "renderq_events_dropped_total{reason=\"too_large\"}",
         "renderq_adaptor_starts_total",
     ] {
         assert!(after.contains_key(series), "{series} in {after:?}");

@@ -37,7 +37,7 @@ pub const AWS_ENV: [(&str, &str); 4] = [
 
 /// Forks `command` from a thread that lives as long as the test binary, with
 /// SIGKILL as its parent-death signal: servers never outlive the tests.
-fn spawn_owned(mut command: Command) -> Child {
+pub fn spawn_owned(mut command: Command) -> Child {
     type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
@@ -258,6 +258,11 @@ pub struct Settings {
     pub extra_allowed: Vec<&'static str>,
     /// More lines for the `[worker]` table.
     pub worker_toml: String,
+    /// More lines for the `[queue_manager]` table.
+    pub queue_manager_toml: String,
+    /// The SQS queue's `endpoint_url`, when it is not moto itself (a
+    /// proxy in front of it).
+    pub sqs_endpoint: Option<String>,
 }
 
 impl Default for Settings {
@@ -272,6 +277,8 @@ impl Default for Settings {
             extra_toml: String::new(),
             extra_allowed: Vec::new(),
             worker_toml: String::new(),
+            queue_manager_toml: String::new(),
+            sqs_endpoint: None,
         }
     }
 }
@@ -385,6 +392,8 @@ impl Farm {
             max_body_bytes,
             extra_toml,
             worker_toml,
+            queue_manager_toml,
+            sqs_endpoint,
             ..
         } = settings;
         let aws = match &endpoint {
@@ -397,7 +406,7 @@ impl Farm {
 [queues.renders]
 backend = "sqs"
 url = "{}"
-endpoint_url = "{endpoint}"
+endpoint_url = "{}"
 region = "us-east-1"
 status_bucket = "results"
 
@@ -407,7 +416,9 @@ bucket = "{}"
 endpoint_url = "{endpoint}"
 region = "us-east-1"
 "#,
-                aws.queue_url, aws.bucket
+                aws.queue_url,
+                sqs_endpoint.as_deref().unwrap_or(endpoint),
+                aws.bucket
             ),
             _ => format!(
                 r#"
@@ -428,6 +439,7 @@ path = "results"
 allow_commands = [{allowed}]
 default_queue = "renders"
 listen_queue = "renders"
+{queue_manager_toml}
 
 [server]
 listen = "127.0.0.1:{port}"

@@ -129,8 +129,8 @@ pub struct QueueManagerConfig {
     /// Most messages one HTTP request may queue, across its whole batch.
     #[serde(default = "default_max_request_messages")]
     pub max_request_messages: u32,
-    /// Most event subscriptions (`notifications`) one job may carry, after
-    /// identical ones are merged.
+    /// Most event subscriptions (`notifications`) one job may carry;
+    /// identical ones are then merged.
     #[serde(default = "default_max_notifications")]
     pub max_notifications: usize,
     /// How long the records of finished work are kept: the job-status
