@@ -7,21 +7,21 @@ use anyhow::Context;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::Catalog;
+use crate::api::rpc::Rpc;
+use crate::api::server;
+use crate::api::submit::Submitter;
+use crate::commands::catalog::Catalog;
 use crate::config::{Config, Invalid, optional_secret};
-use crate::event::WorkerIdentity;
-use crate::ledger::Ledgers;
-use crate::lifecycle::{Shutdown, StopReason};
-use crate::metrics::Metrics;
-use crate::observe::Observer;
-use crate::publish::Publisher;
+use crate::events::ledger::Ledgers;
+use crate::events::metrics::Metrics;
+use crate::events::observe::Observer;
+use crate::events::publish::Publisher;
+use crate::events::status::StatusTable;
+use crate::fleet::lifecycle::{Shutdown, StopReason};
+use crate::fleet::scaling::Scaling;
+use crate::job::event::WorkerIdentity;
 use crate::queue::Queues;
-use crate::rpc::Rpc;
-use crate::scaling::Scaling;
-use crate::server;
-use crate::status::StatusTable;
 use crate::storage::Buckets;
-use crate::submit::Submitter;
 use crate::tasks::{HttpPoster, TaskRunner};
 use crate::worker::Worker;
 
@@ -70,7 +70,7 @@ impl App {
             metrics.events_dropped.clone(),
         )
         .await?;
-        let gpus = crate::gpu::assign(&config.worker.gpus, crate::gpu::discover)
+        let gpus = crate::fleet::gpu::assign(&config.worker.gpus, crate::fleet::gpu::discover)
             .map_err(|e| config.locate(Invalid::new("worker.gpus", e)))?;
         let buckets = Buckets::open(&config.buckets).await?;
         let ledgers = Ledgers::open(&config.queues, &buckets)?;
@@ -202,8 +202,8 @@ impl App {
     async fn run_worker(&self, worker: Arc<Worker>, shutdown: Shutdown) {
         let scaling = match &self.config.worker.autoscaling {
             Some(config) => {
-                let setting = crate::imds::Setting::parse(&self.config.worker.imds);
-                match setting.ok().as_ref().map(crate::imds::instance_id) {
+                let setting = crate::config::ImdsSetting::parse(&self.config.worker.imds);
+                match setting.ok().as_ref().map(crate::fleet::imds::instance_id) {
                     Some(id) => match id.await {
                         Some(id) => Some(Arc::new(Scaling::connect(config, id).await)),
                         None => {
@@ -247,8 +247,8 @@ impl App {
         self.metrics
             .sample_gpus(self.gpus.clone(), std::time::Duration::from_secs(10));
         let worker = &self.config.worker;
-        if let Ok(setting) = crate::imds::Setting::parse(&worker.imds) {
-            crate::imds::watch(
+        if let Ok(setting) = crate::config::ImdsSetting::parse(&worker.imds) {
+            crate::fleet::imds::watch(
                 &setting,
                 shutdown.clone(),
                 worker.stop_margin,

@@ -6,57 +6,57 @@
 //!
 //! # Code map
 //!
+//! The folders, from the bottom up: each imports only from the ones above
+//! it in this list (and the plumbing at the top of `src/`).
+//!
+//! - Plumbing, at the top of `src/`: [`aws`] (shared SDK set-up),
+//!   [`retry`] (the one back-off policy: job retries, queue outages,
+//!   postbacks, array sends), [`sqlite`] (how the queue, ledger and status
+//!   files are opened; SQLite work on an async thread that gives up on a
+//!   lock instead of waiting, `without_waiting`), [`workspace`] (each
+//!   process's own folder under `work_dir`: job folders, process-group
+//!   records, its reaper, and the sweep after dead workers).
+//! - [`job`]: what a job is, as plain values: the queue message envelope
+//!   and key templates, command parameter schemas ([`job::params`]), frame
+//!   specs ([`job::frames`]), lifecycle events ([`job::event`]) and a
+//!   command's result ([`job::output`]). Pure.
 //! - [`config`]: `workers.toml` types, defaults and checks (file, line, key
 //!   in every error).
-//! - [`job`]: the queue message envelope, key templates, key checks. Pure.
-//! - [`params`]: command parameter schemas. Pure.
-//! - [`catalog`]: what a job may ask for; the one validator used by both the
-//!   submit half and the worker. It builds every command once; its errors
-//!   are located in the file by [`config::Config::locate`] (the config
-//!   module knows nothing of commands).
-//! - [`submit`]: the submit half (validate against the catalog and the
-//!   `[queue_manager]` limits, then send; array jobs are cut into children
-//!   here, see [`mod@array`], and sent a batch at a time).
-//! - [`event`]: lifecycle events as values (pure); [`publish`] delivers
-//!   them to their targets through bounded buffers; [`observe`] is the one
-//!   place a job's end is logged and published; [`status`] folds events
-//!   into the job-status table, fed in-process or by [`watch`].
-//! - [`ledger`]: reported tries and array children's final states (SQLite
-//!   beside the embedded queue, S3 conditional writes for SQS): exactly one
-//!   `ArrayJobCompleted`, and "worker lost" redeliveries. It and the status
-//!   table are pruned after `queue_manager.retention`.
-//! - [`rpc`]: JSON-RPC 2.0 types and dispatch, no HTTP.
-//! - [`server`]: the HTTP router: auth, body limit, `/healthz`.
 //! - [`queue`]: the queue interface with SQS semantics, an enum over the
 //!   backends: `local` (embedded, SQLite in WAL mode, shared by processes on
 //!   one machine; concurrent sends committed together) and `sqs`
 //!   (aws-sdk-sqs; needs a redrive policy).
 //! - [`storage`]: buckets for results: `local` (a folder, atomic renames) and
 //!   `s3` (streaming multipart uploads, aborted on failure).
-//! - [`aws`]: shared SDK set-up (credential chain, region, endpoint).
+//! - [`tasks`]: post-tasks `s3_upload` and `http_post`.
 //! - [`commands`]: built-ins (including the `render_demo` ray tracer),
 //!   `process` programs run per job in their own process group, and
-//!   `adaptor` programs kept running across jobs (JSON lines protocol).
-//! - [`tasks`]: post-tasks `s3_upload` and `http_post`.
-//! - [`workspace`]: each process's own folder under `work_dir` (job
-//!   folders, process-group records), its reaper, and the sweep that
-//!   cleans up after dead workers.
-//! - [`sqlite`]: how the queue, ledger and status files are opened (WAL, a
-//!   busy handler that retries soon), and SQLite work on an async thread
-//!   that gives up on a lock instead of waiting (`without_waiting`).
-//! - [`retry`]: the one back-off policy (job retries, queue outages,
-//!   postbacks).
-//! - [`worker`]: the listen half: a step function plus slot loops, heartbeat,
-//!   back-off, drain on shutdown (`worker::execute` runs one job,
-//!   `worker::settle` decides its message's fate); [`delivery`] is a
-//!   received message with its envelope parsed once.
-//! - [`lifecycle`]: shutdown as a value (reason and deadline) that signals
-//!   and [`imds`] (spot and autoscaling notices) feed; [`drain`] decides which
-//!   running jobs can finish before it; [`scaling`] keeps scale-in
-//!   protection and the termination lifecycle hook; [`gpu`] pins slots to
-//!   GPUs; [`metrics`] is `/metrics`.
-//! - [`app`]: builds all of the above from a config; [`cli`], [`client`] and [`bench`](mod@bench)
-//!   are the command line.
+//!   `adaptor` programs kept running across jobs (JSON lines protocol); and
+//!   the [`commands::catalog`], what a job may ask for: the one validator
+//!   used by both the submit half and the worker. It builds every command
+//!   once; its errors are located in the file by [`config::Config::locate`].
+//! - [`fleet`]: shutdown as a value (reason and deadline) that signals and
+//!   IMDS notices feed, the drain to that deadline, scale-in protection and
+//!   the lifecycle hook, GPU slots.
+//! - [`events`]: publishing lifecycle events through bounded buffers, the
+//!   one observer of a job's end, `/metrics`, the job-status table and
+//!   `events watch`, and the ledger (reported tries and array children's
+//!   final states: SQLite beside the embedded queue, S3 conditional writes
+//!   for SQS) that makes exactly one `ArrayJobCompleted`. The ledger and
+//!   the status table are pruned after `queue_manager.retention`.
+//! - [`worker`]: the listen half: a step function plus slot loops,
+//!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
+//!   job, `worker::settle` decides its message's fate; a
+//!   [`worker::delivery`] is a received message with its envelope parsed
+//!   once).
+//! - [`api`]: the submit half: the HTTP router (auth, body limit,
+//!   `/healthz`), JSON-RPC 2.0 types and dispatch with no HTTP, and the
+//!   submit itself (validate against the catalog and the `[queue_manager]`
+//!   limits, then send; array jobs are cut into children and sent a batch
+//!   at a time).
+//! - [`app`]: builds all of the above from a config and runs `serve` or
+//!   `worker`; [`cli`] (with its endpoint [`cli::client`]) and
+//!   [`bench`](mod@bench) are the command line.
 //!
 //! # Invariants
 //!
@@ -97,38 +97,21 @@
 //!   `ArrayJobCompleted` (the ledger's claim is one conditional write).
 //! - No secret is read from `workers.toml` or written to a log.
 
+pub mod api;
 pub mod app;
-pub mod array;
 pub mod aws;
 pub mod bench;
-pub mod catalog;
 pub mod cli;
-pub mod client;
 pub mod commands;
 pub mod config;
-pub mod delivery;
-pub mod drain;
-pub mod event;
-pub mod gpu;
-pub mod imds;
+pub mod events;
+pub mod fleet;
 pub mod job;
-pub mod ledger;
-pub mod lifecycle;
-pub mod metrics;
-pub mod observe;
-pub mod params;
-pub mod publish;
 pub mod queue;
 pub mod retry;
-pub mod rpc;
-pub mod scaling;
-pub mod server;
 pub mod sqlite;
-pub mod status;
 pub mod storage;
-pub mod submit;
 pub mod tasks;
-pub mod watch;
 pub mod worker;
 pub mod workspace;
 

@@ -655,9 +655,10 @@ async fn events_watch_gives_the_same_table_for_repeats_in_any_order() {
             &path,
             &[],
         );
-        let table =
-            renderq::status::StatusTable::open(&farm.dir.path().join(format!("{name}.sqlite3")))
-                .unwrap();
+        let table = renderq::events::status::StatusTable::open(
+            &farm.dir.path().join(format!("{name}.sqlite3")),
+        )
+        .unwrap();
         (summary, table.dump().unwrap())
     };
     let (once, in_order) = watch("once", lines.join("\n"));

@@ -64,7 +64,7 @@ noop = {{ type = "boolean", default = true }}
         ),
         &std::env::temp_dir(),
     )?;
-    let catalog = crate::catalog::Catalog::from_config(&config)
+    let catalog = crate::commands::catalog::Catalog::from_config(&config)
         .map_err(|i| anyhow::anyhow!("{}: {}", i.key, i.message))?;
     let mut commands = catalog.commands();
     let (adaptor_cmd, process_cmd) = (

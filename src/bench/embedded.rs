@@ -51,7 +51,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut pending = HashMap::new();
     for _ in 0..args.latency_jobs {
         let sent = Instant::now();
-        let crate::submit::Submitted::Job { message_id: id } = submitter.submit(no_op()).await?
+        let crate::api::submit::Submitted::Job { message_id: id } =
+            submitter.submit(no_op()).await?
         else {
             anyhow::bail!("a plain job came back as an array");
         };
@@ -78,7 +79,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/", listener.local_addr()?);
     let server_stop = CancellationToken::new();
-    let server = tokio::spawn(crate::server::serve(
+    let server = tokio::spawn(crate::api::server::serve(
         listener,
         app.router()?,
         server_stop.clone(),

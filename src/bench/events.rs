@@ -5,9 +5,9 @@
 use std::time::{Duration, Instant};
 
 use super::{BenchArgs, CONFIG, drain, no_op};
+use crate::api::submit::{SubmitRequest, Submitted};
 use crate::app::App;
 use crate::config::Config;
-use crate::submit::{SubmitRequest, Submitted};
 
 /// A throw-away embedded farm with `extra` config; returns it and its folder.
 async fn farm(extra: &str) -> anyhow::Result<(App, tempfile::TempDir)> {

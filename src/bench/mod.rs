@@ -17,7 +17,7 @@ mod spot;
 mod sqs;
 mod uploads;
 
-use crate::submit::SubmitRequest;
+use crate::api::submit::SubmitRequest;
 use crate::worker::Outcome;
 
 #[derive(Debug, Args)]

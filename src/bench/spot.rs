@@ -11,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::sqs::create_queue_pair;
 use super::{BenchArgs, CONFIG};
+use crate::api::submit::SubmitRequest;
 use crate::app::App;
 use crate::config::Config;
-use crate::lifecycle::Shutdown;
-use crate::submit::SubmitRequest;
+use crate::fleet::lifecycle::Shutdown;
 
 /// Serves IMDSv2 with a spot notice once `notice` holds a document.
 async fn fake_imds(notice: Arc<Mutex<Option<String>>>) -> anyhow::Result<String> {
@@ -95,8 +95,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .await?;
         let worker = Arc::new(app.worker());
         let shutdown = Shutdown::new();
-        crate::imds::watch(
-            &crate::imds::Setting::parse(&imds).map_err(anyhow::Error::msg)?,
+        crate::fleet::imds::watch(
+            &crate::config::ImdsSetting::parse(&imds).map_err(anyhow::Error::msg)?,
             shutdown.clone(),
             Duration::from_secs(1),
             Duration::from_secs(10),

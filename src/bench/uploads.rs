@@ -16,9 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use super::{BenchArgs, proc_status_kib};
+use crate::api::submit::SubmitRequest;
 use crate::config::Config;
 use crate::queue::Queue;
-use crate::submit::SubmitRequest;
 
 /// The proxy's unit of transfer.
 const PROXY_CHUNK: usize = 64 * 1024;

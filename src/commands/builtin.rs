@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::{CommandError, Output, RunContext, render_demo};
-use crate::params::{Param, ParamType, Schema};
+use crate::job::params::{Param, ParamType, Schema};
 use serde_json::{Map, Value, json};
 
 /// The built-in commands.

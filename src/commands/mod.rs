@@ -8,6 +8,7 @@
 mod adaptor;
 mod argv;
 mod builtin;
+pub mod catalog;
 mod process;
 mod render_demo;
 
@@ -23,91 +24,10 @@ pub use builtin::Builtin;
 pub use process::ProcessCommand;
 
 use crate::config::{CommandConfig, Config, Invalid};
-use crate::params::Schema;
+use crate::job::Output;
+use crate::job::params::Schema;
 use crate::workspace::{GroupRecord, Workspace};
 use argv::{ArgTemplate, BUILT_IN_VARS};
-
-/// Where a result's bytes are.
-#[derive(Debug, Clone)]
-pub enum Body {
-    Bytes(Vec<u8>),
-    /// A file, streamed by the tasks rather than read into memory.
-    File(PathBuf),
-}
-
-/// A command's result (a command may give several: one per frame).
-#[derive(Debug, Clone)]
-pub struct Output {
-    pub body: Body,
-    pub mime: mime::Mime,
-    /// The frame it shows, when the command knows.
-    pub frame: Option<i64>,
-    /// `${output_name}`: a file's name without extension, else `result`.
-    pub name: String,
-    /// The job's working folder, holding a file result; it is removed once
-    /// the last clone of the output is dropped, after the tasks ran.
-    _workdir: Option<Arc<tempfile::TempDir>>,
-}
-
-impl Output {
-    pub fn bytes(bytes: Vec<u8>, mime: mime::Mime) -> Self {
-        Self {
-            body: Body::Bytes(bytes),
-            mime,
-            frame: None,
-            name: "result".into(),
-            _workdir: None,
-        }
-    }
-
-    /// A file inside `workdir`, which lives as long as the output.
-    pub fn file(path: PathBuf, mime: mime::Mime, workdir: Arc<tempfile::TempDir>) -> Self {
-        let name = path
-            .file_stem()
-            .map_or_else(|| "result".into(), |s| s.to_string_lossy().into_owned());
-        Self {
-            body: Body::File(path),
-            mime,
-            frame: None,
-            name,
-            _workdir: Some(workdir),
-        }
-    }
-
-    /// The same output, marked as showing `frame`, named `name`.
-    pub fn for_frame(self, frame: i64, name: String) -> Self {
-        Self {
-            frame: Some(frame),
-            name,
-            ..self
-        }
-    }
-
-    /// Marks a file output with the frame its name shows (the last number
-    /// in it), when that frame is one of `frames`.
-    pub fn with_frame_from_name(mut self, frames: &[i64]) -> Self {
-        let digits: String = {
-            let tail: String = self
-                .name
-                .chars()
-                .rev()
-                .skip_while(|c| !c.is_ascii_digit())
-                .take_while(char::is_ascii_digit)
-                .collect();
-            tail.chars().rev().collect()
-        };
-        self.frame = digits.parse().ok().filter(|f| frames.contains(f));
-        self
-    }
-
-    /// A JSON value as `application/json`.
-    pub fn json(value: &Value) -> Self {
-        Self::bytes(
-            serde_json::to_vec(value).expect("a JSON value always serializes"),
-            mime::APPLICATION_JSON,
-        )
-    }
-}
 
 /// A job's fresh working folder, removed when the guard is dropped.
 fn workdir(workspace: &Workspace) -> Result<tempfile::TempDir, CommandError> {

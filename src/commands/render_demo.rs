@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::{CommandError, Output, Progress, RunContext};
-use crate::params::{Param, ParamType, Schema};
+use crate::job::params::{Param, ParamType, Schema};
 
 pub fn schema() -> Schema {
     Schema::default()
@@ -385,7 +385,7 @@ mod tests {
         let out = run(&params, &ctx).await.unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].mime, mime::IMAGE_PNG);
-        let super::super::Body::Bytes(bytes) = &out[0].body else {
+        let crate::job::Body::Bytes(bytes) = &out[0].body else {
             panic!("expected bytes")
         };
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::event::EventType;
+use crate::job::event::EventType;
 
 /// `[events]`
 #[derive(Debug, Clone, Deserialize)]

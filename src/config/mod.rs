@@ -231,9 +231,9 @@ impl Config {
                 "must not be shorter than worker.retry_delay",
             ));
         }
-        let imds =
-            crate::imds::Setting::parse(&w.imds).map_err(|e| Invalid::new("worker.imds", e))?;
-        if w.autoscaling.is_some() && imds == crate::imds::Setting::Off {
+        let imds = crate::config::ImdsSetting::parse(&w.imds)
+            .map_err(|e| Invalid::new("worker.imds", e))?;
+        if w.autoscaling.is_some() && imds == crate::config::ImdsSetting::Off {
             return Err(Invalid::new(
                 "worker.autoscaling",
                 "needs worker.imds (\"auto\" on EC2) to learn the instance id",

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::drain::UnknownEta;
-use crate::gpu::GpusConfig;
-use crate::params::ParamSpec;
+use crate::job::params::ParamSpec;
 
 /// `[commands.NAME]`
 #[derive(Debug, Clone, Deserialize)]
@@ -465,4 +463,54 @@ pub struct MetricsConfig {
     /// Address `renderq worker` serves `/metrics` and `/healthz` on, e.g.
     /// `127.0.0.1:9464` (`serve` has them on its endpoint anyway).
     pub listen: Option<String>,
+}
+
+/// What to do on an instance notice with a job whose end is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownEta {
+    /// Hand it back at once (another worker starts it sooner).
+    #[default]
+    Release,
+    /// Let it run until the deadline less the margin (for short jobs).
+    RunToDeadline,
+}
+
+/// `[worker] gpus`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum GpusConfig {
+    /// `"auto"` or `"off"`.
+    Mode(String),
+    /// These GPU indexes.
+    List(Vec<u32>),
+}
+
+impl Default for GpusConfig {
+    fn default() -> Self {
+        GpusConfig::Mode("off".into())
+    }
+}
+
+/// Where to find IMDS, from `[worker] imds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImdsSetting {
+    Off,
+    Auto,
+    Url(String),
+}
+
+impl ImdsSetting {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "off" => Ok(ImdsSetting::Off),
+            "auto" => Ok(ImdsSetting::Auto),
+            url if url.starts_with("http://") || url.starts_with("https://") => {
+                Ok(ImdsSetting::Url(url.trim_end_matches('/').to_owned()))
+            }
+            other => Err(format!(
+                "`{other}` is not \"off\", \"auto\" or an http:// URL"
+            )),
+        }
+    }
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::StorageError;
-use crate::commands::{Body, Output};
+use crate::job::{Body, Output};
 use crate::workspace::Workspace;
 
 /// Folder holding each object's metadata, mirroring the object keys.

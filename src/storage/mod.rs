@@ -5,8 +5,8 @@ mod s3;
 
 use std::collections::BTreeMap;
 
-use crate::commands::Output;
 use crate::config::BucketConfig;
+use crate::job::Output;
 pub use local::LocalBucket;
 pub use s3::S3Bucket;
 

@@ -15,8 +15,8 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ObjectCannedAcl};
 
-use crate::commands::{Body, Output};
 use crate::config::S3BucketConfig;
+use crate::job::{Body, Output};
 
 /// A failed S3 call: what went wrong, and whether another try can help.
 #[derive(Debug)]

@@ -18,8 +18,8 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 use super::TaskError;
-use crate::commands::{Body, Output};
 use crate::config::HttpPostConfig;
+use crate::job::{Body, Output};
 use crate::job::{Template, Vars};
 use crate::retry::Backoff;
 

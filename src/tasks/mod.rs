@@ -11,9 +11,9 @@ use serde_json::Value;
 pub use http_post::{HostPolicy, HttpPost, HttpPoster, SIGNATURE_HEADER};
 pub use s3_upload::S3Upload;
 
-use crate::commands::Output;
+use crate::job::Output;
+use crate::job::params::{FieldError, deserialize_named};
 use crate::job::{TaskSpec, Vars};
-use crate::params::{FieldError, deserialize_named};
 use crate::storage::Buckets;
 
 /// The known post-tasks, with their checked configs.

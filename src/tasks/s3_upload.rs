@@ -3,7 +3,7 @@
 use serde::Deserialize;
 
 use super::TaskError;
-use crate::commands::Output;
+use crate::job::Output;
 use crate::job::{Template, Vars, check_key, check_key_template};
 use crate::storage::Buckets;
 

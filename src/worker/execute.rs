@@ -9,11 +9,11 @@ use tracing::info;
 
 use super::{JobError, Worker};
 use crate::commands::{CommandError, Progress, ProgressSink, RunContext};
-use crate::delivery::Delivery;
-use crate::drain::Registered;
+use crate::events::observe::Subject;
+use crate::fleet::drain::Registered;
 use crate::job::{Vars, mime_ext};
-use crate::observe::Subject;
 use crate::tasks::TaskError;
+use crate::worker::delivery::Delivery;
 
 impl Worker {
     /// Checks, runs the command, then the tasks in order (each on every

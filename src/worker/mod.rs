@@ -22,18 +22,19 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::catalog::Catalog;
+use crate::commands::catalog::Catalog;
 use crate::config::WorkerConfig;
-use crate::delivery::Delivery;
-use crate::drain::RunningJobs;
-use crate::event::EventType;
-use crate::ledger::Ledger;
-use crate::lifecycle::{Shutdown, StopReason};
-use crate::observe::{JobEnd, Observer};
+use crate::events::ledger::Ledger;
+use crate::events::observe::{JobEnd, Observer};
+use crate::fleet::drain::RunningJobs;
+use crate::fleet::lifecycle::{Shutdown, StopReason};
+use crate::job::event::EventType;
 use crate::queue::{Queue, QueueError, Received};
 use crate::retry::Backoff;
 use crate::tasks::TaskRunner;
+use crate::worker::delivery::Delivery;
 
+pub mod delivery;
 mod execute;
 mod settle;
 
@@ -110,7 +111,7 @@ impl Worker {
 
     /// Runs `slots` loops of [`Self::process_next`] until a stop is
     /// requested; then drains to the stop's deadline: jobs that cannot
-    /// finish in time are handed back early (see [`crate::drain`]), and
+    /// finish in time are handed back early (see [`crate::fleet::drain`]), and
     /// whatever still runs at the deadline is cancelled and handed back.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let abort = CancellationToken::new();

@@ -6,11 +6,11 @@ use std::time::Duration;
 use tracing::{error, warn};
 
 use super::{JobError, Worker};
-use crate::delivery::Delivery;
-use crate::ledger::ChildState;
-use crate::observe::{JobEnd, Subject};
+use crate::events::ledger::ChildState;
+use crate::events::observe::{JobEnd, Subject};
 use crate::queue::{DeadLetter, QueueError};
 use crate::retry::Backoff;
+use crate::worker::delivery::Delivery;
 
 impl Worker {
     /// A try after the first whose predecessor never reported a failure:

@@ -1,6 +1,6 @@
 //! Lifecycle events as values: their types, their JSON form (SPEC §8), and
 //! the per-job subscriptions a submit may carry. Pure: publishing them is
-//! [`crate::publish`]'s job.
+//! the events folder's job.
 
 use std::fmt;
 use std::str::FromStr;

@@ -12,20 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// What to do on an instance notice with a job whose end is unknown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum UnknownEta {
-    /// Hand it back at once (another worker starts it sooner).
-    #[default]
-    Release,
-    /// Let it run until the deadline less the margin (for short jobs).
-    RunToDeadline,
-}
+use crate::config::UnknownEta;
 
 /// A running job, as the drain sees it.
 #[derive(Debug)]

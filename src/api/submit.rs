@@ -13,15 +13,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::array::{format_frames, parse_frames};
-use crate::catalog::Catalog;
+use crate::commands::catalog::Catalog;
 use crate::config::QueueManagerConfig;
-use crate::event::{Event, EventType, JobRef, Notification};
+use crate::events::ledger::{ArrayCounts, Ledger, Ledgers};
+use crate::events::observe::Subject;
+use crate::events::publish::Publisher;
+use crate::job::event::{Event, EventType, JobRef, Notification};
+use crate::job::frames::{format_frames, parse_frames};
+use crate::job::params::FieldError;
 use crate::job::{ArrayPart, Envelope, TaskSpec};
-use crate::ledger::{ArrayCounts, Ledger, Ledgers};
-use crate::observe::Subject;
-use crate::params::FieldError;
-use crate::publish::Publisher;
 use crate::queue::{Queue, QueueError, Queues};
 use crate::retry::Backoff;
 

@@ -14,35 +14,13 @@ use std::time::Duration;
 use aws_config::imds::client::error::ImdsError;
 use tokio::time::Instant;
 
-use crate::lifecycle::{Shutdown, StopReason};
+use crate::config::ImdsSetting;
+use crate::fleet::lifecycle::{Shutdown, StopReason};
 
 /// The standard IMDS address.
 const DEFAULT_ENDPOINT: &str = "http://169.254.169.254";
 /// How often the notices are read.
 const POLL: Duration = Duration::from_millis(500);
-
-/// Where to find IMDS, from `[worker] imds`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Setting {
-    Off,
-    Auto,
-    Url(String),
-}
-
-impl Setting {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text {
-            "off" => Ok(Setting::Off),
-            "auto" => Ok(Setting::Auto),
-            url if url.starts_with("http://") || url.starts_with("https://") => {
-                Ok(Setting::Url(url.trim_end_matches('/').to_owned()))
-            }
-            other => Err(format!(
-                "`{other}` is not \"off\", \"auto\" or an http:// URL"
-            )),
-        }
-    }
-}
 
 /// A notice read from IMDS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,11 +31,11 @@ enum Notice {
 }
 
 /// A client with short timeouts (off EC2 it must give up quickly).
-fn client(setting: &Setting) -> Option<aws_config::imds::Client> {
+fn client(setting: &ImdsSetting) -> Option<aws_config::imds::Client> {
     let endpoint = match setting {
-        Setting::Off => return None,
-        Setting::Auto => DEFAULT_ENDPOINT.to_owned(),
-        Setting::Url(url) => url.clone(),
+        ImdsSetting::Off => return None,
+        ImdsSetting::Auto => DEFAULT_ENDPOINT.to_owned(),
+        ImdsSetting::Url(url) => url.clone(),
     };
     match aws_config::imds::Client::builder().endpoint(&endpoint) {
         Ok(builder) => Some(
@@ -75,7 +53,7 @@ fn client(setting: &Setting) -> Option<aws_config::imds::Client> {
 }
 
 /// This instance's id, when IMDS answers.
-pub async fn instance_id(setting: &Setting) -> Option<String> {
+pub async fn instance_id(setting: &ImdsSetting) -> Option<String> {
     let client = client(setting)?;
     client
         .get("/latest/meta-data/instance-id")
@@ -86,7 +64,7 @@ pub async fn instance_id(setting: &Setting) -> Option<String> {
 
 /// Starts the watcher (unless off). It returns at once; the probe and the
 /// polling run in the background until `shutdown`.
-pub fn watch(setting: &Setting, shutdown: Shutdown, margin: Duration, drain: Duration) {
+pub fn watch(setting: &ImdsSetting, shutdown: Shutdown, margin: Duration, drain: Duration) {
     let Some(client) = client(setting) else {
         return;
     };
@@ -202,13 +180,13 @@ mod tests {
 
     #[test]
     fn settings_parse() {
-        assert_eq!(Setting::parse("off"), Ok(Setting::Off));
-        assert_eq!(Setting::parse("auto"), Ok(Setting::Auto));
+        assert_eq!(ImdsSetting::parse("off"), Ok(ImdsSetting::Off));
+        assert_eq!(ImdsSetting::parse("auto"), Ok(ImdsSetting::Auto));
         assert_eq!(
-            Setting::parse("http://127.0.0.1:9/"),
-            Ok(Setting::Url("http://127.0.0.1:9".into()))
+            ImdsSetting::parse("http://127.0.0.1:9/"),
+            Ok(ImdsSetting::Url("http://127.0.0.1:9".into()))
         );
-        assert!(Setting::parse("yes").is_err());
+        assert!(ImdsSetting::parse("yes").is_err());
     }
 
     #[test]

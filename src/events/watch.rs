@@ -10,8 +10,8 @@ use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, EventTargetConfig};
-use crate::event::Event;
-use crate::status::{Applied, StatusTable};
+use crate::events::status::{Applied, StatusTable};
+use crate::job::event::Event;
 
 /// What a watch has done so far.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

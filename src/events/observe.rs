@@ -11,10 +11,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tracing::{error, info, warn};
 
-use crate::event::{Event, EventType, JobRef, Notification};
-use crate::ledger::ArrayCounts;
-use crate::metrics::Metrics;
-use crate::publish::Publisher;
+use crate::events::ledger::ArrayCounts;
+use crate::events::metrics::Metrics;
+use crate::events::publish::Publisher;
+use crate::job::event::{Event, EventType, JobRef, Notification};
 
 /// How one try of a job ended.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,5 +1,9 @@
 //! The command line: argument types and what each subcommand does.
 
+pub mod client;
+
+use client::SubmitArgs;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -11,7 +15,7 @@ use std::time::Duration;
 
 use crate::app::App;
 use crate::config::Config;
-use crate::lifecycle::Shutdown;
+use crate::fleet::lifecycle::Shutdown;
 use crate::queue::Queue;
 
 #[derive(Debug, Parser)]
@@ -101,34 +105,6 @@ impl Command {
 }
 
 #[derive(Debug, Args)]
-pub struct SubmitArgs {
-    /// The command to run, e.g. render_demo.
-    pub command: String,
-    /// Parameters as a JSON object.
-    #[arg(long, default_value = "{}")]
-    pub params: String,
-    /// Post-tasks as a JSON array.
-    #[arg(long, default_value = "[]")]
-    pub tasks: String,
-    /// Queue to submit to (default: queue_manager.default_queue).
-    #[arg(long)]
-    pub queue: Option<String>,
-    /// Endpoint URL (default: http://<server.listen>/).
-    #[arg(long)]
-    pub url: Option<String>,
-    /// Make an array job of these frames (`1-100`, `1-100x5`, `1,5,9-12`).
-    #[arg(long)]
-    pub frames: Option<String>,
-    /// Frames per child of an array job.
-    #[arg(long)]
-    pub chunk_size: Option<u32>,
-    /// Follow the job (or array) to its end with a progress bar; exit
-    /// non-zero if anything was dead-lettered. Needs `[events] status`.
-    #[arg(long)]
-    pub wait: bool,
-}
-
-#[derive(Debug, Args)]
 pub struct RunArgs {
     /// A built-in or [commands.NAME] command (it need not be allowed yet).
     pub command: String,
@@ -195,7 +171,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Submit(args) => crate::client::submit(&load()?, args).await,
+        Command::Submit(args) => crate::cli::client::submit(&load()?, args).await,
         Command::Prune => {
             let app = App::build(load()?).await?;
             let deleted = app.prune().await?;
@@ -211,7 +187,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load()?;
             with_shutdown(Duration::ZERO, |stop| async move {
                 let watched =
-                    crate::watch::run(&config, &target, once, stop.token().clone()).await?;
+                    crate::events::watch::run(&config, &target, once, stop.token().clone()).await?;
                 println!(
                     "applied={}\tduplicates={}\tskipped={}",
                     watched.applied, watched.duplicates, watched.skipped
@@ -227,7 +203,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .status
                 .as_deref()
                 .context("no status table: set [events] status in workers.toml")?;
-            match crate::status::StatusTable::open(path)?.get(&job_id)? {
+            match crate::events::status::StatusTable::open(path)?.get(&job_id)? {
                 Some(status) => {
                     println!("{status}");
                     Ok(())
@@ -315,7 +291,7 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let shutdown = Shutdown::new();
-    crate::lifecycle::stop_on_signal(shutdown.clone(), drain)?;
+    crate::fleet::lifecycle::stop_on_signal(shutdown.clone(), drain)?;
     body(shutdown).await
 }
 
@@ -347,7 +323,8 @@ async fn run_once(
             _ => bail!("--init-data is only for adaptor commands"),
         }
     }
-    let command = crate::catalog::command(&config, &args.command).map_err(|i| config.locate(i))?;
+    let command =
+        crate::commands::catalog::command(&config, &args.command).map_err(|i| config.locate(i))?;
     let params = command
         .schema
         .apply(&params)
@@ -365,7 +342,7 @@ async fn run_once(
     let several = outputs.len() > 1;
     // One JSON or text result with nowhere named goes to stdout.
     if let ([output], None) = (outputs.as_slice(), &args.output)
-        && let crate::commands::Body::Bytes(bytes) = &output.body
+        && let crate::job::Body::Bytes(bytes) = &output.body
         && (output.mime.type_() == mime::TEXT || output.mime.subtype() == mime::JSON)
     {
         use std::io::Write;
@@ -392,8 +369,8 @@ async fn run_once(
             }
         };
         match &output.body {
-            crate::commands::Body::Bytes(bytes) => std::fs::write(&path, bytes),
-            crate::commands::Body::File(file) => std::fs::copy(file, &path).map(drop),
+            crate::job::Body::Bytes(bytes) => std::fs::write(&path, bytes),
+            crate::job::Body::File(file) => std::fs::copy(file, &path).map(drop),
         }
         .with_context(|| format!("cannot write {}", path.display()))?;
         println!("{}\t{}", path.display(), output.mime);

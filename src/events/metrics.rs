@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::catalog::Catalog;
+use crate::commands::catalog::Catalog;
 
 type Labels = Vec<(String, String)>;
 
@@ -273,7 +273,7 @@ impl Metrics {
         let metrics = self.clone();
         tokio::spawn(async move {
             loop {
-                match crate::gpu::utilization().await {
+                match crate::fleet::gpu::utilization().await {
                     Ok(samples) => {
                         for sample in samples.iter().filter(|s| gpus.contains(&s.index)) {
                             let gpu = label("gpu", &sample.index.to_string());

@@ -14,8 +14,8 @@ use axum::routing::{get, post};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::rpc::Rpc;
+use crate::api::rpc::Rpc;
+use crate::events::metrics::Metrics;
 
 /// What the HTTP handlers share.
 #[derive(Debug, Clone)]

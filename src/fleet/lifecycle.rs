@@ -1,5 +1,5 @@
 //! Process lifecycle: why a process stops and by when, as one value that
-//! signals and the instance watchers ([`crate::imds`]) feed and the worker
+//! signals and the instance watchers ([`crate::fleet::imds`]) feed and the worker
 //! drains to.
 
 use std::sync::{Arc, Mutex};

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ScalingConfig;
-use crate::drain::RunningJobs;
+use crate::fleet::drain::RunningJobs;
 
 /// How often the busy state is looked at.
 const LOOK_EVERY: Duration = Duration::from_millis(500);

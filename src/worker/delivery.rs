@@ -1,9 +1,9 @@
 //! A received message with its envelope parsed once: who it is (the id the
 //! submit returned), which try this is, and how to send it on.
 
-use crate::event::{ArrayRef, JobRef};
+use crate::events::observe::Subject;
 use crate::job::Envelope;
-use crate::observe::Subject;
+use crate::job::event::{ArrayRef, JobRef};
 use crate::queue::Received;
 
 pub struct Delivery {

@@ -1,15 +1,44 @@
 //! `renderq submit`: the JSON-RPC client side, and `--wait`, which follows
 //! a job or an array to its end with a progress bar.
 
+use clap::Args;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-use crate::cli::SubmitArgs;
 use crate::config::{Config, optional_secret};
-use crate::status::Status;
+use crate::events::status::Status;
+
+/// `renderq submit`: the job, where to send it, and whether to follow it.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The command to run, e.g. render_demo.
+    pub command: String,
+    /// Parameters as a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub params: String,
+    /// Post-tasks as a JSON array.
+    #[arg(long, default_value = "[]")]
+    pub tasks: String,
+    /// Queue to submit to (default: queue_manager.default_queue).
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Endpoint URL (default: http://<server.listen>/).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Make an array job of these frames (`1-100`, `1-100x5`, `1,5,9-12`).
+    #[arg(long)]
+    pub frames: Option<String>,
+    /// Frames per child of an array job.
+    #[arg(long)]
+    pub chunk_size: Option<u32>,
+    /// Follow the job (or array) to its end with a progress bar; exit
+    /// non-zero if anything was dead-lettered. Needs `[events] status`.
+    #[arg(long)]
+    pub wait: bool,
+}
 
 /// A JSON-RPC client for one endpoint.
 struct Client {

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use crate::commands::{Builtin, Command};
 use crate::config::{Config, Invalid};
 use crate::job::TaskSpec;
-use crate::params::FieldError;
+use crate::job::params::FieldError;
 use crate::tasks::{HostPolicy, Task};
 
 #[derive(Debug, Clone)]

@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 
 use std::sync::Arc;
 
-use crate::params::{FieldError, deserialize_named};
-use crate::status::StatusTable;
-use crate::submit::{SubmitError, SubmitRequest, Submitted, Submitter};
+use crate::api::submit::{SubmitError, SubmitRequest, Submitted, Submitter};
+use crate::events::status::StatusTable;
+use crate::job::params::{FieldError, deserialize_named};
 
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
@@ -372,7 +372,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use crate::catalog::Catalog;
+    use crate::commands::catalog::Catalog;
     use crate::config::Config;
     use crate::queue::Queues;
 
@@ -398,8 +398,8 @@ path = "r"
             Arc::new(Catalog::from_config(&config).unwrap()),
             queues.clone(),
             "q".into(),
-            crate::publish::Publisher::default(),
-            crate::ledger::Ledgers::default(),
+            crate::events::publish::Publisher::default(),
+            crate::events::ledger::Ledgers::default(),
             (&config.queue_manager).into(),
         );
         (Rpc::new(submitter, None), queues)
@@ -510,11 +510,11 @@ mod spec_examples {
         .unwrap();
         let queues = crate::queue::Queues::open(&config.queues).await.unwrap();
         let submitter = Submitter::new(
-            Arc::new(crate::catalog::Catalog::from_config(&config).unwrap()),
+            Arc::new(crate::commands::catalog::Catalog::from_config(&config).unwrap()),
             queues,
             "q".into(),
-            crate::publish::Publisher::default(),
-            crate::ledger::Ledgers::default(),
+            crate::events::publish::Publisher::default(),
+            crate::events::ledger::Ledgers::default(),
             (&config.queue_manager).into(),
         );
         (Rpc::new(submitter, None), dir)

@@ -17,7 +17,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{Event, EventType};
+use crate::job::event::{Event, EventType};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY);
@@ -445,7 +445,7 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{ArrayRef, JobRef};
+    use crate::job::event::{ArrayRef, JobRef};
     use serde_json::json;
 
     fn event(kind: EventType, job: &str, attempt: u32, detail: Value) -> Event {

@@ -1,10 +1,20 @@
-//! Jobs as they travel: the queue message envelope, post-task specs, key
-//! templates and the checks on rendered keys. Pure: no I/O here.
+//! What a job is, as plain values: the queue message envelope, post-task
+//! specs, key templates and the checks on rendered keys (here); command
+//! parameters ([`params`]), frame specs ([`frames`]), lifecycle events
+//! ([`event`]) and a command's result ([`output`]). Pure: no I/O here, and
+//! nothing here imports from another folder of the crate.
+
+pub mod event;
+pub mod frames;
+pub mod output;
+pub mod params;
+
+pub use output::{Body, Output};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::event::Notification;
+use crate::job::event::Notification;
 
 /// The envelope version this build writes and understands.
 pub const PROTOCOL: u32 = 1;

@@ -18,10 +18,10 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{EventTargetConfig, EventsConfig, secret_from_env};
-use crate::event::{Event, EventType, Notification, WorkerIdentity};
-use crate::metrics::{DropReason, EventsDropped};
+use crate::events::metrics::{DropReason, EventsDropped};
+use crate::events::status::StatusTable;
+use crate::job::event::{Event, EventType, Notification, WorkerIdentity};
 use crate::retry::Backoff;
-use crate::status::StatusTable;
 
 /// The status table's outlet name (not a valid TOML key, so no clash).
 const STATUS: &str = "(status)";

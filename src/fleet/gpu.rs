@@ -5,23 +5,7 @@
 //! through `CUDA_VISIBLE_DEVICES` and `NVIDIA_VISIBLE_DEVICES`. No GPU, or
 //! no `nvidia-smi`, is one info line and slots as configured.
 
-use serde::Deserialize;
-
-/// `[worker] gpus`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum GpusConfig {
-    /// `"auto"` or `"off"`.
-    Mode(String),
-    /// These GPU indexes.
-    List(Vec<u32>),
-}
-
-impl Default for GpusConfig {
-    fn default() -> Self {
-        GpusConfig::Mode("off".into())
-    }
-}
+use crate::config::GpusConfig;
 
 /// One GPU, as `nvidia-smi` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
