@@ -298,6 +298,9 @@ impl Config {
         if let Some(dir) = &mut self.worker.work_dir {
             *dir = base.join(&*dir);
         }
+        if let Some(dir) = &mut self.worker.cache.path {
+            *dir = base.join(&*dir);
+        }
         for queue in self.queues.values_mut() {
             if let QueueConfig::Local(local) = queue {
                 local.path = base.join(&local.path);

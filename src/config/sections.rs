@@ -127,6 +127,9 @@ pub struct QueueManagerConfig {
     /// Most messages one HTTP request may queue, across its whole batch.
     #[serde(default = "default_max_request_messages")]
     pub max_request_messages: u32,
+    /// Most entries in one job's `inputs`.
+    #[serde(default = "default_max_inputs")]
+    pub max_inputs: usize,
     /// Most event subscriptions (`notifications`) one job may carry;
     /// identical ones are then merged.
     #[serde(default = "default_max_notifications")]
@@ -164,6 +167,10 @@ fn default_max_batch() -> usize {
 
 fn default_max_request_messages() -> u32 {
     10_000
+}
+
+fn default_max_inputs() -> usize {
+    100
 }
 
 fn default_max_notifications() -> usize {
@@ -248,6 +255,38 @@ pub struct WorkerConfig {
     /// Cooperation with the instance's autoscaling group (needs `imds`,
     /// for the instance id).
     pub autoscaling: Option<ScalingConfig>,
+    /// Where jobs' inputs are kept between jobs.
+    pub cache: CacheConfig,
+}
+
+/// `[worker.cache]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// The cache's folder, shared by every slot of this worker and by other
+    /// worker processes on the machine that name it (default:
+    /// `renderq-cache` under `work_dir`). It must be on the same file
+    /// system as `work_dir` for inputs to be hard-linked rather than
+    /// copied.
+    pub path: Option<PathBuf>,
+    /// Bytes it may hold; past this the least recently used files that no
+    /// running job uses are deleted.
+    pub max_size: u64,
+    /// Ranged GETs at once for one large object.
+    pub download_concurrency: usize,
+    /// Most files one manifest may list.
+    pub max_manifest_files: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            max_size: 20 * 1024 * 1024 * 1024,
+            download_concurrency: 8,
+            max_manifest_files: 100_000,
+        }
+    }
 }
 
 /// `[worker.autoscaling]`
@@ -289,6 +328,14 @@ impl WorkerConfig {
     pub fn work_root(&self) -> PathBuf {
         self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
     }
+
+    /// The input cache's folder.
+    pub fn cache_root(&self) -> PathBuf {
+        self.cache
+            .path
+            .clone()
+            .unwrap_or_else(|| self.work_root().join("renderq-cache"))
+    }
 }
 
 impl Default for WorkerConfig {
@@ -307,6 +354,7 @@ impl Default for WorkerConfig {
             imds: "off".into(),
             gpus: GpusConfig::default(),
             autoscaling: None,
+            cache: CacheConfig::default(),
         }
     }
 }

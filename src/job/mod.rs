@@ -1,11 +1,13 @@
 //! What a job is, as plain values: the queue message envelope, post-task
 //! specs, key templates and the checks on rendered keys (here); command
-//! parameters ([`params`]), frame specs ([`frames`]), lifecycle events
-//! ([`event`]) and a command's result ([`output`]). Pure: no I/O here, and
+//! parameters ([`params`]), frame specs ([`frames`]), inputs and manifests
+//! ([`inputs`]), lifecycle events ([`event`]) and a command's result
+//! ([`output`]). Pure: no I/O here, and
 //! nothing here imports from another folder of the crate.
 
 pub mod event;
 pub mod frames;
+pub mod inputs;
 pub mod output;
 pub mod params;
 
@@ -15,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::job::event::Notification;
+use crate::job::inputs::InputSpec;
 
 /// The envelope version this build writes and understands.
 pub const PROTOCOL: u32 = 1;
@@ -62,6 +65,9 @@ pub struct Envelope {
     /// The job's own event subscriptions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<Notification>,
+    /// Objects placed in the job's working folder before it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputSpec>,
 }
 
 /// A child's place in its array job (SPEC §7).
@@ -102,6 +108,7 @@ impl Envelope {
             message_id: None,
             array: None,
             notifications: Vec::new(),
+            inputs: Vec::new(),
         }
     }
 

@@ -51,6 +51,15 @@ impl LocalBucket {
         Self::new(name, root)
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where an object's file is.
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
     /// The content type stored with an object, if the object exists.
     pub fn content_type(&self, key: &str) -> Option<String> {
         let meta = std::fs::read(self.root.join(META_DIR).join(format!("{key}.json"))).ok()?;

@@ -1,5 +1,8 @@
-//! Object storage for results: where `s3_upload` puts them.
+//! Object storage: where `s3_upload` puts results, and where job inputs
+//! come from ([`download`]); [`cache`] keeps inputs between jobs.
 
+pub mod cache;
+pub mod download;
 mod local;
 mod s3;
 
