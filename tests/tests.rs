@@ -35,6 +35,7 @@ mod failures;
 mod first_hour;
 mod fleet;
 mod http_api;
+mod inputs;
 mod limits;
 mod processes;
 mod readme;

@@ -20,6 +20,7 @@ use crate::events::observe::Subject;
 use crate::events::publish::Publisher;
 use crate::job::event::{Event, EventType, JobRef, Notification};
 use crate::job::frames::{format_frames, parse_frames};
+use crate::job::inputs::InputSpec;
 use crate::job::params::FieldError;
 use crate::job::{ArrayPart, Envelope, TaskSpec};
 use crate::queue::{Queue, QueueError, Queues};
@@ -47,6 +48,9 @@ pub struct SubmitRequest {
     /// The job's own event subscriptions.
     #[serde(default)]
     pub notifications: Vec<Notification>,
+    /// Objects placed in the job's working folder before it runs.
+    #[serde(default)]
+    pub inputs: Vec<InputSpec>,
 }
 
 /// What a submit queued.
@@ -270,8 +274,10 @@ impl Submitter {
             .catalog
             .validate(&request.command, &request.parameters, &request.tasks)?;
         let has_frame = job.command.schema.contains("frame");
+        self.catalog.check_inputs(&request.inputs)?;
         let mut envelope = Envelope::new(request.command, request.parameters, request.tasks);
         envelope.notifications = notifications;
+        envelope.inputs = request.inputs;
 
         let Some(spec) = request.frames else {
             let bytes = envelope.to_body().len();

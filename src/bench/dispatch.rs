@@ -25,6 +25,7 @@ async fn rate(
         job_id: "bench".into(),
         frames: Vec::new(),
         gpu: None,
+        workdir: None,
     };
     // One warm-up run starts what has to be started (the adaptor).
     command.run(&params, &ctx).await?;

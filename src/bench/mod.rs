@@ -113,6 +113,7 @@ fn no_op() -> SubmitRequest {
         frames: None,
         chunk_size: None,
         notifications: vec![],
+        inputs: vec![],
     }
 }
 

@@ -335,6 +335,7 @@ async fn run_once(
         job_id: format!("run-{}", uuid::Uuid::new_v4()),
         frames: Vec::new(),
         gpu: None,
+        workdir: None,
     };
     let outputs = command.run(&params, &ctx).await;
     command.stop().await;

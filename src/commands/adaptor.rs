@@ -237,7 +237,7 @@ impl AdaptorCommand {
             Some(process) => process,
             None => self.start(&ctx.progress, ctx.gpu).await?,
         };
-        let workdir = workdir(&self.workspace)?;
+        let workdir = workdir(&self.workspace, ctx)?;
         let run = json!({"type": "run", "job_id": ctx.job_id, "parameters": params,
                          "frames": ctx.frames, "workdir": workdir.path()});
 
@@ -266,29 +266,24 @@ impl AdaptorCommand {
         let result = match message {
             Message::Result {
                 path, paths, mime, ..
-            } if path.is_some() || !paths.is_empty() => {
-                let workdir = Arc::new(workdir);
-                path.into_iter()
-                    .chain(paths)
-                    .map(|path| {
-                        let path = workdir.path().join(path);
-                        if !path.is_file() {
-                            return Err(CommandError::Failed(format!(
-                                "adaptor result {} does not exist",
-                                path.display()
-                            )));
-                        }
-                        let mime =
-                            mime.as_deref()
-                                .and_then(|m| m.parse().ok())
-                                .unwrap_or_else(|| {
-                                    mime_guess::from_path(&path).first_or_octet_stream()
-                                });
-                        Ok(Output::file(path, mime, workdir.clone())
-                            .with_frame_from_name(&ctx.frames))
-                    })
-                    .collect()
-            }
+            } if path.is_some() || !paths.is_empty() => path
+                .into_iter()
+                .chain(paths)
+                .map(|path| {
+                    let path = workdir.path().join(path);
+                    if !path.is_file() {
+                        return Err(CommandError::Failed(format!(
+                            "adaptor result {} does not exist",
+                            path.display()
+                        )));
+                    }
+                    let mime = mime
+                        .as_deref()
+                        .and_then(|m| m.parse().ok())
+                        .unwrap_or_else(|| mime_guess::from_path(&path).first_or_octet_stream());
+                    Ok(Output::file(path, mime, workdir.clone()).with_frame_from_name(&ctx.frames))
+                })
+                .collect(),
             Message::Result {
                 json: Some(value), ..
             } => Ok(vec![Output::json(&value)]),

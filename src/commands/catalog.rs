@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use crate::commands::{Builtin, Command};
 use crate::config::{Config, Invalid};
 use crate::job::TaskSpec;
+use crate::job::inputs::InputSpec;
 use crate::job::params::FieldError;
 use crate::tasks::{HostPolicy, Task};
 
@@ -18,6 +19,8 @@ pub struct Catalog {
     commands: BTreeMap<String, Command>,
     buckets: BTreeSet<String>,
     hosts: HostPolicy,
+    /// Most entries in a job's `inputs` (`queue_manager.max_inputs`).
+    max_inputs: usize,
 }
 
 /// A job that passed every check, ready to run.
@@ -68,6 +71,7 @@ impl Catalog {
             commands,
             buckets: config.buckets.keys().cloned().collect(),
             hosts: HostPolicy::from_config(&config.http_post),
+            max_inputs: config.queue_manager.max_inputs,
         })
     }
 
@@ -106,6 +110,12 @@ impl Catalog {
             parameters,
             tasks,
         })
+    }
+
+    /// Checks a job's inputs: their buckets exist, their paths stay in the
+    /// job's folder, their keys are keys.
+    pub fn check_inputs(&self, inputs: &[InputSpec]) -> Result<(), FieldError> {
+        crate::job::inputs::check(inputs, self.max_inputs, |b| self.buckets.contains(b))
     }
 
     /// Checks what a task refers to outside itself.

@@ -29,10 +29,18 @@ use crate::job::params::Schema;
 use crate::workspace::{GroupRecord, Workspace};
 use argv::{ArgTemplate, BUILT_IN_VARS};
 
-/// A job's fresh working folder, removed when the guard is dropped.
-fn workdir(workspace: &Workspace) -> Result<tempfile::TempDir, CommandError> {
+/// The job's working folder: the one the worker staged inputs in, or a
+/// fresh one, removed when the last guard is dropped.
+fn workdir(
+    workspace: &Workspace,
+    ctx: &RunContext,
+) -> Result<Arc<tempfile::TempDir>, CommandError> {
+    if let Some(dir) = &ctx.workdir {
+        return Ok(dir.clone());
+    }
     workspace
         .temp_dir("renderq-job-")
+        .map(Arc::new)
         .map_err(|e| CommandError::Failed(format!("cannot make a working folder: {e}")))
 }
 
@@ -156,6 +164,9 @@ pub struct RunContext {
     pub frames: Vec<i64>,
     /// The GPU the slot is pinned to: external programs see only it.
     pub gpu: Option<u32>,
+    /// The job's working folder, already made (with its inputs staged);
+    /// `None`: the command makes one if it needs one.
+    pub workdir: Option<Arc<tempfile::TempDir>>,
 }
 
 /// A child's process group; signals reach everything the child started.

@@ -123,7 +123,7 @@ impl ProcessCommand {
         ctx: &RunContext,
     ) -> Result<Vec<Output>, CommandError> {
         let failed = |what: &str, e: std::io::Error| CommandError::Failed(format!("{what}: {e}"));
-        let workdir = workdir(&self.workspace)?;
+        let workdir = workdir(&self.workspace, ctx)?;
         let mut params = params.clone();
         params.insert("frames".into(), Value::from(ctx.frames.clone()));
         let vars = ArgVars {
@@ -228,7 +228,6 @@ impl ProcessCommand {
                 pattern.display()
             ))));
         }
-        let workdir = Arc::new(workdir);
         Ok(paths
             .into_iter()
             .map(|path| {

@@ -381,6 +381,7 @@ mod tests {
             job_id: "test".into(),
             frames: Vec::new(),
             gpu: None,
+            workdir: None,
         };
         let out = run(&params, &ctx).await.unwrap();
         assert_eq!(out.len(), 1);

@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::commands::catalog::Catalog;
+use crate::job::inputs::Staged;
 
 type Labels = Vec<(String, String)>;
 
@@ -110,6 +111,9 @@ pub struct Metrics {
     pub events_dropped: EventsDropped,
     gpu_utilization: Family<Labels, Gauge<f64, AtomicU64>>,
     gpu_memory_used: Family<Labels, Gauge>,
+    cache_files: Family<Labels, Counter>,
+    input_bytes: Family<Labels, Counter>,
+    cache_size: Gauge,
 }
 
 impl Default for Metrics {
@@ -152,6 +156,9 @@ impl Metrics {
             events_dropped: EventsDropped::default(),
             gpu_utilization: Family::default(),
             gpu_memory_used: Family::default(),
+            cache_files: Family::default(),
+            input_bytes: Family::default(),
+            cache_size: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("jobs", "Jobs by how their try ended", metrics.jobs.clone());
@@ -198,6 +205,21 @@ impl Metrics {
             metrics.events_dropped.0.clone(),
         );
         registry.register(
+            "input_cache_files",
+            "Input files staged, by result: hit (from the cache) or miss (downloaded)",
+            metrics.cache_files.clone(),
+        );
+        registry.register(
+            "input_bytes",
+            "Input bytes staged, by source: cache or download",
+            metrics.input_bytes.clone(),
+        );
+        registry.register(
+            "input_cache_size_bytes",
+            "Bytes the input cache holds",
+            metrics.cache_size.clone(),
+        );
+        registry.register(
             "gpu_utilization_ratio",
             "GPU utilization, 0 to 1",
             metrics.gpu_utilization.clone(),
@@ -242,6 +264,23 @@ impl Metrics {
         if let Some(waited) = waited {
             self.queue_wait.observe(waited.as_secs_f64());
         }
+    }
+
+    /// A job's inputs were staged; the cache now holds `cache_bytes`.
+    pub fn staged(&self, staged: &Staged, cache_bytes: u64) {
+        self.cache_files
+            .get_or_create(&label("result", "hit"))
+            .inc_by(staged.hits);
+        self.cache_files
+            .get_or_create(&label("result", "miss"))
+            .inc_by(staged.downloads);
+        self.input_bytes
+            .get_or_create(&label("source", "cache"))
+            .inc_by(staged.bytes_from_cache);
+        self.input_bytes
+            .get_or_create(&label("source", "download"))
+            .inc_by(staged.bytes_downloaded);
+        self.cache_size.set(cache_bytes as i64);
     }
 
     /// `message`, `empty` or `error`.

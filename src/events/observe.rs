@@ -15,6 +15,7 @@ use crate::events::ledger::ArrayCounts;
 use crate::events::metrics::Metrics;
 use crate::events::publish::Publisher;
 use crate::job::event::{Event, EventType, JobRef, Notification};
+use crate::job::inputs::Staged;
 
 /// How one try of a job ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,10 +85,16 @@ impl Observer {
     }
 
     /// The command starts, `waited` after the submit.
-    pub fn started(&self, subject: &Subject, waited: Option<Duration>) {
+    /// The command is about to run; `inputs` is what staging did, for a
+    /// job with inputs.
+    pub fn started(&self, subject: &Subject, waited: Option<Duration>, inputs: Option<&Staged>) {
         info!("Executing command: {}.", subject.job.command);
         self.metrics.job_started(waited);
-        self.publish(EventType::JobStarted, subject, json!({}));
+        let detail = match inputs {
+            Some(staged) => json!({"inputs": staged.to_json()}),
+            None => json!({}),
+        };
+        self.publish(EventType::JobStarted, subject, detail);
     }
 
     /// Publishes progress (already throttled by the command's reporter).

@@ -89,12 +89,18 @@ pub fn check(
                 format!("no bucket `{}` is configured", input.bucket),
             ));
         }
-        if input.kind().is_none() {
-            return Err(FieldError::new(
-                format!("inputs[{i}]"),
-                "give exactly one of `key` (an object) and `manifest`",
-            ));
-        }
+        let (field, key) = match input.kind() {
+            Some(InputKind::Object { key }) => ("key", key),
+            Some(InputKind::Manifest { key }) => ("manifest", key),
+            None => {
+                return Err(FieldError::new(
+                    format!("inputs[{i}]"),
+                    "give exactly one of `key` (an object) and `manifest`",
+                ));
+            }
+        };
+        crate::job::check_key(key)
+            .map_err(|e| FieldError::new(format!("inputs[{i}].{field}"), e))?;
         check_path(&input.path).map_err(|e| FieldError::new(format!("inputs[{i}].path"), e))?;
         if !paths.insert(input.path.trim_end_matches('/')) {
             return Err(FieldError::new(
@@ -199,6 +205,40 @@ impl Manifest {
     /// Bytes of all its files.
     pub fn bytes(&self) -> u64 {
         self.paths.iter().map(|f| f.size).sum()
+    }
+}
+
+/// What staging a job's inputs did, for `JobStarted` and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Staged {
+    pub files: u64,
+    pub bytes_downloaded: u64,
+    pub bytes_from_cache: u64,
+    pub downloads: u64,
+    pub hits: u64,
+    pub seconds: f64,
+}
+
+impl Staged {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "files": self.files,
+            "bytes_downloaded": self.bytes_downloaded,
+            "bytes_from_cache": self.bytes_from_cache,
+            "seconds": self.seconds,
+        })
+    }
+
+    /// Counts one file placed, from the cache or downloaded.
+    pub fn count(&mut self, from_cache: bool, size: u64) {
+        self.files += 1;
+        if from_cache {
+            self.hits += 1;
+            self.bytes_from_cache += size;
+        } else {
+            self.downloads += 1;
+            self.bytes_downloaded += size;
+        }
     }
 }
 

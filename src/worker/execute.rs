@@ -11,11 +11,52 @@ use super::{JobError, Worker};
 use crate::commands::{CommandError, Progress, ProgressSink, RunContext};
 use crate::events::observe::Subject;
 use crate::fleet::drain::Registered;
-use crate::job::{Vars, mime_ext};
+use crate::job::inputs::Staged;
+use crate::job::{Envelope, Vars, mime_ext};
+use crate::storage::cache::{Cache, CacheError};
 use crate::tasks::TaskError;
 use crate::worker::delivery::Delivery;
+use crate::worker::staging::Stager;
 
 impl Worker {
+    /// Makes the job's working folder and places its inputs in it, when
+    /// it has any.
+    async fn stage(
+        &self,
+        envelope: &Envelope,
+        abort: &CancellationToken,
+    ) -> Result<(Option<Arc<tempfile::TempDir>>, Option<Staged>), JobError> {
+        if envelope.inputs.is_empty() {
+            return Ok((None, None));
+        }
+        self.catalog
+            .check_inputs(&envelope.inputs)
+            .map_err(|e| JobError::Refused(format!("invalid job: {e}")))?;
+        let cache = self
+            .cache
+            .get_or_try_init(|| async {
+                let (root, max_size) = (self.config.cache_root(), self.config.cache.max_size);
+                tokio::task::spawn_blocking(move || Cache::open(&root, max_size))
+                    .await
+                    .map_err(|e| CacheError::Retryable(e.to_string()))?
+            })
+            .await
+            .map_err(|e| JobError::Retryable(format!("input cache: {e}")))?;
+        let dir = self
+            .workspace
+            .temp_dir("renderq-job-")
+            .map_err(|e| JobError::Retryable(format!("cannot make a working folder: {e}")))?;
+        let stager = Stager {
+            cache,
+            buckets: &self.tasks.buckets,
+            download_concurrency: self.config.cache.download_concurrency,
+            max_manifest_files: self.config.cache.max_manifest_files,
+        };
+        let staged = stager.stage(&envelope.inputs, dir.path(), abort).await?;
+        self.observer.metrics().staged(&staged, cache.size());
+        Ok((Some(Arc::new(dir)), Some(staged)))
+    }
+
     /// Checks, runs the command, then the tasks in order (each on every
     /// output); returns where the outputs went.
     pub(super) async fn execute(
@@ -44,7 +85,8 @@ impl Worker {
                     .to_std()
                     .ok()
             });
-        self.observer.started(subject, waited);
+        let (workdir, staged) = self.stage(envelope, abort).await?;
+        self.observer.started(subject, waited, staged.as_ref());
         let frames = envelope
             .array
             .as_ref()
@@ -67,6 +109,7 @@ impl Worker {
             job_id: envelope.job_id.clone(),
             frames: frames.clone(),
             gpu,
+            workdir,
         };
         let outputs = job
             .command

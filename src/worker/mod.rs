@@ -37,6 +37,7 @@ use crate::worker::delivery::Delivery;
 pub mod delivery;
 mod execute;
 mod settle;
+mod staging;
 
 /// Waits between receives while the queue cannot be reached.
 const QUEUE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
@@ -84,6 +85,12 @@ pub struct Worker {
     /// The GPU each slot is pinned to, by slot (round robin); empty when
     /// slots are not pinned.
     gpus: Vec<u32>,
+    /// Job inputs kept between jobs, opened with the first job that has
+    /// inputs.
+    cache: tokio::sync::OnceCell<crate::storage::cache::Cache>,
+    /// This process's folder under `work_dir`, for the working folders of
+    /// jobs whose inputs are staged before they run.
+    workspace: crate::workspace::Workspace,
 }
 
 impl Worker {
@@ -96,6 +103,7 @@ impl Worker {
         ledger: Option<Ledger>,
         gpus: Vec<u32>,
     ) -> Self {
+        let workspace = crate::workspace::Workspace::new(&config.work_root());
         Self {
             slots: config.slots.unwrap_or(gpus.len().max(1)),
             gpus,
@@ -106,6 +114,8 @@ impl Worker {
             observer,
             ledger,
             running: RunningJobs::default(),
+            cache: tokio::sync::OnceCell::new(),
+            workspace,
         }
     }
 

@@ -1,0 +1,148 @@
+//! Staging a job's inputs: each object or manifest file is placed in the
+//! job's working folder through the worker's cache, before the command
+//! runs. A missing object or a bad manifest can never succeed and
+//! dead-letters the job; the network and the disk are worth another try;
+//! a shutdown during staging hands the job back like any interruption.
+
+use std::path::Path;
+use std::time::Instant;
+
+use sha2::Digest;
+use tokio_util::sync::CancellationToken;
+
+use super::JobError;
+use crate::job::inputs::{InputKind, InputSpec, Manifest, Staged};
+use crate::storage::cache::{Blob, Cache, CacheError, Source, from_micros, xxh128_file};
+use crate::storage::{Bucket, Buckets, StorageError};
+
+/// Largest manifest read into memory.
+const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How staging reaches the buckets and the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Stager<'a> {
+    pub cache: &'a Cache,
+    pub buckets: &'a Buckets,
+    pub download_concurrency: usize,
+    pub max_manifest_files: usize,
+}
+
+impl Stager<'_> {
+    /// Places every input under `dir`; stops at `cancel`.
+    pub(super) async fn stage(
+        &self,
+        inputs: &[InputSpec],
+        dir: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Staged, JobError> {
+        let started = Instant::now();
+        let mut staged = Staged::default();
+        for (i, input) in inputs.iter().enumerate() {
+            tokio::select! {
+                placed = self.stage_one(input, dir, &mut staged) => {
+                    placed.map_err(|e| match e {
+                        CacheError::Permanent(e) => JobError::Permanent(format!("inputs[{i}] ({}): {e}", input.path)),
+                        CacheError::Retryable(e) => JobError::Retryable(format!("inputs[{i}] ({}): {e}", input.path)),
+                    })?;
+                }
+                _ = cancel.cancelled() => return Err(JobError::Interrupted),
+            }
+        }
+        staged.seconds = started.elapsed().as_secs_f64();
+        Ok(staged)
+    }
+
+    async fn stage_one(
+        &self,
+        input: &InputSpec,
+        dir: &Path,
+        staged: &mut Staged,
+    ) -> Result<(), CacheError> {
+        let bucket = self.buckets.get(&input.bucket).ok_or_else(|| {
+            CacheError::Permanent(format!("no bucket `{}` is configured", input.bucket))
+        })?;
+        let dest = dir.join(&input.path);
+        match input.kind() {
+            Some(InputKind::Object { key }) => {
+                crate::job::check_key(key)
+                    .map_err(|e| CacheError::Permanent(format!("key: {e}")))?;
+                let info = bucket.head(key).await.map_err(storage)?;
+                let digest = sha2::Sha256::digest(format!("{key}\n{}", info.version));
+                let blob = Blob {
+                    name: format!("{}/o-{}", input.bucket, &hex::encode(digest)[..40]),
+                    size: info.size,
+                    hash: None,
+                    mtime: None,
+                };
+                let source = self.place(bucket, key, &blob, &dest).await?;
+                staged.count(source == Source::Cache, blob.size);
+            }
+            Some(InputKind::Manifest { key }) => {
+                crate::job::check_key(key)
+                    .map_err(|e| CacheError::Permanent(format!("manifest: {e}")))?;
+                let bytes = bucket
+                    .get_bytes(key, MAX_MANIFEST_BYTES)
+                    .await
+                    .map_err(storage)?;
+                let manifest = Manifest::parse(&bytes, self.max_manifest_files).map_err(|e| {
+                    CacheError::Permanent(format!(
+                        "bucket `{}` manifest `{key}`: {e}",
+                        input.bucket
+                    ))
+                })?;
+                let prefix = input.data_prefix();
+                for file in &manifest.paths {
+                    let blob = Blob {
+                        name: format!("{}/{}", input.bucket, file.hash.to_ascii_lowercase()),
+                        size: file.size,
+                        hash: Some(file.hash.clone()),
+                        mtime: Some(from_micros(file.mtime)),
+                    };
+                    let data = format!("{prefix}{}.xxh128", file.hash);
+                    crate::job::check_key(&data)
+                        .map_err(|e| CacheError::Permanent(format!("data_prefix: {e}")))?;
+                    let source = self
+                        .place(bucket, &data, &blob, &dest.join(&file.path))
+                        .await?;
+                    staged.count(source == Source::Cache, blob.size);
+                }
+            }
+            None => {
+                return Err(CacheError::Permanent(
+                    "give exactly one of `key` and `manifest`".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn place(
+        &self,
+        bucket: &Bucket,
+        key: &str,
+        blob: &Blob,
+        dest: &Path,
+    ) -> Result<Source, CacheError> {
+        let concurrency = self.download_concurrency;
+        self.cache
+            .place(blob, dest, |tmp| async move {
+                bucket
+                    .download(key, blob.size, &tmp, concurrency)
+                    .await
+                    .map_err(storage)?;
+                tokio::task::spawn_blocking(move || xxh128_file(&tmp))
+                    .await
+                    .map_err(|e| CacheError::Retryable(e.to_string()))?
+                    .map_err(|e| CacheError::Retryable(format!("hashing a download: {e}")))
+            })
+            .await
+    }
+}
+
+fn storage(e: StorageError) -> CacheError {
+    if e.permanent {
+        CacheError::Permanent(e.to_string())
+    } else {
+        CacheError::Retryable(e.to_string())
+    }
+}

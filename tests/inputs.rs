@@ -1,0 +1,254 @@
+//! Job inputs through the worker's cache: objects and Deadline Cloud
+//! manifests placed in the job's folder, what bad inputs get, and what a
+//! job cannot do to the cache.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Backend, Farm, Settings};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// A farm with an `assets` bucket and commands that read their inputs.
+async fn farm() -> Farm {
+    Farm::new(
+        Backend::Local,
+        Settings {
+            extra_allowed: vec!["list_inputs", "spoil_input"],
+            extra_toml: format!(
+                r#"
+[events.targets.audit]
+kind = "file"
+path = "events.jsonl"
+
+[buckets.assets]
+backend = "local"
+path = "assets"
+
+[commands.list_inputs]
+kind = "process"
+program = "python3"
+args = ["{list}"]
+
+[commands.spoil_input]
+kind = "process"
+program = "python3"
+args = ["-c", "import json; p = 'scene.txt'; print(json.dumps(open(p).read())); open(p, 'w').write('spoiled')"]
+"#,
+                list = crate::harness::repo_path("tests/fixtures/list_inputs.py")
+            ),
+            ..Settings::default()
+        },
+    )
+    .await
+}
+
+fn put_asset(farm: &Farm, key: &str, bytes: &[u8]) {
+    let path = farm.dir.path().join("assets").join(key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn upload(key: &str) -> Value {
+    json!({"name": "s3_upload", "config": {"bucket": "results", "key": key}})
+}
+
+fn xxh128(bytes: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
+}
+
+/// Waits for the job's end: its result object, or its dead letter.
+async fn ended(farm: &Farm, message_id: &str) -> Value {
+    farm.wait_for_events(
+        |e| {
+            e["message_id"] == message_id
+                && matches!(e["type"].as_str(), Some("JobSucceeded" | "JobDeadLettered"))
+        },
+        1,
+        LONG,
+    )
+    .await
+    .remove(0)
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                found.extend(files_under(&entry.path()));
+            } else {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn objects_and_manifests_are_placed_and_cached() {
+    let farm = farm().await;
+    put_asset(&farm, "shots/010/scene.txt", b"the scene");
+    let texture = b"pixels".repeat(1000);
+    let hash = xxh128(&texture);
+    put_asset(&farm, &format!("Data/{hash}.xxh128"), &texture);
+    let manifest = json!({"hashAlg": "xxh128", "manifestVersion": "2023-03-03",
+        "paths": [{"path": "tex/wood.png", "hash": hash, "size": texture.len(), "mtime": 1_700_000_000_123_456i64}],
+        "totalSize": texture.len()});
+    put_asset(
+        &farm,
+        "manifests/shot010.json",
+        manifest.to_string().as_bytes(),
+    );
+    let _serve = farm.serve(&[]).await;
+
+    let inputs = json!([
+        {"bucket": "assets", "key": "shots/010/scene.txt", "path": "scene.txt"},
+        {"bucket": "assets", "manifest": "manifests/shot010.json", "path": "shot010/"}
+    ]);
+    let mut started = Vec::new();
+    for run in ["first", "second"] {
+        let id = farm
+            .submit(json!({"command": "list_inputs", "inputs": inputs,
+                           "tasks": [upload(&format!("{run}.json"))]}))
+            .await;
+        assert_eq!(ended(&farm, &id).await["type"], "JobSucceeded");
+        let (listing, _) = farm.object(&format!("{run}.json")).await.unwrap();
+        let listing: Value = serde_json::from_slice(&listing).unwrap();
+        assert_eq!(listing["scene.txt"]["text"], "the scene", "{listing}");
+        let wood = &listing["shot010/tex/wood.png"];
+        assert_eq!(wood["size"], texture.len(), "{listing}");
+        assert_eq!(
+            wood["mtime_us"], 1_700_000_000_123_456i64,
+            "the manifest's mtime"
+        );
+        started.extend(
+            farm.events()
+                .into_iter()
+                .filter(|e| e["type"] == "JobStarted" && e["message_id"] == id.as_str()),
+        );
+    }
+    let inputs_of = |i: usize| started[i]["detail"]["inputs"].clone();
+    assert_eq!(inputs_of(0)["files"], 2);
+    assert_eq!(inputs_of(0)["bytes_downloaded"], 9 + texture.len());
+    assert_eq!(inputs_of(1)["bytes_downloaded"], 0, "{:?}", inputs_of(1));
+    assert_eq!(inputs_of(1)["bytes_from_cache"], 9 + texture.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_writes_through_its_input_does_not_change_the_next_ones() {
+    let farm = farm().await;
+    put_asset(&farm, "scene.txt", b"original");
+    let _serve = farm.serve(&[]).await;
+    for run in ["first", "second"] {
+        let id = farm
+            .submit(json!({"command": "spoil_input",
+                "inputs": [{"bucket": "assets", "key": "scene.txt", "path": "scene.txt"}],
+                "tasks": [upload(&format!("{run}.json"))]}))
+            .await;
+        assert_eq!(ended(&farm, &id).await["type"], "JobSucceeded");
+        let (seen, _) = farm.object(&format!("{run}.json")).await.unwrap();
+        assert_eq!(
+            seen.trim_ascii(),
+            b"\"original\"",
+            "{run} saw {}",
+            String::from_utf8_lossy(&seen)
+        );
+    }
+    assert_eq!(
+        std::fs::read(farm.dir.path().join("assets/scene.txt")).unwrap(),
+        b"original"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_inputs_are_refused_or_dead_lettered_with_their_reason() {
+    let farm = farm().await;
+    let content = b"not what the manifest says";
+    let claimed = xxh128(b"something else");
+    put_asset(&farm, &format!("Data/{claimed}.xxh128"), content);
+    let manifest = |hash: &str, version: &str| {
+        json!({"hashAlg": "xxh128", "manifestVersion": version,
+            "paths": [{"path": "a.bin", "hash": hash, "size": content.len(), "mtime": 0}]})
+        .to_string()
+    };
+    put_asset(
+        &farm,
+        "manifests/wrong_hash.json",
+        manifest(&claimed, "2023-03-03").as_bytes(),
+    );
+    put_asset(
+        &farm,
+        "manifests/old.json",
+        manifest(&claimed, "2020-01-01").as_bytes(),
+    );
+    let _serve = farm.serve(&[]).await;
+
+    // Refused at submit, nothing queued.
+    for (input, field) in [
+        (
+            json!({"bucket": "assets", "key": "a", "path": "../escape"}),
+            "inputs[0].path",
+        ),
+        (
+            json!({"bucket": "assets", "key": "a", "path": "/etc/x"}),
+            "inputs[0].path",
+        ),
+        (
+            json!({"bucket": "nope", "key": "a", "path": "a"}),
+            "inputs[0].bucket",
+        ),
+        (
+            json!({"bucket": "assets", "key": "../../etc/passwd", "path": "a"}),
+            "inputs[0].key",
+        ),
+    ] {
+        let reply = farm
+            .rpc(
+                "queue_manager_submit_job",
+                json!({"command": "list_inputs", "inputs": [input]}),
+            )
+            .await;
+        assert_eq!(reply["error"]["code"], -32602, "{reply}");
+        assert_eq!(reply["error"]["data"]["field"], field, "{reply}");
+    }
+
+    // Dead-lettered on the first try, naming what is wrong.
+    for (input, why) in [
+        (
+            json!({"bucket": "assets", "key": "shots/missing.blend", "path": "a"}),
+            "shots/missing.blend: no such object",
+        ),
+        (
+            json!({"bucket": "assets", "manifest": "manifests/wrong_hash.json", "path": "m/"}),
+            "the manifest says",
+        ),
+        (
+            json!({"bucket": "assets", "manifest": "manifests/old.json", "path": "m/"}),
+            "manifestVersion `2020-01-01`",
+        ),
+    ] {
+        let id = farm
+            .submit(json!({"command": "list_inputs", "inputs": [input]}))
+            .await;
+        let end = ended(&farm, &id).await;
+        assert_eq!(end["type"], "JobDeadLettered", "{end}");
+        let reason = end["detail"]["reason"].as_str().unwrap();
+        assert!(reason.contains(why), "{reason}");
+        assert_eq!(end["attempt"], 1, "no retry: {end}");
+    }
+    // Nothing partial: no download left over, no blob admitted, no job
+    // folder left behind.
+    let cache = farm.work_dir().join("renderq-cache");
+    assert_eq!(
+        files_under(&cache.join("tmp")),
+        Vec::<std::path::PathBuf>::new()
+    );
+    assert_eq!(
+        files_under(&cache.join("blobs")),
+        Vec::<std::path::PathBuf>::new()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(farm.job_folders(), Vec::<std::path::PathBuf>::new());
+}
