@@ -26,8 +26,10 @@
 //!   backends: `local` (embedded, SQLite in WAL mode, shared by processes on
 //!   one machine; concurrent sends committed together) and `sqs`
 //!   (aws-sdk-sqs; needs a redrive policy).
-//! - [`storage`]: buckets for results: `local` (a folder, atomic renames) and
-//!   `s3` (streaming multipart uploads, aborted on failure).
+//! - [`storage`]: buckets: `local` (a folder, atomic renames) and `s3`
+//!   (streaming multipart uploads, aborted on failure; ranged concurrent
+//!   downloads for inputs); and the worker's input cache
+//!   ([`storage::cache`]): a SQLite index beside content-addressed files.
 //! - [`tasks`]: post-tasks `s3_upload` and `http_post`.
 //! - [`commands`]: built-ins (including the `render_demo` ray tracer),
 //!   `process` programs run per job in their own process group, and
@@ -46,7 +48,8 @@
 //!   the status table are pruned after `queue_manager.retention`.
 //! - [`worker`]: the listen half: a step function plus slot loops,
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
-//!   job, `worker::settle` decides its message's fate; a
+//!   job after `worker::staging` placed its inputs, `worker::settle`
+//!   decides its message's fate; a
 //!   [`worker::delivery`] is a received message with its envelope parsed
 //!   once).
 //! - [`api`]: the submit half: the HTTP router (auth, body limit,
@@ -96,6 +99,11 @@
 //! - Of all workers settling an array's children, exactly one publishes its
 //!   `ArrayJobCompleted` (the ledger's claim is one conditional write).
 //! - No secret is read from `workers.toml` or written to a log.
+//! - A job's inputs cannot reach outside its folder (paths and keys are
+//!   checked at submit and again on receive), and a job cannot change what
+//!   a later job receives: cached files are checked against the cache's
+//!   index before each use, and none is visible before its hash was checked.
+//! - The input cache never deletes a file linked into a running job.
 
 pub mod api;
 pub mod app;

@@ -350,6 +350,32 @@ impl Proc {
     }
 }
 
+/// An events file (`events.jsonl`) and an `assets` bucket (a folder), for
+/// farms whose jobs bring inputs.
+pub const AUDIT_AND_ASSETS: &str = r#"
+[events.targets.audit]
+kind = "file"
+path = "events.jsonl"
+
+[buckets.assets]
+backend = "local"
+path = "assets"
+"#;
+
+/// Every file below `dir`, at any depth.
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, Farm, Settings};
+use crate::harness::{AUDIT_AND_ASSETS, Backend, Farm, Settings, files_under};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -17,15 +17,7 @@ async fn farm() -> Farm {
         Settings {
             extra_allowed: vec!["list_inputs", "spoil_input"],
             extra_toml: format!(
-                r#"
-[events.targets.audit]
-kind = "file"
-path = "events.jsonl"
-
-[buckets.assets]
-backend = "local"
-path = "assets"
-
+                r#"{AUDIT_AND_ASSETS}
 [commands.list_inputs]
 kind = "process"
 program = "python3"
@@ -70,20 +62,6 @@ async fn ended(farm: &Farm, message_id: &str) -> Value {
     )
     .await
     .remove(0)
-}
-
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.path().is_dir() {
-                found.extend(files_under(&entry.path()));
-            } else {
-                found.push(entry.path());
-            }
-        }
-    }
-    found
 }
 
 #[tokio::test(flavor = "multi_thread")]

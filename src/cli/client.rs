@@ -22,6 +22,10 @@ pub struct SubmitArgs {
     /// Post-tasks as a JSON array.
     #[arg(long, default_value = "[]")]
     pub tasks: String,
+    /// Inputs as a JSON array (objects or manifests placed in the job's
+    /// folder).
+    #[arg(long, default_value = "[]")]
+    pub inputs: String,
     /// Queue to submit to (default: queue_manager.default_queue).
     #[arg(long)]
     pub queue: Option<String>,
@@ -121,7 +125,11 @@ impl Client {
 pub async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
     let parameters: Value = serde_json::from_str(&args.params).context("--params is not JSON")?;
     let tasks: Value = serde_json::from_str(&args.tasks).context("--tasks is not JSON")?;
+    let inputs: Value = serde_json::from_str(&args.inputs).context("--inputs is not JSON")?;
     let mut params = json!({ "command": args.command, "parameters": parameters, "tasks": tasks });
+    if inputs.as_array().is_none_or(|a| !a.is_empty()) {
+        params["inputs"] = inputs;
+    }
     if let Some(queue) = args.queue {
         params["queue_name"] = queue.into();
     }
