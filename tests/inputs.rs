@@ -230,3 +230,157 @@ async fn bad_inputs_are_refused_or_dead_lettered_with_their_reason() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(farm.job_folders(), Vec::<std::path::PathBuf>::new());
 }
+
+/// An `assets` bucket on moto (the farm's S3 bucket) and two slots.
+async fn s3_farm(extra: &str) -> Farm {
+    let moto = crate::harness::Moto::shared();
+    let endpoint = moto.endpoint();
+    let farm = Farm::on_moto(
+        moto,
+        Settings {
+            extra_allowed: vec!["list_inputs"],
+            worker_toml: "slots = 2\n".to_owned() + extra,
+            extra_toml: format!(
+                r#"
+[events.targets.audit]
+kind = "file"
+path = "events.jsonl"
+
+[buckets.assets]
+backend = "s3"
+bucket = "{bucket}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+
+[commands.list_inputs]
+kind = "process"
+program = "python3"
+args = ["{list}"]
+"#,
+                bucket = "BUCKET",
+                list = crate::harness::repo_path("tests/fixtures/list_inputs.py")
+            ),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let bucket = farm.aws.as_ref().unwrap().bucket.clone();
+    let text = std::fs::read_to_string(&farm.config)
+        .unwrap()
+        .replace("BUCKET", &bucket);
+    std::fs::write(&farm.config, text).unwrap();
+    farm
+}
+
+/// Puts `mib` MiB of random bytes at `key` in the farm's S3 bucket.
+async fn put_big(farm: &Farm, key: &str, mib: usize) -> Vec<u8> {
+    let aws = farm.aws.as_ref().unwrap();
+    let bytes: Vec<u8> = (0..mib * 1024 * 1024).map(|_| fastrand::u8(..)).collect();
+    aws.s3
+        .put_object()
+        .bucket(&aws.bucket)
+        .key(key)
+        .body(bytes.clone().into())
+        .send()
+        .await
+        .unwrap();
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_slots_wanting_one_200_mib_object_download_it_once() {
+    let farm = s3_farm("").await;
+    let bytes = put_big(&farm, "big/plate.exr", 200).await;
+    let serve = farm.serve(&crate::harness::AWS_ENV).await;
+    let input = json!([{"bucket": "assets", "key": "big/plate.exr", "path": "plate.exr"}]);
+    let ids = [
+        farm.submit(json!({"command": "list_inputs", "inputs": input}))
+            .await,
+        farm.submit(json!({"command": "list_inputs", "inputs": input}))
+            .await,
+    ];
+    for id in &ids {
+        assert_eq!(ended(&farm, id).await["type"], "JobSucceeded");
+    }
+    let started: Vec<Value> = farm
+        .events()
+        .into_iter()
+        .filter(|e| e["type"] == "JobStarted")
+        .collect();
+    let downloaded: u64 = started
+        .iter()
+        .map(|e| e["detail"]["inputs"]["bytes_downloaded"].as_u64().unwrap())
+        .sum();
+    assert_eq!(downloaded, bytes.len() as u64, "one download: {started:?}");
+    let metrics = crate::fleet::scrape(&format!("{}metrics", farm.url())).await;
+    assert_eq!(
+        metrics["renderq_input_cache_files_total{result=\"miss\"}"],
+        1.0
+    );
+    assert_eq!(
+        metrics["renderq_input_cache_files_total{result=\"hit\"}"],
+        1.0
+    );
+    // The ranged parts were put together right.
+    let blobs = files_under(&farm.work_dir().join("renderq-cache/blobs"));
+    assert_eq!(blobs.len(), 1);
+    assert!(
+        std::fs::read(&blobs[0]).unwrap() == bytes,
+        "the cached copy is the object"
+    );
+    drop(serve);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shutdown_during_a_slow_download_hands_the_job_back_without_a_try() {
+    let moto = crate::harness::Moto::shared();
+    // The assets bucket is reached through a slow link: 1 MiB/s a
+    // connection.
+    let upstream = format!("127.0.0.1:{}", moto.port).parse().unwrap();
+    let slow = renderq::bench::proxy::latency_proxy(upstream, Duration::from_millis(5), 1 << 20)
+        .await
+        .unwrap();
+    let farm = s3_farm("").await;
+    put_big(&farm, "big/slow.bin", 32).await;
+    let text = std::fs::read_to_string(&farm.config).unwrap();
+    let endpoint = format!("endpoint_url = \"{}\"", moto.endpoint());
+    let (head, tail) = text.split_once("[buckets.assets]").unwrap();
+    let tail = tail.replacen(&endpoint, &format!("endpoint_url = \"http://{slow}\""), 1);
+    std::fs::write(&farm.config, format!("{head}[buckets.assets]{tail}")).unwrap();
+
+    let mut serve = farm.serve(&crate::harness::AWS_ENV).await;
+    let id = farm
+        .submit(json!({"command": "list_inputs",
+            "inputs": [{"bucket": "assets", "key": "big/slow.bin", "path": "slow.bin"}]}))
+        .await;
+    // Wait until the download is under way, then stop the worker.
+    let downloads = farm.work_dir().join("renderq-cache/tmp");
+    let deadline = std::time::Instant::now() + LONG;
+    while files_under(&downloads).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no download started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(serve.wait_exit(LONG), Some(0), "{}", serve.log_text());
+    let requeued = farm
+        .wait_for_events(
+            |e| e["type"] == "JobRequeued" && e["message_id"] == id.as_str(),
+            1,
+            LONG,
+        )
+        .await;
+    assert_eq!(
+        requeued[0]["detail"]["reason"], "interrupted",
+        "{requeued:?}"
+    );
+    assert!(
+        !farm.events().iter().any(|e| e["type"] == "JobFailed"),
+        "the interruption used no try"
+    );
+    assert!(files_under(&farm.work_dir().join("renderq-cache/blobs")).is_empty());
+    assert_eq!(
+        farm.stats().0 + farm.stats().1,
+        1,
+        "the job is back in the queue"
+    );
+}

@@ -13,6 +13,7 @@ mod dispatch;
 mod embedded;
 mod events;
 mod procs;
+pub mod proxy;
 mod spot;
 mod sqs;
 mod uploads;

@@ -5,29 +5,18 @@
 //! `aws s3 cp` when the AWS CLI is installed. Reports the time and the
 //! uploader's peak resident memory (VmHWM).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
+use super::proxy::latency_proxy;
 use super::{BenchArgs, proc_status_kib};
 use crate::api::submit::SubmitRequest;
 use crate::config::Config;
 use crate::queue::Queue;
-
-/// The proxy's unit of transfer.
-const PROXY_CHUNK: usize = 64 * 1024;
-/// Chunks waiting in the proxy per connection.
-const PROXY_CHUNKS: usize = 64;
-/// How far a connection may run ahead of its rate before it is paused: the
-/// timer's resolution is a millisecond, so pausing after every chunk would
-/// cap the rate below the one asked for.
-const PROXY_SLACK: Duration = Duration::from_millis(10);
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let endpoint = args.uploads.as_deref().context("--uploads needs a URL")?;
@@ -223,74 +212,4 @@ async fn check_and_delete(
     );
     s3.delete_object().bucket(bucket).key(key).send().await?;
     Ok(())
-}
-
-/// A TCP proxy in front of `upstream`, listening on a free local port. What
-/// a client sends reaches `upstream` `latency` later and, per connection, at
-/// no more than `rate` bytes/s; answers come back as they are.
-async fn latency_proxy(
-    upstream: SocketAddr,
-    latency: Duration,
-    rate: u64,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if let Ok(server) = TcpStream::connect(upstream).await {
-                    let _ = relay(client, server, latency, rate).await;
-                }
-            });
-        }
-    });
-    Ok(address)
-}
-
-async fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    latency: Duration,
-    rate: u64,
-) -> std::io::Result<()> {
-    let (mut from_client, mut to_client) = client.into_split();
-    let (mut from_server, mut to_server) = server.into_split();
-    let (chunks, mut delayed) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(PROXY_CHUNKS);
-    let read = async move {
-        loop {
-            let mut chunk = vec![0; PROXY_CHUNK];
-            let n = from_client.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok::<_, std::io::Error>(());
-            }
-            chunk.truncate(n);
-            if chunks
-                .send((Instant::now() + latency, chunk))
-                .await
-                .is_err()
-            {
-                return Ok(());
-            }
-        }
-    };
-    let write = async move {
-        // The time the link is free again at the capped rate.
-        let mut free_at = Instant::now();
-        while let Some((due, chunk)) = delayed.recv().await {
-            tokio::time::sleep_until(due).await;
-            free_at = free_at.max(Instant::now())
-                + Duration::from_secs_f64(chunk.len() as f64 / rate as f64);
-            to_server.write_all(&chunk).await?;
-            if free_at > Instant::now() + PROXY_SLACK {
-                tokio::time::sleep_until(free_at).await;
-            }
-        }
-        to_server.shutdown().await
-    };
-    let answer = async move {
-        tokio::io::copy(&mut from_server, &mut to_client).await?;
-        to_client.shutdown().await
-    };
-    let (read, write, answer) = tokio::join!(read, write, answer);
-    read.and(write).and(answer)
 }

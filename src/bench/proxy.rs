@@ -1,0 +1,89 @@
+//! A TCP proxy that makes a link look like a distant one: every byte
+//! arrives `latency` late, and each connection carries at most `rate`
+//! bytes/s each way. For `bench --uploads`, `bench --inputs`, and tests of
+//! slow transfers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+/// The proxy's unit of transfer.
+const CHUNK: usize = 64 * 1024;
+/// Chunks waiting in the proxy per direction of a connection.
+const CHUNKS: usize = 64;
+/// How far a connection may run ahead of its rate before it is paused: the
+/// timer's resolution is a millisecond, so pausing after every chunk would
+/// cap the rate below the one asked for.
+const SLACK: Duration = Duration::from_millis(10);
+
+/// Starts the proxy in front of `upstream` on a free local port; it runs
+/// as long as the runtime does.
+pub async fn latency_proxy(
+    upstream: SocketAddr,
+    latency: Duration,
+    rate: u64,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(server) = TcpStream::connect(upstream).await {
+                    let (from_client, to_client) = client.into_split();
+                    let (from_server, to_server) = server.into_split();
+                    let _ = tokio::join!(
+                        paced(from_client, to_server, latency, rate),
+                        paced(from_server, to_client, latency, rate),
+                    );
+                }
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// Copies `from` to `to`, each chunk `latency` late, at most `rate` bytes/s.
+async fn paced(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    latency: Duration,
+    rate: u64,
+) -> std::io::Result<()> {
+    let (chunks, mut delayed) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(CHUNKS);
+    let read = async move {
+        loop {
+            let mut chunk = vec![0; CHUNK];
+            let n = from.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            chunk.truncate(n);
+            if chunks
+                .send((Instant::now() + latency, chunk))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    };
+    let write = async move {
+        // The time the link is free again at the capped rate.
+        let mut free_at = Instant::now();
+        while let Some((due, chunk)) = delayed.recv().await {
+            tokio::time::sleep_until(due).await;
+            free_at = free_at.max(Instant::now())
+                + Duration::from_secs_f64(chunk.len() as f64 / rate as f64);
+            to.write_all(&chunk).await?;
+            if free_at > Instant::now() + SLACK {
+                tokio::time::sleep_until(free_at).await;
+            }
+        }
+        to.shutdown().await
+    };
+    let (read, write) = tokio::join!(read, write);
+    read.and(write)
+}
