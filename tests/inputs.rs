@@ -384,3 +384,40 @@ async fn a_shutdown_during_a_slow_download_hands_the_job_back_without_a_try() {
         "the job is back in the queue"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slots_next_job_runs_while_the_last_ones_upload_goes_up() {
+    // A postback target that takes 1.5 s to answer: a slow upload.
+    let app = axum::Router::new().fallback(|| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        "ok"
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let farm = farm().await;
+    let post = json!([{"name": "http_post", "config": {"postback_uri": format!("http://{target}/${{message_id}}")}}]);
+    let _serve = farm.serve(&[]).await;
+    let first = farm
+        .submit(json!({"command": "get_version", "tasks": post}))
+        .await;
+    let second = farm
+        .submit(json!({"command": "get_version", "tasks": post}))
+        .await;
+    for id in [&first, &second] {
+        assert_eq!(ended(&farm, id).await["type"], "JobSucceeded");
+    }
+    let time_of = |kind: &str, id: &str| {
+        let event = farm
+            .events()
+            .into_iter()
+            .find(|e| e["type"] == kind && e["message_id"] == id)
+            .unwrap_or_else(|| panic!("no {kind} for {id}"));
+        chrono::DateTime::parse_from_rfc3339(event["time"].as_str().unwrap()).unwrap()
+    };
+    // One slot: the second job started while the first one's upload was
+    // still going, and each was deleted only after its own upload.
+    assert!(time_of("JobStarted", &second) < time_of("JobSucceeded", &first));
+    assert!(time_of("TaskSucceeded", &first) <= time_of("JobSucceeded", &first));
+    assert!(time_of("TaskSucceeded", &second) <= time_of("JobSucceeded", &second));
+}

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 mod dispatch;
 mod embedded;
 mod events;
+mod inputs;
 mod procs;
 pub mod proxy;
 mod spot;
@@ -77,13 +78,20 @@ pub struct BenchArgs {
     /// concurrency 1 and 8, and `aws s3 cp` when installed.
     #[arg(long, value_name = "URL")]
     pub uploads: Option<String>,
-    /// With --uploads: the file's size.
+    /// Instead: 20 jobs on one worker sharing one large input from the
+    /// S3-compatible server at this endpoint, through the same proxy:
+    /// bytes downloaded, a cache hit's staging time, the first download's
+    /// rate (and `aws s3 cp`'s, when installed).
+    #[arg(long, value_name = "URL")]
+    pub inputs: Option<String>,
+    /// With --uploads or --inputs: the file's size.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
-    /// With --uploads: delay the proxy adds to everything sent upstream.
+    /// With --uploads or --inputs: delay the proxy adds to everything
+    /// sent.
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     pub latency: Duration,
-    /// With --uploads: each connection's upstream rate cap.
+    /// With --uploads or --inputs: each connection's rate cap.
     #[arg(long, default_value_t = 50)]
     pub rate_mib: u64,
 }
@@ -125,6 +133,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         _ if args.spot => spot::run(args).await,
         _ if args.procs.is_some() => procs::run(args).await,
         _ if args.uploads.is_some() => uploads::run(args).await,
+        _ if args.inputs.is_some() => inputs::run(args).await,
         Some(endpoint) => sqs::run(args, endpoint).await,
         None => embedded::run(args).await,
     }

@@ -1,4 +1,6 @@
-//! Running one job: the checks, the command, then each task on each output.
+//! Running one job: the checks, the inputs, the command ([`Worker::run_command`]);
+//! then each task on each output ([`Worker::run_tasks`]), which a slot may
+//! leave running while its next job starts.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,12 +13,22 @@ use super::{JobError, Worker};
 use crate::commands::{CommandError, Progress, ProgressSink, RunContext};
 use crate::events::observe::Subject;
 use crate::fleet::drain::Registered;
+use crate::job::Output;
 use crate::job::inputs::Staged;
 use crate::job::{Envelope, Vars, mime_ext};
 use crate::storage::cache::{Cache, CacheError};
-use crate::tasks::TaskError;
+use crate::tasks::{Task, TaskError};
 use crate::worker::delivery::Delivery;
 use crate::worker::staging::Stager;
+
+/// A job whose command has run: what its tasks need.
+#[derive(Debug)]
+pub(super) struct Ran {
+    outputs: Vec<Output>,
+    tasks: Vec<Task>,
+    /// `${frame}` for an output that shows no frame of its own.
+    first_frame: String,
+}
 
 impl Worker {
     /// Makes the job's working folder and places its inputs in it, when
@@ -57,16 +69,15 @@ impl Worker {
         Ok((Some(Arc::new(dir)), Some(staged)))
     }
 
-    /// Checks, runs the command, then the tasks in order (each on every
-    /// output); returns where the outputs went.
-    pub(super) async fn execute(
+    /// Checks the job, stages its inputs and runs its command.
+    pub(super) async fn run_command(
         &self,
         delivery: &Delivery,
         subject: &Subject,
         abort: &CancellationToken,
         progress_cell: &Arc<Mutex<Option<f64>>>,
         gpu: Option<u32>,
-    ) -> Result<Vec<String>, JobError> {
+    ) -> Result<Ran, JobError> {
         let envelope = delivery
             .envelope
             .as_ref()
@@ -133,9 +144,34 @@ impl Worker {
                 None => String::new(),
             }
         });
+        Ok(Ran {
+            outputs,
+            tasks: job.tasks,
+            first_frame,
+        })
+    }
+
+    /// Runs the tasks in order, each on every output; returns where the
+    /// outputs went.
+    pub(super) async fn run_tasks(
+        &self,
+        delivery: &Delivery,
+        subject: &Subject,
+        ran: Ran,
+        abort: &CancellationToken,
+    ) -> Result<Vec<String>, JobError> {
+        let Ran {
+            outputs,
+            tasks,
+            first_frame,
+        } = ran;
+        let envelope = delivery
+            .envelope
+            .as_ref()
+            .map_err(|e| JobError::Refused(e.clone()))?;
         let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
         let mut locations = Vec::new();
-        for task in &job.tasks {
+        for task in &tasks {
             info!("Executing task: {}.", task.name());
             for output in &outputs {
                 let ext = mime_ext(&output.mime);

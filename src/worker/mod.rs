@@ -13,7 +13,7 @@
 //! (checks, command, tasks); `settle` does to its message what the job's
 //! end calls for.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -25,14 +25,16 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::commands::catalog::Catalog;
 use crate::config::WorkerConfig;
 use crate::events::ledger::Ledger;
+use crate::events::observe::Subject;
 use crate::events::observe::{JobEnd, Observer};
-use crate::fleet::drain::RunningJobs;
+use crate::fleet::drain::{Registered, RunningJobs};
 use crate::fleet::lifecycle::{Shutdown, StopReason};
 use crate::job::event::EventType;
 use crate::queue::{Queue, QueueError, Received};
 use crate::retry::Backoff;
 use crate::tasks::TaskRunner;
 use crate::worker::delivery::Delivery;
+use execute::Ran;
 
 pub mod delivery;
 mod execute;
@@ -51,6 +53,22 @@ pub enum Outcome {
         message_id: String,
         end: JobEnd,
     },
+}
+
+/// A job whose command has ended; its post-tasks, and what happens to its
+/// message, are still ahead. Until then it keeps its place among the
+/// running jobs (a drain waits for it, or hands it back) and its heartbeat.
+struct Finishing<'a> {
+    delivery: Delivery,
+    subject: Subject,
+    /// Cancels its tasks: a hand-back.
+    cancel: CancellationToken,
+    _registered: Registered<'a>,
+    _heartbeat: Option<DropGuard>,
+    started: Instant,
+    /// The command's result, or why there is none.
+    ran: Result<Ran, JobError>,
+    span: tracing::Span,
 }
 
 /// Why a job did not succeed; decides what happens to its message.
@@ -197,15 +215,42 @@ impl Worker {
         info!("Worker stopped.");
     }
 
+    /// Takes jobs one after another. A job's post-tasks (its uploads) run
+    /// while the slot's next job is received, staged and run, so the GPU
+    /// does not wait for them; at most one job's tasks are pending, and
+    /// each job's message is settled only after its own tasks.
     async fn slot_loop(&self, slot: usize, stop: &CancellationToken, abort: &CancellationToken) {
         let mut failures = 0u32;
-        while !stop.is_cancelled() {
-            match self.step(slot, stop, abort).await {
-                Ok(_) => failures = 0,
-                Err(e) => {
+        let mut pending: Option<Finishing<'_>> = None;
+        while !stop.is_cancelled() || pending.is_some() {
+            let previous = pending.take();
+            let (finished, next) = tokio::join!(
+                async {
+                    match previous {
+                        Some(job) => self.finish(job).await.map(drop),
+                        None => Ok(()),
+                    }
+                },
+                async {
+                    if stop.is_cancelled() {
+                        Ok(None)
+                    } else {
+                        self.step(slot, stop, abort).await
+                    }
+                },
+            );
+            let error = match (finished, &next) {
+                (Err(e), _) => Some(e.to_string()),
+                (Ok(()), Err(e)) => Some(e.to_string()),
+                (Ok(()), Ok(_)) => None,
+            };
+            pending = next.ok().flatten();
+            match error {
+                None => failures = 0,
+                Some(error) => {
                     failures += 1;
                     let delay = QUEUE_BACKOFF.delay(failures);
-                    error!(error = %e, retry_in = ?delay, "queue error");
+                    error!(%error, retry_in = ?delay, "queue error");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = stop.cancelled() => {}
@@ -228,16 +273,21 @@ impl Worker {
         stop: &CancellationToken,
         abort: &CancellationToken,
     ) -> Result<Outcome, QueueError> {
-        self.step(0, stop, abort).await
+        match self.step(0, stop, abort).await? {
+            Some(job) => self.finish(job).await,
+            None => Ok(Outcome::Empty),
+        }
     }
 
-    /// [`Self::process_next`] on a given slot (and so on its GPU).
+    /// Receives a message (until `stop`, where the backend can stop
+    /// safely) on a slot (and so on its GPU), and runs its job up to its
+    /// post-tasks. `None`: nothing arrived.
     async fn step(
         &self,
         slot: usize,
         stop: &CancellationToken,
         abort: &CancellationToken,
-    ) -> Result<Outcome, QueueError> {
+    ) -> Result<Option<Finishing<'_>>, QueueError> {
         let received = self
             .queue
             .receive(self.config.wait_time, self.config.visibility_timeout, stop)
@@ -249,7 +299,7 @@ impl Worker {
             Err(_) => "error",
         });
         let Some(received) = received? else {
-            return Ok(Outcome::Empty);
+            return Ok(None);
         };
         let delivery = Delivery::new(received);
         let span = info_span!(
@@ -263,59 +313,83 @@ impl Worker {
         let registered = self.running.register(cancel.clone());
         metrics.busy(1);
         let gpu = (!self.gpus.is_empty()).then(|| self.gpus[slot % self.gpus.len()]);
-        let end = self
-            .handle(&delivery, &cancel, &registered.progress, gpu)
-            .instrument(span)
-            .await;
-        drop(registered);
-        metrics.busy(-1);
-        Ok(Outcome::Processed {
-            message_id: delivery.message_id,
-            end: end?,
-        })
-    }
-
-    /// Runs the job, settles its message, and reports how it ended.
-    async fn handle(
-        &self,
-        delivery: &Delivery,
-        abort: &CancellationToken,
-        progress: &Arc<Mutex<Option<f64>>>,
-        gpu: Option<u32>,
-    ) -> Result<JobEnd, QueueError> {
-        info!("Received job from queue.");
+        let started = Instant::now();
         let subject = delivery.subject(self.queue.name());
         let budget = self.queue.max_receive_count();
-        let outcome = if delivery.attempt > budget {
-            // Its last try was handed out and never reported back.
-            Err(JobError::Refused(format!(
-                "worker lost during its last try (try {} of {budget})",
-                delivery.attempt - 1
-            )))
-        } else {
-            self.check_previous_try(delivery, &subject).await;
-            let started = Instant::now();
-            let _heartbeat = self.heartbeat(&delivery.received);
-            // `abort` reaches the command through its run context, so it
+        let (ran, heartbeat) = async {
+            info!("Received job from queue.");
+            if delivery.attempt > budget {
+                // Its last try was handed out and never reported back.
+                return (
+                    Err(JobError::Refused(format!(
+                        "worker lost during its last try (try {} of {budget})",
+                        delivery.attempt - 1
+                    ))),
+                    None,
+                );
+            }
+            self.check_previous_try(&delivery, &subject).await;
+            let heartbeat = self.heartbeat(&delivery.received);
+            // `cancel` reaches the command through its run context, so it
             // can stop in its own way (SIGTERM and a grace, an adaptor's
             // `cancel`).
-            tokio::time::timeout(
-                self.config.max_runtime,
-                self.execute(delivery, &subject, abort, progress, gpu),
+            let ran = tokio::time::timeout_at(
+                started + self.config.max_runtime,
+                self.run_command(&delivery, &subject, &cancel, &registered.progress, gpu),
             )
             .await
-            .unwrap_or_else(|_| {
-                Err(JobError::Retryable(format!(
-                    "job exceeded max_runtime of {}",
-                    humantime::format_duration(self.config.max_runtime)
-                )))
+            .unwrap_or_else(|_| Err(self.over_max_runtime()));
+            (ran, Some(heartbeat))
+        }
+        .instrument(span.clone())
+        .await;
+        Ok(Some(Finishing {
+            delivery,
+            subject,
+            cancel,
+            _registered: registered,
+            _heartbeat: heartbeat,
+            started,
+            ran,
+            span,
+        }))
+    }
+
+    /// Runs a job's post-tasks, settles its message, and reports how it
+    /// ended.
+    async fn finish(&self, job: Finishing<'_>) -> Result<Outcome, QueueError> {
+        let span = job.span.clone();
+        async {
+            let outcome = match job.ran {
+                Ok(ran) => tokio::time::timeout_at(
+                    job.started + self.config.max_runtime,
+                    self.run_tasks(&job.delivery, &job.subject, ran, &job.cancel),
+                )
+                .await
+                .unwrap_or_else(|_| Err(self.over_max_runtime()))
+                .map(|outputs| (outputs, job.started.elapsed())),
+                Err(e) => Err(e),
+            };
+            let end = self.settle(&job.delivery, outcome).await;
+            self.observer.metrics().busy(-1);
+            let end = end?;
+            self.observer.ended(&job.subject, &end);
+            self.count_array_child(&job.delivery, &job.subject, &end)
+                .await;
+            Ok(Outcome::Processed {
+                message_id: job.delivery.message_id.clone(),
+                end,
             })
-            .map(|outputs| (outputs, started.elapsed()))
-        };
-        let end = self.settle(delivery, outcome).await?;
-        self.observer.ended(&subject, &end);
-        self.count_array_child(delivery, &subject, &end).await;
-        Ok(end)
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn over_max_runtime(&self) -> JobError {
+        JobError::Retryable(format!(
+            "job exceeded max_runtime of {}",
+            humantime::format_duration(self.config.max_runtime)
+        ))
     }
 
     /// Keeps the message invisible while the job runs by extending its

@@ -1,0 +1,205 @@
+//! `renderq bench --inputs URL`: 20 jobs on one worker share one large
+//! input from an S3-compatible server, reached through the slow-link proxy
+//! of `bench --uploads`. Reports the bytes downloaded (want the input's
+//! size, once), the staging time of a cache hit, the first download's rate
+//! against `aws s3 cp` of the same object through the same proxy, and the
+//! worker's peak resident memory.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::time::Instant;
+
+use super::proxy::latency_proxy;
+use super::{BenchArgs, proc_status_kib};
+use crate::config::Config;
+use crate::queue::Queue;
+
+/// Jobs sharing the input.
+const JOBS: usize = 20;
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let endpoint = args.inputs.as_deref().context("--inputs needs a URL")?;
+    let size = args.size_mib * 1024 * 1024;
+    let upstream = reqwest::Url::parse(endpoint)?
+        .socket_addrs(|| None)?
+        .into_iter()
+        .next()
+        .context("S3 endpoint has no address")?;
+    let proxy = latency_proxy(upstream, args.latency, args.rate_mib * 1024 * 1024).await?;
+    let proxy_url = format!("http://{proxy}");
+    let dir = tempfile::tempdir()?;
+    let bucket = format!(
+        "renderq-bench-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    let config_path = dir.path().join("workers.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"
+[queue_manager]
+allow_commands = ["noop"]
+default_queue = "bench"
+listen_queue = "bench"
+[worker]
+wait_time = "1s"
+work_dir = "work"
+[worker.cache]
+path = "cache"
+[queues.bench]
+backend = "local"
+path = "queue"
+[buckets.assets]
+backend = "s3"
+bucket = "{bucket}"
+endpoint_url = "{proxy_url}"
+region = "us-east-1"
+[buckets.direct]
+backend = "s3"
+bucket = "{bucket}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+[commands.noop]
+kind = "process"
+program = "true"
+[events.targets.audit]
+kind = "file"
+path = "events.jsonl"
+"#
+        ),
+    )?;
+    std::fs::create_dir_all(dir.path().join("work"))?;
+    let sdk = crate::aws::sdk_config(Some("us-east-1"), Some(endpoint)).await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
+    );
+    s3.create_bucket().bucket(&bucket).send().await?;
+    put_input(dir.path(), &config_path, size).await?;
+    println!(
+        "{JOBS} jobs sharing one {} MiB input, through a proxy adding {:?} and capping each connection at {} MiB/s:",
+        args.size_mib, args.latency, args.rate_mib
+    );
+
+    let config = Config::load(&config_path)?;
+    let queue = Queue::open("bench", &config.queues["bench"]).await?;
+    let app = crate::app::App::build(config).await?;
+    for _ in 0..JOBS {
+        let request = serde_json::from_value(serde_json::json!({
+            "command": "noop",
+            "inputs": [{"bucket": "assets", "key": "input.bin", "path": "input.bin"}]
+        }))?;
+        app.submitter().submit(request).await?;
+    }
+    let started = Instant::now();
+    let mut worker = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["worker", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = worker.id().context("worker exited at once")?;
+    loop {
+        let stats = queue.stats().await?;
+        anyhow::ensure!(stats.dead_lettered == 0, "a job was dead-lettered");
+        if stats.visible == 0 && stats.in_flight == 0 {
+            break;
+        }
+        anyhow::ensure!(worker.try_wait()?.is_none(), "the worker exited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let peak = proc_status_kib(pid, "VmHWM").unwrap_or(0);
+    worker.start_kill()?;
+    worker.wait().await?;
+
+    let staged: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("events.jsonl"))?
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|e| e["type"] == "JobStarted")
+        .map(|e| e["detail"]["inputs"].clone())
+        .collect();
+    let downloaded: u64 = staged
+        .iter()
+        .filter_map(|s| s["bytes_downloaded"].as_u64())
+        .sum();
+    let mut hits: Vec<f64> = staged
+        .iter()
+        .filter(|s| s["bytes_downloaded"] == 0)
+        .filter_map(|s| s["seconds"].as_f64())
+        .collect();
+    hits.sort_by(f64::total_cmp);
+    let first = staged
+        .iter()
+        .find(|s| s["bytes_downloaded"].as_u64() > Some(0))
+        .and_then(|s| s["seconds"].as_f64())
+        .context("no job downloaded the input")?;
+    println!(
+        "  {JOBS} jobs in {took:.1?}; bytes downloaded: {downloaded} ({:.2}× the input)",
+        downloaded as f64 / size as f64
+    );
+    if let (Some(median), Some(max)) = (hits.get(hits.len() / 2), hits.last()) {
+        println!(
+            "  staging a cache hit: median {:.2} ms, max {:.2} ms ({} hits)",
+            median * 1e3,
+            max * 1e3,
+            hits.len()
+        );
+    }
+    println!(
+        "  first download: {first:.1} s = {:.1} MiB/s; worker peak RSS {:.1} MiB",
+        args.size_mib as f64 / first,
+        peak as f64 / 1024.0
+    );
+    aws_cp(&proxy_url, &bucket, dir.path(), args.size_mib).await;
+    println!("  upload/render overlap: not measured (uploads do not overlap the next render yet)");
+    Ok(())
+}
+
+/// Puts a sparse `size`-byte object at `input.bin` with renderq's own
+/// multipart upload, straight to the server.
+async fn put_input(dir: &Path, config_path: &Path, size: u64) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let bucket = crate::storage::Bucket::open("direct", &config.buckets["direct"]).await;
+    let workdir = std::sync::Arc::new(tempfile::tempdir_in(dir)?);
+    let file = workdir.path().join("input.bin");
+    std::fs::File::create(&file)?.set_len(size)?;
+    let output = crate::job::Output::file(file, mime::APPLICATION_OCTET_STREAM, workdir);
+    bucket
+        .put("input.bin", &output, "application/octet-stream", None)
+        .await?;
+    Ok(())
+}
+
+/// The same object through the same proxy with the AWS CLI, if installed.
+async fn aws_cp(proxy_url: &str, bucket: &str, dir: &Path, size_mib: u64) {
+    let started = Instant::now();
+    let status = tokio::process::Command::new("aws")
+        .args([
+            "s3",
+            "cp",
+            "--only-show-errors",
+            "--endpoint-url",
+            proxy_url,
+        ])
+        .arg(format!("s3://{bucket}/input.bin"))
+        .arg(dir.join("aws.bin"))
+        .stdout(Stdio::null())
+        .status()
+        .await;
+    match status {
+        Ok(status) if status.success() => {
+            let took = started.elapsed().as_secs_f64();
+            println!(
+                "  aws s3 cp of the same object: {took:.1} s = {:.1} MiB/s",
+                size_mib as f64 / took
+            );
+        }
+        Ok(status) => println!("  aws s3 cp: failed ({status})"),
+        Err(error) => println!("  aws s3 cp: not run ({error}; `pip install awscli`)"),
+    }
+}
