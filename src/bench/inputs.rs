@@ -156,7 +156,108 @@ path = "events.jsonl"
         peak as f64 / 1024.0
     );
     aws_cp(&proxy_url, &bucket, dir.path(), args.size_mib).await;
-    println!("  upload/render overlap: not measured (uploads do not overlap the next render yet)");
+    overlap(&proxy_url, &bucket, args).await
+}
+
+/// Three renders of one second on one slot, each uploading a 100 MiB
+/// result through the proxy: the idle time between one render's end and
+/// the next one's start, against how long each upload took after its
+/// render (what the gap was when uploads did not overlap).
+async fn overlap(proxy_url: &str, bucket: &str, args: &BenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let marks = dir.path().join("marks");
+    let config_path = dir.path().join("workers.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"
+[queue_manager]
+allow_commands = ["render"]
+default_queue = "bench"
+listen_queue = "bench"
+[worker]
+wait_time = "1s"
+[queues.bench]
+backend = "local"
+path = "queue"
+[buckets.results]
+backend = "s3"
+bucket = "{bucket}"
+endpoint_url = "{proxy_url}"
+region = "us-east-1"
+[commands.render]
+kind = "process"
+program = "sh"
+args = ["-c", "echo start $(date +%s%N) >> {marks}; sleep 1; head -c 104857600 /dev/urandom > out.bin; echo end $(date +%s%N) >> {marks}"]
+output = "{{workdir}}/out.bin"
+[events.targets.audit]
+kind = "file"
+path = "events.jsonl"
+"#,
+            marks = marks.display()
+        ),
+    )?;
+    let config = Config::load(&config_path)?;
+    let queue = Queue::open("bench", &config.queues["bench"]).await?;
+    let app = crate::app::App::build(config).await?;
+    for i in 0..3 {
+        let request = serde_json::from_value(serde_json::json!({
+            "command": "render",
+            "tasks": [{"name": "s3_upload", "config": {"bucket": "results", "key": format!("overlap-{i}.bin")}}]
+        }))?;
+        app.submitter().submit(request).await?;
+    }
+    let mut worker = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["worker", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    loop {
+        let stats = queue.stats().await?;
+        anyhow::ensure!(stats.dead_lettered == 0, "a render was dead-lettered");
+        if stats.visible == 0 && stats.in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.start_kill()?;
+    worker.wait().await?;
+    let mut starts = Vec::new();
+    let mut ends = Vec::new();
+    for line in std::fs::read_to_string(&marks)?.lines() {
+        let (kind, ns) = line.split_once(' ').context("a mark")?;
+        let at = ns.parse::<i64>()? as f64 / 1e9;
+        if kind == "start" {
+            starts.push(at)
+        } else {
+            ends.push(at)
+        }
+    }
+    let deleted: Vec<f64> = std::fs::read_to_string(dir.path().join("events.jsonl"))?
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|e| e["type"] == "JobSucceeded")
+        .filter_map(|e| chrono::DateTime::parse_from_rfc3339(e["time"].as_str()?).ok())
+        .map(|t| t.timestamp_nanos_opt().unwrap_or(0) as f64 / 1e9)
+        .collect();
+    let gaps: Vec<String> = starts
+        .iter()
+        .skip(1)
+        .zip(&ends)
+        .map(|(s, e)| format!("{:.0} ms", (s - e) * 1e3))
+        .collect();
+    let uploads: Vec<String> = deleted
+        .iter()
+        .zip(&ends)
+        .map(|(d, e)| format!("{:.2} s", d - e))
+        .collect();
+    println!(
+        "  1 s renders with a 100 MiB upload each at {} MiB/s a connection: idle gap between renders {}; each upload ended {} after its render (the gap without overlap)",
+        args.rate_mib,
+        gaps.join(", "),
+        uploads.join(", ")
+    );
     Ok(())
 }
 

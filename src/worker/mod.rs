@@ -1,8 +1,10 @@
 //! The listen half: receive → check → run → post-tasks → delete.
 //!
-//! [`Worker::process_next`] is one step (one message, or none); the slot
-//! loops in [`Worker::run`] call it until shutdown, and tests call it
-//! directly to drain a queue without sleeping.
+//! [`Worker::process_next`] is one step (one message, or none), which tests
+//! call to drain a queue without sleeping. The slot loops in [`Worker::run`]
+//! take the same step in two halves: a job's post-tasks and settling
+//! (`Finishing`) run while the slot's next job is received, staged and
+//! run, at most one pending per slot.
 //!
 //! A message is deleted only after the command and every task succeeded. A
 //! job that fails is left in the queue with a back-off delay; one that can
