@@ -6,7 +6,7 @@
 //! commands) are built from them elsewhere and never deserialize themselves.
 //!
 //! Here: the whole file, its loading and the checks across tables. The
-//! tables are in `sections` and `events`; `locate` finds the line a key is
+//! tables are in `sections`, `worker` and `events`; `locate` finds the line a key is
 //! written on, so that every error names it.
 
 use std::collections::BTreeMap;
@@ -20,10 +20,12 @@ use serde::Deserialize;
 mod events;
 mod locate;
 mod sections;
+mod worker;
 
 pub use events::*;
 use locate::{key_at, line_of, span_of_key, unknown_field_at};
 pub use sections::*;
+pub use worker::*;
 
 /// SQS refuses to keep a message invisible for longer than this after it was
 /// received, so a job must finish (or be failed) within it.

@@ -1,0 +1,208 @@
+//! `[worker]`: the listen half's slots, timings, working and cache folders,
+//! and its place in a fleet (instance notices, GPUs, autoscaling).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `[worker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Jobs run at the same time by one process, each pulled on its own
+    /// (default: 1, or one per GPU with `gpus`).
+    pub slots: Option<usize>,
+    /// How long a received job stays invisible to other workers; the
+    /// heartbeat extends it while the job runs.
+    #[serde(with = "humantime_serde")]
+    pub visibility_timeout: Duration,
+    /// Longest a receive waits for a message (long polling).
+    #[serde(with = "humantime_serde")]
+    pub wait_time: Duration,
+    /// Back-off after the first failure; doubles with every receive.
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
+    /// Cap on the back-off between tries.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_delay: Duration,
+    /// A job still running after this long is cancelled and failed.
+    #[serde(with = "humantime_serde")]
+    pub max_runtime: Duration,
+    /// On shutdown, how long a running job may take to finish before it is
+    /// cancelled and handed back to the queue.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Where per-job working folders are made (default: the system's
+    /// temporary folder).
+    pub work_dir: Option<PathBuf>,
+    /// On an instance notice (spot, autoscaling), what to do with a job
+    /// that reported no progress: `release` it at once, or
+    /// `run-to-deadline`.
+    pub unknown_eta: UnknownEta,
+    /// On an instance notice, jobs must be handed back this long before
+    /// the deadline.
+    #[serde(with = "humantime_serde")]
+    pub stop_margin: Duration,
+    /// The EC2 instance metadata service to watch for spot and autoscaling
+    /// notices: `"off"`, `"auto"` (the standard address), or a base URL.
+    pub imds: String,
+    /// `"off"`, `"auto"` (one slot per GPU `nvidia-smi` lists, each pinned
+    /// to its GPU), or GPU indexes, e.g. `[0, 1]`.
+    pub gpus: GpusConfig,
+    /// Cooperation with the instance's autoscaling group (needs `imds`,
+    /// for the instance id).
+    pub autoscaling: Option<ScalingConfig>,
+    /// Where jobs' inputs are kept between jobs.
+    pub cache: CacheConfig,
+}
+
+/// `[worker.cache]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// The cache's folder, shared by every slot of this worker and by other
+    /// worker processes on the machine that name it (default:
+    /// `renderq-cache` under `work_dir`). It must be on the same file
+    /// system as `work_dir` for inputs to be hard-linked rather than
+    /// copied.
+    pub path: Option<PathBuf>,
+    /// Bytes it may hold; past this the least recently used files that no
+    /// running job uses are deleted.
+    pub max_size: u64,
+    /// Ranged GETs at once for one large object.
+    pub download_concurrency: usize,
+    /// Most files one manifest may list.
+    pub max_manifest_files: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            max_size: 20 * 1024 * 1024 * 1024,
+            download_concurrency: 8,
+            max_manifest_files: 100_000,
+        }
+    }
+}
+
+/// `[worker.autoscaling]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalingConfig {
+    /// The autoscaling group's name.
+    pub group: String,
+    /// Turn scale-in protection on while jobs run.
+    #[serde(default = "yes")]
+    pub protect_when_busy: bool,
+    /// Turn it off after this long without a job.
+    #[serde(default = "default_idle_before_unprotect", with = "humantime_serde")]
+    pub idle_before_unprotect: Duration,
+    /// A termination lifecycle hook: heartbeats while draining, then
+    /// `CompleteLifecycleAction` (CONTINUE) when done.
+    pub lifecycle_hook: Option<String>,
+    /// How often the hook gets a heartbeat while the worker drains.
+    #[serde(default = "default_hook_heartbeat", with = "humantime_serde")]
+    pub hook_heartbeat: Duration,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_idle_before_unprotect() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_hook_heartbeat() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl WorkerConfig {
+    /// Where per-job working folders are made.
+    pub fn work_root(&self) -> PathBuf {
+        self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+
+    /// The input cache's folder.
+    pub fn cache_root(&self) -> PathBuf {
+        self.cache
+            .path
+            .clone()
+            .unwrap_or_else(|| self.work_root().join("renderq-cache"))
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            slots: None,
+            visibility_timeout: Duration::from_secs(120),
+            wait_time: Duration::from_secs(20),
+            retry_delay: Duration::from_secs(5),
+            max_retry_delay: Duration::from_secs(300),
+            max_runtime: Duration::from_secs(2 * 3600),
+            drain_timeout: Duration::from_secs(30),
+            work_dir: None,
+            unknown_eta: UnknownEta::default(),
+            stop_margin: Duration::from_secs(10),
+            imds: "off".into(),
+            gpus: GpusConfig::default(),
+            autoscaling: None,
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+/// What to do on an instance notice with a job whose end is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownEta {
+    /// Hand it back at once (another worker starts it sooner).
+    #[default]
+    Release,
+    /// Let it run until the deadline less the margin (for short jobs).
+    RunToDeadline,
+}
+
+/// `[worker] gpus`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum GpusConfig {
+    /// `"auto"` or `"off"`.
+    Mode(String),
+    /// These GPU indexes.
+    List(Vec<u32>),
+}
+
+impl Default for GpusConfig {
+    fn default() -> Self {
+        GpusConfig::Mode("off".into())
+    }
+}
+
+/// Where to find IMDS, from `[worker] imds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImdsSetting {
+    Off,
+    Auto,
+    Url(String),
+}
+
+impl ImdsSetting {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "off" => Ok(ImdsSetting::Off),
+            "auto" => Ok(ImdsSetting::Auto),
+            url if url.starts_with("http://") || url.starts_with("https://") => {
+                Ok(ImdsSetting::Url(url.trim_end_matches('/').to_owned()))
+            }
+            other => Err(format!(
+                "`{other}` is not \"off\", \"auto\" or an http:// URL"
+            )),
+        }
+    }
+}
