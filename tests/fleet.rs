@@ -16,7 +16,7 @@ const LONG: Duration = Duration::from_secs(60);
 /// A local IMDSv2: a token, an instance id, and the two notices the test
 /// sets.
 #[derive(Clone, Default)]
-struct FakeImds {
+pub struct FakeImds {
     /// The body of `spot/instance-action`, 404 while `None`.
     spot: Arc<Mutex<Option<String>>>,
     /// `autoscaling/target-lifecycle-state`.
@@ -27,7 +27,7 @@ struct FakeImds {
 }
 
 impl FakeImds {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let imds = FakeImds {
             lifecycle: Arc::new(Mutex::new("InService".into())),
@@ -88,12 +88,12 @@ impl FakeImds {
         imds
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// A spot interruption `seconds` from now.
-    fn interrupt_in(&self, seconds: i64) {
+    pub fn interrupt_in(&self, seconds: i64) {
         let at = (chrono::Utc::now() + chrono::Duration::seconds(seconds))
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         *self.spot.lock().unwrap() = Some(json!({"action": "terminate", "time": at}).to_string());

@@ -332,7 +332,7 @@ async fn two_slots_wanting_one_200_mib_object_download_it_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_shutdown_during_a_slow_download_hands_the_job_back_without_a_try() {
+async fn a_spot_notice_during_a_slow_download_hands_the_job_back_without_a_try() {
     let moto = crate::harness::Moto::shared();
     // The assets bucket is reached through a slow link: 1 MiB/s a
     // connection.
@@ -340,7 +340,12 @@ async fn a_shutdown_during_a_slow_download_hands_the_job_back_without_a_try() {
     let slow = renderq::bench::proxy::latency_proxy(upstream, Duration::from_millis(5), 1 << 20)
         .await
         .unwrap();
-    let farm = s3_farm("").await;
+    let imds = crate::fleet::FakeImds::start().await;
+    let farm = s3_farm(&format!(
+        "imds = \"{}\"\nstop_margin = \"1s\"\n",
+        imds.url()
+    ))
+    .await;
     put_big(&farm, "big/slow.bin", 32).await;
     let text = std::fs::read_to_string(&farm.config).unwrap();
     let endpoint = format!("endpoint_url = \"{}\"", moto.endpoint());
@@ -348,20 +353,21 @@ async fn a_shutdown_during_a_slow_download_hands_the_job_back_without_a_try() {
     let tail = tail.replacen(&endpoint, &format!("endpoint_url = \"http://{slow}\""), 1);
     std::fs::write(&farm.config, format!("{head}[buckets.assets]{tail}")).unwrap();
 
-    let mut serve = farm.serve(&crate::harness::AWS_ENV).await;
+    let serve = farm.serve(&crate::harness::AWS_ENV).await;
+    serve.wait_for_log("Watching instance metadata", LONG);
     let id = farm
         .submit(json!({"command": "list_inputs",
             "inputs": [{"bucket": "assets", "key": "big/slow.bin", "path": "slow.bin"}]}))
         .await;
-    // Wait until the download is under way, then stop the worker.
+    // Wait until the download is under way; then the instance is told it
+    // will be reclaimed in a minute.
     let downloads = farm.work_dir().join("renderq-cache/tmp");
     let deadline = std::time::Instant::now() + LONG;
     while files_under(&downloads).is_empty() {
         assert!(std::time::Instant::now() < deadline, "no download started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    serve.signal(nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(serve.wait_exit(LONG), Some(0), "{}", serve.log_text());
+    imds.interrupt_in(60);
     let requeued = farm
         .wait_for_events(
             |e| e["type"] == "JobRequeued" && e["message_id"] == id.as_str(),
