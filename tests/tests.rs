@@ -37,6 +37,7 @@ mod first_hour;
 mod fleet;
 mod http_api;
 mod inputs;
+mod job_control;
 mod limits;
 mod processes;
 mod readme;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::api::submit::{SubmitError, SubmitRequest, Submitted, Submitter};
 use crate::events::status::StatusTable;
 use crate::job::params::{FieldError, deserialize_named};
+use crate::queue::Redrive;
 
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
@@ -158,6 +159,15 @@ struct JobStatusParams {
     job_id: String,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedriveParams {
+    /// A job's id, or an array's: every dead-lettered child goes back.
+    job_id: String,
+    #[serde(default)]
+    queue_name: Option<String>,
+}
+
 /// The JSON-RPC methods of the submit half.
 #[derive(Debug, Clone)]
 pub struct Rpc {
@@ -256,11 +266,12 @@ impl Rpc {
         budget: &mut u32,
     ) -> Result<Value, RpcError> {
         // The method is checked before its params.
-        const METHODS: [&str; 4] = [
+        const METHODS: [&str; 5] = [
             "queue_manager_submit_job",
             "queue_manager_list_commands",
             "queue_manager_queue_stats",
             "queue_manager_job_status",
+            "queue_manager_redrive",
         ];
         if !METHODS.contains(&method) {
             return Err(method_not_found(method));
@@ -305,6 +316,10 @@ impl Rpc {
                 let p: StatsParams = deserialize_named(params, "")?;
                 self.queue_stats(p.queue_name).await
             }
+            "queue_manager_redrive" => {
+                let p: RedriveParams = deserialize_named(params, "")?;
+                self.redrive(p).await
+            }
             other => Err(method_not_found(other)),
         }
     }
@@ -338,6 +353,32 @@ impl Rpc {
             .map(|c| json!({ "name": c.name, "parameters": c.schema.describe() }))
             .collect();
         Value::Array(commands)
+    }
+
+    /// Puts a job's dead letters (an array's: every dead-lettered child)
+    /// back in their queue with a fresh budget of tries.
+    async fn redrive(&self, params: RedriveParams) -> Result<Value, RpcError> {
+        if uuid::Uuid::parse_str(&params.job_id).is_err() {
+            return Err(FieldError::new("job_id", "not a job id (a UUID)").into());
+        }
+        let name = params
+            .queue_name
+            .unwrap_or_else(|| self.submitter.default_queue().to_owned());
+        let queue = self.submitter.queues().get(&name).ok_or_else(|| {
+            FieldError::new("queue_name", format!("no queue `{name}` is configured"))
+        })?;
+        let limit = self.submitter.limits().max_array_size as usize;
+        let redriven = queue
+            .dlq_redrive(limit, &Redrive::Job(params.job_id.clone()))
+            .await
+            .map_err(|source| SubmitError::Queue {
+                queue: name.clone(),
+                source,
+                sent: Vec::new(),
+                not_sent: None,
+            })?;
+        tracing::info!(queue = %name, job_id = %params.job_id, redriven, "Dead letters redriven.");
+        Ok(json!({"queue": name, "job_id": params.job_id, "redriven": redriven}))
     }
 
     async fn queue_stats(&self, queue_name: Option<String>) -> Result<Value, RpcError> {

@@ -67,7 +67,8 @@ async fn about() -> Response {
             "queue_manager_submit_job",
             "queue_manager_list_commands",
             "queue_manager_queue_stats",
-            "queue_manager_job_status"
+            "queue_manager_job_status",
+            "queue_manager_redrive"
         ],
         "health": "/healthz",
         "metrics": "/metrics"

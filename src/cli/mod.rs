@@ -16,7 +16,7 @@ use std::time::Duration;
 use crate::app::App;
 use crate::config::Config;
 use crate::fleet::lifecycle::Shutdown;
-use crate::queue::Queue;
+use crate::queue::{Queue, Redrive};
 
 #[derive(Debug, Parser)]
 #[command(name = "renderq", version, about = "A queue manager for render farms")]
@@ -133,8 +133,37 @@ pub enum QueueCommand {
 pub enum DlqCommand {
     /// One line per dead-lettered message: id, receive count, reason.
     List(DlqArgs),
-    /// Move dead-lettered messages back to their queue.
-    Redrive(DlqArgs),
+    /// Move dead-lettered messages back to their queue: all of them, one
+    /// message, or one job's (an array's: every dead-lettered child).
+    Redrive(RedriveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RedriveArgs {
+    #[command(flatten)]
+    pub dlq: DlqArgs,
+    /// Only the message with this id (the id the submit returned).
+    #[arg(long, conflicts_with = "job")]
+    pub message: Option<String>,
+    /// Only this job's dead letters, or an array's (by its job id).
+    #[arg(long)]
+    pub job: Option<String>,
+}
+
+impl RedriveArgs {
+    /// Which dead letters, checked: ids are UUIDs.
+    pub fn which(&self) -> anyhow::Result<Redrive> {
+        let uuid = |flag: &str, id: &str| {
+            uuid::Uuid::parse_str(id)
+                .map(|_| id.to_owned())
+                .map_err(|_| anyhow::anyhow!("{flag} `{id}` is not a message or job id (a UUID)"))
+        };
+        Ok(match (&self.message, &self.job) {
+            (Some(id), _) => Redrive::Message(uuid("--message", id)?),
+            (None, Some(id)) => Redrive::Job(uuid("--job", id)?),
+            (None, None) => Redrive::All,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -267,8 +296,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 DlqCommand::Redrive(args) => {
-                    let queue = queue_named(&app, args.queue.as_deref().unwrap_or(&default))?;
-                    let moved = queue.dlq_redrive(args.limit).await?;
+                    let which = args.which()?;
+                    let queue = queue_named(&app, args.dlq.queue.as_deref().unwrap_or(&default))?;
+                    let moved = queue.dlq_redrive(args.dlq.limit, &which).await?;
                     println!("redrove {moved} message(s) to {}", queue.name());
                 }
             }

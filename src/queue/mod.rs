@@ -45,6 +45,34 @@ pub struct DeadLetter {
     pub reason: String,
 }
 
+/// Which dead letters a redrive puts back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redrive {
+    /// All of them (up to the limit).
+    All,
+    /// The one whose message id (the id the submit returned) is this.
+    Message(String),
+    /// A job's, or every dead-lettered child of an array, by the id the
+    /// submit returned for it.
+    Job(String),
+}
+
+impl Redrive {
+    /// Whether a dead letter (its message id and body) is one to put back.
+    pub fn wants(&self, message_id: &str, body: &str) -> bool {
+        match self {
+            Redrive::All => true,
+            Redrive::Message(id) => {
+                message_id == id
+                    || crate::job::Envelope::parse(body, message_id)
+                        .is_ok_and(|e| e.message_id.as_deref() == Some(id))
+            }
+            Redrive::Job(id) => crate::job::Envelope::parse(body, message_id)
+                .is_ok_and(|e| e.job_id == *id || e.array.is_some_and(|a| a.job_id == *id)),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     /// The receipt is no longer valid: the message was received again or
@@ -198,11 +226,12 @@ impl Queue {
         }
     }
 
-    /// Moves up to `limit` dead-lettered messages back; returns how many.
-    pub async fn dlq_redrive(&self, limit: usize) -> Result<usize, QueueError> {
+    /// Moves up to `limit` of the dead letters `which` selects back, with
+    /// a fresh budget of tries; returns how many.
+    pub async fn dlq_redrive(&self, limit: usize, which: &Redrive) -> Result<usize, QueueError> {
         match self {
-            Queue::Local(q) => q.dlq_redrive(limit).await,
-            Queue::Sqs(q) => q.dlq_redrive(limit).await,
+            Queue::Local(q) => q.dlq_redrive(limit, which).await,
+            Queue::Sqs(q) => q.dlq_redrive(limit, which).await,
         }
     }
 }

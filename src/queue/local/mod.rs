@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeadLetter, QueueError, Received, Stats};
+use super::{DeadLetter, QueueError, Received, Redrive, Stats};
 use crate::config::LocalQueueConfig;
 use claim::{Claim, claim, text};
 use db::{Db, execute, query_row};
@@ -442,20 +442,50 @@ impl LocalQueue {
             .await
     }
 
-    pub async fn dlq_redrive(&self, limit: usize) -> Result<usize, QueueError> {
+    pub async fn dlq_redrive(&self, limit: usize, which: &Redrive) -> Result<usize, QueueError> {
+        let which = which.clone();
         let moved = self
             .inner
             .db
             .run_blocking(move |conn| {
-                execute(
-                    conn,
-                    "UPDATE messages SET dead_at = NULL, receive_count = 0, receipt = NULL,
-                        last_error = NULL, visible_at = ?2
-                     WHERE seq IN (SELECT seq FROM messages WHERE dead_at IS NOT NULL
-                                   ORDER BY dead_at, seq LIMIT ?1)",
-                    params![limit as i64, now_ms()],
-                )
-                .map_err(unavailable)
+                let tx = conn.transaction().map_err(unavailable)?;
+                let chosen: Vec<i64> = {
+                    let mut stmt = tx
+                        .prepare(
+                            "SELECT seq, id, body FROM messages WHERE dead_at IS NOT NULL
+                             ORDER BY dead_at, seq",
+                        )
+                        .map_err(unavailable)?;
+                    let rows = stmt
+                        .query_map([], |row| {
+                            Ok((
+                                row.get::<_, i64>(0)?,
+                                text(row.get_ref(1)?),
+                                text(row.get_ref(2)?),
+                            ))
+                        })
+                        .map_err(unavailable)?;
+                    let mut chosen = Vec::new();
+                    for row in rows {
+                        let (seq, id, body) = row.map_err(unavailable)?;
+                        if chosen.len() < limit && which.wants(&id, &body) {
+                            chosen.push(seq);
+                        }
+                    }
+                    chosen
+                };
+                for seq in &chosen {
+                    execute(
+                        &tx,
+                        "UPDATE messages SET dead_at = NULL, receive_count = 0, receipt = NULL,
+                            last_error = NULL, visible_at = ?2
+                         WHERE seq = ?1",
+                        params![seq, now_ms()],
+                    )
+                    .map_err(unavailable)?;
+                }
+                tx.commit().map_err(unavailable)?;
+                Ok(chosen.len())
             })
             .await?;
         if moved > 0 {

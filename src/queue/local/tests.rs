@@ -135,7 +135,12 @@ async fn redrive_policy_dead_letters_after_max_receives() {
     assert_eq!(dead[0].receive_count, 3);
     assert!(dead[0].reason.contains("boom"), "{}", dead[0].reason);
 
-    assert_eq!(q.dlq_redrive(10).await.unwrap(), 1);
+    assert_eq!(
+        q.dlq_redrive(10, &crate::queue::Redrive::All)
+            .await
+            .unwrap(),
+        1
+    );
     let back = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
     assert_eq!((back.body.as_str(), back.receive_count), ("doomed", 1));
 }

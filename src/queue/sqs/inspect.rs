@@ -7,6 +7,10 @@ use std::time::Duration;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 
 use super::{ApiCalls, REASON, RECEIVES, SOURCE_ID, SqsQueue, classify, seconds};
+use crate::queue::Redrive;
+
+/// Dead letters a selective redrive (one job, one message) looks through.
+const SCAN: usize = 10_000;
 use crate::queue::{DeadLetter, QueueError, Stats};
 
 impl SqsQueue {
@@ -136,13 +140,30 @@ impl SqsQueue {
 
     /// Moves dead letters back by receiving and re-sending them (not every
     /// SQS-compatible server has `StartMessageMoveTask`).
-    pub async fn dlq_redrive(&self, limit: usize) -> Result<usize, QueueError> {
+    /// A selective redrive looks through at most this many dead letters.
+    pub async fn dlq_redrive(&self, limit: usize, which: &Redrive) -> Result<usize, QueueError> {
+        let scan = if *which == Redrive::All {
+            limit
+        } else {
+            SCAN.max(limit)
+        };
         let messages = self
-            .take_dead_letters(limit, Duration::from_secs(60))
+            .take_dead_letters(scan, Duration::from_secs(60))
             .await?;
+        let mut moved = 0;
         for message in &messages {
-            self.send(message.body().unwrap_or_default()).await?;
-            if let Some(receipt) = &message.receipt_handle {
+            let id = message
+                .message_attributes()
+                .and_then(|a| a.get(SOURCE_ID))
+                .and_then(|v| v.string_value())
+                .or(message.message_id.as_deref())
+                .unwrap_or_default();
+            let body = message.body().unwrap_or_default();
+            let Some(receipt) = &message.receipt_handle else {
+                continue;
+            };
+            if moved < limit && which.wants(id, body) {
+                self.send(body).await?;
                 self.client
                     .delete_message()
                     .queue_url(&self.dlq_url)
@@ -150,8 +171,19 @@ impl SqsQueue {
                     .send()
                     .await
                     .map_err(classify)?;
+                moved += 1;
+            } else {
+                // Not this one: visible again at once for other readers.
+                self.client
+                    .change_message_visibility()
+                    .queue_url(&self.dlq_url)
+                    .receipt_handle(receipt)
+                    .visibility_timeout(0)
+                    .send()
+                    .await
+                    .map_err(classify)?;
             }
         }
-        Ok(messages.len())
+        Ok(moved)
     }
 }
