@@ -233,7 +233,10 @@ async fn bad_inputs_are_refused_or_dead_lettered_with_their_reason() {
 
 /// An `assets` bucket on moto (the farm's S3 bucket) and two slots.
 async fn s3_farm(extra: &str) -> Farm {
-    let moto = crate::harness::Moto::shared();
+    s3_farm_on(crate::harness::Moto::shared(), extra).await
+}
+
+async fn s3_farm_on(moto: &crate::harness::Moto, extra: &str) -> Farm {
     let endpoint = moto.endpoint();
     let farm = Farm::on_moto(
         moto,
@@ -289,7 +292,9 @@ async fn put_big(farm: &Farm, key: &str, mib: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_slots_wanting_one_200_mib_object_download_it_once() {
-    let farm = s3_farm("").await;
+    let logs = tempfile::tempdir().unwrap();
+    let moto = crate::harness::Moto::start_logging(logs.path().join("moto.log"));
+    let farm = s3_farm_on(&moto, "").await;
     let bytes = put_big(&farm, "big/plate.exr", 200).await;
     let serve = farm.serve(&crate::harness::AWS_ENV).await;
     let input = json!([{"bucket": "assets", "key": "big/plate.exr", "path": "plate.exr"}]);
@@ -321,6 +326,12 @@ async fn two_slots_wanting_one_200_mib_object_download_it_once() {
         metrics["renderq_input_cache_files_total{result=\"hit\"}"],
         1.0
     );
+    // At the server: one object's worth of ranged GETs (16 MiB each).
+    let gets = moto.requests(&["\"GET /", "/big/plate.exr"]);
+    let heads = moto.requests(&["\"HEAD /", "/big/plate.exr"]);
+    println!("at moto: {gets} GETs and {heads} HEADs of the object");
+    assert_eq!(gets, 13, "200 MiB in 16 MiB ranges, fetched once");
+    assert_eq!(heads, 2, "each job checks the object's version");
     // The ranged parts were put together right.
     let blobs = files_under(&farm.work_dir().join("renderq-cache/blobs"));
     assert_eq!(blobs.len(), 1);
