@@ -12,7 +12,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::children::{ArrayPlan, BATCH, CHILD_SLACK, json_len, make_child, send_batch};
+use super::children::{
+    ArrayPlan, BATCH, BATCH_BYTES, CHILD_SLACK, json_len, make_child, send_batch,
+};
 use crate::commands::catalog::Catalog;
 use crate::config::QueueManagerConfig;
 use crate::events::ledger::{ArrayCounts, Ledgers};
@@ -396,17 +398,30 @@ impl Submitter {
         let size = plan.size();
         let mut message_ids = Vec::with_capacity(size as usize);
         let mut template = envelope.clone();
-        for (batch_no, batch) in plan.chunks().collect::<Vec<_>>().chunks(BATCH).enumerate() {
-            let first_index = batch_no * BATCH;
-            let bodies: Vec<String> = batch
-                .iter()
-                .enumerate()
-                .map(|(i, chunk)| {
-                    let index = (first_index + i) as u32;
-                    make_child(&mut template, &envelope.job_id, &plan, index, chunk);
-                    template.to_body()
-                })
-                .collect();
+        let chunks: Vec<&[i64]> = plan.chunks().collect();
+        let mut next = 0;
+        while next < chunks.len() {
+            // Up to ten children a call, and no more bytes than one call
+            // may carry.
+            let first_index = next;
+            let mut bodies: Vec<String> = Vec::new();
+            let mut bytes = 0;
+            while next < chunks.len() && bodies.len() < BATCH {
+                make_child(
+                    &mut template,
+                    &envelope.job_id,
+                    &plan,
+                    next as u32,
+                    chunks[next],
+                );
+                let body = template.to_body();
+                if !bodies.is_empty() && bytes + body.len() > BATCH_BYTES {
+                    break;
+                }
+                bytes += body.len();
+                bodies.push(body);
+                next += 1;
+            }
             match send_batch(&queue, &bodies).await {
                 Ok(ids) => message_ids.extend(ids),
                 Err((ids, source)) => {
@@ -415,7 +430,7 @@ impl Submitter {
                         .enumerate()
                         .filter(|(_, id)| id.is_none())
                         .map(|(i, _)| first_index + i)
-                        .chain(first_index + batch.len()..size as usize)
+                        .chain(next..size as usize)
                         .collect();
                     message_ids.extend(ids.into_iter().flatten());
                     let not_sent = self

@@ -37,23 +37,37 @@ const RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_s
 const MAX_ENTRY: usize = 256 * 1024;
 
 /// What a target made of a batch, by index in the batch: entries to send
-/// again, and entries it will never take (with why).
+/// again, entries it will never take (with why), and entries left for the
+/// next call because one call carries at most `MAX_ENTRY` bytes.
 #[derive(Debug, Default)]
 struct Refused {
     again: Vec<usize>,
     never: Vec<(usize, DropReason, String)>,
+    later: Vec<usize>,
 }
 
 impl Refused {
     /// Sizes every entry against `limit` (trimming where it can): the
-    /// entries to send, as (index, JSON), and the ones too large.
+    /// entries to send in this call, as (index, JSON), the ones too large,
+    /// and those that must wait for the next call (a call carries at most
+    /// `MAX_ENTRY` bytes in all).
     fn sized(batch: &[Event], limit: impl Fn(&Event) -> usize) -> (Vec<(usize, String)>, Self) {
         let mut refused = Self::default();
         let mut entries = Vec::with_capacity(batch.len());
+        let mut bytes = 0;
         for (i, event) in batch.iter().enumerate() {
             let limit = limit(event);
             match event.to_json_within(limit) {
-                Ok(json) => entries.push((i, json)),
+                Ok(json)
+                    if !entries.is_empty()
+                        && bytes + json.len() + MAX_ENTRY - limit > MAX_ENTRY =>
+                {
+                    refused.later.push(i)
+                }
+                Ok(json) => {
+                    bytes += json.len() + MAX_ENTRY - limit;
+                    entries.push((i, json))
+                }
                 Err(bytes) => refused.never.push((
                     i,
                     DropReason::TooLarge,
@@ -489,14 +503,19 @@ async fn deliver(
                             "event dropped: the target will never take it");
                     }
                     let again = refused.again.len();
+                    let mut next = refused.again;
+                    next.extend(refused.later);
+                    next.sort_unstable();
                     let mut slots: Vec<Option<Event>> = batch.into_iter().map(Some).collect();
-                    batch = refused
-                        .again
+                    batch = next
                         .into_iter()
                         .filter_map(|i| slots.get_mut(i).and_then(Option::take))
                         .collect();
-                    if batch.is_empty() {
-                        break;
+                    if again == 0 {
+                        // Everything sent was taken: what is left goes now,
+                        // with its tries untouched.
+                        tries = 0;
+                        continue;
                     }
                     format!("{again} entries refused for now")
                 }
@@ -621,5 +640,24 @@ mod tests {
             100,
             "dropped when full, or out of tries"
         );
+    }
+
+    #[test]
+    fn one_call_carries_at_most_256_kib_and_the_rest_waits_for_the_next() {
+        let big =
+            |n: usize| Event::new(EventType::JobStarted, None, json!({"blob": "x".repeat(n)}));
+        let batch = [
+            big(100_000),
+            big(100_000),
+            big(100_000),
+            big(300_000),
+            big(10),
+        ];
+        let (entries, refused) = Refused::sized(&batch, |_| MAX_ENTRY);
+        let sent: Vec<usize> = entries.iter().map(|(i, _)| *i).collect();
+        assert_eq!(sent, [0, 1, 4], "two of 100 kB fit, and the small one");
+        assert_eq!(refused.later, [2]);
+        assert_eq!(refused.never.len(), 1, "300 kB can never go");
+        assert_eq!(refused.never[0].0, 3);
     }
 }

@@ -81,7 +81,7 @@ pub fn check(
             ),
         ));
     }
-    let mut paths = HashSet::new();
+    let mut paths: Vec<Vec<&str>> = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
         if !bucket_exists(&input.bucket) {
             return Err(FieldError::new(
@@ -102,12 +102,26 @@ pub fn check(
         crate::job::check_key(key)
             .map_err(|e| FieldError::new(format!("inputs[{i}].{field}"), e))?;
         check_path(&input.path).map_err(|e| FieldError::new(format!("inputs[{i}].path"), e))?;
-        if !paths.insert(input.path.trim_end_matches('/')) {
+        let path: Vec<&str> = input
+            .path
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        // One inside another would place a file where another input goes.
+        if let Some(j) = paths.iter().position(|other: &Vec<&str>| {
+            let shorter = other.len().min(path.len());
+            other[..shorter] == path[..shorter]
+        }) {
             return Err(FieldError::new(
                 format!("inputs[{i}].path"),
-                format!("`{}` is given twice", input.path),
+                if paths[j] == path {
+                    format!("`{}` is given twice", input.path)
+                } else {
+                    format!("`{}` overlaps inputs[{j}].path", input.path)
+                },
             ));
         }
+        paths.push(path);
     }
     Ok(())
 }

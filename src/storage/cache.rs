@@ -233,10 +233,6 @@ impl Cache {
                 break;
             }
             let path = self.root.join("blobs").join(&name);
-            // Linked into a running job's folder: kept.
-            if std::fs::metadata(&path).is_ok_and(|m| m.nlink() > 1) {
-                continue;
-            }
             // Being fetched or placed elsewhere: kept.
             let lock = self.root.join("locks").join(name.replace('/', "%"));
             let Ok(file) = File::options()
@@ -250,6 +246,11 @@ impl Cache {
             let Ok(_held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
                 continue;
             };
+            // Linked into a running job's folder (checked under the lock,
+            // so no link is made meanwhile): kept.
+            if std::fs::metadata(&path).is_ok_and(|m| m.nlink() > 1) {
+                continue;
+            }
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -308,15 +309,29 @@ impl Cache {
         if let Some(dir) = dest.parent() {
             std::fs::create_dir_all(dir).map_err(retryable("job folder"))?;
         }
-        if std::fs::hard_link(path, dest).is_err() {
-            // Another file system: a copy, which nothing can write back.
-            std::fs::copy(path, dest).map_err(retryable("job folder"))?;
-            if let Ok(meta) = std::fs::metadata(path)
-                && let Ok(modified) = meta.modified()
-                && let Ok(file) = File::options().write(true).open(dest)
-            {
-                let _ = file.set_modified(modified);
+        match std::fs::hard_link(path, dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(CacheError::Permanent(format!(
+                    "{} is placed twice (inputs overlap)",
+                    dest.display()
+                )));
             }
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EXDEV as i32) => {
+                // Another file system: a fresh copy, which nothing can
+                // write back.
+                let mut from = File::open(path).map_err(retryable("cache"))?;
+                let mut to = File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(dest)
+                    .map_err(retryable("job folder"))?;
+                std::io::copy(&mut from, &mut to).map_err(retryable("job folder"))?;
+                if let Ok(modified) = from.metadata().and_then(|m| m.modified()) {
+                    let _ = to.set_modified(modified);
+                }
+            }
+            Err(e) => return Err(retryable("job folder")(e)),
         }
         self.index
             .lock()

@@ -17,9 +17,12 @@ const RANGE: u64 = 16 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
     pub size: u64,
-    /// What changes when the object does: its ETag (or, in a folder, its
-    /// size and modification time).
+    /// What changes when the object does: its version id or ETag (or, in
+    /// a folder, its size and modification time).
     pub version: String,
+    /// Its ETag, which every ranged GET must match, so that an object
+    /// replaced during a download fails it rather than mixing the two.
+    pub etag: Option<String>,
 }
 
 impl Bucket {
@@ -60,6 +63,7 @@ impl Bucket {
                 Ok(ObjectInfo {
                     size: meta.len(),
                     version: format!("{}-{modified}", meta.len()),
+                    etag: None,
                 })
             }
             Bucket::S3(b) => {
@@ -73,6 +77,7 @@ impl Bucket {
                             .or(head.e_tag())
                             .unwrap_or_default()
                             .to_owned(),
+                        etag: head.e_tag().map(str::to_owned),
                     }),
                     Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
                         Err(self.error(key, "no such object", true))
@@ -126,6 +131,7 @@ impl Bucket {
         &self,
         key: &str,
         size: u64,
+        etag: Option<&str>,
         dest: &Path,
         concurrency: usize,
     ) -> Result<(), StorageError> {
@@ -147,11 +153,18 @@ impl Bucket {
                 let mut start = 0;
                 while start < size {
                     let end = (start + RANGE).min(size);
-                    let (bucket, key, dest, slots) =
-                        (self.clone(), key.to_owned(), dest.to_owned(), slots.clone());
+                    let (bucket, key, dest, slots, etag) = (
+                        self.clone(),
+                        key.to_owned(),
+                        dest.to_owned(),
+                        slots.clone(),
+                        etag.map(str::to_owned),
+                    );
                     ranges.spawn(async move {
                         let _slot = slots.acquire().await.expect("never closed");
-                        bucket.fetch_range(&key, start, end, &dest).await
+                        bucket
+                            .fetch_range(&key, etag.as_deref(), start, end, &dest)
+                            .await
                     });
                     start = end;
                 }
@@ -167,6 +180,7 @@ impl Bucket {
     async fn fetch_range(
         &self,
         key: &str,
+        etag: Option<&str>,
         start: u64,
         end: u64,
         dest: &Path,
@@ -180,6 +194,7 @@ impl Bucket {
             .bucket(bucket)
             .key(key)
             .range(format!("bytes={start}-{}", end - 1))
+            .set_if_match(etag.map(str::to_owned))
             .send()
             .await
             .map_err(|e| self.error(key, crate::aws::describe(&e), false))?;

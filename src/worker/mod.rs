@@ -66,8 +66,10 @@ struct Finishing<'a> {
     /// Cancels its tasks: a hand-back.
     cancel: CancellationToken,
     _registered: Registered<'a>,
-    _heartbeat: Option<DropGuard>,
-    started: Instant,
+    /// Stopped just before the settle.
+    heartbeat: DropGuard,
+    /// How long the job took up to its tasks.
+    ran_for: Duration,
     /// The command's result, or why there is none.
     ran: Result<Ran, JobError>,
     span: tracing::Span,
@@ -318,30 +320,28 @@ impl Worker {
         let started = Instant::now();
         let subject = delivery.subject(self.queue.name());
         let budget = self.queue.max_receive_count();
-        let (ran, heartbeat) = async {
+        // Held until the job is settled, which may wait for the slot's
+        // previous job.
+        let heartbeat = self.heartbeat(&delivery.received);
+        let ran = async {
             info!("Received job from queue.");
             if delivery.attempt > budget {
                 // Its last try was handed out and never reported back.
-                return (
-                    Err(JobError::Refused(format!(
-                        "worker lost during its last try (try {} of {budget})",
-                        delivery.attempt - 1
-                    ))),
-                    None,
-                );
+                return Err(JobError::Refused(format!(
+                    "worker lost during its last try (try {} of {budget})",
+                    delivery.attempt - 1
+                )));
             }
             self.check_previous_try(&delivery, &subject).await;
-            let heartbeat = self.heartbeat(&delivery.received);
             // `cancel` reaches the command through its run context, so it
             // can stop in its own way (SIGTERM and a grace, an adaptor's
             // `cancel`).
-            let ran = tokio::time::timeout_at(
+            tokio::time::timeout_at(
                 started + self.config.max_runtime,
                 self.run_command(&delivery, &subject, &cancel, &registered.progress, gpu),
             )
             .await
-            .unwrap_or_else(|_| Err(self.over_max_runtime()));
-            (ran, Some(heartbeat))
+            .unwrap_or_else(|_| Err(self.over_max_runtime()))
         }
         .instrument(span.clone())
         .await;
@@ -350,8 +350,8 @@ impl Worker {
             subject,
             cancel,
             _registered: registered,
-            _heartbeat: heartbeat,
-            started,
+            heartbeat,
+            ran_for: started.elapsed(),
             ran,
             span,
         }))
@@ -362,16 +362,23 @@ impl Worker {
     async fn finish(&self, job: Finishing<'_>) -> Result<Outcome, QueueError> {
         let span = job.span.clone();
         async {
+            // Time spent waiting for the slot's previous job does not count
+            // against this one's `max_runtime`.
+            let started = Instant::now();
+            let left = self.config.max_runtime.saturating_sub(job.ran_for);
             let outcome = match job.ran {
-                Ok(ran) => tokio::time::timeout_at(
-                    job.started + self.config.max_runtime,
+                Ok(ran) => tokio::time::timeout(
+                    left,
                     self.run_tasks(&job.delivery, &job.subject, ran, &job.cancel),
                 )
                 .await
                 .unwrap_or_else(|_| Err(self.over_max_runtime()))
-                .map(|outputs| (outputs, job.started.elapsed())),
+                .map(|outputs| (outputs, job.ran_for + started.elapsed())),
                 Err(e) => Err(e),
             };
+            // No extension may land after the settle (it would undo a
+            // retry's back-off).
+            drop(job.heartbeat);
             let end = self.settle(&job.delivery, outcome).await;
             self.observer.metrics().busy(-1);
             let end = end?;

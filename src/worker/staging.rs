@@ -74,7 +74,9 @@ impl Stager<'_> {
                     hash: None,
                     mtime: None,
                 };
-                let source = self.place(bucket, key, &blob, &dest).await?;
+                let source = self
+                    .place(bucket, key, info.etag.as_deref(), &blob, &dest)
+                    .await?;
                 staged.count(source == Source::Cache, blob.size);
             }
             Some(InputKind::Manifest { key }) => {
@@ -102,7 +104,7 @@ impl Stager<'_> {
                     crate::job::check_key(&data)
                         .map_err(|e| CacheError::Permanent(format!("data_prefix: {e}")))?;
                     let source = self
-                        .place(bucket, &data, &blob, &dest.join(&file.path))
+                        .place(bucket, &data, None, &blob, &dest.join(&file.path))
                         .await?;
                     staged.count(source == Source::Cache, blob.size);
                 }
@@ -120,6 +122,7 @@ impl Stager<'_> {
         &self,
         bucket: &Bucket,
         key: &str,
+        etag: Option<&str>,
         blob: &Blob,
         dest: &Path,
     ) -> Result<Source, CacheError> {
@@ -127,7 +130,7 @@ impl Stager<'_> {
         self.cache
             .place(blob, dest, |tmp| async move {
                 bucket
-                    .download(key, blob.size, &tmp, concurrency)
+                    .download(key, blob.size, etag, &tmp, concurrency)
                     .await
                     .map_err(storage)?;
                 tokio::task::spawn_blocking(move || xxh128_file(&tmp))
