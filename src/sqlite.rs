@@ -40,7 +40,8 @@ fn try_open(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// Adds a column that files made by an earlier version lack.
+/// Adds a column that files made by an earlier version lack (new files
+/// have it from their schema).
 pub fn add_column(
     conn: &Connection,
     table: &str,
@@ -52,10 +53,18 @@ pub fn add_column(
             "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
         ))?
         .exists([column])?;
-    if !has {
-        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    if has {
+        return Ok(());
     }
-    Ok(())
+    match conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}")) {
+        // Another process opening the same file added it first.
+        Err(rusqlite::Error::SqliteFailure(_, Some(message)))
+            if message.contains("duplicate column name") =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// Now, in seconds since the Unix epoch: when a row was last written.
@@ -117,6 +126,19 @@ mod tests {
     use super::*;
 
     const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS t (x INTEGER);";
+
+    #[test]
+    fn a_column_is_added_to_older_files_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite3");
+        let old = open(&path, "CREATE TABLE IF NOT EXISTS t (a TEXT);").unwrap();
+        old.execute("INSERT INTO t VALUES ('x')", []).unwrap();
+        add_column(&old, "t", "at", "INTEGER NOT NULL DEFAULT 0").unwrap();
+        // Again, as a second process opening the file would.
+        add_column(&old, "t", "at", "INTEGER NOT NULL DEFAULT 0").unwrap();
+        let at: i64 = old.query_row("SELECT at FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(at, 0);
+    }
 
     #[test]
     fn a_lock_held_elsewhere_fails_at_once_without_waiting_and_is_waited_for_otherwise() {

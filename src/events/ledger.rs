@@ -150,19 +150,24 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS reports (
     message_id TEXT NOT NULL,
     attempt    INTEGER NOT NULL,
+    at         INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (message_id, attempt)
 );
 CREATE TABLE IF NOT EXISTS children (
     array_id TEXT NOT NULL,
     idx      INTEGER NOT NULL,
     state    TEXT NOT NULL,
+    at       INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (array_id, idx)
 );
-CREATE TABLE IF NOT EXISTS completed (array_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS completed (
+    array_id TEXT PRIMARY KEY,
+    at       INTEGER NOT NULL DEFAULT 0
+);
 ";
 
 /// When each row was written (seconds since the epoch), for the prune;
-/// added apart from `SCHEMA` so that older files gain it too.
+/// files made by an earlier version gain the column.
 const WRITTEN_AT: [&str; 3] = ["reports", "children", "completed"];
 
 impl Ledger {

@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::job::event::{Event, EventType};
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, at INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id        TEXT PRIMARY KEY,
     message_id    TEXT NOT NULL DEFAULT '',
@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress      REAL,
     progress_of   INTEGER NOT NULL DEFAULT 0,
     outputs       TEXT NOT NULL DEFAULT '[]',
-    reason        TEXT
+    reason        TEXT,
+    at            INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS by_array ON jobs (array_id);
 CREATE INDEX IF NOT EXISTS by_message ON jobs (message_id);
@@ -41,7 +42,8 @@ CREATE TABLE IF NOT EXISTS arrays (
     job_id    TEXT PRIMARY KEY,
     command   TEXT NOT NULL DEFAULT '',
     size      INTEGER NOT NULL DEFAULT 0,
-    completed INTEGER NOT NULL DEFAULT 0
+    completed INTEGER NOT NULL DEFAULT 0,
+    at        INTEGER NOT NULL DEFAULT 0
 );
 ";
 
