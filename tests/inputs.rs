@@ -378,6 +378,7 @@ async fn a_spot_notice_during_a_slow_download_hands_the_job_back_without_a_try()
         assert!(std::time::Instant::now() < deadline, "no download started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let partial = files_under(&downloads);
     imds.interrupt_in(60);
     let requeued = farm
         .wait_for_events(
@@ -395,6 +396,12 @@ async fn a_spot_notice_during_a_slow_download_hands_the_job_back_without_a_try()
         "the interruption used no try"
     );
     assert!(files_under(&farm.work_dir().join("renderq-cache/blobs")).is_empty());
+    // (A receive already under way on the other slot may take the job
+    // again; its own download is not this one.)
+    assert!(
+        partial.iter().all(|p| !p.exists()),
+        "the partial download is removed: {partial:?}"
+    );
     assert_eq!(
         farm.stats().0 + farm.stats().1,
         1,

@@ -143,23 +143,23 @@ impl Cache {
                 .dir()
                 .map_err(retryable("cache download folder"))?
                 .join(uuid::Uuid::new_v4().simple().to_string());
-            let fetched = fetch(tmp.clone()).await;
-            let checked = fetched.and_then(|hash| match &blob.hash {
-                Some(expected) if !expected.eq_ignore_ascii_case(&hash) => {
-                    Err(CacheError::Permanent(format!(
-                        "{}: the content's xxh128 is {hash}, the manifest says {expected}",
-                        blob.name
-                    )))
-                }
-                _ => Ok(()),
-            });
-            if let Err(e) = checked {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
+            // Removed however this ends (a failure, a hash that does not
+            // match, a cancelled staging) unless it was moved into place.
+            let partial = tempfile::TempPath::try_from_path(&tmp).map_err(retryable("cache"))?;
+            let hash = fetch(tmp.clone()).await?;
+            if let Some(expected) = &blob.hash
+                && !expected.eq_ignore_ascii_case(&hash)
+            {
+                return Err(CacheError::Permanent(format!(
+                    "{}: the content's xxh128 is {hash}, the manifest says {expected}",
+                    blob.name
+                )));
             }
             let cache = self.clone();
             let (blob_, path_) = (blob.clone(), path.clone());
             blocking(move || cache.admit(&blob_, &tmp, &path_)).await?;
+            // Renamed into place: nothing left to remove.
+            drop(partial);
         }
         let cache = self.clone();
         let (name, dest) = (blob.name.clone(), dest.to_owned());
