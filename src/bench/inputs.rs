@@ -7,13 +7,12 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio::time::Instant;
 
 use super::proxy::latency_proxy;
-use super::{BenchArgs, proc_status_kib};
+use super::{BenchArgs, work_until_drained};
 use crate::config::Config;
 use crate::queue::Queue;
 
@@ -95,27 +94,7 @@ path = "events.jsonl"
         }))?;
         app.submitter().submit(request).await?;
     }
-    let started = Instant::now();
-    let mut worker = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["worker", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = worker.id().context("worker exited at once")?;
-    loop {
-        let stats = queue.stats().await?;
-        anyhow::ensure!(stats.dead_lettered == 0, "a job was dead-lettered");
-        if stats.visible == 0 && stats.in_flight == 0 {
-            break;
-        }
-        anyhow::ensure!(worker.try_wait()?.is_none(), "the worker exited");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let took = started.elapsed();
-    let peak = proc_status_kib(pid, "VmHWM").unwrap_or(0);
-    worker.start_kill()?;
-    worker.wait().await?;
+    let (took, peak) = work_until_drained(&config_path, &queue).await?;
 
     let staged: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("events.jsonl"))?
         .lines()
@@ -207,22 +186,7 @@ path = "events.jsonl"
         }))?;
         app.submitter().submit(request).await?;
     }
-    let mut worker = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["worker", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
-    loop {
-        let stats = queue.stats().await?;
-        anyhow::ensure!(stats.dead_lettered == 0, "a render was dead-lettered");
-        if stats.visible == 0 && stats.in_flight == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    worker.start_kill()?;
-    worker.wait().await?;
+    work_until_drained(&config_path, &queue).await?;
     let mut starts = Vec::new();
     let mut ends = Vec::new();
     for line in std::fs::read_to_string(&marks)?.lines() {

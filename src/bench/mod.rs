@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
@@ -164,4 +165,38 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .trim_end_matches(" kB")
         .parse()
         .ok()
+}
+
+/// Runs a `renderq worker` process on `config` until `queue` is empty;
+/// returns the time that took and the worker's peak resident memory in
+/// KiB. A dead letter, or the worker exiting, fails the run.
+async fn work_until_drained(
+    config: &std::path::Path,
+    queue: &crate::queue::Queue,
+) -> anyhow::Result<(Duration, u64)> {
+    let started = Instant::now();
+    let mut worker = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["worker", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = worker.id().context("worker exited at once")?;
+    loop {
+        let stats = queue.stats().await?;
+        anyhow::ensure!(stats.dead_lettered == 0, "a job was dead-lettered");
+        if stats.visible == 0 && stats.in_flight == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            worker.try_wait()?.is_none(),
+            "the worker exited before the queue was drained"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let peak = proc_status_kib(pid, "VmHWM").context("reading the worker's peak memory")?;
+    worker.start_kill()?;
+    worker.wait().await?;
+    Ok((took, peak))
 }

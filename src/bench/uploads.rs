@@ -13,7 +13,7 @@ use anyhow::Context;
 use tokio::time::Instant;
 
 use super::proxy::latency_proxy;
-use super::{BenchArgs, proc_status_kib};
+use super::{BenchArgs, proc_status_kib, work_until_drained};
 use crate::api::submit::SubmitRequest;
 use crate::config::Config;
 use crate::queue::Queue;
@@ -148,31 +148,7 @@ output = "{{workdir}}/big.bin"
     }))?;
     app.submitter().submit(request).await?;
 
-    let started = Instant::now();
-    let mut worker = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["worker", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = worker.id().context("worker exited at once")?;
-    loop {
-        let stats = queue.stats().await?;
-        anyhow::ensure!(stats.dead_lettered == 0, "the upload job was dead-lettered");
-        if stats.visible == 0 && stats.in_flight == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            worker.try_wait()?.is_none(),
-            "the worker exited before the upload ended"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let took = started.elapsed();
-    let peak = proc_status_kib(pid, "VmHWM").context("reading the worker's peak memory")?;
-    worker.start_kill()?;
-    worker.wait().await?;
-    Ok((took, peak))
+    work_until_drained(&config_path, &queue).await
 }
 
 /// Waits for `child`, watching its peak resident memory; returns how long
