@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::api::submit::{SubmitError, SubmitRequest, Submitted, Submitter};
 use crate::events::status::StatusTable;
 use crate::job::params::{FieldError, deserialize_named};
-use crate::queue::Redrive;
+use crate::queue::{Queue, QueueError, Redrive};
 
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
@@ -355,49 +355,52 @@ impl Rpc {
         Value::Array(commands)
     }
 
+    /// A `queue_name` param (default: `default_queue`) and its queue.
+    fn named_queue(&self, name: Option<String>) -> Result<(String, &Queue), RpcError> {
+        let name = name.unwrap_or_else(|| self.submitter.default_queue().to_owned());
+        match self.submitter.queues().get(&name) {
+            Some(queue) => Ok((name, queue)),
+            None => Err(
+                FieldError::new("queue_name", format!("no queue `{name}` is configured")).into(),
+            ),
+        }
+    }
+
     /// Puts a job's dead letters (an array's: every dead-lettered child)
     /// back in their queue with a fresh budget of tries.
     async fn redrive(&self, params: RedriveParams) -> Result<Value, RpcError> {
         if uuid::Uuid::parse_str(&params.job_id).is_err() {
             return Err(FieldError::new("job_id", "not a job id (a UUID)").into());
         }
-        let name = params
-            .queue_name
-            .unwrap_or_else(|| self.submitter.default_queue().to_owned());
-        let queue = self.submitter.queues().get(&name).ok_or_else(|| {
-            FieldError::new("queue_name", format!("no queue `{name}` is configured"))
-        })?;
+        let (name, queue) = self.named_queue(params.queue_name)?;
         let limit = self.submitter.limits().max_array_size as usize;
         let redriven = queue
             .dlq_redrive(limit, &Redrive::Job(params.job_id.clone()))
             .await
-            .map_err(|source| SubmitError::Queue {
-                queue: name.clone(),
-                source,
-                sent: Vec::new(),
-                not_sent: None,
-            })?;
+            .map_err(unavailable(&name))?;
         tracing::info!(queue = %name, job_id = %params.job_id, redriven, "Dead letters redriven.");
         Ok(json!({"queue": name, "job_id": params.job_id, "redriven": redriven}))
     }
 
     async fn queue_stats(&self, queue_name: Option<String>) -> Result<Value, RpcError> {
-        let name = queue_name.unwrap_or_else(|| self.submitter.default_queue().to_owned());
-        let queue = self.submitter.queues().get(&name).ok_or_else(|| {
-            FieldError::new("queue_name", format!("no queue `{name}` is configured"))
-        })?;
-        let stats = queue.stats().await.map_err(|source| SubmitError::Queue {
-            queue: name.clone(),
-            source,
-            sent: Vec::new(),
-            not_sent: None,
-        })?;
+        let (name, queue) = self.named_queue(queue_name)?;
+        let stats = queue.stats().await.map_err(unavailable(&name))?;
         Ok(json!({
             "queue": name,
             "visible": stats.visible,
             "in_flight": stats.in_flight,
             "dead_lettered": stats.dead_lettered,
         }))
+    }
+}
+
+/// A queue that failed a call other than a submit.
+fn unavailable(queue: &str) -> impl FnOnce(QueueError) -> SubmitError + '_ {
+    move |source| SubmitError::Queue {
+        queue: queue.to_owned(),
+        source,
+        sent: Vec::new(),
+        not_sent: None,
     }
 }
 

@@ -11,7 +11,7 @@ use std::process::Stdio;
 use anyhow::Context;
 use tokio::time::Instant;
 
-use super::proxy::latency_proxy;
+use super::proxy::SlowS3;
 use super::{BenchArgs, work_until_drained};
 use crate::config::Config;
 use crate::queue::Queue;
@@ -22,18 +22,10 @@ const JOBS: usize = 20;
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let endpoint = args.inputs.as_deref().context("--inputs needs a URL")?;
     let size = args.size_mib * 1024 * 1024;
-    let upstream = reqwest::Url::parse(endpoint)?
-        .socket_addrs(|| None)?
-        .into_iter()
-        .next()
-        .context("S3 endpoint has no address")?;
-    let proxy = latency_proxy(upstream, args.latency, args.rate_mib * 1024 * 1024).await?;
-    let proxy_url = format!("http://{proxy}");
+    let SlowS3 {
+        proxy_url, bucket, ..
+    } = SlowS3::start(endpoint, args).await?;
     let dir = tempfile::tempdir()?;
-    let bucket = format!(
-        "renderq-bench-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    );
     let config_path = dir.path().join("workers.toml");
     std::fs::write(
         &config_path,
@@ -71,13 +63,6 @@ path = "events.jsonl"
         ),
     )?;
     std::fs::create_dir_all(dir.path().join("work"))?;
-    let sdk = crate::aws::sdk_config(Some("us-east-1"), Some(endpoint)).await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(true)
-            .build(),
-    );
-    s3.create_bucket().bucket(&bucket).send().await?;
     put_input(dir.path(), &config_path, size).await?;
     println!(
         "{JOBS} jobs sharing one {} MiB input, through a proxy adding {:?} and capping each connection at {} MiB/s:",

@@ -6,6 +6,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -18,6 +20,45 @@ const CHUNKS: usize = 64;
 /// timer's resolution is a millisecond, so pausing after every chunk would
 /// cap the rate below the one asked for.
 const SLACK: Duration = Duration::from_millis(10);
+
+/// An S3-compatible server reached through the proxy, with a fresh bucket
+/// on it for one benchmark.
+pub(super) struct SlowS3 {
+    /// The proxy's URL: what renderq (or the AWS CLI) is pointed at.
+    pub proxy_url: String,
+    /// A client straight to the server, for setting up and checking.
+    pub s3: aws_sdk_s3::Client,
+    pub bucket: String,
+}
+
+impl SlowS3 {
+    /// Starts the proxy in front of `endpoint` (with `--latency` and
+    /// `--rate-mib`) and makes the bucket.
+    pub async fn start(endpoint: &str, args: &super::BenchArgs) -> anyhow::Result<Self> {
+        let upstream = reqwest::Url::parse(endpoint)?
+            .socket_addrs(|| None)?
+            .into_iter()
+            .next()
+            .context("S3 endpoint has no address")?;
+        let proxy = latency_proxy(upstream, args.latency, args.rate_mib * 1024 * 1024).await?;
+        let sdk = crate::aws::sdk_config(Some("us-east-1"), Some(endpoint)).await;
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .force_path_style(true)
+                .build(),
+        );
+        let bucket = format!(
+            "renderq-bench-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        s3.create_bucket().bucket(&bucket).send().await?;
+        Ok(Self {
+            proxy_url: format!("http://{proxy}"),
+            s3,
+            bucket,
+        })
+    }
+}
 
 /// Starts the proxy in front of `upstream` on a free local port; it runs
 /// as long as the runtime does.

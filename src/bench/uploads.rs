@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::time::Instant;
 
-use super::proxy::latency_proxy;
+use super::proxy::SlowS3;
 use super::{BenchArgs, proc_status_kib, work_until_drained};
 use crate::api::submit::SubmitRequest;
 use crate::config::Config;
@@ -21,30 +21,15 @@ use crate::queue::Queue;
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let endpoint = args.uploads.as_deref().context("--uploads needs a URL")?;
     let size = args.size_mib * 1024 * 1024;
-    let rate = args.rate_mib * 1024 * 1024;
-    let upstream = reqwest::Url::parse(endpoint)?
-        .socket_addrs(|| None)?
-        .into_iter()
-        .next()
-        .context("S3 endpoint has no address")?;
-    let proxy = latency_proxy(upstream, args.latency, rate).await?;
-    let proxy_url = format!("http://{proxy}");
+    let SlowS3 {
+        proxy_url,
+        s3,
+        bucket,
+    } = SlowS3::start(endpoint, args).await?;
     println!(
         "{} MiB through a proxy adding {:?} to every request and capping each connection at {} MiB/s:",
         args.size_mib, args.latency, args.rate_mib
     );
-
-    let sdk = crate::aws::sdk_config(Some("us-east-1"), Some(endpoint)).await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(true)
-            .build(),
-    );
-    let bucket = format!(
-        "renderq-bench-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    );
-    s3.create_bucket().bucket(&bucket).send().await?;
 
     let dir = tempfile::tempdir()?;
     for concurrency in [1, 8] {

@@ -60,7 +60,9 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl ArrayCounts {
-    fn tally(size: u32, states: impl IntoIterator<Item = ChildState>) -> (u32, Self) {
+    /// The counts from how many children are in each final state; and how
+    /// many are final in all.
+    fn tally(size: u32, states: impl IntoIterator<Item = (ChildState, u32)>) -> (u32, Self) {
         let mut counts = Self {
             size,
             succeeded: 0,
@@ -68,13 +70,13 @@ impl ArrayCounts {
             not_sent: 0,
         };
         let mut done = 0;
-        for state in states {
-            done += 1;
+        for (state, n) in states {
+            done += n;
             *match state {
                 ChildState::Succeeded => &mut counts.succeeded,
                 ChildState::DeadLettered => &mut counts.dead_lettered,
                 ChildState::NotSent => &mut counts.not_sent,
-            } += 1;
+            } += n;
         }
         (done, counts)
     }
@@ -342,9 +344,16 @@ impl Ledger {
                         )?;
                     }
                     let states = tx
-                        .prepare_cached("SELECT state FROM children WHERE array_id = ?1")?
-                        .query_map([&array_id], |row| row.get::<_, String>(0))?
-                        .filter_map(|name| name.map(|n| ChildState::from_name(&n)).transpose())
+                        .prepare_cached(
+                            "SELECT state, COUNT(*) FROM children WHERE array_id = ?1 GROUP BY state",
+                        )?
+                        .query_map([&array_id], |row| {
+                            Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
+                        })?
+                        .filter_map(|row| {
+                            row.map(|(name, n)| ChildState::from_name(&name).map(|s| (s, n)))
+                                .transpose()
+                        })
                         .collect::<rusqlite::Result<Vec<_>>>()?;
                     let (done, counts) = ArrayCounts::tally(size, states);
                     let claimed = done >= size
@@ -404,7 +413,8 @@ impl Ledger {
                         *entry = (*entry).max(state);
                     }
                 }
-                let (done, counts) = ArrayCounts::tally(size, children.into_values());
+                let (done, counts) =
+                    ArrayCounts::tally(size, children.into_values().map(|state| (state, 1)));
                 if done < size {
                     return Ok(None);
                 }
