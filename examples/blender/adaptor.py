@@ -23,6 +23,9 @@ os.set_inheritable(protocol_out, True)
 devnull = os.open(os.devnull, os.O_RDONLY)
 os.dup2(devnull, 0)
 os.dup2(2, 1)
+# Blender's own temporary folder goes in the adaptor's working folder, which
+# renderq removes with the adaptor even when it has to kill it.
+os.environ["TMPDIR"] = os.getcwd()
 blender = os.environ.get("BLENDER", "blender")
 os.execvp(blender, [
     blender, "-b", "--factory-startup",
