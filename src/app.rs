@@ -7,6 +7,7 @@ use anyhow::Context;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::control::Control;
 use crate::api::rpc::Rpc;
 use crate::api::server;
 use crate::api::submit::Submitter;
@@ -98,6 +99,18 @@ impl App {
         )
     }
 
+    /// Cancels and redrives.
+    pub fn control(&self) -> Control {
+        Control::new(
+            self.queues.clone(),
+            self.ledgers.clone(),
+            Observer::new(self.publisher.clone(), self.metrics.clone()),
+            self.status.clone(),
+            self.config.queue_manager.default_queue.clone(),
+            self.config.queue_manager.max_array_size as usize,
+        )
+    }
+
     /// The worker for `queue_manager.listen_queue`, after cleaning up what
     /// dead workers left in the working folder.
     pub fn worker(&self) -> Worker {
@@ -146,7 +159,7 @@ impl App {
             server.auth_token_env.as_deref(),
         )?;
         Ok(server::app(
-            Rpc::new(self.submitter(), self.status.clone()),
+            Rpc::new(self.submitter(), self.control(), self.status.clone()),
             Some(self.metrics.clone()),
             token,
             self.config.server.max_body_bytes,

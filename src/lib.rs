@@ -42,21 +42,23 @@
 //!   the lifecycle hook, GPU slots.
 //! - [`events`]: publishing lifecycle events through bounded buffers, the
 //!   one observer of a job's end, `/metrics`, the job-status table and
-//!   `events watch`, and the ledger (reported tries and array children's
-//!   final states: SQLite beside the embedded queue, S3 conditional writes
-//!   for SQS) that makes exactly one `ArrayJobCompleted`. The ledger and
-//!   the status table are pruned after `queue_manager.retention`.
+//!   `events watch`, and the ledger (reported tries, cancelled jobs and
+//!   array children's final states: SQLite beside the embedded queue, S3
+//!   conditional writes for SQS) that makes exactly one
+//!   `ArrayJobCompleted`. The ledger and the status table are pruned after
+//!   `queue_manager.retention`.
 //! - [`worker`]: the listen half: a step function plus slot loops,
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
 //!   job after `worker::staging` placed its inputs, `worker::settle`
-//!   decides its message's fate; a
-//!   [`worker::delivery`] is a received message with its envelope parsed
-//!   once).
+//!   decides its message's fate, `worker::cancel` is what the worker
+//!   knows of cancels; a [`worker::delivery`] is a received message with
+//!   its envelope parsed once).
 //! - [`api`]: the submit half: the HTTP router (auth, body limit,
 //!   `/healthz`), JSON-RPC 2.0 types and dispatch with no HTTP, and the
 //!   submit itself (validate against the catalog and the `[queue_manager]`
 //!   limits, then send; array jobs are cut into children and sent a batch
-//!   at a time).
+//!   at a time); [`api::control`] cancels and redrives, for the endpoint and
+//!   the command line.
 //! - [`app`]: builds all of the above from a config and runs `serve` or
 //!   `worker`; [`cli`] (with its endpoint [`cli::client`]) and
 //!   [`bench`](mod@bench) are the command line.
@@ -64,7 +66,13 @@
 //! # Invariants
 //!
 //! - Only the worker deletes messages, and only after the command and every
-//!   post-task succeeded. The submit half never receives or deletes.
+//!   post-task succeeded, or when the job was cancelled. The submit half
+//!   never receives, and deletes only the queued messages of a job it
+//!   cancels on the embedded queue.
+//! - A cancelled job never retries, never dead-letters and uploads nothing
+//!   after its cancel was seen: a worker checks on receive and at every
+//!   heartbeat tick (reading the ledger at most once a period, never once
+//!   per message).
 //! - Every job is validated twice: at submit, and on receive (messages can be
 //!   inserted straight into the queue). A job that fails validation never
 //!   runs; on receive it is dead-lettered at once with its reason.

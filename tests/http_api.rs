@@ -128,6 +128,18 @@ async fn token_is_required_when_configured() {
     assert_eq!(ok.status(), 200);
     let reply: Value = ok.json().await.unwrap();
     assert!(reply["result"].is_string(), "{reply}");
+    // Job control is behind the same token.
+    let id = uuid::Uuid::new_v4().to_string();
+    for method in ["queue_manager_cancel_job", "queue_manager_redrive"] {
+        let body = json!({"jsonrpc": "2.0", "method": method, "params": {"job_id": id}, "id": 1})
+            .to_string();
+        assert_eq!(farm.post_raw(body.clone(), None).await.status(), 401);
+        assert_eq!(
+            farm.post_raw(body, Some("s3cret")).await.status(),
+            200,
+            "{method}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,9 +1,12 @@
 //! The submit half's front: the HTTP router ([`server`]) routes bytes to
 //! JSON-RPC ([`rpc`], no HTTP in sight), whose submit method checks and
 //! sends jobs ([`submit`]; an array's children are planned, sized and sent
-//! in `children`). Nothing here receives or deletes a message.
+//! in `children`); job control ([`control`]) cancels and redrives. Nothing
+//! here receives a message, and only a cancel on the embedded queue deletes
+//! any (the cancelled job's messages that no worker holds).
 
 mod children;
+pub mod control;
 pub mod rpc;
 pub mod server;
 pub mod submit;

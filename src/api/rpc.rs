@@ -11,10 +11,11 @@ use serde_json::{Value, json};
 
 use std::sync::Arc;
 
+use crate::api::control::{Control, ControlError};
 use crate::api::submit::{SubmitError, SubmitRequest, Submitted, Submitter};
 use crate::events::status::StatusTable;
 use crate::job::params::{FieldError, deserialize_named};
-use crate::queue::{Queue, QueueError, Redrive};
+use crate::queue::QueueError;
 
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
@@ -126,6 +127,25 @@ impl From<SubmitError> for RpcError {
     }
 }
 
+impl From<ControlError> for RpcError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Field(field) => field.into(),
+            ControlError::Queue { queue, source } => SubmitError::Queue {
+                queue,
+                source,
+                sent: Vec::new(),
+                not_sent: None,
+            }
+            .into(),
+            ControlError::Ledger(e) => {
+                tracing::error!(error = %e, "job control failed");
+                RpcError::new(QUEUE_UNAVAILABLE, format!("Ledger unavailable: {e}"))
+            }
+        }
+    }
+}
+
 fn method_not_found(method: &str) -> RpcError {
     RpcError::new(METHOD_NOT_FOUND, format!("Method not found: {method}"))
 }
@@ -159,10 +179,11 @@ struct JobStatusParams {
     job_id: String,
 }
 
+/// `queue_manager_redrive` and `queue_manager_cancel_job`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RedriveParams {
-    /// A job's id, or an array's: every dead-lettered child goes back.
+struct JobControlParams {
+    /// A job's id, or an array's: all its children.
     job_id: String,
     #[serde(default)]
     queue_name: Option<String>,
@@ -172,13 +193,18 @@ struct RedriveParams {
 #[derive(Debug, Clone)]
 pub struct Rpc {
     submitter: Submitter,
+    control: Control,
     /// For `queue_manager_job_status`, when configured.
     status: Option<Arc<StatusTable>>,
 }
 
 impl Rpc {
-    pub fn new(submitter: Submitter, status: Option<Arc<StatusTable>>) -> Self {
-        Self { submitter, status }
+    pub fn new(submitter: Submitter, control: Control, status: Option<Arc<StatusTable>>) -> Self {
+        Self {
+            submitter,
+            control,
+            status,
+        }
     }
 
     /// Handles one HTTP body: a request or a batch. Returns the JSON to send
@@ -266,12 +292,13 @@ impl Rpc {
         budget: &mut u32,
     ) -> Result<Value, RpcError> {
         // The method is checked before its params.
-        const METHODS: [&str; 5] = [
+        const METHODS: [&str; 6] = [
             "queue_manager_submit_job",
             "queue_manager_list_commands",
             "queue_manager_queue_stats",
             "queue_manager_job_status",
             "queue_manager_redrive",
+            "queue_manager_cancel_job",
         ];
         if !METHODS.contains(&method) {
             return Err(method_not_found(method));
@@ -317,8 +344,14 @@ impl Rpc {
                 self.queue_stats(p.queue_name).await
             }
             "queue_manager_redrive" => {
-                let p: RedriveParams = deserialize_named(params, "")?;
-                self.redrive(p).await
+                let p: JobControlParams = deserialize_named(params, "")?;
+                let (queue, redriven) = self.control.redrive(&p.job_id, p.queue_name).await?;
+                Ok(json!({"queue": queue, "job_id": p.job_id, "redriven": redriven}))
+            }
+            "queue_manager_cancel_job" => {
+                let p: JobControlParams = deserialize_named(params, "")?;
+                let report = self.control.cancel(&p.job_id, p.queue_name).await?;
+                Ok(serde_json::to_value(report).expect("a report serializes"))
             }
             other => Err(method_not_found(other)),
         }
@@ -355,35 +388,8 @@ impl Rpc {
         Value::Array(commands)
     }
 
-    /// A `queue_name` param (default: `default_queue`) and its queue.
-    fn named_queue(&self, name: Option<String>) -> Result<(String, &Queue), RpcError> {
-        let name = name.unwrap_or_else(|| self.submitter.default_queue().to_owned());
-        match self.submitter.queues().get(&name) {
-            Some(queue) => Ok((name, queue)),
-            None => Err(
-                FieldError::new("queue_name", format!("no queue `{name}` is configured")).into(),
-            ),
-        }
-    }
-
-    /// Puts a job's dead letters (an array's: every dead-lettered child)
-    /// back in their queue with a fresh budget of tries.
-    async fn redrive(&self, params: RedriveParams) -> Result<Value, RpcError> {
-        if uuid::Uuid::parse_str(&params.job_id).is_err() {
-            return Err(FieldError::new("job_id", "not a job id (a UUID)").into());
-        }
-        let (name, queue) = self.named_queue(params.queue_name)?;
-        let limit = self.submitter.limits().max_array_size as usize;
-        let redriven = queue
-            .dlq_redrive(limit, &Redrive::Job(params.job_id.clone()))
-            .await
-            .map_err(unavailable(&name))?;
-        tracing::info!(queue = %name, job_id = %params.job_id, redriven, "Dead letters redriven.");
-        Ok(json!({"queue": name, "job_id": params.job_id, "redriven": redriven}))
-    }
-
     async fn queue_stats(&self, queue_name: Option<String>) -> Result<Value, RpcError> {
-        let (name, queue) = self.named_queue(queue_name)?;
+        let (name, queue) = self.control.queue(queue_name)?;
         let stats = queue.stats().await.map_err(unavailable(&name))?;
         Ok(json!({
             "queue": name,
@@ -446,7 +452,15 @@ path = "r"
             crate::events::ledger::Ledgers::default(),
             (&config.queue_manager).into(),
         );
-        (Rpc::new(submitter, None), queues)
+        let control = Control::new(
+            queues.clone(),
+            Default::default(),
+            Default::default(),
+            None,
+            "q".into(),
+            100,
+        );
+        (Rpc::new(submitter, control, None), queues)
     }
 
     async fn call(rpc: &Rpc, body: &str) -> Value {
@@ -561,7 +575,15 @@ mod spec_examples {
             crate::events::ledger::Ledgers::default(),
             (&config.queue_manager).into(),
         );
-        (Rpc::new(submitter, None), dir)
+        let control = Control::new(
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            None,
+            "q".into(),
+            100,
+        );
+        (Rpc::new(submitter, control, None), dir)
     }
 
     async fn answer(rpc: &Rpc, body: &str) -> Option<Value> {

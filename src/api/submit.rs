@@ -17,7 +17,7 @@ use super::children::{
 };
 use crate::commands::catalog::Catalog;
 use crate::config::QueueManagerConfig;
-use crate::events::ledger::{ArrayCounts, Ledgers};
+use crate::events::ledger::{ArrayCounts, ChildState, Ledgers};
 use crate::events::observe::Subject;
 use crate::events::publish::Publisher;
 use crate::job::event::{Event, EventType, JobRef, Notification};
@@ -475,7 +475,7 @@ impl Submitter {
         let indexes = unsent.iter().map(|&i| i as u32).collect();
         let recorded = match plan
             .ledger
-            .children_not_sent(array_id, plan.size(), indexes)
+            .children_settled(array_id, plan.size(), indexes, ChildState::NotSent)
             .await
         {
             Ok(completed) => {

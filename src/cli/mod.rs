@@ -77,6 +77,15 @@ pub enum Command {
         /// A job id, an array's id, or a message id.
         job_id: String,
     },
+    /// Cancel a job, or every child of an array: queued ones never run,
+    /// running ones are stopped. Prints what it did (JSON).
+    Cancel {
+        /// The id the submit returned for the job or the array.
+        job_id: String,
+        /// Only on this queue (default: every queue with a ledger).
+        #[arg(long)]
+        queue: Option<String>,
+    },
     /// Delete the status table's and ledgers' records older than
     /// queue_manager.retention (serve and worker do it every hour).
     Prune,
@@ -224,6 +233,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
             .await
+        }
+        Command::Cancel { job_id, queue } => {
+            let app = App::build(load()?).await?;
+            let report = app.control().cancel(&job_id, queue).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            // Its JobCancelled events (embedded queue) go out before exit.
+            app.publisher.close(Duration::from_secs(10)).await;
+            Ok(())
         }
         Command::Status { job_id } => {
             let config = load()?;

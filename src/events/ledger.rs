@@ -18,12 +18,18 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::job::ArrayPart;
 
+mod cancels;
+pub use cancels::Known as KnownCancels;
+
 /// A child's final state, ranked: a later variant replaces an earlier one
 /// (a redriven child that then succeeds), never the reverse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ChildState {
     /// The submit gave up sending it: it will never run.
     NotSent,
+    /// Cancelled before it could finish (a success that races the cancel
+    /// still wins).
+    Cancelled,
     DeadLettered,
     Succeeded,
 }
@@ -32,15 +38,21 @@ impl ChildState {
     fn name(self) -> &'static str {
         match self {
             ChildState::NotSent => "not_sent",
+            ChildState::Cancelled => "cancelled",
             ChildState::DeadLettered => "dead_lettered",
             ChildState::Succeeded => "succeeded",
         }
     }
 
     fn from_name(name: &str) -> Option<Self> {
-        [Self::NotSent, Self::DeadLettered, Self::Succeeded]
-            .into_iter()
-            .find(|s| s.name() == name)
+        [
+            Self::NotSent,
+            Self::Cancelled,
+            Self::DeadLettered,
+            Self::Succeeded,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
     }
 }
 
@@ -50,6 +62,7 @@ pub struct ArrayCounts {
     pub size: u32,
     pub succeeded: u32,
     pub dead_lettered: u32,
+    pub cancelled: u32,
     /// Children the submit could not queue (it said which); absent when 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub not_sent: u32,
@@ -67,6 +80,7 @@ impl ArrayCounts {
             size,
             succeeded: 0,
             dead_lettered: 0,
+            cancelled: 0,
             not_sent: 0,
         };
         let mut done = 0;
@@ -76,6 +90,7 @@ impl ArrayCounts {
                 ChildState::Succeeded => &mut counts.succeeded,
                 ChildState::DeadLettered => &mut counts.dead_lettered,
                 ChildState::NotSent => &mut counts.not_sent,
+                ChildState::Cancelled => &mut counts.cancelled,
             } += n;
         }
         (done, counts)
@@ -165,6 +180,10 @@ CREATE TABLE IF NOT EXISTS children (
 CREATE TABLE IF NOT EXISTS completed (
     array_id TEXT PRIMARY KEY,
     at       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS cancelled (
+    job_id TEXT PRIMARY KEY,
+    at     INTEGER NOT NULL
 );
 ";
 
@@ -298,24 +317,15 @@ impl Ledger {
         array: &ArrayPart,
         state: ChildState,
     ) -> Result<Option<ArrayCounts>, LedgerError> {
-        self.settle(&array.job_id, array.size, vec![array.index], state)
+        self.children_settled(&array.job_id, array.size, vec![array.index], state)
             .await
     }
 
-    /// Records children that the submit could not send: they count as final
-    /// (`not_sent`), so that the array completes with the children that
-    /// were sent. Returns the counts if that completed it.
-    pub async fn children_not_sent(
-        &self,
-        array_id: &str,
-        size: u32,
-        indexes: Vec<u32>,
-    ) -> Result<Option<ArrayCounts>, LedgerError> {
-        self.settle(array_id, size, indexes, ChildState::NotSent)
-            .await
-    }
-
-    async fn settle(
+    /// Records children's final state at once: ones the submit could not
+    /// send (`NotSent`: so the array completes with the children that were
+    /// sent), or ones a cancel deleted unrun. Returns the counts when that
+    /// completed the array (and this call claimed it).
+    pub async fn children_settled(
         &self,
         array_id: &str,
         size: u32,
@@ -339,7 +349,8 @@ impl Ledger {
                              ON CONFLICT (array_id, idx) DO UPDATE
                              SET state = excluded.state, at = excluded.at
                              WHERE excluded.state = 'succeeded'
-                                OR (excluded.state = 'dead_lettered' AND state = 'not_sent')",
+                                OR (excluded.state = 'dead_lettered' AND state IN ('not_sent', 'cancelled'))
+                                OR (excluded.state = 'cancelled' AND state = 'not_sent')",
                             params![array_id, index, state.name(), now],
                         )?;
                     }
@@ -458,6 +469,7 @@ impl Ledger {
                          (SELECT array_id FROM children GROUP BY array_id HAVING MAX(at) < ?1)",
                         [cutoff],
                     )?;
+                    deleted += tx.execute("DELETE FROM cancelled WHERE at < ?1", [cutoff])?;
                     deleted += tx.execute(
                         "DELETE FROM completed WHERE at < ?1
                          AND array_id NOT IN (SELECT array_id FROM children)",
@@ -525,6 +537,7 @@ mod tests {
                 size: 3,
                 succeeded: 2,
                 dead_lettered: 1,
+                cancelled: 0,
                 not_sent: 0,
             })
         );
@@ -568,7 +581,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            ledger.children_not_sent("a", 4, vec![2, 3]).await.unwrap(),
+            ledger
+                .children_settled("a", 4, vec![2, 3], ChildState::NotSent)
+                .await
+                .unwrap(),
             None
         );
         let counts = ledger
@@ -581,6 +597,7 @@ mod tests {
                 size: 4,
                 succeeded: 1,
                 dead_lettered: 1,
+                cancelled: 0,
                 not_sent: 2,
             })
         );

@@ -32,6 +32,8 @@ pub enum JobEnd {
     DeadLettered { reason: String, ran: bool },
     /// Handed back without using up a try (interruption).
     Requeued { reason: String },
+    /// An operator cancelled it: deleted, never retried.
+    Cancelled,
 }
 
 /// A job as its events name it, with its subscriptions.
@@ -154,6 +156,7 @@ impl Observer {
             JobEnd::WillRetry { .. } => ("will_retry", None),
             JobEnd::DeadLettered { .. } => ("dead_lettered", None),
             JobEnd::Requeued { .. } => ("requeued", None),
+            JobEnd::Cancelled => ("cancelled", None),
         };
         self.metrics.job_ended(outcome, duration);
         match end {
@@ -196,6 +199,10 @@ impl Observer {
             JobEnd::Requeued { reason } => {
                 info!(%reason, "Job interrupted, returning to queue.");
                 self.publish(EventType::JobRequeued, subject, json!({"reason": reason}));
+            }
+            JobEnd::Cancelled => {
+                info!("Job cancelled, removing from queue.");
+                self.publish(EventType::JobCancelled, subject, json!({}));
             }
         }
     }

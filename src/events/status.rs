@@ -4,7 +4,7 @@
 //!
 //! Delivery is at least once and unordered, so folding must not care: each
 //! event is applied once (by `event_id`), and a row only moves forward. A
-//! job's state is ranked: a final state (succeeded, then dead-lettered)
+//! job's state is ranked: a final state (succeeded, then dead-lettered or cancelled)
 //! beats any running one; among running ones a later attempt wins, then a
 //! later step (submitted < started < failed or requeued). Progress is the
 //! highest seen for the latest attempt. The same events, in any order and
@@ -83,6 +83,8 @@ pub struct ArrayStatus {
     pub size: u32,
     pub succeeded: u32,
     pub dead_lettered: u32,
+    #[serde(default)]
+    pub cancelled: u32,
     pub running: u32,
     /// `ArrayJobCompleted` was seen.
     pub completed: bool,
@@ -118,11 +120,12 @@ impl std::fmt::Display for Status {
             }
             Status::Array(array) => write!(
                 f,
-                "array {}\tsize={}\tsucceeded={}\tdead_lettered={}\trunning={}\tcompleted={}",
+                "array {}\tsize={}\tsucceeded={}\tdead_lettered={}\tcancelled={}\trunning={}\tcompleted={}",
                 array.job_id,
                 array.size,
                 array.succeeded,
                 array.dead_lettered,
+                array.cancelled,
                 array.running,
                 array.completed
             ),
@@ -134,7 +137,10 @@ impl Status {
     /// Nothing more will happen to it.
     pub fn is_final(&self) -> bool {
         match self {
-            Status::Job(job) => matches!(job.state.as_str(), "succeeded" | "dead_lettered"),
+            Status::Job(job) => matches!(
+                job.state.as_str(),
+                "succeeded" | "dead_lettered" | "cancelled"
+            ),
             Status::Array(array) => array.completed,
         }
     }
@@ -156,6 +162,7 @@ fn job_state(kind: EventType) -> Option<(&'static str, i64)> {
         EventType::JobFailed | EventType::TaskFailed => ("failed", 2),
         EventType::JobRequeued => ("requeued", 2),
         EventType::JobDeadLettered => ("dead_lettered", 9),
+        EventType::JobCancelled => ("cancelled", 9),
         EventType::JobSucceeded => ("succeeded", 10),
         _ => return None,
     })
@@ -237,14 +244,15 @@ impl StatusTable {
             .optional()
             .map_err(failed)?;
         if let Some((job_id, command, size, completed)) = array {
-            let (succeeded, dead_lettered, seen): (u32, u32, u32) = conn
+            let (succeeded, dead_lettered, cancelled, seen): (u32, u32, u32, u32) = conn
                 .query_row(
                     "SELECT COUNT(*) FILTER (WHERE state = 'succeeded'),
                             COUNT(*) FILTER (WHERE state = 'dead_lettered'),
+                            COUNT(*) FILTER (WHERE state = 'cancelled'),
                             COUNT(*)
                      FROM jobs WHERE array_id = ?1",
                     [id],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
                 )
                 .map_err(failed)?;
             return Ok(Some(Status::Array(ArrayStatus {
@@ -253,7 +261,8 @@ impl StatusTable {
                 size,
                 succeeded,
                 dead_lettered,
-                running: seen - succeeded - dead_lettered,
+                cancelled,
+                running: seen - succeeded - dead_lettered - cancelled,
                 completed,
             })));
         }

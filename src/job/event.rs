@@ -21,6 +21,7 @@ pub enum EventType {
     JobFailed,
     JobRequeued,
     JobDeadLettered,
+    JobCancelled,
     TaskSucceeded,
     TaskFailed,
     ArrayJobCompleted,
@@ -30,7 +31,7 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 13] = [
+    pub const ALL: [EventType; 14] = [
         EventType::JobSubmitted,
         EventType::JobStarted,
         EventType::JobProgress,
@@ -38,6 +39,7 @@ impl EventType {
         EventType::JobFailed,
         EventType::JobRequeued,
         EventType::JobDeadLettered,
+        EventType::JobCancelled,
         EventType::TaskSucceeded,
         EventType::TaskFailed,
         EventType::ArrayJobCompleted,
@@ -55,6 +57,7 @@ impl EventType {
             EventType::JobFailed => "JobFailed",
             EventType::JobRequeued => "JobRequeued",
             EventType::JobDeadLettered => "JobDeadLettered",
+            EventType::JobCancelled => "JobCancelled",
             EventType::TaskSucceeded => "TaskSucceeded",
             EventType::TaskFailed => "TaskFailed",
             EventType::ArrayJobCompleted => "ArrayJobCompleted",

@@ -92,6 +92,11 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl Envelope {
+    /// Whether this is the job `id`, or a child of the array `id`.
+    pub fn is_part_of(&self, id: &str) -> bool {
+        self.job_id == id || self.array.as_ref().is_some_and(|a| a.job_id == id)
+    }
+
     /// A fresh envelope for a job being submitted now.
     pub fn new(command: String, parameters: Map<String, Value>, tasks: Vec<TaskSpec>) -> Self {
         Self {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::QueueConfig;
-pub use local::LocalQueue;
+pub use local::{Cancelled, LocalQueue};
 pub use sqs::{ApiCalls, SqsQueue};
 
 /// A message handed to a worker. It stays invisible to others until its
@@ -67,8 +67,9 @@ impl Redrive {
                     || crate::job::Envelope::parse(body, message_id)
                         .is_ok_and(|e| e.message_id.as_deref() == Some(id))
             }
-            Redrive::Job(id) => crate::job::Envelope::parse(body, message_id)
-                .is_ok_and(|e| e.job_id == *id || e.array.is_some_and(|a| a.job_id == *id)),
+            Redrive::Job(id) => {
+                crate::job::Envelope::parse(body, message_id).is_ok_and(|e| e.is_part_of(id))
+            }
         }
     }
 }

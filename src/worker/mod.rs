@@ -32,12 +32,14 @@ use crate::events::observe::{JobEnd, Observer};
 use crate::fleet::drain::{Registered, RunningJobs};
 use crate::fleet::lifecycle::{Shutdown, StopReason};
 use crate::job::event::EventType;
-use crate::queue::{Queue, QueueError, Received};
+use crate::queue::{Queue, QueueError};
 use crate::retry::Backoff;
 use crate::tasks::TaskRunner;
 use crate::worker::delivery::Delivery;
+use cancel::CancelWatch;
 use execute::Ran;
 
+mod cancel;
 pub mod delivery;
 mod execute;
 mod settle;
@@ -65,6 +67,8 @@ struct Finishing<'a> {
     subject: Subject,
     /// Cancels its tasks: a hand-back.
     cancel: CancellationToken,
+    /// Set when an operator cancelled the job (and `cancel` with it).
+    cancelled: CancellationToken,
     _registered: Registered<'a>,
     /// Stopped just before the settle.
     heartbeat: DropGuard,
@@ -89,6 +93,9 @@ enum JobError {
     Permanent(String),
     #[error("interrupted by shutdown")]
     Interrupted,
+    /// An operator cancelled it: deleted, never retried.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 pub struct Worker {
@@ -113,6 +120,8 @@ pub struct Worker {
     /// This process's folder under `work_dir`, for the working folders of
     /// jobs whose inputs are staged before they run.
     workspace: crate::workspace::Workspace,
+    /// What the queue's ledger says was cancelled.
+    cancels: Option<Arc<CancelWatch>>,
 }
 
 impl Worker {
@@ -126,7 +135,11 @@ impl Worker {
         gpus: Vec<u32>,
     ) -> Self {
         let workspace = crate::workspace::Workspace::new(&config.work_root());
+        let cancels = ledger
+            .clone()
+            .map(|l| Arc::new(CancelWatch::new(l, config.visibility_timeout / 3)));
         Self {
+            cancels,
             slots: config.slots.unwrap_or(gpus.len().max(1)),
             gpus,
             queue,
@@ -314,6 +327,7 @@ impl Worker {
         );
         // Each job can be handed back on its own (see `run`).
         let cancel = abort.child_token();
+        let cancelled = CancellationToken::new();
         let registered = self.running.register(cancel.clone());
         metrics.busy(1);
         let gpu = (!self.gpus.is_empty()).then(|| self.gpus[slot % self.gpus.len()]);
@@ -322,9 +336,12 @@ impl Worker {
         let budget = self.queue.max_receive_count();
         // Held until the job is settled, which may wait for the slot's
         // previous job.
-        let heartbeat = self.heartbeat(&delivery.received);
+        let heartbeat = self.heartbeat(&delivery, &cancel, &cancelled);
         let ran = async {
             info!("Received job from queue.");
+            if self.is_cancelled(&delivery).await {
+                return Err(JobError::Cancelled);
+            }
             if delivery.attempt > budget {
                 // Its last try was handed out and never reported back.
                 return Err(JobError::Refused(format!(
@@ -345,10 +362,18 @@ impl Worker {
         }
         .instrument(span.clone())
         .await;
+        // Cut short by the cancel, or finished as it came: either way no
+        // upload follows.
+        let ran = if cancelled.is_cancelled() {
+            Err(JobError::Cancelled)
+        } else {
+            ran
+        };
         Ok(Some(Finishing {
             delivery,
             subject,
             cancel,
+            cancelled,
             _registered: registered,
             heartbeat,
             ran_for: started.elapsed(),
@@ -376,6 +401,10 @@ impl Worker {
                 .map(|outputs| (outputs, job.ran_for + started.elapsed())),
                 Err(e) => Err(e),
             };
+            let outcome = match outcome {
+                Err(_) if job.cancelled.is_cancelled() => Err(JobError::Cancelled),
+                other => other,
+            };
             // No extension may land after the settle (it would undo a
             // retry's back-off).
             drop(job.heartbeat);
@@ -401,25 +430,62 @@ impl Worker {
         ))
     }
 
+    /// Whether the job was cancelled (as far as this worker knows yet).
+    async fn is_cancelled(&self, delivery: &Delivery) -> bool {
+        match (&self.cancels, &delivery.envelope) {
+            (Some(cancels), Ok(envelope)) => cancels.is_cancelled(envelope).await,
+            _ => false,
+        }
+    }
+
     /// Keeps the message invisible while the job runs by extending its
     /// visibility every third of the timeout (leaving room for a slow or
-    /// failed extension). It stops when the guard is dropped.
-    fn heartbeat(&self, message: &Received) -> DropGuard {
+    /// failed extension); and checks, at every extension or more often,
+    /// whether the job was cancelled, then sets `cancelled` and cuts the
+    /// job short through `job`. It stops when the guard is dropped.
+    fn heartbeat(
+        &self,
+        delivery: &Delivery,
+        job: &CancellationToken,
+        cancelled: &CancellationToken,
+    ) -> DropGuard {
         let stop = CancellationToken::new();
         let (queue, receipt, visibility, observer) = (
             self.queue.clone(),
-            message.receipt.clone(),
+            delivery.received.receipt.clone(),
             self.config.visibility_timeout,
             self.observer.clone(),
         );
-        let guard = stop.clone();
+        let extend_every = visibility / 3;
+        let watch = match (&self.cancels, &delivery.envelope) {
+            (Some(cancels), Ok(envelope)) => Some((cancels.clone(), envelope.clone())),
+            _ => None,
+        };
+        let tick = watch
+            .as_ref()
+            .map_or(extend_every, |(c, _)| c.period.min(extend_every));
+        let (job, cancelled, guard) = (job.clone(), cancelled.clone(), stop.clone());
         tokio::spawn(
             async move {
+                let mut extended_at = Instant::now();
+                let mut extending = true;
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep(visibility / 3) => {}
+                        _ = tokio::time::sleep(tick) => {}
                         _ = guard.cancelled() => return,
                     }
+                    if let Some((cancels, envelope)) = &watch
+                        && !cancelled.is_cancelled()
+                        && cancels.is_cancelled(envelope).await
+                    {
+                        info!("Job cancelled by an operator: stopping it.");
+                        cancelled.cancel();
+                        job.cancel();
+                    }
+                    if !extending || extended_at.elapsed() < extend_every {
+                        continue;
+                    }
+                    extended_at = Instant::now();
                     let extended = queue.extend(&receipt, visibility).await;
                     observer.metrics().heartbeat(extended.is_ok());
                     match extended {
@@ -427,7 +493,7 @@ impl Worker {
                         Err(e) => {
                             warn!(error = %e, "heartbeat could not extend visibility");
                             if matches!(e, QueueError::StaleReceipt) {
-                                return;
+                                extending = false;
                             }
                         }
                     }

@@ -40,6 +40,7 @@ impl Worker {
         let state = match end {
             JobEnd::Succeeded { .. } => ChildState::Succeeded,
             JobEnd::DeadLettered { .. } => ChildState::DeadLettered,
+            JobEnd::Cancelled => ChildState::Cancelled,
             JobEnd::WillRetry { .. } | JobEnd::Requeued { .. } => return,
         };
         let (Some(ledger), Ok(Some(array))) = (
@@ -107,6 +108,14 @@ impl Worker {
             Err(JobError::Refused(reason)) => {
                 self.dead_letter(delivery, &reason).await?;
                 JobEnd::DeadLettered { reason, ran: false }
+            }
+            Err(JobError::Cancelled) => {
+                match self.queue.delete(receipt).await {
+                    // The embedded queue's cancel deleted it already.
+                    Err(QueueError::StaleReceipt) => {}
+                    other => other?,
+                }
+                JobEnd::Cancelled
             }
             Err(JobError::Interrupted) => {
                 // This try does not count; the ones before it still do.

@@ -88,6 +88,15 @@ type PendingSend = (
     tokio::sync::oneshot::Sender<Result<(), String>>,
 );
 
+/// What a cancel found in the embedded queue.
+#[derive(Debug, Default)]
+pub struct Cancelled {
+    /// Messages deleted unrun: (message id, body).
+    pub queued: Vec<(String, String)>,
+    /// Messages a worker holds.
+    pub held: u32,
+}
+
 /// Rows an insert may hold and still count as short work (see `Db::run`).
 const SHORT_INSERT: usize = 64;
 
@@ -438,6 +447,64 @@ impl LocalQueue {
                     })
                     .map_err(unavailable)?;
                 rows.collect::<Result<_, _>>().map_err(unavailable)
+            })
+            .await
+    }
+
+    /// Deletes the messages of a cancelled job (or of every child of a
+    /// cancelled array) that no worker holds; returns them, and how many
+    /// are held (running, or waiting out a retry's back-off), which their
+    /// workers stop.
+    pub async fn cancel_queued(&self, job_id: &str) -> Result<Cancelled, QueueError> {
+        let job_id = job_id.to_owned();
+        self.inner
+            .db
+            .run_blocking(move |conn| {
+                let tx = conn.transaction().map_err(unavailable)?;
+                let now = now_ms();
+                let mut cancelled = Cancelled::default();
+                let mut chosen = Vec::new();
+                {
+                    // The id is a UUID: a body that does not contain it is
+                    // not the job's, and is not parsed.
+                    let mut stmt = tx
+                        .prepare(
+                            "SELECT seq, id, body, receipt IS NOT NULL AND visible_at > ?2
+                             FROM messages WHERE dead_at IS NULL AND instr(body, ?1) > 0",
+                        )
+                        .map_err(unavailable)?;
+                    let rows = stmt
+                        .query_map(params![job_id, now], |row| {
+                            Ok((
+                                row.get::<_, i64>(0)?,
+                                text(row.get_ref(1)?),
+                                text(row.get_ref(2)?),
+                                row.get::<_, bool>(3)?,
+                            ))
+                        })
+                        .map_err(unavailable)?;
+                    for row in rows {
+                        let (seq, message_id, body, held) = row.map_err(unavailable)?;
+                        let Ok(envelope) = crate::job::Envelope::parse(&body, &message_id) else {
+                            continue;
+                        };
+                        if !envelope.is_part_of(&job_id) {
+                            continue;
+                        }
+                        if held {
+                            cancelled.held += 1;
+                        } else {
+                            chosen.push(seq);
+                            cancelled.queued.push((message_id, body));
+                        }
+                    }
+                }
+                for seq in chosen {
+                    execute(&tx, "DELETE FROM messages WHERE seq = ?1", [seq])
+                        .map_err(unavailable)?;
+                }
+                tx.commit().map_err(unavailable)?;
+                Ok(cancelled)
             })
             .await
     }

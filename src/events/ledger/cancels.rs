@@ -1,0 +1,199 @@
+//! Cancelled jobs, as the ledger keeps them: a row per job id beside the
+//! embedded queue; on S3 a marker object per job id under
+//! `PREFIX/QUEUE/cancelled/`, and one index object that every cancel
+//! rewrites after its marker, so that a worker learns of a change with one
+//! `HEAD` and lists the markers only when the index changed.
+//!
+//! A worker keeps what it learnt in [`Known`] and refreshes it at most
+//! once a period (see `worker::cancel`), never once per message.
+
+use std::collections::HashSet;
+
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use rusqlite::{OptionalExtension, params};
+
+use super::{Ledger, LedgerError};
+
+/// The S3 ledger's object rewritten by every cancel.
+const INDEX: &str = "cancelled.index";
+/// The S3 ledger's folder of markers, one per cancelled job id.
+const MARKERS: &str = "cancelled/";
+
+/// The cancelled job ids a worker knows of, and how far it has read.
+#[derive(Debug, Default)]
+pub struct Known {
+    ids: HashSet<String>,
+    /// The last row read (embedded) or the index's ETag (S3).
+    version: Option<String>,
+}
+
+impl Known {
+    pub fn contains(&self, job_id: &str) -> bool {
+        self.ids.contains(job_id)
+    }
+}
+
+impl Ledger {
+    /// Records that a job, or every child of an array, is cancelled.
+    /// True when this call recorded it; false when it already was.
+    pub async fn cancel(&self, job_id: &str) -> Result<bool, LedgerError> {
+        match self {
+            Ledger::Local(conn) => {
+                let job_id = job_id.to_owned();
+                Self::sql(conn, move |c| {
+                    c.execute(
+                        "INSERT OR IGNORE INTO cancelled (job_id, at) VALUES (?1, ?2)",
+                        params![job_id, crate::sqlite::now_s()],
+                    )
+                    .map(|n| n == 1)
+                })
+                .await
+            }
+            Ledger::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let marker = format!("{prefix}{MARKERS}{job_id}");
+                let new = Self::create(client, bucket, marker, "cancelled").await?;
+                // Rewritten even when the marker existed: a cancel that died
+                // between the two writes is finished by the next one.
+                let key = format!("{prefix}{INDEX}");
+                let stamp = format!("{job_id} {}", chrono::Utc::now().to_rfc3339());
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .body(stamp.into_bytes().into())
+                    .send()
+                    .await
+                    .map_err(|e| LedgerError(format!("{key}: {}", crate::aws::describe(&e))))?;
+                Ok(new)
+            }
+        }
+    }
+
+    /// Brings `known` up to date with the cancels recorded since it was
+    /// last refreshed.
+    pub async fn refresh_cancelled(&self, known: &mut Known) -> Result<(), LedgerError> {
+        match self {
+            Ledger::Local(conn) => {
+                let after: i64 = known
+                    .version
+                    .as_deref()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let rows = Self::sql(conn, move |c| {
+                    c.prepare_cached(
+                        "SELECT rowid, job_id FROM cancelled WHERE rowid > ?1 ORDER BY rowid",
+                    )?
+                    .query_map([after], |row| Ok((row.get::<_, i64>(0)?, row.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<(i64, String)>>>()
+                })
+                .await?;
+                if let Some((last, _)) = rows.last() {
+                    known.version = Some(last.to_string());
+                }
+                known.ids.extend(rows.into_iter().map(|(_, id)| id));
+                Ok(())
+            }
+            Ledger::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let key = format!("{prefix}{INDEX}");
+                let etag = match client.head_object().bucket(bucket).key(&key).send().await {
+                    Ok(head) => head.e_tag,
+                    // Nothing was ever cancelled on this queue.
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        return Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e))));
+                    }
+                };
+                if etag.is_some() && etag == known.version {
+                    return Ok(());
+                }
+                let root = format!("{prefix}{MARKERS}");
+                let mut ids = HashSet::new();
+                let mut pages = client
+                    .list_objects_v2()
+                    .bucket(bucket)
+                    .prefix(&root)
+                    .into_paginator()
+                    .send();
+                while let Some(page) = pages.next().await {
+                    let page = page.map_err(|e| LedgerError(crate::aws::describe(&e)))?;
+                    ids.extend(
+                        page.contents()
+                            .iter()
+                            .filter_map(|o| o.key()?.strip_prefix(&root).map(str::to_owned)),
+                    );
+                }
+                *known = Known { ids, version: etag };
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether an array's completion was announced.
+    pub async fn completed(&self, array_id: &str) -> Result<bool, LedgerError> {
+        match self {
+            Ledger::Local(conn) => {
+                let array_id = array_id.to_owned();
+                Self::sql(conn, move |c| {
+                    c.query_row(
+                        "SELECT 1 FROM completed WHERE array_id = ?1",
+                        [array_id],
+                        |_| Ok(()),
+                    )
+                    .optional()
+                    .map(|found| found.is_some())
+                })
+                .await
+            }
+            Ledger::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let key = format!("{prefix}arrays/{array_id}/completed");
+                match client.head_object().bucket(bucket).key(&key).send().await {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+                    Err(e) if e.code() == Some("NotFound") => Ok(false),
+                    Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cancel_is_recorded_once_and_seen_by_a_refresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::local(dir.path()).unwrap();
+        // Another process's connection, as a worker would have.
+        let worker = Ledger::local(dir.path()).unwrap();
+        let mut known = Known::default();
+        worker.refresh_cancelled(&mut known).await.unwrap();
+        assert!(!known.contains("a"));
+
+        assert!(ledger.cancel("a").await.unwrap());
+        assert!(
+            !ledger.cancel("a").await.unwrap(),
+            "a second cancel is not new"
+        );
+        worker.refresh_cancelled(&mut known).await.unwrap();
+        assert!(known.contains("a"));
+        ledger.cancel("b").await.unwrap();
+        worker.refresh_cancelled(&mut known).await.unwrap();
+        assert!(known.contains("a") && known.contains("b"));
+    }
+}
