@@ -111,23 +111,26 @@ impl App {
         )
     }
 
-    /// The worker for `queue_manager.listen_queue`, after cleaning up what
-    /// dead workers left in the working folder.
+    /// The worker for the listened queues (`worker.listen_queues`, or
+    /// `queue_manager.listen_queue`), after cleaning up what dead workers
+    /// left in the working folder.
     pub fn worker(&self) -> Worker {
         crate::workspace::sweep(&self.config.worker.work_root());
-        let name = &self.config.queue_manager.listen_queue;
-        let queue = self
-            .queues
-            .get(name)
-            .expect("config checks that listen_queue is defined")
-            .clone();
+        let queues = (self.config.listen_queues().iter())
+            .map(|name| {
+                let queue = self
+                    .queues
+                    .get(name)
+                    .expect("config checks listened queues");
+                (queue.clone(), self.ledgers.get(name).cloned())
+            })
+            .collect();
         Worker::new(
-            queue,
+            queues,
             self.catalog.clone(),
             self.tasks.clone(),
             self.config.worker.clone(),
             Observer::new(self.publisher.clone(), self.metrics.clone()),
-            self.ledgers.get(name).cloned(),
             self.gpus.clone(),
         )
     }

@@ -114,7 +114,7 @@ async fn render_array(farm: &Farm, command: &str) -> Vec<Value> {
         .await;
     assert_eq!(
         completed[0]["detail"],
-        json!({"size": 5, "succeeded": 5, "dead_lettered": 0})
+        json!({"size": 5, "succeeded": 5, "dead_lettered": 0, "cancelled": 0})
     );
     for frame in 1..=20 {
         let (png, mime) = farm

@@ -322,7 +322,7 @@ async fn array_of_20_frames_lands_20_pngs_and_completes_once(backend: Backend) {
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!(
         done[0]["detail"],
-        json!({"size": 7, "succeeded": 7, "dead_lettered": 0})
+        json!({"size": 7, "succeeded": 7, "dead_lettered": 0, "cancelled": 0})
     );
 }
 
@@ -408,7 +408,7 @@ async fn array_with_a_failing_child_completes_with_it_dead_lettered(backend: Bac
         .await;
     assert_eq!(
         done[0]["detail"],
-        json!({"size": 3, "succeeded": 2, "dead_lettered": 1})
+        json!({"size": 3, "succeeded": 2, "dead_lettered": 1, "cancelled": 0})
     );
 }
 
@@ -462,7 +462,7 @@ async fn child_whose_workers_keep_dying_still_completes_its_array_once() {
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!(
         done[0]["detail"],
-        json!({"size": 3, "succeeded": 2, "dead_lettered": 1})
+        json!({"size": 3, "succeeded": 2, "dead_lettered": 1, "cancelled": 0})
     );
     assert!(kills >= 2, "{kills} kills");
 }

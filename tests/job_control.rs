@@ -13,6 +13,7 @@ scenarios!(
     a_cancelled_array_stops_and_completes_once,
     a_cancelled_adaptor_job_is_not_retried_and_the_adaptor_is_kept,
     cancel_answers_what_it_did,
+    an_urgent_job_takes_the_next_free_slot,
 );
 
 /// The visibility timeout of the cancel tests: on SQS a running job is
@@ -33,12 +34,14 @@ fn stop_bound(backend: Backend) -> Duration {
     }
 }
 
-/// How long after a cancel a queued job may still start: never on the
-/// embedded queue (its cancel deletes queued messages); on SQS within the
-/// period workers reuse what they read of the ledger (one heartbeat).
+/// How long after a cancel a job may still announce its start: on the
+/// embedded queue only one that was received and checked just before the
+/// cancel (queued messages are deleted, received ones are checked at
+/// once); on SQS within the period workers reuse what they read of the
+/// ledger (one heartbeat).
 fn start_bound(backend: Backend) -> Duration {
     match backend {
-        Backend::Local => Duration::ZERO,
+        Backend::Local => Duration::from_millis(100),
         Backend::Sqs => Duration::from_millis(1500),
     }
 }
@@ -443,4 +446,92 @@ args = ["-c", "import os, sys; sys.exit(1 if os.path.exists('{config_dir}/broken
         .filter(|e| e["type"] == "ArrayJobCompleted")
         .count();
     assert_eq!(completions, 1);
+}
+
+/// A farm whose worker listens to `urgent` before `renders`, with `slots`.
+async fn two_queue_farm(backend: Backend, slots: usize) -> Farm {
+    let urgent = match backend {
+        Backend::Local => "backend = \"local\"\npath = \"urgent\"".to_owned(),
+        Backend::Sqs => {
+            let endpoint = crate::harness::Moto::shared().endpoint();
+            let name = format!(
+                "urgent-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            );
+            let aws = crate::harness::Aws::create_named(&endpoint, &name, 3).await;
+            format!(
+                "backend = \"sqs\"\nurl = \"{}\"\nendpoint_url = \"{endpoint}\"\nregion = \"us-east-1\"",
+                aws.queue_url
+            )
+        }
+    };
+    Farm::new(
+        backend,
+        Settings {
+            worker_toml: format!("slots = {slots}\nlisten_queues = [\"urgent\", \"renders\"]\n"),
+            extra_toml: format!(
+                "{}\n[queues.urgent]\n{urgent}\n",
+                crate::harness::AUDIT_AND_ASSETS
+            ),
+            ..Settings::default()
+        },
+    )
+    .await
+}
+
+async fn an_urgent_job_takes_the_next_free_slot(backend: Backend) {
+    let farm = two_queue_farm(backend, 1).await;
+    let _serve = farm.serve(&[]).await;
+    let reply = farm
+        .rpc(
+            "queue_manager_submit_job",
+            json!({"command": "sleep", "parameters": {"seconds": 0.3}, "frames": "1-200"}),
+        )
+        .await;
+    assert!(reply["result"]["job_id"].is_string(), "{reply}");
+    farm.wait_for_events(|e| e["type"] == "JobStarted", 3, LONG)
+        .await;
+
+    let urgent = farm
+        .submit(
+            json!({"command": "sleep", "parameters": {"seconds": 0.01}, "queue_name": "urgent"}),
+        )
+        .await;
+    // A renders job received just before the submit may still announce
+    // its start a moment after it.
+    let submitted = Utc::now() + chrono::Duration::milliseconds(100);
+    let started = farm
+        .wait_for_events(
+            |e| e["type"] == "JobStarted" && e["message_id"] == urgent.as_str(),
+            1,
+            LONG,
+        )
+        .await;
+    let urgent_started = time(&started[0]);
+    assert_eq!(started[0]["queue"], "urgent");
+    let jumped: Vec<Value> = farm
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e["type"] == "JobStarted"
+                && e["queue"] == "renders"
+                && time(e) > submitted
+                && time(e) < urgent_started
+        })
+        .collect();
+    assert!(jumped.is_empty(), "renders jobs started first: {jumped:?}");
+    assert!(
+        urgent_started - submitted < chrono::Duration::seconds(2),
+        "the urgent job waited {:?}",
+        urgent_started - submitted
+    );
+    // The renders backlog goes on afterwards.
+    let after = farm
+        .wait_for_events(
+            |e| e["type"] == "JobStarted" && e["queue"] == "renders" && time(e) > urgent_started,
+            1,
+            LONG,
+        )
+        .await;
+    assert_eq!(after.len(), 1);
 }

@@ -307,7 +307,7 @@ async fn an_entry_sqs_refuses_is_sent_again_alone_and_the_array_completes() {
     assert_eq!(completed[0]["job_id"], job_id.as_str());
     assert_eq!(
         completed[0]["detail"],
-        json!({"size": 20, "succeeded": 20, "dead_lettered": 0})
+        json!({"size": 20, "succeeded": 20, "dead_lettered": 0, "cancelled": 0})
     );
     // Every child ran once.
     let succeeded = farm
@@ -351,7 +351,7 @@ async fn children_that_cannot_be_sent_are_named_and_the_array_completes_without_
     assert_eq!(completed[0]["job_id"], data["job_id"]);
     assert_eq!(
         completed[0]["detail"],
-        json!({"size": 20, "succeeded": 9, "dead_lettered": 0, "not_sent": 11})
+        json!({"size": 20, "succeeded": 9, "dead_lettered": 0, "cancelled": 0, "not_sent": 11})
     );
 }
 

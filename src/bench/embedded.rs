@@ -1,4 +1,5 @@
-//! `renderq bench`: the embedded queue through one slot, one job's
+//! `renderq bench`: the embedded queue through one slot (before and after
+//! a cancel was recorded), one job's
 //! submit-to-deleted latency, HTTP submits, and an idle worker's memory.
 
 use std::collections::HashMap;
@@ -30,6 +31,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let jobs_per_s = drain(&worker, jobs).await?;
     println!("jobs through one slot: {jobs} = {jobs_per_s:.0} jobs/s");
+    // Once a cancel is on record, every receive reads the ledger's stamp.
+    let other = uuid::Uuid::new_v4().to_string();
+    app.control().cancel(&other, None).await?;
+    for _ in 0..jobs {
+        submitter.submit(no_op()).await?;
+    }
+    let jobs_per_s = drain(&worker, jobs).await?;
+    println!("the same with a cancel on record: {jobs} = {jobs_per_s:.0} jobs/s");
 
     // Latency: one job at a time on an otherwise idle queue.
     let worker = Arc::new(worker);

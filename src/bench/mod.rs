@@ -1,7 +1,7 @@
 //! `renderq bench`: throughput, latency and memory measured on this
 //! machine, on throw-away queues. Each mode is a module: `embedded` (the
-//! default), `sqs` (`--sqs-endpoint`), `dispatch`, `events`, `spot`,
-//! `procs` and `uploads`. Here: the arguments, and what the modes share.
+//! default), `sqs` (`--sqs-endpoint`), `cancel`, `dispatch`, `events`,
+//! `spot`, `procs`, `uploads` and `inputs`. Here: the arguments, and what the modes share.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
+mod cancel;
 mod dispatch;
 mod embedded;
 mod events;
@@ -60,6 +61,11 @@ pub struct BenchArgs {
     /// `ArrayJobCompleted`.
     #[arg(long)]
     pub events: bool,
+    /// Instead: time from a cancel to its running job being stopped
+    /// (--jobs runs, default 20; with --sqs-endpoint, on SQS with its
+    /// ledger in a bucket there).
+    #[arg(long)]
+    pub cancel: bool,
     /// Instead: time from a spot interruption notice to the interrupted
     /// job being receivable again (--jobs runs, default 20; with
     /// --sqs-endpoint, on SQS).
@@ -130,6 +136,7 @@ fn no_op() -> SubmitRequest {
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.sqs_endpoint {
         _ if args.dispatch => dispatch::run(args).await,
+        _ if args.cancel => cancel::run(args).await,
         _ if args.events => events::run(args).await,
         _ if args.spot => spot::run(args).await,
         _ if args.procs.is_some() => procs::run(args).await,

@@ -115,8 +115,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let noticed = Instant::now();
         let back = loop {
             if let Some(message) = queue
-                .receive(Duration::from_secs(1), Duration::from_secs(30), &never)
+                .receive(1, Duration::from_secs(1), Duration::from_secs(30), &never)
                 .await?
+                .pop()
             {
                 let back = noticed.elapsed();
                 queue.delete(&message.receipt).await?;

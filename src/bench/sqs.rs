@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use super::{BenchArgs, drain, no_op};
 use crate::app::App;
@@ -128,22 +127,22 @@ region = "us-east-1"
         100.0 * worker_rate / bare_rate
     );
 
-    // An idle worker: receive calls per minute of long polling.
-    let never = CancellationToken::new();
-    let receives_before = queue.calls().receive.load(Relaxed);
+    // Idle workers of 8 slots: receive calls per minute of long polling,
+    // on one queue and on two in priority order.
+    let urgent_url = create_queue_pair(&client, &format!("renderq-urgent-{}", &tag[..10])).await?;
     let idle = Duration::from_secs(args.idle_seconds);
-    let started = Instant::now();
-    while started.elapsed() < idle {
-        worker.process_next(&never, &never).await?;
+    for queues in [
+        vec![("bench", &worker_url)],
+        vec![("urgent", &urgent_url), ("bench", &worker_url)],
+    ] {
+        let per_minute = idle_receives(dir.path(), endpoint, &queues, 8, idle).await?;
+        println!(
+            "idle worker, 8 slots, {} listen queue(s): {per_minute:.1} receive calls per minute",
+            queues.len()
+        );
     }
-    let idle_receives = queue.calls().receive.load(Relaxed) - receives_before;
-    println!(
-        "idle worker: {idle_receives} receive calls in {:.0?} = {:.1} per minute",
-        started.elapsed(),
-        idle_receives as f64 * 60.0 / started.elapsed().as_secs_f64()
-    );
 
-    for url in [worker_url, bare_url] {
+    for url in [worker_url, bare_url, urgent_url] {
         client
             .delete_queue()
             .queue_url(format!("{url}-dlq"))
@@ -152,4 +151,59 @@ region = "us-east-1"
         client.delete_queue().queue_url(url).send().await?;
     }
     Ok(())
+}
+
+/// Runs an idle worker with `slots` on `queues` (name, URL; most urgent
+/// first) for `idle`; returns its receive calls per minute.
+async fn idle_receives(
+    dir: &std::path::Path,
+    endpoint: &str,
+    queues: &[(&str, &String)],
+    slots: usize,
+    idle: Duration,
+) -> anyhow::Result<f64> {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let names: Vec<String> = queues.iter().map(|(name, _)| format!("{name:?}")).collect();
+    let mut text = format!(
+        "[queue_manager]\nallow_commands = [\"get_version\"]\ndefault_queue = \"bench\"\n\
+         listen_queue = \"bench\"\n\n[worker]\nslots = {slots}\nlisten_queues = [{}]\n",
+        names.join(", ")
+    );
+    for (name, url) in queues {
+        text.push_str(&format!(
+            "\n[queues.{name}]\nbackend = \"sqs\"\nurl = \"{url}\"\nendpoint_url = \"{endpoint}\"\n\
+             region = \"us-east-1\"\n"
+        ));
+    }
+    let path = dir.join("idle.toml");
+    std::fs::write(&path, text)?;
+    let app = App::build(Config::load(&path)?).await?;
+    let receives = || {
+        queues
+            .iter()
+            .filter_map(|(name, _)| match app.queues.get(name) {
+                Some(crate::queue::Queue::Sqs(q)) => Some(q.calls().receive.load(Relaxed)),
+                _ => None,
+            })
+            .sum::<u64>()
+    };
+    let worker = std::sync::Arc::new(app.worker());
+    let shutdown = crate::fleet::lifecycle::Shutdown::new();
+    let running = tokio::spawn({
+        let (worker, shutdown) = (worker.clone(), shutdown.clone());
+        async move { worker.run(shutdown).await }
+    });
+    // Past the first round of polls, which every start makes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (before, started) = (receives(), Instant::now());
+    tokio::time::sleep(idle).await;
+    let calls = receives() - before;
+    let per_minute = calls as f64 * 60.0 / started.elapsed().as_secs_f64();
+    shutdown.request(
+        crate::fleet::lifecycle::StopReason::Signal("SIGTERM"),
+        tokio::time::Instant::now() + Duration::from_secs(30),
+    );
+    running.await?;
+    Ok(per_minute)
 }

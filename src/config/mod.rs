@@ -119,6 +119,12 @@ impl Invalid {
 }
 
 impl Config {
+    /// The queues a worker takes jobs from, most urgent first.
+    pub fn listen_queues(&self) -> Vec<String> {
+        (self.worker.listen_queues.clone())
+            .unwrap_or_else(|| vec![self.queue_manager.listen_queue.clone()])
+    }
+
     /// Reads, parses and checks a config file. Relative paths inside it are
     /// resolved against the file's folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -212,6 +218,23 @@ impl Config {
             }
         }
         let w = &self.worker;
+        if let Some(names) = &w.listen_queues {
+            let key = "worker.listen_queues";
+            if names.is_empty() {
+                return Err(Invalid::new(key, "must name at least one queue"));
+            }
+            for (i, name) in names.iter().enumerate() {
+                if !self.queues.contains_key(name) {
+                    return Err(Invalid::new(
+                        key,
+                        format!("no [queues.{name}] table defines queue `{name}`"),
+                    ));
+                }
+                if names[..i].contains(name) {
+                    return Err(Invalid::new(key, format!("queue `{name}` is named twice")));
+                }
+            }
+        }
         if w.slots == Some(0) {
             return Err(Invalid::new("worker.slots", "must be at least 1"));
         }
@@ -417,6 +440,25 @@ path = "var/q"
         let err = load_text(&text).unwrap_err().to_string();
         assert!(err.contains(":5: `queue_manager.listen_queue`"), "{err}");
         assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn listen_queues_must_name_known_queues_once() {
+        for (value, expected) in [
+            (r#"["q", "nope"]"#, "no [queues.nope]"),
+            (r#"["q", "q"]"#, "named twice"),
+            ("[]", "at least one"),
+        ] {
+            let text = format!("{MINIMAL}\n[worker]\nlisten_queues = {value}\n");
+            let line = text.lines().count();
+            let err = load_text(&text).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(":{line}: `worker.listen_queues`")) && err.contains(expected),
+                "{err}"
+            );
+        }
+        let text = format!("{MINIMAL}\n[worker]\nlisten_queues = [\"q\"]\n");
+        assert_eq!(load_text(&text).unwrap().listen_queues(), ["q"]);
     }
 
     #[test]

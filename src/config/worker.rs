@@ -10,6 +10,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
+    /// Queues to take jobs from, most urgent first: a free slot takes from
+    /// the first with a visible message (default: just
+    /// `queue_manager.listen_queue`).
+    pub listen_queues: Option<Vec<String>>,
     /// Jobs run at the same time by one process, each pulled on its own
     /// (default: 1, or one per GPU with `gpus`).
     pub slots: Option<usize>,
@@ -139,6 +143,7 @@ impl WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
+            listen_queues: None,
             slots: None,
             visibility_timeout: Duration::from_secs(120),
             wait_time: Duration::from_secs(20),

@@ -139,7 +139,8 @@ impl Queue {
         }
     }
 
-    /// Waits up to `wait` for a message and hides it for `visibility`.
+    /// Waits up to `wait` for a message and hides it, and up to `max - 1`
+    /// more that are visible by then, for `visibility`.
     ///
     /// `stop` ends the wait early where that is safe. A request already on
     /// its way is never abandoned: the server could hand a message to it
@@ -147,13 +148,25 @@ impl Queue {
     /// receive runs to the end of its long poll (at most 20 s).
     pub async fn receive(
         &self,
+        max: usize,
         wait: Duration,
         visibility: Duration,
         stop: &CancellationToken,
-    ) -> Result<Option<Received>, QueueError> {
+    ) -> Result<Vec<Received>, QueueError> {
         match self {
-            Queue::Local(q) => q.receive(wait, visibility, stop).await,
-            Queue::Sqs(q) => q.receive(wait, visibility).await,
+            Queue::Local(q) => {
+                let mut got = Vec::new();
+                let mut wait = wait;
+                while got.len() < max {
+                    match q.receive(wait, visibility, stop).await? {
+                        Some(received) => got.push(received),
+                        None => break,
+                    }
+                    wait = Duration::ZERO;
+                }
+                Ok(got)
+            }
+            Queue::Sqs(q) => q.receive(max, wait, visibility).await,
         }
     }
 

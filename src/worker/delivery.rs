@@ -14,6 +14,8 @@ pub struct Delivery {
     pub message_id: String,
     /// Tries used so far, this one included, across hand-backs.
     pub attempt: u32,
+    /// Which of the worker's queues it came from.
+    pub source: usize,
 }
 
 impl Delivery {
@@ -25,10 +27,16 @@ impl Delivery {
         };
         Self {
             attempt: received.receive_count.saturating_add(failures),
+            source: 0,
             message_id,
             envelope,
             received,
         }
+    }
+
+    /// The same, from the worker's queue number `source`.
+    pub fn from_source(self, source: usize) -> Self {
+        Self { source, ..self }
     }
 
     /// The job as its events name it.
@@ -51,6 +59,17 @@ impl Delivery {
                 .map(|e| e.notifications.clone())
                 .unwrap_or_default(),
         }
+    }
+
+    /// The ids a cancel may name the job by: its message id (what the
+    /// submit of a plain job returned), its job id and its array's.
+    pub fn cancel_ids(&self) -> Vec<&str> {
+        let mut ids = vec![self.message_id.as_str()];
+        if let Ok(envelope) = &self.envelope {
+            ids.push(&envelope.job_id);
+            ids.extend(envelope.array.as_ref().map(|a| a.job_id.as_str()));
+        }
+        ids
     }
 
     /// The body to send the job on with: its envelope, changed by `edit`

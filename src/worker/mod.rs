@@ -38,10 +38,12 @@ use crate::tasks::TaskRunner;
 use crate::worker::delivery::Delivery;
 use cancel::CancelWatch;
 use execute::Ran;
+use intake::Intake;
 
 mod cancel;
 pub mod delivery;
 mod execute;
+mod intake;
 mod settle;
 mod staging;
 
@@ -98,15 +100,25 @@ enum JobError {
     Cancelled,
 }
 
-pub struct Worker {
+/// A queue the worker takes jobs from, and what goes with it.
+struct Source {
     queue: Queue,
+    /// The queue's ledger: reported tries, array children, cancels.
+    ledger: Option<Ledger>,
+    /// What the ledger says was cancelled.
+    cancels: Option<Arc<CancelWatch>>,
+}
+
+pub struct Worker {
+    /// The listened queues, most urgent first.
+    sources: Vec<Source>,
+    /// Receives for every slot.
+    intake: Intake,
     catalog: Arc<Catalog>,
     tasks: TaskRunner,
     config: WorkerConfig,
     /// Logs and publishes what happens to jobs.
     observer: Observer,
-    /// The queue's ledger: reported tries, array children.
-    ledger: Option<Ledger>,
     /// Jobs received and not yet settled, across slots.
     running: RunningJobs,
     /// Slots, each pulling jobs on its own.
@@ -120,34 +132,43 @@ pub struct Worker {
     /// This process's folder under `work_dir`, for the working folders of
     /// jobs whose inputs are staged before they run.
     workspace: crate::workspace::Workspace,
-    /// What the queue's ledger says was cancelled.
-    cancels: Option<Arc<CancelWatch>>,
 }
 
 impl Worker {
+    /// A worker on `queues` (most urgent first), each with its ledger.
     pub fn new(
-        queue: Queue,
+        queues: Vec<(Queue, Option<Ledger>)>,
         catalog: Arc<Catalog>,
         tasks: TaskRunner,
         config: WorkerConfig,
         observer: Observer,
-        ledger: Option<Ledger>,
         gpus: Vec<u32>,
     ) -> Self {
         let workspace = crate::workspace::Workspace::new(&config.work_root());
-        let cancels = ledger
-            .clone()
-            .map(|l| Arc::new(CancelWatch::new(l, config.visibility_timeout / 3)));
+        let heartbeat = config.visibility_timeout / 3;
+        let sources: Vec<Source> = queues
+            .into_iter()
+            .map(|(queue, ledger)| Source {
+                cancels: (ledger.clone()).map(|l| Arc::new(CancelWatch::new(l, heartbeat))),
+                queue,
+                ledger,
+            })
+            .collect();
+        let intake = Intake::new(
+            sources.iter().map(|s| s.queue.clone()).collect(),
+            config.wait_time,
+            config.visibility_timeout,
+            observer.clone(),
+        );
         Self {
-            cancels,
+            sources,
+            intake,
             slots: config.slots.unwrap_or(gpus.len().max(1)),
             gpus,
-            queue,
             catalog,
             tasks,
             config,
             observer,
-            ledger,
             running: RunningJobs::default(),
             cache: tokio::sync::OnceCell::new(),
             workspace,
@@ -170,10 +191,11 @@ impl Worker {
         }
         tracker.close();
         self.observer.metrics().slots(self.slots);
-        info!(queue = %self.queue.name(), slots = self.slots, gpus = ?self.gpus, "Worker started.");
+        let queues: Vec<&str> = self.sources.iter().map(|s| s.queue.name()).collect();
+        info!(?queues, slots = self.slots, gpus = ?self.gpus, "Worker started.");
         self.observer.worker_event(
             EventType::WorkerStarted,
-            json!({"queue": self.queue.name(), "slots": self.slots, "gpus": self.gpus}),
+            json!({"queue": queues[0], "queues": queues, "slots": self.slots, "gpus": self.gpus}),
         );
         shutdown.token().cancelled().await;
         let Some(first) = shutdown.stop() else {
@@ -228,6 +250,7 @@ impl Worker {
                 }
             }
         }
+        self.intake.close().await;
         self.catalog.stop().await;
         info!("Worker stopped.");
     }
@@ -305,23 +328,15 @@ impl Worker {
         stop: &CancellationToken,
         abort: &CancellationToken,
     ) -> Result<Option<Finishing<'_>>, QueueError> {
-        let received = self
-            .queue
-            .receive(self.config.wait_time, self.config.visibility_timeout, stop)
-            .await;
-        let metrics = self.observer.metrics();
-        metrics.received(match &received {
-            Ok(Some(_)) => "message",
-            Ok(None) => "empty",
-            Err(_) => "error",
-        });
-        let Some(received) = received? else {
+        let Some((source, received)) = self.intake.next(stop).await? else {
             return Ok(None);
         };
-        let delivery = Delivery::new(received);
+        let metrics = self.observer.metrics();
+        let delivery = Delivery::new(received).from_source(source);
+        let queue = &self.sources[source].queue;
         let span = info_span!(
             "job",
-            queue = %self.queue.name(),
+            queue = %queue.name(),
             message_id = %delivery.message_id,
             attempt = delivery.attempt,
         );
@@ -332,8 +347,8 @@ impl Worker {
         metrics.busy(1);
         let gpu = (!self.gpus.is_empty()).then(|| self.gpus[slot % self.gpus.len()]);
         let started = Instant::now();
-        let subject = delivery.subject(self.queue.name());
-        let budget = self.queue.max_receive_count();
+        let subject = delivery.subject(queue.name());
+        let budget = queue.max_receive_count();
         // Held until the job is settled, which may wait for the slot's
         // previous job.
         let heartbeat = self.heartbeat(&delivery, &cancel, &cancelled);
@@ -430,19 +445,24 @@ impl Worker {
         ))
     }
 
+    /// The queue a job came from, and its ledger.
+    fn source(&self, delivery: &Delivery) -> &Source {
+        &self.sources[delivery.source]
+    }
+
     /// Whether the job was cancelled (as far as this worker knows yet).
     async fn is_cancelled(&self, delivery: &Delivery) -> bool {
-        match (&self.cancels, &delivery.envelope) {
-            (Some(cancels), Ok(envelope)) => cancels.is_cancelled(envelope).await,
-            _ => false,
+        match &self.source(delivery).cancels {
+            Some(cancels) => cancels.is_cancelled(&delivery.cancel_ids()).await,
+            None => false,
         }
     }
 
     /// Keeps the message invisible while the job runs by extending its
     /// visibility every third of the timeout (leaving room for a slow or
-    /// failed extension); and checks, at every extension or more often,
-    /// whether the job was cancelled, then sets `cancelled` and cuts the
-    /// job short through `job`. It stops when the guard is dropped.
+    /// failed extension); and, told the job was cancelled (within one
+    /// refresh of the queue's cancels), sets `cancelled` and cuts the job
+    /// short through `job`. It stops when the guard is dropped.
     fn heartbeat(
         &self,
         delivery: &Delivery,
@@ -451,49 +471,52 @@ impl Worker {
     ) -> DropGuard {
         let stop = CancellationToken::new();
         let (queue, receipt, visibility, observer) = (
-            self.queue.clone(),
+            self.source(delivery).queue.clone(),
             delivery.received.receipt.clone(),
             self.config.visibility_timeout,
             self.observer.clone(),
         );
         let extend_every = visibility / 3;
-        let watch = match (&self.cancels, &delivery.envelope) {
-            (Some(cancels), Ok(envelope)) => Some((cancels.clone(), envelope.clone())),
-            _ => None,
-        };
-        let tick = watch
-            .as_ref()
-            .map_or(extend_every, |(c, _)| c.period.min(extend_every));
+        let watch = (self.source(delivery).cancels.clone()).map(|cancels| {
+            let ids: Vec<String> = delivery
+                .cancel_ids()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            (cancels, ids)
+        });
         let (job, cancelled, guard) = (job.clone(), cancelled.clone(), stop.clone());
         tokio::spawn(
             async move {
-                let mut extended_at = Instant::now();
+                let told = async {
+                    match &watch {
+                        Some((cancels, ids)) => cancels.cancelled(ids).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::pin!(told);
+                let mut next = Instant::now() + extend_every;
                 let mut extending = true;
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep(tick) => {}
                         _ = guard.cancelled() => return,
-                    }
-                    if let Some((cancels, envelope)) = &watch
-                        && !cancelled.is_cancelled()
-                        && cancels.is_cancelled(envelope).await
-                    {
-                        info!("Job cancelled by an operator: stopping it.");
-                        cancelled.cancel();
-                        job.cancel();
-                    }
-                    if !extending || extended_at.elapsed() < extend_every {
-                        continue;
-                    }
-                    extended_at = Instant::now();
-                    let extended = queue.extend(&receipt, visibility).await;
-                    observer.metrics().heartbeat(extended.is_ok());
-                    match extended {
-                        Ok(()) => tracing::debug!("visibility extended"),
-                        Err(e) => {
-                            warn!(error = %e, "heartbeat could not extend visibility");
-                            if matches!(e, QueueError::StaleReceipt) {
-                                extending = false;
+                        _ = &mut told, if !cancelled.is_cancelled() => {
+                            info!("Job cancelled by an operator: stopping it.");
+                            cancelled.cancel();
+                            job.cancel();
+                        }
+                        _ = tokio::time::sleep_until(next), if extending => {
+                            next += extend_every;
+                            let extended = queue.extend(&receipt, visibility).await;
+                            observer.metrics().heartbeat(extended.is_ok());
+                            match extended {
+                                Ok(()) => tracing::debug!("visibility extended"),
+                                Err(e) => {
+                                    warn!(error = %e, "heartbeat could not extend visibility");
+                                    if matches!(e, QueueError::StaleReceipt) {
+                                        extending = false;
+                                    }
+                                }
                             }
                         }
                     }

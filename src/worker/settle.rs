@@ -16,7 +16,7 @@ impl Worker {
     /// A try after the first whose predecessor never reported a failure:
     /// the worker running it was lost.
     pub(super) async fn check_previous_try(&self, delivery: &Delivery, subject: &Subject) {
-        let (Some(ledger), true) = (&self.ledger, delivery.attempt > 1) else {
+        let (Some(ledger), true) = (&self.source(delivery).ledger, delivery.attempt > 1) else {
             return;
         };
         match ledger
@@ -44,7 +44,7 @@ impl Worker {
             JobEnd::WillRetry { .. } | JobEnd::Requeued { .. } => return,
         };
         let (Some(ledger), Ok(Some(array))) = (
-            &self.ledger,
+            &self.source(delivery).ledger,
             delivery.envelope.as_ref().map(|e| e.array.as_ref()),
         ) else {
             return;
@@ -65,9 +65,10 @@ impl Worker {
         outcome: Result<(Vec<String>, Duration), JobError>,
     ) -> Result<JobEnd, QueueError> {
         let receipt = &delivery.received.receipt;
+        let queue = &self.source(delivery).queue;
         Ok(match outcome {
             Ok((outputs, duration)) => {
-                match self.queue.delete(receipt).await {
+                match queue.delete(receipt).await {
                     Err(QueueError::StaleReceipt) => {
                         // Someone else holds the message now and will run it
                         // again; our outputs were written to the same keys.
@@ -77,9 +78,7 @@ impl Worker {
                 }
                 JobEnd::Succeeded { outputs, duration }
             }
-            Err(JobError::Retryable(reason))
-                if delivery.attempt >= self.queue.max_receive_count() =>
-            {
+            Err(JobError::Retryable(reason)) if delivery.attempt >= queue.max_receive_count() => {
                 // The last try: dead-letter it now, with the reason, rather
                 // than leave it for the redrive policy, which cannot say why.
                 let reason = format!("{reason} (after {} tries)", delivery.attempt);
@@ -91,14 +90,14 @@ impl Worker {
                     .delay(delivery.attempt);
                 // Reported before the message can come back, so the next
                 // try does not take this one for a lost worker.
-                if let Some(ledger) = &self.ledger
+                if let Some(ledger) = &self.source(delivery).ledger
                     && let Err(error) = ledger
                         .report_failure(&delivery.message_id, delivery.attempt)
                         .await
                 {
                     warn!(%error, "cannot record the failed try in the ledger");
                 }
-                self.queue.retry_later(receipt, delay, &reason).await?;
+                queue.retry_later(receipt, delay, &reason).await?;
                 JobEnd::WillRetry { reason, delay }
             }
             Err(JobError::Permanent(reason)) => {
@@ -110,7 +109,7 @@ impl Worker {
                 JobEnd::DeadLettered { reason, ran: false }
             }
             Err(JobError::Cancelled) => {
-                match self.queue.delete(receipt).await {
+                match queue.delete(receipt).await {
                     // The embedded queue's cancel deleted it already.
                     Err(QueueError::StaleReceipt) => {}
                     other => other?,
@@ -123,7 +122,7 @@ impl Worker {
                     envelope.interrupts += 1;
                     envelope.failures = delivery.attempt - 1;
                 });
-                self.queue.requeue(&delivery.received, &body).await?;
+                queue.requeue(&delivery.received, &body).await?;
                 JobEnd::Requeued {
                     reason: "interrupted".into(),
                 }
@@ -140,7 +139,8 @@ impl Worker {
             receive_count: delivery.attempt,
             reason: reason.to_owned(),
         };
-        self.queue
+        self.source(delivery)
+            .queue
             .dead_letter(&delivery.received, &body, &note)
             .await
     }

@@ -1,11 +1,12 @@
 //! Cancelled jobs, as the ledger keeps them: a row per job id beside the
-//! embedded queue; on S3 a marker object per job id under
+//! embedded queue, and a stamp file holding the last row's number, which a
+//! worker reads (a few microseconds) to learn whether to query; on S3 a marker object per job id under
 //! `PREFIX/QUEUE/cancelled/`, and one index object that every cancel
 //! rewrites after its marker, so that a worker learns of a change with one
 //! `HEAD` and lists the markers only when the index changed.
 //!
-//! A worker keeps what it learnt in [`Known`] and refreshes it at most
-//! once a period (see `worker::cancel`), never once per message.
+//! A worker keeps what it learnt in [`Known`]. On S3 it refreshes it at
+//! most once a period (see `worker::cancel`), never once per message.
 
 use std::collections::HashSet;
 
@@ -25,11 +26,18 @@ pub struct Known {
     ids: HashSet<String>,
     /// The last row read (embedded) or the index's ETag (S3).
     version: Option<String>,
+    /// The embedded ledger's stamp file.
+    stamp: Option<std::path::PathBuf>,
 }
 
 impl Known {
     pub fn contains(&self, job_id: &str) -> bool {
         self.ids.contains(job_id)
+    }
+
+    /// How far it has read: it changes with every cancel read.
+    pub fn version(&self) -> Option<&str> {
+        self.version.as_deref()
     }
 }
 
@@ -40,14 +48,25 @@ impl Ledger {
         match self {
             Ledger::Local(conn) => {
                 let job_id = job_id.to_owned();
-                Self::sql(conn, move |c| {
-                    c.execute(
+                let (new, last) = Self::sql(conn, move |c| {
+                    let new = c.execute(
                         "INSERT OR IGNORE INTO cancelled (job_id, at) VALUES (?1, ?2)",
                         params![job_id, crate::sqlite::now_s()],
-                    )
-                    .map(|n| n == 1)
+                    )? == 1;
+                    let last: i64 =
+                        c.query_row("SELECT COALESCE(MAX(rowid), 0) FROM cancelled", [], |r| {
+                            r.get(0)
+                        })?;
+                    Ok((new, last))
                 })
-                .await
+                .await?;
+                // After the row is committed: a reader that sees the stamp
+                // finds the row.
+                let stamp = stamp_path(conn)?;
+                tokio::fs::write(&stamp, last.to_string())
+                    .await
+                    .map_err(|e| LedgerError(format!("{}: {e}", stamp.display())))?;
+                Ok(new)
             }
             Ledger::S3 {
                 client,
@@ -78,6 +97,19 @@ impl Ledger {
     pub async fn refresh_cancelled(&self, known: &mut Known) -> Result<(), LedgerError> {
         match self {
             Ledger::Local(conn) => {
+                if known.stamp.is_none() {
+                    known.stamp = Some(stamp_path(conn)?);
+                }
+                let stamp = match known.stamp.as_ref().map(std::fs::read_to_string) {
+                    // No cancel was ever recorded here.
+                    Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    Some(Ok(stamp)) => Some(stamp),
+                    // Unreadable (mid-write): query.
+                    _ => None,
+                };
+                if stamp.is_some() && stamp == known.version {
+                    return Ok(());
+                }
                 let after: i64 = known
                     .version
                     .as_deref()
@@ -132,7 +164,11 @@ impl Ledger {
                             .filter_map(|o| o.key()?.strip_prefix(&root).map(str::to_owned)),
                     );
                 }
-                *known = Known { ids, version: etag };
+                *known = Known {
+                    ids,
+                    version: etag,
+                    stamp: None,
+                };
                 Ok(())
             }
         }
@@ -169,6 +205,17 @@ impl Ledger {
             }
         }
     }
+}
+
+/// The embedded ledger's stamp file, beside its database.
+fn stamp_path(
+    conn: &std::sync::Arc<std::sync::Mutex<rusqlite::Connection>>,
+) -> Result<std::path::PathBuf, LedgerError> {
+    let conn = conn.lock().map_err(|e| LedgerError(e.to_string()))?;
+    let db = conn
+        .path()
+        .ok_or_else(|| LedgerError("the ledger has no file".into()))?;
+    Ok(std::path::Path::new(db).with_file_name("cancelled.stamp"))
 }
 
 #[cfg(test)]

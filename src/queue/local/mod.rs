@@ -488,7 +488,9 @@ impl LocalQueue {
                         let Ok(envelope) = crate::job::Envelope::parse(&body, &message_id) else {
                             continue;
                         };
-                        if !envelope.is_part_of(&job_id) {
+                        if !(envelope.is_part_of(&job_id)
+                            || envelope.message_id(&message_id) == job_id)
+                        {
                             continue;
                         }
                         if held {

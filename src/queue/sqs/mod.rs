@@ -247,40 +247,45 @@ impl SqsQueue {
 
     pub async fn receive(
         &self,
+        max: usize,
         wait: Duration,
         visibility: Duration,
-    ) -> Result<Option<Received>, QueueError> {
+    ) -> Result<Vec<Received>, QueueError> {
         ApiCalls::count(&self.calls.receive);
         let output = self
             .client
             .receive_message()
             .queue_url(&self.url)
-            .max_number_of_messages(1)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
             .wait_time_seconds(seconds(wait.min(MAX_WAIT)))
             .visibility_timeout(seconds(visibility))
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .send()
             .await
             .map_err(classify)?;
-        let Some(message) = output.messages.unwrap_or_default().into_iter().next() else {
-            return Ok(None);
-        };
-        let receive_count = message
-            .attributes()
-            .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(1);
-        match (message.message_id, message.receipt_handle) {
-            (Some(message_id), Some(receipt)) => Ok(Some(Received {
-                message_id,
-                receipt,
-                body: message.body.unwrap_or_default(),
-                receive_count,
-            })),
-            _ => Err(QueueError::Unavailable(
-                "ReceiveMessage returned a message without id or receipt".into(),
-            )),
-        }
+        output
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .map(|message| {
+                let receive_count = message
+                    .attributes()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(1);
+                match (message.message_id, message.receipt_handle) {
+                    (Some(message_id), Some(receipt)) => Ok(Received {
+                        message_id,
+                        receipt,
+                        body: message.body.unwrap_or_default(),
+                        receive_count,
+                    }),
+                    _ => Err(QueueError::Unavailable(
+                        "ReceiveMessage returned a message without id or receipt".into(),
+                    )),
+                }
+            })
+            .collect()
     }
 
     pub async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
