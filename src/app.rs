@@ -12,7 +12,7 @@ use crate::api::rpc::Rpc;
 use crate::api::server;
 use crate::api::submit::Submitter;
 use crate::commands::catalog::Catalog;
-use crate::config::{Config, Invalid, optional_secret};
+use crate::config::{Config, Invalid, UiMode, optional_secret};
 use crate::events::ledger::Ledgers;
 use crate::events::metrics::Metrics;
 use crate::events::observe::Observer;
@@ -24,6 +24,7 @@ use crate::job::event::WorkerIdentity;
 use crate::queue::Queues;
 use crate::storage::Buckets;
 use crate::tasks::{HttpPoster, TaskRunner};
+use crate::ui::Ui;
 use crate::worker::Worker;
 
 /// Everything a renderq process runs on, built once at start-up.
@@ -161,11 +162,32 @@ impl App {
             "server.auth_token_env",
             server.auth_token_env.as_deref(),
         )?;
-        Ok(server::app(
+        let ui = self.ui(self.config.server.ui, token.clone());
+        let router = server::app(
             Rpc::new(self.submitter(), self.control(), self.status.clone()),
             Some(self.metrics.clone()),
             token,
             self.config.server.max_body_bytes,
+        );
+        Ok(match ui {
+            Some(ui) => router.merge(ui.router()),
+            None => router,
+        })
+    }
+
+    /// The web monitor, as `mode` says (with buttons only when `On`).
+    pub fn ui(&self, mode: UiMode, token: Option<String>) -> Option<Ui> {
+        let control = match mode {
+            UiMode::Off => return None,
+            UiMode::ReadOnly => None,
+            UiMode::On => Some(self.control()),
+        };
+        Some(Ui::new(
+            self.config.events.status.as_deref(),
+            self.queues.clone(),
+            self.ledgers.clone(),
+            control,
+            token,
         ))
     }
 
@@ -203,7 +225,15 @@ impl App {
                 .await
                 .with_context(|| format!("cannot listen on {listen} (metrics.listen)"))?;
             tracing::info!(address = %listener.local_addr()?, "Serving /metrics.");
-            let router = server::metrics_app(self.metrics.clone());
+            let mut router = server::metrics_app(self.metrics.clone());
+            // The monitor, read-only: this listener has no token.
+            let mode = match self.config.server.ui {
+                UiMode::Off => UiMode::Off,
+                _ => UiMode::ReadOnly,
+            };
+            if let Some(ui) = self.ui(mode, None) {
+                router = router.merge(ui.router());
+            }
             tokio::spawn(server::serve(listener, router, shutdown.token().clone()));
         }
         self.run_worker(Arc::new(self.worker()), shutdown).await;

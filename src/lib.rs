@@ -128,6 +128,7 @@ pub mod retry;
 pub mod sqlite;
 pub mod storage;
 pub mod tasks;
+pub mod ui;
 pub mod worker;
 pub mod workspace;
 

@@ -195,6 +195,19 @@ pub struct ServerConfig {
     /// Serve a non-loopback address without a token, on purpose (anyone who
     /// reaches the port can then fill the queue).
     pub allow_anonymous: bool,
+    /// The web monitor at `/ui`.
+    pub ui: UiMode,
+}
+
+/// `server.ui`: whether the web monitor is served, and whether its
+/// buttons (redrive, cancel) are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UiMode {
+    #[default]
+    On,
+    ReadOnly,
+    Off,
 }
 
 impl Default for ServerConfig {
@@ -204,6 +217,7 @@ impl Default for ServerConfig {
             auth_token_env: None,
             max_body_bytes: 256 * 1024,
             allow_anonymous: false,
+            ui: UiMode::On,
         }
     }
 }

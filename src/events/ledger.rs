@@ -19,7 +19,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::job::ArrayPart;
 
 mod cancels;
+mod thumbnails;
 pub use cancels::Known as KnownCancels;
+pub use thumbnails::thumbnail_name;
 
 /// A child's final state, ranked: a later variant replaces an earlier one
 /// (a redriven child that then succeeds), never the reverse.

@@ -23,6 +23,8 @@ pub enum JobEnd {
     /// Done and deleted; where its outputs went.
     Succeeded {
         outputs: Vec<String>,
+        /// Names of its image outputs' thumbnails, beside the ledger.
+        thumbnails: Vec<String>,
         duration: Duration,
     },
     /// Failed; back in the queue after `delay`.
@@ -160,7 +162,11 @@ impl Observer {
         };
         self.metrics.job_ended(outcome, duration);
         match end {
-            JobEnd::Succeeded { outputs, duration } => {
+            JobEnd::Succeeded {
+                outputs,
+                thumbnails,
+                duration,
+            } => {
                 info!(
                     duration_ms = duration.as_millis() as u64,
                     "Job processed, removing from queue."
@@ -168,7 +174,8 @@ impl Observer {
                 self.publish(
                     EventType::JobSucceeded,
                     subject,
-                    json!({"duration_ms": duration.as_millis() as u64, "outputs": outputs}),
+                    json!({"duration_ms": duration.as_millis() as u64, "outputs": outputs,
+                           "thumbnails": thumbnails}),
                 );
             }
             JobEnd::WillRetry { reason, delay } => {

@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason        TEXT,
     at            INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY,
+    host      TEXT NOT NULL DEFAULT '',
+    state     TEXT NOT NULL DEFAULT 'running',
+    at        INTEGER NOT NULL DEFAULT 0
+);
 CREATE INDEX IF NOT EXISTS by_array ON jobs (array_id);
 CREATE INDEX IF NOT EXISTS by_message ON jobs (message_id);
 CREATE TABLE IF NOT EXISTS arrays (
@@ -188,6 +194,14 @@ impl StatusTable {
             crate::sqlite::add_column(&conn, table, "at", "INTEGER NOT NULL DEFAULT 0")
                 .map_err(failed)?;
         }
+        // The queue a job is on, and its outputs' thumbnails (for the
+        // monitor).
+        for (column, kind) in [
+            ("queue", "TEXT NOT NULL DEFAULT ''"),
+            ("thumbnails", "TEXT NOT NULL DEFAULT '[]'"),
+        ] {
+            crate::sqlite::add_column(&conn, "jobs", column, kind).map_err(failed)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -212,7 +226,7 @@ impl StatusTable {
         let mut conn = self.conn.lock().map_err(failed)?;
         let tx = conn.transaction().map_err(failed)?;
         let mut deleted = 0;
-        for table in ["seen", "jobs", "arrays"] {
+        for table in ["seen", "jobs", "arrays", "workers"] {
             deleted += tx
                 .execute(&format!("DELETE FROM {table} WHERE at < ?1"), [cutoff])
                 .map_err(failed)?;
@@ -344,6 +358,21 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
     {
         return Ok(Applied::Duplicate);
     }
+    // Who sent it: the monitor's recent workers.
+    if let Some(worker) = &event.worker {
+        let state = match event.kind {
+            EventType::WorkerStopping | EventType::WorkerInterrupted => "stopping",
+            _ => "running",
+        };
+        exec(
+            tx,
+            "INSERT INTO workers (worker_id, host, state, at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (worker_id) DO UPDATE SET state = CASE
+                WHEN workers.state = 'stopping' THEN 'stopping' ELSE excluded.state END,
+                at = MAX(workers.at, excluded.at)",
+            params![worker.id, worker.host, state, now],
+        )?;
+    }
     let Some(job) = &event.job else {
         return Ok(Applied::New);
     };
@@ -403,9 +432,9 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
     let ahead = existing.is_none_or(|(a, r)| order(attempt, rank) > order(a, r));
     if existing.is_none() {
         exec(tx,
-            "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason, at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason, now],
+            "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason, at, queue)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason, now, job.queue],
         )?;
     } else if ahead {
         exec(
@@ -446,8 +475,16 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
         exec(
             tx,
             // Done is 100 %, whatever progress arrives late.
-            "UPDATE jobs SET outputs = ?2, progress = 100, progress_of = 2147483647 WHERE job_id = ?1",
-            params![job.job_id, event.detail["outputs"].to_string()],
+            "UPDATE jobs SET outputs = ?2, progress = 100, progress_of = 2147483647,
+                thumbnails = ?3 WHERE job_id = ?1",
+            params![
+                job.job_id,
+                event.detail["outputs"].to_string(),
+                match &event.detail["thumbnails"] {
+                    Value::Array(list) => Value::Array(list.clone()).to_string(),
+                    _ => "[]".to_owned(),
+                }
+            ],
         )?;
     }
     Ok(Applied::New)

@@ -151,20 +151,22 @@ impl Worker {
         })
     }
 
-    /// Runs the tasks in order, each on every output; returns where the
-    /// outputs went.
+    /// Makes the image outputs' thumbnails, then runs the tasks in order,
+    /// each on every output; returns where the outputs went, and the
+    /// thumbnails' names.
     pub(super) async fn run_tasks(
         &self,
         delivery: &Delivery,
         subject: &Subject,
         ran: Ran,
         abort: &CancellationToken,
-    ) -> Result<Vec<String>, JobError> {
+    ) -> Result<(Vec<String>, Vec<String>), JobError> {
         let Ran {
             outputs,
             tasks,
             first_frame,
         } = ran;
+        let thumbnails = self.thumbnails(delivery, &outputs).await;
         let envelope = delivery
             .envelope
             .as_ref()
@@ -226,6 +228,6 @@ impl Worker {
                 }
             }
         }
-        Ok(locations)
+        Ok((locations, thumbnails))
     }
 }

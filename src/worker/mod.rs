@@ -46,6 +46,7 @@ mod execute;
 mod intake;
 mod settle;
 mod staging;
+mod thumbs;
 
 /// Waits between receives while the queue cannot be reached.
 const QUEUE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
@@ -79,6 +80,15 @@ struct Finishing<'a> {
     /// The command's result, or why there is none.
     ran: Result<Ran, JobError>,
     span: tracing::Span,
+}
+
+/// What a job that succeeded made.
+struct Done {
+    /// Where its outputs went.
+    outputs: Vec<String>,
+    /// Its image outputs' thumbnails.
+    thumbnails: Vec<String>,
+    duration: Duration,
 }
 
 /// Why a job did not succeed; decides what happens to its message.
@@ -413,7 +423,11 @@ impl Worker {
                 )
                 .await
                 .unwrap_or_else(|_| Err(self.over_max_runtime()))
-                .map(|outputs| (outputs, job.ran_for + started.elapsed())),
+                .map(|(outputs, thumbnails)| Done {
+                    outputs,
+                    thumbnails,
+                    duration: job.ran_for + started.elapsed(),
+                }),
                 Err(e) => Err(e),
             };
             let outcome = match outcome {

@@ -1,11 +1,9 @@
 //! What happens to a message once its job has ended: deleted, retried
 //! later, dead-lettered or handed back; and what the ledger is told.
 
-use std::time::Duration;
-
 use tracing::{error, warn};
 
-use super::{JobError, Worker};
+use super::{Done, JobError, Worker};
 use crate::events::ledger::ChildState;
 use crate::events::observe::{JobEnd, Subject};
 use crate::queue::{DeadLetter, QueueError};
@@ -62,12 +60,16 @@ impl Worker {
     pub(super) async fn settle(
         &self,
         delivery: &Delivery,
-        outcome: Result<(Vec<String>, Duration), JobError>,
+        outcome: Result<Done, JobError>,
     ) -> Result<JobEnd, QueueError> {
         let receipt = &delivery.received.receipt;
         let queue = &self.source(delivery).queue;
         Ok(match outcome {
-            Ok((outputs, duration)) => {
+            Ok(Done {
+                outputs,
+                thumbnails,
+                duration,
+            }) => {
                 match queue.delete(receipt).await {
                     Err(QueueError::StaleReceipt) => {
                         // Someone else holds the message now and will run it
@@ -76,7 +78,11 @@ impl Worker {
                     }
                     other => other?,
                 }
-                JobEnd::Succeeded { outputs, duration }
+                JobEnd::Succeeded {
+                    outputs,
+                    thumbnails,
+                    duration,
+                }
             }
             Err(JobError::Retryable(reason)) if delivery.attempt >= queue.max_receive_count() => {
                 // The last try: dead-letter it now, with the reason, rather

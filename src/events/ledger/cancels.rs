@@ -207,15 +207,25 @@ impl Ledger {
     }
 }
 
-/// The embedded ledger's stamp file, beside its database.
-fn stamp_path(
+/// The embedded ledger's folder (the queue's).
+pub(super) fn ledger_dir(
     conn: &std::sync::Arc<std::sync::Mutex<rusqlite::Connection>>,
 ) -> Result<std::path::PathBuf, LedgerError> {
     let conn = conn.lock().map_err(|e| LedgerError(e.to_string()))?;
     let db = conn
         .path()
         .ok_or_else(|| LedgerError("the ledger has no file".into()))?;
-    Ok(std::path::Path::new(db).with_file_name("cancelled.stamp"))
+    Ok(std::path::Path::new(db)
+        .parent()
+        .map(std::path::Path::to_owned)
+        .unwrap_or_default())
+}
+
+/// The embedded ledger's stamp file, beside its database.
+fn stamp_path(
+    conn: &std::sync::Arc<std::sync::Mutex<rusqlite::Connection>>,
+) -> Result<std::path::PathBuf, LedgerError> {
+    Ok(ledger_dir(conn)?.join("cancelled.stamp"))
 }
 
 #[cfg(test)]

@@ -1,0 +1,439 @@
+//! The web monitor at `/ui`: the farm at a glance (queues, running jobs,
+//! workers, the last rendered frame), jobs and their pages, arrays as frame
+//! grids with thumbnails, and the dead letters; redrive and cancel
+//! buttons. Server-rendered HTML that works without JavaScript; a small
+//! script swaps each page's `<main>` for a fresh one when the status table
+//! changes (server-sent events from one poll of the table every 500 ms,
+//! however many pages are open, so a burst of events is one update).
+//!
+//! With a token configured, the monitor asks for it once and keeps it in
+//! an `HttpOnly; SameSite=Strict` cookie. Every POST carries a CSRF token
+//! that must equal its cookie (a double submit). `server.ui` turns the
+//! monitor off, or its buttons.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Form, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
+use maud::Markup;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+
+use crate::api::control::Control;
+use crate::events::ledger::Ledgers;
+use crate::queue::{Queues, Redrive};
+use board::{Board, Filter};
+
+pub mod board;
+mod pages;
+
+const AUTH_COOKIE: &str = "renderq_ui";
+const CSRF_COOKIE: &str = "renderq_csrf";
+/// How often the status table is looked at while pages are open.
+const LIVE_POLL: Duration = Duration::from_millis(500);
+
+/// What the monitor's handlers share.
+#[derive(Clone)]
+pub struct Ui {
+    board: Option<Arc<Board>>,
+    queues: Queues,
+    ledgers: Ledgers,
+    /// `None`: read-only.
+    control: Option<Control>,
+    token: Option<Arc<str>>,
+    /// The status table's version, for the live pages.
+    live: watch::Sender<i64>,
+}
+
+impl Ui {
+    /// The monitor over `status` (the status table's file, when there is
+    /// one); `control` is `None` for a read-only one.
+    pub fn new(
+        status: Option<&std::path::Path>,
+        queues: Queues,
+        ledgers: Ledgers,
+        control: Option<Control>,
+        token: Option<String>,
+    ) -> Self {
+        let board = status.and_then(|path| match Board::open(path) {
+            Ok(board) => Some(Arc::new(board)),
+            Err(error) => {
+                tracing::warn!(%error, "the monitor cannot read the status table");
+                None
+            }
+        });
+        let (live, _) = watch::channel(0);
+        if let Some(board) = &board {
+            tokio::spawn(poll_status(Arc::downgrade(board), live.clone()));
+        }
+        Self {
+            board,
+            queues,
+            ledgers,
+            control,
+            token: token.map(Arc::from),
+            live,
+        }
+    }
+
+    /// The routes, under `/ui`.
+    pub fn router(self) -> Router {
+        let mut routes = Router::new()
+            .route("/ui", get(overview))
+            .route("/ui/jobs", get(jobs))
+            .route("/ui/jobs/{id}", get(job))
+            .route("/ui/dead", get(dead_letters))
+            .route("/ui/thumbnails/{queue}/{message_id}/{file}", get(thumbnail))
+            .route("/ui/live", get(live));
+        routes = if self.control.is_some() {
+            routes
+                .route("/ui/redrive", post(redrive))
+                .route("/ui/cancel", post(cancel))
+        } else {
+            routes
+                .route("/ui/redrive", post(read_only))
+                .route("/ui/cancel", post(read_only))
+        };
+        let routes = routes.route_layer(middleware::from_fn_with_state(self.clone(), signed_in));
+        Router::new()
+            .route("/ui/login", get(login_form).post(login))
+            .merge(routes)
+            .with_state(self)
+    }
+
+    fn csrf<'a>(&self, jar: &'a CookieJar) -> Option<&'a str> {
+        self.control.as_ref()?;
+        jar.get(CSRF_COOKIE).map(Cookie::value)
+    }
+}
+
+/// Bumps `live` whenever the status table changed, while anyone listens.
+async fn poll_status(board: std::sync::Weak<Board>, live: watch::Sender<i64>) {
+    loop {
+        tokio::time::sleep(LIVE_POLL).await;
+        let Some(board) = board.upgrade() else {
+            return;
+        };
+        if live.receiver_count() == 0 {
+            continue;
+        }
+        if let Ok(Ok(version)) = tokio::task::spawn_blocking(move || board.version()).await {
+            live.send_if_modified(|v| std::mem::replace(v, version) != version);
+        }
+    }
+}
+
+/// Lets a request through when no token is configured or its cookie holds
+/// it; otherwise sends a page to the sign-in form (and refuses a POST).
+async fn signed_in(State(ui): State<Ui>, jar: CookieJar, request: Request, next: Next) -> Response {
+    if let Some(token) = &ui.token {
+        let held = jar.get(AUTH_COOKIE).map(Cookie::value).unwrap_or_default();
+        if !bool::from(held.as_bytes().ct_eq(token.as_bytes())) {
+            return if request.method() == axum::http::Method::GET {
+                Redirect::to("/ui/login").into_response()
+            } else {
+                StatusCode::UNAUTHORIZED.into_response()
+            };
+        }
+    }
+    // Every page hands out a CSRF cookie, for its forms.
+    let jar = match jar.get(CSRF_COOKIE) {
+        Some(_) => jar,
+        None => jar.add(
+            Cookie::build((CSRF_COOKIE, uuid::Uuid::new_v4().simple().to_string()))
+                .path("/ui")
+                .same_site(SameSite::Strict)
+                .http_only(true)
+                .build(),
+        ),
+    };
+    let mut request = request;
+    // The handler sees the cookie it sets (for the page's forms).
+    if let Some(cookie) = jar.get(CSRF_COOKIE) {
+        let header = format!("{}={}", cookie.name(), cookie.value());
+        if !request
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains(&header)))
+            && let Ok(value) = header.parse()
+        {
+            request.headers_mut().append(header::COOKIE, value);
+        }
+    }
+    (jar, next.run(request).await).into_response()
+}
+
+/// Whether a request wants only the page's `<main>` (the live script).
+fn fragment(headers: &HeaderMap) -> bool {
+    headers.contains_key("x-renderq-fragment")
+}
+
+fn html(markup: Markup) -> Response {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::response::Html(markup.into_string()),
+    )
+        .into_response()
+}
+
+fn not_found(what: &str) -> Response {
+    (StatusCode::NOT_FOUND, html(pages::not_found(what))).into_response()
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    tracing::warn!(error = %e, "monitor page failed");
+    (StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {e}")).into_response()
+}
+
+/// Runs a board query on a blocking thread.
+async fn read<T: Send + 'static>(
+    ui: &Ui,
+    f: impl FnOnce(&Board) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    let Some(board) = ui.board.clone() else {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "No status table: set [events] status in workers.toml",
+        )
+            .into_response());
+    };
+    tokio::task::spawn_blocking(move || f(&board))
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
+}
+
+async fn overview(State(ui): State<Ui>, headers: HeaderMap) -> Response {
+    let mut queues = Vec::new();
+    for name in ui.queues.names() {
+        let stats = match ui.queues.get(name) {
+            Some(queue) => queue.stats().await.ok(),
+            None => None,
+        };
+        queues.push((name.to_owned(), stats));
+    }
+    let data = read(&ui, |b| {
+        Ok((b.running()?, b.workers()?, b.arrays()?, b.last_frame()?))
+    })
+    .await;
+    match data {
+        Ok((running, workers, arrays, last)) => html(pages::page(
+            "Overview",
+            fragment(&headers),
+            pages::overview(&queues, &running, &workers, &arrays, last.as_ref()),
+        )),
+        Err(response) => response,
+    }
+}
+
+async fn jobs(State(ui): State<Ui>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    let filter = Filter::parse(query.as_deref());
+    let rows = {
+        let filter = filter.clone();
+        read(&ui, move |b| b.jobs(&filter)).await
+    };
+    match rows {
+        Ok(rows) => html(pages::page(
+            "Jobs",
+            fragment(&headers),
+            pages::jobs(&rows, &filter.state, &filter.command, &filter.search),
+        )),
+        Err(response) => response,
+    }
+}
+
+/// A job's page, or an array's (its frame grid).
+async fn job(
+    State(ui): State<Ui>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    jar: CookieJar,
+) -> Response {
+    let found = {
+        let id = id.clone();
+        read(&ui, move |b| match b.array(&id)? {
+            Some(array) => Ok(Some((Some(array), b.children(&id)?, None))),
+            None => Ok(b.job(&id)?.map(|job| (None, Vec::new(), Some(job)))),
+        })
+        .await
+    };
+    let csrf = ui.csrf(&jar);
+    match found {
+        Ok(Some((Some(array), children, _))) => html(pages::page(
+            "Array",
+            fragment(&headers),
+            pages::array(&array, &children, csrf),
+        )),
+        Ok(Some((None, _, Some(job)))) => html(pages::page(
+            "Job",
+            fragment(&headers),
+            pages::job(&job, csrf),
+        )),
+        Ok(_) => not_found(&format!("No job or array {id} is in the status table.")),
+        Err(response) => response,
+    }
+}
+
+async fn dead_letters(
+    State(ui): State<Ui>,
+    headers: HeaderMap,
+    jar: CookieJar,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let names: Vec<String> = ui.queues.names().map(str::to_owned).collect();
+    let wanted = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "queue")
+        .map(|(_, v)| v.into_owned());
+    let name = match wanted.filter(|w| names.contains(w)) {
+        Some(name) => name,
+        None => match names.first() {
+            Some(first) => first.clone(),
+            None => return not_found("No queue is configured."),
+        },
+    };
+    let queue = ui.queues.get(&name).expect("a configured queue");
+    match queue.dlq_list(crate::ui::board::LIST_LIMIT).await {
+        Ok(dead) => html(pages::page(
+            "Dead letters",
+            fragment(&headers),
+            pages::dead_letters(&name, &names, &dead, ui.csrf(&jar)),
+        )),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn thumbnail(
+    State(ui): State<Ui>,
+    Path((queue, message_id, file)): Path<(String, String, String)>,
+) -> Response {
+    let Some(ledger) = ui.ledgers.get(&queue) else {
+        return not_found("No such queue.");
+    };
+    match ledger.thumbnail(&format!("{message_id}/{file}")).await {
+        Ok(Some(jpeg)) => (
+            [
+                (header::CONTENT_TYPE, "image/jpeg"),
+                (header::CACHE_CONTROL, "max-age=3600"),
+            ],
+            jpeg,
+        )
+            .into_response(),
+        Ok(None) => not_found("No such thumbnail."),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Server-sent events: `changed` whenever the status table did (at most
+/// one per poll, however many events it folded).
+async fn live(State(ui): State<Ui>) -> impl IntoResponse {
+    let stream = futures_util::stream::unfold(ui.live.subscribe(), |mut version| async move {
+        version.changed().await.ok()?;
+        let v = *version.borrow_and_update();
+        let event = Event::default().event("changed").data(v.to_string());
+        Some((Ok::<_, std::convert::Infallible>(event), version))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[derive(Deserialize)]
+struct RedriveForm {
+    #[serde(default)]
+    csrf: String,
+    queue: String,
+    #[serde(default)]
+    message_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CancelForm {
+    #[serde(default)]
+    csrf: String,
+    job_id: String,
+}
+
+/// Whether a form's CSRF token is the cookie's.
+fn csrf_ok(jar: &CookieJar, sent: &str) -> bool {
+    jar.get(CSRF_COOKIE).is_some_and(|c| {
+        !sent.is_empty() && bool::from(c.value().as_bytes().ct_eq(sent.as_bytes()))
+    })
+}
+
+fn forbidden() -> Response {
+    (StatusCode::FORBIDDEN, "missing or wrong CSRF token").into_response()
+}
+
+async fn redrive(State(ui): State<Ui>, jar: CookieJar, Form(form): Form<RedriveForm>) -> Response {
+    if !csrf_ok(&jar, &form.csrf) {
+        return forbidden();
+    }
+    let Some(queue) = ui.queues.get(&form.queue) else {
+        return not_found("No such queue.");
+    };
+    let which = match form.message_id {
+        Some(id) => Redrive::Message(id),
+        None => Redrive::All,
+    };
+    match queue
+        .dlq_redrive(crate::ui::board::LIST_LIMIT, &which)
+        .await
+    {
+        Ok(n) => {
+            tracing::info!(queue = %form.queue, redriven = n, "Redriven from the monitor.");
+            Redirect::to(&format!("/ui/dead?queue={}", form.queue)).into_response()
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn cancel(State(ui): State<Ui>, jar: CookieJar, Form(form): Form<CancelForm>) -> Response {
+    if !csrf_ok(&jar, &form.csrf) {
+        return forbidden();
+    }
+    let Some(control) = &ui.control else {
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    };
+    match control.cancel(&form.job_id, None).await {
+        Ok(_) => Redirect::to(&format!("/ui/jobs/{}", form.job_id)).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+async fn read_only() -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, "this monitor is read-only").into_response()
+}
+
+async fn login_form() -> Response {
+    html(pages::login(false))
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(State(ui): State<Ui>, jar: CookieJar, Form(form): Form<LoginForm>) -> Response {
+    let Some(token) = &ui.token else {
+        return Redirect::to("/ui").into_response();
+    };
+    if !bool::from(form.token.as_bytes().ct_eq(token.as_bytes())) {
+        return (StatusCode::UNAUTHORIZED, html(pages::login(true))).into_response();
+    }
+    let cookie = Cookie::build((AUTH_COOKIE, form.token))
+        .path("/ui")
+        .same_site(SameSite::Strict)
+        .http_only(true)
+        .build();
+    (jar.add(cookie), Redirect::to("/ui")).into_response()
+}
+
+#[cfg(test)]
+mod tests;

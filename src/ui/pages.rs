@@ -1,0 +1,310 @@
+//! The monitor's pages as HTML (maud: checked at compile time, every
+//! value escaped). Each page is a `<main>`, which the live script swaps
+//! for a fresh one when the status table changes.
+
+use maud::{DOCTYPE, Markup, html};
+
+use super::board::{ArrayRow, JobRow, WorkerRow};
+use crate::queue::{DeadLetter, Stats};
+
+const STYLE: &str = r#"
+body{font:14px system-ui,sans-serif;margin:0;color:#222}
+nav{background:#223;padding:.5em 1em}nav a{color:#fff;margin-right:1.5em;text-decoration:none}
+main{padding:1em}table{border-collapse:collapse}td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:left}
+.bar{display:inline-block;width:120px;height:10px;background:#eee}.bar span{display:block;height:10px;background:#37a}
+.grid{display:flex;flex-wrap:wrap;gap:3px}.cell{width:84px;font-size:11px;border:1px solid #ccc;padding:2px}
+.cell img{display:block;width:80px;height:auto}
+.succeeded{background:#cfc}.running{background:#cdf}.dead_lettered,.failed{background:#fcc}
+.cancelled{background:#ddd}.queued,.submitted{background:#fff}.requeued{background:#ffd}
+form.inline{display:inline}.reason{font-family:monospace;white-space:pre-wrap}
+"#;
+
+/// Refetches the page's `<main>` when the status table changes, and after
+/// a reconnect.
+const SCRIPT: &str = r#"
+(function(){
+  var busy=false, again=false;
+  function refresh(){
+    if(busy){again=true;return}
+    busy=true;
+    fetch(location.href,{headers:{'X-Renderq-Fragment':'1'}}).then(function(r){
+      return r.ok?r.text():null}).then(function(t){
+      if(t){var m=document.querySelector('main');if(m){m.outerHTML=t}}
+    }).finally(function(){busy=false;if(again){again=false;refresh()}});
+  }
+  var es=new EventSource('/ui/live');
+  es.addEventListener('changed',refresh);
+  es.addEventListener('open',refresh);
+})();
+"#;
+
+/// What the pages need to draw buttons: the CSRF token, or `None` when
+/// the monitor is read-only.
+pub type Csrf<'a> = Option<&'a str>;
+
+/// A whole page, or only its `<main>` for the live script.
+pub fn page(title: &str, fragment: bool, main: Markup) -> Markup {
+    if fragment {
+        return main;
+    }
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { (title) " · renderq" }
+                style { (maud::PreEscaped(STYLE)) }
+            }
+            body {
+                nav {
+                    a href="/ui" { "Overview" }
+                    a href="/ui/jobs" { "Jobs" }
+                    a href="/ui/dead" { "Dead letters" }
+                }
+                (main)
+                script { (maud::PreEscaped(SCRIPT)) }
+            }
+        }
+    }
+}
+
+fn progress(job: &JobRow) -> Markup {
+    let percent = job.progress.unwrap_or(0.0).clamp(0.0, 100.0);
+    html! {
+        span.bar title=(format!("{percent:.0} %")) { span style=(format!("width:{percent:.0}%")) {} }
+        " " (format!("{percent:.0} %"))
+    }
+}
+
+fn job_link(job: &JobRow) -> Markup {
+    html! { a href=(format!("/ui/jobs/{}", job.job_id)) { (job.job_id) } }
+}
+
+fn thumbnail(queue: &str, name: &str) -> Markup {
+    html! { img src=(format!("/ui/thumbnails/{queue}/{name}")) alt="thumbnail" loading="lazy"; }
+}
+
+pub fn overview(
+    queues: &[(String, Option<Stats>)],
+    running: &[JobRow],
+    workers: &[WorkerRow],
+    arrays: &[ArrayRow],
+    last: Option<&JobRow>,
+) -> Markup {
+    html! {
+        main {
+            h1 { "Overview" }
+            h2 { "Queues" }
+            table {
+                tr { th { "queue" } th { "visible" } th { "in flight" } th { "dead-lettered" } }
+                @for (name, stats) in queues {
+                    tr {
+                        td { (name) }
+                        @match stats {
+                            Some(s) => { td { (s.visible) } td { (s.in_flight) } td { a href=(format!("/ui/dead?queue={name}")) { (s.dead_lettered) } } }
+                            None => { td colspan="3" { "unavailable" } }
+                        }
+                    }
+                }
+            }
+            h2 { "Running" }
+            @if running.is_empty() { p { "Nothing is running." } }
+            table {
+                @for job in running {
+                    tr { td { (job_link(job)) } td { (job.command) } td { (progress(job)) } }
+                }
+            }
+            h2 { "Arrays" }
+            table {
+                @for array in arrays {
+                    tr {
+                        td { a href=(format!("/ui/jobs/{}", array.job_id)) { (array.job_id) } }
+                        td { (array.command) } td { (array.size) " frames" }
+                        td { @if array.completed { "completed" } @else { "in progress" } }
+                    }
+                }
+            }
+            h2 { "Workers" }
+            @if workers.is_empty() { p { "No worker was heard from in the last 10 minutes." } }
+            table {
+                @for w in workers {
+                    tr { td { (w.host) } td { (w.id) } td { (w.state) } td { (w.ago) " s ago" } }
+                }
+            }
+            @if let Some(job) = last {
+                h2 { "Last rendered frame" }
+                @if let Some(name) = job.thumbnails.last() {
+                    a href=(format!("/ui/jobs/{}", job.job_id)) { (thumbnail(&job.queue, name)) }
+                }
+            }
+        }
+    }
+}
+
+pub fn jobs(rows: &[JobRow], state: &str, command: &str, search: &str) -> Markup {
+    html! {
+        main {
+            h1 { "Jobs" }
+            form method="get" action="/ui/jobs" {
+                "State " select name="state" {
+                    @for s in ["", "submitted", "running", "failed", "requeued", "succeeded", "dead_lettered", "cancelled"] {
+                        option value=(s) selected[s == state] { @if s.is_empty() { "any" } @else { (s) } }
+                    }
+                }
+                " Command " input name="command" value=(command);
+                " Id " input name="q" value=(search);
+                " " button { "Filter" }
+            }
+            table {
+                tr { th { "job" } th { "command" } th { "state" } th { "attempt" } th { "progress" } }
+                @for job in rows {
+                    tr class=(job.state) {
+                        td { (job_link(job)) } td { (job.command) } td { (job.state) }
+                        td { (job.attempt) } td { (progress(job)) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn cancel_button(csrf: Csrf, id: &str) -> Markup {
+    html! {
+        @if let Some(token) = csrf {
+            form.inline method="post" action="/ui/cancel" {
+                input type="hidden" name="csrf" value=(token);
+                input type="hidden" name="job_id" value=(id);
+                button { "Cancel" }
+            }
+        }
+    }
+}
+
+pub fn job(job: &JobRow, csrf: Csrf) -> Markup {
+    let ended = matches!(
+        job.state.as_str(),
+        "succeeded" | "dead_lettered" | "cancelled"
+    );
+    html! {
+        main {
+            h1 { "Job " (job.job_id) }
+            table {
+                tr { th { "message id" } td { (job.message_id) } }
+                tr { th { "command" } td { (job.command) } }
+                tr { th { "queue" } td { (job.queue) } }
+                tr { th { "state" } td class=(job.state) { (job.state) } }
+                tr { th { "attempt" } td { (job.attempt) } }
+                tr { th { "progress" } td { (progress(job)) } }
+                @if let Some(reason) = &job.reason { tr { th { "reason" } td.reason { (reason) } } }
+                @if let Some(array) = &job.array_id {
+                    tr { th { "array" } td { a href=(format!("/ui/jobs/{array}")) { (array) } " child " (job.array_index.unwrap_or(0)) } }
+                }
+            }
+            @if !ended { p { (cancel_button(csrf, &job.job_id)) } }
+            h2 { "Outputs" }
+            ul { @for output in &job.outputs { li { (output) } } }
+            @for name in &job.thumbnails { (thumbnail(&job.queue, name)) }
+        }
+    }
+}
+
+pub fn array(array: &ArrayRow, children: &[JobRow], csrf: Csrf) -> Markup {
+    let mut cells: Vec<Option<&JobRow>> = vec![None; array.size as usize];
+    for child in children {
+        if let Some(slot) = child.array_index.and_then(|i| cells.get_mut(i as usize)) {
+            *slot = Some(child);
+        }
+    }
+    let count = |state: &str| children.iter().filter(|c| c.state == state).count();
+    let (succeeded, dead, cancelled) = (
+        count("succeeded"),
+        count("dead_lettered"),
+        count("cancelled"),
+    );
+    html! {
+        main {
+            h1 { "Array " (array.job_id) }
+            p {
+                (array.command) " · size " (array.size)
+                " · succeeded " span id="succeeded" { (succeeded) }
+                " · dead-lettered " (dead) " · cancelled " (cancelled)
+                " · " @if array.completed { "completed" } @else { "in progress" }
+                " " @if !array.completed { (cancel_button(csrf, &array.job_id)) }
+            }
+            div.grid {
+                @for (index, cell) in cells.iter().enumerate() {
+                    @match cell {
+                        Some(child) => {
+                            a class=(format!("cell {}", child.state)) href=(format!("/ui/jobs/{}", child.job_id)) data-state=(child.state) {
+                                (index) " " (child.state)
+                                @if let Some(name) = child.thumbnails.first() { (thumbnail(&child.queue, name)) }
+                            }
+                        }
+                        None => { span.cell.queued data-state="queued" { (index) " queued" } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn dead_letters(queue: &str, queues: &[String], dead: &[DeadLetter], csrf: Csrf) -> Markup {
+    html! {
+        main {
+            h1 { "Dead letters" }
+            p { @for name in queues { a href=(format!("/ui/dead?queue={name}")) { (name) } " " } }
+            h2 { (queue) }
+            @if dead.is_empty() { p { "No dead letters." } }
+            @else if let Some(token) = csrf {
+                form.inline method="post" action="/ui/redrive" {
+                    input type="hidden" name="csrf" value=(token);
+                    input type="hidden" name="queue" value=(queue);
+                    button { "Redrive all" }
+                }
+            }
+            table id="dead" {
+                tr { th { "message" } th { "receives" } th { "reason" } th {} }
+                @for d in dead {
+                    tr {
+                        td { (d.message_id) } td { (d.receive_count) } td.reason { (d.reason) }
+                        td {
+                            @if let Some(token) = csrf {
+                                form.inline method="post" action="/ui/redrive" {
+                                    input type="hidden" name="csrf" value=(token);
+                                    input type="hidden" name="queue" value=(queue);
+                                    input type="hidden" name="message_id" value=(d.message_id);
+                                    button { "Redrive" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn not_found(what: &str) -> Markup {
+    page(
+        "Not found",
+        false,
+        html! { main { h1 { "Not found" } p { (what) } } },
+    )
+}
+
+pub fn login(failed: bool) -> Markup {
+    page(
+        "Sign in",
+        false,
+        html! {
+            main {
+                h1 { "Sign in" }
+                @if failed { p { "That token is not the one this endpoint expects." } }
+                form method="post" action="/ui/login" {
+                    "Token " input type="password" name="token" autofocus;
+                    " " button { "Sign in" }
+                }
+            }
+        },
+    )
+}
