@@ -51,14 +51,20 @@
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
 //!   job after `worker::staging` placed its inputs, `worker::settle`
 //!   decides its message's fate, `worker::cancel` is what the worker
-//!   knows of cancels; a [`worker::delivery`] is a received message with
-//!   its envelope parsed once).
+//!   knows of cancels, `worker::intake` receives for every slot in
+//!   priority order, [`worker::thumbs`] makes image outputs' thumbnails;
+//!   a [`worker::delivery`] is a received message with its envelope
+//!   parsed once).
 //! - [`api`]: the submit half: the HTTP router (auth, body limit,
 //!   `/healthz`), JSON-RPC 2.0 types and dispatch with no HTTP, and the
 //!   submit itself (validate against the catalog and the `[queue_manager]`
 //!   limits, then send; array jobs are cut into children and sent a batch
 //!   at a time); [`api::control`] cancels and redrives, for the endpoint and
 //!   the command line.
+//! - [`ui`]: the web monitor at `/ui`: pages from the status table (its
+//!   own read-only connection), live through server-sent events,
+//!   thumbnails from the ledgers, redrive and cancel through
+//!   [`api::control`].
 //! - [`app`]: builds all of the above from a config and runs `serve` or
 //!   `worker`; [`cli`] (with its endpoint [`cli::client`]) and
 //!   [`bench`](mod@bench) are the command line.
@@ -112,6 +118,9 @@
 //!   a later job receives: cached files are checked against the cache's
 //!   index before each use, and none is visible before its hash was checked.
 //! - The input cache never deletes a file linked into a running job.
+//! - A thumbnail never fails a job, and the monitor changes nothing without
+//!   a POST carrying the CSRF token of its cookie (and, with a token
+//!   configured, the sign-in cookie).
 
 pub mod api;
 pub mod app;

@@ -39,6 +39,7 @@ mod http_api;
 mod inputs;
 mod job_control;
 mod limits;
+mod monitor;
 mod processes;
 mod readme;
 mod scenarios;

@@ -1,7 +1,7 @@
 //! `renderq bench`: throughput, latency and memory measured on this
 //! machine, on throw-away queues. Each mode is a module: `embedded` (the
 //! default), `sqs` (`--sqs-endpoint`), `cancel`, `dispatch`, `events`,
-//! `spot`, `procs`, `uploads` and `inputs`. Here: the arguments, and what the modes share.
+//! `spot`, `procs`, `uploads`, `inputs` and `ui`. Here: the arguments, and what the modes share.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ mod procs;
 pub mod proxy;
 mod spot;
 mod sqs;
+mod ui;
 mod uploads;
 
 use crate::api::submit::SubmitRequest;
@@ -66,6 +67,11 @@ pub struct BenchArgs {
     /// ledger in a bucket there).
     #[arg(long)]
     pub cancel: bool,
+    /// Instead: the web monitor's page render times (arrays of 10 to
+    /// 10,000 frames), a 1920x1080 PNG's thumbnail, and no-op jobs/s with
+    /// 100 live pages connected (--jobs, default 10000).
+    #[arg(long)]
+    pub ui: bool,
     /// Instead: time from a spot interruption notice to the interrupted
     /// job being receivable again (--jobs runs, default 20; with
     /// --sqs-endpoint, on SQS).
@@ -137,6 +143,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.sqs_endpoint {
         _ if args.dispatch => dispatch::run(args).await,
         _ if args.cancel => cancel::run(args).await,
+        _ if args.ui => ui::run(args).await,
         _ if args.events => events::run(args).await,
         _ if args.spot => spot::run(args).await,
         _ if args.procs.is_some() => procs::run(args).await,

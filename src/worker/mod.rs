@@ -46,7 +46,7 @@ mod execute;
 mod intake;
 mod settle;
 mod staging;
-mod thumbs;
+pub mod thumbs;
 
 /// Waits between receives while the queue cannot be reached.
 const QUEUE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));

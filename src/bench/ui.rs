@@ -1,0 +1,189 @@
+//! `renderq bench --ui`: what the web monitor costs: the overview's and an
+//! array page's render time for arrays of 10, 1,000 and 10,000 frames, a
+//! thumbnail of a 1920×1080 PNG, and no-op jobs through one slot with 100
+//! live pages (server-sent events clients) connected, against none.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::Request;
+use http_body_util::BodyExt;
+use serde_json::json;
+use tower::ServiceExt;
+
+use super::{BenchArgs, CONFIG, drain, no_op};
+use crate::app::App;
+use crate::config::{Config, UiMode};
+use crate::events::status::StatusTable;
+use crate::job::event::{ArrayRef, Event, EventType, JobRef};
+use crate::ui::Ui;
+
+/// Live pages connected during the fan-out run.
+const CLIENTS: usize = 100;
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    pages().await?;
+    thumbnail()?;
+    fan_out(args.jobs.unwrap_or(10_000)).await
+}
+
+/// The median time of `runs` GETs of `uri`, and the page's size.
+async fn time_get(
+    router: &axum::Router,
+    uri: &str,
+    runs: usize,
+) -> anyhow::Result<(Duration, usize)> {
+    let mut times = Vec::with_capacity(runs);
+    let mut size = 0;
+    for _ in 0..runs {
+        let started = Instant::now();
+        let response = router
+            .clone()
+            .oneshot(Request::get(uri).body(Body::empty())?)
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "{uri}: {}",
+            response.status()
+        );
+        size = response.into_body().collect().await?.to_bytes().len();
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok((times[runs / 2], size))
+}
+
+async fn pages() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("status.sqlite3");
+    let table = StatusTable::open(&path)?;
+    let mut arrays = Vec::new();
+    for size in [10u32, 1_000, 10_000] {
+        let array = uuid::Uuid::new_v4().to_string();
+        let events: Vec<Event> = (0..size)
+            .map(|index| {
+                let message_id = uuid::Uuid::new_v4().to_string();
+                let job = JobRef {
+                    job_id: uuid::Uuid::new_v4().to_string(),
+                    message_id: message_id.clone(),
+                    queue: "bench".into(),
+                    command: "render_demo".into(),
+                    attempt: 1,
+                    array: Some(ArrayRef {
+                        job_id: array.clone(),
+                        index,
+                        size,
+                    }),
+                };
+                Event::new(
+                    EventType::JobSucceeded,
+                    Some(job),
+                    json!({"outputs": [format!("s3://results/{message_id}.png")],
+                           "thumbnails": [format!("{message_id}/0.jpg")]}),
+                )
+            })
+            .collect();
+        table.apply_all(&events)?;
+        arrays.push((size, array));
+    }
+    let router = Ui::new(
+        Some(&path),
+        Default::default(),
+        Default::default(),
+        None,
+        None,
+    )
+    .router();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (took, bytes) = time_get(&router, "/ui", 5).await?;
+    println!(
+        "overview (3 arrays, 11,010 jobs in the table): {:.1} ms, {} KiB",
+        ms(took),
+        bytes / 1024
+    );
+    for (size, array) in &arrays {
+        let (took, bytes) = time_get(&router, &format!("/ui/jobs/{array}"), 5).await?;
+        println!(
+            "array page, {size} frames: {:.1} ms, {} KiB",
+            ms(took),
+            bytes / 1024
+        );
+    }
+    Ok(())
+}
+
+fn thumbnail() -> anyhow::Result<()> {
+    let image = image::RgbImage::from_fn(1920, 1080, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    });
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(image)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    let output = crate::job::Output::bytes(png, mime::IMAGE_PNG);
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..10 {
+        let started = Instant::now();
+        size = crate::worker::thumbs::make(&output)?.len();
+        times.push(started.elapsed());
+    }
+    times.sort();
+    println!(
+        "thumbnail of a 1920x1080 PNG: median {:.1} ms ({} KiB JPEG, {} px wide)",
+        times[5].as_secs_f64() * 1000.0,
+        size / 1024,
+        crate::worker::thumbs::WIDTH
+    );
+    Ok(())
+}
+
+/// No-op jobs through one slot, events folded into the status table,
+/// without and with `CLIENTS` live pages.
+async fn fan_out(jobs: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("workers.toml");
+    std::fs::write(
+        &path,
+        format!("{CONFIG}\n[events]\nstatus = \"status.sqlite3\"\n"),
+    )?;
+    let app = App::build(Config::load(&path)?).await?;
+    let router = app.ui(UiMode::ReadOnly, None).expect("a monitor").router();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/ui/live", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let rate = |app: &App| {
+        let (submitter, worker) = (app.submitter(), app.worker());
+        async move {
+            for _ in 0..jobs {
+                submitter.submit(no_op()).await?;
+            }
+            drain(&worker, jobs).await
+        }
+    };
+    let alone = rate(&app).await?;
+    let http = reqwest::Client::new();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut response = http.get(&url).send().await?;
+        let received = received.clone();
+        clients.push(tokio::spawn(async move {
+            while let Ok(Some(chunk)) = response.chunk().await {
+                let events = chunk.windows(7).filter(|w| w == b"changed").count();
+                received.fetch_add(events as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    let watched = rate(&app).await?;
+    for client in clients {
+        client.abort();
+    }
+    println!(
+        "no-op jobs through one slot, events into the status table: {alone:.0} jobs/s; \
+         with {CLIENTS} live pages connected: {watched:.0} jobs/s ({:+.1} %), {} updates sent",
+        100.0 * (watched - alone) / alone,
+        received.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(())
+}
