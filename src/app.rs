@@ -44,6 +44,8 @@ pub struct App {
     pub gpus: Vec<u32>,
     /// What `/metrics` shows.
     pub metrics: Arc<Metrics>,
+    /// This process, as its events name it.
+    pub identity: WorkerIdentity,
 }
 
 impl App {
@@ -64,10 +66,11 @@ impl App {
             .transpose()?
             .map(Arc::new);
         let catalog = Arc::new(Catalog::from_config(&config).map_err(|i| config.locate(i))?);
+        let identity = WorkerIdentity::current();
         let metrics = Arc::new(Metrics::new(Some(catalog.clone())));
         let publisher = Publisher::start(
             &config.events,
-            WorkerIdentity::current(),
+            identity.clone(),
             status.clone(),
             metrics.events_dropped.clone(),
         )
@@ -84,6 +87,7 @@ impl App {
             catalog,
             metrics,
             tasks: TaskRunner { buckets, http },
+            identity,
             queues,
             config,
         })
@@ -290,6 +294,7 @@ impl App {
     /// sampler when slots are pinned, and the hourly prune.
     fn watch_instance(&self, shutdown: &Shutdown) {
         self.prune_hourly(shutdown);
+        self.report_alive(shutdown);
         self.metrics
             .sample_gpus(self.gpus.clone(), std::time::Duration::from_secs(10));
         let worker = &self.config.worker;
@@ -324,17 +329,31 @@ impl App {
 
     /// Prunes now and every hour until `shutdown`.
     fn prune_hourly(&self, shutdown: &Shutdown) {
-        let (app, stop) = (self.clone(), shutdown.token().clone());
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = every.tick() => {}
-                }
+        let app = self.clone();
+        every(shutdown, std::time::Duration::from_secs(3600), move || {
+            let app = app.clone();
+            async move {
                 match app.prune().await {
                     Ok(deleted) => tracing::debug!(deleted, "pruned old records"),
                     Err(error) => tracing::warn!(error = format!("{error:#}"), "prune failed"),
+                }
+            }
+        });
+    }
+
+    /// Notes this worker in the status table every minute, so the monitor
+    /// lists it while it lives (an idle worker publishes no events).
+    fn report_alive(&self, shutdown: &Shutdown) {
+        let Some(status) = self.status.clone() else {
+            return;
+        };
+        let identity = self.identity.clone();
+        every(shutdown, std::time::Duration::from_secs(60), move || {
+            let (status, identity) = (status.clone(), identity.clone());
+            async move {
+                let noted = tokio::task::spawn_blocking(move || status.worker_alive(&identity));
+                if let Ok(Err(error)) = noted.await {
+                    tracing::debug!(%error, "cannot note this worker");
                 }
             }
         });
@@ -344,6 +363,25 @@ impl App {
     async fn flush_events(&self) {
         self.publisher.close(self.config.worker.drain_timeout).await;
     }
+}
+
+/// Runs `task` now and every `period` until `shutdown`.
+fn every<F, Fut>(shutdown: &Shutdown, period: std::time::Duration, mut task: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let stop = shutdown.token().clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            task().await;
+        }
+    });
 }
 
 /// Whether the stop came from the autoscaling group.

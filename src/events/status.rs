@@ -235,6 +235,21 @@ impl StatusTable {
         Ok(deleted as u64)
     }
 
+    /// Notes that a worker is alive now (the monitor's recent workers).
+    pub fn worker_alive(
+        &self,
+        worker: &crate::job::event::WorkerIdentity,
+    ) -> Result<(), StatusError> {
+        let conn = self.conn.lock().map_err(failed)?;
+        conn.execute(
+            "INSERT INTO workers (worker_id, host, at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (worker_id) DO UPDATE SET at = excluded.at",
+            params![worker.id, worker.host, crate::sqlite::now_s()],
+        )
+        .map(drop)
+        .map_err(failed)
+    }
+
     pub fn apply(&self, event: &Event) -> Result<Applied, StatusError> {
         Ok(self.apply_all(std::slice::from_ref(event))?[0])
     }
