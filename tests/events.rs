@@ -596,6 +596,18 @@ async fn submit_wait_follows_an_array_to_its_end(backend: Backend) {
     let (code, status, _) = farm.cli(&["status", array_id]);
     assert_eq!(code, 0);
     assert!(status.contains("completed=true"), "{status}");
+    // --timeout gives up on a job that runs on.
+    let (code, out, err) = farm.cli(&[
+        "submit",
+        "sleep",
+        "--params",
+        r#"{"seconds": 30}"#,
+        "--wait",
+        "--timeout",
+        "1s",
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("has not ended after 1s"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

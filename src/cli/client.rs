@@ -42,6 +42,9 @@ pub struct SubmitArgs {
     /// non-zero if anything was dead-lettered. Needs `[events] status`.
     #[arg(long)]
     pub wait: bool,
+    /// With --wait: give up (exit status 1) after this long, e.g. `2h`.
+    #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
+    pub timeout: Option<Duration>,
 }
 
 /// A JSON-RPC client for one endpoint.
@@ -150,13 +153,15 @@ pub async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
     };
     println!("{id}");
     if args.wait {
-        wait(&client, &id).await?;
+        wait(&client, &id, args.timeout).await?;
     }
     Ok(())
 }
 
-/// Polls the job's status until it is final, showing progress.
-async fn wait(client: &Client, id: &str) -> anyhow::Result<()> {
+/// Polls the job's status until it is final (or `timeout` passed),
+/// showing progress.
+async fn wait(client: &Client, id: &str, timeout: Option<Duration>) -> anyhow::Result<()> {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let bar = ProgressBar::new_spinner();
     let final_status = loop {
         let status = match client
@@ -177,10 +182,10 @@ async fn wait(client: &Client, id: &str) -> anyhow::Result<()> {
                             .expect("a valid template"),
                     );
                 }
-                bar.set_position((array.succeeded + array.dead_lettered).into());
+                bar.set_position((array.succeeded + array.dead_lettered + array.cancelled).into());
                 bar.set_message(format!(
-                    "({} dead-lettered, {} running)",
-                    array.dead_lettered, array.running
+                    "({} dead-lettered, {} cancelled, {} running)",
+                    array.dead_lettered, array.cancelled, array.running
                 ));
             }
             Some(Status::Job(job)) => {
@@ -198,6 +203,13 @@ async fn wait(client: &Client, id: &str) -> anyhow::Result<()> {
         }
         if let Some(status) = status.filter(Status::is_final) {
             break status;
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            bar.finish_and_clear();
+            bail!(
+                "{id} has not ended after {}: it goes on; `renderq status {id}` follows it",
+                humantime::format_duration(timeout.unwrap_or_default())
+            );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };

@@ -123,7 +123,9 @@ pub struct RunArgs {
     /// An adaptor's init data (replacing the config's): JSON or file://PATH.
     #[arg(long)]
     pub init_data: Option<String>,
-    /// Where to write the result (default: ./COMMAND-result.EXT).
+    /// Where to write a file result: a file, or a folder for several
+    /// (default: ./renderq-run/COMMAND-NAME.EXT). A single JSON or text
+    /// result with no --output goes to stdout.
     #[arg(long)]
     pub output: Option<PathBuf>,
 }

@@ -471,8 +471,10 @@ fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied>
     } else {
         exec(
             tx,
-            "UPDATE jobs SET attempt = MAX(attempt, ?2), at = ?4 WHERE job_id = ?1 AND rank < ?3",
-            params![job.job_id, attempt, FINAL_RANK, now],
+            // The highest attempt seen, whatever the order (a final state
+            // keeps its state, not a lower attempt).
+            "UPDATE jobs SET attempt = MAX(attempt, ?2), at = ?3 WHERE job_id = ?1",
+            params![job.job_id, attempt, now],
         )?;
     }
     if event.kind == EventType::JobProgress
@@ -584,6 +586,49 @@ mod tests {
             (array.size, array.succeeded, array.dead_lettered),
             (2, 1, 1)
         );
+    }
+
+    /// Every order of a history folds to the same table (shuffled with
+    /// random bytes from v4 UUIDs).
+    #[test]
+    fn any_order_folds_to_the_same_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut events = history();
+        // A success, then a later attempt's failure that arrives after it.
+        events.push(event(
+            EventType::JobSucceeded,
+            "c",
+            1,
+            json!({"outputs": []}),
+        ));
+        events.push(event(
+            EventType::JobFailed,
+            "c",
+            2,
+            json!({"reason": "late", "will_retry": true}),
+        ));
+        let reference = StatusTable::open(&dir.path().join("reference")).unwrap();
+        reference.apply_all(&events).unwrap();
+        let Some(Status::Job(c)) = reference.get("m-c").unwrap() else {
+            panic!("job c")
+        };
+        assert_eq!((c.state.as_str(), c.attempt), ("succeeded", 2));
+        for run in 0..100 {
+            let mut shuffled = events.clone();
+            for i in (1..shuffled.len()).rev() {
+                let random = uuid::Uuid::new_v4().as_u128();
+                shuffled.swap(i, (random % (i as u128 + 1)) as usize);
+            }
+            let table = StatusTable::open(&dir.path().join(format!("run-{run}"))).unwrap();
+            for event in &shuffled {
+                table.apply(event).unwrap();
+            }
+            assert_eq!(
+                reference.dump().unwrap(),
+                table.dump().unwrap(),
+                "run {run}"
+            );
+        }
     }
 
     #[test]
