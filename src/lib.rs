@@ -50,7 +50,8 @@
 //! - [`worker`]: the listen half: a step function plus slot loops,
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
 //!   job after `worker::staging` placed its inputs, `worker::settle`
-//!   decides its message's fate, `worker::cancel` is what the worker
+//!   decides its message's fate, `worker::heartbeat` keeps it invisible
+//!   and stops it when cancelled or lost, `worker::cancel` is what the worker
 //!   knows of cancels, `worker::intake` receives for every slot in
 //!   priority order, [`worker::thumbs`] makes image outputs' thumbnails;
 //!   a [`worker::delivery`] is a received message with its envelope
@@ -75,6 +76,10 @@
 //!   post-task succeeded, or when the job was cancelled. The submit half
 //!   never receives, and deletes only the queued messages of a job it
 //!   cancels on the embedded queue.
+//! - A job whose receipt went stale (another worker received its message)
+//!   is stopped at that heartbeat: no two copies run on side by side. The
+//!   heartbeat is stopped, and an extension in flight waited for, before
+//!   a message is settled.
 //! - A cancelled job never retries, never dead-letters and uploads nothing
 //!   after its cancel was seen: a worker checks on receive and at every
 //!   heartbeat tick (reading the ledger at most once a period, never once

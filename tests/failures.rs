@@ -81,3 +81,64 @@ async fn missing_bucket_dead_letters_after_one_try() {
         attribute("renderq_reason")
     );
 }
+
+/// A worker whose receipt goes stale (its message's visibility lapsed and
+/// another worker received it) stops its copy of the job instead of running
+/// on beside the other: one run completes, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_whose_receipt_went_stale_stops_its_copy() {
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            visibility_timeout: "3s",
+            extra_toml: crate::harness::AUDIT_AND_ASSETS.into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let first = farm.serve(&[]).await;
+    let id = farm
+        .submit(json!({"command": "sleep", "parameters": {"seconds": 4}}))
+        .await;
+    farm.wait_for_events(|e| e["type"] == "JobStarted", 1, LONG)
+        .await;
+    // The message's visibility lapses under the running job, as after a
+    // pause longer than the visibility timeout; a second worker takes it.
+    let db = rusqlite::Connection::open(farm.dir.path().join("queue/queue.sqlite3")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute("UPDATE messages SET visible_at = 0", [])
+        .unwrap();
+    let stolen = Instant::now();
+    let _second = farm.spawn("worker", &[]);
+    let stopped = farm
+        .wait_for_events(
+            |e| {
+                e["type"] == "JobRequeued"
+                    && e["message_id"] == id.as_str()
+                    && e["detail"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("another worker"))
+            },
+            1,
+            LONG,
+        )
+        .await;
+    assert_eq!(stopped.len(), 1);
+    assert!(
+        stolen.elapsed() < Duration::from_secs(3),
+        "stopped within a heartbeat or two"
+    );
+    assert!(
+        first
+            .log_text()
+            .contains("Another worker holds the job's message now")
+    );
+    farm.wait_for_events(|e| e["type"] == "JobSucceeded", 1, LONG)
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let events = farm.events();
+    let runs = |kind: &str| events.iter().filter(|e| e["type"] == kind).count();
+    assert_eq!(runs("JobSucceeded"), 1, "{events:?}");
+    assert_eq!(runs("JobStarted"), 2, "one copy each");
+    assert_eq!(farm.stats(), (0, 0, 0));
+}

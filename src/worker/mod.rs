@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -38,11 +38,13 @@ use crate::tasks::TaskRunner;
 use crate::worker::delivery::Delivery;
 use cancel::CancelWatch;
 use execute::Ran;
+use heartbeat::Heartbeat;
 use intake::Intake;
 
 mod cancel;
 pub mod delivery;
 mod execute;
+mod heartbeat;
 mod intake;
 mod settle;
 mod staging;
@@ -73,8 +75,8 @@ struct Finishing<'a> {
     /// Set when an operator cancelled the job (and `cancel` with it).
     cancelled: CancellationToken,
     _registered: Registered<'a>,
-    /// Stopped just before the settle.
-    heartbeat: DropGuard,
+    /// Stopped (and waited for) just before the settle.
+    heartbeat: Heartbeat,
     /// How long the job took up to its tasks.
     ran_for: Duration,
     /// The command's result, or why there is none.
@@ -108,6 +110,10 @@ enum JobError {
     /// An operator cancelled it: deleted, never retried.
     #[error("cancelled")]
     Cancelled,
+    /// Its receipt went stale: another worker holds the message now and
+    /// runs the job; this copy was stopped.
+    #[error("another worker holds the message now")]
+    Lost,
 }
 
 /// A queue the worker takes jobs from, and what goes with it.
@@ -361,7 +367,14 @@ impl Worker {
         let budget = queue.max_receive_count();
         // Held until the job is settled, which may wait for the slot's
         // previous job.
-        let heartbeat = self.heartbeat(&delivery, &cancel, &cancelled);
+        let heartbeat = Heartbeat::start(
+            &self.source(&delivery).queue,
+            self.source(&delivery).cancels.clone(),
+            &delivery,
+            self.config.visibility_timeout,
+            self.observer.clone(),
+            (&cancel, &cancelled),
+        );
         let ran = async {
             info!("Received job from queue.");
             if self.is_cancelled(&delivery).await {
@@ -391,6 +404,8 @@ impl Worker {
         // upload follows.
         let ran = if cancelled.is_cancelled() {
             Err(JobError::Cancelled)
+        } else if heartbeat.lost() {
+            Err(JobError::Lost)
         } else {
             ran
         };
@@ -432,11 +447,12 @@ impl Worker {
             };
             let outcome = match outcome {
                 Err(_) if job.cancelled.is_cancelled() => Err(JobError::Cancelled),
+                Err(_) if job.heartbeat.lost() => Err(JobError::Lost),
                 other => other,
             };
             // No extension may land after the settle (it would undo a
-            // retry's back-off).
-            drop(job.heartbeat);
+            // retry's back-off): one in flight is waited for.
+            job.heartbeat.stop().await;
             let end = self.settle(&job.delivery, outcome).await;
             self.observer.metrics().busy(-1);
             let end = end?;
@@ -470,74 +486,5 @@ impl Worker {
             Some(cancels) => cancels.is_cancelled(&delivery.cancel_ids()).await,
             None => false,
         }
-    }
-
-    /// Keeps the message invisible while the job runs by extending its
-    /// visibility every third of the timeout (leaving room for a slow or
-    /// failed extension); and, told the job was cancelled (within one
-    /// refresh of the queue's cancels), sets `cancelled` and cuts the job
-    /// short through `job`. It stops when the guard is dropped.
-    fn heartbeat(
-        &self,
-        delivery: &Delivery,
-        job: &CancellationToken,
-        cancelled: &CancellationToken,
-    ) -> DropGuard {
-        let stop = CancellationToken::new();
-        let (queue, receipt, visibility, observer) = (
-            self.source(delivery).queue.clone(),
-            delivery.received.receipt.clone(),
-            self.config.visibility_timeout,
-            self.observer.clone(),
-        );
-        let extend_every = visibility / 3;
-        let watch = (self.source(delivery).cancels.clone()).map(|cancels| {
-            let ids: Vec<String> = delivery
-                .cancel_ids()
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
-            (cancels, ids)
-        });
-        let (job, cancelled, guard) = (job.clone(), cancelled.clone(), stop.clone());
-        tokio::spawn(
-            async move {
-                let told = async {
-                    match &watch {
-                        Some((cancels, ids)) => cancels.cancelled(ids).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::pin!(told);
-                let mut next = Instant::now() + extend_every;
-                let mut extending = true;
-                loop {
-                    tokio::select! {
-                        _ = guard.cancelled() => return,
-                        _ = &mut told, if !cancelled.is_cancelled() => {
-                            info!("Job cancelled by an operator: stopping it.");
-                            cancelled.cancel();
-                            job.cancel();
-                        }
-                        _ = tokio::time::sleep_until(next), if extending => {
-                            next += extend_every;
-                            let extended = queue.extend(&receipt, visibility).await;
-                            observer.metrics().heartbeat(extended.is_ok());
-                            match extended {
-                                Ok(()) => tracing::debug!("visibility extended"),
-                                Err(e) => {
-                                    warn!(error = %e, "heartbeat could not extend visibility");
-                                    if matches!(e, QueueError::StaleReceipt) {
-                                        extending = false;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            .in_current_span(),
-        );
-        stop.drop_guard()
     }
 }

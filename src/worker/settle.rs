@@ -122,6 +122,13 @@ impl Worker {
                 }
                 JobEnd::Cancelled
             }
+            Err(JobError::Lost) => {
+                // The message is another worker's to settle; this try
+                // reported nothing, so that worker sees it as lost.
+                JobEnd::Requeued {
+                    reason: "another worker holds the message now".into(),
+                }
+            }
             Err(JobError::Interrupted) => {
                 // This try does not count; the ones before it still do.
                 let body = delivery.resend_body(|envelope| {
