@@ -137,9 +137,9 @@ fn thumbnail() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// No-op jobs through one slot, events folded into the status table,
-/// without and with `CLIENTS` live pages.
-async fn fan_out(jobs: usize) -> anyhow::Result<()> {
+/// A throw-away embedded farm whose events fold into a status table, with
+/// its monitor served; returns it, its folder and its live events' URL.
+async fn farm() -> anyhow::Result<(App, tempfile::TempDir, String)> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("workers.toml");
     std::fs::write(
@@ -151,17 +151,25 @@ async fn fan_out(jobs: usize) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/ui/live", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok((app, dir, url))
+}
 
-    let rate = |app: &App| {
-        let (submitter, worker) = (app.submitter(), app.worker());
-        async move {
-            for _ in 0..jobs {
-                submitter.submit(no_op()).await?;
-            }
-            drain(&worker, jobs).await
-        }
-    };
-    let alone = rate(&app).await?;
+/// No-op jobs per second through one slot.
+async fn rate(app: &App, jobs: usize) -> anyhow::Result<f64> {
+    let (submitter, worker) = (app.submitter(), app.worker());
+    for _ in 0..jobs {
+        submitter.submit(no_op()).await?;
+    }
+    drain(&worker, jobs).await
+}
+
+/// No-op jobs through one slot, events folded into the status table,
+/// without and with `CLIENTS` live pages (each on a fresh farm, so both
+/// start from an empty table).
+async fn fan_out(jobs: usize) -> anyhow::Result<()> {
+    let (app, _dir, _) = farm().await?;
+    let alone = rate(&app, jobs).await?;
+    let (app, _dir, url) = farm().await?;
     let http = reqwest::Client::new();
     let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut clients = Vec::new();
@@ -175,7 +183,7 @@ async fn fan_out(jobs: usize) -> anyhow::Result<()> {
             }
         }));
     }
-    let watched = rate(&app).await?;
+    let watched = rate(&app, jobs).await?;
     for client in clients {
         client.abort();
     }
