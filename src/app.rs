@@ -269,10 +269,13 @@ impl App {
             None => None,
         };
         let drained = CancellationToken::new();
+        let mut protecting = None;
         if let Some(scaling) = &scaling {
-            let (protector, busy, stop) =
-                (scaling.clone(), worker.clone(), shutdown.token().clone());
-            tokio::spawn(async move { protector.protect_while_busy(busy.running(), stop).await });
+            // Until the drain is over, not merely begun: jobs still run.
+            let (protector, busy, stop) = (scaling.clone(), worker.clone(), drained.clone());
+            protecting = Some(tokio::spawn(async move {
+                protector.protect_while_busy(busy.running(), stop).await
+            }));
             let (hook, shutdown, drained) = (scaling.clone(), shutdown.clone(), drained.clone());
             tokio::spawn(async move {
                 shutdown.token().cancelled().await;
@@ -283,6 +286,9 @@ impl App {
         }
         worker.run(shutdown.clone()).await;
         drained.cancel();
+        if let Some(protecting) = protecting {
+            let _ = protecting.await;
+        }
         if let Some(scaling) = &scaling
             && is_termination(&shutdown)
         {

@@ -498,8 +498,9 @@ async fn is_protected(client: &aws_sdk_autoscaling::Client, instance: &str) -> b
         .unwrap_or(false)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn scale_in_protection_follows_the_busy_state() {
+/// A moto autoscaling group of one instance, the IMDS stand-in naming it,
+/// and a farm whose worker protects it while busy.
+async fn protected_farm() -> (aws_sdk_autoscaling::Client, String, Farm, FakeImds) {
     let endpoint = crate::harness::Moto::shared().endpoint();
     let client = autoscaling_client(&endpoint).await;
     let group = format!("asg-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -545,29 +546,38 @@ async fn scale_in_protection_follows_the_busy_state() {
         ),
     )
     .await;
+    (client, instance, farm, imds)
+}
+
+/// Waits until the instance's protection is `on`.
+async fn until_protected(
+    client: &aws_sdk_autoscaling::Client,
+    instance: &str,
+    on: bool,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + LONG;
+    while is_protected(client, instance).await != on {
+        assert!(
+            Instant::now() < deadline,
+            "protection never {on}:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scale_in_protection_follows_the_busy_state() {
+    let (client, instance, farm, _imds) = protected_farm().await;
     let serve = farm.serve(&crate::harness::AWS_ENV).await;
     assert!(!is_protected(&client, &instance).await);
     farm.submit(json!({"command": "sleep", "parameters": {"seconds": 3}}))
         .await;
     serve.wait_for_log("Executing command: sleep.", LONG);
-    let deadline = Instant::now() + LONG;
-    while !is_protected(&client, &instance).await {
-        assert!(
-            Instant::now() < deadline,
-            "never protected:\n{}",
-            serve.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_protected(&client, &instance, true, || serve.log_text()).await;
     farm.wait_until_drained(LONG).await;
-    while is_protected(&client, &instance).await {
-        assert!(
-            Instant::now() < deadline,
-            "never unprotected:\n{}",
-            serve.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_protected(&client, &instance, false, || serve.log_text()).await;
     // One call to protect, one to unprotect: never one per job.
     assert_eq!(
         serve
@@ -575,6 +585,35 @@ async fn scale_in_protection_follows_the_busy_state() {
             .matches("Scale-in protection changed.")
             .count(),
         2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_worker_leaves_an_idle_instance_unprotected() {
+    let (client, instance, farm, _imds) = protected_farm().await;
+    // A busy worker dies: its protection stays on.
+    let killed = farm.serve(&crate::harness::AWS_ENV).await;
+    farm.submit(json!({"command": "sleep", "parameters": {"seconds": 30}}))
+        .await;
+    until_protected(&client, &instance, true, || killed.log_text()).await;
+    killed.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(killed);
+    assert!(is_protected(&client, &instance).await);
+    // Started again and idle (the killed job's message is still hidden),
+    // it sets protection to the truth.
+    let mut serve = farm.serve(&crate::harness::AWS_ENV).await;
+    until_protected(&client, &instance, false, || serve.log_text()).await;
+    assert!(serve.log_text().contains("Scale-in protection set."));
+    // Busy again and stopped by SIGTERM: off once it has stopped.
+    farm.submit(json!({"command": "sleep", "parameters": {"seconds": 2}}))
+        .await;
+    until_protected(&client, &instance, true, || serve.log_text()).await;
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(serve.wait_exit(LONG), Some(0));
+    assert!(
+        !is_protected(&client, &instance).await,
+        "{}",
+        serve.log_text()
     );
 }
 

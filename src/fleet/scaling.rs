@@ -4,7 +4,11 @@
 //!
 //! Protection is turned on when the first job starts and off after
 //! `idle_before_unprotect` without one: one call per change, never one per
-//! job.
+//! job. A worker sets it to the truth when it starts (one that restarted
+//! while busy must not leave an idle instance protected) and turns it off
+//! when it stops. A failed call is tried again after the back-off policy's
+//! delay, not at once: across a fleet of hundreds a failing API would
+//! otherwise take hundreds of calls a second.
 
 use std::time::Duration;
 
@@ -14,9 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ScalingConfig;
 use crate::fleet::drain::RunningJobs;
+use crate::retry::Backoff;
 
 /// How often the busy state is looked at.
 const LOOK_EVERY: Duration = Duration::from_millis(500);
+
+/// Waits after a failed protection call.
+const CALL_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(120));
 
 #[derive(Debug, Clone)]
 pub struct Scaling {
@@ -49,32 +57,54 @@ impl Scaling {
     }
 
     /// Keeps scale-in protection on while `running` has jobs (and for
-    /// `idle_before_unprotect` after), until `stop`.
+    /// `idle_before_unprotect` after), until `stop`; then turns it off.
     pub async fn protect_while_busy(&self, running: &RunningJobs, stop: CancellationToken) {
         if !self.config.protect_when_busy {
             return;
         }
-        let mut protected = false;
+        // Unknown until the first call: whatever a previous process left.
+        let mut protected: Option<bool> = None;
         let mut idle_since = Instant::now();
+        let (mut failures, mut next_call) = (0, Instant::now());
         while !stop.is_cancelled() {
             let busy = !running.is_empty();
             if busy {
                 idle_since = Instant::now();
             }
-            let want =
-                busy || (protected && idle_since.elapsed() < self.config.idle_before_unprotect);
-            if want != protected {
+            let want = busy
+                || (protected == Some(true)
+                    && idle_since.elapsed() < self.config.idle_before_unprotect);
+            if protected != Some(want) && Instant::now() >= next_call {
                 match self.set_protection(want).await {
                     Ok(()) => {
-                        protected = want;
-                        tracing::info!(instance_id = %self.instance_id, protected, "Scale-in protection changed.");
+                        let at_start = protected.is_none();
+                        (protected, failures) = (Some(want), 0);
+                        if at_start {
+                            tracing::info!(instance_id = %self.instance_id, protected = want, "Scale-in protection set.");
+                        } else {
+                            tracing::info!(instance_id = %self.instance_id, protected = want, "Scale-in protection changed.");
+                        }
                     }
-                    Err(error) => tracing::warn!(%error, "cannot change scale-in protection"),
+                    Err(error) => {
+                        failures += 1;
+                        let delay = CALL_BACKOFF.delay(failures);
+                        next_call = Instant::now() + delay;
+                        tracing::warn!(%error, retry_in = ?delay, "cannot change scale-in protection");
+                    }
                 }
             }
             tokio::select! {
                 _ = tokio::time::sleep(LOOK_EVERY) => {}
                 _ = stop.cancelled() => {}
+            }
+        }
+        // Stopping: nothing of this process runs any more.
+        if protected != Some(false) {
+            match self.set_protection(false).await {
+                Ok(()) => {
+                    tracing::info!(instance_id = %self.instance_id, "Scale-in protection turned off: the worker stopped.")
+                }
+                Err(error) => tracing::warn!(%error, "cannot turn scale-in protection off"),
             }
         }
     }
