@@ -102,17 +102,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         Instant::now() + Duration::from_secs(30),
     );
     running.await?;
-    times.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "cancel to stopped, {runs} runs on {} (visibility {visibility}): median {:.0} ms, max {:.0} ms",
-        if args.sqs_endpoint.is_some() {
-            "SQS"
-        } else {
-            "the embedded queue"
-        },
-        ms(times[times.len() / 2]),
-        ms(times[times.len() - 1])
+        "cancel to stopped, {runs} runs on {} (visibility {visibility}): {}",
+        super::backend_name(args),
+        super::median_and_max(&mut times)
     );
     Ok(())
 }

@@ -154,6 +154,26 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Where a run measured: SQS with `--sqs-endpoint`, else the embedded queue.
+fn backend_name(args: &BenchArgs) -> &'static str {
+    if args.sqs_endpoint.is_some() {
+        "SQS"
+    } else {
+        "the embedded queue"
+    }
+}
+
+/// `median N ms, max M ms` of timed runs (sorts them).
+fn median_and_max(times: &mut [Duration]) -> String {
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "median {:.0} ms, max {:.0} ms",
+        ms(times[times.len() / 2]),
+        ms(times[times.len() - 1])
+    )
+}
+
 /// Drains `jobs` queued messages through one worker slot; returns jobs/s.
 async fn drain(worker: &crate::worker::Worker, jobs: usize) -> anyhow::Result<f64> {
     let never = CancellationToken::new();

@@ -127,17 +127,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         running.await?;
         times.push(back);
     }
-    times.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "spot notice to message receivable again, {runs} runs on {}: median {:.0} ms, max {:.0} ms (IMDS polled every 500 ms)",
-        if args.sqs_endpoint.is_some() {
-            "SQS"
-        } else {
-            "the embedded queue"
-        },
-        ms(times[times.len() / 2]),
-        ms(times[times.len() - 1])
+        "spot notice to message receivable again, {runs} runs on {}: {} (IMDS polled every 500 ms)",
+        super::backend_name(args),
+        super::median_and_max(&mut times)
     );
     Ok(())
 }

@@ -254,6 +254,20 @@ impl Ledger {
         }
     }
 
+    /// Whether `key` exists (a `HEAD`).
+    async fn exists(
+        client: &aws_sdk_s3::Client,
+        bucket: &str,
+        key: String,
+    ) -> Result<bool, LedgerError> {
+        match client.head_object().bucket(bucket).key(&key).send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+            Err(e) if e.code() == Some("NotFound") => Ok(false),
+            Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
+        }
+    }
+
     /// Notes that try `attempt` of a job failed and was reported.
     pub async fn report_failure(&self, message_id: &str, attempt: u32) -> Result<(), LedgerError> {
         match self {
@@ -300,14 +314,7 @@ impl Ledger {
                 client,
                 bucket,
                 prefix,
-            } => {
-                let key = report_key(prefix, message_id, attempt);
-                match client.head_object().bucket(bucket).key(&key).send().await {
-                    Ok(_) => Ok(true),
-                    Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
-                    Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
-                }
-            }
+            } => Self::exists(client, bucket, report_key(prefix, message_id, attempt)).await,
         }
     }
 

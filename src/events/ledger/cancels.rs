@@ -10,7 +10,6 @@
 
 use std::collections::HashSet;
 
-use aws_sdk_s3::error::ProvideErrorMetadata;
 use rusqlite::{OptionalExtension, params};
 
 use super::{Ledger, LedgerError};
@@ -196,12 +195,7 @@ impl Ledger {
                 prefix,
             } => {
                 let key = format!("{prefix}arrays/{array_id}/completed");
-                match client.head_object().bucket(bucket).key(&key).send().await {
-                    Ok(_) => Ok(true),
-                    Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
-                    Err(e) if e.code() == Some("NotFound") => Ok(false),
-                    Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
-                }
+                Self::exists(client, bucket, key).await
             }
         }
     }
