@@ -203,3 +203,215 @@ async fn the_installed_workers_toml_checks_out_against_moto() {
     std::fs::write(&path, config).unwrap();
     crate::harness::renderq_ok(&["check-config"], &path, &AWS_ENV);
 }
+
+/// The template created as a stack on moto's CloudFormation and read back,
+/// resource by resource, through each service's own API
+/// (`tests/fixtures/cfn_stack.py`).
+fn created_stack(endpoint: &str) -> Value {
+    let out = std::process::Command::new("python3")
+        .arg(repo_path("tests/fixtures/cfn_stack.py"))
+        .arg(endpoint)
+        .arg(repo_path("deploy/cloudformation/renderq-fleet.yaml"))
+        .envs(AWS_ENV)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "cfn_stack.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "cfn_stack.py printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// What moto 5.2.5 leaves out of the stack (README, "Running a fleet"). It
+/// is pinned, so that a moto that creates it fails here and the check can
+/// become the real one.
+fn moto_does_not_model(what: &str, actual: &Value, as_moto_leaves_it: Value) {
+    assert_eq!(
+        actual, &as_moto_leaves_it,
+        "moto now models {what}: check it here as the template has it, and update the README"
+    );
+}
+
+fn str_of<'a>(v: &'a Value, what: &str) -> &'a str {
+    v.as_str()
+        .unwrap_or_else(|| panic!("{what}: not a string: {v}"))
+}
+
+#[test]
+fn the_stack_is_created_on_moto() {
+    let moto = Moto::shared();
+    let s = created_stack(&moto.endpoint());
+    let stack = &s["stack"];
+    assert_eq!(stack["status"], "CREATE_COMPLETE", "{stack}");
+    let fleet = str_of(&stack["fleet"], "fleet");
+    let outputs = &stack["outputs"];
+
+    // The queues: the job queue redrives to the dead-letter queue after 4
+    // receives (the parameter's default: renderq's 3 tries, plus one).
+    let queues = &s["queues"];
+    let (jobs, dlq, events) = (&queues["jobs"], &queues["dead_letter"], &queues["events"]);
+    assert_eq!(jobs["name"], format!("{fleet}-jobs"));
+    let redrive = &jobs["redrive_policy"];
+    assert_eq!(redrive["maxReceiveCount"], 4, "{jobs}");
+    assert_eq!(redrive["deadLetterTargetArn"], dlq["arn"], "{jobs}");
+    assert_eq!(jobs["visibility_timeout"], 120);
+    assert_eq!(jobs["receive_wait_seconds"], 20);
+    assert_eq!(dlq["name"], format!("{fleet}-jobs-dlq"));
+    assert_eq!(dlq["retention_seconds"], 1_209_600, "14 days");
+    assert_eq!(dlq["redrive_policy"], Value::Null);
+    assert_eq!(events["name"], format!("{fleet}-events"));
+    assert_eq!(events["redrive_policy"], Value::Null);
+    for (output, queue) in [
+        ("JobQueueUrl", jobs),
+        ("DeadLetterQueueUrl", dlq),
+        ("EventQueueUrl", events),
+    ] {
+        let url = str_of(&outputs[output], output);
+        assert!(
+            url.ends_with(&format!("/{}", str_of(&queue["name"], "queue name"))),
+            "{output} = {url}"
+        );
+    }
+
+    // The bucket, named after the account and region, encrypted at rest.
+    let bucket = &s["bucket"];
+    let bucket_name = str_of(&bucket["name"], "bucket name");
+    assert_eq!(
+        bucket_name,
+        format!("{fleet}-results-123456789012-us-east-1")
+    );
+    assert_eq!(outputs["ResultsBucketName"], bucket_name);
+    assert_eq!(bucket["encryption"], serde_json::json!(["AES256"]));
+    // moto's AWS::S3::Bucket takes BucketEncryption and Tags only; the
+    // abort-multipart and ledger-expiry rules (checked in the template by
+    // the_template_creates_what_the_readme_says) are not applied.
+    moto_does_not_model(
+        "the bucket's LifecycleConfiguration",
+        &bucket["lifecycle_rules"],
+        Value::Null,
+    );
+    moto_does_not_model(
+        "the bucket's PublicAccessBlockConfiguration",
+        &bucket["public_access_block"],
+        Value::Null,
+    );
+
+    // The roles, their policies on the resources as created.
+    let roles = &s["roles"];
+    assert_eq!(outputs["SubmitterRoleArn"], roles["SubmitterRole"]["arn"]);
+    let statements = |role: &str, policy: &str| -> Vec<Value> {
+        roles[role]["policies"][policy]["Statement"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{role} has no inline policy {policy}: {roles}"))
+            .clone()
+    };
+    let resource_of = |statements: &[Value], sid: &str| -> Value {
+        statements
+            .iter()
+            .find(|st| st["Sid"] == sid)
+            .unwrap_or_else(|| panic!("no statement {sid}"))["Resource"]
+            .clone()
+    };
+    let worker = statements("WorkerRole", "renderq-worker");
+    let queue_arns = serde_json::json!([jobs["arn"], dlq["arn"]]);
+    assert_eq!(resource_of(&worker, "JobQueue"), queue_arns);
+    assert_eq!(resource_of(&worker, "Events"), events["arn"]);
+    assert_eq!(
+        resource_of(&worker, "Results"),
+        format!("arn:aws:s3:::{bucket_name}/*")
+    );
+    assert_eq!(
+        resource_of(&worker, "ResultsBucket"),
+        format!("arn:aws:s3:::{bucket_name}")
+    );
+    let own = resource_of(&worker, "OwnInstance");
+    assert!(
+        str_of(&own, "OwnInstance").ends_with(&format!(":autoScalingGroupName/{fleet}-workers")),
+        "{own}"
+    );
+    let submitter = statements("SubmitterRole", "renderq-submitter");
+    assert_eq!(resource_of(&submitter, "Submit"), queue_arns);
+
+    // The launch template: the prerequisite AMI, the worker's instance
+    // profile, IMDSv2 only, and user data with the stack's values filled in.
+    let lt = &s["launch_template"];
+    assert_eq!(lt["name"], format!("{fleet}-worker"));
+    assert_eq!(lt["image_id"], s["prerequisites"]["image_id"]);
+    let profiles = roles["WorkerRole"]["instance_profiles"].as_array().unwrap();
+    assert!(profiles.contains(&lt["instance_profile_arn"]), "{lt}");
+    assert_eq!(lt["metadata_options"]["HttpTokens"], "required");
+    let user_data = str_of(&lt["user_data"], "user data");
+    let (job_url, event_url) = (&outputs["JobQueueUrl"], &outputs["EventQueueUrl"]);
+    for line in [
+        format!("url = \"{}\"", str_of(job_url, "JobQueueUrl")),
+        format!("url = \"{}\"", str_of(event_url, "EventQueueUrl")),
+        format!("bucket = \"{bucket_name}\""),
+        format!("group = \"{fleet}-workers\""),
+        format!("lifecycle_hook = \"{fleet}-drain\""),
+        "drain_timeout = \"300s\"".to_owned(),
+        "region = \"us-east-1\"".to_owned(),
+    ] {
+        assert!(
+            user_data.lines().any(|l| l == line),
+            "user data lacks {line}:\n{user_data}"
+        );
+    }
+    assert!(!user_data.contains("${"), "left unfilled:\n{user_data}");
+
+    // The group: spot only over three GPU types, capacity-optimized, from
+    // the launch template as created, in the prerequisite subnets; empty.
+    let group = &s["group"];
+    assert_eq!(group["name"], format!("{fleet}-workers"));
+    assert_eq!(outputs["WorkerGroupName"], group["name"]);
+    assert_eq!(group["min_size"], 0);
+    assert_eq!(group["max_size"], 10);
+    assert_eq!(group["instances"], 0);
+    assert_eq!(group["subnets"], s["prerequisites"]["subnets"]);
+    let mixed = &group["mixed_instances_policy"];
+    let spec = &mixed["LaunchTemplate"]["LaunchTemplateSpecification"];
+    assert_eq!(spec["LaunchTemplateId"], lt["id"], "{mixed}");
+    assert_eq!(spec["Version"], lt["latest_version"].to_string());
+    let types: Vec<&str> = mixed["LaunchTemplate"]["Overrides"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no overrides: {mixed}"))
+        .iter()
+        .map(|o| str_of(&o["InstanceType"], "InstanceType"))
+        .collect();
+    assert_eq!(types, ["g5.xlarge", "g4dn.xlarge", "g6.xlarge"]);
+    let distribution = &mixed["InstancesDistribution"];
+    assert_eq!(distribution["SpotAllocationStrategy"], "capacity-optimized");
+    assert_eq!(distribution["OnDemandBaseCapacity"], 0);
+    assert_eq!(distribution["OnDemandPercentageAboveBaseCapacity"], 0);
+    // moto's AWS::AutoScaling::AutoScalingGroup drops CapacityRebalance and
+    // LifecycleHookSpecificationList: the termination hook (checked in the
+    // template) is not created.
+    moto_does_not_model(
+        "the group's CapacityRebalance",
+        &group["capacity_rebalance"],
+        false.into(),
+    );
+    moto_does_not_model(
+        "the group's LifecycleHookSpecificationList",
+        &s["lifecycle_hooks"],
+        serde_json::json!([]),
+    );
+
+    // Resource types moto's CloudFormation skips (with a warning, the stack
+    // still CREATE_COMPLETE): the target-tracking policy and the alarm.
+    moto_does_not_model(
+        "AWS::AutoScaling::ScalingPolicy and AWS::CloudWatch::Alarm",
+        &s["not_created"],
+        serde_json::json!({
+            "BacklogPerInstanceScaling": "AWS::AutoScaling::ScalingPolicy",
+            "DeadLetterAlarm": "AWS::CloudWatch::Alarm",
+        }),
+    );
+    assert_eq!(s["scaling_policies"], serde_json::json!([]));
+    assert_eq!(s["alarms"], serde_json::json!([]));
+}
