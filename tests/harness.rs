@@ -395,6 +395,36 @@ backend = "local"
 path = "assets"
 "#;
 
+/// A server process killed when the test is done with it.
+pub struct Server(pub std::process::Child);
+
+impl Server {
+    /// Starts a Python fixture as `SCRIPT PORT ARGS...` on a free port and
+    /// waits until it listens; returns its URL.
+    pub fn python(script: &str, args: &[&str]) -> (String, Self) {
+        let port = free_port();
+        let mut command = Command::new("python3");
+        command
+            .arg(repo_path(script))
+            .arg(port.to_string())
+            .args(args);
+        let server = Server(spawn_owned(command));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "{script} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (format!("http://127.0.0.1:{port}"), server)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Every file below `dir`, at any depth.
 pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -588,7 +618,12 @@ timeout = "5s"
 
     /// Starts `renderq serve` and waits until it answers /healthz.
     pub async fn serve(&self, env: &[(&str, &str)]) -> Proc {
-        let proc = self.spawn("serve", env);
+        self.serve_with(env, &self.config).await
+    }
+
+    /// `serve` on another config (see `config_variant`).
+    pub async fn serve_with(&self, env: &[(&str, &str)], config: &std::path::Path) -> Proc {
+        let proc = self.spawn_with("serve", env, config);
         let health = format!("{}healthz", self.url());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -674,8 +709,11 @@ timeout = "5s"
     /// The events a `file` target at `events.jsonl` (in the farm's folder)
     /// received so far.
     pub fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.path().join("events.jsonl"))
-            .unwrap_or_default()
+        let text =
+            std::fs::read_to_string(self.dir.path().join("events.jsonl")).unwrap_or_default();
+        // A line being appended right now is not read yet.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
             .map(|line| serde_json::from_str(line).expect("an event is JSON"))
             .collect()

@@ -2,12 +2,11 @@
 //! hostile or careless request before it is expanded, built or sent, and a
 //! batch the queue refuses in part is sent again only in part.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{AWS_ENV, Backend, Farm, Moto, Settings, free_port, repo_path, spawn_owned};
+use crate::harness::{AWS_ENV, Backend, Farm, Moto, Server, Settings};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -203,16 +202,6 @@ frame = { type = "integer" }
     );
 }
 
-/// A server process killed when the test is done with it.
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts the fault proxy in front of moto: the entry whose body holds
 /// `needle` is refused `times` times (-1: always). Returns its endpoint
 /// and the file counting the entries it passed on.
@@ -222,25 +211,17 @@ fn fault_proxy(
     times: i32,
     dir: &std::path::Path,
 ) -> (String, std::path::PathBuf, Server) {
-    let port = free_port();
     let count = dir.join("forwarded");
-    let mut command = Command::new("python3");
-    command
-        .arg(repo_path("tests/fixtures/sqs_fault_proxy.py"))
-        .args([
-            &port.to_string(),
+    let (url, server) = Server::python(
+        "tests/fixtures/sqs_fault_proxy.py",
+        &[
             &moto.port.to_string(),
             needle,
             &times.to_string(),
-        ]);
-    command.arg(&count);
-    let server = Server(spawn_owned(command));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the proxy did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (format!("http://127.0.0.1:{port}"), count, server)
+            &count.to_string_lossy(),
+        ],
+    );
+    (url, count, server)
 }
 
 /// A farm on moto whose queue is reached through the fault proxy.

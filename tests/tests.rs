@@ -38,6 +38,7 @@ mod fleet;
 mod http_api;
 mod inputs;
 mod job_control;
+mod ledger;
 mod limits;
 mod monitor;
 mod processes;

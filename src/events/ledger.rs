@@ -4,11 +4,10 @@
 //! exactly one worker announces the array's completion).
 //!
 //! On the embedded queue the ledger is a SQLite file beside the queue. On
-//! SQS it is objects under a prefix of an S3 bucket (`status_bucket`), and
-//! the one winner is decided by a conditional write (`If-None-Match: *`):
-//! when two workers settle the last children at the same moment, both see
-//! every child final, both try to create the `completed` object, and S3
-//! lets exactly one succeed.
+//! SQS it is objects under a prefix of an S3 bucket (`status_bucket`),
+//! written with conditional writes (`If-None-Match: *`, `If-Match`): an
+//! array's one winner is the write that made its last child final (see
+//! `arrays`).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -16,88 +15,12 @@ use std::sync::{Arc, Mutex};
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::job::ArrayPart;
-
+mod arrays;
 mod cancels;
 mod thumbnails;
+pub use arrays::{ArrayCounts, ChildState};
 pub use cancels::Known as KnownCancels;
 pub use thumbnails::thumbnail_name;
-
-/// A child's final state, ranked: a later variant replaces an earlier one
-/// (a redriven child that then succeeds), never the reverse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ChildState {
-    /// The submit gave up sending it: it will never run.
-    NotSent,
-    /// Cancelled before it could finish (a success that races the cancel
-    /// still wins).
-    Cancelled,
-    DeadLettered,
-    Succeeded,
-}
-
-impl ChildState {
-    fn name(self) -> &'static str {
-        match self {
-            ChildState::NotSent => "not_sent",
-            ChildState::Cancelled => "cancelled",
-            ChildState::DeadLettered => "dead_lettered",
-            ChildState::Succeeded => "succeeded",
-        }
-    }
-
-    fn from_name(name: &str) -> Option<Self> {
-        [
-            Self::NotSent,
-            Self::Cancelled,
-            Self::DeadLettered,
-            Self::Succeeded,
-        ]
-        .into_iter()
-        .find(|s| s.name() == name)
-    }
-}
-
-/// An array's final counts, for `ArrayJobCompleted`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct ArrayCounts {
-    pub size: u32,
-    pub succeeded: u32,
-    pub dead_lettered: u32,
-    pub cancelled: u32,
-    /// Children the submit could not queue (it said which); absent when 0.
-    #[serde(skip_serializing_if = "is_zero")]
-    pub not_sent: u32,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-impl ArrayCounts {
-    /// The counts from how many children are in each final state; and how
-    /// many are final in all.
-    fn tally(size: u32, states: impl IntoIterator<Item = (ChildState, u32)>) -> (u32, Self) {
-        let mut counts = Self {
-            size,
-            succeeded: 0,
-            dead_lettered: 0,
-            cancelled: 0,
-            not_sent: 0,
-        };
-        let mut done = 0;
-        for (state, n) in states {
-            done += n;
-            *match state {
-                ChildState::Succeeded => &mut counts.succeeded,
-                ChildState::DeadLettered => &mut counts.dead_lettered,
-                ChildState::NotSent => &mut counts.not_sent,
-                ChildState::Cancelled => &mut counts.cancelled,
-            } += n;
-        }
-        (done, counts)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 #[error("ledger: {0}")]
@@ -162,6 +85,8 @@ pub enum Ledger {
         bucket: String,
         /// `PREFIX/QUEUE/`, under which everything is kept.
         prefix: String,
+        /// This process's array settles waiting to be written together.
+        writes: arrays::Writes,
     },
 }
 
@@ -209,6 +134,7 @@ impl Ledger {
             client,
             bucket,
             prefix: format!("{}/{queue}/", prefix.trim_end_matches('/')),
+            writes: arrays::Writes::default(),
         }
     }
 
@@ -287,6 +213,7 @@ impl Ledger {
                 client,
                 bucket,
                 prefix,
+                ..
             } => {
                 let key = report_key(prefix, message_id, attempt);
                 Self::create(client, bucket, key, "failed").await.map(drop)
@@ -314,153 +241,9 @@ impl Ledger {
                 client,
                 bucket,
                 prefix,
+                ..
             } => Self::exists(client, bucket, report_key(prefix, message_id, attempt)).await,
         }
-    }
-
-    /// Records a child's final state. When that makes every child final
-    /// and this call is the one that claims the array's completion, returns
-    /// the counts; every other call returns `None`.
-    pub async fn child_settled(
-        &self,
-        array: &ArrayPart,
-        state: ChildState,
-    ) -> Result<Option<ArrayCounts>, LedgerError> {
-        self.children_settled(&array.job_id, array.size, vec![array.index], state)
-            .await
-    }
-
-    /// Records children's final state at once: ones the submit could not
-    /// send (`NotSent`: so the array completes with the children that were
-    /// sent), or ones a cancel deleted unrun. Returns the counts when that
-    /// completed the array (and this call claimed it).
-    pub async fn children_settled(
-        &self,
-        array_id: &str,
-        size: u32,
-        indexes: Vec<u32>,
-        state: ChildState,
-    ) -> Result<Option<ArrayCounts>, LedgerError> {
-        match self {
-            Ledger::Local(conn) => {
-                let array_id = array_id.to_owned();
-                Self::sql(conn, move |c| {
-                    // One transaction: the count and the claim see the same
-                    // rows, and only one process can hold the write lock.
-                    let tx =
-                        c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                    let now = crate::sqlite::now_s();
-                    for index in indexes {
-                        // A state replaces only a lower one (ChildState's
-                        // order): a redriven child that then succeeds.
-                        tx.execute(
-                            "INSERT INTO children (array_id, idx, state, at) VALUES (?1, ?2, ?3, ?4)
-                             ON CONFLICT (array_id, idx) DO UPDATE
-                             SET state = excluded.state, at = excluded.at
-                             WHERE excluded.state = 'succeeded'
-                                OR (excluded.state = 'dead_lettered' AND state IN ('not_sent', 'cancelled'))
-                                OR (excluded.state = 'cancelled' AND state = 'not_sent')",
-                            params![array_id, index, state.name(), now],
-                        )?;
-                    }
-                    let states = tx
-                        .prepare_cached(
-                            "SELECT state, COUNT(*) FROM children WHERE array_id = ?1 GROUP BY state",
-                        )?
-                        .query_map([&array_id], |row| {
-                            Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
-                        })?
-                        .filter_map(|row| {
-                            row.map(|(name, n)| ChildState::from_name(&name).map(|s| (s, n)))
-                                .transpose()
-                        })
-                        .collect::<rusqlite::Result<Vec<_>>>()?;
-                    let (done, counts) = ArrayCounts::tally(size, states);
-                    let claimed = done >= size
-                        && tx.execute(
-                            "INSERT OR IGNORE INTO completed (array_id, at) VALUES (?1, ?2)",
-                            params![array_id, now],
-                        )? == 1;
-                    tx.commit()?;
-                    Ok(claimed.then_some(counts))
-                })
-                .await
-            }
-            Ledger::S3 {
-                client,
-                bucket,
-                prefix,
-            } => {
-                let root = format!("{prefix}arrays/{array_id}/");
-                if state == ChildState::NotSent {
-                    // One object for all of them, written once by the submit.
-                    let body = serde_json::to_vec(&indexes).map_err(failed)?;
-                    Self::create(client, bucket, format!("{root}{NOT_SENT}"), body).await?;
-                } else {
-                    for index in indexes {
-                        let key = format!("{root}{}/{index}", state.name());
-                        Self::create(client, bucket, key, "final").await?;
-                    }
-                }
-                let mut children = std::collections::BTreeMap::new();
-                let mut pages = client
-                    .list_objects_v2()
-                    .bucket(bucket)
-                    .prefix(&root)
-                    .into_paginator()
-                    .send();
-                while let Some(page) = pages.next().await {
-                    let page = page.map_err(|e| LedgerError(crate::aws::describe(&e)))?;
-                    for object in page.contents() {
-                        let Some(rest) = object.key().and_then(|k| k.strip_prefix(&root)) else {
-                            continue;
-                        };
-                        if rest == NOT_SENT {
-                            for index in Self::not_sent(client, bucket, &root).await? {
-                                children.entry(index).or_insert(ChildState::NotSent);
-                            }
-                            continue;
-                        }
-                        let Some((state, index)) = rest.split_once('/') else {
-                            continue;
-                        };
-                        let (Some(state), Ok(index)) =
-                            (ChildState::from_name(state), index.parse::<u32>())
-                        else {
-                            continue;
-                        };
-                        let entry = children.entry(index).or_insert(state);
-                        *entry = (*entry).max(state);
-                    }
-                }
-                let (done, counts) =
-                    ArrayCounts::tally(size, children.into_values().map(|state| (state, 1)));
-                if done < size {
-                    return Ok(None);
-                }
-                let won =
-                    Self::create(client, bucket, format!("{root}completed"), "completed").await?;
-                Ok(won.then_some(counts))
-            }
-        }
-    }
-
-    /// The S3 ledger's list of an array's children that were never sent.
-    async fn not_sent(
-        client: &aws_sdk_s3::Client,
-        bucket: &str,
-        root: &str,
-    ) -> Result<Vec<u32>, LedgerError> {
-        let key = format!("{root}{NOT_SENT}");
-        let object = client
-            .get_object()
-            .bucket(bucket)
-            .key(&key)
-            .send()
-            .await
-            .map_err(|e| LedgerError(format!("{key}: {}", crate::aws::describe(&e))))?;
-        let body = object.body.collect().await.map_err(failed)?.into_bytes();
-        serde_json::from_slice(&body).map_err(|e| LedgerError(format!("{key}: {e}")))
     }
 
     /// Deletes what is older than `retention`: failure reports, and the
@@ -496,9 +279,6 @@ impl Ledger {
     }
 }
 
-/// The S3 ledger's object listing an array's children that were not sent.
-const NOT_SENT: &str = "not_sent";
-
 /// Where the S3 ledger notes that try `attempt` of a job failed.
 fn report_key(prefix: &str, message_id: &str, attempt: u32) -> String {
     format!("{prefix}reports/{message_id}/{attempt}")
@@ -507,6 +287,7 @@ fn report_key(prefix: &str, message_id: &str, attempt: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::ArrayPart;
     use std::time::Duration;
 
     fn part(index: u32, size: u32) -> ArrayPart {
@@ -516,102 +297,6 @@ mod tests {
             size,
             frames: vec![index as i64],
         }
-    }
-
-    #[tokio::test]
-    async fn the_last_child_claims_completion_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::local(dir.path()).unwrap();
-        assert_eq!(
-            ledger
-                .child_settled(&part(0, 3), ChildState::Succeeded)
-                .await
-                .unwrap(),
-            None
-        );
-        assert_eq!(
-            ledger
-                .child_settled(&part(1, 3), ChildState::DeadLettered)
-                .await
-                .unwrap(),
-            None
-        );
-        let counts = ledger
-            .child_settled(&part(2, 3), ChildState::Succeeded)
-            .await
-            .unwrap();
-        assert_eq!(
-            counts,
-            Some(ArrayCounts {
-                size: 3,
-                succeeded: 2,
-                dead_lettered: 1,
-                cancelled: 0,
-                not_sent: 0,
-            })
-        );
-        // A repeat (a child run twice) claims nothing more.
-        assert_eq!(
-            ledger
-                .child_settled(&part(2, 3), ChildState::Succeeded)
-                .await
-                .unwrap(),
-            None
-        );
-    }
-
-    #[tokio::test]
-    async fn racing_last_children_make_exactly_one_winner() {
-        for _ in 0..50 {
-            let dir = tempfile::tempdir().unwrap();
-            let first = Ledger::local(dir.path()).unwrap();
-            // A second connection, as another process would have.
-            let second = Ledger::local(dir.path()).unwrap();
-            first
-                .child_settled(&part(0, 3), ChildState::Succeeded)
-                .await
-                .unwrap();
-            let (one, two) = (part(1, 3), part(2, 3));
-            let (a, b) = tokio::join!(
-                first.child_settled(&one, ChildState::Succeeded),
-                second.child_settled(&two, ChildState::DeadLettered),
-            );
-            let winners = [a.unwrap(), b.unwrap()].into_iter().flatten().count();
-            assert_eq!(winners, 1);
-        }
-    }
-
-    #[tokio::test]
-    async fn children_not_sent_let_the_array_complete_with_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::local(dir.path()).unwrap();
-        ledger
-            .child_settled(&part(0, 4), ChildState::Succeeded)
-            .await
-            .unwrap();
-        assert_eq!(
-            ledger
-                .children_settled("a", 4, vec![2, 3], ChildState::NotSent)
-                .await
-                .unwrap(),
-            None
-        );
-        let counts = ledger
-            .child_settled(&part(1, 4), ChildState::DeadLettered)
-            .await
-            .unwrap();
-        assert_eq!(
-            counts,
-            Some(ArrayCounts {
-                size: 4,
-                succeeded: 1,
-                dead_lettered: 1,
-                cancelled: 0,
-                not_sent: 2,
-            })
-        );
-        let json = serde_json::to_value(counts.unwrap()).unwrap();
-        assert_eq!(json["not_sent"], 2);
     }
 
     #[tokio::test]

@@ -1,11 +1,19 @@
 //! `s3_upload`: stores the result in a configured bucket under a templated key.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use super::TaskError;
 use crate::job::Output;
 use crate::job::{Template, Vars, check_key, check_key_template};
-use crate::storage::Buckets;
+use crate::retry::Backoff;
+use crate::storage::{Buckets, StorageError};
+
+/// How each upload is retried in place (beyond the SDK's own retries of
+/// each call) before the job is given back: about 7 s in all.
+const UPLOAD_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+const UPLOAD_TRIES: u32 = 4;
 
 /// An `s3_upload` task's config.
 #[derive(Debug, Clone, Deserialize)]
@@ -47,8 +55,14 @@ impl S3Upload {
             .content_type
             .clone()
             .unwrap_or_else(|| output.mime.to_string());
-        bucket
-            .put(&key, output, &content_type, self.acl.as_deref())
+        // One output of many failing once does not re-run the render.
+        UPLOAD_RETRY
+            .retry(
+                UPLOAD_TRIES,
+                "uploading an output",
+                |e: &StorageError| !e.permanent,
+                || bucket.put(&key, output, &content_type, self.acl.as_deref()),
+            )
             .await
             .map_err(|e| match e.permanent {
                 true => TaskError::Permanent(e.to_string()),

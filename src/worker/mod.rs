@@ -450,15 +450,32 @@ impl Worker {
                 Err(_) if job.heartbeat.lost() => Err(JobError::Lost),
                 other => other,
             };
+            // Recorded while the heartbeat still holds the message, and
+            // before the message is settled: a ledger that stays
+            // unreachable leaves the message to come back, so no child is
+            // ever final in the queue but not in the ledger.
+            let recorded = self.record_array_child(&job.delivery, &outcome).await;
             // No extension may land after the settle (it would undo a
             // retry's back-off): one in flight is waited for.
             job.heartbeat.stop().await;
-            let end = self.settle(&job.delivery, outcome).await;
+            let (end, completion) = match recorded {
+                Ok(completion) => (self.settle(&job.delivery, outcome).await, completion),
+                Err(error) => {
+                    error!(%error, "cannot record the array child's end; leaving its message to come back");
+                    let reason = format!("the ledger is unreachable ({error})");
+                    (Ok(JobEnd::Requeued { reason }), None)
+                }
+            };
             self.observer.metrics().busy(-1);
+            if let Ok(end) = &end {
+                self.observer.ended(&job.subject, end);
+            }
+            // Claimed is claimed: announced even if the settle failed.
+            if let Some(done) = completion {
+                self.observer
+                    .array_completed(&job.subject, &done.array_id, done.counts);
+            }
             let end = end?;
-            self.observer.ended(&job.subject, &end);
-            self.count_array_child(&job.delivery, &job.subject, &end)
-                .await;
             Ok(Outcome::Processed {
                 message_id: job.delivery.message_id.clone(),
                 end,

@@ -1,14 +1,31 @@
 //! What happens to a message once its job has ended: deleted, retried
 //! later, dead-lettered or handed back; and what the ledger is told.
 
-use tracing::{error, warn};
+use std::time::Duration;
+
+use tracing::warn;
 
 use super::{Done, JobError, Worker};
-use crate::events::ledger::ChildState;
+use crate::events::ledger::{ArrayCounts, ChildState, LedgerError};
 use crate::events::observe::{JobEnd, Subject};
 use crate::queue::{DeadLetter, QueueError};
 use crate::retry::Backoff;
 use crate::worker::delivery::Delivery;
+
+/// How an array child's ledger write is retried in place: about 8 s in
+/// all, beyond the SDK's own retries of each call.
+const LEDGER_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(4));
+const LEDGER_TRIES: u32 = 6;
+/// How a settle's queue call is retried in place before the job is given
+/// back to the queue's own redelivery.
+const QUEUE_RETRY: Backoff = LEDGER_RETRY;
+const QUEUE_TRIES: u32 = LEDGER_TRIES;
+
+/// The array a settled child completed, for its `ArrayJobCompleted`.
+pub(super) struct ArrayCompletion {
+    pub array_id: String,
+    pub counts: ArrayCounts,
+}
 
 impl Worker {
     /// A try after the first whose predecessor never reported a failure:
@@ -27,33 +44,47 @@ impl Worker {
         }
     }
 
-    /// Records an array child's final state; the one call that completes
-    /// the array announces it.
-    pub(super) async fn count_array_child(
+    /// Records an array child's final state before its message is settled,
+    /// retrying in place: the message is what brings the child back if
+    /// the ledger stays unreachable. `Some` when this call completed the
+    /// array (the one that announces it, after the child's own end).
+    pub(super) async fn record_array_child(
         &self,
         delivery: &Delivery,
-        subject: &Subject,
-        end: &JobEnd,
-    ) {
-        let state = match end {
-            JobEnd::Succeeded { .. } => ChildState::Succeeded,
-            JobEnd::DeadLettered { .. } => ChildState::DeadLettered,
-            JobEnd::Cancelled => ChildState::Cancelled,
-            JobEnd::WillRetry { .. } | JobEnd::Requeued { .. } => return,
+        outcome: &Result<Done, JobError>,
+    ) -> Result<Option<ArrayCompletion>, LedgerError> {
+        let state = match outcome {
+            Ok(_) => ChildState::Succeeded,
+            Err(JobError::Retryable(_)) if self.last_try(delivery) => ChildState::DeadLettered,
+            Err(JobError::Permanent(_) | JobError::Refused(_)) => ChildState::DeadLettered,
+            Err(JobError::Cancelled) => ChildState::Cancelled,
+            Err(JobError::Retryable(_) | JobError::Lost | JobError::Interrupted) => {
+                return Ok(None);
+            }
         };
         let (Some(ledger), Ok(Some(array))) = (
             &self.source(delivery).ledger,
             delivery.envelope.as_ref().map(|e| e.array.as_ref()),
         ) else {
-            return;
+            return Ok(None);
         };
-        match ledger.child_settled(array, state).await {
-            Ok(Some(counts)) => self
-                .observer
-                .array_completed(subject, &array.job_id, counts),
-            Ok(None) => {}
-            Err(error) => error!(%error, "cannot record the array child's end"),
-        }
+        let counts = LEDGER_RETRY
+            .retry(
+                LEDGER_TRIES,
+                "recording the array child's end",
+                |_| true,
+                || ledger.child_settled(array, state),
+            )
+            .await?;
+        Ok(counts.map(|counts| ArrayCompletion {
+            array_id: array.job_id.clone(),
+            counts,
+        }))
+    }
+
+    /// Whether this is the job's last allowed try.
+    fn last_try(&self, delivery: &Delivery) -> bool {
+        delivery.attempt >= self.source(delivery).queue.max_receive_count()
     }
 
     /// Does to the message what the outcome calls for.
@@ -70,7 +101,16 @@ impl Worker {
                 thumbnails,
                 duration,
             }) => {
-                match queue.delete(receipt).await {
+                // A finished render is not run again for one failed call.
+                let deleted = QUEUE_RETRY
+                    .retry(
+                        QUEUE_TRIES,
+                        "deleting the finished job's message",
+                        |e| matches!(e, QueueError::Unavailable(_)),
+                        || queue.delete(receipt),
+                    )
+                    .await;
+                match deleted {
                     Err(QueueError::StaleReceipt) => {
                         // Someone else holds the message now and will run it
                         // again; our outputs were written to the same keys.
@@ -84,7 +124,7 @@ impl Worker {
                     duration,
                 }
             }
-            Err(JobError::Retryable(reason)) if delivery.attempt >= queue.max_receive_count() => {
+            Err(JobError::Retryable(reason)) if self.last_try(delivery) => {
                 // The last try: dead-letter it now, with the reason, rather
                 // than leave it for the redrive policy, which cannot say why.
                 let reason = format!("{reason} (after {} tries)", delivery.attempt);

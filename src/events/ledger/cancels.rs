@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 
 use super::{Ledger, LedgerError};
 
@@ -71,6 +71,7 @@ impl Ledger {
                 client,
                 bucket,
                 prefix,
+                ..
             } => {
                 let marker = format!("{prefix}{MARKERS}{job_id}");
                 let new = Self::create(client, bucket, marker, "cancelled").await?;
@@ -132,6 +133,7 @@ impl Ledger {
                 client,
                 bucket,
                 prefix,
+                ..
             } => {
                 let key = format!("{prefix}{INDEX}");
                 let etag = match client.head_object().bucket(bucket).key(&key).send().await {
@@ -169,33 +171,6 @@ impl Ledger {
                     stamp: None,
                 };
                 Ok(())
-            }
-        }
-    }
-
-    /// Whether an array's completion was announced.
-    pub async fn completed(&self, array_id: &str) -> Result<bool, LedgerError> {
-        match self {
-            Ledger::Local(conn) => {
-                let array_id = array_id.to_owned();
-                Self::sql(conn, move |c| {
-                    c.query_row(
-                        "SELECT 1 FROM completed WHERE array_id = ?1",
-                        [array_id],
-                        |_| Ok(()),
-                    )
-                    .optional()
-                    .map(|found| found.is_some())
-                })
-                .await
-            }
-            Ledger::S3 {
-                client,
-                bucket,
-                prefix,
-            } => {
-                let key = format!("{prefix}arrays/{array_id}/completed");
-                Self::exists(client, bucket, key).await
             }
         }
     }

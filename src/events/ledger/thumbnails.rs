@@ -45,6 +45,7 @@ impl Ledger {
                 client,
                 bucket,
                 prefix,
+                ..
             } => {
                 let key = format!("{prefix}{FOLDER}{name}");
                 client
@@ -79,6 +80,7 @@ impl Ledger {
                 client,
                 bucket,
                 prefix,
+                ..
             } => {
                 let key = format!("{prefix}{FOLDER}{name}");
                 match client.get_object().bucket(bucket).key(&key).send().await {

@@ -1,0 +1,600 @@
+//! Array children's final states, and the one claim of an array's
+//! completion.
+//!
+//! Beside the embedded queue: a row per child and a `completed` row, counted
+//! and claimed in one transaction.
+//!
+//! On S3: one state object per array (`PREFIX/QUEUE/arrays/ID/state`), a
+//! character per child, and whether the completion was claimed. Every
+//! settle reads it and writes it back with `If-Match` on the ETag it read
+//! (`If-None-Match: *` when it is new), and reads again when another writer
+//! got there first. The settles that arrive in one process while a write
+//! of the same array is under way go together in its next write. So a
+//! child costs at most one `GET` and one `PUT` (and one more of each per
+//! write that raced it), whatever the array's size; and the
+//! write that makes the last child final is the one that marks the array
+//! completed, so the claim is that same conditional write: no moment
+//! exists where every child is final and nobody has claimed it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use rusqlite::{OptionalExtension, params};
+
+use super::{Ledger, LedgerError, failed};
+use crate::job::ArrayPart;
+use crate::retry::Backoff;
+
+/// A child's final state, ranked: a later variant replaces an earlier one
+/// (a redriven child that then succeeds), never the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ChildState {
+    /// The submit gave up sending it: it will never run.
+    NotSent,
+    /// Cancelled before it could finish (a success that races the cancel
+    /// still wins).
+    Cancelled,
+    DeadLettered,
+    Succeeded,
+}
+
+impl ChildState {
+    const ALL: [Self; 4] = [
+        Self::NotSent,
+        Self::Cancelled,
+        Self::DeadLettered,
+        Self::Succeeded,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ChildState::NotSent => "not_sent",
+            ChildState::Cancelled => "cancelled",
+            ChildState::DeadLettered => "dead_lettered",
+            ChildState::Succeeded => "succeeded",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Its character in the S3 state object.
+    fn mark(self) -> u8 {
+        match self {
+            ChildState::NotSent => b'n',
+            ChildState::Cancelled => b'c',
+            ChildState::DeadLettered => b'd',
+            ChildState::Succeeded => b's',
+        }
+    }
+
+    fn from_mark(mark: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.mark() == mark)
+    }
+}
+
+/// An array's final counts, for `ArrayJobCompleted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ArrayCounts {
+    pub size: u32,
+    pub succeeded: u32,
+    pub dead_lettered: u32,
+    pub cancelled: u32,
+    /// Children the submit could not queue (it said which); absent when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub not_sent: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl ArrayCounts {
+    /// The counts from how many children are in each final state; and how
+    /// many are final in all.
+    fn tally(size: u32, states: impl IntoIterator<Item = (ChildState, u32)>) -> (u32, Self) {
+        let mut counts = Self {
+            size,
+            succeeded: 0,
+            dead_lettered: 0,
+            cancelled: 0,
+            not_sent: 0,
+        };
+        let mut done = 0;
+        for (state, n) in states {
+            done += n;
+            *match state {
+                ChildState::Succeeded => &mut counts.succeeded,
+                ChildState::DeadLettered => &mut counts.dead_lettered,
+                ChildState::NotSent => &mut counts.not_sent,
+                ChildState::Cancelled => &mut counts.cancelled,
+            } += n;
+        }
+        (done, counts)
+    }
+}
+
+/// The S3 ledger's object for one array.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ArrayState {
+    size: u32,
+    /// One character per child: `.` while it is not final, else its
+    /// [`ChildState::mark`].
+    children: String,
+    completed: bool,
+}
+
+/// A child not final yet, in [`ArrayState::children`].
+const PENDING: u8 = b'.';
+
+impl ArrayState {
+    fn new(size: u32) -> Self {
+        Self {
+            size,
+            children: String::from_utf8(vec![PENDING; size as usize]).expect("ASCII"),
+            completed: false,
+        }
+    }
+
+    /// Raises the children's states; true when that changed anything.
+    /// Indexes past the end are ignored (the submit checked them).
+    fn settle(&mut self, indexes: &[u32], state: ChildState) -> bool {
+        let mut children = std::mem::take(&mut self.children).into_bytes();
+        let mut changed = false;
+        for &index in indexes {
+            let Some(mark) = children.get_mut(index as usize) else {
+                continue;
+            };
+            if ChildState::from_mark(*mark).is_none_or(|old| old < state) {
+                *mark = state.mark();
+                changed = true;
+            }
+        }
+        self.children = String::from_utf8(children).expect("ASCII marks");
+        changed
+    }
+
+    fn tally(&self) -> (u32, ArrayCounts) {
+        let mut counts = std::collections::BTreeMap::new();
+        for state in self.children.bytes().filter_map(ChildState::from_mark) {
+            *counts.entry(state).or_insert(0) += 1;
+        }
+        ArrayCounts::tally(self.size, counts)
+    }
+}
+
+/// One process's settles of array children waiting to be written, by
+/// array: while one write of an array's state is under way, the settles
+/// that arrive wait and go together in the next, so that a busy worker
+/// makes one write per round, not one per child.
+#[derive(Debug, Default, Clone)]
+pub struct Writes(Arc<Mutex<HashMap<String, Waiting>>>);
+
+/// An array's settles waiting for its writer.
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Whether a writer is running for the array (it takes `settles`
+    /// before each write).
+    writing: bool,
+    settles: Vec<Settle>,
+}
+
+/// Children to settle, and where their caller waits for the answer.
+#[derive(Debug)]
+struct Settle {
+    indexes: Vec<u32>,
+    state: ChildState,
+    answer: tokio::sync::oneshot::Sender<Result<Option<ArrayCounts>, LedgerError>>,
+}
+
+/// Writes that may race one settle (another writer changed the state
+/// between its read and its write) before it gives up.
+const RACES: u32 = 100;
+/// The wait after a lost race, doubling: short, since the winner's write is
+/// already done.
+const RACE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
+
+impl Ledger {
+    /// Records a child's final state. When that makes every child final
+    /// and this call is the one that claims the array's completion, returns
+    /// the counts; every other call returns `None`.
+    pub async fn child_settled(
+        &self,
+        array: &ArrayPart,
+        state: ChildState,
+    ) -> Result<Option<ArrayCounts>, LedgerError> {
+        self.children_settled(&array.job_id, array.size, vec![array.index], state)
+            .await
+    }
+
+    /// Records children's final state at once: ones the submit could not
+    /// send (`NotSent`: so the array completes with the children that were
+    /// sent), or ones a cancel deleted unrun. Returns the counts when that
+    /// completed the array (and this call claimed it).
+    pub async fn children_settled(
+        &self,
+        array_id: &str,
+        size: u32,
+        indexes: Vec<u32>,
+        state: ChildState,
+    ) -> Result<Option<ArrayCounts>, LedgerError> {
+        match self {
+            Ledger::Local(conn) => {
+                let array_id = array_id.to_owned();
+                Self::sql(conn, move |c| {
+                    // One transaction: the count and the claim see the same
+                    // rows, and only one process can hold the write lock.
+                    let tx =
+                        c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                    let now = crate::sqlite::now_s();
+                    for index in indexes {
+                        // A state replaces only a lower one (ChildState's
+                        // order): a redriven child that then succeeds.
+                        tx.execute(
+                            "INSERT INTO children (array_id, idx, state, at) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (array_id, idx) DO UPDATE
+                             SET state = excluded.state, at = excluded.at
+                             WHERE excluded.state = 'succeeded'
+                                OR (excluded.state = 'dead_lettered' AND state IN ('not_sent', 'cancelled'))
+                                OR (excluded.state = 'cancelled' AND state = 'not_sent')",
+                            params![array_id, index, state.name(), now],
+                        )?;
+                    }
+                    let states = tx
+                        .prepare_cached(
+                            "SELECT state, COUNT(*) FROM children WHERE array_id = ?1 GROUP BY state",
+                        )?
+                        .query_map([&array_id], |row| {
+                            Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
+                        })?
+                        .filter_map(|row| {
+                            row.map(|(name, n)| ChildState::from_name(&name).map(|s| (s, n)))
+                                .transpose()
+                        })
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    let (done, counts) = ArrayCounts::tally(size, states);
+                    let claimed = done >= size
+                        && tx.execute(
+                            "INSERT OR IGNORE INTO completed (array_id, at) VALUES (?1, ?2)",
+                            params![array_id, now],
+                        )? == 1;
+                    tx.commit()?;
+                    Ok(claimed.then_some(counts))
+                })
+                .await
+            }
+            Ledger::S3 { writes, .. } => {
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                let lead = {
+                    let mut writes = writes.0.lock().expect("not poisoned");
+                    let waiting = writes.entry(array_id.to_owned()).or_default();
+                    waiting.settles.push(Settle {
+                        indexes,
+                        state,
+                        answer,
+                    });
+                    // The first to wait starts the writer; the others ride
+                    // along in its next write.
+                    !std::mem::replace(&mut waiting.writing, true)
+                };
+                if lead {
+                    // Its own task: a caller given up on cannot strand the
+                    // others' answers.
+                    tokio::spawn(self.clone().write_waiting(array_id.to_owned(), size));
+                }
+                answered
+                    .await
+                    .map_err(|_| LedgerError("the array's state writer stopped".into()))?
+            }
+        }
+    }
+
+    /// Writes the settles waiting on an array, all at once, until none is
+    /// left; each caller gets its answer (the counts go to the first caller
+    /// of the write that completed the array).
+    async fn write_waiting(self, array_id: String, size: u32) {
+        let Ledger::S3 { writes, .. } = &self else {
+            unreachable!("only the S3 ledger batches its writes")
+        };
+        loop {
+            let batch = {
+                let mut writes = writes.0.lock().expect("not poisoned");
+                let waiting = writes.get_mut(&array_id).expect("this writer's entry");
+                if waiting.settles.is_empty() {
+                    writes.remove(&array_id);
+                    return;
+                }
+                std::mem::take(&mut waiting.settles)
+            };
+            let result = self.write_state(&array_id, size, &batch).await;
+            let mut answers = batch.into_iter().map(|settle| settle.answer);
+            match result {
+                Ok(claimed) => {
+                    if let Some(first) = answers.next() {
+                        let _ = first.send(Ok(claimed));
+                    }
+                    for answer in answers {
+                        let _ = answer.send(Ok(None));
+                    }
+                }
+                Err(error) => {
+                    for answer in answers {
+                        let _ = answer.send(Err(LedgerError(error.0.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One read-change-write of an array's state with the settles of
+    /// `batch`, read again whenever another writer got there first. The
+    /// counts when this write claimed the array's completion.
+    async fn write_state(
+        &self,
+        array_id: &str,
+        size: u32,
+        batch: &[Settle],
+    ) -> Result<Option<ArrayCounts>, LedgerError> {
+        for race in 1..=RACES {
+            let (current, etag) = self.array_state(array_id).await?;
+            let mut next = current.unwrap_or_else(|| ArrayState::new(size));
+            let mut changed = false;
+            for settle in batch {
+                changed |= next.settle(&settle.indexes, settle.state);
+            }
+            let (done, counts) = next.tally();
+            let claims = done >= next.size && !next.completed;
+            if !changed && !claims {
+                // Repeats (a child run twice): nothing to write.
+                return Ok(None);
+            }
+            next.completed |= claims;
+            if self.put_array_state(array_id, &next, etag).await? {
+                return Ok(claims.then_some(counts));
+            }
+            tokio::time::sleep(RACE_BACKOFF.delay(race)).await;
+        }
+        Err(LedgerError(format!(
+            "array {array_id}: lost {RACES} races to write its state"
+        )))
+    }
+
+    /// Whether an array's completion was announced.
+    pub async fn completed(&self, array_id: &str) -> Result<bool, LedgerError> {
+        match self {
+            Ledger::Local(conn) => {
+                let array_id = array_id.to_owned();
+                Self::sql(conn, move |c| {
+                    c.query_row(
+                        "SELECT 1 FROM completed WHERE array_id = ?1",
+                        [array_id],
+                        |_| Ok(()),
+                    )
+                    .optional()
+                    .map(|found| found.is_some())
+                })
+                .await
+            }
+            Ledger::S3 { .. } => Ok(self
+                .array_state(array_id)
+                .await?
+                .0
+                .is_some_and(|state| state.completed)),
+        }
+    }
+
+    /// The S3 ledger's state of an array and its ETag; `None` before its
+    /// first child settled.
+    async fn array_state(
+        &self,
+        array_id: &str,
+    ) -> Result<(Option<ArrayState>, Option<String>), LedgerError> {
+        let Ledger::S3 {
+            client,
+            bucket,
+            prefix,
+            ..
+        } = self
+        else {
+            unreachable!("only the S3 ledger keeps state objects")
+        };
+        let key = state_key(prefix, array_id);
+        let object = match client.get_object().bucket(bucket).key(&key).send().await {
+            Ok(object) => object,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                return Ok((None, None));
+            }
+            Err(e) => return Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
+        };
+        let etag = object.e_tag().map(str::to_owned);
+        let body = object.body.collect().await.map_err(failed)?.into_bytes();
+        let state: ArrayState =
+            serde_json::from_slice(&body).map_err(|e| LedgerError(format!("{key}: {e}")))?;
+        if state.children.len() != state.size as usize {
+            return Err(LedgerError(format!(
+                "{key}: {} children for an array of {}",
+                state.children.len(),
+                state.size
+            )));
+        }
+        Ok((Some(state), etag))
+    }
+
+    /// Writes an array's state if it is still the one read (`etag`; `None`:
+    /// if there is none yet). False when another writer changed it first.
+    async fn put_array_state(
+        &self,
+        array_id: &str,
+        state: &ArrayState,
+        etag: Option<String>,
+    ) -> Result<bool, LedgerError> {
+        let Ledger::S3 {
+            client,
+            bucket,
+            prefix,
+            ..
+        } = self
+        else {
+            unreachable!("only the S3 ledger keeps state objects")
+        };
+        let key = state_key(prefix, array_id);
+        let body = serde_json::to_vec(state).map_err(failed)?;
+        let put = client
+            .put_object()
+            .bucket(bucket)
+            .key(&key)
+            .content_type("application/json")
+            .body(body.into());
+        let put = match etag {
+            Some(etag) => put.if_match(etag),
+            None => put.if_none_match("*"),
+        };
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("PreconditionFailed" | "ConditionalRequestConflict" | "NoSuchKey")
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
+        }
+    }
+}
+
+/// Where the S3 ledger keeps an array's state.
+fn state_key(prefix: &str, array_id: &str) -> String {
+    format!("{prefix}arrays/{array_id}/state")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(index: u32, size: u32) -> ArrayPart {
+        ArrayPart {
+            job_id: "a".into(),
+            index,
+            size,
+            frames: vec![index as i64],
+        }
+    }
+
+    #[tokio::test]
+    async fn the_last_child_claims_completion_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::local(dir.path()).unwrap();
+        assert_eq!(
+            ledger
+                .child_settled(&part(0, 3), ChildState::Succeeded)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            ledger
+                .child_settled(&part(1, 3), ChildState::DeadLettered)
+                .await
+                .unwrap(),
+            None
+        );
+        let counts = ledger
+            .child_settled(&part(2, 3), ChildState::Succeeded)
+            .await
+            .unwrap();
+        assert_eq!(
+            counts,
+            Some(ArrayCounts {
+                size: 3,
+                succeeded: 2,
+                dead_lettered: 1,
+                cancelled: 0,
+                not_sent: 0,
+            })
+        );
+        // A repeat (a child run twice) claims nothing more.
+        assert_eq!(
+            ledger
+                .child_settled(&part(2, 3), ChildState::Succeeded)
+                .await
+                .unwrap(),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn racing_last_children_make_exactly_one_winner() {
+        for _ in 0..50 {
+            let dir = tempfile::tempdir().unwrap();
+            let first = Ledger::local(dir.path()).unwrap();
+            // A second connection, as another process would have.
+            let second = Ledger::local(dir.path()).unwrap();
+            first
+                .child_settled(&part(0, 3), ChildState::Succeeded)
+                .await
+                .unwrap();
+            let (one, two) = (part(1, 3), part(2, 3));
+            let (a, b) = tokio::join!(
+                first.child_settled(&one, ChildState::Succeeded),
+                second.child_settled(&two, ChildState::DeadLettered),
+            );
+            let winners = [a.unwrap(), b.unwrap()].into_iter().flatten().count();
+            assert_eq!(winners, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn children_not_sent_let_the_array_complete_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::local(dir.path()).unwrap();
+        ledger
+            .child_settled(&part(0, 4), ChildState::Succeeded)
+            .await
+            .unwrap();
+        assert_eq!(
+            ledger
+                .children_settled("a", 4, vec![2, 3], ChildState::NotSent)
+                .await
+                .unwrap(),
+            None
+        );
+        let counts = ledger
+            .child_settled(&part(1, 4), ChildState::DeadLettered)
+            .await
+            .unwrap();
+        assert_eq!(
+            counts,
+            Some(ArrayCounts {
+                size: 4,
+                succeeded: 1,
+                dead_lettered: 1,
+                cancelled: 0,
+                not_sent: 2,
+            })
+        );
+        let json = serde_json::to_value(counts.unwrap()).unwrap();
+        assert_eq!(json["not_sent"], 2);
+    }
+
+    #[test]
+    fn the_s3_state_only_raises_a_child_and_counts_what_is_final() {
+        let mut state = ArrayState::new(4);
+        assert!(state.settle(&[2, 3], ChildState::NotSent));
+        assert!(state.settle(&[0], ChildState::DeadLettered));
+        // A lower state never replaces a higher one; past the end: ignored.
+        assert!(!state.settle(&[0], ChildState::Cancelled));
+        assert!(!state.settle(&[9], ChildState::Succeeded));
+        assert!(state.settle(&[0], ChildState::Succeeded));
+        assert_eq!(state.children, "s.nn");
+        let (done, counts) = state.tally();
+        assert_eq!(done, 3);
+        assert_eq!((counts.succeeded, counts.not_sent), (1, 2));
+        assert!(state.settle(&[1], ChildState::Cancelled));
+        assert_eq!(state.tally().0, 4);
+    }
+}

@@ -1,0 +1,167 @@
+//! The S3 ledger of array children (on moto, through a proxy that counts
+//! and fails its requests): a bounded number of calls per child whatever
+//! the array's size, and one completion despite transient errors.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{AUDIT_AND_ASSETS, AWS_ENV, Farm, Moto, Server, Settings};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// A farm on moto whose ledger (the `results` bucket) is reached through
+/// the counting proxy: requests under `arrays/` after the first `skip`
+/// fail `fails` times. Returns the farm, the config for its workers and
+/// the proxy's count file.
+async fn counted_farm(
+    skip: u32,
+    fails: u32,
+    slots: u32,
+    dir: &Path,
+) -> (Farm, std::path::PathBuf, std::path::PathBuf, Server) {
+    let moto = Moto::shared();
+    let farm = Farm::on_moto(
+        moto,
+        Settings {
+            extra_toml: AUDIT_AND_ASSETS.into(),
+            worker_toml: format!("slots = {slots}"),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let count = dir.join("count.json");
+    let (proxy, server) = Server::python(
+        "tests/fixtures/s3_count_proxy.py",
+        &[
+            &moto.port.to_string(),
+            "/arrays/",
+            &skip.to_string(),
+            &fails.to_string(),
+            &count.to_string_lossy(),
+        ],
+    );
+    // The bucket's endpoint is the last `endpoint_url` of the config.
+    let config = farm.config_variant("proxied", |text| {
+        let at = text
+            .rfind("endpoint_url = ")
+            .expect("the bucket's endpoint");
+        let end = at + text[at..].find('\n').unwrap();
+        format!("{}endpoint_url = \"{proxy}\"{}", &text[..at], &text[end..])
+    });
+    (farm, config, count, server)
+}
+
+fn counted(count: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(count).unwrap_or_else(|_| "{}".into()))
+        .expect("the proxy's count")
+}
+
+async fn submit_array(farm: &Farm, frames: &str) -> String {
+    let reply = farm
+        .rpc(
+            "queue_manager_submit_job",
+            json!({"command": "get_version", "frames": frames}),
+        )
+        .await;
+    reply["result"]["job_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"))
+        .to_owned()
+}
+
+fn completions(farm: &Farm) -> Vec<Value> {
+    farm.events()
+        .into_iter()
+        .filter(|e| e["type"] == "ArrayJobCompleted")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn four_workers_settle_2000_children_with_a_bounded_number_of_s3_calls_each() {
+    const CHILDREN: u64 = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let (farm, config, count, _proxy) = counted_farm(0, 0, 4, dir.path()).await;
+    let _serve = farm.serve_with(&AWS_ENV, &config).await;
+    let job_id = submit_array(&farm, &format!("1-{CHILDREN}")).await;
+    // serve runs a worker too: with these, four.
+    let workers: Vec<_> = (0..3)
+        .map(|_| farm.spawn_with("worker", &AWS_ENV, &config))
+        .collect();
+    // Progress every 10 s, for a run that is slow to finish.
+    let mut done = completions(&farm);
+    for _ in 0..36 {
+        if !done.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let ended = farm
+            .events()
+            .iter()
+            .filter(|e| e["type"] == "JobSucceeded")
+            .count();
+        println!(
+            "children succeeded: {ended}; ledger calls: {}",
+            counted(&count)
+        );
+        done = completions(&farm);
+    }
+    assert_eq!(done.len(), 1, "one ArrayJobCompleted");
+    assert_eq!(done[0]["job_id"], job_id.as_str());
+    assert_eq!(
+        done[0]["detail"],
+        json!({"size": CHILDREN, "succeeded": CHILDREN, "dead_lettered": 0, "cancelled": 0})
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(completions(&farm).len(), 1);
+    drop(workers);
+
+    let calls = counted(&count);
+    let requests = calls["requests"].as_u64().unwrap();
+    let per_child = requests as f64 / CHILDREN as f64;
+    println!(
+        "S3 ledger calls for {CHILDREN} children settled by 4 workers × 4 slots: {calls} ({per_child:.2} per child)"
+    );
+    // At most one GET and one PUT per child (settles that meet in one
+    // worker share them), and one more of each for a write that lost a
+    // race. Listing the array (a GET on the bucket, not under arrays/) was
+    // what made it grow with the array's size.
+    assert!(
+        per_child <= 4.0,
+        "{per_child:.2} calls per child (bound: 4)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_childs_ledger_write_failing_twice_still_completes_the_array_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three children on one slot: the first two settle (a GET and a PUT
+    // each); the third's first two writes fail all of the SDK's three
+    // attempts each.
+    let (farm, config, count, _proxy) = counted_farm(4, 6, 1, dir.path()).await;
+    let _serve = farm.serve_with(&AWS_ENV, &config).await;
+    let job_id = submit_array(&farm, "1-3").await;
+    let _worker = farm.spawn_with("worker", &AWS_ENV, &config);
+    let done = farm
+        .wait_for_events(|e| e["type"] == "ArrayJobCompleted", 1, LONG)
+        .await;
+    assert_eq!(done[0]["job_id"], job_id.as_str());
+    assert_eq!(
+        done[0]["detail"],
+        json!({"size": 3, "succeeded": 3, "dead_lettered": 0, "cancelled": 0})
+    );
+    assert_eq!(
+        counted(&count)["failed"],
+        6,
+        "every injected failure was met"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(completions(&farm).len(), 1);
+    let succeeded = farm
+        .events()
+        .iter()
+        .filter(|e| e["type"] == "JobSucceeded")
+        .count();
+    assert_eq!(succeeded, 3, "no child ran twice");
+}
