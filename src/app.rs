@@ -38,7 +38,7 @@ pub struct App {
     pub publisher: Publisher,
     /// Each queue's ledger (array completion, reported tries).
     pub ledgers: Ledgers,
-    /// The job-status table, when `[events] status` names one.
+    /// The job-status table, unless `[events] status` is `"off"`.
     pub status: Option<Arc<StatusTable>>,
     /// The GPU of each worker slot (empty: not pinned).
     pub gpus: Vec<u32>,
@@ -61,7 +61,7 @@ impl App {
         let status = config
             .events
             .status
-            .as_deref()
+            .path()
             .map(StatusTable::open)
             .transpose()?
             .map(Arc::new);
@@ -187,7 +187,7 @@ impl App {
             UiMode::On => Some(self.control()),
         };
         Some(Ui::new(
-            self.config.events.status.as_deref(),
+            self.config.events.status.path(),
             self.queues.clone(),
             self.ledgers.clone(),
             control,

@@ -693,3 +693,28 @@ async fn events_watch_gives_the_same_table_for_repeats_in_any_order() {
         "{in_order:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_works_with_no_events_table_and_says_so_when_turned_off() {
+    let mut farm = array_farm(Backend::Local, "", Settings::default()).await;
+    let text = std::fs::read_to_string(&farm.config).unwrap();
+    let bare = text.replace("[events]\nstatus = \"status.sqlite3\"\n", "");
+    assert!(!bare.contains("status ="), "{bare}");
+    std::fs::write(&farm.config, &bare).unwrap();
+    let _serve = farm.serve(&[]).await;
+    let (code, out, err) = farm.cli(&["submit", "get_version", "--wait"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let job_id = out.lines().next().unwrap().to_owned();
+    let (code, status, err) = farm.cli(&["status", &job_id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(status.contains("succeeded"), "{status}");
+    // Beside the embedded queue's state.
+    assert!(farm.dir.path().join("queue/status.sqlite3").exists());
+
+    farm.config = farm.config_variant("off", |text| {
+        format!("{text}\n[events]\nstatus = \"off\"\n")
+    });
+    let (code, _, err) = farm.cli(&["status", &job_id]);
+    assert_ne!(code, 0);
+    assert!(err.contains(r#"[events] status is "off""#), "{err}");
+}

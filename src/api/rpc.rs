@@ -361,7 +361,7 @@ impl Rpc {
         let Some(table) = self.status.clone() else {
             return Err(RpcError::new(
                 STATUS_UNAVAILABLE,
-                "No status table: set [events] status in workers.toml",
+                "No status table: [events] status is \"off\" in workers.toml",
             ));
         };
         let id = id.to_owned();

@@ -39,7 +39,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub chunk_size: Option<u32>,
     /// Follow the job (or array) to its end with a progress bar; exit
-    /// non-zero if anything was dead-lettered. Needs `[events] status`.
+    /// non-zero if anything was dead-lettered. Reads the status table.
     #[arg(long)]
     pub wait: bool,
     /// With --wait: give up (exit status 1) after this long, e.g. `2h`.

@@ -249,8 +249,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let path = config
                 .events
                 .status
-                .as_deref()
-                .context("no status table: set [events] status in workers.toml")?;
+                .path()
+                .context("no status table: [events] status is \"off\" in workers.toml")?;
             match crate::events::status::StatusTable::open(path)?.get(&job_id)? {
                 Some(status) => {
                     println!("{status}");

@@ -22,8 +22,43 @@ pub struct EventsConfig {
     pub attempts: u32,
     /// A job-status table (SQLite) this process keeps up to date with the
     /// events it publishes; `renderq status`, `events watch` and
-    /// `queue_manager_job_status` use it. Relative to the config's folder.
-    pub status: Option<PathBuf>,
+    /// `queue_manager_job_status` use it. On by default (see
+    /// [`StatusSetting`]).
+    pub status: StatusSetting,
+}
+
+/// `[events] status`: where the job-status table is kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StatusSetting {
+    /// Not set: beside the default queue's state when it is embedded,
+    /// else `renderq-status.sqlite3` in `work_dir`. Resolved when the
+    /// config is loaded; never seen after.
+    #[default]
+    Default,
+    /// `"off"`: no table; the commands that need one say so.
+    Off,
+    /// A path, relative to the config's folder.
+    At(PathBuf),
+}
+
+impl StatusSetting {
+    /// The table's file, unless it is off.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            StatusSetting::At(path) => Some(path),
+            StatusSetting::Default | StatusSetting::Off => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = PathBuf::deserialize(d)?;
+        Ok(match text.to_str() {
+            Some("off") => StatusSetting::Off,
+            _ => StatusSetting::At(text),
+        })
+    }
 }
 
 impl Default for EventsConfig {
@@ -32,7 +67,7 @@ impl Default for EventsConfig {
             targets: BTreeMap::new(),
             buffer: 10_000,
             attempts: 10,
-            status: None,
+            status: StatusSetting::Default,
         }
     }
 }

@@ -336,9 +336,14 @@ impl Config {
                 local.path = base.join(&local.path);
             }
         }
-        if let Some(status) = &mut self.events.status {
-            *status = base.join(&*status);
-        }
+        self.events.status = match std::mem::take(&mut self.events.status) {
+            StatusSetting::At(path) => StatusSetting::At(base.join(path)),
+            StatusSetting::Off => StatusSetting::Off,
+            StatusSetting::Default => StatusSetting::At(match self.queues.get(&self.queue_manager.default_queue) {
+                Some(QueueConfig::Local(local)) => local.path.join("status.sqlite3"),
+                _ => self.worker.work_root().join("renderq-status.sqlite3"),
+            }),
+        };
         for target in self.events.targets.values_mut() {
             if let EventTargetConfig::File(file) = target {
                 file.path = base.join(&file.path);

@@ -49,8 +49,8 @@ pub async fn run(
     let path = config
         .events
         .status
-        .as_deref()
-        .context("no status table: set [events] status in workers.toml")?;
+        .path()
+        .context("no status table: [events] status is \"off\" in workers.toml")?;
     let table = StatusTable::open(path)?;
     let mut watched = Watched::default();
     match config.events.targets.get(target) {

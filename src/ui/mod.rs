@@ -202,7 +202,7 @@ async fn read<T: Send + 'static>(
     let Some(board) = ui.board.clone() else {
         return Err((
             StatusCode::SERVICE_UNAVAILABLE,
-            "No status table: set [events] status in workers.toml",
+            "No status table: [events] status is \"off\" in workers.toml",
         )
             .into_response());
     };
