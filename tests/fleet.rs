@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{get, put};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -23,6 +24,10 @@ pub struct FakeImds {
     lifecycle: Arc<Mutex<String>>,
     /// `instance-id`.
     instance_id: Arc<Mutex<String>>,
+    /// Every request, the token's included, is answered 503 until then.
+    unavailable_until: Arc<Mutex<Option<Instant>>>,
+    /// The token `PUT` is answered 403.
+    refuse_token: Arc<std::sync::atomic::AtomicBool>,
     port: u16,
 }
 
@@ -36,19 +41,40 @@ impl FakeImds {
             ..FakeImds::default()
         };
         let token_ok = |headers: &HeaderMap| headers.get("x-aws-ec2-metadata-token").is_some();
-        let (spot, lifecycle, instance) = (
+        let (spot, lifecycle, instance, until, refuse) = (
             imds.spot.clone(),
             imds.lifecycle.clone(),
             imds.instance_id.clone(),
+            imds.unavailable_until.clone(),
+            imds.refuse_token.clone(),
+        );
+        let unavailable = axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let down = until.lock().unwrap().is_some_and(|t| Instant::now() < t);
+                async move {
+                    if down {
+                        StatusCode::SERVICE_UNAVAILABLE.into_response()
+                    } else {
+                        next.run(request).await
+                    }
+                }
+            },
         );
         let app = axum::Router::new()
             .route(
                 "/latest/api/token",
-                put(|| async {
-                    (
-                        [("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
-                        "token-1",
-                    )
+                put(move || {
+                    let refused = refuse.load(std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        if refused {
+                            return StatusCode::FORBIDDEN.into_response();
+                        }
+                        (
+                            [("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
+                            "token-1",
+                        )
+                            .into_response()
+                    }
                 }),
             )
             .route(
@@ -83,7 +109,8 @@ impl FakeImds {
                     let state = lifecycle.lock().unwrap().clone();
                     async move { state }
                 }),
-            );
+            )
+            .layer(unavailable);
         tokio::spawn(async move { axum::serve(listener, app).await });
         imds
     }
@@ -98,6 +125,91 @@ impl FakeImds {
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         *self.spot.lock().unwrap() = Some(json!({"action": "terminate", "time": at}).to_string());
     }
+}
+
+/// A folder of DMI data: an EC2 instance's, or (`None`) another machine's.
+fn dmi(vendor: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sys_vendor"), vendor.unwrap_or("QEMU")).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_ec2_an_imds_down_at_boot_is_read_again_and_a_later_notice_is_acted_on() {
+    let imds = FakeImds::start().await;
+    *imds.unavailable_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(3));
+    let started = Instant::now();
+    let ec2 = dmi(Some("Amazon EC2\n"));
+    let elsewhere = dmi(None);
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            worker_toml: "imds = \"auto\"\nstop_margin = \"1s\"".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let url = imds.url();
+    let (ec2_dir, elsewhere_dir) = (
+        ec2.path().display().to_string(),
+        elsewhere.path().display().to_string(),
+    );
+    let on_ec2 = farm.spawn(
+        "worker",
+        &[
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &url),
+            ("RENDERQ_DMI_DIR", &ec2_dir),
+        ],
+    );
+    let off_ec2 = farm.spawn(
+        "worker",
+        &[
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &url),
+            ("RENDERQ_DMI_DIR", &elsewhere_dir),
+        ],
+    );
+    off_ec2.wait_for_log("not on EC2: not watching", LONG);
+    on_ec2.wait_for_log("Watching instance metadata", LONG);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    let at_5s = Duration::from_secs(5).saturating_sub(started.elapsed());
+    tokio::time::sleep(at_5s).await;
+    imds.interrupt_in(30);
+    let noticed = Instant::now();
+    on_ec2.wait_for_log("Stop requested.", LONG);
+    let acted = noticed.elapsed();
+    assert!(acted < Duration::from_secs(1), "acted on after {acted:?}");
+    let log = on_ec2.log_text();
+    assert_eq!(
+        log.matches("Instance metadata not answering").count(),
+        1,
+        "one warning:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    println!(
+        "spot notice on a simulated EC2 whose IMDS was down at boot: acted on after {acted:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_token_is_a_notice_due_now_plus_the_margin() {
+    let imds = FakeImds::start().await;
+    imds.refuse_token
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let farm = Farm::new(Backend::Local, fleet_settings(&imds, "")).await;
+    let worker = farm.spawn("worker", &[]);
+    worker.wait_for_log("IMDS refused a token: taken as a notice", LONG);
+    worker.wait_for_log("Stop requested.", LONG);
+    let log = worker.log_text();
+    let line = log.lines().find(|l| l.contains("Stop requested.")).unwrap();
+    assert!(line.contains("spot interruption"), "{line}");
+    // stop_margin = "1s": due now plus the margin.
+    let in_s: f64 = line
+        .split("in_s=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(in_s <= 1.0, "{line}");
 }
 
 fn fleet_settings(imds: &FakeImds, extra_worker: &str) -> Settings {
@@ -227,7 +339,7 @@ async fn a_malformed_notice_is_taken_on_the_safe_side() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unreachable_imds_is_one_info_line_and_no_delay() {
+async fn an_unreachable_imds_url_is_one_warning_no_delay_and_read_again() {
     let port = free_port();
     let farm = Farm::new(
         Backend::Local,
@@ -244,19 +356,20 @@ async fn unreachable_imds_is_one_info_line_and_no_delay() {
         "start-up took {:?}",
         started.elapsed()
     );
-    serve.wait_for_log("Instance metadata unreachable", Duration::from_secs(2));
-    assert_eq!(
-        serve
-            .log_text()
-            .matches("Instance metadata unreachable")
-            .count(),
-        1
-    );
+    // An explicit URL is never given up on, but warned about once.
+    serve.wait_for_log("Instance metadata not answering", Duration::from_secs(2));
     let id = farm
         .submit(json!({"command": "get_version", "tasks": [
         {"name": "s3_upload", "config": {"bucket": "results", "key": "u/${message_id}.json"}}]}))
         .await;
     farm.wait_for_object(&format!("u/{id}.json"), LONG).await;
+    assert_eq!(
+        serve
+            .log_text()
+            .matches("Instance metadata not answering")
+            .count(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

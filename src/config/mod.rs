@@ -339,10 +339,12 @@ impl Config {
         self.events.status = match std::mem::take(&mut self.events.status) {
             StatusSetting::At(path) => StatusSetting::At(base.join(path)),
             StatusSetting::Off => StatusSetting::Off,
-            StatusSetting::Default => StatusSetting::At(match self.queues.get(&self.queue_manager.default_queue) {
-                Some(QueueConfig::Local(local)) => local.path.join("status.sqlite3"),
-                _ => self.worker.work_root().join("renderq-status.sqlite3"),
-            }),
+            StatusSetting::Default => {
+                StatusSetting::At(match self.queues.get(&self.queue_manager.default_queue) {
+                    Some(QueueConfig::Local(local)) => local.path.join("status.sqlite3"),
+                    _ => self.worker.work_root().join("renderq-status.sqlite3"),
+                })
+            }
         };
         for target in self.events.targets.values_mut() {
             if let EventTargetConfig::File(file) = target {

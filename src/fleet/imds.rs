@@ -4,11 +4,21 @@
 //! time) or an autoscaling termination (`autoscaling/target-lifecycle-state`
 //! becoming `Terminated`).
 //!
-//! Off EC2 the first probe fails within a couple of seconds: one info line,
-//! and no watcher. A notice that cannot be read (a malformed document, a
-//! token the service refuses) is taken on the safe side: as a notice whose
-//! deadline is now plus the stop margin.
+//! Whether this is EC2 is known without the network, from the DMI data the
+//! firmware gives (`sys_vendor` "Amazon EC2", or a `board_asset_tag` that
+//! is an instance id), as the AWS SDKs and cloud-init tell. With
+//! `imds = "auto"` off EC2, one probe that fails means no watcher (one info
+//! line). On EC2, or with an explicit URL, the watcher never gives up: an
+//! IMDS that is unreachable, slow or answering errors (at boot, say) is
+//! read again with back-off, with one warning, until it answers.
+//!
+//! A notice that cannot be read (a malformed document, a token the service
+//! explicitly refuses: 401 or 403 on the token `PUT`) is taken on the safe
+//! side: as a notice whose deadline is now plus the stop margin. A token
+//! that could not be fetched (a timeout, a refused connection, a 5xx) is
+//! not a notice: it is read again.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use aws_config::imds::client::error::ImdsError;
@@ -16,9 +26,8 @@ use tokio::time::Instant;
 
 use crate::config::ImdsSetting;
 use crate::fleet::lifecycle::{Shutdown, StopReason};
+use crate::retry::Backoff;
 
-/// The standard IMDS address.
-const DEFAULT_ENDPOINT: &str = "http://169.254.169.254";
 /// How often the notices are read.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -30,26 +39,47 @@ enum Notice {
     Stop(StopReason, Duration),
 }
 
-/// A client with short timeouts (off EC2 it must give up quickly).
+/// Where the firmware's DMI data is (a test points it elsewhere).
+const DMI_DIR: &str = "/sys/devices/virtual/dmi/id";
+/// The environment variable that overrides [`DMI_DIR`], for tests.
+pub const DMI_DIR_ENV: &str = "RENDERQ_DMI_DIR";
+/// The waits between reads while IMDS does not answer.
+const RETRY: Backoff = Backoff::new(POLL, Duration::from_secs(5));
+
+/// Whether this machine is an EC2 instance, by its DMI data.
+pub fn on_ec2() -> bool {
+    is_ec2(&std::env::var_os(DMI_DIR_ENV).map_or_else(|| DMI_DIR.into(), PathBuf::from))
+}
+
+/// Whether the DMI data in `dir` is an EC2 instance's.
+fn is_ec2(dir: &std::path::Path) -> bool {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    read("sys_vendor").trim() == "Amazon EC2" || read("board_asset_tag").trim().starts_with("i-")
+}
+
+/// A client with short timeouts (off EC2 it must give up quickly). With
+/// `auto`, its endpoint is aws-config's (the standard address, unless
+/// `AWS_EC2_METADATA_SERVICE_ENDPOINT` says otherwise).
 fn client(setting: &ImdsSetting) -> Option<aws_config::imds::Client> {
-    let endpoint = match setting {
+    let builder = aws_config::imds::Client::builder();
+    let builder = match setting {
         ImdsSetting::Off => return None,
-        ImdsSetting::Auto => DEFAULT_ENDPOINT.to_owned(),
-        ImdsSetting::Url(url) => url.clone(),
+        ImdsSetting::Auto => builder,
+        ImdsSetting::Url(url) => match builder.endpoint(url) {
+            Ok(builder) => builder,
+            Err(error) => {
+                tracing::warn!(%error, endpoint = %url, "bad IMDS endpoint");
+                return None;
+            }
+        },
     };
-    match aws_config::imds::Client::builder().endpoint(&endpoint) {
-        Ok(builder) => Some(
-            builder
-                .max_attempts(1)
-                .connect_timeout(Duration::from_secs(1))
-                .read_timeout(Duration::from_secs(1))
-                .build(),
-        ),
-        Err(error) => {
-            tracing::warn!(%error, %endpoint, "bad IMDS endpoint");
-            None
-        }
-    }
+    Some(
+        builder
+            .max_attempts(1)
+            .connect_timeout(Duration::from_secs(1))
+            .read_timeout(Duration::from_secs(1))
+            .build(),
+    )
 }
 
 /// This instance's id, when IMDS answers.
@@ -62,33 +92,48 @@ pub async fn instance_id(setting: &ImdsSetting) -> Option<String> {
         .map(|id| id.as_ref().to_owned())
 }
 
-/// Starts the watcher (unless off). It returns at once; the probe and the
-/// polling run in the background until `shutdown`.
+/// Starts the watcher (unless off). It returns at once; the polling runs
+/// in the background until `shutdown`.
 pub fn watch(setting: &ImdsSetting, shutdown: Shutdown, margin: Duration, drain: Duration) {
     let Some(client) = client(setting) else {
         return;
     };
+    let keep_trying = *setting != ImdsSetting::Auto || on_ec2();
     tokio::spawn(async move {
-        match client.get("/latest/meta-data/instance-id").await {
-            Ok(id) => tracing::info!(
-                instance_id = id.as_ref(),
-                "Watching instance metadata for spot and autoscaling notices."
-            ),
-            Err(error) => {
-                tracing::info!(error = %crate::error_chain(&error), "Instance metadata unreachable (not on EC2?): not watching for spot or autoscaling notices.");
-                return;
-            }
+        if !keep_trying && let Err(error) = client.get("/latest/meta-data/instance-id").await {
+            tracing::info!(error = %crate::error_chain(&error), "Instance metadata unreachable and not on EC2: not watching for spot or autoscaling notices.");
+            return;
         }
         let token = shutdown.token().clone();
+        // Consecutive reads that got no answer; 0 once one did.
+        let mut failures = 0;
+        let mut watching = false;
         loop {
-            match read_notice(&client, margin, drain).await {
-                Notice::None => {}
-                Notice::Stop(reason, left) => {
-                    shutdown.request(reason, Instant::now() + left);
+            let wait = match read_notice(&client, margin, drain).await {
+                Read::Answered(notice) => {
+                    if !std::mem::replace(&mut watching, true) {
+                        tracing::info!(
+                            "Watching instance metadata for spot and autoscaling notices."
+                        );
+                    } else if failures > 0 {
+                        tracing::info!(failures, "Instance metadata answers again.");
+                    }
+                    failures = 0;
+                    if let Notice::Stop(reason, left) = notice {
+                        shutdown.request(reason, Instant::now() + left);
+                    }
+                    POLL
                 }
-            }
+                Read::Unanswered(error) => {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(%error, "Instance metadata not answering; reading it again with back-off.");
+                    }
+                    RETRY.delay(failures)
+                }
+            };
             tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(wait) => {}
                 // Keep watching after a stop: a later notice may bring the
                 // deadline forward; but a signal's stop ends the watch.
                 _ = token.cancelled(), if shutdown.stop().is_some_and(|s| matches!(s.reason, StopReason::Signal(_))) => return,
@@ -97,12 +142,18 @@ pub fn watch(setting: &ImdsSetting, shutdown: Shutdown, margin: Duration, drain:
     });
 }
 
+/// What one read of the notices found.
+#[derive(Debug)]
+enum Read {
+    /// IMDS answered (a notice or none).
+    Answered(Notice),
+    /// It did not: unreachable, too slow, a token it could not give, an
+    /// error status. Read again.
+    Unanswered(String),
+}
+
 /// Reads both notices; the nearer deadline wins.
-async fn read_notice(
-    client: &aws_config::imds::Client,
-    margin: Duration,
-    drain: Duration,
-) -> Notice {
+async fn read_notice(client: &aws_config::imds::Client, margin: Duration, drain: Duration) -> Read {
     let safe_side = |reason, what: &str, error: &dyn std::fmt::Display| {
         tracing::warn!(%error, "{what}: taken as a notice");
         Notice::Stop(reason, margin)
@@ -116,7 +167,10 @@ async fn read_notice(
                 &error,
             ),
         },
-        Err(error) => classify(error, StopReason::SpotInterruption, margin),
+        Err(error) => match classify(error, StopReason::SpotInterruption, margin) {
+            Ok(notice) => notice,
+            Err(error) => return Read::Unanswered(error),
+        },
     };
     let scaling = match client
         .get("/latest/meta-data/autoscaling/target-lifecycle-state")
@@ -126,9 +180,12 @@ async fn read_notice(
             Notice::Stop(StopReason::AutoscalingTermination, drain)
         }
         Ok(_) => Notice::None,
-        Err(error) => classify(error, StopReason::AutoscalingTermination, margin),
+        Err(error) => match classify(error, StopReason::AutoscalingTermination, margin) {
+            Ok(notice) => notice,
+            Err(error) => return Read::Unanswered(error),
+        },
     };
-    match (spot, scaling) {
+    Read::Answered(match (spot, scaling) {
         (Notice::Stop(r1, a), Notice::Stop(r2, b)) => {
             if a <= b {
                 Notice::Stop(r1, a)
@@ -140,25 +197,38 @@ async fn read_notice(
             Notice::Stop(r, a)
         }
         (Notice::None, Notice::None) => Notice::None,
+    })
+}
+
+/// A 404 is "no notice"; a token the service refused (401, 403) is taken
+/// as one; anything else is no answer (`Err`, the error as one line).
+fn classify(error: ImdsError, reason: StopReason, margin: Duration) -> Result<Notice, String> {
+    match &error {
+        ImdsError::ErrorResponse(response) if response.response().status().as_u16() == 404 => {
+            Ok(Notice::None)
+        }
+        ImdsError::FailedToLoadToken(_) if token_refused(&error) => {
+            tracing::warn!(error = %crate::error_chain(&error), "IMDS refused a token: taken as a notice");
+            Ok(Notice::Stop(reason, margin))
+        }
+        _ => Err(crate::error_chain(&error)),
     }
 }
 
-/// A 404 is "no notice"; a refused token is taken as one; anything else
-/// (a timeout, a reset) is logged and read again next time.
-fn classify(error: ImdsError, reason: StopReason, margin: Duration) -> Notice {
-    match &error {
-        ImdsError::ErrorResponse(response) if response.response().status().as_u16() == 404 => {
-            Notice::None
-        }
-        ImdsError::FailedToLoadToken(_) => {
-            tracing::warn!(error = %crate::error_chain(&error), "IMDS refused a token: taken as a notice");
-            Notice::Stop(reason, margin)
-        }
-        _ => {
-            tracing::warn!(error = %crate::error_chain(&error), "cannot read instance metadata");
-            Notice::None
-        }
-    }
+/// Whether the token `PUT` was answered 401 or 403 (not a timeout, a
+/// refused connection or a server error).
+fn token_refused(error: &ImdsError) -> bool {
+    use aws_config::imds::client::error::TokenError;
+    use aws_sdk_sqs::config::http::HttpResponse;
+    use aws_sdk_sqs::error::SdkError;
+    let failed = std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<SdkError<TokenError, HttpResponse>>());
+    matches!(
+        failed
+            .and_then(SdkError::raw_response)
+            .map(|r| r.status().as_u16()),
+        Some(401 | 403)
+    )
 }
 
 /// `{"action": "terminate", "time": "2026-11-26T08:00:00Z"}` → time left.
@@ -187,6 +257,19 @@ mod tests {
             Ok(ImdsSetting::Url("http://127.0.0.1:9".into()))
         );
         assert!(ImdsSetting::parse("yes").is_err());
+    }
+
+    #[test]
+    fn ec2_is_told_by_its_dmi_data() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_ec2(dir.path()), "no DMI data");
+        std::fs::write(dir.path().join("sys_vendor"), "QEMU\n").unwrap();
+        assert!(!is_ec2(dir.path()));
+        std::fs::write(dir.path().join("board_asset_tag"), "i-0123456789abcdef0\n").unwrap();
+        assert!(is_ec2(dir.path()), "a Nitro instance's asset tag");
+        std::fs::remove_file(dir.path().join("board_asset_tag")).unwrap();
+        std::fs::write(dir.path().join("sys_vendor"), "Amazon EC2\n").unwrap();
+        assert!(is_ec2(dir.path()));
     }
 
     #[test]
