@@ -308,8 +308,7 @@ impl App {
             crate::fleet::imds::watch(
                 &setting,
                 shutdown.clone(),
-                worker.stop_margin,
-                worker.drain_timeout,
+                crate::fleet::imds::Deadlines::from_config(worker),
             );
         }
     }

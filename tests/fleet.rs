@@ -26,6 +26,8 @@ pub struct FakeImds {
     instance_id: Arc<Mutex<String>>,
     /// Every request, the token's included, is answered 503 until then.
     unavailable_until: Arc<Mutex<Option<Instant>>>,
+    /// The body of `events/recommendations/rebalance`, 404 while `None`.
+    rebalance: Arc<Mutex<Option<String>>>,
     /// The token `PUT` is answered 403.
     refuse_token: Arc<std::sync::atomic::AtomicBool>,
     port: u16,
@@ -41,6 +43,7 @@ impl FakeImds {
             ..FakeImds::default()
         };
         let token_ok = |headers: &HeaderMap| headers.get("x-aws-ec2-metadata-token").is_some();
+        let rebalance = imds.rebalance.clone();
         let (spot, lifecycle, instance, until, refuse) = (
             imds.spot.clone(),
             imds.lifecycle.clone(),
@@ -104,6 +107,18 @@ impl FakeImds {
                 }),
             )
             .route(
+                "/latest/meta-data/events/recommendations/rebalance",
+                get(move || {
+                    let body = rebalance.lock().unwrap().clone();
+                    async move {
+                        match body {
+                            Some(body) => (StatusCode::OK, body),
+                            None => (StatusCode::NOT_FOUND, String::new()),
+                        }
+                    }
+                }),
+            )
+            .route(
                 "/latest/meta-data/autoscaling/target-lifecycle-state",
                 get(move || {
                     let state = lifecycle.lock().unwrap().clone();
@@ -125,6 +140,108 @@ impl FakeImds {
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         *self.spot.lock().unwrap() = Some(json!({"action": "terminate", "time": at}).to_string());
     }
+}
+
+/// A queue no worker of these tests listens to, for the submitter's own
+/// worker.
+const ELSEWHERE: &str = r#"
+[queues.elsewhere]
+backend = "local"
+path = "elsewhere"
+"#;
+
+/// `serve` as a submitter only: its worker listens to another queue, and
+/// it watches no IMDS.
+async fn submitter(farm: &Farm, imds: &FakeImds) -> crate::harness::Proc {
+    let config = farm.config_variant("submitter", |text| {
+        text.replace("listen_queue = \"renders\"", "listen_queue = \"elsewhere\"")
+            .replace(&format!("imds = \"{}\"", imds.url()), "")
+    });
+    farm.serve_with(&[], &config).await
+}
+
+/// Two `sleep 11` commands that report no progress: one usually takes
+/// 10 s, the other a minute.
+const TYPICAL: &str = r#"
+[commands.usually_10s]
+kind = "process"
+program = "sleep"
+args = ["11"]
+typical_duration = "10s"
+
+[commands.usually_60s]
+kind = "process"
+program = "sleep"
+args = ["11"]
+typical_duration = "60s"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_job_is_judged_by_its_commands_typical_duration() {
+    let imds = FakeImds::start().await;
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            extra_toml: format!("{TYPICAL}{ELSEWHERE}{}", crate::harness::AUDIT_AND_ASSETS),
+            extra_allowed: vec!["usually_10s", "usually_60s"],
+            ..fleet_settings(&imds, "slots = 2")
+        },
+    )
+    .await;
+    let _submitter = submitter(&farm, &imds).await;
+    let mut worker = farm.spawn("worker", &[]);
+    worker.wait_for_log("Watching instance metadata", LONG);
+    let fits = farm.submit(json!({"command": "usually_10s"})).await;
+    let long = farm.submit(json!({"command": "usually_60s"})).await;
+    farm.wait_for_events(|e| e["type"] == "JobStarted", 2, LONG)
+        .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // 8 s in, a notice due in 20 s: 2 s left of 10 fits, 52 s of 60 not.
+    imds.interrupt_in(20);
+    let back = farm
+        .wait_for_events(|e| e["type"] == "JobRequeued", 1, LONG)
+        .await;
+    assert_eq!(back[0]["message_id"], long.as_str(), "{back:?}");
+    let done = farm
+        .wait_for_events(|e| e["type"] == "JobSucceeded", 1, LONG)
+        .await;
+    assert_eq!(done[0]["message_id"], fits.as_str(), "{done:?}");
+    assert_eq!(worker.wait_exit(LONG), Some(0), "{}", worker.log_text());
+    assert_eq!(farm.stats().0, 1, "the long job is queued again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebalance_recommendation_stops_taking_jobs_and_lets_the_running_one_finish() {
+    let imds = FakeImds::start().await;
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            extra_toml: format!("{ELSEWHERE}{}", crate::harness::AUDIT_AND_ASSETS),
+            ..fleet_settings(&imds, "rebalance = \"finish-current\"")
+        },
+    )
+    .await;
+    let _submitter = submitter(&farm, &imds).await;
+    let mut worker = farm.spawn("worker", &[]);
+    worker.wait_for_log("Watching instance metadata", LONG);
+    let running = farm
+        .submit(json!({"command": "sleep", "parameters": {"seconds": 3}}))
+        .await;
+    worker.wait_for_log("Executing command: sleep.", LONG);
+    *imds.rebalance.lock().unwrap() = Some(r#"{"noticeTime": "2026-12-03T20:00:00Z"}"#.into());
+    worker.wait_for_log("Stop requested.", LONG);
+    assert!(worker.log_text().contains("rebalance recommendation"));
+    let later = farm.submit(json!({"command": "get_version"})).await;
+    assert_eq!(worker.wait_exit(LONG), Some(0), "{}", worker.log_text());
+    let ended: Vec<_> = farm
+        .events()
+        .into_iter()
+        .filter(|e| e["type"] == "JobSucceeded" || e["type"] == "JobRequeued")
+        .collect();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0]["type"], "JobSucceeded");
+    assert_eq!(ended[0]["message_id"], running.as_str());
+    assert_eq!(farm.stats().0, 1, "{later} waits for another worker");
 }
 
 /// A folder of DMI data: an EC2 instance's, or (`None`) another machine's.

@@ -16,12 +16,12 @@ const LONG: Duration = Duration::from_secs(60);
 /// fail `fails` times. Returns the farm, the config for its workers and
 /// the proxy's count file.
 async fn counted_farm(
+    moto: &Moto,
     skip: u32,
     fails: u32,
     slots: u32,
     dir: &Path,
 ) -> (Farm, std::path::PathBuf, std::path::PathBuf, Server) {
-    let moto = Moto::shared();
     let farm = Farm::on_moto(
         moto,
         Settings {
@@ -82,7 +82,10 @@ fn completions(farm: &Farm) -> Vec<Value> {
 async fn four_workers_settle_2000_children_with_a_bounded_number_of_s3_calls_each() {
     const CHILDREN: u64 = 2000;
     let dir = tempfile::tempdir().unwrap();
-    let (farm, config, count, _proxy) = counted_farm(0, 0, 4, dir.path()).await;
+    // Its own moto: the other tests' traffic would slow it down (moto's
+    // queues cost more with more messages in them).
+    let moto = Moto::start_on(crate::harness::free_port());
+    let (farm, config, count, _proxy) = counted_farm(&moto, 0, 0, 4, dir.path()).await;
     let _serve = farm.serve_with(&AWS_ENV, &config).await;
     let job_id = submit_array(&farm, &format!("1-{CHILDREN}")).await;
     // serve runs a worker too: with these, four.
@@ -91,7 +94,7 @@ async fn four_workers_settle_2000_children_with_a_bounded_number_of_s3_calls_eac
         .collect();
     // Progress every 10 s, for a run that is slow to finish.
     let mut done = completions(&farm);
-    for _ in 0..36 {
+    for _ in 0..60 {
         if !done.is_empty() {
             break;
         }
@@ -139,7 +142,7 @@ async fn the_last_childs_ledger_write_failing_twice_still_completes_the_array_on
     // Three children on one slot: the first two settle (a GET and a PUT
     // each); the third's first two writes fail all of the SDK's three
     // attempts each.
-    let (farm, config, count, _proxy) = counted_farm(4, 6, 1, dir.path()).await;
+    let (farm, config, count, _proxy) = counted_farm(Moto::shared(), 4, 6, 1, dir.path()).await;
     let _serve = farm.serve_with(&AWS_ENV, &config).await;
     let job_id = submit_array(&farm, "1-3").await;
     let _worker = farm.spawn_with("worker", &AWS_ENV, &config);

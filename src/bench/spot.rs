@@ -98,8 +98,11 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         crate::fleet::imds::watch(
             &crate::config::ImdsSetting::parse(&imds).map_err(anyhow::Error::msg)?,
             shutdown.clone(),
-            Duration::from_secs(1),
-            Duration::from_secs(10),
+            crate::fleet::imds::Deadlines {
+                margin: Duration::from_secs(1),
+                drain: Duration::from_secs(10),
+                rebalance: None,
+            },
         );
         let running = tokio::spawn({
             let (worker, shutdown) = (worker.clone(), shutdown.clone());

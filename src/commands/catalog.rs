@@ -86,6 +86,11 @@ impl Catalog {
         self.commands.values()
     }
 
+    /// How long a run of `name` usually takes, if its config says.
+    pub fn typical_duration(&self, name: &str) -> Option<std::time::Duration> {
+        self.commands.get(name)?.typical_duration
+    }
+
     pub fn validate(
         &self,
         command: &str,

@@ -223,6 +223,8 @@ pub struct Command {
     pub name: String,
     pub schema: Schema,
     pub kind: CommandKind,
+    /// `typical_duration`: how long a run usually takes, if said.
+    pub typical_duration: Option<Duration>,
 }
 
 impl Command {
@@ -231,6 +233,7 @@ impl Command {
             name: builtin.name().to_owned(),
             schema: builtin.schema(),
             kind: CommandKind::Builtin(builtin),
+            typical_duration: None,
         }
     }
 
@@ -238,9 +241,9 @@ impl Command {
     /// and parameter schema; errors name the key.
     pub fn from_config(name: &str, config: &CommandConfig, root: &Config) -> Result<Self, Invalid> {
         let key = |rest: &str| format!("commands.{name}.{rest}");
-        let (program, args, parameters) = match config {
-            CommandConfig::Process(c) => (&c.program, &c.args, &c.parameters),
-            CommandConfig::Adaptor(c) => (&c.program, &c.args, &c.parameters),
+        let (program, args, parameters, typical_duration) = match config {
+            CommandConfig::Process(c) => (&c.program, &c.args, &c.parameters, c.typical_duration),
+            CommandConfig::Adaptor(c) => (&c.program, &c.args, &c.parameters, c.typical_duration),
         };
         let schema = Schema::from_specs(parameters)
             .map_err(|(param, e)| Invalid::new(key(&format!("parameters.{param}")), e))?;
@@ -315,6 +318,7 @@ impl Command {
             name: name.to_owned(),
             schema,
             kind,
+            typical_duration,
         })
     }
 

@@ -50,6 +50,10 @@ pub struct ProcessConfig {
     /// The parameters a job may give.
     #[serde(default)]
     pub parameters: BTreeMap<String, ParamSpec>,
+    /// How long a run usually takes: the expected time left of a job that
+    /// reports no progress, when a notice asks which jobs can finish.
+    #[serde(default, with = "humantime_serde")]
+    pub typical_duration: Option<Duration>,
 }
 
 /// `[commands.NAME]` with `kind = "adaptor"`
@@ -76,6 +80,10 @@ pub struct AdaptorConfig {
     /// The parameters a job may give.
     #[serde(default)]
     pub parameters: BTreeMap<String, ParamSpec>,
+    /// How long a run usually takes: the expected time left of a job that
+    /// reports no progress, when a notice asks which jobs can finish.
+    #[serde(default, with = "humantime_serde")]
+    pub typical_duration: Option<Duration>,
 }
 
 fn default_command_timeout() -> Duration {

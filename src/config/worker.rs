@@ -44,6 +44,10 @@ pub struct WorkerConfig {
     /// that reported no progress: `release` it at once, or
     /// `run-to-deadline`.
     pub unknown_eta: UnknownEta,
+    /// On a rebalance recommendation (EC2 expects to reclaim the spot
+    /// instance soon): `finish-current` stops taking jobs and lets the
+    /// running ones finish, or `ignore` it.
+    pub rebalance: Rebalance,
     /// On an instance notice, jobs must be handed back this long before
     /// the deadline.
     #[serde(with = "humantime_serde")]
@@ -153,6 +157,7 @@ impl Default for WorkerConfig {
             drain_timeout: Duration::from_secs(30),
             work_dir: None,
             unknown_eta: UnknownEta::default(),
+            rebalance: Rebalance::default(),
             stop_margin: Duration::from_secs(10),
             imds: "off".into(),
             gpus: GpusConfig::default(),
@@ -171,6 +176,18 @@ pub enum UnknownEta {
     Release,
     /// Let it run until the deadline less the margin (for short jobs).
     RunToDeadline,
+}
+
+/// `[worker] rebalance`: what a rebalance recommendation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rebalance {
+    /// Nothing (the instance may still get an interruption notice).
+    #[default]
+    Ignore,
+    /// Stop taking jobs; the running ones finish (up to `max_runtime`),
+    /// then the worker exits, so the instance leaves cleanly.
+    FinishCurrent,
 }
 
 /// `[worker] gpus`.

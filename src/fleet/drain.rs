@@ -3,9 +3,13 @@
 //! another worker can start them sooner.
 //!
 //! A job's expected remaining time comes from its progress (elapsed ÷
-//! fraction done). A job that reported none has an unknown end: on an
-//! instance notice it is released at once unless `unknown_eta =
-//! "run-to-deadline"`; on a signal it runs until the drain deadline.
+//! fraction done), or, while it reported none, from its command's
+//! `typical_duration` (less the time it ran; a job past it is expected to
+//! end any moment, until it has run twice as long). A job with neither, or
+//! that ran past twice its typical duration, has an unknown end: on an
+//! instance notice
+//! it is released at once unless `unknown_eta = "run-to-deadline"`; on a
+//! signal it runs until the drain deadline.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +26,8 @@ use crate::config::UnknownEta;
 struct Running {
     cancel: CancellationToken,
     started: Instant,
+    /// Its command's `typical_duration`.
+    typical: Option<Duration>,
     /// Latest percent done, from the command's progress reports.
     progress: Arc<Mutex<Option<f64>>>,
 }
@@ -68,7 +74,7 @@ impl RunningJobs {
         self.jobs.lock().expect("running jobs lock")
     }
 
-    pub fn register(&self, cancel: CancellationToken) -> Registered<'_> {
+    pub fn register(&self, cancel: CancellationToken, typical: Option<Duration>) -> Registered<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let progress = Arc::new(Mutex::new(None));
         self.lock().insert(
@@ -76,6 +82,7 @@ impl RunningJobs {
             Running {
                 cancel,
                 started: Instant::now(),
+                typical,
                 progress: progress.clone(),
             },
         );
@@ -105,7 +112,13 @@ impl RunningJobs {
                 continue;
             }
             let percent = *job.progress.lock().expect("progress lock");
-            let late = match eta(now - job.started, percent) {
+            let elapsed = now - job.started;
+            let left = eta(elapsed, percent).or_else(|| {
+                job.typical
+                    .filter(|typical| *typical * 2 > elapsed)
+                    .map(|typical| typical.saturating_sub(elapsed))
+            });
+            let late = match left {
                 Some(left) => now + left > cutoff,
                 None => unknown == UnknownEta::Release,
             };
@@ -140,9 +153,9 @@ mod tests {
             CancellationToken::new(),
             CancellationToken::new(),
         );
-        let q = jobs.register(quick.clone());
-        let s = jobs.register(slow.clone());
-        let _u = jobs.register(silent.clone());
+        let q = jobs.register(quick.clone(), None);
+        let s = jobs.register(slow.clone(), None);
+        let _u = jobs.register(silent.clone(), None);
         tokio::time::sleep(Duration::from_millis(100)).await;
         *q.progress.lock().unwrap() = Some(90.0);
         *s.progress.lock().unwrap() = Some(1.0);
@@ -153,5 +166,25 @@ mod tests {
         assert!(silent.is_cancelled() && !quick.is_cancelled());
         drop(q);
         assert_eq!(jobs.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_silent_job_is_judged_by_its_typical_duration() {
+        let jobs = RunningJobs::default();
+        let (short, long, overdue) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let _s = jobs.register(short.clone(), Some(Duration::from_secs(1)));
+        let _l = jobs.register(long.clone(), Some(Duration::from_secs(60)));
+        let _o = jobs.register(overdue.clone(), Some(Duration::from_millis(1)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let cutoff = Instant::now() + Duration::from_secs(5);
+        // Past twice its typical duration, a job's end is unknown again.
+        assert_eq!(jobs.release_late(cutoff, UnknownEta::RunToDeadline), 1);
+        assert!(!short.is_cancelled() && long.is_cancelled() && !overdue.is_cancelled());
+        assert_eq!(jobs.release_late(cutoff, UnknownEta::Release), 1);
+        assert!(overdue.is_cancelled() && !short.is_cancelled());
     }
 }

@@ -92,9 +92,32 @@ pub async fn instance_id(setting: &ImdsSetting) -> Option<String> {
         .map(|id| id.as_ref().to_owned())
 }
 
+/// How long a notice leaves the worker.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// A notice that cannot be read: due now plus this.
+    pub margin: Duration,
+    /// An autoscaling termination: due in this (`drain_timeout`).
+    pub drain: Duration,
+    /// A rebalance recommendation: due in this (`max_runtime`, so that
+    /// running jobs finish); `None`: not read.
+    pub rebalance: Option<Duration>,
+}
+
+impl Deadlines {
+    pub fn from_config(worker: &crate::config::WorkerConfig) -> Self {
+        Self {
+            margin: worker.stop_margin,
+            drain: worker.drain_timeout,
+            rebalance: (worker.rebalance == crate::config::Rebalance::FinishCurrent)
+                .then_some(worker.max_runtime),
+        }
+    }
+}
+
 /// Starts the watcher (unless off). It returns at once; the polling runs
 /// in the background until `shutdown`.
-pub fn watch(setting: &ImdsSetting, shutdown: Shutdown, margin: Duration, drain: Duration) {
+pub fn watch(setting: &ImdsSetting, shutdown: Shutdown, deadlines: Deadlines) {
     let Some(client) = client(setting) else {
         return;
     };
@@ -109,7 +132,7 @@ pub fn watch(setting: &ImdsSetting, shutdown: Shutdown, margin: Duration, drain:
         let mut failures = 0;
         let mut watching = false;
         loop {
-            let wait = match read_notice(&client, margin, drain).await {
+            let wait = match read_notice(&client, deadlines).await {
                 Read::Answered(notice) => {
                     if !std::mem::replace(&mut watching, true) {
                         tracing::info!(
@@ -153,7 +176,12 @@ enum Read {
 }
 
 /// Reads both notices; the nearer deadline wins.
-async fn read_notice(client: &aws_config::imds::Client, margin: Duration, drain: Duration) -> Read {
+async fn read_notice(client: &aws_config::imds::Client, deadlines: Deadlines) -> Read {
+    let Deadlines {
+        margin,
+        drain,
+        rebalance,
+    } = deadlines;
     let safe_side = |reason, what: &str, error: &dyn std::fmt::Display| {
         tracing::warn!(%error, "{what}: taken as a notice");
         Notice::Stop(reason, margin)
@@ -185,19 +213,32 @@ async fn read_notice(client: &aws_config::imds::Client, margin: Duration, drain:
             Err(error) => return Read::Unanswered(error),
         },
     };
-    Read::Answered(match (spot, scaling) {
-        (Notice::Stop(r1, a), Notice::Stop(r2, b)) => {
-            if a <= b {
-                Notice::Stop(r1, a)
-            } else {
-                Notice::Stop(r2, b)
-            }
+    let rebalance = match rebalance {
+        None => Notice::None,
+        Some(left) => match client
+            .get("/latest/meta-data/events/recommendations/rebalance")
+            .await
+        {
+            // `{"noticeTime": ...}`: its content does not matter.
+            Ok(_) => Notice::Stop(StopReason::RebalanceRecommendation, left),
+            Err(error) => match classify(error, StopReason::RebalanceRecommendation, margin) {
+                Ok(notice) => notice,
+                Err(error) => return Read::Unanswered(error),
+            },
+        },
+    };
+    Read::Answered(spot.nearer(scaling).nearer(rebalance))
+}
+
+impl Notice {
+    /// The one with the nearer deadline.
+    fn nearer(self, other: Notice) -> Notice {
+        match (self, other) {
+            (Notice::Stop(_, a), Notice::Stop(_, b)) if b < a => other,
+            (Notice::None, _) => other,
+            _ => self,
         }
-        (Notice::Stop(r, a), Notice::None) | (Notice::None, Notice::Stop(r, a)) => {
-            Notice::Stop(r, a)
-        }
-        (Notice::None, Notice::None) => Notice::None,
-    })
+    }
 }
 
 /// A 404 is "no notice"; a token the service refused (401, 403) is taken

@@ -18,16 +18,29 @@ pub enum StopReason {
     SpotInterruption,
     /// The autoscaling group is terminating the instance.
     AutoscalingTermination,
+    /// EC2 recommends moving off this spot instance (`rebalance =
+    /// "finish-current"`): no new jobs; the running ones finish.
+    RebalanceRecommendation,
     /// The endpoint of `serve` failed.
     EndpointFailed,
 }
 
 impl StopReason {
+    /// An instance notice with a deadline to meet: jobs that cannot make
+    /// it are handed back early. Any other stop lets them run to it.
+    pub fn is_notice(self) -> bool {
+        matches!(
+            self,
+            StopReason::SpotInterruption | StopReason::AutoscalingTermination
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             StopReason::Signal(name) => name,
             StopReason::SpotInterruption => "spot interruption",
             StopReason::AutoscalingTermination => "autoscaling termination",
+            StopReason::RebalanceRecommendation => "rebalance recommendation",
             StopReason::EndpointFailed => "endpoint failed",
         }
     }

@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use super::TaskError;
 use crate::job::Output;
+use crate::job::output::Body;
 use crate::job::{Template, Vars, check_key, check_key_template};
 use crate::retry::Backoff;
 use crate::storage::{Buckets, StorageError};
@@ -55,12 +56,15 @@ impl S3Upload {
             .content_type
             .clone()
             .unwrap_or_else(|| output.mime.to_string());
-        // One output of many failing once does not re-run the render.
+        // One output of many failing once does not re-run the render; but
+        // a file that changed under the upload is not sent again as it is
+        // now (the job is tried again instead).
+        let size = file_size(output);
         UPLOAD_RETRY
             .retry(
                 UPLOAD_TRIES,
                 "uploading an output",
-                |e: &StorageError| !e.permanent,
+                |e: &StorageError| !e.permanent && file_size(output) == size,
                 || bucket.put(&key, output, &content_type, self.acl.as_deref()),
             )
             .await
@@ -68,5 +72,13 @@ impl S3Upload {
                 true => TaskError::Permanent(e.to_string()),
                 false => TaskError::Retryable(e.to_string()),
             })
+    }
+}
+
+/// A file result's size now (`None` for one in memory, or one gone).
+fn file_size(output: &Output) -> Option<u64> {
+    match &output.body {
+        Body::File(path) => std::fs::metadata(path).ok().map(|m| m.len()),
+        Body::Bytes(_) => None,
     }
 }

@@ -30,7 +30,7 @@ use crate::events::ledger::Ledger;
 use crate::events::observe::Subject;
 use crate::events::observe::{JobEnd, Observer};
 use crate::fleet::drain::{Registered, RunningJobs};
-use crate::fleet::lifecycle::{Shutdown, StopReason};
+use crate::fleet::lifecycle::Shutdown;
 use crate::job::event::EventType;
 use crate::queue::{Queue, QueueError};
 use crate::retry::Backoff;
@@ -217,11 +217,10 @@ impl Worker {
         let Some(first) = shutdown.stop() else {
             return;
         };
-        let notice = !matches!(first.reason, StopReason::Signal(_));
         let left = first.deadline.saturating_duration_since(Instant::now());
         info!(reason = first.reason.name(), deadline_in = ?left, "Worker stopping: no new jobs will be received.");
         self.observer.worker_event(
-            if notice {
+            if first.reason.is_notice() {
                 EventType::WorkerInterrupted
             } else {
                 EventType::WorkerStopping
@@ -231,7 +230,9 @@ impl Worker {
         loop {
             let stop = shutdown.stop().unwrap_or(first);
             // An instance notice leaves a margin and releases what cannot
-            // make it; a signal lets every job run to the drain deadline.
+            // make it; a signal or a rebalance lets every job run to the
+            // deadline.
+            let notice = stop.reason.is_notice();
             let cutoff = if notice {
                 let cutoff = stop
                     .deadline
@@ -359,7 +360,9 @@ impl Worker {
         // Each job can be handed back on its own (see `run`).
         let cancel = abort.child_token();
         let cancelled = CancellationToken::new();
-        let registered = self.running.register(cancel.clone());
+        let typical = (delivery.envelope.as_ref().ok())
+            .and_then(|envelope| self.catalog.typical_duration(&envelope.command));
+        let registered = self.running.register(cancel.clone(), typical);
         metrics.busy(1);
         let gpu = (!self.gpus.is_empty()).then(|| self.gpus[slot % self.gpus.len()]);
         let started = Instant::now();

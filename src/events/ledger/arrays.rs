@@ -182,6 +182,22 @@ struct Waiting {
     settles: Vec<Settle>,
 }
 
+/// Removes an array's entry from [`Writes`] when its writer unwinds.
+struct Leave<'a> {
+    writes: &'a Writes,
+    array_id: &'a str,
+    armed: bool,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut writes = self.writes.0.lock().unwrap_or_else(|e| e.into_inner());
+            writes.remove(self.array_id);
+        }
+    }
+}
+
 /// Children to settle, and where their caller waits for the answer.
 #[derive(Debug)]
 struct Settle {
@@ -189,6 +205,10 @@ struct Settle {
     state: ChildState,
     answer: tokio::sync::oneshot::Sender<Result<Option<ArrayCounts>, LedgerError>>,
 }
+
+/// The longest one write of an array's state (its reads and races
+/// included) may take before its callers are told it failed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Writes that may race one settle (another writer changed the state
 /// between its read and its write) before it gives up.
@@ -299,17 +319,36 @@ impl Ledger {
         let Ledger::S3 { writes, .. } = &self else {
             unreachable!("only the S3 ledger batches its writes")
         };
+        // Should this task panic, the array is left to the next writer
+        // (and the callers waiting on it get an error).
+        let mut leave = Leave {
+            writes,
+            array_id: &array_id,
+            armed: true,
+        };
         loop {
             let batch = {
                 let mut writes = writes.0.lock().expect("not poisoned");
-                let waiting = writes.get_mut(&array_id).expect("this writer's entry");
+                let Some(waiting) = writes.get_mut(&array_id) else {
+                    leave.armed = false;
+                    return;
+                };
                 if waiting.settles.is_empty() {
                     writes.remove(&array_id);
+                    leave.armed = false;
                     return;
                 }
                 std::mem::take(&mut waiting.settles)
             };
-            let result = self.write_state(&array_id, size, &batch).await;
+            // A call that hangs must not hold every settle of the array.
+            let result =
+                tokio::time::timeout(WRITE_TIMEOUT, self.write_state(&array_id, size, &batch))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(LedgerError(format!(
+                            "array {array_id}: its state write took over {WRITE_TIMEOUT:?}"
+                        )))
+                    });
             let mut answers = batch.into_iter().map(|settle| settle.answer);
             match result {
                 Ok(claimed) => {
