@@ -217,7 +217,6 @@ impl App {
             },
             self.run_worker(worker, shutdown.clone()),
         );
-        self.flush_events().await;
         served.context("HTTP server failed")
     }
 
@@ -241,7 +240,6 @@ impl App {
             tokio::spawn(server::serve(listener, router, shutdown.token().clone()));
         }
         self.run_worker(Arc::new(self.worker()), shutdown).await;
-        self.flush_events().await;
         Ok(())
     }
 
@@ -289,6 +287,8 @@ impl App {
         if let Some(protecting) = protecting {
             let _ = protecting.await;
         }
+        // Events before the hook: once it is completed the instance goes.
+        self.flush_events(&shutdown).await;
         if let Some(scaling) = &scaling
             && is_termination(&shutdown)
         {
@@ -364,11 +364,25 @@ impl App {
         });
     }
 
-    /// Gives the events still buffered the drain timeout to go out.
-    async fn flush_events(&self) {
-        self.publisher.close(self.config.worker.drain_timeout).await;
+    /// Gives the events still buffered what is left until the stop's
+    /// deadline (less a second for the lifecycle hook) to go out; without
+    /// a deadline, the drain timeout.
+    async fn flush_events(&self, shutdown: &Shutdown) {
+        let left = shutdown
+            .stop()
+            .map_or(self.config.worker.drain_timeout, |stop| {
+                stop.deadline
+                    .saturating_duration_since(Instant::now())
+                    .saturating_sub(HOOK_ALLOWANCE)
+            });
+        self.publisher.close(left.max(MIN_FLUSH)).await;
     }
 }
+
+/// Kept from the stop's deadline for completing the lifecycle hook.
+const HOOK_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(1);
+/// The least time buffered events get at the end, even past a deadline.
+const MIN_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Runs `task` now and every `period` until `shutdown`.
 fn every<F, Fut>(shutdown: &Shutdown, period: std::time::Duration, mut task: F)

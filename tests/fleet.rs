@@ -876,6 +876,95 @@ async fn recording_autoscaling() -> (String, Arc<Mutex<Vec<String>>>) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn shutdown_with_three_stubborn_adaptors_and_a_full_event_buffer_ends_before_its_deadline() {
+    let (endpoint, calls) = recording_autoscaling().await;
+    // A slow webhook (1 s an event) that notes its deliveries in the same
+    // list as the autoscaling calls, to see which came first.
+    let delivered = calls.clone();
+    let webhook = axum::Router::new().fallback(move || {
+        let delivered = delivered.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            delivered.lock().unwrap().push("Action=Webhook".into());
+            StatusCode::OK
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let webhook_url = format!("http://{}/events", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, webhook).await });
+    let imds = FakeImds::start().await;
+    let adaptor = crate::harness::repo_path("tests/fixtures/stubborn_adaptor.py");
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            drain_timeout: "12s",
+            extra_allowed: vec!["stubborn"],
+            extra_toml: format!(
+                r#"
+[commands.stubborn]
+kind = "adaptor"
+program = "{adaptor}"
+
+[events]
+buffer = 4
+[events.targets.slow]
+kind = "webhook"
+url = "{webhook_url}"
+"#
+            ),
+            ..fleet_settings(
+                &imds,
+                &format!(
+                    "slots = 3\n[worker.autoscaling]\ngroup = \"fleet\"\nprotect_when_busy = false\nlifecycle_hook = \"drain\"\nendpoint_url = \"{endpoint}\"\nregion = \"us-east-1\"\n"
+                ),
+            )
+        },
+    )
+    .await;
+    let text = std::fs::read_to_string(&farm.config).unwrap();
+    std::fs::write(
+        &farm.config,
+        text.replace("[events]\nstatus = \"status.sqlite3\"\n", ""),
+    )
+    .unwrap();
+    let mut serve = farm.serve(&crate::harness::AWS_ENV).await;
+    serve.wait_for_log("Watching instance metadata", LONG);
+    // One adaptor per slot, each left idle (and so kept) after its job.
+    for _ in 0..3 {
+        farm.submit(json!({"command": "stubborn"})).await;
+    }
+    for _ in 0..30 {
+        if serve.log_text().matches("Job processed").count() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    *imds.lifecycle.lock().unwrap() = "Terminated".into();
+    let noticed = Instant::now();
+    assert_eq!(serve.wait_exit(LONG), Some(0), "{}", serve.log_text());
+    let took = noticed.elapsed();
+    println!("shutdown with 3 stubborn adaptors and a full event buffer: {took:?} (deadline 12 s)");
+    let log = serve.log_text();
+    assert_eq!(
+        log.matches("adaptor did not stop cleanly").count(),
+        3,
+        "{log}"
+    );
+    assert!(took < Duration::from_secs(12), "took {took:?}: {log}");
+    let calls = calls.lock().unwrap().clone();
+    let actions: Vec<&str> = calls
+        .iter()
+        .filter_map(|c| c.split('&').find_map(|p| p.strip_prefix("Action=")))
+        .collect();
+    assert_eq!(
+        actions.last(),
+        Some(&"CompleteLifecycleAction"),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&"Webhook"), "{actions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn termination_hook_gets_heartbeats_then_continue() {
     let (endpoint, calls) = recording_autoscaling().await;
     let imds = FakeImds::start().await;

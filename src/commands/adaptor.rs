@@ -322,10 +322,12 @@ impl AdaptorCommand {
     /// Stops every idle adaptor process (on worker shutdown).
     pub async fn stop_all(&self) {
         let idle: Vec<_> = std::mem::take(&mut *self.idle.lock().expect("adaptor pool lock"));
-        for process in idle {
+        // Together: shutdown waits for the slowest, not for their sum.
+        futures_util::future::join_all(idle.into_iter().map(|process| async {
             process.stop().await;
             tracing::info!(adaptor = %self.name, "Stopped adaptor.");
-        }
+        }))
+        .await;
     }
 }
 

@@ -76,10 +76,9 @@ impl Catalog {
     }
 
     /// Stops the long-lived processes behind commands (adaptors).
+    /// Stops every command's adaptors, all at once.
     pub async fn stop(&self) {
-        for command in self.commands.values() {
-            command.stop().await;
-        }
+        futures_util::future::join_all(self.commands.values().map(Command::stop)).await;
     }
 
     pub fn commands(&self) -> impl Iterator<Item = &Command> {

@@ -233,11 +233,14 @@ impl Worker {
             // make it; a signal or a rebalance lets every job run to the
             // deadline.
             let notice = stop.reason.is_notice();
-            let cutoff = if notice {
-                let cutoff = stop
-                    .deadline
-                    .checked_sub(self.config.stop_margin)
-                    .unwrap_or(stop.deadline);
+            // Jobs still running at the cutoff are cancelled: the margin
+            // pays for their grace and their hand-back, so that the
+            // process is gone by the deadline.
+            let cutoff = stop
+                .deadline
+                .checked_sub(self.config.stop_margin)
+                .unwrap_or(stop.deadline);
+            if notice {
                 let released = self.running.release_late(cutoff, self.config.unknown_eta);
                 if released > 0 {
                     info!(
@@ -245,10 +248,7 @@ impl Worker {
                         "Handing back jobs that cannot finish before the deadline."
                     );
                 }
-                cutoff
-            } else {
-                stop.deadline
-            };
+            }
             tokio::select! {
                 _ = tracker.wait() => break,
                 _ = shutdown.changed() => continue,
