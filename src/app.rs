@@ -266,6 +266,11 @@ impl App {
             }
             None => None,
         };
+        let sweeper = worker.clone();
+        every(&shutdown, self.config.worker.dead_letter_sweep, move || {
+            let sweeper = sweeper.clone();
+            async move { sweeper.sweep_dead_letters().await }
+        });
         let drained = CancellationToken::new();
         let mut protecting = None;
         if let Some(scaling) = &scaling {

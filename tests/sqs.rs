@@ -325,3 +325,137 @@ region = "us-east-1"
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_the_redrive_policy_moved_is_counted_and_its_array_completes_once() {
+    let metrics_port = free_port();
+    let farm = Farm::new(
+        crate::harness::Backend::Sqs,
+        Settings {
+            // The test's own receive below uses one of each child's tries.
+            max_receive_count: 2,
+            worker_toml: "dead_letter_sweep = \"1s\"".into(),
+            extra_toml: format!(
+                "{}\n[queues.elsewhere]\nbackend = \"local\"\npath = \"elsewhere\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+                crate::harness::AUDIT_AND_ASSETS
+            ),
+            ..Settings::default()
+        },
+    )
+    .await;
+    // A submitter whose own worker listens elsewhere, so that the children
+    // wait in the queue.
+    let submitter = farm.config_variant("submitter", |text| {
+        text.replace("listen_queue = \"renders\"", "listen_queue = \"elsewhere\"")
+            .replace(&format!("listen = \"127.0.0.1:{metrics_port}\""), "")
+    });
+    let _serve = farm.serve_with(&AWS_ENV, &submitter).await;
+    let reply = farm
+        .rpc(
+            "queue_manager_submit_job",
+            json!({"command": "get_version", "frames": "1-3"}),
+        )
+        .await;
+    let job_id = reply["result"]["job_id"].as_str().unwrap().to_owned();
+
+    // Child 0's worker dies during its last try: SQS's redrive policy moves
+    // the message, as it is (no renderq note), to the dead-letter queue.
+    // Here the test moves it the same way; the others go back.
+    let aws = farm.aws.as_ref().unwrap();
+    let mut seen = 0;
+    while seen < 3 {
+        let messages = aws
+            .sqs
+            .receive_message()
+            .queue_url(&aws.queue_url)
+            .max_number_of_messages(10)
+            .visibility_timeout(60)
+            .send()
+            .await
+            .unwrap()
+            .messages
+            .unwrap_or_default();
+        for message in messages {
+            seen += 1;
+            let body = message.body().unwrap();
+            let receipt = message.receipt_handle().unwrap();
+            if body.contains("\"index\":0,") {
+                aws.sqs
+                    .send_message()
+                    .queue_url(&aws.dlq_url)
+                    .message_body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                aws.sqs
+                    .delete_message()
+                    .queue_url(&aws.queue_url)
+                    .receipt_handle(receipt)
+                    .send()
+                    .await
+                    .unwrap();
+            } else {
+                aws.sqs
+                    .change_message_visibility()
+                    .queue_url(&aws.queue_url)
+                    .receipt_handle(receipt)
+                    .visibility_timeout(0)
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    // And a message that is no renderq job at all.
+    aws.sqs
+        .send_message()
+        .queue_url(&aws.dlq_url)
+        .message_body("hello")
+        .send()
+        .await
+        .unwrap();
+
+    let worker = farm.spawn("worker", &AWS_ENV);
+    let done = farm
+        .wait_for_events(|e| e["type"] == "ArrayJobCompleted", 1, LONG)
+        .await;
+    assert_eq!(done[0]["job_id"], job_id.as_str());
+    assert_eq!(
+        done[0]["detail"],
+        json!({"size": 3, "succeeded": 2, "dead_lettered": 1, "cancelled": 0})
+    );
+    worker.wait_for_log("A dead letter that is not a renderq job: skipped.", LONG);
+    // Later sweeps pass both by: still one completion, one skip.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let completions = farm
+        .events()
+        .iter()
+        .filter(|e| e["type"] == "ArrayJobCompleted")
+        .count();
+    assert_eq!(completions, 1);
+    let log = worker.log_text();
+    assert_eq!(
+        log.matches("not a renderq job: skipped").count(),
+        1,
+        "{log}"
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("renderq_dead_letters_swept_total{result=\"skipped\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("renderq_dead_letters_swept_total{result=\"counted\"} 1"),
+        "{metrics}"
+    );
+    // `dlq list` says why each is there.
+    let (code, out, err) = farm.cli(&["dlq", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("moved by the queue's redrive policy"), "{out}");
+    assert!(out.contains("not a renderq job"), "{out}");
+}

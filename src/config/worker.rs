@@ -44,6 +44,11 @@ pub struct WorkerConfig {
     /// that reported no progress: `release` it at once, or
     /// `run-to-deadline`.
     pub unknown_eta: UnknownEta,
+    /// How often a worker looks in its SQS queues' dead-letter queues for
+    /// jobs the redrive policy moved (their worker died during their last
+    /// try), to count them for their arrays and publish their end.
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_sweep: Duration,
     /// On a rebalance recommendation (EC2 expects to reclaim the spot
     /// instance soon): `finish-current` stops taking jobs and lets the
     /// running ones finish, or `ignore` it.
@@ -158,6 +163,7 @@ impl Default for WorkerConfig {
             work_dir: None,
             unknown_eta: UnknownEta::default(),
             rebalance: Rebalance::default(),
+            dead_letter_sweep: Duration::from_secs(300),
             stop_margin: Duration::from_secs(10),
             imds: "off".into(),
             gpus: GpusConfig::default(),

@@ -103,6 +103,7 @@ pub struct Metrics {
     task_duration: Family<Labels, Histogram, fn() -> Histogram>,
     queue_wait: Histogram,
     receives: Family<Labels, Counter>,
+    swept: Family<Labels, Counter>,
     heartbeats: Counter,
     extensions_failed: Counter,
     slots_busy: Gauge,
@@ -149,6 +150,7 @@ impl Metrics {
             task_duration: Family::new_with_constructor(seconds_histogram),
             queue_wait: seconds_histogram(),
             receives: Family::default(),
+            swept: Family::default(),
             heartbeats: Counter::default(),
             extensions_failed: Counter::default(),
             slots_busy: Gauge::default(),
@@ -181,6 +183,11 @@ impl Metrics {
             "receive_calls",
             "Receives by result",
             metrics.receives.clone(),
+        );
+        registry.register(
+            "dead_letters_swept",
+            "Dead letters the redrive policy moved, by what the sweep did: counted for their job, or skipped (not a renderq job)",
+            metrics.swept.clone(),
         );
         registry.register(
             "heartbeats",
@@ -286,6 +293,11 @@ impl Metrics {
     /// `message`, `empty` or `error`.
     pub fn received(&self, result: &str) {
         self.receives.get_or_create(&label("result", result)).inc();
+    }
+
+    /// A moved dead letter the sweep `counted` or `skipped`.
+    pub fn swept(&self, result: &str) {
+        self.swept.get_or_create(&label("result", result)).inc();
     }
 
     pub fn heartbeat(&self, ok: bool) {

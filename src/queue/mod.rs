@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::QueueConfig;
 pub use local::{Cancelled, LocalQueue};
-pub use sqs::{ApiCalls, SqsQueue};
+pub use sqs::{ApiCalls, MOVED_REASON, SqsQueue};
 
 /// A message handed to a worker. It stays invisible to others until its
 /// visibility lapses or it is deleted with `receipt`.

@@ -48,6 +48,7 @@ mod heartbeat;
 mod intake;
 mod settle;
 mod staging;
+mod sweep;
 pub mod thumbs;
 
 /// Waits between receives while the queue cannot be reached.

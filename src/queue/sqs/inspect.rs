@@ -9,6 +9,21 @@ use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use super::{ApiCalls, REASON, RECEIVES, SOURCE_ID, SqsQueue, classify, seconds};
 use crate::queue::Redrive;
 
+/// Why a job the redrive policy moved is dead-lettered.
+pub const MOVED_REASON: &str =
+    "worker lost: moved by the queue's redrive policy after its last try never finished";
+
+/// A dead letter the queue's redrive policy moved, as a sweep took it.
+#[derive(Debug)]
+pub struct MovedDeadLetter {
+    pub body: String,
+    /// SQS's id of the message.
+    pub message_id: String,
+    /// How many times it was received before it was moved.
+    pub receives: u32,
+    receipt: String,
+}
+
 /// Dead letters a selective redrive (one job, one message) looks through.
 const SCAN: usize = 10_000;
 use crate::queue::{DeadLetter, QueueError, Stats};
@@ -117,11 +132,7 @@ impl SqsQueue {
                 receive_count: receives,
                 // renderq dead-letters every failure itself, so the redrive
                 // policy only moves jobs whose last worker never reported.
-                reason: attribute(REASON).unwrap_or_else(|| {
-                    "worker lost: moved by the queue's redrive policy after its last try \
-                     never finished"
-                        .into()
-                }),
+                reason: attribute(REASON).unwrap_or_else(|| MOVED_REASON.into()),
             });
             // Make it visible again at once for other readers.
             if let Some(receipt) = &message.receipt_handle {
@@ -136,6 +147,76 @@ impl SqsQueue {
             }
         }
         Ok(listed)
+    }
+
+    /// Up to `limit` dead letters the queue's redrive policy moved (a
+    /// worker died during the job's last try), each hidden for a minute;
+    /// renderq's own (they carry a reason) are made visible again at once.
+    pub async fn moved_dead_letters(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<MovedDeadLetter>, QueueError> {
+        let messages = self
+            .take_dead_letters(limit, Duration::from_secs(60))
+            .await?;
+        let mut moved = Vec::new();
+        for message in messages {
+            let Some(receipt) = message.receipt_handle.clone() else {
+                continue;
+            };
+            if message
+                .message_attributes()
+                .is_some_and(|a| a.contains_key(REASON))
+            {
+                self.client
+                    .change_message_visibility()
+                    .queue_url(&self.dlq_url)
+                    .receipt_handle(&receipt)
+                    .visibility_timeout(0)
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                continue;
+            }
+            // The receive count includes this sweep's own receive.
+            let receives = message
+                .attributes()
+                .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                .and_then(|n| n.parse::<u32>().ok())
+                .map_or(0, |n| n.saturating_sub(1));
+            moved.push(MovedDeadLetter {
+                body: message.body.unwrap_or_default(),
+                message_id: message.message_id.unwrap_or_default(),
+                receives,
+                receipt,
+            });
+        }
+        Ok(moved)
+    }
+
+    /// Makes a moved dead letter one of renderq's own, with `reason`: sent
+    /// again with its note, the original deleted, so that a later sweep
+    /// passes it by and `dlq list` shows why.
+    pub async fn adopt_dead_letter(
+        &self,
+        moved: &MovedDeadLetter,
+        message_id: &str,
+        reason: &str,
+    ) -> Result<(), QueueError> {
+        let note = DeadLetter {
+            message_id: message_id.to_owned(),
+            receive_count: moved.receives,
+            reason: reason.to_owned(),
+        };
+        self.send_dead_letter(&moved.body, &note).await?;
+        self.client
+            .delete_message()
+            .queue_url(&self.dlq_url)
+            .receipt_handle(&moved.receipt)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
     }
 
     /// Moves dead letters back by receiving and re-sending them (not every

@@ -20,6 +20,7 @@ use super::{DeadLetter, QueueError, Received};
 use crate::config::SqsQueueConfig;
 
 mod inspect;
+pub use inspect::MOVED_REASON;
 
 /// Longest long-poll SQS allows.
 const MAX_WAIT: Duration = Duration::from_secs(20);
@@ -326,6 +327,12 @@ impl SqsQueue {
         body: &str,
         note: &DeadLetter,
     ) -> Result<(), QueueError> {
+        self.send_dead_letter(body, note).await?;
+        self.delete(&received.receipt).await
+    }
+
+    /// Sends `body` to the dead-letter queue with renderq's note.
+    async fn send_dead_letter(&self, body: &str, note: &DeadLetter) -> Result<(), QueueError> {
         ApiCalls::count(&self.calls.send);
         self.client
             .send_message()
@@ -337,7 +344,7 @@ impl SqsQueue {
             .send()
             .await
             .map_err(classify)?;
-        self.delete(&received.receipt).await
+        Ok(())
     }
 
     /// Re-sends `body` as a new message and deletes the received one, so the
