@@ -39,7 +39,8 @@
 //!   once; its errors are located in the file by [`config::Config::locate`].
 //! - [`fleet`]: shutdown as a value (reason and deadline) that signals and
 //!   IMDS notices feed, the drain to that deadline, scale-in protection and
-//!   the lifecycle hook, GPU slots.
+//!   the lifecycle hook, GPU slots; the IMDS watcher tells EC2 by its DMI
+//!   data and reads notices, rebalance recommendations included.
 //! - [`events`]: publishing lifecycle events through bounded buffers, the
 //!   one observer of a job's end, `/metrics`, the job-status table and
 //!   `events watch`, and the ledger (reported tries, cancelled jobs and
@@ -54,6 +55,7 @@
 //!   and stops it when cancelled or lost, `worker::cancel` is what the worker
 //!   knows of cancels, `worker::intake` receives for every slot in
 //!   priority order, [`worker::thumbs`] makes image outputs' thumbnails;
+//!   `worker::sweep` counts the jobs the redrive policy dead-lettered;
 //!   a [`worker::delivery`] is a received message with its envelope
 //!   parsed once).
 //! - [`api`]: the submit half: the HTTP router (auth, body limit,
@@ -105,7 +107,10 @@
 //!   the worker dies first. Its parent-death signal is SIGKILL.
 //! - Shutdown is one value (reason, deadline): it stops receiving; a job that
 //!   cannot finish by the deadline is cancelled and handed back without
-//!   using up a try; the worker is gone before the deadline.
+//!   using up a try; the worker is gone before the deadline (jobs are
+//!   cancelled at the deadline less `stop_margin`, adaptors stopped
+//!   together, events flushed with what is left, and the lifecycle hook
+//!   completed after them).
 //! - No async thread waits for SQLite: the embedded queue's short work runs
 //!   there only while it meets no lock held elsewhere, and is otherwise
 //!   done again on a blocking thread; its checkpoints (with their fsyncs)
@@ -116,7 +121,12 @@
 //!   sent: frames are measured range by range, every child is sized before
 //!   the first goes out, and children are built a batch at a time.
 //! - Of all workers settling an array's children, exactly one publishes its
-//!   `ArrayJobCompleted` (the ledger's claim is one conditional write).
+//!   `ArrayJobCompleted`: the write that makes the last child final claims
+//!   it (one transaction; on S3 one conditional write of the array's state
+//!   object, so a child costs a constant number of calls). A child is
+//!   recorded before its message is settled, so no child is final in the
+//!   queue but not in the ledger; one the redrive policy moved is counted
+//!   by the dead-letter sweep.
 //! - No secret is read from `workers.toml` or written to a log.
 //! - A job's inputs cannot reach outside its folder (paths and keys are
 //!   checked at submit and again on receive), and a job cannot change what

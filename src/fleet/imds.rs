@@ -41,7 +41,8 @@ enum Notice {
 
 /// Where the firmware's DMI data is (a test points it elsewhere).
 const DMI_DIR: &str = "/sys/devices/virtual/dmi/id";
-/// The environment variable that overrides [`DMI_DIR`], for tests.
+/// The environment variable that overrides where the DMI data is read
+/// (`/sys/devices/virtual/dmi/id`), for tests.
 pub const DMI_DIR_ENV: &str = "RENDERQ_DMI_DIR";
 /// The waits between reads while IMDS does not answer.
 const RETRY: Backoff = Backoff::new(POLL, Duration::from_secs(5));
