@@ -108,7 +108,7 @@
 //! - Shutdown is one value (reason, deadline): it stops receiving; a job that
 //!   cannot finish by the deadline is cancelled and handed back without
 //!   using up a try; the worker is gone before the deadline (jobs are
-//!   cancelled at the deadline less `stop_margin`, adaptors stopped
+//!   cancelled early enough for their grace and hand-back, adaptors stopped
 //!   together, events flushed with what is left, and the lifecycle hook
 //!   completed after them).
 //! - No async thread waits for SQLite: the embedded queue's short work runs

@@ -202,6 +202,40 @@ events = []
             .any(|e| e["type"] == "JobSucceeded" && e["message_id"] == id.as_str())
     };
     drain_queue(&sqs, &pipeline, succeeded).await;
+    // `events watch` reads an sqs target in batches, and deletes what it
+    // read: a second pass finds nothing.
+    farm.submit(json!({"command": "get_version"})).await;
+    farm.wait_for_events(|e| e["type"] == "JobSucceeded", 2, LONG)
+        .await;
+    let watch = || {
+        crate::harness::renderq_ok(
+            &["events", "watch", "--target", "pipeline", "--once"],
+            &farm.config,
+            &AWS_ENV,
+        )
+    };
+    let count = |summary: &str, field: &str| -> u64 {
+        summary
+            .split(['\t', '\n'])
+            .find_map(|f| f.strip_prefix(field)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut read = 0;
+    for _ in 0..20 {
+        let summary = watch();
+        read += count(&summary, "applied") + count(&summary, "duplicates");
+        if read >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(read >= 3, "submitted, started, succeeded: {read}");
+    let again = watch();
+    assert_eq!(
+        count(&again, "applied") + count(&again, "duplicates"),
+        0,
+        "{again}"
+    );
     let routed = drain_queue(&sqs, &routed, |bodies| {
         bodies.iter().any(|b| {
             b["detail"]["type"] == "JobSucceeded" && b["detail"]["message_id"] == id.as_str()

@@ -52,6 +52,9 @@ mod sweep;
 pub mod thumbs;
 
 /// Waits between receives while the queue cannot be reached.
+/// What a cancelled job needs before the deadline: a process's kill grace
+/// (5 s) and a second to hand its message back.
+const CANCEL_ALLOWANCE: Duration = Duration::from_secs(6);
 const QUEUE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
 /// What one step did.
@@ -236,11 +239,13 @@ impl Worker {
             let notice = stop.reason.is_notice();
             // Jobs still running at the cutoff are cancelled: the margin
             // pays for their grace and their hand-back, so that the
-            // process is gone by the deadline.
-            let cutoff = stop
-                .deadline
-                .checked_sub(self.config.stop_margin)
-                .unwrap_or(stop.deadline);
+            // process is gone by the deadline. A notice keeps the whole
+            // `stop_margin`; any other stop only what a cancel needs.
+            let margin = match notice {
+                true => self.config.stop_margin,
+                false => self.config.stop_margin.min(CANCEL_ALLOWANCE),
+            };
+            let cutoff = stop.deadline.checked_sub(margin).unwrap_or(stop.deadline);
             if notice {
                 let released = self.running.release_late(cutoff, self.config.unknown_eta);
                 if released > 0 {
