@@ -1,7 +1,9 @@
 //! A folder as a bucket. Each object is written to a temporary file, synced,
 //! then renamed over its final name, so no reader ever sees half an object.
 //! Its content type goes in a sidecar under `.renderq-meta/`, written the
-//! same way before the object itself.
+//! same way before the object itself; a sidecar whose object never came (a
+//! writer killed between the two) is removed when the bucket is next
+//! opened, once it is older than any write under way could be.
 //!
 //! Temporary files live outside the key space, under `.renderq-tmp/` in a
 //! folder per process (see [`crate::workspace`]), so a process killed
@@ -48,6 +50,14 @@ impl LocalBucket {
     /// died left half-written.
     pub fn open(name: &str, root: &Path) -> Self {
         crate::workspace::sweep(&root.join(TMP_DIR));
+        let removed = sweep_sidecars(root, &root.join(META_DIR), SIDECAR_STALE);
+        if removed > 0 {
+            tracing::info!(
+                bucket = name,
+                removed,
+                "Removed metadata left without its object."
+            );
+        }
         Self::new(name, root)
     }
 
@@ -109,6 +119,42 @@ impl LocalBucket {
     }
 }
 
+/// A sidecar without its object younger than this may be a write under
+/// way in another process; older, its writer died.
+const SIDECAR_STALE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the sidecars under `dir` (mirroring the keys under `root`) whose
+/// object does not exist and that were last written over `stale` ago.
+/// Returns how many.
+fn sweep_sidecars(root: &Path, dir: &Path, stale: std::time::Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let Ok(relative) = path.strip_prefix(root.join(META_DIR)) else {
+            continue;
+        };
+        if kind.is_dir() {
+            removed += sweep_sidecars(root, &path, stale);
+            continue;
+        }
+        let Some(key) = relative.to_str().and_then(|k| k.strip_suffix(".json")) else {
+            continue;
+        };
+        let old = (entry.metadata().and_then(|m| m.modified()))
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > stale));
+        if old && !root.join(key).exists() && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Fills a temporary file in `tmp`, syncs it and renames it to `path`.
 fn write_atomically(
     tmp: &Path,
@@ -132,6 +178,40 @@ fn write_atomically(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_old_sidecar_without_its_object_is_swept_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join(META_DIR).join("shots");
+        std::fs::create_dir_all(&meta).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let sidecar = |name: &str, modified| {
+            let path = meta.join(format!("{name}.json"));
+            std::fs::write(&path, r#"{"content_type":"image/png"}"#).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(modified)
+                .unwrap();
+            path
+        };
+        // Killed between the writes an hour ago; a write under way now; a
+        // whole object.
+        let orphan = sidecar("lost.png", old);
+        let young = sidecar("writing.png", std::time::SystemTime::now());
+        let whole = sidecar("kept.png", old);
+        std::fs::create_dir_all(dir.path().join("shots")).unwrap();
+        std::fs::write(dir.path().join("shots/kept.png"), b"png").unwrap();
+        LocalBucket::open("results", dir.path());
+        assert!(!orphan.exists());
+        assert!(young.exists() && whole.exists());
+        let bucket = LocalBucket::new("results", dir.path());
+        assert_eq!(
+            bucket.content_type("shots/kept.png").as_deref(),
+            Some("image/png")
+        );
+    }
 
     #[tokio::test]
     async fn put_writes_object_and_content_type() {
