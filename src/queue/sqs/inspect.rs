@@ -4,7 +4,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageSystemAttributeName, QueueAttributeName,
+};
 
 use super::{ApiCalls, REASON, RECEIVES, SOURCE_ID, SqsQueue, classify, seconds};
 use crate::queue::Redrive;
@@ -134,18 +137,10 @@ impl SqsQueue {
                 // policy only moves jobs whose last worker never reported.
                 reason: attribute(REASON).unwrap_or_else(|| MOVED_REASON.into()),
             });
-            // Make it visible again at once for other readers.
-            if let Some(receipt) = &message.receipt_handle {
-                self.client
-                    .change_message_visibility()
-                    .queue_url(&self.dlq_url)
-                    .receipt_handle(receipt)
-                    .visibility_timeout(0)
-                    .send()
-                    .await
-                    .map_err(classify)?;
-            }
         }
+        // Visible again at once for other readers.
+        self.release_dead_letters(messages.iter().filter_map(|m| m.receipt_handle.clone()))
+            .await?;
         Ok(listed)
     }
 
@@ -159,7 +154,7 @@ impl SqsQueue {
         let messages = self
             .take_dead_letters(limit, Duration::from_secs(60))
             .await?;
-        let mut moved = Vec::new();
+        let (mut moved, mut own) = (Vec::new(), Vec::new());
         for message in messages {
             let Some(receipt) = message.receipt_handle.clone() else {
                 continue;
@@ -168,14 +163,7 @@ impl SqsQueue {
                 .message_attributes()
                 .is_some_and(|a| a.contains_key(REASON))
             {
-                self.client
-                    .change_message_visibility()
-                    .queue_url(&self.dlq_url)
-                    .receipt_handle(&receipt)
-                    .visibility_timeout(0)
-                    .send()
-                    .await
-                    .map_err(classify)?;
+                own.push(receipt);
                 continue;
             }
             // The receive count includes this sweep's own receive.
@@ -191,6 +179,7 @@ impl SqsQueue {
                 receipt,
             });
         }
+        self.release_dead_letters(own).await?;
         Ok(moved)
     }
 
@@ -232,6 +221,7 @@ impl SqsQueue {
             .take_dead_letters(scan, Duration::from_secs(60))
             .await?;
         let mut moved = 0;
+        let (mut sent, mut others) = (Vec::new(), Vec::new());
         for message in &messages {
             let id = message
                 .message_attributes()
@@ -245,26 +235,66 @@ impl SqsQueue {
             };
             if moved < limit && which.wants(id, body) {
                 self.send(body).await?;
-                self.client
-                    .delete_message()
-                    .queue_url(&self.dlq_url)
-                    .receipt_handle(receipt)
-                    .send()
-                    .await
-                    .map_err(classify)?;
+                sent.push(receipt.clone());
                 moved += 1;
             } else {
-                // Not this one: visible again at once for other readers.
-                self.client
-                    .change_message_visibility()
-                    .queue_url(&self.dlq_url)
-                    .receipt_handle(receipt)
-                    .visibility_timeout(0)
-                    .send()
-                    .await
-                    .map_err(classify)?;
+                others.push(receipt.clone());
             }
         }
+        self.delete_dead_letters(sent).await?;
+        // Not these: visible again at once for other readers.
+        self.release_dead_letters(others).await?;
         Ok(moved)
+    }
+
+    /// Makes dead letters visible again, ten to a call.
+    async fn release_dead_letters(
+        &self,
+        receipts: impl IntoIterator<Item = String>,
+    ) -> Result<(), QueueError> {
+        let receipts: Vec<String> = receipts.into_iter().collect();
+        for chunk in receipts.chunks(10) {
+            let entries = (chunk.iter().enumerate())
+                .map(|(i, receipt)| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(receipt)
+                        .visibility_timeout(0)
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| QueueError::Unavailable(e.to_string()))?;
+            self.client
+                .change_message_visibility_batch()
+                .queue_url(&self.dlq_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes dead letters, ten to a call.
+    async fn delete_dead_letters(&self, receipts: Vec<String>) -> Result<(), QueueError> {
+        for chunk in receipts.chunks(10) {
+            let entries = (chunk.iter().enumerate())
+                .map(|(i, receipt)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(receipt)
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| QueueError::Unavailable(e.to_string()))?;
+            self.client
+                .delete_message_batch()
+                .queue_url(&self.dlq_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
     }
 }
