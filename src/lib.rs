@@ -114,7 +114,8 @@
 //! - No async thread waits for SQLite: the embedded queue's short work runs
 //!   there only while it meets no lock held elsewhere, and is otherwise
 //!   done again on a blocking thread; its checkpoints (with their fsyncs)
-//!   and whole-queue scans always run on blocking threads.
+//!   and whole-queue scans always run on blocking threads. Job folders are
+//!   removed on blocking threads too, whoever drops the last output.
 //! - Publishing an event never waits: a full buffer drops (and counts).
 //!   A target is sent again only what it refused, never what it took.
 //! - What one request costs is bounded before anything is expanded, built or

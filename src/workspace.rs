@@ -106,10 +106,11 @@ impl Workspace {
     }
 
     /// A fresh folder, removed when the guard is dropped.
-    pub fn temp_dir(&self, prefix: &str) -> std::io::Result<tempfile::TempDir> {
+    pub fn temp_dir(&self, prefix: &str) -> std::io::Result<TempFolder> {
         tempfile::Builder::new()
             .prefix(prefix)
             .tempdir_in(self.dir()?)
+            .map(|dir| TempFolder(Some(dir)))
     }
 
     /// Records a running process group so that it is killed should this
@@ -294,9 +295,54 @@ fn reap(reader: std::io::PipeReader) -> ! {
     std::process::exit(0)
 }
 
+/// A job's or an adaptor's folder, removed when dropped: on a blocking
+/// thread when a runtime is there (a job folder may hold gigabytes, and
+/// the last output holding it is often dropped on an async thread).
+#[derive(Debug)]
+pub struct TempFolder(Option<tempfile::TempDir>);
+
+impl TempFolder {
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("present until dropped").path()
+    }
+}
+
+impl Drop for TempFolder {
+    fn drop(&mut self) {
+        let Some(dir) = self.0.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(dir))),
+            Err(_) => drop(dir),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_folder_dropped_on_an_async_thread_goes_on_a_blocking_one() {
+        let root = tempfile::tempdir().unwrap();
+        let folder = Workspace::new(root.path()).temp_dir("job-").unwrap();
+        let path = folder.path().to_owned();
+        std::fs::write(path.join("frame.exr"), b"pixels").unwrap();
+        drop(folder);
+        for _ in 0..100 {
+            if !path.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!path.exists());
+        // With no runtime, at once.
+        let folder = Workspace::new(root.path()).temp_dir("job-").unwrap();
+        let path = folder.path().to_owned();
+        std::thread::spawn(move || drop(folder)).join().unwrap();
+        assert!(!path.exists());
+    }
 
     #[test]
     fn owner_names_round_trip_and_tell_the_living() {

@@ -215,7 +215,7 @@ path = "events.jsonl"
 async fn put_input(dir: &Path, config_path: &Path, size: u64) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let bucket = crate::storage::Bucket::open("direct", &config.buckets["direct"]).await;
-    let workdir = std::sync::Arc::new(tempfile::tempdir_in(dir)?);
+    let workdir = std::sync::Arc::new(crate::workspace::Workspace::new(dir).temp_dir("put-")?);
     let file = workdir.path().join("input.bin");
     std::fs::File::create(&file)?.set_len(size)?;
     let output = crate::job::Output::file(file, mime::APPLICATION_OCTET_STREAM, workdir);

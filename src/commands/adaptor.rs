@@ -106,7 +106,7 @@ pub(super) struct AdaptorProcess {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     /// The adaptor's own working folder, removed when it is dropped.
-    _home: tempfile::TempDir,
+    _home: crate::workspace::TempFolder,
 }
 
 impl AdaptorProcess {

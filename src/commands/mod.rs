@@ -34,7 +34,7 @@ use argv::{ArgTemplate, BUILT_IN_VARS};
 fn workdir(
     workspace: &Workspace,
     ctx: &RunContext,
-) -> Result<Arc<tempfile::TempDir>, CommandError> {
+) -> Result<Arc<crate::workspace::TempFolder>, CommandError> {
     if let Some(dir) = &ctx.workdir {
         return Ok(dir.clone());
     }
@@ -166,7 +166,7 @@ pub struct RunContext {
     pub gpu: Option<u32>,
     /// The job's working folder, already made (with its inputs staged);
     /// `None`: the command makes one if it needs one.
-    pub workdir: Option<Arc<tempfile::TempDir>>,
+    pub workdir: Option<Arc<crate::workspace::TempFolder>>,
 }
 
 /// A child's process group; signals reach everything the child started.

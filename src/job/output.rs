@@ -25,7 +25,7 @@ pub struct Output {
     pub name: String,
     /// The job's working folder, holding a file result; it is removed once
     /// the last clone of the output is dropped, after the tasks ran.
-    _workdir: Option<Arc<tempfile::TempDir>>,
+    _workdir: Option<Arc<crate::workspace::TempFolder>>,
 }
 
 impl Output {
@@ -40,7 +40,11 @@ impl Output {
     }
 
     /// A file inside `workdir`, which lives as long as the output.
-    pub fn file(path: PathBuf, mime: mime::Mime, workdir: Arc<tempfile::TempDir>) -> Self {
+    pub fn file(
+        path: PathBuf,
+        mime: mime::Mime,
+        workdir: Arc<crate::workspace::TempFolder>,
+    ) -> Self {
         let name = path
             .file_stem()
             .map_or_else(|| "result".into(), |s| s.to_string_lossy().into_owned());

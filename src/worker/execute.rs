@@ -37,7 +37,7 @@ impl Worker {
         &self,
         envelope: &Envelope,
         abort: &CancellationToken,
-    ) -> Result<(Option<Arc<tempfile::TempDir>>, Option<Staged>), JobError> {
+    ) -> Result<(Option<Arc<crate::workspace::TempFolder>>, Option<Staged>), JobError> {
         if envelope.inputs.is_empty() {
             return Ok((None, None));
         }
