@@ -15,6 +15,7 @@ mod dispatch;
 mod embedded;
 mod events;
 mod inputs;
+mod ledger;
 mod procs;
 pub mod proxy;
 mod spot;
@@ -97,6 +98,11 @@ pub struct BenchArgs {
     /// rate (and `aws s3 cp`'s, when installed).
     #[arg(long, value_name = "URL")]
     pub inputs: Option<String>,
+    /// Instead: S3 calls per array child of the ledger (arrays of 10,
+    /// 1,000 and 10,000 children, settled by 4 ledgers × 4 settlers) on
+    /// the S3-compatible server at this endpoint.
+    #[arg(long, value_name = "URL")]
+    pub ledger: Option<String>,
     /// With --uploads or --inputs: the file's size.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
@@ -149,6 +155,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         _ if args.procs.is_some() => procs::run(args).await,
         _ if args.uploads.is_some() => uploads::run(args).await,
         _ if args.inputs.is_some() => inputs::run(args).await,
+        _ if args.ledger.is_some() => ledger::run(args.ledger.as_deref().unwrap_or_default()).await,
         Some(endpoint) => sqs::run(args, endpoint).await,
         None => embedded::run(args).await,
     }
