@@ -332,7 +332,8 @@ async fn a_child_the_redrive_policy_moved_is_counted_and_its_array_completes_onc
     let farm = Farm::new(
         crate::harness::Backend::Sqs,
         Settings {
-            // The test's own receive below uses one of each child's tries.
+            // Budget 2, so the redrive policy's count is 3. The test's own
+            // receive below uses one of each child's tries.
             max_receive_count: 2,
             worker_toml: "dead_letter_sweep = \"1s\"".into(),
             extra_toml: format!(
@@ -358,14 +359,13 @@ async fn a_child_the_redrive_policy_moved_is_counted_and_its_array_completes_onc
         .await;
     let job_id = reply["result"]["job_id"].as_str().unwrap().to_owned();
 
-    // Child 0's worker dies during its last try: SQS's redrive policy moves
-    // the message, as it is (no renderq note), to the dead-letter queue.
-    // Here the test moves it the same way; the others go back.
+    // Child 0's workers die during each of its tries: the test receives it
+    // and lets it go, three times (the redrive policy's count), while it
+    // holds the other two; at the next receive SQS's redrive policy moves
+    // it, as it is (no renderq note), to the dead-letter queue.
     let aws = farm.aws.as_ref().unwrap();
-    let mut seen = 0;
-    while seen < 3 {
-        let messages = aws
-            .sqs
+    let receive = || async {
+        aws.sqs
             .receive_message()
             .queue_url(&aws.queue_url)
             .max_number_of_messages(10)
@@ -374,37 +374,38 @@ async fn a_child_the_redrive_policy_moved_is_counted_and_its_array_completes_onc
             .await
             .unwrap()
             .messages
-            .unwrap_or_default();
-        for message in messages {
-            seen += 1;
-            let body = message.body().unwrap();
-            let receipt = message.receipt_handle().unwrap();
-            if body.contains("\"index\":0,") {
-                aws.sqs
-                    .send_message()
-                    .queue_url(&aws.dlq_url)
-                    .message_body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                aws.sqs
-                    .delete_message()
-                    .queue_url(&aws.queue_url)
-                    .receipt_handle(receipt)
-                    .send()
-                    .await
-                    .unwrap();
+            .unwrap_or_default()
+    };
+    let release = |receipt: String| async move {
+        aws.sqs
+            .change_message_visibility()
+            .queue_url(&aws.queue_url)
+            .receipt_handle(receipt)
+            .visibility_timeout(0)
+            .send()
+            .await
+            .unwrap();
+    };
+    let (mut held, mut child0) = (Vec::new(), None);
+    while held.len() + usize::from(child0.is_some()) < 3 {
+        for message in receive().await {
+            let receipt = message.receipt_handle().unwrap().to_owned();
+            if message.body().unwrap().contains("\"index\":0,") {
+                child0 = Some(receipt);
             } else {
-                aws.sqs
-                    .change_message_visibility()
-                    .queue_url(&aws.queue_url)
-                    .receipt_handle(receipt)
-                    .visibility_timeout(0)
-                    .send()
-                    .await
-                    .unwrap();
+                held.push(receipt);
             }
         }
+    }
+    for _ in 0..2 {
+        release(child0.take().unwrap()).await;
+        let again = receive().await;
+        assert_eq!(again.len(), 1, "only child 0 is visible");
+        child0 = Some(again[0].receipt_handle().unwrap().to_owned());
+    }
+    release(child0.take().unwrap()).await;
+    for receipt in held {
+        release(receipt).await;
     }
     // And a message that is no renderq job at all.
     aws.sqs
