@@ -286,18 +286,10 @@ fn report_key(prefix: &str, message_id: &str, attempt: u32) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::arrays::tests::part;
     use super::*;
     use crate::job::ArrayPart;
     use std::time::Duration;
-
-    fn part(index: u32, size: u32) -> ArrayPart {
-        ArrayPart {
-            job_id: "a".into(),
-            index,
-            size,
-            frames: vec![index as i64],
-        }
-    }
 
     #[tokio::test]
     async fn a_prune_deletes_what_is_older_than_the_retention_and_nothing_younger() {

@@ -134,7 +134,7 @@ pub fn watch(setting: &ImdsSetting, shutdown: Shutdown, deadlines: Deadlines) {
         let mut watching = false;
         loop {
             let wait = match read_notice(&client, deadlines).await {
-                Read::Answered(notice) => {
+                Ok(notice) => {
                     if !std::mem::replace(&mut watching, true) {
                         tracing::info!(
                             "Watching instance metadata for spot and autoscaling notices."
@@ -148,7 +148,7 @@ pub fn watch(setting: &ImdsSetting, shutdown: Shutdown, deadlines: Deadlines) {
                     }
                     POLL
                 }
-                Read::Unanswered(error) => {
+                Err(error) => {
                     failures += 1;
                     if failures == 1 {
                         tracing::warn!(%error, "Instance metadata not answering; reading it again with back-off.");
@@ -166,18 +166,13 @@ pub fn watch(setting: &ImdsSetting, shutdown: Shutdown, deadlines: Deadlines) {
     });
 }
 
-/// What one read of the notices found.
-#[derive(Debug)]
-enum Read {
-    /// IMDS answered (a notice or none).
-    Answered(Notice),
-    /// It did not: unreachable, too slow, a token it could not give, an
-    /// error status. Read again.
-    Unanswered(String),
-}
-
-/// Reads both notices; the nearer deadline wins.
-async fn read_notice(client: &aws_config::imds::Client, deadlines: Deadlines) -> Read {
+/// Reads the notices; the nearer deadline wins. `Err` (the error as one
+/// line): IMDS did not answer (unreachable, too slow, a token it could not
+/// give, an error status), to be read again.
+async fn read_notice(
+    client: &aws_config::imds::Client,
+    deadlines: Deadlines,
+) -> Result<Notice, String> {
     let Deadlines {
         margin,
         drain,
@@ -196,10 +191,7 @@ async fn read_notice(client: &aws_config::imds::Client, deadlines: Deadlines) ->
                 &error,
             ),
         },
-        Err(error) => match classify(error, StopReason::SpotInterruption, margin) {
-            Ok(notice) => notice,
-            Err(error) => return Read::Unanswered(error),
-        },
+        Err(error) => classify(error, StopReason::SpotInterruption, margin)?,
     };
     let scaling = match client
         .get("/latest/meta-data/autoscaling/target-lifecycle-state")
@@ -209,10 +201,7 @@ async fn read_notice(client: &aws_config::imds::Client, deadlines: Deadlines) ->
             Notice::Stop(StopReason::AutoscalingTermination, drain)
         }
         Ok(_) => Notice::None,
-        Err(error) => match classify(error, StopReason::AutoscalingTermination, margin) {
-            Ok(notice) => notice,
-            Err(error) => return Read::Unanswered(error),
-        },
+        Err(error) => classify(error, StopReason::AutoscalingTermination, margin)?,
     };
     let rebalance = match rebalance {
         None => Notice::None,
@@ -222,13 +211,10 @@ async fn read_notice(client: &aws_config::imds::Client, deadlines: Deadlines) ->
         {
             // `{"noticeTime": ...}`: its content does not matter.
             Ok(_) => Notice::Stop(StopReason::RebalanceRecommendation, left),
-            Err(error) => match classify(error, StopReason::RebalanceRecommendation, margin) {
-                Ok(notice) => notice,
-                Err(error) => return Read::Unanswered(error),
-            },
+            Err(error) => classify(error, StopReason::RebalanceRecommendation, margin)?,
         },
     };
-    Read::Answered(spot.nearer(scaling).nearer(rebalance))
+    Ok(spot.nearer(scaling).nearer(rebalance))
 }
 
 impl Notice {

@@ -512,10 +512,11 @@ fn state_key(prefix: &str, array_id: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn part(index: u32, size: u32) -> ArrayPart {
+    /// Child `index` of array "a".
+    pub(in crate::events::ledger) fn part(index: u32, size: u32) -> ArrayPart {
         ArrayPart {
             job_id: "a".into(),
             index,
