@@ -290,3 +290,27 @@ async fn two_thousand_live_pages_get_503_past_the_cap_and_a_job_still_succeeds()
         serve.log_text()
     );
 }
+
+/// The monitor on a metrics port other machines reach needs a token, as
+/// the endpoint does: without one the worker does not start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_will_not_show_the_monitor_to_the_network_without_a_token() {
+    let port = free_port();
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            extra_toml: format!("[metrics]\nlisten = \"0.0.0.0:{port}\"\nui = \"read-only\"\n"),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let mut worker = farm.spawn("worker", &[]);
+    let code = worker.wait_exit(LONG);
+    assert_ne!(code, Some(0), "{}", worker.log_text());
+    assert!(code.is_some(), "the worker died by a signal");
+    let log = worker.log_text();
+    assert!(
+        log.contains("metrics.listen") && log.contains("auth_token_env"),
+        "{log}"
+    );
+}

@@ -137,4 +137,32 @@ mod tests {
             assert!(!is_host_name(bad), "{bad}");
         }
     }
+
+    fn load(extra: &str) -> Result<super::super::Config, String> {
+        let text = format!(
+            "[queue_manager]\nallow_commands = [\"get_version\"]\ndefault_queue = \"q\"\n\
+             listen_queue = \"q\"\n[queues.q]\nbackend = \"local\"\npath = \"q\"\n{extra}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        super::super::Config::from_toml(&text, dir.path()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_web_settings_are_checked_and_default_to_closed() {
+        let config = load("").unwrap();
+        assert_eq!(config.metrics.ui, UiMode::Off);
+        assert_eq!(config.server.max_live_streams, 256);
+        assert!(!config.server.behind_tls);
+        let err = load("[server]\nhosts = [\"renderq.lan:8080\"]\n").unwrap_err();
+        assert!(
+            err.contains("`server.hosts`") && err.contains("renderq.lan:8080"),
+            "{err}"
+        );
+        let err = load("[server]\nmax_live_streams = 0\n").unwrap_err();
+        assert!(err.contains("`server.max_live_streams`"), "{err}");
+        let err = load("[metrics]\nui = \"sometimes\"\n").unwrap_err();
+        assert!(err.contains("sometimes"), "{err}");
+        let config = load("[metrics]\nlisten = \"127.0.0.1:9464\"\nui = \"read-only\"\n");
+        assert_eq!(config.unwrap().metrics.ui, UiMode::ReadOnly);
+    }
 }
