@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{AUDIT_AND_ASSETS, Backend, Farm, Settings, free_port, repo_path};
+use crate::harness::{AUDIT_AND_ASSETS, BIN, Backend, Farm, Proc, Settings, free_port, repo_path};
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -208,6 +208,51 @@ fn raise_own_open_file_limit(needed: u64) -> bool {
     hard >= needed
 }
 
+/// `renderq serve` on the farm's config, started with an open-file soft
+/// limit of `soft`; returns once it answers `/healthz`.
+async fn serve_with_soft_limit(farm: &Farm, soft: u32) -> Proc {
+    let log = farm.dir.path().join("serve-limited.log");
+    let child = Command::new("sh")
+        .args(["-c", &format!("ulimit -Sn {soft} && exec \"$0\" \"$@\"")])
+        .arg(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&farm.config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let serve = Proc { child, log };
+    let deadline = Instant::now() + LONG;
+    while !reqwest::get(format!("{}healthz", farm.url()))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "serve never became healthy:\n{}",
+            serve.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    serve
+}
+
+/// A process's open-file limits (soft, hard), from /proc.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut numbers = line["Max open files".len()..].split_whitespace();
+    (
+        numbers.next().unwrap().to_owned(),
+        numbers.next().unwrap().to_owned(),
+    )
+}
+
 /// Opens `/ui/live` on a raw socket; the answer's status code and the
 /// socket (kept open while the stream lasts).
 async fn open_live(port: u16) -> (u16, tokio::net::TcpStream) {
@@ -252,7 +297,10 @@ async fn two_thousand_live_pages_get_503_past_the_cap_and_a_job_still_succeeds()
         },
     )
     .await;
-    let serve = farm.serve(&[]).await;
+    // As a login shell leaves it: a soft limit far below the hard one.
+    let serve = serve_with_soft_limit(&farm, 1024).await;
+    let (soft, hard) = open_file_limits(serve.child.id());
+    assert_eq!(soft, hard, "serve raised its soft limit to the hard limit");
     let mut open = Vec::new();
     let mut refused = 0;
     for _ in 0..PAGES {
