@@ -1,5 +1,6 @@
 //! Builds the runtime objects from a checked [`Config`] and runs the halves:
-//! `serve` (endpoint and worker) or `work` (worker only).
+//! `serve` (endpoint and worker) or `work` (worker only); `web` is their
+//! HTTP side.
 
 use std::sync::Arc;
 
@@ -12,9 +13,6 @@ use crate::api::server;
 use crate::api::submit::Submitter;
 use crate::commands::catalog::Catalog;
 use crate::config::{Config, Invalid, optional_secret};
-use web::raise_open_file_limit;
-
-mod web;
 use crate::events::ledger::Ledgers;
 use crate::events::metrics::Metrics;
 use crate::events::observe::Observer;
@@ -27,6 +25,9 @@ use crate::queue::Queues;
 use crate::storage::Buckets;
 use crate::tasks::{HttpPoster, TaskRunner};
 use crate::worker::Worker;
+use web::raise_open_file_limit;
+
+mod web;
 
 /// Everything a renderq process runs on, built once at start-up.
 #[derive(Debug, Clone)]
