@@ -270,6 +270,7 @@ impl Config {
             check_writable_dir(dir).map_err(|e| Invalid::new("worker.work_dir", e))?;
         }
         self.server.check()?;
+        self.metrics.check()?;
         if self.events.buffer == 0 {
             return Err(Invalid::new("events.buffer", "must be at least 1"));
         }

@@ -115,6 +115,19 @@ fn metrics_ui_default() -> UiMode {
     UiMode::Off
 }
 
+impl MetricsConfig {
+    /// The checks within `[metrics]`.
+    pub(super) fn check(&self) -> Result<(), Invalid> {
+        if self.listen.is_none() && self.ui != UiMode::Off {
+            return Err(Invalid::new(
+                "metrics.ui",
+                "needs metrics.listen, the address to serve the monitor on",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
@@ -162,6 +175,11 @@ mod tests {
         assert!(err.contains("`server.max_live_streams`"), "{err}");
         let err = load("[metrics]\nui = \"sometimes\"\n").unwrap_err();
         assert!(err.contains("sometimes"), "{err}");
+        let err = load("[metrics]\nui = \"on\"\n").unwrap_err();
+        assert!(
+            err.contains("`metrics.ui`") && err.contains("metrics.listen"),
+            "{err}"
+        );
         let config = load("[metrics]\nlisten = \"127.0.0.1:9464\"\nui = \"read-only\"\n");
         assert_eq!(config.unwrap().metrics.ui, UiMode::ReadOnly);
     }
