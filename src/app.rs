@@ -1,5 +1,6 @@
 //! Builds the runtime objects from a checked [`Config`] and runs the halves:
-//! `serve` (endpoint and worker) or `work` (worker only).
+//! `serve` (endpoint and worker) or `work` (worker only); `web` is their
+//! HTTP side.
 
 use std::sync::Arc;
 
@@ -8,11 +9,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::control::Control;
-use crate::api::rpc::Rpc;
 use crate::api::server;
 use crate::api::submit::Submitter;
 use crate::commands::catalog::Catalog;
-use crate::config::{Config, Invalid, UiMode, optional_secret};
+use crate::config::{Config, Invalid, optional_secret};
 use crate::events::ledger::Ledgers;
 use crate::events::metrics::Metrics;
 use crate::events::observe::Observer;
@@ -24,8 +24,10 @@ use crate::job::event::WorkerIdentity;
 use crate::queue::Queues;
 use crate::storage::Buckets;
 use crate::tasks::{HttpPoster, TaskRunner};
-use crate::ui::Ui;
 use crate::worker::Worker;
+use web::raise_open_file_limit;
+
+mod web;
 
 /// Everything a renderq process runs on, built once at start-up.
 #[derive(Debug, Clone)]
@@ -140,68 +142,12 @@ impl App {
         )
     }
 
-    /// The HTTP router of the submit half.
-    pub fn router(&self) -> anyhow::Result<axum::Router> {
-        let server = &self.config.server;
-        let loopback = server
-            .listen
-            .parse::<std::net::SocketAddr>()
-            .map(|a| a.ip().is_loopback())
-            .unwrap_or_else(|_| server.listen.starts_with("localhost:"));
-        if !loopback && server.auth_token_env.is_none() && !server.allow_anonymous {
-            return Err(self
-                .config
-                .locate(Invalid::new(
-                    "server.auth_token_env",
-                    format!(
-                        "server.listen = \"{}\" is reachable from other machines: set a token \
-                         (auth_token_env), or server.allow_anonymous = true if anyone may submit",
-                        server.listen
-                    ),
-                ))
-                .into());
-        }
-        let token = optional_secret(
-            &self.config,
-            "server.auth_token_env",
-            server.auth_token_env.as_deref(),
-        )?;
-        let ui = self.ui(self.config.server.ui, token.clone());
-        let router = server::app(
-            Rpc::new(self.submitter(), self.control(), self.status.clone()),
-            Some(self.metrics.clone()),
-            token,
-            self.config.server.max_body_bytes,
-        );
-        Ok(match ui {
-            Some(ui) => router.merge(ui.router()),
-            None => router,
-        })
-    }
-
-    /// The web monitor, as `mode` says (with buttons only when `On`).
-    pub fn ui(&self, mode: UiMode, token: Option<String>) -> Option<Ui> {
-        let control = match mode {
-            UiMode::Off => return None,
-            UiMode::ReadOnly => None,
-            UiMode::On => Some(self.control()),
-        };
-        Some(Ui::new(
-            self.config.events.status.path(),
-            self.queues.clone(),
-            self.ledgers.clone(),
-            control,
-            token,
-        ))
-    }
-
     /// Runs the JSON-RPC endpoint and a worker until `shutdown`.
     pub async fn serve(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        raise_open_file_limit();
         let router = self.router()?;
         let listen = &self.config.server.listen;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
+        let (listener, router) = self.bind("server.listen", listen, router).await?;
         tracing::info!(address = %listener.local_addr()?, "Listening for JSON-RPC.");
         self.watch_instance(&shutdown);
         let worker = Arc::new(self.worker());
@@ -222,23 +168,9 @@ impl App {
 
     /// Runs only the worker until `shutdown`.
     pub async fn work(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        raise_open_file_limit();
         self.watch_instance(&shutdown);
-        if let Some(listen) = &self.config.metrics.listen {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen} (metrics.listen)"))?;
-            tracing::info!(address = %listener.local_addr()?, "Serving /metrics.");
-            let mut router = server::metrics_app(self.metrics.clone());
-            // The monitor, read-only: this listener has no token.
-            let mode = match self.config.server.ui {
-                UiMode::Off => UiMode::Off,
-                _ => UiMode::ReadOnly,
-            };
-            if let Some(ui) = self.ui(mode, None) {
-                router = router.merge(ui.router());
-            }
-            tokio::spawn(server::serve(listener, router, shutdown.token().clone()));
-        }
+        self.serve_metrics(&shutdown).await?;
         self.run_worker(Arc::new(self.worker()), shutdown).await;
         Ok(())
     }

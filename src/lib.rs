@@ -58,16 +58,18 @@
 //!   `worker::sweep` counts the jobs the redrive policy dead-lettered;
 //!   a [`worker::delivery`] is a received message with its envelope
 //!   parsed once).
-//! - [`api`]: the submit half: the HTTP router (auth, body limit,
-//!   `/healthz`), JSON-RPC 2.0 types and dispatch with no HTTP, and the
-//!   submit itself (validate against the catalog and the `[queue_manager]`
-//!   limits, then send; array jobs are cut into children and sent a batch
-//!   at a time); [`api::control`] cancels and redrives, for the endpoint and
-//!   the command line.
+//! - [`api`]: the submit half: the HTTP router (auth, JSON bodies only,
+//!   body limit, `/healthz`) and [`api::guard`], the `Host` and cross-site
+//!   checks every listener sits behind; JSON-RPC 2.0 types and dispatch
+//!   with no HTTP, and the submit itself (validate against the catalog and
+//!   the `[queue_manager]` limits, then send; array jobs are cut into
+//!   children and sent a batch at a time); [`api::control`] cancels and
+//!   redrives, for the endpoint and the command line.
 //! - [`ui`]: the web monitor at `/ui`: pages from the status table (its
-//!   own read-only connection), live through server-sent events,
-//!   thumbnails from the ledgers, redrive and cancel through
-//!   [`api::control`].
+//!   own read-only connection), live through server-sent events (a capped
+//!   number of streams, each of limited age), sign-in by signed, expiring
+//!   session cookies, thumbnails from the ledgers, redrive and cancel
+//!   through [`api::control`].
 //! - [`app`]: builds all of the above from a config and runs `serve` or
 //!   `worker`; [`cli`] (with its endpoint [`cli::client`]) and
 //!   [`bench`](mod@bench) are the command line.
@@ -116,6 +118,10 @@
 //!   done again on a blocking thread; its checkpoints (with their fsyncs)
 //!   and whole-queue scans always run on blocking threads. Job folders are
 //!   removed on blocking threads too, whoever drops the last output.
+//! - Every HTTP listener (the endpoint, a worker's metrics port) is put
+//!   behind [`api::guard`]: a request naming another `Host`, or a POST from
+//!   another site, reaches no route. A worker's metrics port serves the
+//!   monitor only when `[metrics] ui` asks, and then behind the sign-in.
 //! - Publishing an event never waits: a full buffer drops (and counts).
 //!   A target is sent again only what it refused, never what it took.
 //! - What one request costs is bounded before anything is expanded, built or

@@ -162,3 +162,85 @@ async fn list_commands_and_stats() {
         .await;
     assert_eq!(stats["result"]["dead_lettered"], 0, "{stats}");
 }
+
+/// What a page on another site (or a rebound name) can send without a
+/// preflight: a `text/plain` body, its `Origin`, `Sec-Fetch-Site`, and a
+/// `Host` that is its own name. Each is refused saying why, and nothing
+/// reaches the queue, on the endpoint and on the monitor's forms alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn cross_site_and_foreign_host_requests_are_refused_and_enqueue_nothing() {
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            // The endpoint's own worker listens elsewhere: the queue keeps
+            // whatever gets in.
+            worker_toml: "listen_queues = [\"idle\"]".into(),
+            extra_toml: "[queues.idle]\nbackend = \"local\"\npath = \"idle\"\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let _serve = farm.serve(&[]).await;
+    let body = submit(json!({"command": "get_version"}));
+    let host = format!("127.0.0.1:{}", farm.port);
+    let foreign_host = format!("rebound.evil.example:{}", farm.port);
+    let json = "application/json";
+    let form = "application/x-www-form-urlencoded";
+    let cancel = format!("job_id={}&csrf=x", uuid::Uuid::new_v4());
+    let cross_site = [
+        ("origin", "http://evil.example", "Origin"),
+        ("sec-fetch-site", "cross-site", "cross-site"),
+        ("host", foreign_host.as_str(), "Host"),
+    ];
+    // (path, content type, header, body, status, what the answer names)
+    let mut cases = vec![
+        ("", Some("text/plain"), None, &body, 415, "application/json"),
+        ("rpc", None, None, &body, 415, "application/json"),
+    ];
+    for (name, value, reason) in cross_site {
+        cases.push(("", Some(json), Some((name, value)), &body, 403, reason));
+        cases.push(("rpc", Some(json), Some((name, value)), &body, 403, reason));
+        // The monitor's forms: their own type, the same site rules.
+        cases.push((
+            "ui/cancel",
+            Some(form),
+            Some((name, value)),
+            &cancel,
+            403,
+            reason,
+        ));
+    }
+    let client = reqwest::Client::new();
+    for (path, content_type, header, body, status, reason) in cases {
+        let mut request = client
+            .post(format!("{}{path}", farm.url()))
+            .body(body.clone());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
+        let response = request.send().await.unwrap();
+        let got = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        assert_eq!(got, status, "{header:?} to /{path}: {text}");
+        assert!(text.contains(reason), "{header:?} to /{path}: {text}");
+    }
+    assert_eq!(farm.stats(), (0, 0, 0), "nothing was submitted");
+    // The same request from the endpoint's own page, or from a client that
+    // says nothing of sites, goes through.
+    let own = client
+        .post(farm.url())
+        .header("content-type", "application/json; charset=utf-8")
+        .header("origin", format!("http://{host}"))
+        .header("sec-fetch-site", "same-origin")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    let reply: Value = own.json().await.unwrap();
+    assert!(reply["result"].is_string(), "{reply}");
+    assert_eq!(farm.stats(), (1, 0, 0));
+}

@@ -1,4 +1,5 @@
-//! The submit half's front: the HTTP router ([`server`]) routes bytes to
+//! The submit half's front: the HTTP router ([`server`], behind the
+//! `Host` and cross-site checks of [`guard`]) routes bytes to
 //! JSON-RPC ([`rpc`], no HTTP in sight), whose submit method checks and
 //! sends jobs ([`submit`]; an array's children are planned, sized and sent
 //! in `children`); job control ([`control`]) cancels and redrives. Nothing
@@ -7,6 +8,7 @@
 
 mod children;
 pub mod control;
+pub mod guard;
 pub mod rpc;
 pub mod server;
 pub mod submit;

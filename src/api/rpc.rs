@@ -418,7 +418,7 @@ fn to_json<T: Serialize>(value: &T) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
 
@@ -426,7 +426,9 @@ mod tests {
     use crate::config::Config;
     use crate::queue::Queues;
 
-    async fn rpc(dir: &tempfile::TempDir) -> (Rpc, Queues) {
+    /// An endpoint on an embedded queue `q` in `dir` (the HTTP tests'
+    /// too).
+    pub(crate) async fn rpc(dir: &tempfile::TempDir) -> (Rpc, Queues) {
         let config = Config::from_toml(
             r#"
 [queue_manager]

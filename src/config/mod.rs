@@ -6,7 +6,7 @@
 //! commands) are built from them elsewhere and never deserialize themselves.
 //!
 //! Here: the whole file, its loading and the checks across tables. The
-//! tables are in `sections`, `worker` and `events`; `locate` finds the line a key is
+//! tables are in `sections`, `web`, `worker` and `events`; `locate` finds the line a key is
 //! written on, so that every error names it.
 
 use std::collections::BTreeMap;
@@ -20,11 +20,13 @@ use serde::Deserialize;
 mod events;
 mod locate;
 mod sections;
+mod web;
 mod worker;
 
 pub use events::*;
 use locate::{key_at, line_of, span_of_key, unknown_field_at};
 pub use sections::*;
+pub use web::*;
 pub use worker::*;
 
 /// SQS refuses to keep a message invisible for longer than this after it was
@@ -267,6 +269,8 @@ impl Config {
         if let Some(dir) = &w.work_dir {
             check_writable_dir(dir).map_err(|e| Invalid::new("worker.work_dir", e))?;
         }
+        self.server.check()?;
+        self.metrics.check()?;
         if self.events.buffer == 0 {
             return Err(Invalid::new("events.buffer", "must be at least 1"));
         }

@@ -189,47 +189,6 @@ fn default_retention() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
 
-/// `[server]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    /// Address the JSON-RPC endpoint binds to.
-    pub listen: String,
-    /// Name of an environment variable holding the bearer token every request
-    /// must carry. The token itself never appears in the file.
-    pub auth_token_env: Option<String>,
-    /// Requests with a larger body are refused with HTTP 413.
-    pub max_body_bytes: usize,
-    /// Serve a non-loopback address without a token, on purpose (anyone who
-    /// reaches the port can then fill the queue).
-    pub allow_anonymous: bool,
-    /// The web monitor at `/ui`.
-    pub ui: UiMode,
-}
-
-/// `server.ui`: whether the web monitor is served, and whether its
-/// buttons (redrive, cancel) are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum UiMode {
-    #[default]
-    On,
-    ReadOnly,
-    Off,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:8080".into(),
-            auth_token_env: None,
-            max_body_bytes: 256 * 1024,
-            allow_anonymous: false,
-            ui: UiMode::On,
-        }
-    }
-}
-
 /// `[queues.NAME]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "backend", rename_all = "lowercase")]
@@ -373,13 +332,4 @@ impl Default for HttpPostConfig {
             signing_secret_env: None,
         }
     }
-}
-
-/// `[metrics]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Address `renderq worker` serves `/metrics` and `/healthz` on, e.g.
-    /// `127.0.0.1:9464` (`serve` has them on its endpoint anyway).
-    pub listen: Option<String>,
 }

@@ -6,39 +6,44 @@
 //! changes (server-sent events from one poll of the table every 500 ms,
 //! however many pages are open, so a burst of events is one update).
 //!
-//! With a token configured, the monitor asks for it once and keeps it in
-//! an `HttpOnly; SameSite=Strict` cookie. Every POST carries a CSRF token
-//! that must equal its cookie (a double submit). `server.ui` turns the
-//! monitor off, or its buttons.
+//! With a token configured, the monitor asks for it once and keeps a
+//! signed session (not the token) in an `HttpOnly; SameSite=Strict`
+//! cookie ([`auth`]). Every POST carries a CSRF token that must equal its
+//! cookie (a double submit). Pages forbid framing, inline script and type
+//! sniffing. `server.ui` turns the monitor off, or its buttons.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Form, Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::extract::{Form, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
+use axum_extra::extract::cookie::{Cookie, CookieJar};
 use maud::Markup;
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use crate::api::control::Control;
 use crate::events::ledger::Ledgers;
 use crate::queue::{Queues, Redrive};
+use auth::{CSRF_COOKIE, SignIn, csrf_ok};
 use board::{Board, Filter};
+use live::Streams;
 
+mod auth;
 pub mod board;
+mod live;
 mod pages;
 
-const AUTH_COOKIE: &str = "renderq_ui";
-const CSRF_COOKIE: &str = "renderq_csrf";
-/// How often the status table is looked at while pages are open.
-const LIVE_POLL: Duration = Duration::from_millis(500);
+/// What every monitor answer says about how a browser may use it: nothing
+/// but this origin's script, images and forms; never in a frame.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     connect-src 'self'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; \
+     frame-ancestors 'none'; base-uri 'none'";
+/// Live streams open at once when the monitor is not told otherwise.
+const MAX_LIVE_STREAMS: usize = 256;
 
 /// What the monitor's handlers share.
 #[derive(Clone)]
@@ -48,9 +53,14 @@ pub struct Ui {
     ledgers: Ledgers,
     /// `None`: read-only.
     control: Option<Control>,
-    token: Option<Arc<str>>,
+    /// `None`: no token, no sign-in.
+    sign_in: Option<Arc<SignIn>>,
+    /// Cookies get `Secure` (`server.behind_tls`).
+    behind_tls: bool,
     /// The status table's version, for the live pages.
     live: watch::Sender<i64>,
+    /// The live pages' streams and their cap.
+    streams: Streams,
 }
 
 impl Ui {
@@ -72,16 +82,30 @@ impl Ui {
         });
         let (live, _) = watch::channel(0);
         if let Some(board) = &board {
-            tokio::spawn(poll_status(Arc::downgrade(board), live.clone()));
+            tokio::spawn(live::poll_status(Arc::downgrade(board), live.clone()));
         }
         Self {
             board,
             queues,
             ledgers,
             control,
-            token: token.map(Arc::from),
+            sign_in: token.map(|t| Arc::new(SignIn::new(t))),
+            behind_tls: false,
             live,
+            streams: Streams::new(MAX_LIVE_STREAMS, live::MAX_AGE),
         }
+    }
+
+    /// Marks cookies `Secure`, for a monitor reached over HTTPS.
+    pub fn behind_tls(mut self, behind_tls: bool) -> Self {
+        self.behind_tls = behind_tls;
+        self
+    }
+
+    /// At most `max` live streams open at once.
+    pub fn max_live_streams(mut self, max: usize) -> Self {
+        self.streams = Streams::new(max, live::MAX_AGE);
+        self
     }
 
     /// The routes, under `/ui`.
@@ -92,7 +116,7 @@ impl Ui {
             .route("/ui/jobs/{id}", get(job))
             .route("/ui/dead", get(dead_letters))
             .route("/ui/thumbnails/{queue}/{message_id}/{file}", get(thumbnail))
-            .route("/ui/live", get(live));
+            .route("/ui/live", get(live::live));
         routes = if self.control.is_some() {
             routes
                 .route("/ui/redrive", post(redrive))
@@ -102,10 +126,15 @@ impl Ui {
                 .route("/ui/redrive", post(read_only))
                 .route("/ui/cancel", post(read_only))
         };
-        let routes = routes.route_layer(middleware::from_fn_with_state(self.clone(), signed_in));
+        let routes = routes.route_layer(middleware::from_fn_with_state(
+            self.clone(),
+            auth::signed_in,
+        ));
         Router::new()
-            .route("/ui/login", get(login_form).post(login))
+            .route("/ui/login", get(auth::login_form).post(auth::login))
+            .route("/ui/live.js", get(live::script))
             .merge(routes)
+            .layer(middleware::map_response(page_headers))
             .with_state(self)
     }
 
@@ -115,61 +144,18 @@ impl Ui {
     }
 }
 
-/// Bumps `live` whenever the status table changed, while anyone listens.
-async fn poll_status(board: std::sync::Weak<Board>, live: watch::Sender<i64>) {
-    loop {
-        tokio::time::sleep(LIVE_POLL).await;
-        let Some(board) = board.upgrade() else {
-            return;
-        };
-        if live.receiver_count() == 0 {
-            continue;
-        }
-        if let Ok(Ok(version)) = tokio::task::spawn_blocking(move || board.version()).await {
-            live.send_if_modified(|v| std::mem::replace(v, version) != version);
-        }
+/// The headers every monitor answer carries.
+async fn page_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
     }
-}
-
-/// Lets a request through when no token is configured or its cookie holds
-/// it; otherwise sends a page to the sign-in form (and refuses a POST).
-async fn signed_in(State(ui): State<Ui>, jar: CookieJar, request: Request, next: Next) -> Response {
-    if let Some(token) = &ui.token {
-        let held = jar.get(AUTH_COOKIE).map(Cookie::value).unwrap_or_default();
-        if !bool::from(held.as_bytes().ct_eq(token.as_bytes())) {
-            return if request.method() == axum::http::Method::GET {
-                Redirect::to("/ui/login").into_response()
-            } else {
-                StatusCode::UNAUTHORIZED.into_response()
-            };
-        }
-    }
-    // Every page hands out a CSRF cookie, for its forms.
-    let jar = match jar.get(CSRF_COOKIE) {
-        Some(_) => jar,
-        None => jar.add(
-            Cookie::build((CSRF_COOKIE, uuid::Uuid::new_v4().simple().to_string()))
-                .path("/ui")
-                .same_site(SameSite::Strict)
-                .http_only(true)
-                .build(),
-        ),
-    };
-    let mut request = request;
-    // The handler sees the cookie it sets (for the page's forms).
-    if let Some(cookie) = jar.get(CSRF_COOKIE) {
-        let header = format!("{}={}", cookie.name(), cookie.value());
-        if !request
-            .headers()
-            .get_all(header::COOKIE)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.contains(&header)))
-            && let Ok(value) = header.parse()
-        {
-            request.headers_mut().append(header::COOKIE, value);
-        }
-    }
-    (jar, next.run(request).await).into_response()
+    response
 }
 
 /// Whether a request wants only the page's `<main>` (the live script).
@@ -332,18 +318,6 @@ async fn thumbnail(
     }
 }
 
-/// Server-sent events: `changed` whenever the status table did (at most
-/// one per poll, however many events it folded).
-async fn live(State(ui): State<Ui>) -> impl IntoResponse {
-    let stream = futures_util::stream::unfold(ui.live.subscribe(), |mut version| async move {
-        version.changed().await.ok()?;
-        let v = *version.borrow_and_update();
-        let event = Event::default().event("changed").data(v.to_string());
-        Some((Ok::<_, std::convert::Infallible>(event), version))
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default())
-}
-
 #[derive(Deserialize)]
 struct RedriveForm {
     #[serde(default)]
@@ -358,13 +332,6 @@ struct CancelForm {
     #[serde(default)]
     csrf: String,
     job_id: String,
-}
-
-/// Whether a form's CSRF token is the cookie's.
-fn csrf_ok(jar: &CookieJar, sent: &str) -> bool {
-    jar.get(CSRF_COOKIE).is_some_and(|c| {
-        !sent.is_empty() && bool::from(c.value().as_bytes().ct_eq(sent.as_bytes()))
-    })
 }
 
 fn forbidden() -> Response {
@@ -409,30 +376,6 @@ async fn cancel(State(ui): State<Ui>, jar: CookieJar, Form(form): Form<CancelFor
 
 async fn read_only() -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, "this monitor is read-only").into_response()
-}
-
-async fn login_form() -> Response {
-    html(pages::login(false))
-}
-
-#[derive(Deserialize)]
-struct LoginForm {
-    token: String,
-}
-
-async fn login(State(ui): State<Ui>, jar: CookieJar, Form(form): Form<LoginForm>) -> Response {
-    let Some(token) = &ui.token else {
-        return Redirect::to("/ui").into_response();
-    };
-    if !bool::from(form.token.as_bytes().ct_eq(token.as_bytes())) {
-        return (StatusCode::UNAUTHORIZED, html(pages::login(true))).into_response();
-    }
-    let cookie = Cookie::build((AUTH_COOKIE, form.token))
-        .path("/ui")
-        .same_site(SameSite::Strict)
-        .http_only(true)
-        .build();
-    (jar.add(cookie), Redirect::to("/ui")).into_response()
 }
 
 #[cfg(test)]

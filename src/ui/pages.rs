@@ -19,25 +19,6 @@ main{padding:1em}table{border-collapse:collapse}td,th{padding:.25em .6em;border-
 form.inline{display:inline}.reason{font-family:monospace;white-space:pre-wrap}
 "#;
 
-/// Refetches the page's `<main>` when the status table changes, and after
-/// a reconnect.
-const SCRIPT: &str = r#"
-(function(){
-  var busy=false, again=false;
-  function refresh(){
-    if(busy){again=true;return}
-    busy=true;
-    fetch(location.href,{headers:{'X-Renderq-Fragment':'1'}}).then(function(r){
-      return r.ok?r.text():null}).then(function(t){
-      if(t){var m=document.querySelector('main');if(m){m.outerHTML=t}}
-    }).finally(function(){busy=false;if(again){again=false;refresh()}});
-  }
-  var es=new EventSource('/ui/live');
-  es.addEventListener('changed',refresh);
-  es.addEventListener('open',refresh);
-})();
-"#;
-
 /// What the pages need to draw buttons: the CSRF token, or `None` when
 /// the monitor is read-only.
 pub type Csrf<'a> = Option<&'a str>;
@@ -62,7 +43,7 @@ pub fn page(title: &str, fragment: bool, main: Markup) -> Markup {
                     a href="/ui/dead" { "Dead letters" }
                 }
                 (main)
-                script { (maud::PreEscaped(SCRIPT)) }
+                script src="/ui/live.js" {}
             }
         }
     }

@@ -10,6 +10,8 @@ use super::*;
 use crate::events::status::StatusTable;
 use crate::job::event::{Event, EventType, JobRef};
 
+mod security;
+
 const JOB: &str = "6f2a3d8e-0000-4000-8000-000000000001";
 const HOSTILE: &str = "<script>alert('x')</script>";
 
