@@ -131,6 +131,26 @@ impl From<ControlError> for RpcError {
     fn from(e: ControlError) -> Self {
         match e {
             ControlError::Field(field) => field.into(),
+            ControlError::Queue {
+                queue,
+                source:
+                    QueueError::PartlyRedriven {
+                        redriven,
+                        left,
+                        reason,
+                    },
+            } => {
+                tracing::error!(%queue, redriven, left, %reason, "redrive failed part way");
+                Self {
+                    code: QUEUE_UNAVAILABLE,
+                    message: format!(
+                        "Queue unavailable: {redriven} dead letters were put back; {left} \
+                         could not be and stay in the dead-letter queue (a redrive again \
+                         tries them, and sends none twice)"
+                    ),
+                    data: Some(json!({"queue": queue, "redriven": redriven, "left": left})),
+                }
+            }
             ControlError::Queue { queue, source } => SubmitError::Queue {
                 queue,
                 source,
@@ -345,8 +365,8 @@ impl Rpc {
             }
             "queue_manager_redrive" => {
                 let p: JobControlParams = deserialize_named(params, "")?;
-                let (queue, redriven) = self.control.redrive(&p.job_id, p.queue_name).await?;
-                Ok(json!({"queue": queue, "job_id": p.job_id, "redriven": redriven}))
+                let report = self.control.redrive(&p.job_id, p.queue_name).await?;
+                Ok(serde_json::to_value(report).expect("a report serializes"))
             }
             "queue_manager_cancel_job" => {
                 let p: JobControlParams = deserialize_named(params, "")?;
@@ -364,7 +384,7 @@ impl Rpc {
                 "No status table: [events] status is \"off\" in workers.toml",
             ));
         };
-        let id = id.to_owned();
+        let id = crate::api::control::job_id(id)?.to_string();
         let found = tokio::task::spawn_blocking(move || table.get(&id))
             .await
             .map_err(|e| RpcError::new(INTERNAL_ERROR, e.to_string()))?
