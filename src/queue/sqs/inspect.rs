@@ -292,8 +292,9 @@ impl SqsQueue {
             let outcomes = match self.send_batch(&bodies).await {
                 Ok(outcomes) => outcomes,
                 Err(error) => {
-                    // Nothing of this batch is known to be sent; the rest
-                    // wait for the next redrive.
+                    // This batch stays (if the call failed after SQS took
+                    // some of it, those go twice: at least once, never
+                    // lost); the rest wait for the next redrive.
                     failure = Some(error.to_string());
                     left.extend(batch.into_iter().map(|(receipt, _)| receipt));
                     left.extend(letters.map(|(receipt, _)| receipt));
@@ -311,7 +312,10 @@ impl SqsQueue {
                 }
             }
             let count = sent.len();
-            self.delete_dead_letters(sent).await?;
+            if let Err(error) = self.delete_dead_letters(sent).await {
+                left.extend(letters.map(|(receipt, _)| receipt));
+                return Err(error);
+            }
             redriven += count;
         }
         match failure {
