@@ -18,8 +18,9 @@
 //!   records, its reaper, and the sweep after dead workers).
 //! - [`job`]: what a job is, as plain values: the queue message envelope
 //!   and key templates, command parameter schemas ([`job::params`]), frame
-//!   specs ([`job::frames`]), lifecycle events ([`job::event`]) and a
-//!   command's result ([`job::output`]). Pure.
+//!   specs ([`job::frames`]), job and message ids in their one spelling
+//!   ([`job::id`]), lifecycle events ([`job::event`]) and a command's
+//!   result ([`job::output`]). Pure.
 //! - [`config`]: `workers.toml` types, defaults and checks (file, line, key
 //!   in every error).
 //! - [`queue`]: the queue interface with SQS semantics, an enum over the
@@ -87,7 +88,13 @@
 //! - A cancelled job never retries, never dead-letters and uploads nothing
 //!   after its cancel was seen: a worker checks on receive and at every
 //!   heartbeat tick (reading the ledger at most once a period, never once
-//!   per message).
+//!   per message). The embedded ledger never numbers two cancels alike,
+//!   pruned or not, so a worker reading on from the last it saw misses none.
+//! - An id that comes in (a cancel, a redrive, a status query) is parsed
+//!   into its one spelling ([`job::id::Id`]) before it is recorded or
+//!   compared, or refused, naming it, before anything changes.
+//! - A redrive deletes from the dead-letter queue exactly the dead letters
+//!   it sent back, and sends them naming the id the submit returned.
 //! - Every job is validated twice: at submit, and on receive (messages can be
 //!   inserted straight into the queue). A job that fails validation never
 //!   runs; on receive it is dead-lettered at once with its reason.

@@ -409,6 +409,38 @@ impl Drop for Server {
     }
 }
 
+/// Starts the fault proxy in front of moto: the `SendMessageBatch` entry
+/// whose body holds `needle` is refused `times` times (-1: always).
+/// Returns its endpoint and the file counting the entries it passed on
+/// (see [`forwarded`]).
+pub fn fault_proxy(
+    moto: &Moto,
+    needle: &str,
+    times: i32,
+    dir: &std::path::Path,
+) -> (String, PathBuf, Server) {
+    let count = dir.join("forwarded");
+    let (url, server) = Server::python(
+        "tests/fixtures/sqs_fault_proxy.py",
+        &[
+            &moto.port.to_string(),
+            needle,
+            &times.to_string(),
+            &count.to_string_lossy(),
+        ],
+    );
+    (url, count, server)
+}
+
+/// Batch entries the fault proxy passed on so far.
+pub fn forwarded(count: &std::path::Path) -> u64 {
+    std::fs::read_to_string(count)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Every file below `dir`, at any depth.
 pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -628,10 +660,15 @@ timeout = "5s"
 
     /// Runs a one-shot CLI command; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.cli_with(&self.config, args)
+    }
+
+    /// A one-shot CLI command with another config (see `config_variant`).
+    pub fn cli_with(&self, config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(BIN)
             .args(args)
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run renderq");

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{AWS_ENV, Backend, Farm, Moto, Server, Settings};
+use crate::harness::{AWS_ENV, Backend, Farm, Moto, Server, Settings, fault_proxy, forwarded};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -202,28 +202,6 @@ frame = { type = "integer" }
     );
 }
 
-/// Starts the fault proxy in front of moto: the entry whose body holds
-/// `needle` is refused `times` times (-1: always). Returns its endpoint
-/// and the file counting the entries it passed on.
-fn fault_proxy(
-    moto: &Moto,
-    needle: &str,
-    times: i32,
-    dir: &std::path::Path,
-) -> (String, std::path::PathBuf, Server) {
-    let count = dir.join("forwarded");
-    let (url, server) = Server::python(
-        "tests/fixtures/sqs_fault_proxy.py",
-        &[
-            &moto.port.to_string(),
-            needle,
-            &times.to_string(),
-            &count.to_string_lossy(),
-        ],
-    );
-    (url, count, server)
-}
-
 /// A farm on moto whose queue is reached through the fault proxy.
 struct ArrayFarm {
     farm: Farm,
@@ -250,14 +228,6 @@ async fn array_farm(moto: &Moto, needle: &str, times: i32) -> ArrayFarm {
         _proxy: server,
         _dir: dir,
     }
-}
-
-fn forwarded(count: &std::path::Path) -> u64 {
-    std::fs::read_to_string(count)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

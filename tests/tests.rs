@@ -27,6 +27,7 @@ macro_rules! scenarios {
 mod harness;
 
 mod blender;
+mod cancels;
 mod commands;
 mod config_errors;
 mod crash;
@@ -43,6 +44,7 @@ mod limits;
 mod monitor;
 mod processes;
 mod readme;
+mod redrive;
 mod scenarios;
 mod sqs;
 mod storm;

@@ -16,6 +16,7 @@ use tracing::info;
 use crate::events::ledger::{ChildState, Ledger, Ledgers};
 use crate::events::observe::{JobEnd, Observer};
 use crate::events::status::StatusTable;
+use crate::job::id::Id;
 use crate::job::params::FieldError;
 use crate::queue::{Queue, QueueError, Queues, Received, Redrive};
 use crate::worker::delivery::Delivery;
@@ -33,9 +34,20 @@ pub enum CancelOutcome {
     AlreadyFinished,
 }
 
+/// The answer to a redrive.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedriveReport {
+    pub queue: String,
+    /// The job's or the array's id, in its one spelling.
+    pub job_id: String,
+    /// Dead letters put back.
+    pub redriven: usize,
+}
+
 /// The answer to a cancel.
 #[derive(Debug, Clone, Serialize)]
 pub struct CancelReport {
+    /// The id cancelled, in its one spelling.
     pub job_id: String,
     pub outcome: CancelOutcome,
     /// The queues whose ledgers recorded it.
@@ -70,10 +82,10 @@ pub struct Control {
     max_redrive: usize,
 }
 
-fn job_id(id: &str) -> Result<(), FieldError> {
-    uuid::Uuid::parse_str(id)
-        .map(drop)
-        .map_err(|_| FieldError::new("job_id", "not a job id (a UUID)"))
+/// An id as it came in (a parameter, an argument, a form field), in its
+/// one spelling; refused, naming the field, when it is not a UUID.
+pub fn job_id(id: &str) -> Result<Id, FieldError> {
+    Id::parse(id).map_err(|e| FieldError::new("job_id", e.to_string()))
 }
 
 impl Control {
@@ -108,33 +120,39 @@ impl Control {
     }
 
     /// Puts a job's dead letters (an array's: every dead-lettered child)
-    /// back in their queue with a fresh budget of tries; returns how many.
+    /// back in their queue with a fresh budget of tries; says how many.
     pub async fn redrive(
         &self,
         job: &str,
         queue: Option<String>,
-    ) -> Result<(String, usize), ControlError> {
-        job_id(job)?;
+    ) -> Result<RedriveReport, ControlError> {
+        let job = job_id(job)?;
         let (name, queue) = self.queue(queue)?;
         let redriven = queue
-            .dlq_redrive(self.max_redrive, &Redrive::Job(job.to_owned()))
+            .dlq_redrive(self.max_redrive, &Redrive::Job(job.clone()))
             .await
             .map_err(|source| ControlError::Queue {
                 queue: name.clone(),
                 source,
             })?;
         info!(queue = %name, job_id = %job, redriven, "Dead letters redriven.");
-        Ok((name, redriven))
+        Ok(RedriveReport {
+            queue: name,
+            job_id: job.to_string(),
+            redriven,
+        })
     }
 
     /// Cancels a job, or every child of an array, on `queue` or (without
     /// one) on every queue that has a ledger.
+    /// `job` may be the id the submit returned for a job or an array, a
+    /// job id, or one message's id (one child of an array).
     pub async fn cancel(
         &self,
         job: &str,
         queue: Option<String>,
     ) -> Result<CancelReport, ControlError> {
-        job_id(job)?;
+        let job = &job_id(job)?;
         let targets: Vec<(&str, &Queue, &Ledger)> = match queue {
             Some(name) => {
                 let (_, queue) = self.queue(Some(name))?;
@@ -152,7 +170,7 @@ impl Control {
             return Err(no_ledger(&self.default_queue).into());
         }
         let mut report = CancelReport {
-            job_id: job.to_owned(),
+            job_id: job.to_string(),
             outcome: CancelOutcome::AlreadyCancelled,
             queues: Vec::new(),
             cancelled: Some(0),
@@ -193,11 +211,11 @@ impl Control {
     /// Whether the job, or the array, had ended before the cancel.
     async fn finished(
         &self,
-        job: &str,
+        job: &Id,
         targets: &[(&str, &Queue, &Ledger)],
     ) -> Result<bool, ControlError> {
         if let Some(table) = self.status.clone() {
-            let id = job.to_owned();
+            let id = job.to_string();
             let status = tokio::task::spawn_blocking(move || table.get(&id))
                 .await
                 .ok()
@@ -208,7 +226,7 @@ impl Control {
             }
         }
         for (_, _, ledger) in targets {
-            if ledger.completed(job).await? {
+            if ledger.completed(job.as_str()).await? {
                 return Ok(true);
             }
         }

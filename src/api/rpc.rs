@@ -131,6 +131,26 @@ impl From<ControlError> for RpcError {
     fn from(e: ControlError) -> Self {
         match e {
             ControlError::Field(field) => field.into(),
+            ControlError::Queue {
+                queue,
+                source:
+                    QueueError::PartlyRedriven {
+                        redriven,
+                        left,
+                        reason,
+                    },
+            } => {
+                tracing::error!(%queue, redriven, left, %reason, "redrive failed part way");
+                Self {
+                    code: QUEUE_UNAVAILABLE,
+                    message: format!(
+                        "Queue unavailable: {redriven} dead letters were put back; {left} \
+                         could not be and stay in the dead-letter queue (a redrive again \
+                         tries them, and sends none twice)"
+                    ),
+                    data: Some(json!({"queue": queue, "redriven": redriven, "left": left})),
+                }
+            }
             ControlError::Queue { queue, source } => SubmitError::Queue {
                 queue,
                 source,
@@ -345,8 +365,8 @@ impl Rpc {
             }
             "queue_manager_redrive" => {
                 let p: JobControlParams = deserialize_named(params, "")?;
-                let (queue, redriven) = self.control.redrive(&p.job_id, p.queue_name).await?;
-                Ok(json!({"queue": queue, "job_id": p.job_id, "redriven": redriven}))
+                let report = self.control.redrive(&p.job_id, p.queue_name).await?;
+                Ok(serde_json::to_value(report).expect("a report serializes"))
             }
             "queue_manager_cancel_job" => {
                 let p: JobControlParams = deserialize_named(params, "")?;
@@ -364,7 +384,7 @@ impl Rpc {
                 "No status table: [events] status is \"off\" in workers.toml",
             ));
         };
-        let id = id.to_owned();
+        let id = crate::api::control::job_id(id)?.to_string();
         let found = tokio::task::spawn_blocking(move || table.get(&id))
             .await
             .map_err(|e| RpcError::new(INTERNAL_ERROR, e.to_string()))?
@@ -418,353 +438,7 @@ fn to_json<T: Serialize>(value: &T) -> String {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    use crate::commands::catalog::Catalog;
-    use crate::config::Config;
-    use crate::queue::Queues;
-
-    /// An endpoint on an embedded queue `q` in `dir` (the HTTP tests'
-    /// too).
-    pub(crate) async fn rpc(dir: &tempfile::TempDir) -> (Rpc, Queues) {
-        let config = Config::from_toml(
-            r#"
-[queue_manager]
-allow_commands = ["get_version", "render_demo"]
-default_queue = "q"
-listen_queue = "q"
-[queues.q]
-backend = "local"
-path = "q"
-[buckets.results]
-backend = "local"
-path = "r"
-"#,
-            dir.path(),
-        )
-        .unwrap();
-        let queues = Queues::open(&config.queues).await.unwrap();
-        let submitter = Submitter::new(
-            Arc::new(Catalog::from_config(&config).unwrap()),
-            queues.clone(),
-            "q".into(),
-            crate::events::publish::Publisher::default(),
-            crate::events::ledger::Ledgers::default(),
-            (&config.queue_manager).into(),
-        );
-        let control = Control::new(
-            queues.clone(),
-            Default::default(),
-            Default::default(),
-            None,
-            "q".into(),
-            100,
-        );
-        (Rpc::new(submitter, control, None), queues)
-    }
-
-    async fn call(rpc: &Rpc, body: &str) -> Value {
-        serde_json::from_str(&rpc.handle(body.as_bytes()).await.unwrap()).unwrap()
-    }
-
-    async fn visible(queues: &Queues) -> u64 {
-        queues.get("q").unwrap().stats().await.unwrap().visible
-    }
-
-    #[tokio::test]
-    async fn submit_returns_message_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let (rpc, queues) = rpc(&dir).await;
-        let reply = call(
-            &rpc,
-            r#"{"jsonrpc":"2.0","method":"queue_manager_submit_job","params":{"command":"get_version"},"id":7}"#,
-        )
-        .await;
-        assert_eq!(reply["id"], 7);
-        assert!(
-            reply["result"].as_str().is_some_and(|id| id.len() == 36),
-            "{reply}"
-        );
-        assert_eq!(visible(&queues).await, 1);
-    }
-
-    #[tokio::test]
-    async fn standard_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let (rpc, queues) = rpc(&dir).await;
-        let code = |v: Value| v["error"]["code"].as_i64().unwrap();
-        assert_eq!(code(call(&rpc, "{not json").await), PARSE_ERROR);
-        assert_eq!(code(call(&rpc, r#"{"foo":1}"#).await), INVALID_REQUEST);
-        assert_eq!(code(call(&rpc, "[]").await), INVALID_REQUEST);
-        assert_eq!(
-            code(call(&rpc, r#"{"jsonrpc":"2.0","method":"nope","id":1}"#).await),
-            METHOD_NOT_FOUND
-        );
-        let refused = call(
-            &rpc,
-            r#"{"jsonrpc":"2.0","method":"queue_manager_submit_job","params":{"command":"rm"},"id":1}"#,
-        )
-        .await;
-        assert_eq!(code(refused.clone()), INVALID_PARAMS);
-        assert_eq!(refused["error"]["data"]["field"], "command");
-        let unknown_queue = call(
-            &rpc,
-            r#"{"jsonrpc":"2.0","method":"queue_manager_submit_job","params":{"command":"get_version","queue_name":"zz"},"id":1}"#,
-        )
-        .await;
-        assert_eq!(unknown_queue["error"]["data"]["field"], "queue_name");
-        assert_eq!(visible(&queues).await, 0);
-    }
-
-    #[tokio::test]
-    async fn notifications_get_no_reply_and_batches_mix() {
-        let dir = tempfile::tempdir().unwrap();
-        let (rpc, queues) = rpc(&dir).await;
-        let note = r#"{"jsonrpc":"2.0","method":"queue_manager_submit_job","params":{"command":"get_version"}}"#;
-        assert!(rpc.handle(note.as_bytes()).await.is_none());
-        assert_eq!(visible(&queues).await, 1);
-
-        let batch = format!(
-            r#"[{note}, {{"jsonrpc":"2.0","method":"queue_manager_list_commands","id":"a"}}, {{"jsonrpc":"2.0","method":"nope","id":null}}]"#
-        );
-        let reply = call(&rpc, &batch).await;
-        let replies = reply.as_array().unwrap();
-        assert_eq!(replies.len(), 2);
-        assert_eq!(replies[0]["id"], "a");
-        assert!(replies[0]["result"].as_array().unwrap().len() == 2);
-        assert_eq!(replies[1]["id"], Value::Null);
-        assert_eq!(replies[1]["error"]["code"], METHOD_NOT_FOUND);
-    }
-
-    #[tokio::test]
-    async fn queue_stats_counts() {
-        let dir = tempfile::tempdir().unwrap();
-        let (rpc, _) = rpc(&dir).await;
-        let reply = call(
-            &rpc,
-            r#"{"jsonrpc":"2.0","method":"queue_manager_queue_stats","id":1}"#,
-        )
-        .await;
-        assert_eq!(reply["result"]["queue"], "q");
-        assert_eq!(reply["result"]["visible"], 0);
-    }
-}
+pub(crate) mod tests;
 
 #[cfg(test)]
-mod spec_examples {
-    //! The examples of the JSON-RPC 2.0 specification, section 7, with
-    //! renderq's methods where the spec's `subtract`, `sum`, `update`,
-    //! `foobar` and `get_data` stand; every answer exactly as written there.
-
-    use super::*;
-    use serde_json::json;
-
-    async fn rpc() -> (Rpc, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let config = crate::config::Config::from_toml(
-            "[queue_manager]\nallow_commands = [\"get_version\"]\ndefault_queue = \"q\"\nlisten_queue = \"q\"\n[queues.q]\nbackend = \"local\"\npath = \"q\"\n",
-            dir.path(),
-        )
-        .unwrap();
-        let queues = crate::queue::Queues::open(&config.queues).await.unwrap();
-        let submitter = Submitter::new(
-            Arc::new(crate::commands::catalog::Catalog::from_config(&config).unwrap()),
-            queues,
-            "q".into(),
-            crate::events::publish::Publisher::default(),
-            crate::events::ledger::Ledgers::default(),
-            (&config.queue_manager).into(),
-        );
-        let control = Control::new(
-            Default::default(),
-            Default::default(),
-            Default::default(),
-            None,
-            "q".into(),
-            100,
-        );
-        (Rpc::new(submitter, control, None), dir)
-    }
-
-    async fn answer(rpc: &Rpc, body: &str) -> Option<Value> {
-        rpc.handle(body.as_bytes())
-            .await
-            .map(|text| serde_json::from_str(&text).unwrap())
-    }
-
-    /// Only the parts the spec fixes: jsonrpc, id, result, error code.
-    fn shape(reply: &Value) -> Value {
-        let one = |r: &Value| match r.get("error") {
-            Some(e) => json!({"jsonrpc": r["jsonrpc"], "id": r["id"], "code": e["code"]}),
-            None => {
-                json!({"jsonrpc": r["jsonrpc"], "id": r["id"], "result": r["result"].is_null()})
-            }
-        };
-        match reply {
-            Value::Array(items) => Value::Array(items.iter().map(one).collect()),
-            single => one(single),
-        }
-    }
-
-    #[tokio::test]
-    async fn every_section_7_example() {
-        let (rpc, _dir) = rpc().await;
-        // Positional params to an unknown method: method not found first.
-        let r = answer(
-            &rpc,
-            r#"{"jsonrpc": "2.0", "method": "subtract", "params": [42, 23], "id": 1}"#,
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            shape(&r),
-            json!({"jsonrpc": "2.0", "id": 1, "code": -32601})
-        );
-        let r = answer(
-            &rpc,
-            r#"{"jsonrpc":"2.0","method":"sum","params":[1,2,4],"id":"1"}"#,
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            shape(&r),
-            json!({"jsonrpc": "2.0", "id": "1", "code": -32601})
-        );
-        // A call by name that succeeds.
-        let r = answer(
-            &rpc,
-            r#"{"jsonrpc": "2.0", "method": "queue_manager_list_commands", "params": {}, "id": 3}"#,
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            shape(&r),
-            json!({"jsonrpc": "2.0", "id": 3, "result": false})
-        );
-        // Notifications get no answer, even to unknown methods.
-        assert_eq!(
-            answer(
-                &rpc,
-                r#"{"jsonrpc": "2.0", "method": "update", "params": [1,2,3,4,5]}"#
-            )
-            .await,
-            None
-        );
-        assert_eq!(
-            answer(&rpc, r#"{"jsonrpc": "2.0", "method": "foobar"}"#).await,
-            None
-        );
-        // A method that does not exist.
-        let r = answer(&rpc, r#"{"jsonrpc": "2.0", "method": "foobar", "id": "1"}"#)
-            .await
-            .unwrap();
-        assert_eq!(
-            shape(&r),
-            json!({"jsonrpc": "2.0", "id": "1", "code": -32601})
-        );
-        // Invalid JSON.
-        let r = answer(
-            &rpc,
-            r#"{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]"#,
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            shape(&r),
-            json!({"jsonrpc": "2.0", "id": null, "code": -32700})
-        );
-        // An invalid request object.
-        let r = answer(&rpc, r#"{"jsonrpc": "2.0", "method": 1, "params": "bar"}"#)
-            .await
-            .unwrap();
-        assert_eq!(
-            shape(&r),
-            json!({"jsonrpc": "2.0", "id": null, "code": -32600})
-        );
-        // A batch that is not valid JSON.
-        let r = answer(&rpc, r#"[{"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},{"jsonrpc": "2.0", "method""#).await.unwrap();
-        assert_eq!(
-            shape(&r),
-            json!({"jsonrpc": "2.0", "id": null, "code": -32700})
-        );
-        // An empty array.
-        let r = answer(&rpc, "[]").await.unwrap();
-        assert_eq!(
-            shape(&r),
-            json!({"jsonrpc": "2.0", "id": null, "code": -32600})
-        );
-        // A batch of one invalid item, and of three.
-        let r = answer(&rpc, "[1]").await.unwrap();
-        assert_eq!(
-            shape(&r),
-            json!([{"jsonrpc": "2.0", "id": null, "code": -32600}])
-        );
-        let r = answer(&rpc, "[1,2,3]").await.unwrap();
-        assert_eq!(
-            shape(&r),
-            json!([
-            {"jsonrpc": "2.0", "id": null, "code": -32600},
-            {"jsonrpc": "2.0", "id": null, "code": -32600},
-            {"jsonrpc": "2.0", "id": null, "code": -32600}])
-        );
-        // The mixed batch.
-        let r = answer(
-            &rpc,
-            r#"[
-            {"jsonrpc": "2.0", "method": "queue_manager_list_commands", "id": "1"},
-            {"jsonrpc": "2.0", "method": "notify_hello", "params": [7]},
-            {"jsonrpc": "2.0", "method": "subtract", "params": [42,23], "id": "2"},
-            {"foo": "boo"},
-            {"jsonrpc": "2.0", "method": "foo.get", "params": {"name": "myself"}, "id": "5"},
-            {"jsonrpc": "2.0", "method": "queue_manager_list_commands", "id": "9"}
-        ]"#,
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            shape(&r),
-            json!([
-            {"jsonrpc": "2.0", "id": "1", "result": false},
-            {"jsonrpc": "2.0", "id": "2", "code": -32601},
-            {"jsonrpc": "2.0", "id": null, "code": -32600},
-            {"jsonrpc": "2.0", "id": "5", "code": -32601},
-            {"jsonrpc": "2.0", "id": "9", "result": false}])
-        );
-        // An all-notification batch: no answer at all.
-        assert_eq!(
-            answer(
-                &rpc,
-                r#"[
-            {"jsonrpc": "2.0", "method": "notify_sum", "params": [1,2,4]},
-            {"jsonrpc": "2.0", "method": "notify_hello", "params": [7]}
-        ]"#
-            )
-            .await,
-            None
-        );
-        // An id that is neither a string, a number nor null.
-        for id in [r#"{"a": 1}"#, "[1]", "true"] {
-            let r = answer(
-                &rpc,
-                &format!(
-                    r#"{{"jsonrpc": "2.0", "method": "queue_manager_list_commands", "id": {id}}}"#
-                ),
-            )
-            .await
-            .unwrap();
-            assert_eq!(
-                shape(&r),
-                json!({"jsonrpc": "2.0", "id": null, "code": -32600}),
-                "{id}"
-            );
-        }
-    }
-
-    #[test]
-    fn integer_limits_read_as_integers() {
-        let schema = crate::commands::Builtin::RenderDemo.schema().describe();
-        assert_eq!(schema["width"]["max"], json!(4096), "{schema}");
-    }
-}
+mod spec_examples;

@@ -16,6 +16,7 @@ use std::time::Duration;
 use crate::app::App;
 use crate::config::Config;
 use crate::fleet::lifecycle::Shutdown;
+use crate::job::id::Id;
 use crate::queue::{Queue, Redrive};
 
 #[derive(Debug, Parser)]
@@ -162,13 +163,9 @@ pub struct RedriveArgs {
 }
 
 impl RedriveArgs {
-    /// Which dead letters, checked: ids are UUIDs.
+    /// Which dead letters, checked: ids are UUIDs, in their one spelling.
     pub fn which(&self) -> anyhow::Result<Redrive> {
-        let uuid = |flag: &str, id: &str| {
-            uuid::Uuid::parse_str(id)
-                .map(|_| id.to_owned())
-                .map_err(|_| anyhow::anyhow!("{flag} `{id}` is not a message or job id (a UUID)"))
-        };
+        let uuid = |flag: &str, id: &str| Id::parse(id).with_context(|| flag.to_owned());
         Ok(match (&self.message, &self.job) {
             (Some(id), _) => Redrive::Message(uuid("--message", id)?),
             (None, Some(id)) => Redrive::Job(uuid("--job", id)?),
@@ -251,6 +248,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .status
                 .path()
                 .context("no status table: [events] status is \"off\" in workers.toml")?;
+            let job_id = Id::parse(&job_id)?.to_string();
             match crate::events::status::StatusTable::open(path)?.get(&job_id)? {
                 Some(status) => {
                     println!("{status}");

@@ -109,7 +109,8 @@ CREATE TABLE IF NOT EXISTS completed (
     at       INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS cancelled (
-    job_id TEXT PRIMARY KEY,
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE,
     at     INTEGER NOT NULL
 );
 ";
@@ -121,11 +122,12 @@ const WRITTEN_AT: [&str; 3] = ["reports", "children", "completed"];
 impl Ledger {
     /// The embedded queue's ledger, in `dir`.
     pub fn local(dir: &Path) -> Result<Self, LedgerError> {
-        let conn = crate::sqlite::open(&dir.join("ledger.sqlite3"), SCHEMA).map_err(failed)?;
+        let mut conn = crate::sqlite::open(&dir.join("ledger.sqlite3"), SCHEMA).map_err(failed)?;
         for table in WRITTEN_AT {
             crate::sqlite::add_column(&conn, table, "at", "INTEGER NOT NULL DEFAULT 0")
                 .map_err(failed)?;
         }
+        cancels::migrate(&mut conn).map_err(failed)?;
         Ok(Ledger::Local(Arc::new(Mutex::new(conn))))
     }
 

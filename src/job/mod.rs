@@ -1,12 +1,14 @@
 //! What a job is, as plain values: the queue message envelope, post-task
-//! specs, key templates and the checks on rendered keys (here); command
-//! parameters ([`params`]), frame specs ([`frames`]), inputs and manifests
+//! specs, key templates and the checks on rendered keys (here); job and
+//! message ids in their one spelling ([`id`]); command parameters
+//! ([`params`]), frame specs ([`frames`]), inputs and manifests
 //! ([`inputs`]), lifecycle events ([`event`]) and a command's result
 //! ([`output`]). Pure: no I/O here, and
 //! nothing here imports from another folder of the crate.
 
 pub mod event;
 pub mod frames;
+pub mod id;
 pub mod inputs;
 pub mod output;
 pub mod params;
@@ -93,8 +95,8 @@ fn is_zero(n: &u32) -> bool {
 
 impl Envelope {
     /// Whether this is the job `id`, or a child of the array `id`.
-    pub fn is_part_of(&self, id: &str) -> bool {
-        self.job_id == id || self.array.as_ref().is_some_and(|a| a.job_id == id)
+    pub fn is_part_of(&self, id: &id::Id) -> bool {
+        id.is(&self.job_id) || self.array.as_ref().is_some_and(|a| id.is(&a.job_id))
     }
 
     /// A fresh envelope for a job being submitted now.
@@ -146,6 +148,27 @@ impl Envelope {
 
     pub fn to_body(&self) -> String {
         serde_json::to_string(self).expect("an envelope always serializes")
+    }
+
+    /// The body to send this job on with as a new message (a hand-back, a
+    /// dead letter, a redrive): naming `message_id`, the id the submit
+    /// returned, which a new message would not otherwise keep; then
+    /// changed by `edit`.
+    pub fn resent(&self, message_id: &str, edit: impl FnOnce(&mut Envelope)) -> String {
+        let mut envelope = self.clone();
+        envelope.message_id = Some(message_id.to_owned());
+        edit(&mut envelope);
+        envelope.to_body()
+    }
+
+    /// [`Envelope::resent`] for a message read as `body` whose id is
+    /// `received_id` (the id the envelope names wins); a body that is no
+    /// envelope goes on as it was.
+    pub fn restamp(body: &str, received_id: &str, edit: impl FnOnce(&mut Envelope)) -> String {
+        match Self::parse(body, received_id) {
+            Ok(envelope) => envelope.resent(envelope.message_id(received_id), edit),
+            Err(_) => body.to_owned(),
+        }
     }
 }
 
@@ -462,6 +485,21 @@ mod tests {
     fn envelope_round_trips() {
         let e = Envelope::new("sleep".into(), Map::new(), vec![]);
         assert_eq!(Envelope::parse(&e.to_body(), "m").unwrap(), e);
+    }
+
+    #[test]
+    fn a_restamped_body_keeps_the_submits_message_id() {
+        // A job sent once, as the redrive policy moves it: no id inside.
+        let e = Envelope::new("sleep".into(), Map::new(), vec![]);
+        let first = Envelope::restamp(&e.to_body(), "m-1", |e| e.failures = 0);
+        let again = Envelope::parse(&first, "sqs-2").unwrap();
+        assert_eq!(again.message_id("sqs-2"), "m-1");
+        assert_eq!(again.job_id, e.job_id);
+        // Sent on again: the id inside wins over the new message's.
+        let second = Envelope::restamp(&first, "sqs-2", |e| e.failures = 2);
+        let again = Envelope::parse(&second, "sqs-3").unwrap();
+        assert_eq!((again.message_id("sqs-3"), again.failures), ("m-1", 2));
+        assert_eq!(Envelope::restamp("hello", "m", |_| {}), "hello");
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::QueueConfig;
+use crate::job::Envelope;
+use crate::job::id::Id;
 pub use local::{Cancelled, LocalQueue};
 pub use sqs::{ApiCalls, MOVED_REASON, SqsQueue};
 
@@ -51,10 +53,10 @@ pub enum Redrive {
     /// All of them (up to the limit).
     All,
     /// The one whose message id (the id the submit returned) is this.
-    Message(String),
+    Message(Id),
     /// A job's, or every dead-lettered child of an array, by the id the
     /// submit returned for it.
-    Job(String),
+    Job(Id),
 }
 
 impl Redrive {
@@ -63,13 +65,11 @@ impl Redrive {
         match self {
             Redrive::All => true,
             Redrive::Message(id) => {
-                message_id == id
-                    || crate::job::Envelope::parse(body, message_id)
-                        .is_ok_and(|e| e.message_id.as_deref() == Some(id))
+                id.is(message_id)
+                    || Envelope::parse(body, message_id)
+                        .is_ok_and(|e| e.message_id.as_deref().is_some_and(|m| id.is(m)))
             }
-            Redrive::Job(id) => {
-                crate::job::Envelope::parse(body, message_id).is_ok_and(|e| e.is_part_of(id))
-            }
+            Redrive::Job(id) => Envelope::parse(body, message_id).is_ok_and(|e| e.is_part_of(id)),
         }
     }
 }
@@ -83,6 +83,17 @@ pub enum QueueError {
     /// The backend could not be reached or failed; try again later.
     #[error("queue unavailable: {0}")]
     Unavailable(String),
+    /// A redrive put `redriven` dead letters back, and `left` others it
+    /// chose stay in the dead-letter queue (a later redrive tries them
+    /// again; none is sent twice).
+    #[error(
+        "{redriven} dead letter(s) put back; {left} could not be and stay in the dead-letter queue: {reason}"
+    )]
+    PartlyRedriven {
+        redriven: usize,
+        left: usize,
+        reason: String,
+    },
 }
 
 /// One configured queue.

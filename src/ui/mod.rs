@@ -345,8 +345,9 @@ async fn redrive(State(ui): State<Ui>, jar: CookieJar, Form(form): Form<RedriveF
     let Some(queue) = ui.queues.get(&form.queue) else {
         return not_found("No such queue.");
     };
-    let which = match form.message_id {
-        Some(id) => Redrive::Message(id),
+    let which = match form.message_id.as_deref().map(crate::job::id::Id::parse) {
+        Some(Ok(id)) => Redrive::Message(id),
+        Some(Err(e)) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
         None => Redrive::All,
     };
     match queue
@@ -369,7 +370,7 @@ async fn cancel(State(ui): State<Ui>, jar: CookieJar, Form(form): Form<CancelFor
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     };
     match control.cancel(&form.job_id, None).await {
-        Ok(_) => Redirect::to(&format!("/ui/jobs/{}", form.job_id)).into_response(),
+        Ok(report) => Redirect::to(&format!("/ui/jobs/{}", report.job_id)).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
 }

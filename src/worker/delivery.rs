@@ -76,12 +76,7 @@ impl Delivery {
     /// and naming the submit's message id; an unreadable body as it was.
     pub fn resend_body(&self, edit: impl FnOnce(&mut Envelope)) -> String {
         match &self.envelope {
-            Ok(envelope) => {
-                let mut envelope = envelope.clone();
-                envelope.message_id = Some(self.message_id.clone());
-                edit(&mut envelope);
-                envelope.to_body()
-            }
+            Ok(envelope) => envelope.resent(&self.message_id, edit),
             Err(_) => self.received.body.clone(),
         }
     }

@@ -14,8 +14,9 @@
 //! message.
 //!
 //! Each operation is one short transaction through cached prepared
-//! statements; `db` decides which thread runs it, and `claim` is the
-//! receive's transaction.
+//! statements; `db` decides which thread runs it, `claim` is the
+//! receive's transaction, and `inspect` holds the whole-queue scans
+//! (stats, dead letters, a cancel's deletes).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -28,13 +29,16 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeadLetter, QueueError, Received, Redrive, Stats};
+use super::{DeadLetter, QueueError, Received};
 use crate::config::LocalQueueConfig;
-use claim::{Claim, claim, text};
-use db::{Db, execute, query_row};
+use claim::{Claim, claim};
+use db::{Db, execute};
 
 mod claim;
 mod db;
+mod inspect;
+
+pub use inspect::Cancelled;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -87,15 +91,6 @@ type PendingSend = (
     String,
     tokio::sync::oneshot::Sender<Result<(), String>>,
 );
-
-/// What a cancel found in the embedded queue.
-#[derive(Debug, Default)]
-pub struct Cancelled {
-    /// Messages deleted unrun: (message id, body).
-    pub queued: Vec<(String, String)>,
-    /// Messages a worker holds.
-    pub held: u32,
-}
 
 /// Rows an insert may hold and still count as short work (see `Db::run`).
 const SHORT_INSERT: usize = 64;
@@ -397,170 +392,6 @@ impl LocalQueue {
                 Ok(())
             })
             .await
-    }
-
-    pub async fn stats(&self) -> Result<Stats, QueueError> {
-        self.inner
-            .db
-            .run_blocking(|conn| {
-                query_row(
-                    conn,
-                    "SELECT
-                    COUNT(*) FILTER (WHERE dead_at IS NULL AND visible_at <= ?1),
-                    COUNT(*) FILTER (WHERE dead_at IS NULL AND visible_at > ?1),
-                    COUNT(*) FILTER (WHERE dead_at IS NOT NULL)
-                 FROM messages",
-                    [now_ms()],
-                    |row| {
-                        let count = |i| row.get::<_, i64>(i).map(|n| n as u64);
-                        Ok(Stats {
-                            visible: count(0)?,
-                            in_flight: count(1)?,
-                            dead_lettered: count(2)?,
-                        })
-                    },
-                )
-                .map_err(unavailable)
-            })
-            .await
-    }
-
-    pub async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        self.inner
-            .db
-            .run_blocking(move |conn| {
-                let mut stmt = conn
-                    .prepare(
-                        "SELECT id, receive_count, last_error FROM messages
-                     WHERE dead_at IS NOT NULL ORDER BY dead_at, seq LIMIT ?1",
-                    )
-                    .map_err(unavailable)?;
-                let rows = stmt
-                    .query_map([limit as i64], |row| {
-                        Ok(DeadLetter {
-                            message_id: text(row.get_ref(0)?),
-                            receive_count: row.get(1)?,
-                            reason: row
-                                .get::<_, Option<String>>(2)?
-                                .unwrap_or_else(|| "no reason recorded".into()),
-                        })
-                    })
-                    .map_err(unavailable)?;
-                rows.collect::<Result<_, _>>().map_err(unavailable)
-            })
-            .await
-    }
-
-    /// Deletes the messages of a cancelled job (or of every child of a
-    /// cancelled array) that no worker holds; returns them, and how many
-    /// are held (running, or waiting out a retry's back-off), which their
-    /// workers stop.
-    pub async fn cancel_queued(&self, job_id: &str) -> Result<Cancelled, QueueError> {
-        let job_id = job_id.to_owned();
-        self.inner
-            .db
-            .run_blocking(move |conn| {
-                let tx = conn.transaction().map_err(unavailable)?;
-                let now = now_ms();
-                let mut cancelled = Cancelled::default();
-                let mut chosen = Vec::new();
-                {
-                    // The id is a UUID: a body that does not contain it is
-                    // not the job's, and is not parsed.
-                    let mut stmt = tx
-                        .prepare(
-                            "SELECT seq, id, body, receipt IS NOT NULL AND visible_at > ?2
-                             FROM messages WHERE dead_at IS NULL AND instr(body, ?1) > 0",
-                        )
-                        .map_err(unavailable)?;
-                    let rows = stmt
-                        .query_map(params![job_id, now], |row| {
-                            Ok((
-                                row.get::<_, i64>(0)?,
-                                text(row.get_ref(1)?),
-                                text(row.get_ref(2)?),
-                                row.get::<_, bool>(3)?,
-                            ))
-                        })
-                        .map_err(unavailable)?;
-                    for row in rows {
-                        let (seq, message_id, body, held) = row.map_err(unavailable)?;
-                        let Ok(envelope) = crate::job::Envelope::parse(&body, &message_id) else {
-                            continue;
-                        };
-                        if !(envelope.is_part_of(&job_id)
-                            || envelope.message_id(&message_id) == job_id)
-                        {
-                            continue;
-                        }
-                        if held {
-                            cancelled.held += 1;
-                        } else {
-                            chosen.push(seq);
-                            cancelled.queued.push((message_id, body));
-                        }
-                    }
-                }
-                for seq in chosen {
-                    execute(&tx, "DELETE FROM messages WHERE seq = ?1", [seq])
-                        .map_err(unavailable)?;
-                }
-                tx.commit().map_err(unavailable)?;
-                Ok(cancelled)
-            })
-            .await
-    }
-
-    pub async fn dlq_redrive(&self, limit: usize, which: &Redrive) -> Result<usize, QueueError> {
-        let which = which.clone();
-        let moved = self
-            .inner
-            .db
-            .run_blocking(move |conn| {
-                let tx = conn.transaction().map_err(unavailable)?;
-                let chosen: Vec<i64> = {
-                    let mut stmt = tx
-                        .prepare(
-                            "SELECT seq, id, body FROM messages WHERE dead_at IS NOT NULL
-                             ORDER BY dead_at, seq",
-                        )
-                        .map_err(unavailable)?;
-                    let rows = stmt
-                        .query_map([], |row| {
-                            Ok((
-                                row.get::<_, i64>(0)?,
-                                text(row.get_ref(1)?),
-                                text(row.get_ref(2)?),
-                            ))
-                        })
-                        .map_err(unavailable)?;
-                    let mut chosen = Vec::new();
-                    for row in rows {
-                        let (seq, id, body) = row.map_err(unavailable)?;
-                        if chosen.len() < limit && which.wants(&id, &body) {
-                            chosen.push(seq);
-                        }
-                    }
-                    chosen
-                };
-                for seq in &chosen {
-                    execute(
-                        &tx,
-                        "UPDATE messages SET dead_at = NULL, receive_count = 0, receipt = NULL,
-                            last_error = NULL, visible_at = ?2
-                         WHERE seq = ?1",
-                        params![seq, now_ms()],
-                    )
-                    .map_err(unavailable)?;
-                }
-                tx.commit().map_err(unavailable)?;
-                Ok(chosen.len())
-            })
-            .await?;
-        if moved > 0 {
-            self.ring();
-        }
-        Ok(moved)
     }
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::queue::Stats;
 
 async fn queue(dir: &tempfile::TempDir, max_receive_count: u32) -> LocalQueue {
     let config = LocalQueueConfig {

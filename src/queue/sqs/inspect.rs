@@ -10,6 +10,7 @@ use aws_sdk_sqs::types::{
 };
 
 use super::{ApiCalls, REASON, RECEIVES, SOURCE_ID, SqsQueue, classify, seconds};
+use crate::job::Envelope;
 use crate::queue::Redrive;
 
 /// Why a job the redrive policy moved is dead-lettered.
@@ -29,6 +30,10 @@ pub struct MovedDeadLetter {
 
 /// Dead letters a selective redrive (one job, one message) looks through.
 const SCAN: usize = 10_000;
+/// Most messages one `SendMessageBatch` takes.
+const BATCH: usize = 10;
+/// The largest message, and the largest batch, SQS takes (256 KiB).
+const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 use crate::queue::{DeadLetter, QueueError, Stats};
 
 impl SqsQueue {
@@ -209,8 +214,14 @@ impl SqsQueue {
     }
 
     /// Moves dead letters back by receiving and re-sending them (not every
-    /// SQS-compatible server has `StartMessageMoveTask`).
-    /// A selective redrive looks through at most this many dead letters.
+    /// SQS-compatible server has `StartMessageMoveTask`). Each goes back
+    /// restamped as a hand-back is: its envelope names the id the submit
+    /// returned (a message the redrive policy moved carries none), with a
+    /// fresh budget of tries. Sent ten to a call; exactly the dead letters
+    /// whose sends succeeded are deleted, each batch before the next is
+    /// sent, so a failure part way leaves the others in the dead-letter
+    /// queue, and a later redrive sends none of them twice.
+    /// A selective redrive looks through at most `SCAN` dead letters.
     pub async fn dlq_redrive(&self, limit: usize, which: &Redrive) -> Result<usize, QueueError> {
         let scan = if *which == Redrive::All {
             limit
@@ -220,9 +231,11 @@ impl SqsQueue {
         let messages = self
             .take_dead_letters(scan, Duration::from_secs(60))
             .await?;
-        let mut moved = 0;
-        let (mut sent, mut others) = (Vec::new(), Vec::new());
+        let (mut chosen, mut others) = (Vec::new(), Vec::new());
         for message in &messages {
+            let Some(receipt) = &message.receipt_handle else {
+                continue;
+            };
             let id = message
                 .message_attributes()
                 .and_then(|a| a.get(SOURCE_ID))
@@ -230,21 +243,89 @@ impl SqsQueue {
                 .or(message.message_id.as_deref())
                 .unwrap_or_default();
             let body = message.body().unwrap_or_default();
-            let Some(receipt) = &message.receipt_handle else {
-                continue;
-            };
-            if moved < limit && which.wants(id, body) {
-                self.send(body).await?;
-                sent.push(receipt.clone());
-                moved += 1;
+            if chosen.len() < limit && which.wants(id, body) {
+                let body = Envelope::restamp(body, id, |envelope| envelope.failures = 0);
+                chosen.push((receipt.clone(), body));
             } else {
                 others.push(receipt.clone());
             }
         }
-        self.delete_dead_letters(sent).await?;
-        // Not these: visible again at once for other readers.
+        let outcome = self.send_back(chosen, &mut others).await;
+        // Not sent: visible again at once for other readers.
         self.release_dead_letters(others).await?;
-        Ok(moved)
+        outcome
+    }
+
+    /// Sends `(receipt, body)` dead letters back to the queue and deletes
+    /// those sent; adds the ones left to `left`. Returns how many went back,
+    /// or why some did not.
+    async fn send_back(
+        &self,
+        letters: Vec<(String, String)>,
+        left: &mut Vec<String>,
+    ) -> Result<usize, QueueError> {
+        let (mut redriven, mut failure, before) = (0, None, left.len());
+        let mut letters = letters.into_iter().peekable();
+        while letters.peek().is_some() {
+            let mut batch: Vec<(String, String)> = Vec::new();
+            let mut bytes = 0;
+            while let Some((_, body)) = letters.peek() {
+                if body.len() > MAX_MESSAGE_BYTES {
+                    let (receipt, body) = letters.next().expect("peeked");
+                    failure.get_or_insert(format!(
+                        "a dead letter restamped for its message id is {} bytes, over SQS's {MAX_MESSAGE_BYTES}",
+                        body.len()
+                    ));
+                    left.push(receipt);
+                    continue;
+                }
+                if batch.len() == BATCH || bytes + body.len() > MAX_MESSAGE_BYTES {
+                    break;
+                }
+                bytes += body.len();
+                batch.push(letters.next().expect("peeked"));
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let bodies: Vec<String> = batch.iter().map(|(_, body)| body.clone()).collect();
+            let outcomes = match self.send_batch(&bodies).await {
+                Ok(outcomes) => outcomes,
+                Err(error) => {
+                    // This batch stays (if the call failed after SQS took
+                    // some of it, those go twice: at least once, never
+                    // lost); the rest wait for the next redrive.
+                    failure = Some(error.to_string());
+                    left.extend(batch.into_iter().map(|(receipt, _)| receipt));
+                    left.extend(letters.map(|(receipt, _)| receipt));
+                    break;
+                }
+            };
+            let mut sent = Vec::new();
+            for ((receipt, _), outcome) in batch.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(_) => sent.push(receipt),
+                    Err(error) => {
+                        failure.get_or_insert(error.to_string());
+                        left.push(receipt);
+                    }
+                }
+            }
+            let count = sent.len();
+            if let Err(error) = self.delete_dead_letters(sent).await {
+                left.extend(letters.map(|(receipt, _)| receipt));
+                return Err(error);
+            }
+            redriven += count;
+        }
+        match failure {
+            None => Ok(redriven),
+            Some(reason) => Err(QueueError::PartlyRedriven {
+                redriven,
+                left: left.len() - before,
+                reason,
+            }),
+        }
     }
 
     /// Makes dead letters visible again, ten to a call.
@@ -287,13 +368,24 @@ impl SqsQueue {
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| QueueError::Unavailable(e.to_string()))?;
-            self.client
+            let answer = self
+                .client
                 .delete_message_batch()
                 .queue_url(&self.dlq_url)
                 .set_entries(Some(entries))
                 .send()
                 .await
                 .map_err(classify)?;
+            if let Some(failed) = answer.failed.first() {
+                return Err(QueueError::Unavailable(format!(
+                    "DeleteMessageBatch: {} of {} dead letters not deleted ({} {}); \
+                     they are back in the queue too, and a later redrive would send them again",
+                    answer.failed.len(),
+                    chunk.len(),
+                    failed.code,
+                    failed.message.as_deref().unwrap_or_default()
+                )));
+            }
         }
         Ok(())
     }
