@@ -26,6 +26,7 @@ macro_rules! scenarios {
 
 mod harness;
 
+mod adaptors;
 mod blender;
 mod commands;
 mod config_errors;
