@@ -88,12 +88,13 @@ fn assert_replaced(serve: &Proc, starts_file: &Path, result: &Value, tag: &str, 
     let log = serve.log_text();
     let warning = log
         .lines()
-        .find(|l| l.contains("Adaptor answered for another run"))
+        .find(|l| l.contains("adaptor answered for another run"))
         .unwrap_or_else(|| panic!("no warning:\n{log}"));
     assert!(
         warning.contains("WARN") && warning.contains("adaptor=wrong") && warning.contains(stale),
         "{warning}"
     );
+    println!("{warning}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -104,10 +105,11 @@ async fn an_adaptor_that_answers_a_cancel_twice_is_killed_and_the_next_job_gets_
     let serve = farm.serve(&[]).await;
 
     let first = submit(&farm, "A", 60).await;
-    let started = farm
-        .wait_for_events(|e| e["type"] == "JobStarted", 1, LONG)
+    // The adaptor's progress: it has the run.
+    let running = farm
+        .wait_for_events(|e| e["type"] == "JobProgress", 1, LONG)
         .await;
-    let job_id = started[0]["job_id"].as_str().unwrap();
+    let job_id = running[0]["job_id"].as_str().unwrap();
     let (code, _, err) = farm.cli(&["cancel", job_id]);
     assert_eq!(code, 0, "{err}");
     farm.wait_for_events(|e| e["type"] == "JobCancelled", 1, LONG)

@@ -255,8 +255,14 @@ async fn a_cancel_stops_a_long_blender_frame_within_2_s_and_the_slot_renders_the
         return;
     }
     let farm = blender_farm(1).await;
+    let scene_size = || {
+        std::fs::metadata(farm.dir.path().join("assets/shots/010/scene.blend"))
+            .unwrap()
+            .len()
+    };
     // A frame of hours: 640 pixels across at 100,000 samples.
     make_scene(&farm, 640, 100_000);
+    let long_size = scene_size();
     let _serve = farm.serve(&[]).await;
 
     let long = submit_frame(&farm).await;
@@ -298,6 +304,7 @@ async fn a_cancel_stops_a_long_blender_frame_within_2_s_and_the_slot_renders_the
     // Another scene at the same key, the same size on disk: the slot's new
     // Blender renders it, not the one before.
     make_scene(&farm, 48, 4);
+    assert_eq!(scene_size(), long_size, "the scenes differ only in content");
     let next = submit_frame(&farm).await;
     assert_eq!(rendered_size(&farm, &next).await, (48, 27));
     // The same scene again is not loaded again; a third one at the same
@@ -305,6 +312,7 @@ async fn a_cancel_stops_a_long_blender_frame_within_2_s_and_the_slot_renders_the
     let again = submit_frame(&farm).await;
     assert_eq!(rendered_size(&farm, &again).await, (48, 27));
     make_scene(&farm, 32, 4);
+    assert_eq!(scene_size(), long_size, "the scenes differ only in content");
     let third = submit_frame(&farm).await;
     assert_eq!(rendered_size(&farm, &third).await, (32, 18));
     let loaded = loads(&farm);

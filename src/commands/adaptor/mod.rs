@@ -159,9 +159,9 @@ impl AdaptorCommand {
         match broken {
             Broken::OutOfTurn(OutOfTurn::Stale { said, turn }) => tracing::warn!(
                 adaptor = %self.name, stale = %said, %turn,
-                "Adaptor answered for another run; killing it, it is never reused."
+                "adaptor answered for another run; killing it, it is never reused"
             ),
-            other => tracing::warn!(adaptor = %self.name, error = %other, "Killing the adaptor."),
+            other => tracing::warn!(adaptor = %self.name, error = %other, "killing the adaptor"),
         }
         process.kill().await;
     }
@@ -171,7 +171,18 @@ impl AdaptorCommand {
         params: &Map<String, Value>,
         ctx: &RunContext,
     ) -> Result<Vec<Output>, CommandError> {
-        let mut process = self.checkout(ctx).await?;
+        // A start can take a while (Blender loads for seconds): a cancel
+        // does not wait for it. A process cut off mid-start is killed as
+        // its guard drops.
+        let mut process = tokio::select! {
+            process = self.checkout(ctx) => process?,
+            _ = ctx.cancel.cancelled() => return Err(CommandError::Cancelled),
+        };
+        if ctx.cancel.is_cancelled() {
+            // It was given nothing yet, so it is still in step.
+            self.idle.lock().expect("adaptor pool lock").push(process);
+            return Err(CommandError::Cancelled);
+        }
         let workdir = workdir(&self.workspace, ctx)?;
         let id = RunId(self.runs.fetch_add(1, Ordering::Relaxed) + 1);
         let run = json!({"type": "run", "id": id.to_string(), "job_id": ctx.job_id,
@@ -204,8 +215,8 @@ impl AdaptorCommand {
                 let error = match &broken {
                     Broken::OutOfTurn(OutOfTurn::Stale { said, .. }) => {
                         CommandError::OutOfTurn(format!(
-                            "adaptor `{}` answered for {said} while running {id}; \
-                             it was killed and the job runs again on another process",
+                            "adaptor `{}` answered for {said} while running {id}: \
+                             out of step, so it was killed and is never reused",
                             self.name
                         ))
                     }
@@ -275,7 +286,7 @@ impl AdaptorCommand {
             Ok(Ok(())) => self.idle.lock().expect("adaptor pool lock").push(process),
             Ok(Err(broken)) => self.retire(process, &broken).await,
             Err(_) => {
-                tracing::warn!(adaptor = %self.name, run = %id, "Adaptor did not answer `cancel` in time; killing it.");
+                tracing::warn!(adaptor = %self.name, run = %id, "adaptor did not answer `cancel` in time; killing it");
                 process.kill().await;
             }
         }
