@@ -51,8 +51,15 @@ async fn submit(farm: &Farm, tag: &str, seconds: u64) -> String {
         .await
 }
 
-/// The JSON result a job uploaded.
+/// The JSON result a job uploaded, once the job has ended (its event is
+/// published after the upload).
 async fn result(farm: &Farm, message_id: &str) -> Value {
+    farm.wait_for_events(
+        |e| e["type"] == "JobSucceeded" && e["message_id"] == message_id,
+        1,
+        LONG,
+    )
+    .await;
     let (bytes, _) = farm
         .wait_for_object(&format!("out/{message_id}.json"), LONG)
         .await;

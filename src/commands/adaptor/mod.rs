@@ -48,7 +48,7 @@ use serde_json::{Map, Value, json};
 use super::{CommandError, Output, ProcessGroup, Progress, RunContext, program, workdir};
 use crate::workspace::Workspace;
 use process::{AdaptorProcess, Broken, GRACE};
-use protocol::{Answer, Heard, OutOfTurn, RunId, Turn};
+use protocol::{Answer, Heard, RunId, Turn};
 
 #[derive(Debug)]
 pub struct AdaptorCommand {
@@ -157,7 +157,7 @@ impl AdaptorCommand {
     /// how (a stale answer names the run it belonged to).
     async fn retire(&self, process: AdaptorProcess, broken: &Broken) {
         match broken {
-            Broken::OutOfTurn(OutOfTurn::Stale { said, turn }) => tracing::warn!(
+            Broken::Stale { said, turn } => tracing::warn!(
                 adaptor = %self.name, stale = %said, %turn,
                 "adaptor answered for another run; killing it, it is never reused"
             ),
@@ -171,9 +171,11 @@ impl AdaptorCommand {
         params: &Map<String, Value>,
         ctx: &RunContext,
     ) -> Result<Vec<Output>, CommandError> {
+        let workdir = workdir(&self.workspace, ctx)?;
         // A start can take a while (Blender loads for seconds): a cancel
         // does not wait for it. A process cut off mid-start is killed as
-        // its guard drops.
+        // its guard drops; a pooled one is never cut off (checking it
+        // does not wait).
         let mut process = tokio::select! {
             process = self.checkout(ctx) => process?,
             _ = ctx.cancel.cancelled() => return Err(CommandError::Cancelled),
@@ -183,7 +185,6 @@ impl AdaptorCommand {
             self.idle.lock().expect("adaptor pool lock").push(process);
             return Err(CommandError::Cancelled);
         }
-        let workdir = workdir(&self.workspace, ctx)?;
         let id = RunId(self.runs.fetch_add(1, Ordering::Relaxed) + 1);
         let run = json!({"type": "run", "id": id.to_string(), "job_id": ctx.job_id,
                          "parameters": params, "frames": ctx.frames, "workdir": workdir.path()});
@@ -213,13 +214,11 @@ impl AdaptorCommand {
             Ok(answer) => answer,
             Err(broken) => {
                 let error = match &broken {
-                    Broken::OutOfTurn(OutOfTurn::Stale { said, .. }) => {
-                        CommandError::OutOfTurn(format!(
-                            "adaptor `{}` answered for {said} while running {id}: \
+                    Broken::Stale { said, .. } => CommandError::OutOfTurn(format!(
+                        "adaptor `{}` answered for {said} while running {id}: \
                              out of step, so it was killed and is never reused",
-                            self.name
-                        ))
-                    }
+                        self.name
+                    )),
                     other => CommandError::Failed(format!("adaptor `{}`: {other}", self.name)),
                 };
                 self.retire(process, &broken).await;

@@ -24,15 +24,16 @@ pub(super) enum Broken {
     Protocol(String),
     #[error("adaptor I/O failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("adaptor answered out of turn: {0}")]
-    OutOfTurn(#[source] OutOfTurn),
+    /// It answered for an earlier run: out of step with the worker.
+    #[error("adaptor answered for {said} {turn}")]
+    Stale { said: RunId, turn: Turn },
 }
 
 impl From<OutOfTurn> for Broken {
     fn from(error: OutOfTurn) -> Self {
         match error {
             OutOfTurn::Protocol(why) => Self::Protocol(why),
-            stale @ OutOfTurn::Stale { .. } => Self::OutOfTurn(stale),
+            OutOfTurn::Stale { said, turn } => Self::Stale { said, turn },
         }
     }
 }
