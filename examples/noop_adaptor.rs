@@ -5,11 +5,13 @@
 
 use std::io::{BufRead, Write};
 
+use serde_json::{Value, json};
+
 fn main() -> std::io::Result<()> {
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout().lock();
     for line in stdin.lock().lines() {
-        let message: serde_json::Value = match serde_json::from_str(&line?) {
+        let message: Value = match serde_json::from_str(&line?) {
             Ok(message) => message,
             Err(error) => {
                 eprintln!("noop_adaptor: not JSON: {error}");
@@ -17,11 +19,14 @@ fn main() -> std::io::Result<()> {
             }
         };
         let answer = match message["type"].as_str() {
-            Some("init") => r#"{"type":"ready"}"#,
-            Some("run") => r#"{"type":"result","json":{}}"#,
-            Some("cancel") => r#"{"type":"fail","message":"cancelled"}"#,
+            Some("init") => json!({"type": "ready"}),
+            // Every answer echoes the id of its run.
+            Some("run") => json!({"type": "result", "id": message["id"], "json": {}}),
+            // Every run was answered at once: a `cancel` always comes
+            // after its answer, and gets none.
+            Some("cancel") => continue,
             Some("stop") => {
-                writeln!(stdout, r#"{{"type":"stopped"}}"#)?;
+                writeln!(stdout, "{}", json!({"type": "stopped"}))?;
                 return stdout.flush();
             }
             _ => continue,

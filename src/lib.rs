@@ -34,7 +34,8 @@
 //! - [`tasks`]: post-tasks `s3_upload` and `http_post`.
 //! - [`commands`]: built-ins (including the `render_demo` ray tracer),
 //!   `process` programs run per job in their own process group, and
-//!   `adaptor` programs kept running across jobs (JSON lines protocol); and
+//!   `adaptor` programs kept running across jobs (JSON lines protocol in
+//!   which every answer names its run); and
 //!   the [`commands::catalog`], what a job may ask for: the one validator
 //!   used by both the submit half and the worker. It builds every command
 //!   once; its errors are located in the file by [`config::Config::locate`].
@@ -114,6 +115,11 @@
 //!   runs in its own process group, killed when the job ends, recorded on
 //!   disk, and killed by the worker's reaper (or the next worker's sweep) if
 //!   the worker dies first. Its parent-death signal is SIGKILL.
+//! - An adaptor's answer is taken only for the run it names, once: each
+//!   process is at a turn (idle, running a run, cancelling it), and one
+//!   that answers for another run, twice, or while idle is killed and never
+//!   pooled again. The job it was running did nothing wrong: it is handed
+//!   back without using a try.
 //! - Shutdown is one value (reason, deadline): it stops receiving; a job that
 //!   cannot finish by the deadline is cancelled and handed back without
 //!   using up a try; the worker is gone before the deadline (jobs are

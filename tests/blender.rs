@@ -1,14 +1,17 @@
 //! Real renders: Debian's Blender renders a 20-frame array whose scene and
 //! texture come from a bucket as inputs, once as a one-shot `process`
 //! command per chunk and once through the adaptor that keeps the scene
-//! loaded.
+//! loaded; and the adaptor stops a long frame on a cancel, then renders
+//! the next job's own scene.
 
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{AUDIT_AND_ASSETS, Backend, Farm, Settings, files_under, repo_path};
+use crate::harness::{
+    AUDIT_AND_ASSETS, Backend, Farm, Settings, alive, files_under, png_size, repo_path,
+};
 
 const LONG: Duration = Duration::from_secs(240);
 
@@ -28,13 +31,15 @@ fn have_blender() -> bool {
     found
 }
 
-async fn blender_farm() -> Farm {
+/// A farm of `slots` slots with the `blender_render` and `blender_adaptor`
+/// commands, and a 64-pixel test shot in `assets/shots/010`.
+async fn blender_farm(slots: u32) -> Farm {
     let script = |name: &str| repo_path(&format!("examples/blender/{name}"));
     let farm = Farm::new(
         Backend::Local,
         Settings {
             extra_allowed: vec!["blender_render", "blender_adaptor"],
-            worker_toml: "slots = 2".into(),
+            worker_toml: format!("slots = {slots}"),
             extra_toml: format!(
                 r#"{AUDIT_AND_ASSETS}
 [commands.blender_render]
@@ -65,12 +70,19 @@ frame = {{ type = "integer", default = 1 }}
         },
     )
     .await;
-    let shot = farm.dir.path().join("assets/shots/010");
+    make_scene(&farm, 64, 4);
+    farm
+}
+
+/// (Re)writes the test shot in the farm's `assets` bucket: a scene of
+/// `size` pixels across, rendered with `samples` samples.
+fn make_scene(farm: &Farm, size: u32, samples: u32) {
     let made = Command::new("blender")
         .args(["-b", "--factory-startup", "--python"])
         .arg(repo_path("examples/blender/make_scene.py"))
         .arg("--")
-        .arg(&shot)
+        .arg(farm.dir.path().join("assets/shots/010"))
+        .args([size.to_string(), samples.to_string()])
         .output()
         .expect("run blender");
     assert!(
@@ -78,7 +90,6 @@ frame = {{ type = "integer", default = 1 }}
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    farm
 }
 
 /// Renders frames 1-20 in chunks of 4 with `command`; checks the 20 PNGs,
@@ -121,7 +132,7 @@ async fn render_array(farm: &Farm, command: &str) -> Vec<Value> {
             .await
             .unwrap_or_else(|| panic!("frame {frame} missing"));
         assert_eq!(mime, "image/png");
-        assert_eq!(crate::harness::png_size(&png), (64, 36), "frame {frame}");
+        assert_eq!(png_size(&png), (64, 36), "frame {frame}");
     }
     let events = farm.events();
     let started: Vec<&Value> = events
@@ -155,7 +166,7 @@ async fn a_blender_array_renders_its_inputs_once_downloaded() {
     if !have_blender() {
         return;
     }
-    let farm = blender_farm().await;
+    let farm = blender_farm(2).await;
     let _serve = farm.serve(&[]).await;
     let events = render_array(&farm, "blender_render").await;
     assert!(
@@ -178,7 +189,7 @@ async fn the_blender_adaptor_loads_the_scene_once_per_slot() {
     if !have_blender() {
         return;
     }
-    let farm = blender_farm().await;
+    let farm = blender_farm(2).await;
     let _serve = farm.serve(&[]).await;
     let events = render_array(&farm, "blender_adaptor").await;
     assert!(
@@ -195,5 +206,130 @@ async fn the_blender_adaptor_loads_the_scene_once_per_slot() {
     assert!(
         (1..=2).contains(&loads),
         "{loads} loads for 5 chunks on 2 slots"
+    );
+}
+
+/// Submits one frame of the test shot to the adaptor; returns its message
+/// id. Its PNG goes to `renders/MESSAGE_ID/1.png`.
+async fn submit_frame(farm: &Farm) -> String {
+    farm.submit(json!({
+        "command": "blender_adaptor",
+        "parameters": {"scene": "scene.blend", "frame": 1},
+        "inputs": [
+            {"bucket": "assets", "key": "shots/010/scene.blend", "path": "scene.blend"},
+            {"bucket": "assets", "key": "shots/010/textures/checker.png", "path": "textures/checker.png"}
+        ],
+        "tasks": [{"name": "s3_upload", "config": {"bucket": "results",
+                   "key": "renders/${message_id}/${frame}.${mime_ext}"}}]
+    }))
+    .await
+}
+
+/// The size of the frame a job rendered.
+async fn rendered_size(farm: &Farm, message_id: &str) -> (u32, u32) {
+    let (png, _) = farm
+        .wait_for_object(&format!("renders/{message_id}/1.png"), LONG)
+        .await;
+    png_size(&png)
+}
+
+/// The adaptor's scene loads so far, as `(Blender's pid, path)`.
+fn loads(farm: &Farm) -> Vec<(i32, String)> {
+    files_under(farm.dir.path())
+        .into_iter()
+        .find(|p| p.ends_with("loads.txt"))
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (pid, path) = line.split_once(' ')?;
+            Some((pid.parse().ok()?, path.to_owned()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_stops_a_long_blender_frame_within_2_s_and_the_slot_renders_the_next_scene() {
+    if !have_blender() {
+        return;
+    }
+    let farm = blender_farm(1).await;
+    let scene_size = || {
+        std::fs::metadata(farm.dir.path().join("assets/shots/010/scene.blend"))
+            .unwrap()
+            .len()
+    };
+    // A frame of hours: 640 pixels across at 100,000 samples.
+    make_scene(&farm, 640, 100_000);
+    let long_size = scene_size();
+    let _serve = farm.serve(&[]).await;
+
+    let long = submit_frame(&farm).await;
+    // Progress comes from the render itself (Cycles' per-sample report):
+    // the frame is being rendered.
+    let progress = farm
+        .wait_for_events(
+            |e| e["type"] == "JobProgress" && e["message_id"] == long.as_str(),
+            1,
+            LONG,
+        )
+        .await;
+    let job_id = progress[0]["job_id"].as_str().unwrap();
+    let rendering = loads(&farm);
+    assert_eq!(rendering.len(), 1, "{rendering:?}");
+    let asked = chrono::Utc::now();
+    let (code, _, err) = farm.cli(&["cancel", job_id]);
+    assert_eq!(code, 0, "{err}");
+    let cancelled = farm
+        .wait_for_events(
+            |e| e["type"] == "JobCancelled" && e["message_id"] == long.as_str(),
+            1,
+            LONG,
+        )
+        .await;
+    let at: chrono::DateTime<chrono::Utc> = cancelled[0]["time"].as_str().unwrap().parse().unwrap();
+    let took = (at - asked).to_std().unwrap_or_default();
+    println!("a long Blender frame stopped {took:?} after its cancel");
+    assert!(
+        took < Duration::from_secs(2),
+        "stopped {took:?} after the cancel"
+    );
+    // The adaptor answers a cancel only once that Blender is gone.
+    assert!(
+        !alive(rendering[0].0),
+        "the Blender rendering the frame was killed"
+    );
+
+    // Another scene at the same key, the same size on disk: the slot's new
+    // Blender renders it, not the one before.
+    make_scene(&farm, 48, 4);
+    assert_eq!(scene_size(), long_size, "the scenes differ only in content");
+    let next = submit_frame(&farm).await;
+    assert_eq!(rendered_size(&farm, &next).await, (48, 27));
+    // The same scene again is not loaded again; a third one at the same
+    // key, sent to the same Blender, is.
+    let again = submit_frame(&farm).await;
+    assert_eq!(rendered_size(&farm, &again).await, (48, 27));
+    make_scene(&farm, 32, 4);
+    assert_eq!(scene_size(), long_size, "the scenes differ only in content");
+    let third = submit_frame(&farm).await;
+    assert_eq!(rendered_size(&farm, &third).await, (32, 18));
+    let loaded = loads(&farm);
+    assert_eq!(loaded.len(), 3, "{loaded:?}");
+    assert_ne!(
+        loaded[1].0, rendering[0].0,
+        "a new Blender after the cancel"
+    );
+    assert_eq!(
+        loaded[2].0, loaded[1].0,
+        "the same Blender for the later jobs"
+    );
+    assert!(
+        !farm
+            .events()
+            .iter()
+            .any(|e| e["type"] == "JobFailed" || e["type"] == "JobRequeued"),
+        "{:?}",
+        farm.events()
     );
 }

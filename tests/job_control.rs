@@ -275,8 +275,10 @@ seconds = {{ type = "number", min = 0, default = 0 }}
     let first = farm
         .submit(json!({"command": "slow", "parameters": {"seconds": 60}, "tasks": upload}))
         .await;
+    // The adaptor's progress: it has the run (a cancel during its start
+    // would stop the start instead).
     let started = farm
-        .wait_for_events(|e| e["type"] == "JobStarted", 1, LONG)
+        .wait_for_events(|e| e["type"] == "JobProgress", 1, LONG)
         .await;
     let job_id = started[0]["job_id"].as_str().unwrap().to_owned();
     let asked = Utc::now();

@@ -26,6 +26,7 @@ macro_rules! scenarios {
 
 mod harness;
 
+mod adaptors;
 mod blender;
 mod cancels;
 mod commands;

@@ -3,8 +3,11 @@
 
 It speaks the adaptor protocol of renderq (JSON lines; see the README): it
 answers `init` with `ready` once the scene is loaded, each `run` with
-progress and a `result` (a PNG in the run's workdir) or a `fail`, and `stop`
-with `stopped`. Logs go to stderr: stdout belongs to the protocol.
+progress and one answer, a `result` (a PNG in the run's workdir) or a
+`fail`, every one of them echoing the run's `id`; and `stop` with
+`stopped`. A `cancel` for the run in progress stops it at its next row
+(the run's answer is then `fail`); a `cancel` for a run already answered
+gets no answer. Logs go to stderr: stdout belongs to the protocol.
 
 init_data keys:
   scene         name of the scene; its colours derive from it
@@ -21,9 +24,10 @@ run parameters:
 import hashlib
 import json
 import os
+import queue
 import struct
 import sys
-import time
+import threading
 import zlib
 
 
@@ -42,18 +46,24 @@ def png(width, height, rows):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
+class Cancelled(Exception):
+    """The run in progress was cancelled."""
+
+
 class Scene:
     def __init__(self, name, load_seconds):
-        time.sleep(load_seconds)
+        threading.Event().wait(load_seconds)
         digest = hashlib.sha256(name.encode()).digest()
         self.name = name
         self.colour_a = digest[0:3]
         self.colour_b = digest[3:6]
 
-    def render(self, frame, width, height, seconds):
+    def render(self, run_id, frame, width, height, seconds, cancel):
         rows = []
         shift = (frame * 7) % max(width, 1)
         for y in range(height):
+            if cancel.is_set():
+                raise Cancelled()
             row = bytearray()
             for x in range(width):
                 t = ((x + shift) % width) / max(width - 1, 1)
@@ -62,16 +72,75 @@ class Scene:
                     row.append(int(a * (1 - t) * (1 - u / 2) + b * t * (0.5 + u / 2)) & 0xFF)
             rows.append(bytes(row))
             if height >= 4 and y % (height // 4) == 0:
-                send({"type": "progress", "percent": 100.0 * y / height})
-                if seconds:
-                    time.sleep(seconds / 4)
+                send({"type": "progress", "id": run_id, "percent": 100.0 * y / height})
+                if seconds and cancel.wait(seconds / 4):
+                    raise Cancelled()
         return png(width, height, rows)
+
+
+class Runs:
+    """The run in progress, and its cancel. The protocol is read on a
+    thread of its own, so that a `cancel` arrives while a frame renders."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.current = None  # the id of the run not answered yet
+        self.cancel = threading.Event()
+
+    def begin(self, run_id):
+        with self.lock:
+            self.current = run_id
+            self.cancel.clear()
+
+    def cancelled(self, run_id):
+        with self.lock:
+            if run_id == self.current:
+                self.cancel.set()
+
+    def answer(self, run_id, message):
+        """The run's one answer: no `cancel` can reach it after this."""
+        with self.lock:
+            self.current = None
+        send(dict(message, id=run_id))
+
+
+def read(messages, runs):
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("type") == "cancel":
+            runs.cancelled(message.get("id"))
+        else:
+            messages.put(message)
+    messages.put({"type": "stop"})
+
+
+def run(scene, message, runs):
+    run_id = message["id"]
+    params = message.get("parameters", {})
+    if params.get("noop"):
+        return {"type": "result", "json": {"frame": params.get("frame", 0)}}
+    if params.get("fail"):
+        return {"type": "fail", "message": params["fail"]}
+    frame = int(params.get("frame", 1))
+    send({"type": "status", "id": run_id, "message": f"rendering frame {frame} of {scene.name}"})
+    try:
+        image = scene.render(run_id, frame, int(params.get("width", 64)), int(params.get("height", 48)),
+                             float(params.get("seconds", 0)), runs.cancel)
+    except Cancelled:
+        return {"type": "fail", "message": "cancelled"}
+    name = f"frame_{frame:04d}.png"
+    with open(os.path.join(message["workdir"], name), "wb") as f:
+        f.write(image)
+    send({"type": "progress", "id": run_id, "percent": 100.0})
+    return {"type": "result", "path": name, "mime": "image/png"}
 
 
 def main():
     scene = None
-    for line in sys.stdin:
-        message = json.loads(line)
+    messages, runs = queue.Queue(), Runs()
+    threading.Thread(target=read, args=(messages, runs), daemon=True).start()
+    while True:
+        message = messages.get()
         kind = message.get("type")
         if kind == "init":
             data = message.get("init_data", {})
@@ -83,24 +152,8 @@ def main():
             print(f"scene {scene.name!r} loaded", file=sys.stderr)
             send({"type": "ready"})
         elif kind == "run":
-            params = message.get("parameters", {})
-            if params.get("noop"):
-                send({"type": "result", "json": {"frame": params.get("frame", 0)}})
-                continue
-            if params.get("fail"):
-                send({"type": "fail", "message": params["fail"]})
-                continue
-            frame = int(params.get("frame", 1))
-            send({"type": "status", "message": f"rendering frame {frame} of {scene.name}"})
-            image = scene.render(frame, int(params.get("width", 64)), int(params.get("height", 48)),
-                                 float(params.get("seconds", 0)))
-            name = f"frame_{frame:04d}.png"
-            with open(os.path.join(message["workdir"], name), "wb") as f:
-                f.write(image)
-            send({"type": "progress", "percent": 100.0})
-            send({"type": "result", "path": name, "mime": "image/png"})
-        elif kind == "cancel":
-            send({"type": "fail", "message": "cancelled"})
+            runs.begin(message["id"])
+            runs.answer(message["id"], run(scene, message, runs))
         elif kind == "stop":
             send({"type": "stopped"})
             return

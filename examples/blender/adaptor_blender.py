@@ -1,34 +1,30 @@
 """The Blender side of the renderq Blender adaptor (see adaptor.py): runs
-inside Blender and speaks renderq's adaptor protocol on the file
-descriptors it is given.
+inside Blender, reads `init`, `run` and `stop` from the file descriptor it
+is given and writes its answers to the other, every one of them echoing
+the run's `id`.
 
 - `init`: answers `ready` (`init_data.loads_file`, optional: a line is
   appended there for every scene load, so tests can count them).
 - `run`: `parameters.scene` is the .blend, relative to the run's `workdir`.
-  It is loaded only when it is not the scene already open: the same file
-  reached through the worker's input cache has the same inode in every job.
+  It is loaded only when it is not the scene already open (see `Scene`).
   Texture paths relative to the scene (`//textures/a.png`) are pointed at
   the new job's folder. Renders the run's `frames` (or `parameters.frame`),
   reporting progress per frame and per sample, and answers one result with
   every frame's PNG.
-- `cancel`: the render in progress stops at its next sample and the run
-  answers `fail`.
-- `stop`: answers `stopped` and quits Blender.
+- `stop`: quits Blender.
+
+A cancel never reaches this side: adaptor.py kills this Blender instead.
 """
 
 import json
 import os
-import queue
 import sys
-import threading
 
 import bpy
 
 argv = sys.argv[sys.argv.index("--") + 1:]
 incoming = os.fdopen(int(argv[0]), "r")
 outgoing = os.fdopen(int(argv[1]), "w")
-messages = queue.Queue()
-cancelled = threading.Event()
 
 
 def send(message):
@@ -36,30 +32,35 @@ def send(message):
     outgoing.flush()
 
 
-def read():
-    """Reads the protocol on a thread of its own, so `cancel` arrives while
-    Blender renders."""
-    for line in incoming:
-        message = json.loads(line)
-        if message.get("type") == "cancel":
-            cancelled.set()
-        messages.put(message)
-    messages.put({"type": "stop"})
+def identity(stat):
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 class Scene:
-    """The open scene: which file it came from, and its images' paths."""
+    """The open scene: the file it came from, and its images' paths.
+
+    A scene is known by its file, held open while it is loaded: an inode
+    number alone names another file once the first is unlinked (the input
+    cache evicts, job folders are removed) and the number is reused, and
+    then a later job would get this scene rendered. An open file's inode
+    cannot be reused, so a path whose device and inode match it, with the
+    same size and modification time, is this very file; the input cache
+    checks the same size and time before each use, so the file was not
+    rewritten since. The same file reached through the cache in another
+    job is a hard link to it, and is not loaded again."""
 
     def __init__(self):
+        self.file = None
         self.identity = None
         self.relative_images = {}
 
     def open(self, path, loads_file):
-        stat = os.stat(path)
-        identity = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        if identity != self.identity:
+        if self.file is None or identity(os.stat(path)) != self.identity:
+            file = open(path, "rb")
             bpy.ops.wm.open_mainfile(filepath=path)
-            self.identity = identity
+            if self.file is not None:
+                self.file.close()
+            self.file, self.identity = file, identity(os.fstat(file.fileno()))
             self.relative_images = {
                 image.name: image.filepath[2:]
                 for image in bpy.data.images
@@ -78,7 +79,8 @@ class Scene:
                 image.reload()
 
 
-def render(scene, message):
+def render(scene, message, loads_file):
+    run_id = message["id"]
     params = message.get("parameters", {})
     workdir = message["workdir"]
     frames = message.get("frames") or [int(params.get("frame", 1))]
@@ -87,48 +89,40 @@ def render(scene, message):
     bpy_scene.render.image_settings.file_format = "PNG"
     paths = []
     for done, frame in enumerate(frames):
-        if cancelled.is_set():
-            return {"type": "fail", "message": "cancelled"}
         bpy_scene.frame_set(frame)
         name = f"frame_{frame:04d}.png"
         bpy_scene.render.filepath = os.path.join(workdir, name)
-        send({"type": "status", "message": f"rendering frame {frame}"})
+        send({"type": "status", "id": run_id, "message": f"rendering frame {frame}"})
 
         def on_sample(_scene, _depsgraph=None, done=done):
             # Called as the render progresses (Cycles: every sample); the
             # worker sends at most one progress event a second.
-            send({"type": "progress", "percent": 100.0 * (done + 0.5) / len(frames)})
+            send({"type": "progress", "id": run_id,
+                  "percent": 100.0 * (done + 0.5) / len(frames)})
 
         bpy.app.handlers.render_stats.append(on_sample)
         try:
             bpy.ops.render.render(write_still=True)
         finally:
             bpy.app.handlers.render_stats.remove(on_sample)
-        send({"type": "progress", "percent": 100.0 * (done + 1) / len(frames)})
+        send({"type": "progress", "id": run_id, "percent": 100.0 * (done + 1) / len(frames)})
         paths.append(name)
-    return {"type": "result", "paths": paths, "mime": "image/png"}
+    return {"type": "result", "id": run_id, "paths": paths, "mime": "image/png"}
 
 
-threading.Thread(target=read, daemon=True).start()
 scene = Scene()
 loads_file = None
-while True:
-    message = messages.get()
+for line in incoming:
+    message = json.loads(line)
     kind = message.get("type")
     if kind == "init":
         loads_file = message.get("init_data", {}).get("loads_file")
         send({"type": "ready"})
     elif kind == "run":
-        cancelled.clear()
         try:
-            send(render(scene, message))
+            send(render(scene, message, loads_file))
         except Exception as error:  # the job fails; the adaptor lives on
-            send({"type": "fail", "message": f"{type(error).__name__}: {error}"})
-    elif kind == "cancel":
-        # Between runs: nothing to stop.
-        if messages.empty():
-            send({"type": "fail", "message": "cancelled"})
+            send({"type": "fail", "id": message["id"], "message": f"{type(error).__name__}: {error}"})
     elif kind == "stop":
-        send({"type": "stopped"})
         break
 bpy.ops.wm.quit_blender()

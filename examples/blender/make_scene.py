@@ -2,12 +2,12 @@
 light and a camera, with the texture saved beside the .blend and referred
 to by a relative path (`//textures/checker.png`), as a shot's assets are.
 
-    blender -b --factory-startup --python make_scene.py -- OUT_DIR [SIZE]
+    blender -b --factory-startup --python make_scene.py -- OUT_DIR [SIZE [SAMPLES]]
 
 Writes OUT_DIR/scene.blend and OUT_DIR/textures/checker.png. Cycles on the
-CPU, 4 samples, no denoising (Debian's Blender has no OpenImageDenoise),
-SIZE×(SIZE·9/16) pixels (64 by default). The plane turns with the frame, so
-every frame differs.
+CPU, SAMPLES samples (4 by default), no denoising (Debian's Blender has no
+OpenImageDenoise), SIZE×(SIZE·9/16) pixels (64 by default). The plane
+turns with the frame, so every frame differs.
 """
 
 import math
@@ -19,13 +19,14 @@ import bpy
 argv = sys.argv[sys.argv.index("--") + 1:]
 out = os.path.abspath(argv[0])
 width = int(argv[1]) if len(argv) > 1 else 64
+samples = int(argv[2]) if len(argv) > 2 else 4
 os.makedirs(os.path.join(out, "textures"), exist_ok=True)
 
 bpy.ops.wm.read_factory_settings(use_empty=True)
 scene = bpy.context.scene
 scene.render.engine = "CYCLES"
 scene.cycles.device = "CPU"
-scene.cycles.samples = 4
+scene.cycles.samples = samples
 scene.cycles.use_denoising = False
 scene.render.resolution_x = width
 scene.render.resolution_y = max(width * 9 // 16, 1)

@@ -83,6 +83,11 @@ pub enum CommandError {
     /// The run was cancelled (shutdown, interruption) before it finished.
     #[error("cancelled")]
     Cancelled,
+    /// The program went out of step through no fault of the job (an
+    /// adaptor answered for another run): it was killed, and the job runs
+    /// again on another process without using a try.
+    #[error("{0}")]
+    OutOfTurn(String),
 }
 
 /// Where a running command reports progress and status. Progress lines are
@@ -312,6 +317,7 @@ impl Command {
                 workspace,
                 idle: Mutex::default(),
                 starts: Default::default(),
+                runs: Default::default(),
             })),
         };
         Ok(Self {

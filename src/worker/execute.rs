@@ -128,6 +128,7 @@ impl Worker {
             .await
             .map_err(|e| match e {
                 CommandError::Cancelled => JobError::Interrupted,
+                CommandError::OutOfTurn(reason) => JobError::HandedBack(reason),
                 CommandError::Failed(reason) => {
                     JobError::Retryable(format!("command {} failed: {reason}", job.command.name))
                 }

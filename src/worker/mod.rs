@@ -111,6 +111,11 @@ enum JobError {
     Permanent(String),
     #[error("interrupted by shutdown")]
     Interrupted,
+    /// Stopped through no fault of its own (its adaptor answered for
+    /// another run): handed back without using a try, as an interruption
+    /// is, with the reason.
+    #[error("{0}")]
+    HandedBack(String),
     /// An operator cancelled it: deleted, never retried.
     #[error("cancelled")]
     Cancelled,

@@ -58,7 +58,12 @@ impl Worker {
             Err(JobError::Retryable(_)) if self.last_try(delivery) => ChildState::DeadLettered,
             Err(JobError::Permanent(_) | JobError::Refused(_)) => ChildState::DeadLettered,
             Err(JobError::Cancelled) => ChildState::Cancelled,
-            Err(JobError::Retryable(_) | JobError::Lost | JobError::Interrupted) => {
+            Err(
+                JobError::Retryable(_)
+                | JobError::Lost
+                | JobError::Interrupted
+                | JobError::HandedBack(_),
+            ) => {
                 return Ok(None);
             }
         };
@@ -169,18 +174,23 @@ impl Worker {
                     reason: "another worker holds the message now".into(),
                 }
             }
-            Err(JobError::Interrupted) => {
-                // This try does not count; the ones before it still do.
-                let body = delivery.resend_body(|envelope| {
-                    envelope.interrupts += 1;
-                    envelope.failures = delivery.attempt - 1;
-                });
-                queue.requeue(&delivery.received, &body).await?;
-                JobEnd::Requeued {
-                    reason: "interrupted".into(),
-                }
-            }
+            Err(JobError::Interrupted) => self.hand_back(delivery, "interrupted".into()).await?,
+            Err(JobError::HandedBack(reason)) => self.hand_back(delivery, reason).await?,
         })
+    }
+
+    /// Puts the message back for another try that does not count; the
+    /// ones before it still do.
+    async fn hand_back(&self, delivery: &Delivery, reason: String) -> Result<JobEnd, QueueError> {
+        let body = delivery.resend_body(|envelope| {
+            envelope.interrupts += 1;
+            envelope.failures = delivery.attempt - 1;
+        });
+        self.source(delivery)
+            .queue
+            .requeue(&delivery.received, &body)
+            .await?;
+        Ok(JobEnd::Requeued { reason })
     }
 
     /// Moves the job to the dead-letter queue with a fresh failure budget
