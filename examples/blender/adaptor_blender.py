@@ -5,8 +5,9 @@ descriptors it is given.
 - `init`: answers `ready` (`init_data.loads_file`, optional: a line is
   appended there for every scene load, so tests can count them).
 - `run`: `parameters.scene` is the .blend, relative to the run's `workdir`.
-  It is loaded only when it is not the scene already open: the same file
-  reached through the worker's input cache has the same inode in every job.
+  It is loaded only when it is not the scene already open: one of the same
+  size, modification time and content (each job gets its own copy of a
+  cached input, so the inode tells nothing).
   Texture paths relative to the scene (`//textures/a.png`) are pointed at
   the new job's folder. Renders the run's `frames` (or `parameters.frame`),
   reporting progress per frame and per sample, and answers one result with
@@ -16,6 +17,7 @@ descriptors it is given.
 - `stop`: answers `stopped` and quits Blender.
 """
 
+import hashlib
 import json
 import os
 import queue
@@ -56,7 +58,11 @@ class Scene:
 
     def open(self, path, loads_file):
         stat = os.stat(path)
-        identity = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        identity = (stat.st_size, stat.st_mtime_ns, digest.hexdigest())
         if identity != self.identity:
             bpy.ops.wm.open_mainfile(filepath=path)
             self.identity = identity

@@ -1,13 +1,14 @@
 //! What a job is, as plain values: the queue message envelope, post-task
 //! specs, key templates and the checks on rendered keys (here); command
-//! parameters ([`params`]), frame specs ([`frames`]), inputs and manifests
-//! ([`inputs`]), lifecycle events ([`event`]) and a command's result
+//! parameters ([`params`]), frame specs ([`frames`]), inputs ([`inputs`])
+//! and Deadline Cloud manifests ([`manifest`]), lifecycle events ([`event`]) and a command's result
 //! ([`output`]). Pure: no I/O here, and
 //! nothing here imports from another folder of the crate.
 
 pub mod event;
 pub mod frames;
 pub mod inputs;
+pub mod manifest;
 pub mod output;
 pub mod params;
 
