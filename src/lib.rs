@@ -18,7 +18,8 @@
 //!   records, its reaper, and the sweep after dead workers).
 //! - [`job`]: what a job is, as plain values: the queue message envelope
 //!   and key templates, command parameter schemas ([`job::params`]), frame
-//!   specs ([`job::frames`]), lifecycle events ([`job::event`]) and a
+//!   specs ([`job::frames`]), inputs and the Deadline Cloud manifests they
+//!   may name ([`job::manifest`]), lifecycle events ([`job::event`]) and a
 //!   command's result ([`job::output`]). Pure.
 //! - [`config`]: `workers.toml` types, defaults and checks (file, line, key
 //!   in every error).

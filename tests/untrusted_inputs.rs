@@ -313,6 +313,27 @@ async fn a_manifest_written_by_deadlines_own_uploader_is_staged_without_a_data_p
             "{shown}: its own manifest mtime"
         );
     }
+
+    // On this warm worker: the same store named without its trailing
+    // slash is the same store; a store that does not hold the files gets
+    // no hit from the one that does.
+    for (prefix, served) in [("JobAttachments/Data", true), ("Elsewhere/Data/", false)] {
+        let id = farm
+            .submit(json!({"command": "list_inputs",
+                "inputs": [{"bucket": "assets", "manifest": manifest, "path": "shot/", "data_prefix": prefix}]}))
+            .await;
+        let end = ended(&farm, &id).await;
+        if served {
+            assert_eq!(end["type"], "JobSucceeded", "{prefix}: {end}");
+        } else {
+            assert_eq!(end["type"], "JobDeadLettered", "{prefix}: {end}");
+            let reason = end["detail"]["reason"].as_str().unwrap();
+            assert!(
+                reason.contains("Elsewhere/Data/") && reason.contains("no such object"),
+                "{reason}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

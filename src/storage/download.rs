@@ -174,6 +174,11 @@ impl Bucket {
                     }
                 }),
             Bucket::S3(_) => {
+                // No range to fetch: the object must still be there (an
+                // empty file of a manifest is fetched like any other).
+                if size == 0 {
+                    self.head(key).await?;
+                }
                 let file = tokio::fs::File::create(dest)
                     .await
                     .map_err(|e| self.error(key, format!("{}: {e}", dest.display()), false))?;
