@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::files_under;
+use crate::harness::{Farm, files_under};
 use crate::inputs::{ended, farm, put_asset, s3_farm, upload, xxh128};
 
 fn sha256(bytes: &[u8]) -> String {
@@ -16,25 +16,25 @@ fn sha256(bytes: &[u8]) -> String {
 /// Issue 25's attack: a job writes as many bytes as each of its inputs has
 /// (making it writable first), puts mode and mtime back; the next job gets
 /// the admitted bytes, from the cache, and the cache holds only them.
-async fn rewritten_inputs_do_not_reach_the_next_job(user: Option<&str>) {
-    let farm = farm().await;
+/// Returns how the worker said it places inputs.
+async fn rewritten_inputs_do_not_reach_the_next_job(farm: &Farm, user: Option<&str>) -> String {
     let scene = b"the admitted scene".to_vec();
     let texture = b"pixels".repeat(1000);
     let notes = b"notes".to_vec();
-    put_asset(&farm, "shots/010/scene.txt", &scene);
+    put_asset(farm, "shots/010/scene.txt", &scene);
     let mut paths = Vec::new();
     for (path, bytes) in [("tex/wood.png", &texture), ("notes.txt", &notes)] {
-        put_asset(&farm, &format!("Data/{}.xxh128", xxh128(bytes)), bytes);
+        put_asset(farm, &format!("Data/{}.xxh128", xxh128(bytes)), bytes);
         paths.push(json!({"path": path, "hash": xxh128(bytes), "size": bytes.len(), "mtime": 1_700_000_000_000_000i64}));
     }
     let manifest = json!({"hashAlg": "xxh128", "manifestVersion": "2023-03-03", "paths": paths,
         "totalSize": texture.len() + notes.len()});
     put_asset(
-        &farm,
+        farm,
         "manifests/shot010.json",
         manifest.to_string().as_bytes(),
     );
-    let _serve = match user {
+    let serve = match user {
         None => farm.serve(&[]).await,
         Some(user) => farm.serve_as(user).await,
     };
@@ -47,7 +47,7 @@ async fn rewritten_inputs_do_not_reach_the_next_job(user: Option<&str>) {
             json!({"command": "attack_inputs", "inputs": inputs, "tasks": [upload("attack.json")]}),
         )
         .await;
-    assert_eq!(ended(&farm, &attack).await["type"], "JobSucceeded");
+    assert_eq!(ended(farm, &attack).await["type"], "JobSucceeded");
     let (report, _) = farm.object("attack.json").await.unwrap();
     let report: Value = serde_json::from_slice(&report).unwrap();
     println!("the attack: {report}");
@@ -61,7 +61,7 @@ async fn rewritten_inputs_do_not_reach_the_next_job(user: Option<&str>) {
     let next = farm
         .submit(json!({"command": "list_inputs", "inputs": inputs, "tasks": [upload("next.json")]}))
         .await;
-    assert_eq!(ended(&farm, &next).await["type"], "JobSucceeded");
+    assert_eq!(ended(farm, &next).await["type"], "JobSucceeded");
     let (listing, _) = farm.object("next.json").await.unwrap();
     let listing: Value = serde_json::from_slice(&listing).unwrap();
     for (path, bytes) in [
@@ -90,11 +90,18 @@ async fn rewritten_inputs_do_not_reach_the_next_job(user: Option<&str>) {
             "{blob:?}"
         );
     }
+    let log = serve.log_text();
+    let placement = log
+        .lines()
+        .find(|line| line.contains("inputs reach job folders as"))
+        .unwrap_or_else(|| panic!("the worker never said how it places inputs:\n{log}"));
+    println!("{placement}");
+    placement.to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_that_rewrites_its_inputs_and_restores_mtime_and_mode_changes_no_later_job() {
-    rewritten_inputs_do_not_reach_the_next_job(None).await;
+    rewritten_inputs_do_not_reach_the_next_job(&farm().await, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -102,7 +109,70 @@ async fn a_job_that_rewrites_its_inputs_changes_no_later_job_of_an_unprivileged_
     let Some(user) = crate::harness::unprivileged_user() else {
         return;
     };
-    rewritten_inputs_do_not_reach_the_next_job(Some(user)).await;
+    rewritten_inputs_do_not_reach_the_next_job(&farm().await, Some(user)).await;
+}
+
+/// A file system mounted from an image for one test, unmounted when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Mounted {
+    /// An XFS image of 300 MiB mounted at `at`; `None`, with a line saying
+    /// why, where that cannot be done (not root, no `mkfs.xfs`, no loop
+    /// devices).
+    fn xfs(image: &std::path::Path, at: &std::path::Path) -> Option<Self> {
+        let run = |program: &str, args: &[&std::ffi::OsStr]| {
+            std::process::Command::new(program)
+                .args(args)
+                .output()
+                .map_err(|e| e.to_string())
+                .and_then(|out| {
+                    if out.status.success() {
+                        Ok(())
+                    } else {
+                        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+                    }
+                })
+        };
+        let made = std::fs::File::create(image)
+            .and_then(|f| f.set_len(300 << 20))
+            .map_err(|e| e.to_string())
+            .and_then(|()| run("mkfs.xfs", &["-q".as_ref(), image.as_os_str()]))
+            .and_then(|()| {
+                run(
+                    "mount",
+                    &[
+                        "-o".as_ref(),
+                        "loop".as_ref(),
+                        image.as_os_str(),
+                        at.as_os_str(),
+                    ],
+                )
+            });
+        match made {
+            Ok(()) => Some(Self(at.to_owned())),
+            Err(why) => {
+                println!("SKIPPED: cannot mount an XFS image here: {why}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_xfs_inputs_are_reflink_copies_that_no_job_can_write_back() {
+    let farm = farm().await;
+    // The work folder (job folders and the cache under it) on XFS.
+    let Some(_xfs) = Mounted::xfs(&farm.dir.path().join("xfs.img"), &farm.work_dir()) else {
+        return;
+    };
+    let placement = rewritten_inputs_do_not_reach_the_next_job(&farm, None).await;
+    assert!(placement.contains("reflink copies"), "{placement}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
