@@ -242,3 +242,43 @@ async fn eviction_takes_the_oldest_file_never_one_being_placed() {
         "a placed file outlives its blob"
     );
 }
+
+#[tokio::test]
+async fn blobs_of_the_first_layout_are_never_served_and_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, jobs) = (dir.path().join("c"), dir.path().join("jobs"));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        // As a worker of the first layout kept it: under the bucket's name.
+        let old = Cache::open(&root, 25, &jobs).unwrap();
+        old.place(
+            &blob("a", 10),
+            &dir.path().join("old/a"),
+            writer(1, 10, &calls),
+        )
+        .await
+        .unwrap();
+    }
+    let cache = Cache::open(&root, 25, &jobs).unwrap();
+    let identity = "s3 endpoint=aws region=us-east-1 bucket=b";
+    for (key, fill) in [("a", 2), ("c", 3)] {
+        let source = cache
+            .place(
+                &Blob::object(identity, key, "etag", 10),
+                &dir.path().join(format!("new/{key}")),
+                writer(fill, 10, &calls),
+            )
+            .await
+            .unwrap();
+        assert_eq!(source, Source::Download, "{key}");
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("new/a")).unwrap(),
+        vec![2; 10]
+    );
+    assert!(
+        !root.join("blobs/b/a").exists(),
+        "the first layout's blob was evicted first"
+    );
+    assert_eq!(cache.size(), 20);
+}
