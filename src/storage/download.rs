@@ -215,7 +215,6 @@ impl Bucket {
     }
 
     /// Bytes `start..end` of the object, written at `start` in `dest`.
-    #[allow(clippy::too_many_arguments)]
     async fn fetch_range(
         &self,
         key: &str,
