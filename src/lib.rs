@@ -19,8 +19,9 @@
 //! - [`job`]: what a job is, as plain values: the queue message envelope
 //!   and key templates, command parameter schemas ([`job::params`]), frame
 //!   specs ([`job::frames`]), job and message ids in their one spelling
-//!   ([`job::id`]), lifecycle events ([`job::event`]) and a command's
-//!   result ([`job::output`]). Pure.
+//!   ([`job::id`]), inputs and the Deadline Cloud manifests they may name
+//!   ([`job::manifest`]), lifecycle events ([`job::event`]) and a
+//!   command's result ([`job::output`]). Pure.
 //! - [`config`]: `workers.toml` types, defaults and checks (file, line, key
 //!   in every error).
 //! - [`queue`]: the queue interface with SQS semantics, an enum over the
@@ -30,7 +31,9 @@
 //! - [`storage`]: buckets: `local` (a folder, atomic renames) and `s3`
 //!   (streaming multipart uploads, aborted on failure; ranged concurrent
 //!   downloads for inputs); and the worker's input cache
-//!   ([`storage::cache`]): a SQLite index beside content-addressed files.
+//!   ([`storage::cache`]): a SQLite index beside content-addressed files,
+//!   one folder per bucket identity, placed in job folders as clones or
+//!   copies, evicted least recently used first.
 //! - [`tasks`]: post-tasks `s3_upload` and `http_post`.
 //! - [`commands`]: built-ins (including the `render_demo` ray tracer),
 //!   `process` programs run per job in their own process group, and
@@ -149,10 +152,18 @@
 //!   by the dead-letter sweep.
 //! - No secret is read from `workers.toml` or written to a log.
 //! - A job's inputs cannot reach outside its folder (paths and keys are
-//!   checked at submit and again on receive), and a job cannot change what
-//!   a later job receives: cached files are checked against the cache's
-//!   index before each use, and none is visible before its hash was checked.
-//! - The input cache never deletes a file linked into a running job.
+//!   checked at submit and again on receive), and nothing a job does to its
+//!   own inputs changes what a later job receives: a job gets a reflink or
+//!   plain copy of a cached blob, never the blob's inode, and no blob is
+//!   visible before its hash and size were checked. (A job running as the
+//!   cache's owner can still reach the cache's folder itself; keeping it
+//!   out needs a job user.)
+//! - A cached blob is served only to jobs reading a bucket of the same
+//!   identity (endpoint, region, bucket name; a folder's path), never by
+//!   the bucket's name in `workers.toml`, and only for the key the job
+//!   would have fetched. A size that lies (above `max_size`, or not the
+//!   cached blob's) fails that job and evicts nothing. Eviction never
+//!   reaches a running job's inputs: they are its own files.
 //! - A thumbnail never fails a job, and the monitor changes nothing without
 //!   a POST carrying the CSRF token of its cookie (and, with a token
 //!   configured, the sign-in cookie).

@@ -614,11 +614,36 @@ timeout = "5s"
         env: &[(&str, &str)],
         config: &std::path::Path,
     ) -> Proc {
+        self.spawn_as(None, subcommand, env, config)
+    }
+
+    /// Starts `renderq <subcommand>`, as `user` when given (through
+    /// `setpriv`, with the user's own groups; see [`unprivileged_user`]).
+    pub fn spawn_as(
+        &self,
+        user: Option<&str>,
+        subcommand: &str,
+        env: &[(&str, &str)],
+        config: &std::path::Path,
+    ) -> Proc {
         let log = self
             .dir
             .path()
             .join(format!("{subcommand}-{}.log", uuid::Uuid::new_v4()));
-        let child = Command::new(BIN)
+        let mut command = match user {
+            None => Command::new(BIN),
+            Some(user) => {
+                let mut command = Command::new("setpriv");
+                command
+                    .args(["--reuid", user, "--regid", user, "--init-groups", "--"])
+                    .arg(BIN)
+                    // Programs the user can reach (root's own may be in
+                    // folders it cannot enter).
+                    .env("PATH", "/usr/local/bin:/usr/bin:/bin");
+                command
+            }
+        };
+        let child = command
             .arg(subcommand)
             .arg("--config")
             .arg(config)
@@ -639,7 +664,23 @@ timeout = "5s"
 
     /// `serve` on another config (see `config_variant`).
     pub async fn serve_with(&self, env: &[(&str, &str)], config: &std::path::Path) -> Proc {
-        let proc = self.spawn_with("serve", env, config);
+        self.healthy(self.spawn_with("serve", env, config)).await
+    }
+
+    /// `serve` as `user`, who is given the farm's folder first.
+    pub async fn serve_as(&self, user: &str) -> Proc {
+        let status = Command::new("chown")
+            .args(["-R", &format!("{user}:{user}")])
+            .arg(self.dir.path())
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown the farm to {user}");
+        self.healthy(self.spawn_as(Some(user), "serve", &[], &self.config))
+            .await
+    }
+
+    /// Waits until `proc` answers /healthz.
+    async fn healthy(&self, proc: Proc) -> Proc {
         let health = format!("{}healthz", self.url());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -951,6 +992,42 @@ size_mib = {{ type = "integer", min = 1, max = 1024 }}
         },
     )
     .await
+}
+
+/// A user without privileges for tests of a worker that is not root
+/// (made with `useradd` the first time); `None`, with a line saying why,
+/// when the tests do not run as root.
+pub fn unprivileged_user() -> Option<&'static str> {
+    const USER: &str = "renderq-test";
+    // `/proc/self` belongs to the effective user.
+    let euid =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc"));
+    if euid != 0 {
+        println!("SKIPPED: not root, so no worker can be started as another user");
+        return None;
+    }
+    static MADE: OnceLock<()> = OnceLock::new();
+    MADE.get_or_init(|| {
+        let exists = || {
+            Command::new("id")
+                .arg(USER)
+                .output()
+                .is_ok_and(|out| out.status.success())
+        };
+        if !exists() {
+            let out = Command::new("useradd")
+                .args(["--system", "--user-group", "--no-create-home", USER])
+                .output()
+                .expect("useradd");
+            // Another test binary may have made it meanwhile.
+            assert!(
+                out.status.success() || exists(),
+                "useradd {USER}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    });
+    Some(USER)
 }
 
 /// True while `pid` is a live (not zombie) process.

@@ -11,11 +11,11 @@ use crate::harness::{AUDIT_AND_ASSETS, Backend, Farm, Settings, files_under};
 const LONG: Duration = Duration::from_secs(60);
 
 /// A farm with an `assets` bucket and commands that read their inputs.
-async fn farm() -> Farm {
+pub(crate) async fn farm() -> Farm {
     Farm::new(
         Backend::Local,
         Settings {
-            extra_allowed: vec!["list_inputs", "spoil_input"],
+            extra_allowed: vec!["list_inputs", "attack_inputs"],
             extra_toml: format!(
                 r#"{AUDIT_AND_ASSETS}
 [commands.list_inputs]
@@ -23,12 +23,13 @@ kind = "process"
 program = "python3"
 args = ["{list}"]
 
-[commands.spoil_input]
+[commands.attack_inputs]
 kind = "process"
 program = "python3"
-args = ["-c", "import json; p = 'scene.txt'; print(json.dumps(open(p).read())); open(p, 'w').write('spoiled')"]
+args = ["{attack}"]
 "#,
-                list = crate::harness::repo_path("tests/fixtures/list_inputs.py")
+                list = crate::harness::repo_path("tests/fixtures/list_inputs.py"),
+                attack = crate::harness::repo_path("tests/fixtures/attack_inputs.py")
             ),
             ..Settings::default()
         },
@@ -36,22 +37,22 @@ args = ["-c", "import json; p = 'scene.txt'; print(json.dumps(open(p).read())); 
     .await
 }
 
-fn put_asset(farm: &Farm, key: &str, bytes: &[u8]) {
+pub(crate) fn put_asset(farm: &Farm, key: &str, bytes: &[u8]) {
     let path = farm.dir.path().join("assets").join(key);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, bytes).unwrap();
 }
 
-fn upload(key: &str) -> Value {
+pub(crate) fn upload(key: &str) -> Value {
     json!({"name": "s3_upload", "config": {"bucket": "results", "key": key}})
 }
 
-fn xxh128(bytes: &[u8]) -> String {
+pub(crate) fn xxh128(bytes: &[u8]) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
 }
 
 /// Waits for the job's end: its result object, or its dead letter.
-async fn ended(farm: &Farm, message_id: &str) -> Value {
+pub(crate) async fn ended(farm: &Farm, message_id: &str) -> Value {
     farm.wait_for_events(
         |e| {
             e["message_id"] == message_id
@@ -112,32 +113,6 @@ async fn objects_and_manifests_are_placed_and_cached() {
     assert_eq!(inputs_of(0)["bytes_downloaded"], 9 + texture.len());
     assert_eq!(inputs_of(1)["bytes_downloaded"], 0, "{:?}", inputs_of(1));
     assert_eq!(inputs_of(1)["bytes_from_cache"], 9 + texture.len());
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_job_that_writes_through_its_input_does_not_change_the_next_ones() {
-    let farm = farm().await;
-    put_asset(&farm, "scene.txt", b"original");
-    let _serve = farm.serve(&[]).await;
-    for run in ["first", "second"] {
-        let id = farm
-            .submit(json!({"command": "spoil_input",
-                "inputs": [{"bucket": "assets", "key": "scene.txt", "path": "scene.txt"}],
-                "tasks": [upload(&format!("{run}.json"))]}))
-            .await;
-        assert_eq!(ended(&farm, &id).await["type"], "JobSucceeded");
-        let (seen, _) = farm.object(&format!("{run}.json")).await.unwrap();
-        assert_eq!(
-            seen.trim_ascii(),
-            b"\"original\"",
-            "{run} saw {}",
-            String::from_utf8_lossy(&seen)
-        );
-    }
-    assert_eq!(
-        std::fs::read(farm.dir.path().join("assets/scene.txt")).unwrap(),
-        b"original"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -232,7 +207,7 @@ async fn bad_inputs_are_refused_or_dead_lettered_with_their_reason() {
 }
 
 /// An `assets` bucket on moto (the farm's S3 bucket) and two slots.
-async fn s3_farm(extra: &str) -> Farm {
+pub(crate) async fn s3_farm(extra: &str) -> Farm {
     let moto = crate::harness::Moto::shared();
     let endpoint = moto.endpoint();
     let farm = Farm::on_moto(

@@ -49,4 +49,5 @@ mod redrive;
 mod scenarios;
 mod sqs;
 mod storm;
+mod untrusted_inputs;
 mod uploads;

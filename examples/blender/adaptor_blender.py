@@ -6,7 +6,9 @@ the run's `id`.
 - `init`: answers `ready` (`init_data.loads_file`, optional: a line is
   appended there for every scene load, so tests can count them).
 - `run`: `parameters.scene` is the .blend, relative to the run's `workdir`.
-  It is loaded only when it is not the scene already open (see `Scene`).
+  It is loaded only when it is not the scene already open: one with the
+  same content (each job gets its own copy of a cached input, so an inode
+  tells nothing; see `Scene`).
   Texture paths relative to the scene (`//textures/a.png`) are pointed at
   the new job's folder. Renders the run's `frames` (or `parameters.frame`),
   reporting progress per frame and per sample, and answers one result with
@@ -16,6 +18,7 @@ the run's `id`.
 A cancel never reaches this side: adaptor.py kills this Blender instead.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -32,35 +35,29 @@ def send(message):
     outgoing.flush()
 
 
-def identity(stat):
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-
 class Scene:
-    """The open scene: the file it came from, and its images' paths.
+    """The open scene: the SHA-256 of the file it came from, and its
+    images' paths.
 
-    A scene is known by its file, held open while it is loaded: an inode
-    number alone names another file once the first is unlinked (the input
-    cache evicts, job folders are removed) and the number is reused, and
-    then a later job would get this scene rendered. An open file's inode
-    cannot be reused, so a path whose device and inode match it, with the
-    same size and modification time, is this very file; the input cache
-    checks the same size and time before each use, so the file was not
-    rewritten since. The same file reached through the cache in another
-    job is a hard link to it, and is not loaded again."""
+    A scene is known by its content. Each job gets its own copy of a cached
+    input, so the same scene comes as a new file every time; and an inode
+    number names another file once the first is unlinked and the number is
+    reused (a later job once got the previous job's scene rendered that
+    way). Hashing a scene costs far less than loading it."""
 
     def __init__(self):
-        self.file = None
         self.identity = None
         self.relative_images = {}
 
     def open(self, path, loads_file):
-        if self.file is None or identity(os.stat(path)) != self.identity:
-            file = open(path, "rb")
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        identity = digest.hexdigest()
+        if identity != self.identity:
             bpy.ops.wm.open_mainfile(filepath=path)
-            if self.file is not None:
-                self.file.close()
-            self.file, self.identity = file, identity(os.fstat(file.fileno()))
+            self.identity = identity
             self.relative_images = {
                 image.name: image.filepath[2:]
                 for image in bpy.data.images

@@ -76,12 +76,12 @@ pub struct WorkerConfig {
 pub struct CacheConfig {
     /// The cache's folder, shared by every slot of this worker and by other
     /// worker processes on the machine that name it (default:
-    /// `renderq-cache` under `work_dir`). It must be on the same file
-    /// system as `work_dir` for inputs to be hard-linked rather than
-    /// copied.
+    /// `renderq-cache` under `work_dir`). Inputs reach job folders as
+    /// reflink copies when it is on the same XFS or Btrfs file system as
+    /// `work_dir`, else as plain copies; the worker logs which at start.
     pub path: Option<PathBuf>,
-    /// Bytes it may hold; past this the least recently used files that no
-    /// running job uses are deleted.
+    /// Bytes it may hold; past this the least recently used files are
+    /// deleted. An input larger than this fails its job for good.
     pub max_size: u64,
     /// Ranged GETs at once for one large object.
     pub download_concurrency: usize,

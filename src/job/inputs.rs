@@ -1,9 +1,8 @@
 //! A job's inputs (SPEC §6a): objects placed in its working folder before
 //! the command runs, one object by key or many through an AWS Deadline
-//! Cloud job-attachments manifest. Here: what a job may ask for, and the
-//! manifest format. Pure.
+//! Cloud job-attachments manifest ([`super::manifest`]). Here: what a job
+//! may ask for. Pure.
 
-use std::collections::HashSet;
 use std::path::{Component, Path};
 
 use serde::{Deserialize, Serialize};
@@ -22,9 +21,11 @@ pub struct InputSpec {
     /// A manifest whose files are placed under the folder `path`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<String>,
-    /// Where a manifest's files are stored by hash (`PREFIX<hash>.xxh128`);
-    /// by default `Data/` beside the manifest's folder, as Deadline Cloud
-    /// lays out `ROOT/Manifests/…` and `ROOT/Data/…`.
+    /// Where a manifest's files are stored by hash (`PREFIX<hash>.xxh128`;
+    /// a `/` is added to a prefix without one). By default found from
+    /// Deadline Cloud's layout: a manifest at `ROOT/Manifests/…` has its
+    /// files under `ROOT/Data/`; any other manifest, under `Data/` one
+    /// folder above its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_prefix: Option<String>,
     /// Relative to the job's working folder.
@@ -49,16 +50,31 @@ impl InputSpec {
         }
     }
 
-    /// The key prefix a manifest's files are stored under.
+    /// The key prefix a manifest's files are stored under, ending in `/`
+    /// (or empty: the bucket's top).
     pub fn data_prefix(&self) -> String {
         if let Some(prefix) = &self.data_prefix {
-            return prefix.clone();
+            return if prefix.is_empty() || prefix.ends_with('/') {
+                prefix.clone()
+            } else {
+                format!("{prefix}/")
+            };
         }
         let manifest = self.manifest.as_deref().unwrap_or_default();
-        let folder = manifest.rsplit_once('/').map_or("", |(folder, _)| folder);
-        match folder.rsplit_once('/') {
-            Some((root, _)) => format!("{root}/Data/"),
-            None => "Data/".into(),
+        let folders: Vec<&str> = match manifest.rsplit_once('/') {
+            Some((folder, _)) => folder.split('/').collect(),
+            None => Vec::new(),
+        };
+        // Deadline Cloud: ROOT/Manifests/farm-…/queue-…/Inputs/<guid>/…_input
+        // beside ROOT/Data/.
+        let root = match folders.iter().rposition(|f| *f == "Manifests") {
+            Some(at) => &folders[..at],
+            None => &folders[..folders.len().saturating_sub(1)],
+        };
+        if root.is_empty() {
+            "Data/".into()
+        } else {
+            format!("{}/Data/", root.join("/"))
         }
     }
 }
@@ -149,79 +165,6 @@ pub fn check_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The manifest version and hash this build reads.
-pub const MANIFEST_VERSION: &str = "2023-03-03";
-pub const HASH_ALG: &str = "xxh128";
-
-/// An AWS Deadline Cloud job-attachments manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Manifest {
-    pub manifest_version: String,
-    pub hash_alg: String,
-    #[serde(default)]
-    pub total_size: Option<u64>,
-    pub paths: Vec<ManifestFile>,
-}
-
-/// One file of a manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct ManifestFile {
-    /// Relative to the input's folder.
-    pub path: String,
-    /// Its xxh128, 32 hex digits.
-    pub hash: String,
-    pub size: u64,
-    /// Microseconds since the epoch.
-    pub mtime: i64,
-}
-
-impl Manifest {
-    /// Parses and checks a manifest: version, hash algorithm, and every
-    /// file's path and hash. At most `max_files` files.
-    pub fn parse(bytes: &[u8], max_files: usize) -> Result<Self, String> {
-        let manifest: Manifest =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
-        if manifest.manifest_version != MANIFEST_VERSION {
-            return Err(format!(
-                "manifestVersion `{}`; this build reads `{MANIFEST_VERSION}`",
-                manifest.manifest_version
-            ));
-        }
-        if manifest.hash_alg != HASH_ALG {
-            return Err(format!(
-                "hashAlg `{}`; this build reads `{HASH_ALG}`",
-                manifest.hash_alg
-            ));
-        }
-        if manifest.paths.len() > max_files {
-            return Err(format!(
-                "{} files; at most {max_files} (worker.cache.max_manifest_files)",
-                manifest.paths.len()
-            ));
-        }
-        let mut seen = HashSet::new();
-        for file in &manifest.paths {
-            check_path(&file.path).map_err(|e| format!("paths: {e}"))?;
-            if !seen.insert(file.path.as_str()) {
-                return Err(format!("paths: `{}` is listed twice", file.path));
-            }
-            if file.hash.len() != 32 || !file.hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!(
-                    "paths: `{}` has hash `{}`, not 32 hex digits",
-                    file.path, file.hash
-                ));
-            }
-        }
-        Ok(manifest)
-    }
-
-    /// Bytes of all its files.
-    pub fn bytes(&self) -> u64 {
-        self.paths.iter().map(|f| f.size).sum()
-    }
-}
-
 /// What staging a job's inputs did, for `JobStarted` and `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Staged {
@@ -259,6 +202,7 @@ impl Staged {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::manifest::Manifest;
 
     fn object(path: &str) -> InputSpec {
         InputSpec {
@@ -339,5 +283,25 @@ mod tests {
         assert_eq!(input("manifests/shot010.json").data_prefix(), "Data/");
         assert_eq!(input("Root/Manifests/m.json").data_prefix(), "Root/Data/");
         assert_eq!(input("m.json").data_prefix(), "Data/");
+        // Deadline Cloud's own layout, under a root of one or more folders.
+        assert_eq!(
+            input("JobAttachments/Manifests/farm-1/queue-2/Inputs/0a1b/9f_input").data_prefix(),
+            "JobAttachments/Data/"
+        );
+        assert_eq!(
+            input("a/b/Manifests/farm-1/queue-2/Inputs/0a1b/9f_input").data_prefix(),
+            "a/b/Data/"
+        );
+        assert_eq!(
+            input("Manifests/farm-1/queue-2/Inputs/0a1b/9f_input").data_prefix(),
+            "Data/"
+        );
+        let given = |prefix: &str| InputSpec {
+            data_prefix: Some(prefix.into()),
+            ..input("m.json")
+        };
+        assert_eq!(given("Root/Data").data_prefix(), "Root/Data/");
+        assert_eq!(given("Root/Data/").data_prefix(), "Root/Data/");
+        assert_eq!(given("").data_prefix(), "");
     }
 }

@@ -1,8 +1,9 @@
 //! What a job is, as plain values: the queue message envelope, post-task
 //! specs, key templates and the checks on rendered keys (here); job and
 //! message ids in their one spelling ([`id`]); command parameters
-//! ([`params`]), frame specs ([`frames`]), inputs and manifests
-//! ([`inputs`]), lifecycle events ([`event`]) and a command's result
+//! ([`params`]), frame specs ([`frames`]), inputs ([`inputs`]) and Deadline
+//! Cloud manifests ([`manifest`]), lifecycle events ([`event`]) and a
+//! command's result
 //! ([`output`]). Pure: no I/O here, and
 //! nothing here imports from another folder of the crate.
 
@@ -10,6 +11,7 @@ pub mod event;
 pub mod frames;
 pub mod id;
 pub mod inputs;
+pub mod manifest;
 pub mod output;
 pub mod params;
 

@@ -38,6 +38,33 @@ impl Bucket {
         }
     }
 
+    /// A failed GET: a missing object or a range past its end can never be
+    /// fetched (a manifest naming a `Data/` object that is not there, or
+    /// claiming more bytes than it has); the rest may pass.
+    fn get_error<E, R>(
+        &self,
+        key: &str,
+        claimed: Option<u64>,
+        e: &aws_sdk_s3::error::SdkError<E, R>,
+    ) -> StorageError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let permanent = matches!(
+            e.code(),
+            Some("NoSuchKey" | "InvalidRange" | "AccessDenied" | "NoSuchBucket")
+        );
+        let message = match (e.code(), claimed) {
+            (Some("NoSuchKey"), _) => "no such object".to_owned(),
+            (Some("InvalidRange"), Some(size)) => {
+                format!("the object is smaller than the {size} bytes claimed (InvalidRange)")
+            }
+            _ => crate::aws::describe(e),
+        };
+        self.error(key, message, permanent)
+    }
+
     /// The object's size and version; a missing object is a permanent
     /// error naming it.
     pub async fn head(&self, key: &str) -> Result<ObjectInfo, StorageError> {
@@ -113,7 +140,7 @@ impl Bucket {
                     .key(key)
                     .send()
                     .await
-                    .map_err(|e| self.error(key, crate::aws::describe(&e), false))?;
+                    .map_err(|e| self.get_error(key, None, &e))?;
                 let bytes = object
                     .body
                     .collect()
@@ -139,8 +166,19 @@ impl Bucket {
             Bucket::Local(b) => tokio::fs::copy(b.path_of(key), dest)
                 .await
                 .map(drop)
-                .map_err(|e| self.error(key, e, false)),
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        self.error(key, "no such object", true)
+                    } else {
+                        self.error(key, e, false)
+                    }
+                }),
             Bucket::S3(_) => {
+                // No range to fetch: the object must still be there (an
+                // empty file of a manifest is fetched like any other).
+                if size == 0 {
+                    self.head(key).await?;
+                }
                 let file = tokio::fs::File::create(dest)
                     .await
                     .map_err(|e| self.error(key, format!("{}: {e}", dest.display()), false))?;
@@ -163,7 +201,7 @@ impl Bucket {
                     ranges.spawn(async move {
                         let _slot = slots.acquire().await.expect("never closed");
                         bucket
-                            .fetch_range(&key, etag.as_deref(), start, end, &dest)
+                            .fetch_range(&key, etag.as_deref(), size, start, end, &dest)
                             .await
                     });
                     start = end;
@@ -181,6 +219,7 @@ impl Bucket {
         &self,
         key: &str,
         etag: Option<&str>,
+        size: u64,
         start: u64,
         end: u64,
         dest: &Path,
@@ -197,7 +236,21 @@ impl Bucket {
             .set_if_match(etag.map(str::to_owned))
             .send()
             .await
-            .map_err(|e| self.error(key, crate::aws::describe(&e), false))?;
+            .map_err(|e| self.get_error(key, Some(size), &e))?;
+        // `bytes START-END/TOTAL`: an object of another size than the one
+        // claimed (a manifest that lies) can never be fetched as claimed.
+        if let Some(total) = object
+            .content_range()
+            .and_then(|range| range.rsplit_once('/'))
+            .and_then(|(_, total)| total.parse::<u64>().ok())
+            && total != size
+        {
+            return Err(self.error(
+                key,
+                format!("the object is {total} bytes, not the {size} bytes claimed"),
+                true,
+            ));
+        }
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .open(dest)

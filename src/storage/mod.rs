@@ -38,6 +38,21 @@ impl Bucket {
         }
     }
 
+    /// What the bucket is, whatever `workers.toml` calls it: for S3 its
+    /// endpoint, region and bucket name; for a folder, its canonical path.
+    /// The input cache shares a blob only between jobs that read buckets of
+    /// one identity.
+    pub fn identity(&self) -> String {
+        match self {
+            Bucket::Local(b) => {
+                let root = b.path_of("");
+                let root = std::fs::canonicalize(&root).unwrap_or(root);
+                format!("local path={}", root.display())
+            }
+            Bucket::S3(b) => b.identity().to_owned(),
+        }
+    }
+
     /// Checks that the bucket can be reached (for `check-config` and start-up).
     pub async fn check(&self) -> Result<(), String> {
         match self {

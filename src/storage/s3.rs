@@ -68,6 +68,9 @@ pub struct S3Bucket {
     name: String,
     client: Client,
     bucket: String,
+    /// What the bucket is, whatever the config calls it: endpoint, region
+    /// and bucket name (see [`super::Bucket::identity`]).
+    identity: String,
     multipart_threshold: u64,
     part_size: u64,
     /// Parts in flight at once.
@@ -87,10 +90,20 @@ impl S3Bucket {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .build(),
         );
+        let identity = format!(
+            "s3 endpoint={} region={} bucket={}",
+            config
+                .endpoint_url
+                .as_deref()
+                .map_or("aws", |url| url.trim_end_matches('/')),
+            sdk.region().map_or("", |r| r.as_ref()),
+            config.bucket
+        );
         Self {
             name: name.to_owned(),
             client,
             bucket: config.bucket.clone(),
+            identity,
             multipart_threshold: config.multipart_threshold,
             part_size: config.part_size,
             upload_concurrency: config.upload_concurrency.max(1),
@@ -99,6 +112,10 @@ impl S3Bucket {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// The client and the S3 bucket's own name (for the ledger).

@@ -48,7 +48,12 @@ impl Worker {
             .cache
             .get_or_try_init(|| async {
                 let (root, max_size) = (self.config.cache_root(), self.config.cache.max_size);
-                tokio::task::spawn_blocking(move || Cache::open(&root, max_size))
+                let jobs = self
+                    .workspace
+                    .dir()
+                    .map_err(|e| CacheError::Retryable(format!("work folder: {e}")))?
+                    .to_owned();
+                tokio::task::spawn_blocking(move || Cache::open(&root, max_size, &jobs))
                     .await
                     .map_err(|e| CacheError::Retryable(e.to_string()))?
             })

@@ -7,11 +7,11 @@
 use std::path::Path;
 use std::time::Instant;
 
-use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
 use super::JobError;
-use crate::job::inputs::{InputKind, InputSpec, Manifest, Staged};
+use crate::job::inputs::{InputKind, InputSpec, Staged};
+use crate::job::manifest::Manifest;
 use crate::storage::cache::{Blob, Cache, CacheError, Source, from_micros, xxh128_file};
 use crate::storage::{Bucket, Buckets, StorageError};
 
@@ -67,16 +67,11 @@ impl Stager<'_> {
                 crate::job::check_key(key)
                     .map_err(|e| CacheError::Permanent(format!("key: {e}")))?;
                 let info = bucket.head(key).await.map_err(storage)?;
-                let digest = sha2::Sha256::digest(format!("{key}\n{}", info.version));
-                let blob = Blob {
-                    name: format!("{}/o-{}", input.bucket, &hex::encode(digest)[..40]),
-                    size: info.size,
-                    hash: None,
-                    mtime: None,
-                };
+                let blob = Blob::object(&bucket.identity(), key, &info.version, info.size);
                 let source = self
                     .place(bucket, key, info.etag.as_deref(), &blob, &dest)
-                    .await?;
+                    .await
+                    .map_err(|e| in_context(e, &input.bucket, key, &input.path))?;
                 staged.count(source == Source::Cache, blob.size);
             }
             Some(InputKind::Manifest { key }) => {
@@ -92,20 +87,33 @@ impl Stager<'_> {
                         input.bucket
                     ))
                 })?;
+                // A file that could never fit fails the job before anything
+                // is fetched or evicted for it.
+                if let Some(largest) = manifest.largest() {
+                    self.cache.admissible(largest.size).map_err(|e| {
+                        CacheError::Permanent(format!(
+                            "bucket `{}` manifest `{key}`: `{}`: {e}",
+                            input.bucket, largest.path
+                        ))
+                    })?;
+                }
                 let prefix = input.data_prefix();
+                let identity = bucket.identity();
                 for file in &manifest.paths {
-                    let blob = Blob {
-                        name: format!("{}/{}", input.bucket, file.hash.to_ascii_lowercase()),
-                        size: file.size,
-                        hash: Some(file.hash.clone()),
-                        mtime: Some(from_micros(file.mtime)),
-                    };
+                    let blob = Blob::manifest_file(
+                        &identity,
+                        &prefix,
+                        &file.hash,
+                        file.size,
+                        from_micros(file.mtime),
+                    );
                     let data = format!("{prefix}{}.xxh128", file.hash);
                     crate::job::check_key(&data)
                         .map_err(|e| CacheError::Permanent(format!("data_prefix: {e}")))?;
                     let source = self
-                        .place(bucket, &data, None, &blob, &dest.join(&file.path))
-                        .await?;
+                        .place(bucket, &data, None, &blob, &dest.join(file.path.as_path()))
+                        .await
+                        .map_err(|e| in_context(e, &input.bucket, &data, &file.path.to_string()))?;
                     staged.count(source == Source::Cache, blob.size);
                 }
             }
@@ -139,6 +147,22 @@ impl Stager<'_> {
                     .map_err(|e| CacheError::Retryable(format!("hashing a download: {e}")))
             })
             .await
+    }
+}
+
+/// Names the bucket, key and path of a cache error (a storage error names
+/// its bucket and key already).
+fn in_context(e: CacheError, bucket: &str, key: &str, path: &str) -> CacheError {
+    let context = |message: String| {
+        if message.starts_with("bucket `") {
+            format!("{path}: {message}")
+        } else {
+            format!("{path}: bucket `{bucket}` `{key}`: {message}")
+        }
+    };
+    match e {
+        CacheError::Permanent(m) => CacheError::Permanent(context(m)),
+        CacheError::Retryable(m) => CacheError::Retryable(context(m)),
     }
 }
 

@@ -1,0 +1,139 @@
+//! The cache's index (`index.sqlite3`): what is there, how large it is,
+//! the modification time it was admitted with, and when it was last used.
+//! The one place that reads or writes the `blobs` table.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::CacheError;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS blobs (
+    name      TEXT PRIMARY KEY,
+    size      INTEGER NOT NULL,
+    mtime_ns  INTEGER NOT NULL,
+    last_used INTEGER NOT NULL
+);
+";
+
+/// Names of this layout start with it. Rows of the first layout (keyed by
+/// a bucket's name in `workers.toml`, `assets/<hash>`) are never served:
+/// no name of this layout equals one of theirs, and they are evicted first.
+pub const LAYOUT: &str = "v2/";
+
+/// What the index says of one blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Index(Arc<Mutex<Connection>>);
+
+fn index_error(e: rusqlite::Error) -> CacheError {
+    CacheError::Retryable(format!("cache index: {e}"))
+}
+
+impl Index {
+    /// Opens (or makes) the index; rows of an older layout are marked
+    /// least recently used, so they are the first to go.
+    pub fn open(path: &Path) -> Result<Self, CacheError> {
+        let connection = crate::sqlite::open(path, SCHEMA)
+            .map_err(|e| CacheError::Retryable(format!("cache index: {e}")))?;
+        let retired = connection
+            .execute(
+                "UPDATE blobs SET last_used = 0 WHERE substr(name, 1, length(?1)) != ?1 AND last_used != 0",
+                [LAYOUT],
+            )
+            .map_err(index_error)?;
+        if retired > 0 {
+            tracing::info!(
+                blobs = retired,
+                "input cache: files of the old layout (keyed by bucket names) are evicted first and never served"
+            );
+        }
+        Ok(Self(Arc::new(Mutex::new(connection))))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, CacheError> {
+        f(&self.0.lock().expect("cache index lock")).map_err(index_error)
+    }
+
+    pub fn row(&self, name: &str) -> Result<Option<Row>, CacheError> {
+        self.with(|index| {
+            index
+                .query_row(
+                    "SELECT size, mtime_ns FROM blobs WHERE name = ?1",
+                    [name],
+                    |r| {
+                        Ok(Row {
+                            size: r.get::<_, i64>(0)?.max(0) as u64,
+                            mtime_ns: r.get(1)?,
+                        })
+                    },
+                )
+                .optional()
+        })
+    }
+
+    /// Records an admitted blob, used now.
+    pub fn record(&self, name: &str, row: Row) -> Result<(), CacheError> {
+        self.with(|index| {
+            index.execute(
+                "INSERT OR REPLACE INTO blobs (name, size, mtime_ns, last_used) VALUES (?1, ?2, ?3, ?4)",
+                params![name, row.size as i64, row.mtime_ns, crate::sqlite::now_s()],
+            )
+        })
+        .map(drop)
+    }
+
+    /// Marks a blob used now.
+    pub fn touch(&self, name: &str) -> Result<(), CacheError> {
+        self.with(|index| {
+            index.execute(
+                "UPDATE blobs SET last_used = ?2 WHERE name = ?1",
+                params![name, crate::sqlite::now_s()],
+            )
+        })
+        .map(drop)
+    }
+
+    pub fn forget(&self, name: &str) -> Result<(), CacheError> {
+        self.with(|index| index.execute("DELETE FROM blobs WHERE name = ?1", [name]))
+            .map(drop)
+    }
+
+    /// Bytes the index accounts for.
+    pub fn size(&self) -> Result<u64, CacheError> {
+        self.with(|index| {
+            index.query_row("SELECT COALESCE(SUM(size), 0) FROM blobs", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .map(|n| n.max(0) as u64)
+    }
+
+    /// Every blob with its size, least recently used first.
+    pub fn by_last_use(&self) -> Result<Vec<(String, u64)>, CacheError> {
+        self.with(|index| {
+            let mut stmt = index.prepare("SELECT name, size FROM blobs ORDER BY last_used")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?
+                .collect()
+        })
+    }
+
+    /// Sets a blob's last use (tests of eviction order).
+    #[cfg(test)]
+    pub fn set_last_used(&self, name: &str, at: i64) {
+        self.with(|index| {
+            index.execute(
+                "UPDATE blobs SET last_used = ?2 WHERE name = ?1",
+                params![name, at],
+            )
+        })
+        .expect("set last_used");
+    }
+}
