@@ -186,13 +186,16 @@ impl App {
             UiMode::ReadOnly => None,
             UiMode::On => Some(self.control()),
         };
-        Some(Ui::new(
-            self.config.events.status.path(),
-            self.queues.clone(),
-            self.ledgers.clone(),
-            control,
-            token,
-        ))
+        Some(
+            Ui::new(
+                self.config.events.status.path(),
+                self.queues.clone(),
+                self.ledgers.clone(),
+                control,
+                token,
+            )
+            .with_max_frames(self.config.queue_manager.max_frames),
+        )
     }
 
     /// Runs the JSON-RPC endpoint and a worker until `shutdown`.
