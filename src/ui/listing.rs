@@ -156,7 +156,7 @@ pub fn array(array: &ArrayRow, layout: &Layout, cells: &[Cell], csrf: Csrf) -> M
                 (array.command) " · " (array.size) " children"
                 @if array.chunk_size > 0 { " of " (array.chunk_size) " frames" }
                 " · " (done_of(array))
-                " · succeeded " span id="succeeded" { (array.counts.of("succeeded")) }
+                " · children succeeded " span id="succeeded" { (array.counts.of("succeeded")) }
                 " · dead-lettered " (array.counts.of("dead_lettered"))
                 " · cancelled " (array.counts.of("cancelled"))
                 " · " @if array.completed { "completed" } @else { "in progress" }

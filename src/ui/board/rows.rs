@@ -188,7 +188,8 @@ pub(super) fn array_columns() -> String {
     format!(
         "a.job_id, a.command, a.queue, a.size, a.frames, a.frame_spec, a.chunk_size, a.completed,
          a.submitted_ms, a.started_ms, a.ended_ms, a.at,
-         EXISTS (SELECT 1 FROM jobs j WHERE j.array_id = a.job_id AND j.array_index = a.size - 1
+         EXISTS (SELECT 1 FROM jobs j INDEXED BY jobs_by_array
+                 WHERE j.array_id = a.job_id AND j.array_index = a.size - 1
                  AND j.state = 'succeeded'),
          {}",
         counts.join(", ")
