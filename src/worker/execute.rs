@@ -251,3 +251,35 @@ fn with_frames(names: Vec<String>, message_id: &str, outputs: &[Output]) -> Vec<
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_thumbnail_carries_the_frame_of_its_own_output() {
+        let png = || Output::bytes(Vec::new(), mime::IMAGE_PNG);
+        let outputs = vec![
+            png().for_frame(5, "frame_0005".into()),
+            Output::bytes(Vec::new(), mime::TEXT_PLAIN),
+            png().for_frame(7, "frame_0007".into()),
+            png(),
+        ];
+        // Output 1 is not an image and output 0's thumbnail failed: the
+        // names left are those of outputs 2 and 3.
+        let names = vec![thumbnail_name("m", 2), thumbnail_name("m", 3)];
+        assert_eq!(
+            with_frames(names, "m", &outputs),
+            [
+                Thumbnail {
+                    name: thumbnail_name("m", 2),
+                    frame: Some(7)
+                },
+                Thumbnail {
+                    name: thumbnail_name("m", 3),
+                    frame: None
+                },
+            ]
+        );
+    }
+}
