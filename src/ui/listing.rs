@@ -282,6 +282,45 @@ mod tests {
         assert!(status.is_success());
     }
 
+    /// The overview counts an array's frames, not its chunks, and its
+    /// tables have headers.
+    #[tokio::test]
+    async fn the_overview_says_240_frames_for_240_frames_in_chunks_of_4() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.sqlite3");
+        let table = StatusTable::open(&path).unwrap();
+        let submitted = Event::new(
+            EventType::JobSubmitted,
+            Some(JobRef {
+                job_id: "6f2a3d8e-0000-4000-8000-000000000240".into(),
+                queue: "q".into(),
+                command: "render_demo".into(),
+                ..JobRef::default()
+            }),
+            json!({"array_size": 60, "frames": 240, "frame_spec": "1-240", "chunk_size": 4}),
+        );
+        let mut worker = Event::new(EventType::WorkerStarted, None, json!({}));
+        worker.worker = Some(crate::job::event::WorkerIdentity::current());
+        table.apply_all(&[submitted, worker]).unwrap();
+        let router = crate::ui::Ui::new(
+            Some(&path),
+            Default::default(),
+            Default::default(),
+            None,
+            None,
+        )
+        .router();
+        let (status, html) = get(&router, "/ui").await;
+        assert!(status.is_success(), "{status}");
+        assert!(html.contains("<td>240 frames</td>"), "{html}");
+        assert!(html.contains("0 of 240 frames"), "{html}");
+        assert!(
+            html.contains("<th>host</th><th>worker id</th><th>state</th>"),
+            "{html}"
+        );
+        assert!(html.contains("<td>running</td>"), "{html}");
+    }
+
     #[test]
     fn durations_read_as_a_person_would_say_them() {
         assert_eq!(took(Some(0), Some(12_400)), "12 s");
