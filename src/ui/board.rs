@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
@@ -75,29 +76,52 @@ fn rows<T>(
 
 #[derive(Debug)]
 pub struct Board {
-    conn: Mutex<Connection>,
+    /// Read-only connections, so that pages open at once (each refetched
+    /// on every change) read side by side rather than one at a time. The
+    /// first also answers `version`: `data_version` is per connection.
+    conns: Vec<Mutex<Connection>>,
+    /// Which connection the next read waits for when all are busy.
+    next: AtomicUsize,
 }
+
+/// Connections a board reads through.
+const READERS: usize = 4;
 
 impl Board {
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(std::time::Duration::from_secs(2))?;
+        let conns = (0..READERS)
+            .map(|_| {
+                let conn = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.busy_timeout(std::time::Duration::from_secs(2))?;
+                Ok(Mutex::new(conn))
+            })
+            .collect::<rusqlite::Result<_>>()?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            conns,
+            next: AtomicUsize::new(0),
         })
     }
 
+    /// Runs `f` on a free connection, or waits for one in turn.
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
-        let conn = self.conn.lock().expect("board lock");
+        let free = self.conns.iter().find_map(|c| c.try_lock().ok());
+        let conn = match free {
+            Some(conn) => conn,
+            None => {
+                let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+                self.conns[turn].lock().expect("board lock")
+            }
+        };
         f(&conn)
     }
 
     /// Changes whenever another connection committed to the table.
     pub fn version(&self) -> rusqlite::Result<i64> {
-        self.with(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0)))
+        let conn = self.conns[0].lock().expect("board lock");
+        conn.query_row("PRAGMA data_version", [], |r| r.get(0))
     }
 
     /// The jobs list, newest first: jobs that are not arrays' children,
