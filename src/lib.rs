@@ -47,8 +47,9 @@
 //!   the lifecycle hook, GPU slots; the IMDS watcher tells EC2 by its DMI
 //!   data and reads notices, rebalance recommendations included.
 //! - [`events`]: publishing lifecycle events through bounded buffers, the
-//!   one observer of a job's end, `/metrics`, the job-status table and
-//!   `events watch`, and the ledger (reported tries, cancelled jobs and
+//!   one observer of a job's end, `/metrics`, the job-status table (its
+//!   fold, reads and prune; arrays keep their children's counts by state)
+//!   and `events watch`, and the ledger (reported tries, cancelled jobs and
 //!   array children's final states: SQLite beside the embedded queue, S3
 //!   conditional writes for SQS) that makes exactly one
 //!   `ArrayJobCompleted`. The ledger and the status table are pruned after
@@ -71,10 +72,11 @@
 //!   children and sent a batch at a time); [`api::control`] cancels and
 //!   redrives, for the endpoint and the command line.
 //! - [`ui`]: the web monitor at `/ui`: pages from the status table (its
-//!   own read-only connection), live through server-sent events (a capped
-//!   number of streams, each of limited age), sign-in by signed, expiring
-//!   session cookies, thumbnails from the ledgers, redrive and cancel
-//!   through [`api::control`].
+//!   own read-only connections, [`ui::board`], every list on an index),
+//!   an array as a paged grid of frames, live through server-sent events
+//!   (a capped number of streams, each of limited age), sign-in by signed,
+//!   expiring session cookies, thumbnails from the ledgers, redrive and
+//!   cancel through [`api::control`].
 //! - [`app`]: builds all of the above from a config and runs `serve` or
 //!   `worker`; [`cli`] (with its endpoint [`cli::client`]) and
 //!   [`bench`](mod@bench) are the command line.
@@ -164,6 +166,10 @@
 //!   would have fetched. A size that lies (above `max_size`, or not the
 //!   cached blob's) fails that job and evicts nothing. Eviction never
 //!   reaches a running job's inputs: they are its own files.
+//! - The monitor's pages cost the same with a week of history as with an
+//!   hour: every list walks an index of the status table, an array's page
+//!   shows a bounded page of its frames, and no size read from the table
+//!   is taken beyond `max_frames`.
 //! - A thumbnail never fails a job, and the monitor changes nothing without
 //!   a POST carrying the CSRF token of its cookie (and, with a token
 //!   configured, the sign-in cookie).

@@ -25,9 +25,15 @@ const SEND_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::f
 /// (its index, its `frame` parameter): at most 20 digits each.
 pub(super) const CHILD_SLACK: usize = 64;
 
+/// The longest frame spec a `JobSubmitted` carries (for the monitor's
+/// grid); a longer one is left out, and the grid shows children.
+const MAX_EVENT_SPEC: usize = 4096;
+
 #[derive(Debug)]
 pub(super) struct ArrayPlan {
     pub(super) frames: Vec<i64>,
+    /// The frames as submitted.
+    pub(super) spec: String,
     pub(super) chunk_size: usize,
     /// Whether each child gets its first frame as the `frame` parameter.
     pub(super) has_frame: bool,
@@ -41,6 +47,19 @@ impl ArrayPlan {
 
     pub(super) fn size(&self) -> u32 {
         self.frames.len().div_ceil(self.chunk_size) as u32
+    }
+
+    /// The frames as a spec for `JobSubmitted`: the shorter of the one
+    /// submitted and the one written from the frames, if it is short
+    /// enough.
+    pub(super) fn event_spec(&self) -> Option<String> {
+        let written = crate::job::frames::format_frames(&self.frames);
+        let shorter = if written.len() < self.spec.len() {
+            written
+        } else {
+            self.spec.clone()
+        };
+        (shorter.len() <= MAX_EVENT_SPEC).then_some(shorter)
     }
 }
 

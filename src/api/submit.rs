@@ -284,6 +284,7 @@ impl Submitter {
             .map_err(|e| FieldError::new("frames", format!("{e} (queue_manager.max_frames)")))?;
         let plan = ArrayPlan {
             frames,
+            spec: spec.trim().to_owned(),
             chunk_size: chunk_size as usize,
             has_frame,
             ledger,
@@ -449,7 +450,8 @@ impl Submitter {
         self.publish(
             EventType::JobSubmitted,
             &subject,
-            json!({"array_size": size, "frames": plan.frames.len()}),
+            json!({"array_size": size, "frames": plan.frames.len(),
+                   "frame_spec": plan.event_spec(), "chunk_size": plan.chunk_size}),
         );
         Ok(Submitted::Array {
             job_id: envelope.job_id,

@@ -76,7 +76,8 @@ impl App {
         );
         Some(
             ui.behind_tls(server.behind_tls)
-                .max_live_streams(server.max_live_streams),
+                .max_live_streams(server.max_live_streams)
+                .max_frames(self.config.queue_manager.max_frames),
         )
     }
 

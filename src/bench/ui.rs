@@ -1,5 +1,6 @@
-//! `renderq bench --ui`: what the web monitor costs: the overview's and an
-//! array page's render time for arrays of 10, 1,000 and 10,000 frames, a
+//! `renderq bench --ui`: what the web monitor costs with 700,000 job rows
+//! in the status table: the overview's, the jobs list's and an array
+//! page's render time (arrays of 10, 1,000 and 10,000 frames) and size, a
 //! thumbnail of a 1920×1080 PNG, and no-op jobs through one slot with 100
 //! live pages (server-sent events clients) connected, against none.
 
@@ -53,39 +54,122 @@ async fn time_get(
     Ok((times[runs / 2], size))
 }
 
+/// Rows the status table holds while the pages are timed: about what a
+/// farm keeps for `retention` (seven days) at 100,000 frames a day.
+const ROWS: usize = 700_000;
+/// Arrays in it, besides the 10-, 1,000- and 10,000-frame ones timed.
+const FILLER_FRAMES: u32 = 10_000;
+
+/// A child's or a plain job's `JobSucceeded`, with one output and its
+/// thumbnail.
+fn succeeded(job_id: String, array: Option<ArrayRef>) -> Event {
+    let message_id = uuid::Uuid::new_v4().to_string();
+    let job = JobRef {
+        job_id,
+        message_id: message_id.clone(),
+        queue: "bench".into(),
+        command: "render_demo".into(),
+        attempt: 1,
+        array,
+    };
+    Event::new(
+        EventType::JobSucceeded,
+        Some(job),
+        json!({"outputs": [format!("s3://results/{message_id}.png")],
+               "thumbnails": [format!("{message_id}/0.jpg")]}),
+    )
+}
+
+/// An array of `frames` frames, one a child, every child succeeded: its
+/// `JobSubmitted` and its children's events.
+fn array_events(frames: u32) -> (String, Vec<Event>) {
+    let array = uuid::Uuid::new_v4().to_string();
+    let submitted = Event::new(
+        EventType::JobSubmitted,
+        Some(JobRef {
+            job_id: array.clone(),
+            queue: "bench".into(),
+            command: "render_demo".into(),
+            ..JobRef::default()
+        }),
+        json!({"array_size": frames, "frames": frames,
+               "frame_spec": format!("1-{frames}"), "chunk_size": 1}),
+    );
+    let children = (0..frames).map(|index| {
+        succeeded(
+            uuid::Uuid::new_v4().to_string(),
+            Some(ArrayRef {
+                job_id: array.clone(),
+                index,
+                size: frames,
+            }),
+        )
+    });
+    let events = std::iter::once(submitted).chain(children).collect();
+    (array, events)
+}
+
+/// Fills a status table with `ROWS` job rows: the timed arrays, filler
+/// arrays, and plain jobs (one in twenty dead-lettered) up to `ROWS`,
+/// folded a batch at a time. Returns the timed arrays and a plain job's
+/// message id.
+fn fill(table: &StatusTable) -> anyhow::Result<(Vec<(u32, String)>, String)> {
+    let mut timed = Vec::new();
+    let mut rows = 0;
+    for frames in [10u32, 1_000, 10_000] {
+        let (array, events) = array_events(frames);
+        table.apply_all(&events)?;
+        timed.push((frames, array));
+        rows += frames as usize;
+    }
+    while rows + FILLER_FRAMES as usize <= ROWS - 10_000 {
+        table.apply_all(&array_events(FILLER_FRAMES).1)?;
+        rows += FILLER_FRAMES as usize;
+    }
+    let mut message_id = String::new();
+    while rows < ROWS {
+        let batch = (ROWS - rows).min(10_000);
+        let events: Vec<Event> = (0..batch)
+            .map(|n| {
+                let job_id = uuid::Uuid::new_v4().to_string();
+                if n % 20 == 0 {
+                    let job = JobRef {
+                        job_id: job_id.clone(),
+                        message_id: job_id,
+                        queue: "bench".into(),
+                        command: "render_demo".into(),
+                        attempt: 3,
+                        array: None,
+                    };
+                    Event::new(
+                        EventType::JobDeadLettered,
+                        Some(job),
+                        json!({"reason": "bench"}),
+                    )
+                } else {
+                    succeeded(job_id, None)
+                }
+            })
+            .collect();
+        if let Some(job) = events.last().and_then(|e| e.job.as_ref()) {
+            message_id = job.message_id.clone();
+        }
+        table.apply_all(&events)?;
+        rows += batch;
+    }
+    Ok((timed, message_id))
+}
+
 async fn pages() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("status.sqlite3");
     let table = StatusTable::open(&path)?;
-    let mut arrays = Vec::new();
-    for size in [10u32, 1_000, 10_000] {
-        let array = uuid::Uuid::new_v4().to_string();
-        let events: Vec<Event> = (0..size)
-            .map(|index| {
-                let message_id = uuid::Uuid::new_v4().to_string();
-                let job = JobRef {
-                    job_id: uuid::Uuid::new_v4().to_string(),
-                    message_id: message_id.clone(),
-                    queue: "bench".into(),
-                    command: "render_demo".into(),
-                    attempt: 1,
-                    array: Some(ArrayRef {
-                        job_id: array.clone(),
-                        index,
-                        size,
-                    }),
-                };
-                Event::new(
-                    EventType::JobSucceeded,
-                    Some(job),
-                    json!({"outputs": [format!("s3://results/{message_id}.png")],
-                           "thumbnails": [format!("{message_id}/0.jpg")]}),
-                )
-            })
-            .collect();
-        table.apply_all(&events)?;
-        arrays.push((size, array));
-    }
+    let started = Instant::now();
+    let (arrays, message_id) = fill(&table)?;
+    println!(
+        "status table: {ROWS} job rows folded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let router = Ui::new(
         Some(&path),
         Default::default(),
@@ -95,12 +179,19 @@ async fn pages() -> anyhow::Result<()> {
     )
     .router();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let (took, bytes) = time_get(&router, "/ui", 5).await?;
-    println!(
-        "overview (3 arrays, 11,010 jobs in the table): {:.1} ms, {} KiB",
-        ms(took),
-        bytes / 1024
-    );
+    let search = format!("/ui/jobs?q={}", &message_id[..8]);
+    for (what, uri) in [
+        ("overview", "/ui"),
+        ("jobs list", "/ui/jobs"),
+        ("jobs list, dead-lettered", "/ui/jobs?state=dead_lettered"),
+        (
+            "jobs list, a message id's first 8 characters",
+            search.as_str(),
+        ),
+    ] {
+        let (took, bytes) = time_get(&router, uri, 5).await?;
+        println!("{what}: {:.1} ms, {} KiB", ms(took), bytes / 1024);
+    }
     for (size, array) in &arrays {
         let (took, bytes) = time_get(&router, &format!("/ui/jobs/{array}"), 5).await?;
         println!(

@@ -157,8 +157,11 @@ fn default_max_chunk_size() -> u32 {
     10_000
 }
 
+/// `max_frames` when the file does not say.
+pub const DEFAULT_MAX_FRAMES: u32 = 100_000;
+
 fn default_max_frames() -> u32 {
-    100_000
+    DEFAULT_MAX_FRAMES
 }
 
 fn default_max_message_bytes() -> usize {

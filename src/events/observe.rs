@@ -16,6 +16,7 @@ use crate::events::metrics::Metrics;
 use crate::events::publish::Publisher;
 use crate::job::event::{Event, EventType, JobRef, Notification};
 use crate::job::inputs::Staged;
+use crate::job::output::Thumbnail;
 
 /// How one try of a job ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,8 +24,9 @@ pub enum JobEnd {
     /// Done and deleted; where its outputs went.
     Succeeded {
         outputs: Vec<String>,
-        /// Names of its image outputs' thumbnails, beside the ledger.
-        thumbnails: Vec<String>,
+        /// Its image outputs' thumbnails, beside the ledger, with their
+        /// frames.
+        thumbnails: Vec<Thumbnail>,
         duration: Duration,
     },
     /// Failed; back in the queue after `delay`.
@@ -171,11 +173,15 @@ impl Observer {
                     duration_ms = duration.as_millis() as u64,
                     "Job processed, removing from queue."
                 );
+                // Names and frames side by side: `thumbnails` stays the list
+                // of names it always was.
+                let names: Vec<&str> = thumbnails.iter().map(|t| t.name.as_str()).collect();
+                let frames: Vec<Option<i64>> = thumbnails.iter().map(|t| t.frame).collect();
                 self.publish(
                     EventType::JobSucceeded,
                     subject,
                     json!({"duration_ms": duration.as_millis() as u64, "outputs": outputs,
-                           "thumbnails": thumbnails}),
+                           "thumbnails": names, "thumbnail_frames": frames}),
                 );
             }
             JobEnd::WillRetry { reason, delay } => {

@@ -1,6 +1,6 @@
 //! The job-status table: events folded into one row per job and one per
-//! array, in SQLite, for `renderq status`, `queue_manager_job_status` and
-//! `submit --wait`.
+//! array, in SQLite, for `renderq status`, `queue_manager_job_status`,
+//! `submit --wait` and the web monitor.
 //!
 //! Delivery is at least once and unordered, so folding must not care: each
 //! event is applied once (by `event_id`), and a row only moves forward. A
@@ -9,15 +9,27 @@
 //! later step (submitted < started < failed or requeued). Progress is the
 //! highest seen for the latest attempt. The same events, in any order and
 //! any number of times, give the same table.
+//!
+//! Three parts: [`fold`] applies events, `reads` answers `renderq status`,
+//! `prune` forgets what `retention` allows. The monitor reads the same
+//! file through a connection of its own (`ui::board`), and every list it
+//! shows has its index here.
 
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use crate::job::event::{Event, EventType};
+use crate::job::event::Event;
+
+mod fold;
+mod prune;
+mod reads;
+#[cfg(test)]
+mod tests;
+
+pub use fold::{ARRAY_COUNTS, STATES};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, at INTEGER NOT NULL DEFAULT 0);
@@ -42,7 +54,6 @@ CREATE TABLE IF NOT EXISTS workers (
     state     TEXT NOT NULL DEFAULT 'running',
     at        INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS by_array ON jobs (array_id);
 CREATE INDEX IF NOT EXISTS by_message ON jobs (message_id);
 CREATE TABLE IF NOT EXISTS arrays (
     job_id    TEXT PRIMARY KEY,
@@ -51,6 +62,55 @@ CREATE TABLE IF NOT EXISTS arrays (
     completed INTEGER NOT NULL DEFAULT 0,
     at        INTEGER NOT NULL DEFAULT 0
 );
+";
+
+/// Columns added since the first version, in the order they came: a file
+/// made by an earlier version gains them when it is opened.
+const COLUMNS: &[(&str, &str, &str)] = &[
+    // When a row was last written, for the prune and the lists' order.
+    ("seen", "at", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "at", "INTEGER NOT NULL DEFAULT 0"),
+    ("arrays", "at", "INTEGER NOT NULL DEFAULT 0"),
+    // The queue a job is on, and its outputs' thumbnails (for the monitor).
+    ("jobs", "queue", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "thumbnails", "TEXT NOT NULL DEFAULT '[]'"),
+    // The frame each thumbnail shows (null where the worker did not say).
+    ("jobs", "thumbnail_frames", "TEXT NOT NULL DEFAULT '[]'"),
+    // Milliseconds since the epoch, from the events' own times: the first
+    // start, and the latest final event.
+    ("jobs", "started_ms", "INTEGER"),
+    ("jobs", "ended_ms", "INTEGER"),
+    // An array's frames as submitted (a spec such as `1-240`), how many,
+    // and how many a child carries; its queue; when it was submitted, its
+    // first child started, and it completed.
+    ("arrays", "frame_spec", "TEXT NOT NULL DEFAULT ''"),
+    ("arrays", "frames", "INTEGER NOT NULL DEFAULT 0"),
+    ("arrays", "chunk_size", "INTEGER NOT NULL DEFAULT 0"),
+    ("arrays", "queue", "TEXT NOT NULL DEFAULT ''"),
+    ("arrays", "submitted_ms", "INTEGER"),
+    ("arrays", "started_ms", "INTEGER"),
+    ("arrays", "ended_ms", "INTEGER"),
+    // When a stopping worker will be gone: its stop's deadline.
+    ("workers", "gone_at", "INTEGER"),
+];
+
+/// Every list the monitor sorts or filters, and the prune, has its index
+/// (each query's plan is checked in the tests). The `top_` ones hold only
+/// jobs that are not arrays' children: the jobs list shows an array as one
+/// row.
+const INDEXES: &str = "
+DROP INDEX IF EXISTS by_array;
+CREATE INDEX IF NOT EXISTS jobs_by_array ON jobs (array_id, array_index);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, at);
+CREATE INDEX IF NOT EXISTS jobs_by_at ON jobs (at);
+CREATE INDEX IF NOT EXISTS jobs_with_thumbnails ON jobs (at) WHERE thumbnails != '[]';
+CREATE INDEX IF NOT EXISTS top_by_at ON jobs (at) WHERE array_id IS NULL;
+CREATE INDEX IF NOT EXISTS top_by_state ON jobs (state, at) WHERE array_id IS NULL;
+CREATE INDEX IF NOT EXISTS top_by_command ON jobs (command, at) WHERE array_id IS NULL;
+CREATE INDEX IF NOT EXISTS seen_by_at ON seen (at);
+CREATE INDEX IF NOT EXISTS arrays_by_at ON arrays (at);
+CREATE INDEX IF NOT EXISTS arrays_by_command ON arrays (command, at);
+CREATE INDEX IF NOT EXISTS workers_by_at ON workers (at);
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -160,23 +220,6 @@ impl Status {
     }
 }
 
-/// A state and its rank; `None` for events that do not move a job.
-fn job_state(kind: EventType) -> Option<(&'static str, i64)> {
-    Some(match kind {
-        EventType::JobSubmitted => ("submitted", 0),
-        EventType::JobStarted | EventType::JobProgress | EventType::TaskSucceeded => ("running", 1),
-        EventType::JobFailed | EventType::TaskFailed => ("failed", 2),
-        EventType::JobRequeued => ("requeued", 2),
-        EventType::JobDeadLettered => ("dead_lettered", 9),
-        EventType::JobCancelled => ("cancelled", 9),
-        EventType::JobSucceeded => ("succeeded", 10),
-        _ => return None,
-    })
-}
-
-/// Final states outrank every attempt.
-const FINAL_RANK: i64 = 9;
-
 #[derive(Debug)]
 pub struct StatusTable {
     conn: Mutex<Connection>,
@@ -188,20 +231,7 @@ impl StatusTable {
             std::fs::create_dir_all(dir).map_err(failed)?;
         }
         let conn = crate::sqlite::open(path, SCHEMA).map_err(failed)?;
-        // When a row was last written, for the prune; files made by an
-        // earlier version gain the column.
-        for table in ["seen", "jobs", "arrays"] {
-            crate::sqlite::add_column(&conn, table, "at", "INTEGER NOT NULL DEFAULT 0")
-                .map_err(failed)?;
-        }
-        // The queue a job is on, and its outputs' thumbnails (for the
-        // monitor).
-        for (column, kind) in [
-            ("queue", "TEXT NOT NULL DEFAULT ''"),
-            ("thumbnails", "TEXT NOT NULL DEFAULT '[]'"),
-        ] {
-            crate::sqlite::add_column(&conn, "jobs", column, kind).map_err(failed)?;
-        }
+        migrate(&conn).map_err(failed)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -213,26 +243,14 @@ impl StatusTable {
         let tx = conn.transaction().map_err(failed)?;
         let applied = events
             .iter()
-            .map(|e| apply(&tx, e).map_err(failed))
+            .map(|e| fold::apply(&tx, e).map_err(failed))
             .collect::<Result<_, _>>()?;
         tx.commit().map_err(failed)?;
         Ok(applied)
     }
 
-    /// Deletes the rows no event touched within `retention`; returns how
-    /// many.
-    pub fn prune(&self, retention: std::time::Duration) -> Result<u64, StatusError> {
-        let cutoff = crate::sqlite::now_s() - retention.as_secs() as i64;
-        let mut conn = self.conn.lock().map_err(failed)?;
-        let tx = conn.transaction().map_err(failed)?;
-        let mut deleted = 0;
-        for table in ["seen", "jobs", "arrays", "workers"] {
-            deleted += tx
-                .execute(&format!("DELETE FROM {table} WHERE at < ?1"), [cutoff])
-                .map_err(failed)?;
-        }
-        tx.commit().map_err(failed)?;
-        Ok(deleted as u64)
+    pub fn apply(&self, event: &Event) -> Result<Applied, StatusError> {
+        Ok(self.apply_all(std::slice::from_ref(event))?[0])
     }
 
     /// Notes that a worker is alive now (the monitor's recent workers).
@@ -241,423 +259,35 @@ impl StatusTable {
         worker: &crate::job::event::WorkerIdentity,
     ) -> Result<(), StatusError> {
         let conn = self.conn.lock().map_err(failed)?;
-        conn.execute(
-            "INSERT INTO workers (worker_id, host, at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (worker_id) DO UPDATE SET at = excluded.at",
-            params![worker.id, worker.host, crate::sqlite::now_s()],
-        )
-        .map(drop)
-        .map_err(failed)
-    }
-
-    pub fn apply(&self, event: &Event) -> Result<Applied, StatusError> {
-        Ok(self.apply_all(std::slice::from_ref(event))?[0])
-    }
-
-    /// A job (by job id or message id) or an array (by its id).
-    pub fn get(&self, id: &str) -> Result<Option<Status>, StatusError> {
-        let conn = self.conn.lock().map_err(failed)?;
-        let array = conn
-            .query_row(
-                "SELECT job_id, command, size, completed FROM arrays WHERE job_id = ?1",
-                [id],
-                |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, u32>(2)?,
-                        row.get::<_, bool>(3)?,
-                    ))
-                },
-            )
-            .optional()
-            .map_err(failed)?;
-        if let Some((job_id, command, size, completed)) = array {
-            let (succeeded, dead_lettered, cancelled, seen): (u32, u32, u32, u32) = conn
-                .query_row(
-                    "SELECT COUNT(*) FILTER (WHERE state = 'succeeded'),
-                            COUNT(*) FILTER (WHERE state = 'dead_lettered'),
-                            COUNT(*) FILTER (WHERE state = 'cancelled'),
-                            COUNT(*)
-                     FROM jobs WHERE array_id = ?1",
-                    [id],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-                )
-                .map_err(failed)?;
-            return Ok(Some(Status::Array(ArrayStatus {
-                job_id,
-                command,
-                size,
-                succeeded,
-                dead_lettered,
-                cancelled,
-                running: seen - succeeded - dead_lettered - cancelled,
-                completed,
-            })));
-        }
-        conn.query_row(
-            "SELECT job_id, message_id, command, state, attempt, progress, outputs, reason
-             FROM jobs WHERE job_id = ?1 OR message_id = ?1 LIMIT 1",
-            [id],
-            |row| {
-                let outputs: String = row.get(6)?;
-                Ok(Status::Job(JobStatus {
-                    job_id: row.get(0)?,
-                    message_id: row.get(1)?,
-                    command: row.get(2)?,
-                    state: row.get(3)?,
-                    attempt: row.get(4)?,
-                    progress: row.get(5)?,
-                    outputs: serde_json::from_str(&outputs).unwrap_or_default(),
-                    reason: row.get(7)?,
-                }))
-            },
-        )
-        .optional()
-        .map_err(failed)
-    }
-
-    /// Every row, for comparing two tables.
-    pub fn dump(&self) -> Result<Vec<String>, StatusError> {
-        let conn = self.conn.lock().map_err(failed)?;
-        let mut rows = Vec::new();
-        for query in [
-            "SELECT job_id, message_id, command, array_id, array_index, state, attempt, progress, outputs, reason FROM jobs ORDER BY job_id",
-            "SELECT job_id, command, size, completed FROM arrays ORDER BY job_id",
-        ] {
-            let mut stmt = conn.prepare(query).map_err(failed)?;
-            let columns = stmt.column_count();
-            let mut found = stmt.query([]).map_err(failed)?;
-            while let Some(row) = found.next().map_err(failed)? {
-                let values: Vec<String> = (0..columns)
-                    .map(|i| {
-                        format!("{:?}", row.get_ref(i).map(|v| v.data_type()))
-                            + &text(row.get_ref(i).ok())
-                    })
-                    .collect();
-                rows.push(values.join("|"));
-            }
-        }
-        Ok(rows)
+        fold::worker_alive(&conn, worker).map_err(failed)
     }
 }
 
-fn text(value: Option<rusqlite::types::ValueRef>) -> String {
-    use rusqlite::types::ValueRef;
-    match value {
-        Some(ValueRef::Integer(n)) => n.to_string(),
-        Some(ValueRef::Real(x)) => x.to_string(),
-        Some(ValueRef::Text(t)) => String::from_utf8_lossy(t).into_owned(),
-        _ => String::new(),
+/// Brings a file made by an earlier version up to this one: its columns,
+/// its arrays' counts (kept by the fold since; counted once from the rows
+/// here), and the indexes.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, kind) in COLUMNS {
+        crate::sqlite::add_column(conn, table, column, kind)?;
     }
-}
-
-/// Runs a statement, prepared once per connection.
-fn exec(
-    tx: &rusqlite::Transaction,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> rusqlite::Result<usize> {
-    tx.prepare_cached(sql)?.execute(params)
-}
-
-fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied> {
-    let now = crate::sqlite::now_s();
-    // Progress folds the same however often it comes (the highest wins), so
-    // its ids, most of all events, are not kept.
-    if event.kind != EventType::JobProgress
-        && tx
-            .prepare_cached("INSERT OR IGNORE INTO seen (event_id, at) VALUES (?1, ?2)")?
-            .execute(params![event.event_id, now])?
-            == 0
-    {
-        return Ok(Applied::Duplicate);
-    }
-    // Who sent it: the monitor's recent workers.
-    if let Some(worker) = &event.worker {
-        let state = match event.kind {
-            EventType::WorkerStopping | EventType::WorkerInterrupted => "stopping",
-            _ => "running",
-        };
-        exec(
-            tx,
-            "INSERT INTO workers (worker_id, host, state, at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (worker_id) DO UPDATE SET state = CASE
-                WHEN workers.state = 'stopping' THEN 'stopping' ELSE excluded.state END,
-                at = MAX(workers.at, excluded.at)",
-            params![worker.id, worker.host, state, now],
-        )?;
-    }
-    let Some(job) = &event.job else {
-        return Ok(Applied::New);
-    };
-    if let Some(array) = &job.array {
-        exec(
-            tx,
-            "INSERT INTO arrays (job_id, command, size, at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size), at = excluded.at",
-            params![array.job_id, job.command, array.size, now],
-        )?;
-    }
-    match event.kind {
-        EventType::ArrayJobCompleted => {
-            let size = event.detail["size"].as_i64().unwrap_or(0);
-            exec(
-                tx,
-                "INSERT INTO arrays (job_id, command, size, completed, at) VALUES (?1, ?2, ?3, 1, ?4)
-                 ON CONFLICT (job_id) DO UPDATE
-                 SET completed = 1, size = MAX(size, excluded.size), at = excluded.at",
-                params![job.job_id, job.command, size, now],
+    // Another process may be opening the file too: the check and the
+    // count are one write transaction.
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    let counted = tx
+        .prepare("SELECT 1 FROM pragma_table_info('arrays') WHERE name = ?1")?
+        .exists([ARRAY_COUNTS[0].1])?;
+    if !counted {
+        for (state, column) in ARRAY_COUNTS {
+            crate::sqlite::add_column(&tx, "arrays", column, "INTEGER NOT NULL DEFAULT 0")?;
+            tx.execute(
+                &format!(
+                    "UPDATE arrays SET {column} = (SELECT COUNT(*) FROM jobs
+                     WHERE jobs.array_id = arrays.job_id AND jobs.state = ?1)"
+                ),
+                [state],
             )?;
-            return Ok(Applied::New);
-        }
-        EventType::JobSubmitted if event.detail.get("array_size").is_some() => {
-            let size = event.detail["array_size"].as_i64().unwrap_or(0);
-            exec(
-                tx,
-                "INSERT INTO arrays (job_id, command, size, at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size), at = excluded.at",
-                params![job.job_id, job.command, size, now],
-            )?;
-            return Ok(Applied::New);
-        }
-        _ => {}
-    }
-    let Some((state, rank)) = job_state(event.kind) else {
-        return Ok(Applied::New);
-    };
-    let attempt = i64::from(job.attempt);
-    // Final states outrank any attempt; otherwise (attempt, rank) orders.
-    let order = |attempt: i64, rank: i64| {
-        if rank >= FINAL_RANK {
-            (i64::MAX, rank)
-        } else {
-            (attempt, rank)
-        }
-    };
-    let existing: Option<(i64, i64)> = tx
-        .prepare_cached("SELECT attempt, rank FROM jobs WHERE job_id = ?1")?
-        .query_row([&job.job_id], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()?;
-    let reason = event.detail.get("reason").and_then(Value::as_str);
-    let (array_id, array_index) = match &job.array {
-        Some(a) => (Some(a.job_id.as_str()), Some(a.index)),
-        None => (None, None),
-    };
-    let ahead = existing.is_none_or(|(a, r)| order(attempt, rank) > order(a, r));
-    if existing.is_none() {
-        exec(tx,
-            "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason, at, queue)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason, now, job.queue],
-        )?;
-    } else if ahead {
-        exec(
-            tx,
-            "UPDATE jobs SET state = ?2, rank = ?3, attempt = MAX(attempt, ?4),
-                reason = ?5, at = ?7,
-                message_id = CASE WHEN message_id = '' THEN ?6 ELSE message_id END
-             WHERE job_id = ?1",
-            params![
-                job.job_id,
-                state,
-                rank,
-                attempt,
-                reason,
-                job.message_id,
-                now
-            ],
-        )?;
-    } else {
-        exec(
-            tx,
-            // The highest attempt seen, whatever the order (a final state
-            // keeps its state, not a lower attempt).
-            "UPDATE jobs SET attempt = MAX(attempt, ?2), at = ?3 WHERE job_id = ?1",
-            params![job.job_id, attempt, now],
-        )?;
-    }
-    if event.kind == EventType::JobProgress
-        && let Some(percent) = event.detail["percent"].as_f64()
-    {
-        exec(tx,
-            "UPDATE jobs SET
-                progress = CASE WHEN ?2 > progress_of THEN ?3 ELSE MAX(COALESCE(progress, 0), ?3) END,
-                progress_of = MAX(progress_of, ?2)
-             WHERE job_id = ?1 AND ?2 >= progress_of",
-            params![job.job_id, attempt, percent],
-        )?;
-    }
-    if event.kind == EventType::JobSucceeded {
-        exec(
-            tx,
-            // Done is 100 %, whatever progress arrives late.
-            "UPDATE jobs SET outputs = ?2, progress = 100, progress_of = 2147483647,
-                thumbnails = ?3 WHERE job_id = ?1",
-            params![
-                job.job_id,
-                event.detail["outputs"].to_string(),
-                match &event.detail["thumbnails"] {
-                    Value::Array(list) => Value::Array(list.clone()).to_string(),
-                    _ => "[]".to_owned(),
-                }
-            ],
-        )?;
-    }
-    Ok(Applied::New)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::job::event::{ArrayRef, JobRef};
-    use serde_json::json;
-
-    fn event(kind: EventType, job: &str, attempt: u32, detail: Value) -> Event {
-        Event::new(
-            kind,
-            Some(JobRef {
-                job_id: job.into(),
-                message_id: format!("m-{job}"),
-                queue: "q".into(),
-                command: "render_demo".into(),
-                attempt,
-                array: Some(ArrayRef {
-                    job_id: "arr".into(),
-                    index: 0,
-                    size: 2,
-                }),
-            }),
-            detail,
-        )
-    }
-
-    fn history() -> Vec<Event> {
-        vec![
-            event(EventType::JobStarted, "a", 1, json!({})),
-            event(EventType::JobProgress, "a", 1, json!({"percent": 40.0})),
-            event(
-                EventType::JobFailed,
-                "a",
-                1,
-                json!({"reason": "boom", "will_retry": true}),
-            ),
-            event(EventType::JobStarted, "a", 2, json!({})),
-            event(EventType::JobProgress, "a", 2, json!({"percent": 10.0})),
-            event(
-                EventType::JobSucceeded,
-                "a",
-                2,
-                json!({"outputs": ["s3://b/k"]}),
-            ),
-            event(EventType::JobStarted, "b", 1, json!({})),
-            event(EventType::JobDeadLettered, "b", 1, json!({"reason": "403"})),
-        ]
-    }
-
-    #[test]
-    fn order_and_repeats_do_not_matter() {
-        let dir = tempfile::tempdir().unwrap();
-        let once = StatusTable::open(&dir.path().join("once")).unwrap();
-        let events = history();
-        once.apply_all(&events).unwrap();
-
-        let shuffled = StatusTable::open(&dir.path().join("shuffled")).unwrap();
-        let mut twice: Vec<Event> = events.iter().chain(&events).cloned().collect();
-        twice.reverse();
-        twice.swap(1, 9);
-        let applied = shuffled.apply_all(&twice).unwrap();
-        // Progress is folded again, harmlessly, rather than remembered.
-        assert_eq!(
-            applied.iter().filter(|a| **a == Applied::Duplicate).count(),
-            6
-        );
-        assert_eq!(once.dump().unwrap(), shuffled.dump().unwrap());
-
-        let Some(Status::Job(a)) = once.get("m-a").unwrap() else {
-            panic!("job a")
-        };
-        assert_eq!((a.state.as_str(), a.attempt), ("succeeded", 2));
-        assert_eq!(a.outputs, ["s3://b/k"]);
-        let Some(Status::Array(array)) = once.get("arr").unwrap() else {
-            panic!("array")
-        };
-        assert_eq!(
-            (array.size, array.succeeded, array.dead_lettered),
-            (2, 1, 1)
-        );
-    }
-
-    /// Every order of a history folds to the same table (shuffled with
-    /// random bytes from v4 UUIDs).
-    #[test]
-    fn any_order_folds_to_the_same_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut events = history();
-        // A success, then a later attempt's failure that arrives after it.
-        events.push(event(
-            EventType::JobSucceeded,
-            "c",
-            1,
-            json!({"outputs": []}),
-        ));
-        events.push(event(
-            EventType::JobFailed,
-            "c",
-            2,
-            json!({"reason": "late", "will_retry": true}),
-        ));
-        let reference = StatusTable::open(&dir.path().join("reference")).unwrap();
-        reference.apply_all(&events).unwrap();
-        let Some(Status::Job(c)) = reference.get("m-c").unwrap() else {
-            panic!("job c")
-        };
-        assert_eq!((c.state.as_str(), c.attempt), ("succeeded", 2));
-        for run in 0..100 {
-            let mut shuffled = events.clone();
-            for i in (1..shuffled.len()).rev() {
-                let random = uuid::Uuid::new_v4().as_u128();
-                shuffled.swap(i, (random % (i as u128 + 1)) as usize);
-            }
-            let table = StatusTable::open(&dir.path().join(format!("run-{run}"))).unwrap();
-            for event in &shuffled {
-                table.apply(event).unwrap();
-            }
-            assert_eq!(
-                reference.dump().unwrap(),
-                table.dump().unwrap(),
-                "run {run}"
-            );
         }
     }
-
-    #[test]
-    fn a_prune_deletes_rows_older_than_the_retention_and_nothing_younger() {
-        let dir = tempfile::tempdir().unwrap();
-        let table = StatusTable::open(&dir.path().join("status")).unwrap();
-        table.apply_all(&history()).unwrap();
-        // Everything so far is two days old; then job c arrives.
-        table
-            .conn
-            .lock()
-            .unwrap()
-            .execute_batch(
-                "UPDATE seen SET at = at - 172800; UPDATE jobs SET at = at - 172800;
-                 UPDATE arrays SET at = at - 172800;",
-            )
-            .unwrap();
-        table
-            .apply(&event(EventType::JobStarted, "c", 1, json!({})))
-            .unwrap();
-        let deleted = table.prune(std::time::Duration::from_secs(86400)).unwrap();
-        assert_eq!(
-            deleted,
-            6 + 2,
-            "six seen ids and jobs a and b (the array was touched by c)"
-        );
-        assert!(table.get("a").unwrap().is_none());
-        assert!(table.get("b").unwrap().is_none());
-        assert!(table.get("c").unwrap().is_some());
-        assert!(table.get("arr").unwrap().is_some());
-    }
+    tx.commit()?;
+    conn.execute_batch(INDEXES)
 }

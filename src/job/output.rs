@@ -6,6 +6,14 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+/// A thumbnail kept for the monitor: its name beside the ledger, and the
+/// frame its output shows (when the command said).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Thumbnail {
+    pub name: String,
+    pub frame: Option<i64>,
+}
+
 /// Where a result's bytes are.
 #[derive(Debug, Clone)]
 pub enum Body {

@@ -1,57 +1,43 @@
 //! What the monitor shows, read from the job-status table through a
 //! read-only connection of its own (so it sees every process's commits,
-//! and `PRAGMA data_version` says when there were any).
+//! and `PRAGMA data_version` says when there were any). Every query here
+//! walks an index the status table keeps for it (`EXPLAIN QUERY PLAN` is
+//! checked in the tests), so a page costs the same with a week of history
+//! as with an hour of it.
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+
+mod queries;
+mod rows;
+
+use queries::*;
+pub use rows::{ArrayRow, Counts, JobRow, Listed, WorkerRow, WorkerState, Workers};
+use rows::{array_row, job};
 
 /// How long a worker that sent nothing stays in the overview.
 pub const WORKER_STALE_S: i64 = 600;
 
+/// A running worker notes itself every minute: one not heard from for
+/// this long has missed two notes.
+pub const WORKER_SILENT_S: i64 = 150;
+
 /// The most rows a list shows.
 pub const LIST_LIMIT: usize = 200;
 
-#[derive(Debug, Clone, Default)]
-pub struct JobRow {
-    pub job_id: String,
-    pub message_id: String,
-    pub command: String,
-    pub queue: String,
-    pub state: String,
-    pub attempt: u32,
-    pub progress: Option<f64>,
-    pub outputs: Vec<String>,
-    pub thumbnails: Vec<String>,
-    pub reason: Option<String>,
-    pub array_id: Option<String>,
-    pub array_index: Option<u32>,
-}
-
-#[derive(Debug, Clone)]
-pub struct ArrayRow {
-    pub job_id: String,
-    pub command: String,
-    pub size: u32,
-    pub completed: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct WorkerRow {
-    pub id: String,
-    pub host: String,
-    pub state: String,
-    /// Seconds since it was last heard from.
-    pub ago: i64,
-}
+/// The most arrays and running jobs the overview shows.
+const OVERVIEW_LIMIT: usize = 50;
 
 /// Which jobs a list shows; empty fields do not filter.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     pub state: String,
     pub command: String,
-    /// A job id, message id or array id, or the start of one.
+    /// The start of a job id, message id or array id: ASCII letters,
+    /// digits, `-` and `_` only, lower case (ids are written so).
     pub search: String,
 }
 
@@ -60,11 +46,17 @@ impl Filter {
     pub fn parse(query: Option<&str>) -> Self {
         let mut filter = Filter::default();
         for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-            let value = value.trim().chars().take(100).collect();
+            let value: String = value.trim().chars().take(100).collect();
             match key.as_ref() {
                 "state" => filter.state = value,
                 "command" => filter.command = value,
-                "q" => filter.search = value,
+                "q" => {
+                    filter.search = value
+                        .chars()
+                        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+                        .map(|c| c.to_ascii_lowercase())
+                        .collect()
+                }
                 _ => {}
             }
         }
@@ -72,175 +64,210 @@ impl Filter {
     }
 }
 
-const JOB_COLUMNS: &str = "job_id, message_id, command, queue, state, attempt, progress, outputs, \
-                           thumbnails, reason, array_id, array_index";
-
-fn job(row: &Row) -> rusqlite::Result<JobRow> {
-    let list = |i| -> rusqlite::Result<Vec<String>> {
-        Ok(serde_json::from_str(&row.get::<_, String>(i)?).unwrap_or_default())
-    };
-    Ok(JobRow {
-        job_id: row.get(0)?,
-        message_id: row.get(1)?,
-        command: row.get(2)?,
-        queue: row.get(3)?,
-        state: row.get(4)?,
-        attempt: row.get(5)?,
-        progress: row.get(6)?,
-        outputs: list(7)?,
-        thumbnails: list(8)?,
-        reason: row.get(9)?,
-        array_id: row.get(10)?,
-        array_index: row.get(11)?,
-    })
+/// The rows of `sql` (one `?` per `values`), read by `read`.
+fn rows<T>(
+    c: &Connection,
+    sql: &str,
+    values: &[&dyn rusqlite::ToSql],
+    read: impl FnMut(&Row) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    c.prepare_cached(sql)?.query_map(values, read)?.collect()
 }
 
 #[derive(Debug)]
 pub struct Board {
-    conn: Mutex<Connection>,
+    /// Read-only connections, so that pages open at once (each refetched
+    /// on every change) read side by side rather than one at a time. The
+    /// first also answers `version`: `data_version` is per connection.
+    conns: Vec<Mutex<Connection>>,
+    /// Which connection the next read waits for when all are busy.
+    next: AtomicUsize,
 }
+
+/// Connections a board reads through.
+const READERS: usize = 4;
 
 impl Board {
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(std::time::Duration::from_secs(2))?;
+        let conns = (0..READERS)
+            .map(|_| {
+                let conn = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.busy_timeout(std::time::Duration::from_secs(2))?;
+                Ok(Mutex::new(conn))
+            })
+            .collect::<rusqlite::Result<_>>()?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            conns,
+            next: AtomicUsize::new(0),
         })
     }
 
+    /// Runs `f` on a free connection, or waits for one in turn.
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
-        let conn = self.conn.lock().expect("board lock");
+        let free = self.conns.iter().find_map(|c| c.try_lock().ok());
+        let conn = match free {
+            Some(conn) => conn,
+            None => {
+                let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+                self.conns[turn].lock().expect("board lock")
+            }
+        };
         f(&conn)
     }
 
     /// Changes whenever another connection committed to the table.
     pub fn version(&self) -> rusqlite::Result<i64> {
-        self.with(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0)))
+        let conn = self.conns[0].lock().expect("board lock");
+        conn.query_row("PRAGMA data_version", [], |r| r.get(0))
     }
 
-    /// Jobs (not arrays' children) newest first, filtered.
-    pub fn jobs(&self, filter: &Filter) -> rusqlite::Result<Vec<JobRow>> {
+    /// The jobs list, newest first: jobs that are not arrays' children,
+    /// and arrays as one row each; with a search, children whose job or
+    /// message id starts with it too.
+    pub fn jobs(&self, filter: &Filter, max_frames: u32) -> rusqlite::Result<Vec<Listed>> {
+        let mut listed: Vec<Listed> = self
+            .top_jobs(filter)?
+            .into_iter()
+            .map(Listed::Job)
+            .chain(
+                self.list_arrays(filter, max_frames)?
+                    .into_iter()
+                    .map(Listed::Array),
+            )
+            .collect();
+        listed.sort_by_key(|row| std::cmp::Reverse(row.at()));
+        listed.truncate(LIST_LIMIT);
+        Ok(listed)
+    }
+
+    fn top_jobs(&self, filter: &Filter) -> rusqlite::Result<Vec<JobRow>> {
+        let (low, high) = prefix_range(&filter.search);
+        let limit = LIST_LIMIT as i64;
         self.with(|c| {
-            let search = format!("{}%", filter.search.replace(['%', '_'], ""));
-            c.prepare_cached(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs
-                 WHERE (?1 = '' OR state = ?1) AND (?2 = '' OR command = ?2)
-                   AND (?3 = '%' OR job_id LIKE ?3 OR message_id LIKE ?3 OR array_id LIKE ?3)
-                 ORDER BY at DESC, rowid DESC LIMIT ?4"
-            ))?
-            .query_map(
-                params![filter.state, filter.command, search, LIST_LIMIT as i64],
-                job,
-            )?
-            .collect()
+            let sql = top_jobs_sql(filter);
+            match (
+                filter.search.is_empty(),
+                filter.state.is_empty(),
+                filter.command.is_empty(),
+            ) {
+                (false, _, _) => rows(
+                    c,
+                    &sql,
+                    params![low, high, filter.state, filter.command, limit],
+                    job,
+                ),
+                (true, true, true) => rows(c, &sql, params![limit], job),
+                (true, false, true) => rows(c, &sql, params![filter.state, limit], job),
+                (true, _, false) => {
+                    rows(c, &sql, params![filter.command, filter.state, limit], job)
+                }
+            }
         })
     }
 
-    pub fn running(&self) -> rusqlite::Result<Vec<JobRow>> {
-        self.jobs(&Filter {
-            state: "running".into(),
-            ..Filter::default()
+    /// Arrays for the jobs list: by command, by id, or with a child in the
+    /// state asked for (its count says so).
+    fn list_arrays(&self, filter: &Filter, max_frames: u32) -> rusqlite::Result<Vec<ArrayRow>> {
+        let Some(sql) = list_arrays_sql(filter) else {
+            return Ok(Vec::new());
+        };
+        let (low, high) = prefix_range(&filter.search);
+        let limit = LIST_LIMIT as i64;
+        self.with(|c| {
+            let read = |row: &Row| array_row(row, max_frames);
+            if !filter.search.is_empty() {
+                rows(c, &sql, params![low, high, filter.command, limit], read)
+            } else if !filter.command.is_empty() {
+                rows(c, &sql, params![filter.command, limit], read)
+            } else {
+                rows(c, &sql, params![limit], read)
+            }
         })
+    }
+
+    /// Running jobs, array children included, newest first.
+    pub fn running(&self) -> rusqlite::Result<Vec<JobRow>> {
+        self.with(|c| rows(c, &running_sql(), params![OVERVIEW_LIMIT as i64], job))
     }
 
     /// A job by its job id or message id.
     pub fn job(&self, id: &str) -> rusqlite::Result<Option<JobRow>> {
-        self.with(|c| {
-            c.query_row(
-                &format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?1 OR message_id = ?1 LIMIT 1"
-                ),
-                [id],
-                job,
-            )
-            .optional()
-        })
+        self.with(|c| c.query_row(&job_sql(), [id], job).optional())
     }
 
-    pub fn array(&self, id: &str) -> rusqlite::Result<Option<ArrayRow>> {
+    pub fn array(&self, id: &str, max_frames: u32) -> rusqlite::Result<Option<ArrayRow>> {
         self.with(|c| {
-            c.query_row(
-                "SELECT job_id, command, size, completed FROM arrays WHERE job_id = ?1",
-                [id],
-                |r| {
-                    Ok(ArrayRow {
-                        job_id: r.get(0)?,
-                        command: r.get(1)?,
-                        size: r.get(2)?,
-                        completed: r.get(3)?,
-                    })
-                },
-            )
-            .optional()
+            c.query_row(&array_sql(), [id], |row| array_row(row, max_frames))
+                .optional()
         })
     }
 
     /// Arrays, newest first.
-    pub fn arrays(&self) -> rusqlite::Result<Vec<ArrayRow>> {
+    pub fn arrays(&self, max_frames: u32) -> rusqlite::Result<Vec<ArrayRow>> {
         self.with(|c| {
-            c.prepare_cached(
-                "SELECT job_id, command, size, completed FROM arrays
-                 ORDER BY at DESC, rowid DESC LIMIT 50",
-            )?
-            .query_map([], |r| {
-                Ok(ArrayRow {
-                    job_id: r.get(0)?,
-                    command: r.get(1)?,
-                    size: r.get(2)?,
-                    completed: r.get(3)?,
-                })
-            })?
-            .collect()
+            rows(c, &arrays_sql(), params![OVERVIEW_LIMIT as i64], |row| {
+                array_row(row, max_frames)
+            })
         })
     }
 
-    /// An array's children that any event named, by index.
-    pub fn children(&self, array_id: &str) -> rusqlite::Result<Vec<JobRow>> {
+    /// An array's children with indexes in `indexes`, by index.
+    pub fn children(
+        &self,
+        array_id: &str,
+        indexes: std::ops::Range<u32>,
+    ) -> rusqlite::Result<Vec<JobRow>> {
         self.with(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE array_id = ?1 ORDER BY array_index"
-            ))?
-            .query_map([array_id], job)?
-            .collect()
+            rows(
+                c,
+                &children_sql(),
+                params![array_id, indexes.start, indexes.end],
+                job,
+            )
         })
     }
 
     /// The newest job that left a thumbnail.
     pub fn last_frame(&self) -> rusqlite::Result<Option<JobRow>> {
-        self.with(|c| {
-            c.query_row(
-                &format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE thumbnails != '[]'
-                     ORDER BY at DESC, rowid DESC LIMIT 1"
-                ),
-                [],
-                job,
-            )
-            .optional()
-        })
+        self.with(|c| c.query_row(&last_frame_sql(), [], job).optional())
     }
 
-    /// Workers heard from within `WORKER_STALE_S`, newest first.
-    pub fn workers(&self) -> rusqlite::Result<Vec<WorkerRow>> {
+    /// Workers heard from within `WORKER_STALE_S`, newest first, less the
+    /// ones whose stop's deadline has passed (counted).
+    pub fn workers(&self) -> rusqlite::Result<Workers> {
         let now = crate::sqlite::now_s();
-        self.with(|c| {
-            c.prepare_cached(
-                "SELECT worker_id, host, state, at FROM workers WHERE at >= ?1
-                 ORDER BY at DESC LIMIT 100",
-            )?
-            .query_map([now - WORKER_STALE_S], |r| {
-                Ok(WorkerRow {
+        let found = self.with(|c| {
+            rows(c, WORKERS_SQL, params![now - WORKER_STALE_S], |r| {
+                let at: i64 = r.get(3)?;
+                let gone_at: Option<i64> = r.get(4)?;
+                let state: String = r.get(2)?;
+                let state = match state.as_str() {
+                    "stopping" if gone_at.is_none_or(|t| t <= now) => None,
+                    "stopping" => Some(WorkerState::Stopping),
+                    _ if now - at > WORKER_SILENT_S => Some(WorkerState::Silent),
+                    _ => Some(WorkerState::Running),
+                };
+                let Some(state) = state else {
+                    return Ok(None);
+                };
+                Ok(Some(WorkerRow {
                     id: r.get(0)?,
                     host: r.get(1)?,
-                    state: r.get(2)?,
-                    ago: now - r.get::<_, i64>(3)?,
-                })
-            })?
-            .collect()
+                    state,
+                    ago: now - at,
+                }))
+            })
+        })?;
+        let stopped = found.iter().filter(|w| w.is_none()).count();
+        Ok(Workers {
+            live: found.into_iter().flatten().collect(),
+            stopped,
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

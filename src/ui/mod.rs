@@ -34,6 +34,8 @@ use live::Streams;
 
 mod auth;
 pub mod board;
+mod grid;
+mod listing;
 mod live;
 mod pages;
 
@@ -61,6 +63,9 @@ pub struct Ui {
     live: watch::Sender<i64>,
     /// The live pages' streams and their cap.
     streams: Streams,
+    /// `[queue_manager] max_frames`: no size read from the table is taken
+    /// beyond it.
+    max_frames: u32,
 }
 
 impl Ui {
@@ -93,6 +98,7 @@ impl Ui {
             behind_tls: false,
             live,
             streams: Streams::new(MAX_LIVE_STREAMS, live::MAX_AGE),
+            max_frames: crate::config::DEFAULT_MAX_FRAMES,
         }
     }
 
@@ -105,6 +111,13 @@ impl Ui {
     /// At most `max` live streams open at once.
     pub fn max_live_streams(mut self, max: usize) -> Self {
         self.streams = Streams::new(max, live::MAX_AGE);
+        self
+    }
+
+    /// Clamps what the pages read from the table to `max_frames` frames
+    /// (`[queue_manager] max_frames`).
+    pub fn max_frames(mut self, max_frames: u32) -> Self {
+        self.max_frames = max_frames;
         self
     }
 
@@ -207,8 +220,14 @@ async fn overview(State(ui): State<Ui>, headers: HeaderMap) -> Response {
         };
         queues.push((name.to_owned(), stats));
     }
-    let data = read(&ui, |b| {
-        Ok((b.running()?, b.workers()?, b.arrays()?, b.last_frame()?))
+    let max_frames = ui.max_frames;
+    let data = read(&ui, move |b| {
+        Ok((
+            b.running()?,
+            b.workers()?,
+            b.arrays(max_frames)?,
+            b.last_frame()?,
+        ))
     })
     .await;
     match data {
@@ -224,49 +243,68 @@ async fn overview(State(ui): State<Ui>, headers: HeaderMap) -> Response {
 async fn jobs(State(ui): State<Ui>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
     let filter = Filter::parse(query.as_deref());
     let rows = {
-        let filter = filter.clone();
-        read(&ui, move |b| b.jobs(&filter)).await
+        let (filter, max_frames) = (filter.clone(), ui.max_frames);
+        read(&ui, move |b| b.jobs(&filter, max_frames)).await
     };
     match rows {
         Ok(rows) => html(pages::page(
             "Jobs",
             fragment(&headers),
-            pages::jobs(&rows, &filter.state, &filter.command, &filter.search),
+            listing::jobs(&rows, &filter.state, &filter.command, &filter.search),
         )),
         Err(response) => response,
     }
 }
 
-/// A job's page, or an array's (its frame grid).
+/// A job's page, or an array's (a page of its frame grid: `?page=N`,
+/// from 1).
 async fn job(
     State(ui): State<Ui>,
     Path(id): Path<String>,
     headers: HeaderMap,
     jar: CookieJar,
+    RawQuery(query): RawQuery,
 ) -> Response {
+    let page = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "page")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .saturating_sub(1);
+    let max_frames = ui.max_frames;
     let found = {
         let id = id.clone();
-        read(&ui, move |b| match b.array(&id)? {
-            Some(array) => Ok(Some((Some(array), b.children(&id)?, None))),
-            None => Ok(b.job(&id)?.map(|job| (None, Vec::new(), Some(job)))),
+        read(&ui, move |b| match b.array(&id, max_frames)? {
+            Some(array) => {
+                let layout = grid::Layout::of(&array, page, max_frames);
+                let children = b.children(&id, layout.children())?;
+                Ok(Some(Found::Array(array, layout, children)))
+            }
+            None => Ok(b.job(&id)?.map(Found::Job)),
         })
         .await
     };
     let csrf = ui.csrf(&jar);
     match found {
-        Ok(Some((Some(array), children, _))) => html(pages::page(
+        Ok(Some(Found::Array(array, layout, children))) => html(pages::page(
             "Array",
             fragment(&headers),
-            pages::array(&array, &children, csrf),
+            listing::array(&array, &layout, &layout.cells(&children), csrf),
         )),
-        Ok(Some((None, _, Some(job)))) => html(pages::page(
+        Ok(Some(Found::Job(job))) => html(pages::page(
             "Job",
             fragment(&headers),
             pages::job(&job, csrf),
         )),
-        Ok(_) => not_found(&format!("No job or array {id} is in the status table.")),
+        Ok(None) => not_found(&format!("No job or array {id} is in the status table.")),
         Err(response) => response,
     }
+}
+
+/// What an id names: an array (with a page of its grid and that page's
+/// children) or a job.
+enum Found {
+    Array(board::ArrayRow, grid::Layout, Vec<board::JobRow>),
+    Job(board::JobRow),
 }
 
 async fn dead_letters(

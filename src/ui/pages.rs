@@ -4,7 +4,7 @@
 
 use maud::{DOCTYPE, Markup, html};
 
-use super::board::{ArrayRow, JobRow, WorkerRow};
+use super::board::{ArrayRow, JobRow, Workers};
 use crate::queue::{DeadLetter, Stats};
 
 const STYLE: &str = r#"
@@ -49,7 +49,7 @@ pub fn page(title: &str, fragment: bool, main: Markup) -> Markup {
     }
 }
 
-fn progress(job: &JobRow) -> Markup {
+pub(super) fn progress(job: &JobRow) -> Markup {
     let percent = job.progress.unwrap_or(0.0).clamp(0.0, 100.0);
     html! {
         span.bar title=(format!("{percent:.0} %")) { span style=(format!("width:{percent:.0}%")) {} }
@@ -57,18 +57,18 @@ fn progress(job: &JobRow) -> Markup {
     }
 }
 
-fn job_link(job: &JobRow) -> Markup {
+pub(super) fn job_link(job: &JobRow) -> Markup {
     html! { a href=(format!("/ui/jobs/{}", job.job_id)) { (job.job_id) } }
 }
 
-fn thumbnail(queue: &str, name: &str) -> Markup {
+pub(super) fn thumbnail(queue: &str, name: &str) -> Markup {
     html! { img src=(format!("/ui/thumbnails/{queue}/{name}")) alt="thumbnail" loading="lazy"; }
 }
 
 pub fn overview(
     queues: &[(String, Option<Stats>)],
     running: &[JobRow],
-    workers: &[WorkerRow],
+    workers: &Workers,
     arrays: &[ArrayRow],
     last: Option<&JobRow>,
 ) -> Markup {
@@ -90,27 +90,45 @@ pub fn overview(
             }
             h2 { "Running" }
             @if running.is_empty() { p { "Nothing is running." } }
-            table {
-                @for job in running {
-                    tr { td { (job_link(job)) } td { (job.command) } td { (progress(job)) } }
+            @else {
+                table {
+                    tr { th { "job id" } th { "message id" } th { "command" } th { "progress" } }
+                    @for job in running {
+                        tr { td { (job_link(job)) } td { (job.message_id) } td { (job.command) } td { (progress(job)) } }
+                    }
                 }
             }
             h2 { "Arrays" }
-            table {
-                @for array in arrays {
-                    tr {
-                        td { a href=(format!("/ui/jobs/{}", array.job_id)) { (array.job_id) } }
-                        td { (array.command) } td { (array.size) " frames" }
-                        td { @if array.completed { "completed" } @else { "in progress" } }
+            @if arrays.is_empty() { p { "No array is in the status table." } }
+            @else {
+                table id="arrays" {
+                    tr { th { "array" } th { "command" } th { "size" } th { "done" } th { "state" } }
+                    @for array in arrays {
+                        tr {
+                            td { a href=(format!("/ui/jobs/{}", array.job_id)) { (array.job_id) } }
+                            td { (array.command) }
+                            td {
+                                @if array.frames > 0 { (array.frames) " frames" }
+                                @else { (array.size) " children" }
+                            }
+                            td { (super::listing::done_of(array)) }
+                            td { @if array.completed { "completed" } @else { "in progress" } }
+                        }
                     }
                 }
             }
             h2 { "Workers" }
-            @if workers.is_empty() { p { "No worker was heard from in the last 10 minutes." } }
-            table {
-                @for w in workers {
-                    tr { td { (w.host) } td { (w.id) } td { (w.state) } td { (w.ago) " s ago" } }
+            @if workers.live.is_empty() { p { "No worker is running (none was heard from in the last 10 minutes)." } }
+            @else {
+                table id="workers" {
+                    tr { th { "host" } th { "worker id" } th { "state" } th { "last heard" } }
+                    @for w in &workers.live {
+                        tr { td { (w.host) } td { (w.id) } td { (w.state.name()) } td { (w.ago) " s ago" } }
+                    }
                 }
+            }
+            @if workers.stopped > 0 {
+                p { (workers.stopped) " stopped in the last 10 minutes." }
             }
             @if let Some(job) = last {
                 h2 { "Last rendered frame" }
@@ -122,34 +140,7 @@ pub fn overview(
     }
 }
 
-pub fn jobs(rows: &[JobRow], state: &str, command: &str, search: &str) -> Markup {
-    html! {
-        main {
-            h1 { "Jobs" }
-            form method="get" action="/ui/jobs" {
-                "State " select name="state" {
-                    @for s in ["", "submitted", "running", "failed", "requeued", "succeeded", "dead_lettered", "cancelled"] {
-                        option value=(s) selected[s == state] { @if s.is_empty() { "any" } @else { (s) } }
-                    }
-                }
-                " Command " input name="command" value=(command);
-                " Id " input name="q" value=(search);
-                " " button { "Filter" }
-            }
-            table {
-                tr { th { "job" } th { "command" } th { "state" } th { "attempt" } th { "progress" } }
-                @for job in rows {
-                    tr class=(job.state) {
-                        td { (job_link(job)) } td { (job.command) } td { (job.state) }
-                        td { (job.attempt) } td { (progress(job)) }
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn cancel_button(csrf: Csrf, id: &str) -> Markup {
+pub(super) fn cancel_button(csrf: Csrf, id: &str) -> Markup {
     html! {
         @if let Some(token) = csrf {
             form.inline method="post" action="/ui/cancel" {
@@ -185,46 +176,6 @@ pub fn job(job: &JobRow, csrf: Csrf) -> Markup {
             h2 { "Outputs" }
             ul { @for output in &job.outputs { li { (output) } } }
             @for name in &job.thumbnails { (thumbnail(&job.queue, name)) }
-        }
-    }
-}
-
-pub fn array(array: &ArrayRow, children: &[JobRow], csrf: Csrf) -> Markup {
-    let mut cells: Vec<Option<&JobRow>> = vec![None; array.size as usize];
-    for child in children {
-        if let Some(slot) = child.array_index.and_then(|i| cells.get_mut(i as usize)) {
-            *slot = Some(child);
-        }
-    }
-    let count = |state: &str| children.iter().filter(|c| c.state == state).count();
-    let (succeeded, dead, cancelled) = (
-        count("succeeded"),
-        count("dead_lettered"),
-        count("cancelled"),
-    );
-    html! {
-        main {
-            h1 { "Array " (array.job_id) }
-            p {
-                (array.command) " · size " (array.size)
-                " · succeeded " span id="succeeded" { (succeeded) }
-                " · dead-lettered " (dead) " · cancelled " (cancelled)
-                " · " @if array.completed { "completed" } @else { "in progress" }
-                " " @if !array.completed { (cancel_button(csrf, &array.job_id)) }
-            }
-            div.grid {
-                @for (index, cell) in cells.iter().enumerate() {
-                    @match cell {
-                        Some(child) => {
-                            a class=(format!("cell {}", child.state)) href=(format!("/ui/jobs/{}", child.job_id)) data-state=(child.state) {
-                                (index) " " (child.state)
-                                @if let Some(name) = child.thumbnails.first() { (thumbnail(&child.queue, name)) }
-                            }
-                        }
-                        None => { span.cell.queued data-state="queued" { (index) " queued" } }
-                    }
-                }
-            }
         }
     }
 }

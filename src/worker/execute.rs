@@ -11,10 +11,12 @@ use tracing::info;
 
 use super::{JobError, Worker};
 use crate::commands::{CommandError, Progress, ProgressSink, RunContext};
+use crate::events::ledger::thumbnail_name;
 use crate::events::observe::Subject;
 use crate::fleet::drain::Registered;
 use crate::job::Output;
 use crate::job::inputs::Staged;
+use crate::job::output::Thumbnail;
 use crate::job::{Envelope, Vars, mime_ext};
 use crate::storage::cache::{Cache, CacheError};
 use crate::tasks::{Task, TaskError};
@@ -159,20 +161,21 @@ impl Worker {
 
     /// Makes the image outputs' thumbnails, then runs the tasks in order,
     /// each on every output; returns where the outputs went, and the
-    /// thumbnails' names.
+    /// thumbnails with the frames they show.
     pub(super) async fn run_tasks(
         &self,
         delivery: &Delivery,
         subject: &Subject,
         ran: Ran,
         abort: &CancellationToken,
-    ) -> Result<(Vec<String>, Vec<String>), JobError> {
+    ) -> Result<(Vec<String>, Vec<Thumbnail>), JobError> {
         let Ran {
             outputs,
             tasks,
             first_frame,
         } = ran;
-        let thumbnails = self.thumbnails(delivery, &outputs).await;
+        let names = self.thumbnails(delivery, &outputs).await;
+        let thumbnails = with_frames(names, &delivery.message_id, &outputs);
         let envelope = delivery
             .envelope
             .as_ref()
@@ -235,5 +238,54 @@ impl Worker {
             }
         }
         Ok((locations, thumbnails))
+    }
+}
+
+/// Each thumbnail with the frame of the output it was made of (a name is
+/// `thumbnail_name` of that output's position).
+fn with_frames(names: Vec<String>, message_id: &str, outputs: &[Output]) -> Vec<Thumbnail> {
+    let frame_of: std::collections::HashMap<String, Option<i64>> = outputs
+        .iter()
+        .enumerate()
+        .map(|(n, output)| (thumbnail_name(message_id, n), output.frame))
+        .collect();
+    names
+        .into_iter()
+        .map(|name| Thumbnail {
+            frame: frame_of.get(&name).copied().flatten(),
+            name,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_thumbnail_carries_the_frame_of_its_own_output() {
+        let png = || Output::bytes(Vec::new(), mime::IMAGE_PNG);
+        let outputs = vec![
+            png().for_frame(5, "frame_0005".into()),
+            Output::bytes(Vec::new(), mime::TEXT_PLAIN),
+            png().for_frame(7, "frame_0007".into()),
+            png(),
+        ];
+        // Output 1 is not an image and output 0's thumbnail failed: the
+        // names left are those of outputs 2 and 3.
+        let names = vec![thumbnail_name("m", 2), thumbnail_name("m", 3)];
+        assert_eq!(
+            with_frames(names, "m", &outputs),
+            [
+                Thumbnail {
+                    name: thumbnail_name("m", 2),
+                    frame: Some(7)
+                },
+                Thumbnail {
+                    name: thumbnail_name("m", 3),
+                    frame: None
+                },
+            ]
+        );
     }
 }

@@ -93,7 +93,7 @@ struct Done {
     /// Where its outputs went.
     outputs: Vec<String>,
     /// Its image outputs' thumbnails.
-    thumbnails: Vec<String>,
+    thumbnails: Vec<crate::job::output::Thumbnail>,
     duration: Duration,
 }
 

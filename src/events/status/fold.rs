@@ -1,0 +1,368 @@
+//! Folding one event into the table (see the module's rules): at most one
+//! row per job, array and worker, each only moving forward, whatever the
+//! order the events come in.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+
+use crate::job::event::{Event, EventType, WorkerIdentity};
+
+use super::Applied;
+
+/// Every state a job's row can hold.
+pub const STATES: [&str; 7] = [
+    "submitted",
+    "running",
+    "failed",
+    "requeued",
+    "succeeded",
+    "dead_lettered",
+    "cancelled",
+];
+
+/// An array's count of children in each state, and its column: kept as
+/// its children move, so that a list of arrays counts none of them.
+pub const ARRAY_COUNTS: [(&str, &str); 7] = [
+    ("submitted", "n_submitted"),
+    ("running", "n_running"),
+    ("failed", "n_failed"),
+    ("requeued", "n_requeued"),
+    ("succeeded", "n_succeeded"),
+    ("dead_lettered", "n_dead_lettered"),
+    ("cancelled", "n_cancelled"),
+];
+
+/// A state and its rank; `None` for events that do not move a job.
+fn job_state(kind: EventType) -> Option<(&'static str, i64)> {
+    Some(match kind {
+        EventType::JobSubmitted => ("submitted", 0),
+        EventType::JobStarted | EventType::JobProgress | EventType::TaskSucceeded => ("running", 1),
+        EventType::JobFailed | EventType::TaskFailed => ("failed", 2),
+        EventType::JobRequeued => ("requeued", 2),
+        EventType::JobDeadLettered => ("dead_lettered", 9),
+        EventType::JobCancelled => ("cancelled", 9),
+        EventType::JobSucceeded => ("succeeded", 10),
+        _ => return None,
+    })
+}
+
+/// Final states outrank every attempt.
+const FINAL_RANK: i64 = 9;
+
+/// Runs a statement, prepared once per connection.
+fn exec(
+    tx: &rusqlite::Transaction,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(sql)?.execute(params)
+}
+
+/// When an event happened, in milliseconds since the epoch (its own
+/// time, so that folding it later or twice gives the same value; now
+/// when it has none that reads).
+fn event_ms(event: &Event) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(&event.time).map_or_else(
+        |_| chrono::Utc::now().timestamp_millis(),
+        |t| t.timestamp_millis(),
+    )
+}
+
+pub(super) fn worker_alive(conn: &Connection, worker: &WorkerIdentity) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO workers (worker_id, host, at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (worker_id) DO UPDATE SET at = excluded.at",
+        params![worker.id, worker.host, crate::sqlite::now_s()],
+    )
+    .map(drop)
+}
+
+/// Who sent an event: the monitor's recent workers. A worker that said it
+/// is stopping stays so, and is gone by its stop's deadline (the drain
+/// ends before it), so the row keeps that deadline.
+fn fold_worker(
+    tx: &rusqlite::Transaction,
+    event: &Event,
+    worker: &WorkerIdentity,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let (state, gone_at) = match event.kind {
+        EventType::WorkerStopping | EventType::WorkerInterrupted => {
+            let deadline_s = event.detail["deadline_in_ms"]
+                .as_i64()
+                .map_or(0, |ms| (ms.max(0) as u64).div_ceil(1000) as i64);
+            ("stopping", Some(event_ms(event) / 1000 + deadline_s))
+        }
+        _ => ("running", None),
+    };
+    exec(
+        tx,
+        "INSERT INTO workers (worker_id, host, state, at, gone_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (worker_id) DO UPDATE SET state = CASE
+            WHEN workers.state = 'stopping' THEN 'stopping' ELSE excluded.state END,
+            gone_at = COALESCE(MIN(workers.gone_at, excluded.gone_at), workers.gone_at, excluded.gone_at),
+            at = MAX(workers.at, excluded.at)",
+        params![worker.id, worker.host, state, now, gone_at],
+    )
+    .map(drop)
+}
+
+/// Moves one child of `array` from `from` to `to` in the array's counts.
+fn count_child(
+    tx: &rusqlite::Transaction,
+    array: &str,
+    from: Option<&str>,
+    to: &str,
+) -> rusqlite::Result<()> {
+    let column = |state: &str| {
+        ARRAY_COUNTS
+            .iter()
+            .find(|(s, _)| *s == state)
+            .map(|(_, c)| *c)
+    };
+    if let Some(from) = from.and_then(column) {
+        exec(
+            tx,
+            &format!("UPDATE arrays SET {from} = {from} - 1 WHERE job_id = ?1"),
+            [array],
+        )?;
+    }
+    if let Some(to) = column(to) {
+        exec(
+            tx,
+            &format!("UPDATE arrays SET {to} = {to} + 1 WHERE job_id = ?1"),
+            [array],
+        )?;
+    }
+    Ok(())
+}
+
+/// An array's `JobSubmitted` (its frames and chunks) or
+/// `ArrayJobCompleted`; the row is made by whichever comes first.
+fn fold_array(tx: &rusqlite::Transaction, event: &Event, now: i64) -> rusqlite::Result<()> {
+    let Some(job) = &event.job else {
+        return Ok(());
+    };
+    let size = |key: &str| {
+        event.detail[key]
+            .as_i64()
+            .unwrap_or(0)
+            .clamp(0, u32::MAX.into())
+    };
+    let ms = event_ms(event);
+    if event.kind == EventType::ArrayJobCompleted {
+        exec(
+            tx,
+            "INSERT INTO arrays (job_id, command, queue, size, completed, ended_ms, at)
+             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6)
+             ON CONFLICT (job_id) DO UPDATE SET completed = 1, size = MAX(size, excluded.size),
+                ended_ms = MAX(COALESCE(ended_ms, 0), excluded.ended_ms), at = excluded.at",
+            params![job.job_id, job.command, job.queue, size("size"), ms, now],
+        )?;
+        return Ok(());
+    }
+    let spec = event.detail["frame_spec"].as_str().unwrap_or_default();
+    exec(
+        tx,
+        "INSERT INTO arrays (job_id, command, queue, size, frames, frame_spec, chunk_size, submitted_ms, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size),
+            frames = MAX(frames, excluded.frames),
+            frame_spec = CASE WHEN frame_spec = '' THEN excluded.frame_spec ELSE frame_spec END,
+            chunk_size = MAX(chunk_size, excluded.chunk_size),
+            queue = CASE WHEN queue = '' THEN excluded.queue ELSE queue END,
+            submitted_ms = MIN(COALESCE(submitted_ms, excluded.submitted_ms), excluded.submitted_ms),
+            at = excluded.at",
+        params![
+            job.job_id,
+            job.command,
+            job.queue,
+            size("array_size"),
+            size("frames"),
+            spec,
+            size("chunk_size"),
+            ms,
+            now
+        ],
+    )
+    .map(drop)
+}
+
+pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied> {
+    let now = crate::sqlite::now_s();
+    // Progress folds the same however often it comes (the highest wins), so
+    // its ids, most of all events, are not kept.
+    if event.kind != EventType::JobProgress
+        && tx
+            .prepare_cached("INSERT OR IGNORE INTO seen (event_id, at) VALUES (?1, ?2)")?
+            .execute(params![event.event_id, now])?
+            == 0
+    {
+        return Ok(Applied::Duplicate);
+    }
+    if let Some(worker) = &event.worker {
+        fold_worker(tx, event, worker, now)?;
+    }
+    let Some(job) = &event.job else {
+        return Ok(Applied::New);
+    };
+    if let Some(array) = &job.array {
+        exec(
+            tx,
+            "INSERT INTO arrays (job_id, command, queue, size, at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size), at = excluded.at",
+            params![array.job_id, job.command, job.queue, array.size, now],
+        )?;
+    }
+    match event.kind {
+        EventType::ArrayJobCompleted => {
+            fold_array(tx, event, now)?;
+            return Ok(Applied::New);
+        }
+        EventType::JobSubmitted if event.detail.get("array_size").is_some() => {
+            fold_array(tx, event, now)?;
+            return Ok(Applied::New);
+        }
+        _ => {}
+    }
+    let Some((state, rank)) = job_state(event.kind) else {
+        return Ok(Applied::New);
+    };
+    let attempt = i64::from(job.attempt);
+    // Final states outrank any attempt; otherwise (attempt, rank) orders.
+    let order = |attempt: i64, rank: i64| {
+        if rank >= FINAL_RANK {
+            (i64::MAX, rank)
+        } else {
+            (attempt, rank)
+        }
+    };
+    let existing: Option<(i64, i64, String, Option<String>)> = tx
+        .prepare_cached("SELECT attempt, rank, state, array_id FROM jobs WHERE job_id = ?1")?
+        .query_row([&job.job_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .optional()?;
+    let reason = event.detail.get("reason").and_then(Value::as_str);
+    let (array_id, array_index) = match &job.array {
+        Some(a) => (Some(a.job_id.as_str()), Some(a.index)),
+        None => (None, None),
+    };
+    let ahead = existing
+        .as_ref()
+        .is_none_or(|(a, r, _, _)| order(attempt, rank) > order(*a, *r));
+    match &existing {
+        None => {
+            exec(tx,
+                "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason, at, queue)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason, now, job.queue],
+            )?;
+            if let Some(array) = array_id {
+                count_child(tx, array, None, state)?;
+            }
+        }
+        Some((_, _, old_state, row_array)) if ahead => {
+            exec(
+                tx,
+                "UPDATE jobs SET state = ?2, rank = ?3, attempt = MAX(attempt, ?4),
+                    reason = ?5, at = ?7,
+                    message_id = CASE WHEN message_id = '' THEN ?6 ELSE message_id END
+                 WHERE job_id = ?1",
+                params![
+                    job.job_id,
+                    state,
+                    rank,
+                    attempt,
+                    reason,
+                    job.message_id,
+                    now
+                ],
+            )?;
+            // The counts follow the row (its array is the one it was made
+            // with).
+            if let Some(array) = row_array
+                && old_state != state
+            {
+                count_child(tx, array, Some(old_state), state)?;
+            }
+        }
+        Some(_) => {
+            exec(
+                tx,
+                // The highest attempt seen, whatever the order (a final state
+                // keeps its state, not a lower attempt).
+                "UPDATE jobs SET attempt = MAX(attempt, ?2), at = ?3 WHERE job_id = ?1",
+                params![job.job_id, attempt, now],
+            )?;
+        }
+    }
+    times(tx, event, rank, array_id)?;
+    if event.kind == EventType::JobProgress
+        && let Some(percent) = event.detail["percent"].as_f64()
+    {
+        exec(tx,
+            "UPDATE jobs SET
+                progress = CASE WHEN ?2 > progress_of THEN ?3 ELSE MAX(COALESCE(progress, 0), ?3) END,
+                progress_of = MAX(progress_of, ?2)
+             WHERE job_id = ?1 AND ?2 >= progress_of",
+            params![job.job_id, attempt, percent],
+        )?;
+    }
+    if event.kind == EventType::JobSucceeded {
+        let list = |key: &str| match &event.detail[key] {
+            Value::Array(list) => Value::Array(list.clone()).to_string(),
+            _ => "[]".to_owned(),
+        };
+        exec(
+            tx,
+            // Done is 100 %, whatever progress arrives late.
+            "UPDATE jobs SET outputs = ?2, progress = 100, progress_of = 2147483647,
+                thumbnails = ?3, thumbnail_frames = ?4 WHERE job_id = ?1",
+            params![
+                job.job_id,
+                event.detail["outputs"].to_string(),
+                list("thumbnails"),
+                list("thumbnail_frames")
+            ],
+        )?;
+    }
+    Ok(Applied::New)
+}
+
+/// A job's first start and last end (and its array's first start), from
+/// the events' own times: the earliest `JobStarted`, the latest final
+/// event, whatever the order they come in.
+fn times(
+    tx: &rusqlite::Transaction,
+    event: &Event,
+    rank: i64,
+    array_id: Option<&str>,
+) -> rusqlite::Result<()> {
+    let Some(job) = &event.job else {
+        return Ok(());
+    };
+    let ms = event_ms(event);
+    if event.kind == EventType::JobStarted {
+        exec(
+            tx,
+            "UPDATE jobs SET started_ms = MIN(COALESCE(started_ms, ?2), ?2) WHERE job_id = ?1",
+            params![job.job_id, ms],
+        )?;
+        if let Some(array) = array_id {
+            exec(
+                tx,
+                "UPDATE arrays SET started_ms = MIN(COALESCE(started_ms, ?2), ?2) WHERE job_id = ?1",
+                params![array, ms],
+            )?;
+        }
+    }
+    if rank >= FINAL_RANK {
+        exec(
+            tx,
+            "UPDATE jobs SET ended_ms = MAX(COALESCE(ended_ms, ?2), ?2) WHERE job_id = ?1",
+            params![job.job_id, ms],
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The fold's rules, its reads and its prune, and a file made by an
+//! earlier version brought up to date.
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::job::event::{ArrayRef, EventType, JobRef};
+
+fn event(kind: EventType, job: &str, attempt: u32, detail: Value) -> Event {
+    Event::new(
+        kind,
+        Some(JobRef {
+            job_id: job.into(),
+            message_id: format!("m-{job}"),
+            queue: "q".into(),
+            command: "render_demo".into(),
+            attempt,
+            array: Some(ArrayRef {
+                job_id: "arr".into(),
+                index: 0,
+                size: 2,
+            }),
+        }),
+        detail,
+    )
+}
+
+fn history() -> Vec<Event> {
+    let mut submitted = Event::new(
+        EventType::JobSubmitted,
+        Some(JobRef {
+            job_id: "arr".into(),
+            queue: "q".into(),
+            command: "render_demo".into(),
+            ..JobRef::default()
+        }),
+        json!({"array_size": 2, "frames": 7, "frame_spec": "1-7", "chunk_size": 4}),
+    );
+    submitted.time = "2026-12-07T01:00:00.000Z".into();
+    vec![
+        submitted,
+        event(EventType::JobStarted, "a", 1, json!({})),
+        event(EventType::JobProgress, "a", 1, json!({"percent": 40.0})),
+        event(
+            EventType::JobFailed,
+            "a",
+            1,
+            json!({"reason": "boom", "will_retry": true}),
+        ),
+        event(EventType::JobStarted, "a", 2, json!({})),
+        event(EventType::JobProgress, "a", 2, json!({"percent": 10.0})),
+        event(
+            EventType::JobSucceeded,
+            "a",
+            2,
+            json!({"outputs": ["s3://b/k"], "thumbnails": ["m-a/0.jpg"], "thumbnail_frames": [1]}),
+        ),
+        event(EventType::JobStarted, "b", 1, json!({})),
+        event(EventType::JobDeadLettered, "b", 1, json!({"reason": "403"})),
+    ]
+}
+
+#[test]
+fn order_and_repeats_do_not_matter() {
+    let dir = tempfile::tempdir().unwrap();
+    let once = StatusTable::open(&dir.path().join("once")).unwrap();
+    let events = history();
+    once.apply_all(&events).unwrap();
+
+    let shuffled = StatusTable::open(&dir.path().join("shuffled")).unwrap();
+    let mut twice: Vec<Event> = events.iter().chain(&events).cloned().collect();
+    twice.reverse();
+    twice.swap(1, 9);
+    let applied = shuffled.apply_all(&twice).unwrap();
+    // Progress is folded again, harmlessly, rather than remembered.
+    assert_eq!(
+        applied.iter().filter(|a| **a == Applied::Duplicate).count(),
+        7
+    );
+    assert_eq!(once.dump().unwrap(), shuffled.dump().unwrap());
+
+    let Some(Status::Job(a)) = once.get("m-a").unwrap() else {
+        panic!("job a")
+    };
+    assert_eq!((a.state.as_str(), a.attempt), ("succeeded", 2));
+    assert_eq!(a.outputs, ["s3://b/k"]);
+    let Some(Status::Array(array)) = once.get("arr").unwrap() else {
+        panic!("array")
+    };
+    assert_eq!(
+        (array.size, array.succeeded, array.dead_lettered),
+        (2, 1, 1)
+    );
+}
+
+/// Every order of a history folds to the same table (shuffled with
+/// random bytes from v4 UUIDs).
+#[test]
+fn any_order_folds_to_the_same_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut events = history();
+    // A success, then a later attempt's failure that arrives after it.
+    events.push(event(
+        EventType::JobSucceeded,
+        "c",
+        1,
+        json!({"outputs": []}),
+    ));
+    events.push(event(
+        EventType::JobFailed,
+        "c",
+        2,
+        json!({"reason": "late", "will_retry": true}),
+    ));
+    let reference = StatusTable::open(&dir.path().join("reference")).unwrap();
+    reference.apply_all(&events).unwrap();
+    let Some(Status::Job(c)) = reference.get("m-c").unwrap() else {
+        panic!("job c")
+    };
+    assert_eq!((c.state.as_str(), c.attempt), ("succeeded", 2));
+    for run in 0..100 {
+        let mut shuffled = events.clone();
+        for i in (1..shuffled.len()).rev() {
+            let random = uuid::Uuid::new_v4().as_u128();
+            shuffled.swap(i, (random % (i as u128 + 1)) as usize);
+        }
+        let table = StatusTable::open(&dir.path().join(format!("run-{run}"))).unwrap();
+        for event in &shuffled {
+            table.apply(event).unwrap();
+        }
+        assert_eq!(
+            reference.dump().unwrap(),
+            table.dump().unwrap(),
+            "run {run}"
+        );
+    }
+}
+
+#[test]
+fn a_prune_deletes_rows_older_than_the_retention_and_nothing_younger() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = StatusTable::open(&dir.path().join("status")).unwrap();
+    table.apply_all(&history()).unwrap();
+    // Everything so far is two days old; then job c arrives.
+    table
+        .conn
+        .lock()
+        .unwrap()
+        .execute_batch(
+            "UPDATE seen SET at = at - 172800; UPDATE jobs SET at = at - 172800;
+             UPDATE arrays SET at = at - 172800;",
+        )
+        .unwrap();
+    table
+        .apply(&event(EventType::JobStarted, "c", 1, json!({})))
+        .unwrap();
+    let deleted = table.prune(std::time::Duration::from_secs(86400)).unwrap();
+    // Jobs a and b are the array's children, and c touched the array:
+    // they stay with it, so its counts stay true.
+    assert_eq!(deleted, 7, "the seven seen ids");
+    assert!(table.get("a").unwrap().is_some());
+    assert!(table.get("c").unwrap().is_some());
+    let Some(Status::Array(array)) = table.get("arr").unwrap() else {
+        panic!("array")
+    };
+    assert_eq!(
+        (array.succeeded, array.dead_lettered, array.running),
+        (1, 1, 1)
+    );
+    // Two days on, the array and every child go together.
+    table
+        .conn
+        .lock()
+        .unwrap()
+        .execute_batch("UPDATE jobs SET at = at - 172800; UPDATE arrays SET at = at - 172800;")
+        .unwrap();
+    let deleted = table.prune(std::time::Duration::from_secs(86400)).unwrap();
+    assert_eq!(deleted, 3 + 1, "jobs a, b and c, and the array");
+    assert!(table.get("arr").unwrap().is_none());
+    assert!(table.get("c").unwrap().is_none());
+}
+
+/// The first version's tables, with an array of three children in them.
+const OLD_FILE: &str = "
+CREATE TABLE seen (event_id TEXT PRIMARY KEY);
+CREATE TABLE jobs (job_id TEXT PRIMARY KEY, message_id TEXT NOT NULL DEFAULT '',
+    command TEXT NOT NULL DEFAULT '', array_id TEXT, array_index INTEGER, state TEXT NOT NULL,
+    rank INTEGER NOT NULL, attempt INTEGER NOT NULL, progress REAL,
+    progress_of INTEGER NOT NULL DEFAULT 0, outputs TEXT NOT NULL DEFAULT '[]', reason TEXT);
+CREATE TABLE workers (worker_id TEXT PRIMARY KEY, host TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT 'running', at INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX by_array ON jobs (array_id);
+CREATE TABLE arrays (job_id TEXT PRIMARY KEY, command TEXT NOT NULL DEFAULT '',
+    size INTEGER NOT NULL DEFAULT 0, completed INTEGER NOT NULL DEFAULT 0);
+INSERT INTO arrays (job_id, size) VALUES ('arr', 3);
+INSERT INTO jobs (job_id, array_id, array_index, state, rank, attempt) VALUES
+    ('a', 'arr', 0, 'succeeded', 10, 1), ('b', 'arr', 1, 'succeeded', 10, 1),
+    ('c', 'arr', 2, 'running', 1, 1);
+";
+
+#[test]
+fn an_old_file_gains_its_columns_its_arrays_counts_and_the_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("status");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(OLD_FILE)
+        .unwrap();
+    let table = StatusTable::open(&path).unwrap();
+    let Some(Status::Array(array)) = table.get("arr").unwrap() else {
+        panic!("array")
+    };
+    assert_eq!((array.succeeded, array.running), (2, 1));
+    // The counts move on from there.
+    table
+        .apply(&Event::new(
+            EventType::JobSucceeded,
+            Some(JobRef {
+                job_id: "c".into(),
+                attempt: 1,
+                array: Some(ArrayRef {
+                    job_id: "arr".into(),
+                    index: 2,
+                    size: 3,
+                }),
+                ..JobRef::default()
+            }),
+            json!({"outputs": []}),
+        ))
+        .unwrap();
+    let Some(Status::Array(array)) = table.get("arr").unwrap() else {
+        panic!("array")
+    };
+    assert_eq!((array.succeeded, array.running), (3, 0));
+    let conn = table.conn.lock().unwrap();
+    let indexes: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!indexes.contains(&"by_array".to_owned()), "{indexes:?}");
+    for wanted in [
+        "jobs_by_array",
+        "top_by_at",
+        "top_by_state",
+        "jobs_with_thumbnails",
+    ] {
+        assert!(
+            indexes.contains(&wanted.to_owned()),
+            "{wanted} in {indexes:?}"
+        );
+    }
+    drop(conn);
+    // Opening it again changes nothing.
+    let before = table.dump().unwrap();
+    drop(table);
+    assert_eq!(StatusTable::open(&path).unwrap().dump().unwrap(), before);
+}
+
+#[test]
+fn a_stopping_worker_keeps_its_deadline_and_stays_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = StatusTable::open(&dir.path().join("status")).unwrap();
+    let worker = crate::job::event::WorkerIdentity {
+        id: "w".into(),
+        host: "h".into(),
+        instance_id: None,
+    };
+    let mut stopping = Event::new(
+        EventType::WorkerStopping,
+        None,
+        json!({"reason": "signal", "deadline_in_ms": 30_500}),
+    );
+    stopping.worker = Some(worker.clone());
+    stopping.time = "2026-12-07T01:00:00.000Z".into();
+    let mut late = Event::new(EventType::WorkerStarted, None, json!({}));
+    late.worker = Some(worker.clone());
+    table.apply_all(&[stopping, late]).unwrap();
+    table.worker_alive(&worker).unwrap();
+    let (state, gone_at): (String, i64) = table
+        .conn
+        .lock()
+        .unwrap()
+        .query_row("SELECT state, gone_at FROM workers", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339("2026-12-07T01:00:00Z").unwrap();
+    assert_eq!((state.as_str(), gone_at), ("stopping", at.timestamp() + 31));
+}
