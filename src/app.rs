@@ -204,25 +204,30 @@ impl App {
             async move { sweeper.sweep_dead_letters().await }
         });
         let drained = CancellationToken::new();
-        let mut protecting = None;
+        // Both end once the drain is over and are waited for: no protection
+        // call or hook heartbeat may follow the hook's completion.
+        let mut fleet_tasks = Vec::new();
         if let Some(scaling) = &scaling {
             // Until the drain is over, not merely begun: jobs still run.
             let (protector, busy, stop) = (scaling.clone(), worker.clone(), drained.clone());
-            protecting = Some(tokio::spawn(async move {
+            fleet_tasks.push(tokio::spawn(async move {
                 protector.protect_while_busy(busy.running(), stop).await
             }));
             let (hook, shutdown, drained) = (scaling.clone(), shutdown.clone(), drained.clone());
-            tokio::spawn(async move {
-                shutdown.token().cancelled().await;
+            fleet_tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = shutdown.token().cancelled() => {}
+                    _ = drained.cancelled() => return,
+                }
                 if is_termination(&shutdown) {
                     hook.heartbeat_hook(drained).await;
                 }
-            });
+            }));
         }
         worker.run(shutdown.clone()).await;
         drained.cancel();
-        if let Some(protecting) = protecting {
-            let _ = protecting.await;
+        for task in fleet_tasks {
+            let _ = task.await;
         }
         // Events before the hook: once it is completed the instance goes.
         self.flush_events(&shutdown).await;

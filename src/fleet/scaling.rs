@@ -115,17 +115,23 @@ impl Scaling {
         let Some(hook) = &self.config.lifecycle_hook else {
             return;
         };
-        loop {
-            let sent = self
+        while !done.is_cancelled() {
+            let heartbeat = self
                 .client
                 .record_lifecycle_action_heartbeat()
                 .auto_scaling_group_name(&self.config.group)
                 .lifecycle_hook_name(hook)
                 .instance_id(&self.instance_id)
-                .send()
-                .await;
-            if let Err(error) = sent {
-                tracing::warn!(error = %crate::aws::describe(&error), "lifecycle heartbeat failed");
+                .send();
+            // A heartbeat still on its way when the drain ends is dropped:
+            // it could reach the group after the action was completed.
+            tokio::select! {
+                sent = heartbeat => {
+                    if let Err(error) = sent {
+                        tracing::warn!(error = %crate::aws::describe(&error), "lifecycle heartbeat failed");
+                    }
+                }
+                _ = done.cancelled() => return,
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.config.hook_heartbeat) => {}
