@@ -8,11 +8,14 @@ use anyhow::Context;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::JobUser;
 use crate::api::control::Control;
 use crate::api::server;
 use crate::api::submit::Submitter;
 use crate::commands::catalog::Catalog;
-use crate::config::{Config, Invalid, optional_secret};
+use crate::config::{
+    BucketConfig, Config, EventTargetConfig, Invalid, QueueConfig, optional_secret,
+};
 use crate::events::ledger::Ledgers;
 use crate::events::metrics::Metrics;
 use crate::events::observe::Observer;
@@ -142,9 +145,48 @@ impl App {
         )
     }
 
+    /// Takes up `[worker] run_as` before the first job: refuses a user
+    /// this process cannot switch to (an error naming the setting), warns
+    /// once when jobs would run as root, and with a job user keeps the
+    /// worker's state out of its reach (see [`crate::access`]).
+    fn take_up_job_user(&self) -> anyhow::Result<()> {
+        let job_user = self.config.worker.job_user();
+        job_user
+            .check()
+            .map_err(|e| self.config.locate(Invalid::new("worker.run_as", e)))?;
+        if job_user == JobUser::Worker {
+            return Ok(());
+        }
+        let queues = self.config.queues.values().filter_map(|q| match q {
+            QueueConfig::Local(local) => Some(local.path.clone()),
+            QueueConfig::Sqs(_) => None,
+        });
+        let buckets = self.config.buckets.values().filter_map(|b| match b {
+            BucketConfig::Local(local) => Some(local.path.clone()),
+            BucketConfig::S3(_) => None,
+        });
+        let files = self.config.events.targets.values().filter_map(|t| match t {
+            EventTargetConfig::File(file) => Some(file.path.clone()),
+            _ => None,
+        });
+        let status = self.config.events.status.path().map(ToOwned::to_owned);
+        let keep = |path: &std::path::Path| format!("cannot keep {} from jobs", path.display());
+        for dir in queues.chain(buckets) {
+            crate::access::seal_dir(&dir).with_context(|| keep(&dir))?;
+        }
+        for file in files {
+            crate::access::seal_log(&file).with_context(|| keep(&file))?;
+        }
+        if let Some(file) = status {
+            crate::access::seal(&file).with_context(|| keep(&file))?;
+        }
+        Ok(())
+    }
+
     /// Runs the JSON-RPC endpoint and a worker until `shutdown`.
     pub async fn serve(self, shutdown: Shutdown) -> anyhow::Result<()> {
         raise_open_file_limit();
+        self.take_up_job_user()?;
         let router = self.router()?;
         let listen = &self.config.server.listen;
         let (listener, router) = self.bind("server.listen", listen, router).await?;
@@ -169,6 +211,7 @@ impl App {
     /// Runs only the worker until `shutdown`.
     pub async fn work(self, shutdown: Shutdown) -> anyhow::Result<()> {
         raise_open_file_limit();
+        self.take_up_job_user()?;
         self.watch_instance(&shutdown);
         self.serve_metrics(&shutdown).await?;
         self.run_worker(Arc::new(self.worker()), shutdown).await;

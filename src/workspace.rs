@@ -26,6 +26,8 @@ use std::sync::{Mutex, OnceLock};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+use crate::access::{self, JobUser};
+
 /// Prefix of every per-process folder.
 const DIR_PREFIX: &str = "renderq-";
 /// Prefix of a process-group record inside a per-process folder.
@@ -80,21 +82,36 @@ pub struct Workspace {
     dir: PathBuf,
     /// Whether the folder has been made (and handed to the reaper).
     made: AtomicBool,
+    /// Who gets the job folders made here.
+    job_user: JobUser,
 }
 
 impl Workspace {
     /// Touches nothing on disk until a folder is asked for.
     pub fn new(root: &Path) -> Self {
+        Self::for_jobs(root, JobUser::Worker)
+    }
+
+    /// A workspace whose job folders [`Workspace::job_dir`] gives to
+    /// `job_user`.
+    pub fn for_jobs(root: &Path, job_user: JobUser) -> Self {
         Self {
             dir: root.join(Owner::current().dir_name()),
             made: AtomicBool::new(false),
+            job_user,
         }
     }
 
-    /// The per-process folder, made (and watched by the reaper) if needed.
+    pub fn job_user(&self) -> &JobUser {
+        &self.job_user
+    }
+
+    /// The per-process folder, made (and watched by the reaper) if needed;
+    /// a job may pass through it to its own folder but list nothing.
     pub fn dir(&self) -> std::io::Result<&Path> {
         if !self.made.load(Ordering::Acquire) {
             std::fs::create_dir_all(&self.dir)?;
+            access::set_mode(&self.dir, access::PROCESS_DIR)?;
             reap_at_exit(&self.dir);
             let mut own = OWN.lock().expect("own folders lock");
             if !own.contains(&self.dir) {
@@ -113,12 +130,36 @@ impl Workspace {
             .map(|dir| TempFolder(Some(dir)))
     }
 
+    /// A fresh folder for a job's (or an adaptor's) programs, given to the
+    /// job user; removed when the guard is dropped.
+    pub fn job_dir(&self, prefix: &str) -> std::io::Result<TempFolder> {
+        let dir = self.temp_dir(prefix)?;
+        self.give(dir.path())?;
+        Ok(dir)
+    }
+
+    /// Gives a job folder, and the folders made in it since (its inputs'),
+    /// to the job user (see [`access`]).
+    pub fn give(&self, dir: &Path) -> std::io::Result<()> {
+        self.job_user.give(dir)
+    }
+
     /// Records a running process group so that it is killed should this
     /// process die; the record goes when the guard is dropped.
     pub fn record_group(&self, pgid: Pid) -> Option<GroupRecord> {
         let leader = Owner::of(pgid.as_raw())?;
         let path = self.dir().ok()?.join(format!("{GROUP_PREFIX}{pgid}"));
-        match std::fs::write(&path, leader.start.to_string()) {
+        let write = || {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::File::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(access::STATE_FILE)
+                .open(&path)?
+                .write_all(leader.start.to_string().as_bytes())
+        };
+        match write() {
             Ok(()) => Some(GroupRecord(path)),
             Err(error) => {
                 tracing::warn!(%error, path = %path.display(), "cannot record a process group");
