@@ -22,7 +22,7 @@
 //! root says so at start.
 
 use std::ffi::CString;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use nix::unistd::{Gid, Uid, User};
@@ -122,6 +122,49 @@ impl Account {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+impl Account {
+    /// Why this user cannot get to `path`, if it cannot: every folder on
+    /// the way (links resolved) must let it search, and `path` itself
+    /// (a folder to work in, or a program to run) must let it enter or run.
+    pub fn cannot_reach(&self, path: &Path) -> Option<String> {
+        if self.uid.is_root() {
+            return None;
+        }
+        let real = std::fs::canonicalize(path).ok()?;
+        let mut at = std::path::PathBuf::new();
+        for part in real.components() {
+            at.push(part);
+            let meta = std::fs::metadata(&at).ok()?;
+            if !self.may(&meta, 0o1) {
+                return Some(format!(
+                    "{} cannot pass {} (mode {:o}, uid {}, gid {})",
+                    self.spelled,
+                    at.display(),
+                    meta.mode() & 0o7777,
+                    meta.uid(),
+                    meta.gid()
+                ));
+            }
+        }
+        None
+    }
+
+    /// Whether the mode bits `want` (of `rwx` = 0o7) apply to this user:
+    /// the owner's if it owns the file, else its groups', else others'.
+    fn may(&self, meta: &std::fs::Metadata, want: u32) -> bool {
+        let shift = if meta.uid() == self.uid.as_raw() {
+            6
+        } else if meta.gid() == self.gid.as_raw()
+            || self.groups.contains(&Gid::from_raw(meta.gid()))
+        {
+            3
+        } else {
+            0
+        };
+        (meta.mode() >> shift) & want == want
     }
 }
 
@@ -270,6 +313,23 @@ mod tests {
         assert!(err.contains("no user `no-such-renderq-user`"), "{err}");
         let err = Account::resolve("12:x").unwrap_err();
         assert!(err.contains("neither a user name nor numeric"), "{err}");
+    }
+
+    #[test]
+    fn a_folder_closed_to_the_user_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = dir.path().join("work");
+        std::fs::create_dir(&inner).unwrap();
+        let stranger = Account::resolve("54321:54321").unwrap();
+        set_mode(dir.path(), 0o755).unwrap();
+        assert_eq!(stranger.cannot_reach(&inner), None);
+        set_mode(dir.path(), 0o700).unwrap();
+        let why = stranger.cannot_reach(&inner).unwrap();
+        assert!(
+            why.contains("54321:54321 cannot pass") && why.contains("mode 700"),
+            "{why}"
+        );
+        assert_eq!(Account::resolve("root").unwrap().cannot_reach(&inner), None);
     }
 
     #[test]

@@ -154,8 +154,25 @@ impl App {
         job_user
             .check()
             .map_err(|e| self.config.locate(Invalid::new("worker.run_as", e)))?;
-        if job_user == JobUser::Worker {
+        let JobUser::Account(account) = &job_user else {
             return Ok(());
+        };
+        // What the job user must reach, checked now rather than failing
+        // every job later.
+        let work = self.config.worker.work_root();
+        if let Some(why) = account.cannot_reach(&work) {
+            let message = format!("jobs cannot reach work_dir {}: {why}", work.display());
+            return Err(self
+                .config
+                .locate(Invalid::new("worker.run_as", message))
+                .into());
+        }
+        for command in self.catalog.commands() {
+            if let Some(why) = command.program().and_then(|p| account.cannot_reach(p)) {
+                let key = format!("commands.{}.program", command.name);
+                let message = format!("cannot be run as worker.run_as: {why}");
+                return Err(self.config.locate(Invalid::new(key, message)).into());
+            }
         }
         let queues = self.config.queues.values().filter_map(|q| match q {
             QueueConfig::Local(local) => Some(local.path.clone()),

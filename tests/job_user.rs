@@ -185,6 +185,39 @@ async fn run_as_naming_no_user_or_a_worker_that_cannot_switch_stops_the_worker()
     assert!(log.contains("`worker.run_as`"), "{log}");
     assert!(log.contains("no user `no-such-renderq-user`"), "{log}");
 
+    // A work_dir, or a command's program, the job user cannot reach: the
+    // worker says so at start rather than failing every job.
+    let dir = farm.dir.path().to_owned();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let log = refused(farm.spawn_with("worker", &[], &farm.config));
+    assert!(
+        log.contains("`worker.run_as`: jobs cannot reach work_dir"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("{user} cannot pass {}", dir.display())),
+        "{log}"
+    );
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let private = dir.join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let hidden = private.join("python3");
+    std::fs::write(&hidden, format!("#!/bin/sh\nexec {} \"$@\"\n", python())).unwrap();
+    std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let unreachable = farm.config_variant("unreachable", |text| {
+        text.replacen(
+            &format!("program = \"{}\"", python()),
+            &format!("program = \"{}\"", hidden.display()),
+            1,
+        )
+    });
+    let log = refused(farm.spawn_with("worker", &[], &unreachable));
+    assert!(
+        log.contains("`commands.list_inputs.program`: cannot be run as worker.run_as"),
+        "{log}"
+    );
+
     // The worker itself unprivileged, asked to run jobs as a user.
     let status = std::process::Command::new("chown")
         .args(["-R", &format!("{user}:{user}")])

@@ -249,6 +249,15 @@ pub struct Command {
 }
 
 impl Command {
+    /// The program an external command runs (none for a built-in).
+    pub fn program(&self) -> Option<&Path> {
+        match &self.kind {
+            CommandKind::Builtin(_) => None,
+            CommandKind::Process(process) => Some(&process.program),
+            CommandKind::Adaptor(adaptor) => Some(&adaptor.program),
+        }
+    }
+
     pub fn builtin(builtin: Builtin) -> Self {
         Self {
             name: builtin.name().to_owned(),
