@@ -17,7 +17,7 @@ async fn farm(user: &str) -> Farm {
     let farm = Farm::new(
         Backend::Local,
         Settings {
-            extra_allowed: vec!["list_inputs", "attack_inputs", "probe_reach"],
+            extra_allowed: vec!["list_inputs", "attack_inputs", "probe_reach", "slow"],
             worker_toml: format!("run_as = \"{user}\"\n"),
             extra_toml: format!(
                 r#"{AUDIT_AND_ASSETS}
@@ -37,10 +37,18 @@ program = "{python}"
 args = ["{probe}", "{{targets}}"]
 [commands.probe_reach.parameters]
 targets = {{ type = "string", required = true }}
+
+[commands.slow]
+kind = "adaptor"
+program = "{python}"
+args = ["{adaptor}", "{{config_dir}}/adaptor-starts", "{{config_dir}}/adaptor-cancels"]
+[commands.slow.parameters]
+seconds = {{ type = "number", min = 0, default = 0 }}
 "#,
                 list = repo_path("tests/fixtures/list_inputs.py"),
                 attack = repo_path("tests/fixtures/attack_inputs.py"),
                 probe = repo_path("tests/fixtures/probe_reach.py"),
+                adaptor = repo_path("tests/fixtures/cancellable_adaptor.py"),
                 python = python(),
             ),
             ..Settings::default()
@@ -49,6 +57,12 @@ targets = {{ type = "string", required = true }}
     .await;
     for dir in [farm.dir.path().to_owned(), farm.work_dir()] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // Where the adaptor (running as the job user) records its starts.
+    for name in ["adaptor-starts", "adaptor-cancels"] {
+        let path = farm.dir.path().join(name);
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).unwrap();
     }
     farm
 }
@@ -71,14 +85,20 @@ fn id(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_job_user_reaches_its_own_folder_and_nothing_of_the_workers() {
-    let Some(user) = crate::harness::unprivileged_user() else {
-        return;
-    };
+/// What a worker that is not root needs to run jobs as another user, as
+/// the systemd unit's `AmbientCapabilities` gives them.
+const WORKER_CAPS: &str = "+chown,+dac_override,+kill,+setgid,+setuid";
+
+/// Runs a job as `user` that tries to reach the worker's state and reports;
+/// the worker runs as root, or (`worker`) as that user holding
+/// [`WORKER_CAPS`] only.
+async fn a_job_reaches_its_own_folder_and_nothing_of_the_workers(user: &str, worker: Option<&str>) {
     let farm = farm(user).await;
     put_asset(&farm, "shots/010/scene.txt", b"the scene");
-    let serve = farm.serve(&[]).await;
+    let serve = match worker {
+        None => farm.serve(&[]).await,
+        Some(worker) => farm.serve_holding(worker, WORKER_CAPS).await,
+    };
     let inputs = json!([{"bucket": "assets", "key": "shots/010/scene.txt", "path": "scene.txt"}]);
     // A first job fills the cache.
     let first = farm
@@ -143,6 +163,75 @@ async fn a_job_user_reaches_its_own_folder_and_nothing_of_the_workers() {
         "{log}"
     );
     assert!(!log.contains("jobs run as root"), "{log}");
+    for caps in ["CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(report[caps], "0000000000000000", "{caps}: {report:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_user_reaches_its_own_folder_and_nothing_of_the_workers() {
+    let Some(user) = crate::harness::unprivileged_user() else {
+        return;
+    };
+    a_job_reaches_its_own_folder_and_nothing_of_the_workers(user, None).await;
+}
+
+/// As the Dockerfile and the systemd unit run it: a worker that is not
+/// root, holding only the capabilities switching takes; its jobs (as
+/// `nobody`) hold none of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_is_not_root_runs_jobs_as_their_user_with_its_capabilities_alone() {
+    let Some(worker) = crate::harness::unprivileged_user() else {
+        return;
+    };
+    a_job_reaches_its_own_folder_and_nothing_of_the_workers("nobody", Some(worker)).await;
+}
+
+/// A line of `/proc/PID/status`, after its name.
+fn proc_status(pid: &str, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line[field.len()..].trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adaptor_runs_as_the_job_user_with_its_groups_and_no_capability() {
+    let Some(user) = crate::harness::unprivileged_user() else {
+        return;
+    };
+    let farm = farm(user).await;
+    let _serve = farm.serve(&[]).await;
+    let job = farm
+        .submit(json!({"command": "slow", "parameters": {"seconds": 0}}))
+        .await;
+    let end = ended(&farm, &job).await;
+    assert_eq!(end["type"], "JobSucceeded", "{end}");
+    // Kept running for the next job: its credentials can be read.
+    let starts = std::fs::read_to_string(farm.dir.path().join("adaptor-starts")).unwrap();
+    let pid = starts
+        .lines()
+        .last()
+        .expect("the adaptor recorded its start");
+    let uid = id(&["-u", user]);
+    assert_eq!(proc_status(pid, "Uid:"), [uid.as_str(); 4].join("\t"));
+    let gid = id(&["-g", user]);
+    assert_eq!(proc_status(pid, "Gid:"), [gid.as_str(); 4].join("\t"));
+    let sorted = |text: String| {
+        let mut list: Vec<u32> = text
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        list.sort();
+        list.dedup();
+        list
+    };
+    assert_eq!(
+        sorted(proc_status(pid, "Groups:")),
+        sorted(id(&["-G", user]))
+    );
+    for caps in ["CapPrm:", "CapEff:", "CapAmb:"] {
+        assert_eq!(proc_status(pid, caps), "0000000000000000", "{caps}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
