@@ -13,8 +13,14 @@
 //! | a job's folder (and the folders inputs are staged in) | job user | 0700 |
 //! | inputs placed in a job's folder | worker | 0444 (hard links to blobs, or copies) |
 //! | the input cache (blobs, index, locks, downloads) | worker | 0700 |
-//! | an embedded queue's folder (queue, ledger, status table) | worker | 0700 |
+//! | an embedded queue's folder (queue, ledger, status table), a local bucket's | worker | 0700 |
 //! | a status table elsewhere, an events file | worker | 0600 |
+//!
+//! The worker takes this up at start ([`crate::app`]): it refuses a user it
+//! cannot switch to, or one that cannot reach `work_dir` or a command's
+//! program, and seals its state. Jobs running at the same time share the
+//! job user, so they are not kept from each other's processes (nor, through
+//! `/proc/PID/cwd`, folders); they cannot find them by listing.
 //!
 //! Without `run_as` jobs run as the worker's own user, and modes keep
 //! nothing from them: the cache then never shares an inode with a job (see
