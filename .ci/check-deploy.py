@@ -45,6 +45,13 @@ need(len(froms) >= 2, "a multi-stage Dockerfile")
 users = [l for l in dockerfile if l.startswith("USER ")]
 need(users and users[-1].split()[1] not in ("root", "0"), "the image runs as a non-root user")
 need(any("strip" in l for l in dockerfile), "a stripped binary")
+# Jobs run as their own user ([worker] run_as), which the image makes and
+# which the binary's file capabilities let the non-root worker switch to.
+need(any("useradd" in l and "renderq-job" in l for l in dockerfile), "the image makes the job user renderq-job")
+need(any(l.startswith("RUN setcap") and "cap_setuid" in l for l in dockerfile), "the binary may switch to the job user")
+configmaps = [o for o in yaml.safe_load_all((root / "deploy/kubernetes/worker.yaml").read_text())
+              if o and o.get("kind") == "ConfigMap"]
+need(all('run_as = "renderq-job"' in c["data"]["workers.toml"] for c in configmaps), "the pods run jobs as renderq-job")
 
 if errors:
     sys.exit("deploy/ checks failed:\n  " + "\n  ".join(errors))

@@ -27,6 +27,7 @@ use crate::tasks::{HttpPoster, TaskRunner};
 use crate::worker::Worker;
 use web::raise_open_file_limit;
 
+mod job_user;
 mod web;
 
 /// Everything a renderq process runs on, built once at start-up.
@@ -145,6 +146,7 @@ impl App {
     /// Runs the JSON-RPC endpoint and a worker until `shutdown`.
     pub async fn serve(self, shutdown: Shutdown) -> anyhow::Result<()> {
         raise_open_file_limit();
+        self.take_up_job_user()?;
         let router = self.router()?;
         let listen = &self.config.server.listen;
         let (listener, router) = self.bind("server.listen", listen, router).await?;
@@ -169,6 +171,7 @@ impl App {
     /// Runs only the worker until `shutdown`.
     pub async fn work(self, shutdown: Shutdown) -> anyhow::Result<()> {
         raise_open_file_limit();
+        self.take_up_job_user()?;
         self.watch_instance(&shutdown);
         self.serve_metrics(&shutdown).await?;
         self.run_worker(Arc::new(self.worker()), shutdown).await;

@@ -9,7 +9,9 @@
 //! The folders, from the bottom up: each imports only from the ones above
 //! it in this list (and the plumbing at the top of `src/`).
 //!
-//! - Plumbing, at the top of `src/`: [`aws`] (shared SDK set-up),
+//! - Plumbing, at the top of `src/`: [`access`] (who runs what and who
+//!   owns which file: the job user of `[worker] run_as`, the modes of the
+//!   worker's state), [`aws`] (shared SDK set-up),
 //!   [`retry`] (the one back-off policy: job retries, queue outages,
 //!   postbacks, array sends), [`sqlite`] (how the queue, ledger and status
 //!   files are opened; SQLite work on an async thread that gives up on a
@@ -32,8 +34,9 @@
 //!   (streaming multipart uploads, aborted on failure; ranged concurrent
 //!   downloads for inputs); and the worker's input cache
 //!   ([`storage::cache`]): a SQLite index beside content-addressed files,
-//!   one folder per bucket identity, placed in job folders as clones or
-//!   copies, evicted least recently used first.
+//!   one folder per bucket identity, placed in job folders as read-only
+//!   links (jobs run as a job user), clones or copies, evicted least
+//!   recently used first.
 //! - [`tasks`]: post-tasks `s3_upload` and `http_post`.
 //! - [`commands`]: built-ins (including the `render_demo` ray tracer),
 //!   `process` programs run per job in their own process group, and
@@ -155,11 +158,20 @@
 //! - No secret is read from `workers.toml` or written to a log.
 //! - A job's inputs cannot reach outside its folder (paths and keys are
 //!   checked at submit and again on receive), and nothing a job does to its
-//!   own inputs changes what a later job receives: a job gets a reflink or
-//!   plain copy of a cached blob, never the blob's inode, and no blob is
-//!   visible before its hash and size were checked. (A job running as the
-//!   cache's owner can still reach the cache's folder itself; keeping it
-//!   out needs a job user.)
+//!   own inputs changes what a later job receives: running as a job user it
+//!   gets read-only hard links to blobs the worker owns (mode 0444, so it
+//!   cannot write, `chmod` or `utime` them), running as the worker's user a
+//!   reflink or plain copy, never the blob's inode; and no blob is visible
+//!   before its hash and size were checked. (A job running as the cache's
+//!   owner can still reach the cache's folder itself; a job user cannot.)
+//! - Who owns what is decided in [`access`], once: with `run_as` a job's
+//!   programs run as that user with its own groups and none of the
+//!   worker's, and hold no capability; its folder is its own (0700); the
+//!   worker's state is the worker's and out of its reach by mode (the
+//!   cache, embedded queues' folders and local buckets 0700, the status
+//!   table and events files 0600, the worker's folder under `work_dir`
+//!   0711 so a job reaches its own folder but lists no other, process
+//!   records 0600). A worker that cannot switch to the user does not start.
 //! - A cached blob is served only to jobs reading a bucket of the same
 //!   identity (endpoint, region, bucket name; a folder's path), never by
 //!   the bucket's name in `workers.toml`, and only for the key the job
@@ -174,6 +186,7 @@
 //!   a POST carrying the CSRF token of its cookie (and, with a token
 //!   configured, the sign-in cookie).
 
+pub mod access;
 pub mod api;
 pub mod app;
 pub mod aws;

@@ -26,6 +26,8 @@ use std::sync::{Mutex, OnceLock};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+use crate::access::{self, JobUser};
+
 /// Prefix of every per-process folder.
 const DIR_PREFIX: &str = "renderq-";
 /// Prefix of a process-group record inside a per-process folder.
@@ -80,21 +82,36 @@ pub struct Workspace {
     dir: PathBuf,
     /// Whether the folder has been made (and handed to the reaper).
     made: AtomicBool,
+    /// Who gets the job folders made here.
+    job_user: JobUser,
 }
 
 impl Workspace {
     /// Touches nothing on disk until a folder is asked for.
     pub fn new(root: &Path) -> Self {
+        Self::for_jobs(root, JobUser::Worker)
+    }
+
+    /// A workspace whose job folders [`Workspace::job_dir`] gives to
+    /// `job_user`.
+    pub fn for_jobs(root: &Path, job_user: JobUser) -> Self {
         Self {
             dir: root.join(Owner::current().dir_name()),
             made: AtomicBool::new(false),
+            job_user,
         }
     }
 
-    /// The per-process folder, made (and watched by the reaper) if needed.
+    pub fn job_user(&self) -> &JobUser {
+        &self.job_user
+    }
+
+    /// The per-process folder, made (and watched by the reaper) if needed;
+    /// a job may pass through it to its own folder but list nothing.
     pub fn dir(&self) -> std::io::Result<&Path> {
         if !self.made.load(Ordering::Acquire) {
             std::fs::create_dir_all(&self.dir)?;
+            access::set_mode(&self.dir, access::PROCESS_DIR)?;
             reap_at_exit(&self.dir);
             let mut own = OWN.lock().expect("own folders lock");
             if !own.contains(&self.dir) {
@@ -113,12 +130,36 @@ impl Workspace {
             .map(|dir| TempFolder(Some(dir)))
     }
 
+    /// A fresh folder for a job's (or an adaptor's) programs, given to the
+    /// job user; removed when the guard is dropped.
+    pub fn job_dir(&self, prefix: &str) -> std::io::Result<TempFolder> {
+        let dir = self.temp_dir(prefix)?;
+        self.give(dir.path())?;
+        Ok(dir)
+    }
+
+    /// Gives a job folder, and the folders made in it since (its inputs'),
+    /// to the job user (see [`access`]).
+    pub fn give(&self, dir: &Path) -> std::io::Result<()> {
+        self.job_user.give(dir)
+    }
+
     /// Records a running process group so that it is killed should this
     /// process die; the record goes when the guard is dropped.
     pub fn record_group(&self, pgid: Pid) -> Option<GroupRecord> {
         let leader = Owner::of(pgid.as_raw())?;
         let path = self.dir().ok()?.join(format!("{GROUP_PREFIX}{pgid}"));
-        match std::fs::write(&path, leader.start.to_string()) {
+        let write = || {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::File::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(access::STATE_FILE)
+                .open(&path)?
+                .write_all(leader.start.to_string().as_bytes())
+        };
+        match write() {
             Ok(()) => Some(GroupRecord(path)),
             Err(error) => {
                 tracing::warn!(%error, path = %path.display(), "cannot record a process group");
@@ -320,95 +361,4 @@ impl Drop for TempFolder {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_folder_dropped_on_an_async_thread_goes_on_a_blocking_one() {
-        let root = tempfile::tempdir().unwrap();
-        let folder = Workspace::new(root.path()).temp_dir("job-").unwrap();
-        let path = folder.path().to_owned();
-        std::fs::write(path.join("frame.exr"), b"pixels").unwrap();
-        drop(folder);
-        for _ in 0..100 {
-            if !path.exists() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert!(!path.exists());
-        // With no runtime, at once.
-        let folder = Workspace::new(root.path()).temp_dir("job-").unwrap();
-        let path = folder.path().to_owned();
-        std::thread::spawn(move || drop(folder)).join().unwrap();
-        assert!(!path.exists());
-    }
-
-    #[test]
-    fn owner_names_round_trip_and_tell_the_living() {
-        let me = Owner::current();
-        assert!(me.start > 0);
-        assert!(me.is_running());
-        assert_eq!(Owner::from_dir_name(&me.dir_name()), Some(me));
-        let ghost = Owner {
-            pid: me.pid,
-            start: me.start + 1,
-        };
-        assert!(!ghost.is_running());
-        assert_eq!(Owner::from_dir_name("renderq-job-x1"), None);
-    }
-
-    #[test]
-    fn sweep_removes_only_folders_of_dead_owners() {
-        let root = tempfile::tempdir().unwrap();
-        let mine = Workspace::new(root.path());
-        let job = mine.temp_dir("renderq-job-").unwrap();
-        let dead = root.path().join("renderq-1-1");
-        std::fs::create_dir_all(dead.join("renderq-job-abc")).unwrap();
-        std::fs::create_dir_all(root.path().join("unrelated")).unwrap();
-
-        let swept = sweep(root.path());
-        assert_eq!(swept.folders, 1);
-        assert!(!dead.exists());
-        assert!(job.path().exists());
-        assert!(root.path().join("unrelated").exists());
-    }
-
-    #[test]
-    fn sweep_kills_recorded_groups_of_dead_owners() {
-        use std::os::unix::process::{CommandExt, ExitStatusExt};
-        let root = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let pgid = Pid::from_raw(child.id() as i32);
-        let leader = Owner::of(pgid.as_raw()).unwrap();
-        let dead = root.path().join("renderq-1-1");
-        std::fs::create_dir_all(&dead).unwrap();
-        std::fs::write(dead.join(format!("group-{pgid}")), leader.start.to_string()).unwrap();
-
-        assert_eq!(
-            sweep(root.path()),
-            Swept {
-                folders: 1,
-                groups: 1
-            }
-        );
-        let status = child.wait().unwrap();
-        assert_eq!(status.signal(), Some(9));
-    }
-
-    #[test]
-    fn a_group_record_goes_with_its_guard() {
-        let root = tempfile::tempdir().unwrap();
-        let space = Workspace::new(root.path());
-        let me = Pid::from_raw(std::process::id() as i32);
-        let record = space.record_group(me).unwrap();
-        let path = record.0.clone();
-        assert!(path.exists());
-        drop(record);
-        assert!(!path.exists());
-    }
-}
+mod tests;

@@ -167,6 +167,11 @@ async fn the_installed_workers_toml_checks_out_against_moto() {
         squash(&installed),
         "deploy/workers.toml matches what the stack installs"
     );
+    assert!(
+        installed.contains("run_as = \"renderq-job\"")
+            && template().to_string().contains("useradd --system --user-group --no-create-home --shell /usr/sbin/nologin renderq-job"),
+        "the stack makes a job user and runs jobs as it"
+    );
 
     let moto = Moto::shared();
     let endpoint = moto.endpoint();
@@ -191,6 +196,9 @@ async fn the_installed_workers_toml_checks_out_against_moto() {
         .replace("${EventQueue}", &events)
         .replace("${AWS::Region}", "us-east-1")
         .replace("/var/lib/renderq/work", &work.display().to_string())
+        // The user the stack's user data makes; this machine need not have
+        // it, and `uid:gid` resolves without the user database.
+        .replace("run_as = \"renderq-job\"", "run_as = \"65534:65534\"")
         .replace(
             "region = \"us-east-1\"",
             &format!("region = \"us-east-1\"\nendpoint_url = \"{endpoint}\""),

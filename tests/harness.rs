@@ -626,6 +626,20 @@ timeout = "5s"
         env: &[(&str, &str)],
         config: &std::path::Path,
     ) -> Proc {
+        self.spawn_holding(user, None, subcommand, env, config)
+    }
+
+    /// [`Farm::spawn_as`], the user also holding `caps` (`setpriv`'s
+    /// spelling, `+setuid,+kill`) as ambient capabilities, as systemd's
+    /// `AmbientCapabilities` gives them.
+    fn spawn_holding(
+        &self,
+        user: Option<&str>,
+        caps: Option<&str>,
+        subcommand: &str,
+        env: &[(&str, &str)],
+        config: &std::path::Path,
+    ) -> Proc {
         let log = self
             .dir
             .path()
@@ -634,8 +648,12 @@ timeout = "5s"
             None => Command::new(BIN),
             Some(user) => {
                 let mut command = Command::new("setpriv");
+                command.args(["--reuid", user, "--regid", user, "--init-groups"]);
+                if let Some(caps) = caps {
+                    command.args(["--inh-caps", caps, "--ambient-caps", caps]);
+                }
                 command
-                    .args(["--reuid", user, "--regid", user, "--init-groups", "--"])
+                    .arg("--")
                     .arg(BIN)
                     // Programs the user can reach (root's own may be in
                     // folders it cannot enter).
@@ -667,14 +685,27 @@ timeout = "5s"
         self.healthy(self.spawn_with("serve", env, config)).await
     }
 
-    /// `serve` as `user`, who is given the farm's folder first.
-    pub async fn serve_as(&self, user: &str) -> Proc {
+    /// `serve` as `user` holding `caps` as ambient capabilities (see
+    /// [`Farm::spawn_holding`]), who is given the farm's folder first.
+    pub async fn serve_holding(&self, user: &str, caps: &str) -> Proc {
+        self.give_to(user);
+        self.healthy(self.spawn_holding(Some(user), Some(caps), "serve", &[], &self.config))
+            .await
+    }
+
+    /// Gives the farm's folder to `user`.
+    pub fn give_to(&self, user: &str) {
         let status = Command::new("chown")
             .args(["-R", &format!("{user}:{user}")])
             .arg(self.dir.path())
             .status()
             .expect("chown");
         assert!(status.success(), "chown the farm to {user}");
+    }
+
+    /// `serve` as `user`, who is given the farm's folder first.
+    pub async fn serve_as(&self, user: &str) -> Proc {
+        self.give_to(user);
         self.healthy(self.spawn_as(Some(user), "serve", &[], &self.config))
             .await
     }

@@ -40,6 +40,7 @@ mod fleet;
 mod http_api;
 mod inputs;
 mod job_control;
+mod job_user;
 mod ledger;
 mod limits;
 mod monitor;

@@ -16,8 +16,15 @@ fn sha256(bytes: &[u8]) -> String {
 /// Issue 25's attack: a job writes as many bytes as each of its inputs has
 /// (making it writable first), puts mode and mtime back; the next job gets
 /// the admitted bytes, from the cache, and the cache holds only them.
-/// Returns how the worker said it places inputs.
-async fn rewritten_inputs_do_not_reach_the_next_job(farm: &Farm, user: Option<&str>) -> String {
+/// `user`: the worker's own user (root when `None`). A job running as the
+/// worker's user gets files it may rewrite (copies); one running as a job
+/// user (`job_user`) is refused every write. Returns how the worker said
+/// it places inputs.
+pub(crate) async fn rewritten_inputs_do_not_reach_the_next_job(
+    farm: &Farm,
+    user: Option<&str>,
+    job_user: bool,
+) -> String {
     let scene = b"the admitted scene".to_vec();
     let texture = b"pixels".repeat(1000);
     let notes = b"notes".to_vec();
@@ -47,15 +54,17 @@ async fn rewritten_inputs_do_not_reach_the_next_job(farm: &Farm, user: Option<&s
             json!({"command": "attack_inputs", "inputs": inputs, "tasks": [upload("attack.json")]}),
         )
         .await;
-    assert_eq!(ended(farm, &attack).await["type"], "JobSucceeded");
+    let end = ended(farm, &attack).await;
+    assert_eq!(end["type"], "JobSucceeded", "{end}");
     let (report, _) = farm.object("attack.json").await.unwrap();
     let report: Value = serde_json::from_slice(&report).unwrap();
     println!("the attack: {report}");
     for path in ["scene.txt", "shot010/tex/wood.png", "shot010/notes.txt"] {
-        assert_eq!(
-            report[path], "rewritten, size, mtime and mode restored",
-            "{report}"
-        );
+        let done = report[path].as_str().unwrap_or_default();
+        match job_user {
+            false => assert_eq!(done, "rewritten, size, mtime and mode restored", "{report}"),
+            true => assert!(done.starts_with("refused: "), "{report}"),
+        }
     }
 
     let next = farm
@@ -101,7 +110,7 @@ async fn rewritten_inputs_do_not_reach_the_next_job(farm: &Farm, user: Option<&s
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_that_rewrites_its_inputs_and_restores_mtime_and_mode_changes_no_later_job() {
-    rewritten_inputs_do_not_reach_the_next_job(&farm().await, None).await;
+    rewritten_inputs_do_not_reach_the_next_job(&farm().await, None, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -109,7 +118,7 @@ async fn a_job_that_rewrites_its_inputs_changes_no_later_job_of_an_unprivileged_
     let Some(user) = crate::harness::unprivileged_user() else {
         return;
     };
-    rewritten_inputs_do_not_reach_the_next_job(&farm().await, Some(user)).await;
+    rewritten_inputs_do_not_reach_the_next_job(&farm().await, Some(user), false).await;
 }
 
 /// A file system mounted from an image for one test, unmounted when dropped.
@@ -171,7 +180,7 @@ async fn on_xfs_inputs_are_reflink_copies_that_no_job_can_write_back() {
     let Some(_xfs) = Mounted::xfs(&farm.dir.path().join("xfs.img"), &farm.work_dir()) else {
         return;
     };
-    let placement = rewritten_inputs_do_not_reach_the_next_job(&farm, None).await;
+    let placement = rewritten_inputs_do_not_reach_the_next_job(&farm, None, false).await;
     assert!(placement.contains("reflink copies"), "{placement}");
 }
 

@@ -23,6 +23,7 @@ pub use adaptor::AdaptorCommand;
 pub use builtin::Builtin;
 pub use process::ProcessCommand;
 
+use crate::access::JobUser;
 use crate::config::{CommandConfig, Config, Invalid};
 use crate::job::Output;
 use crate::job::params::Schema;
@@ -39,15 +40,21 @@ fn workdir(
         return Ok(dir.clone());
     }
     workspace
-        .temp_dir("renderq-job-")
+        .job_dir("renderq-job-")
         .map(Arc::new)
         .map_err(|e| CommandError::Failed(format!("cannot make a working folder: {e}")))
 }
 
 /// An external program, ready to spawn: a clean environment with only the
 /// allowed variables, its own process group, and SIGKILL as its
-/// parent-death signal, so it cannot outlive a worker that is `kill -9`ed.
-fn program(path: &Path, env: &[String], gpu: Option<u32>) -> tokio::process::Command {
+/// parent-death signal, so it cannot outlive a worker that is `kill -9`ed;
+/// run as the job user (see [`crate::access`]).
+fn program(
+    path: &Path,
+    env: &[String],
+    gpu: Option<u32>,
+    user: &JobUser,
+) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(path);
     command
         .env_clear()
@@ -60,10 +67,19 @@ fn program(path: &Path, env: &[String], gpu: Option<u32>) -> tokio::process::Com
             .env("NVIDIA_VISIBLE_DEVICES", gpu.to_string());
     }
     let parent = nix::unistd::getpid();
-    // SAFETY: prctl and getppid are async-signal-safe, and nothing else
-    // runs between fork and exec.
+    let account = match user {
+        JobUser::Account(account) => Some(account.clone()),
+        JobUser::Worker => None,
+    };
+    // SAFETY: setgroups, setgid, setuid, prctl and getppid are
+    // async-signal-safe, the account was copied before the fork, and
+    // nothing else runs between fork and exec.
     unsafe {
         command.pre_exec(move || {
+            // First: changing user clears the parent-death signal.
+            if let Some(account) = &account {
+                account.become_in_child()?;
+            }
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
             // The parent may have died before the signal was armed.
             if nix::unistd::getppid() != parent {
@@ -233,6 +249,15 @@ pub struct Command {
 }
 
 impl Command {
+    /// The program an external command runs (none for a built-in).
+    pub fn program(&self) -> Option<&Path> {
+        match &self.kind {
+            CommandKind::Builtin(_) => None,
+            CommandKind::Process(process) => Some(&process.program),
+            CommandKind::Adaptor(adaptor) => Some(&adaptor.program),
+        }
+    }
+
     pub fn builtin(builtin: Builtin) -> Self {
         Self {
             name: builtin.name().to_owned(),
@@ -282,7 +307,10 @@ impl Command {
             .enumerate()
             .map(|(i, a)| parse(a, key(&format!("args[{i}]")), adaptor))
             .collect::<Result<Vec<_>, _>>()?;
-        let workspace = Arc::new(Workspace::new(&root.worker.work_root()));
+        let workspace = Arc::new(Workspace::for_jobs(
+            &root.worker.work_root(),
+            root.worker.job_user(),
+        ));
 
         let kind = match config {
             CommandConfig::Process(c) => CommandKind::Process(Arc::new(ProcessCommand {

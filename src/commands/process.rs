@@ -135,7 +135,7 @@ impl ProcessCommand {
         let argv: Vec<String> = self.args.iter().map(|a| a.render(&vars)).collect();
         tracing::debug!(program = %self.program.display(), ?argv, "starting process");
 
-        let mut child = program(&self.program, &self.env, ctx.gpu)
+        let mut child = program(&self.program, &self.env, ctx.gpu, self.workspace.job_user())
             .args(&argv)
             .current_dir(workdir.path())
             .env("RENDERQ_WORKDIR", workdir.path())

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access::{Account, JobUser};
+
 /// `[worker]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -68,6 +70,26 @@ pub struct WorkerConfig {
     pub autoscaling: Option<ScalingConfig>,
     /// Where jobs' inputs are kept between jobs.
     pub cache: CacheConfig,
+    /// The user jobs' programs (process commands, adaptors) run as: a user
+    /// name (with its own groups) or `uid:gid`. The worker must be root (or
+    /// hold `CAP_SETUID`, `CAP_SETGID`, `CAP_CHOWN`, `CAP_DAC_OVERRIDE` and
+    /// `CAP_KILL`); its own state is then out of the jobs' reach. Default:
+    /// the worker's own user.
+    pub run_as: Option<RunAs>,
+}
+
+/// `[worker] run_as`, resolved to a user when the config is loaded, so a
+/// name that no user has is an error of the file, at its line.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RunAs(pub Account);
+
+impl TryFrom<String> for RunAs {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        Account::resolve(&text).map(RunAs)
+    }
 }
 
 /// `[worker.cache]`
@@ -140,6 +162,14 @@ impl WorkerConfig {
         self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
     }
 
+    /// Who runs jobs' programs.
+    pub fn job_user(&self) -> JobUser {
+        match &self.run_as {
+            Some(RunAs(account)) => JobUser::Account(account.clone()),
+            None => JobUser::Worker,
+        }
+    }
+
     /// The input cache's folder.
     pub fn cache_root(&self) -> PathBuf {
         self.cache
@@ -169,6 +199,7 @@ impl Default for WorkerConfig {
             gpus: GpusConfig::default(),
             autoscaling: None,
             cache: CacheConfig::default(),
+            run_as: None,
         }
     }
 }

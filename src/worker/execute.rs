@@ -50,12 +50,13 @@ impl Worker {
             .cache
             .get_or_try_init(|| async {
                 let (root, max_size) = (self.config.cache_root(), self.config.cache.max_size);
+                let job_user = self.config.job_user();
                 let jobs = self
                     .workspace
                     .dir()
                     .map_err(|e| CacheError::Retryable(format!("work folder: {e}")))?
                     .to_owned();
-                tokio::task::spawn_blocking(move || Cache::open(&root, max_size, &jobs))
+                tokio::task::spawn_blocking(move || Cache::open(&root, max_size, &jobs, &job_user))
                     .await
                     .map_err(|e| CacheError::Retryable(e.to_string()))?
             })
@@ -72,6 +73,12 @@ impl Worker {
             max_manifest_files: self.config.cache.max_manifest_files,
         };
         let staged = stager.stage(&envelope.inputs, dir.path(), abort).await?;
+        // Given once its inputs' folders are all made.
+        self.workspace.give(dir.path()).map_err(|e| {
+            JobError::Retryable(format!(
+                "cannot give the working folder to the job user: {e}"
+            ))
+        })?;
         self.observer.metrics().staged(&staged, cache.size());
         Ok((Some(Arc::new(dir)), Some(staged)))
     }

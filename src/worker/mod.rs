@@ -169,7 +169,8 @@ impl Worker {
         observer: Observer,
         gpus: Vec<u32>,
     ) -> Self {
-        let workspace = crate::workspace::Workspace::new(&config.work_root());
+        let workspace =
+            crate::workspace::Workspace::for_jobs(&config.work_root(), config.job_user());
         let heartbeat = config.visibility_timeout / 3;
         let sources: Vec<Source> = queues
             .into_iter()

@@ -82,9 +82,9 @@ impl AdaptorCommand {
         };
         let home = self
             .workspace
-            .temp_dir("renderq-adaptor-")
+            .job_dir("renderq-adaptor-")
             .map_err(|e| failed("cannot make a working folder", &e))?;
-        let child = program(&self.program, &self.env, gpu)
+        let child = program(&self.program, &self.env, gpu, self.workspace.job_user())
             .args(&self.args)
             .current_dir(home.path())
             .stdin(Stdio::piped())

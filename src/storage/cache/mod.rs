@@ -17,8 +17,11 @@
 //! is downloaded once, and nobody sees it half-written (downloads go to
 //! `tmp/` and are renamed into place after their hash was checked).
 //!
-//! A job never gets a blob's own inode ([`placement`]): it gets a clone or
-//! a copy, so nothing it does to its files reaches the cache. Before each
+//! A job never gets a blob it could write ([`placement`]): running as its
+//! own user it gets a hard link to a blob the worker owns, read-only;
+//! running as the worker's user, a clone or a copy. Either way nothing it
+//! does to its files reaches the cache, and the cache's folder is the
+//! worker's alone (0700). Before each
 //! use a blob's size and modification time are still compared with the
 //! index (a blob changed behind the cache's back is fetched again), and a
 //! size that differs from the one a job claims fails that job only.
@@ -29,7 +32,7 @@ mod index;
 pub mod placement;
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -39,6 +42,7 @@ use sha2::Digest;
 
 use self::index::{Index, LAYOUT, Row};
 use self::placement::Placement;
+use crate::access::{self, JobUser};
 use crate::workspace::Workspace;
 
 /// Why an input could not be placed.
@@ -142,21 +146,33 @@ impl Cache {
     /// Opens (or makes) the cache in `root`, after removing downloads that
     /// processes which died left behind, and decides how blobs are placed
     /// in job folders made under `jobs`.
-    pub fn open(root: &Path, max_size: u64, jobs: &Path) -> Result<Self, CacheError> {
+    pub fn open(
+        root: &Path,
+        max_size: u64,
+        jobs: &Path,
+        job_user: &JobUser,
+    ) -> Result<Self, CacheError> {
         for dir in ["blobs", "locks", "tmp"] {
             std::fs::create_dir_all(root.join(dir)).map_err(retryable("cache folder"))?;
         }
+        // The worker's alone: a job reaches its inputs through links in
+        // its own folder, never through this one.
+        access::seal(root).map_err(retryable("cache folder"))?;
         crate::workspace::sweep(&root.join("tmp"));
         let index = Index::open(&root.join("index.sqlite3"))?;
         let tmp = Workspace::new(&root.join("tmp"));
-        let placement =
-            Placement::probe(tmp.dir().map_err(retryable("cache download folder"))?, jobs);
+        let placement = Placement::probe(
+            tmp.dir().map_err(retryable("cache download folder"))?,
+            jobs,
+            job_user,
+        );
         tracing::info!(
             cache = %root.display(),
             jobs = %jobs.display(),
             placement = placement.as_str(),
             "input cache: inputs reach job folders as {}",
             match placement {
+                Placement::Link { .. } => "read-only hard links to the cache's own files (jobs run as another user)",
                 Placement::Reflink => "reflink copies (copy-on-write clones)",
                 Placement::Copy => "plain copies (the file system cannot clone between these folders)",
             }
@@ -250,8 +266,8 @@ impl Cache {
                 )));
             }
             let cache = self.clone();
-            let (name, path_) = (blob.name.clone(), path.clone());
-            blocking(move || cache.admit(&name, &tmp, &path_)).await?;
+            let (name, path_, mtime) = (blob.name.clone(), path.clone(), blob.mtime);
+            blocking(move || cache.admit(&name, &tmp, &path_, mtime)).await?;
             // Renamed into place: nothing left to remove.
             drop(partial);
         }
@@ -307,15 +323,24 @@ impl Cache {
         Ok(Source::Download)
     }
 
-    /// Moves a checked download into place, read-only, and records it.
-    fn admit(&self, name: &str, tmp: &Path, path: &Path) -> Result<(), CacheError> {
+    /// Moves a checked download into place, read-only, modified at `mtime`
+    /// (a manifest's: the time its first job's file gets, so that a linked
+    /// file shows it), and records it.
+    fn admit(
+        &self,
+        name: &str,
+        tmp: &Path,
+        path: &Path,
+        mtime: Option<SystemTime>,
+    ) -> Result<(), CacheError> {
         let file = File::options()
             .write(true)
             .open(tmp)
             .map_err(retryable("cache"))?;
-        let mut permissions = file.metadata().map_err(retryable("cache"))?.permissions();
-        permissions.set_readonly(true);
-        file.set_permissions(permissions)
+        if let Some(mtime) = mtime {
+            file.set_modified(mtime).map_err(retryable("cache"))?;
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(access::INPUT_FILE))
             .map_err(retryable("cache"))?;
         drop(file);
         if let Some(dir) = path.parent() {

@@ -36,7 +36,13 @@ fn writer(
 #[tokio::test(flavor = "multi_thread")]
 async fn one_download_however_many_ask_at_once_then_hits() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(&dir.path().join("c"), 1 << 30, &dir.path().join("jobs")).unwrap();
+    let cache = Cache::open(
+        &dir.path().join("c"),
+        1 << 30,
+        &dir.path().join("jobs"),
+        &JobUser::Worker,
+    )
+    .unwrap();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let jobs: Vec<_> = (0..4)
         .map(|i| dir.path().join(format!("job{i}/a")))
@@ -78,7 +84,13 @@ where
 async fn a_job_that_rewrites_its_file_does_not_reach_the_cache() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(&dir.path().join("c"), 1 << 30, &dir.path().join("jobs")).unwrap();
+    let cache = Cache::open(
+        &dir.path().join("c"),
+        1 << 30,
+        &dir.path().join("jobs"),
+        &JobUser::Worker,
+    )
+    .unwrap();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let first = dir.path().join("job1/a");
     cache
@@ -111,7 +123,13 @@ async fn a_job_that_rewrites_its_file_does_not_reach_the_cache() {
 #[tokio::test]
 async fn sizes_that_lie_fail_their_job_and_keep_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(&dir.path().join("c"), 100, &dir.path().join("jobs")).unwrap();
+    let cache = Cache::open(
+        &dir.path().join("c"),
+        100,
+        &dir.path().join("jobs"),
+        &JobUser::Worker,
+    )
+    .unwrap();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     cache
         .place(
@@ -163,7 +181,13 @@ async fn sizes_that_lie_fail_their_job_and_keep_the_cache() {
 #[tokio::test]
 async fn a_wrong_hash_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(&dir.path().join("c"), 1 << 30, &dir.path().join("jobs")).unwrap();
+    let cache = Cache::open(
+        &dir.path().join("c"),
+        1 << 30,
+        &dir.path().join("jobs"),
+        &JobUser::Worker,
+    )
+    .unwrap();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let wrong = Blob {
         hash: Some("0".repeat(32)),
@@ -205,7 +229,13 @@ fn walk(dir: &Path) -> usize {
 async fn eviction_takes_the_oldest_file_never_one_being_placed() {
     let dir = tempfile::tempdir().unwrap();
     // Room for two of the three 10-byte files.
-    let cache = Cache::open(&dir.path().join("c"), 25, &dir.path().join("jobs")).unwrap();
+    let cache = Cache::open(
+        &dir.path().join("c"),
+        25,
+        &dir.path().join("jobs"),
+        &JobUser::Worker,
+    )
+    .unwrap();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for (name, fill) in [("a", 1), ("b", 2)] {
         cache
@@ -250,7 +280,7 @@ async fn blobs_of_the_first_layout_are_never_served_and_go_first() {
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     {
         // As a worker of the first layout kept it: under the bucket's name.
-        let old = Cache::open(&root, 25, &jobs).unwrap();
+        let old = Cache::open(&root, 25, &jobs, &JobUser::Worker).unwrap();
         old.place(
             &blob("a", 10),
             &dir.path().join("old/a"),
@@ -259,7 +289,7 @@ async fn blobs_of_the_first_layout_are_never_served_and_go_first() {
         .await
         .unwrap();
     }
-    let cache = Cache::open(&root, 25, &jobs).unwrap();
+    let cache = Cache::open(&root, 25, &jobs, &JobUser::Worker).unwrap();
     let identity = "s3 endpoint=aws region=us-east-1 bucket=b";
     for (key, fill) in [("a", 2), ("c", 3)] {
         let source = cache
