@@ -54,7 +54,8 @@
 //!   decides its message's fate, `worker::heartbeat` keeps it invisible
 //!   and stops it when cancelled or lost, `worker::cancel` is what the worker
 //!   knows of cancels, `worker::intake` receives for every slot in
-//!   priority order, [`worker::thumbs`] makes image outputs' thumbnails;
+//!   priority order, [`worker::thumbs`] makes image outputs' thumbnails
+//!   in a sandboxed child process;
 //!   `worker::sweep` counts the jobs the redrive policy dead-lettered;
 //!   a [`worker::delivery`] is a received message with its envelope
 //!   parsed once).
@@ -134,9 +135,14 @@
 //!   a later job receives: cached files are checked against the cache's
 //!   index before each use, and none is visible before its hash was checked.
 //! - The input cache never deletes a file linked into a running job.
-//! - A thumbnail never fails a job, and the monitor changes nothing without
-//!   a POST carrying the CSRF token of its cookie (and, with a token
-//!   configured, the sign-in cookie).
+//! - A thumbnail never fails a job, nor stops its worker: no worker
+//!   decodes an output. Image outputs are decoded in a child process (the
+//!   binary re-run as the hidden `renderq thumbnail`) under `RLIMIT_AS`,
+//!   `RLIMIT_CPU` and a wall-clock bound, after its header was checked
+//!   against a pixel budget; a refusal, a crash or a timeout is a missing
+//!   thumbnail and one warning.
+//! - The monitor changes nothing without a POST carrying the CSRF token of
+//!   its cookie (and, with a token configured, the sign-in cookie).
 
 pub mod api;
 pub mod app;

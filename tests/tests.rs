@@ -46,4 +46,5 @@ mod readme;
 mod scenarios;
 mod sqs;
 mod storm;
+mod thumbnails;
 mod uploads;

@@ -47,7 +47,7 @@ fn workdir(
 /// An external program, ready to spawn: a clean environment with only the
 /// allowed variables, its own process group, and SIGKILL as its
 /// parent-death signal, so it cannot outlive a worker that is `kill -9`ed.
-fn program(path: &Path, env: &[String], gpu: Option<u32>) -> tokio::process::Command {
+pub(crate) fn program(path: &Path, env: &[String], gpu: Option<u32>) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(path);
     command
         .env_clear()

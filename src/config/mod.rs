@@ -267,6 +267,7 @@ impl Config {
         if let Some(dir) = &w.work_dir {
             check_writable_dir(dir).map_err(|e| Invalid::new("worker.work_dir", e))?;
         }
+        w.thumbnails.check()?;
         if self.events.buffer == 0 {
             return Err(Invalid::new("events.buffer", "must be at least 1"));
         }
@@ -325,6 +326,9 @@ impl Config {
         }
         if let Some(dir) = &mut self.worker.cache.path {
             *dir = base.join(&*dir);
+        }
+        if let Some(program) = &mut self.worker.thumbnails.program {
+            *program = base.join(&*program);
         }
         for queue in self.queues.values_mut() {
             if let QueueConfig::Local(local) = queue {

@@ -166,7 +166,7 @@ impl Worker {
             tasks,
             first_frame,
         } = ran;
-        let thumbnails = self.thumbnails(delivery, &outputs).await;
+        let thumbnails = self.thumbnails(delivery, &outputs, abort).await;
         let envelope = delivery
             .envelope
             .as_ref()
