@@ -120,8 +120,9 @@ pub struct ThumbnailsConfig {
     /// The child's CPU time (`RLIMIT_CPU`), whole seconds.
     #[serde(with = "humantime_serde")]
     pub max_cpu_time: Duration,
-    /// Wall-clock time before the child is killed (it may be waiting on
-    /// a loaded machine, not only computing).
+    /// Wall-clock time before the child is killed: the CPU limit stops a
+    /// decoder that spins; this one a child that gets little of the CPU on
+    /// a loaded machine, or waits.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// The renderq binary run as `renderq thumbnail` (default: this
@@ -136,7 +137,7 @@ impl Default for ThumbnailsConfig {
             max_pixels: 40_000_000,
             max_memory: 2 * 1024 * 1024 * 1024,
             max_cpu_time: Duration::from_secs(20),
-            timeout: Duration::from_secs(30),
+            timeout: Duration::from_secs(60),
             program: None,
         }
     }
