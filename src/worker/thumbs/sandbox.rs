@@ -183,7 +183,9 @@ impl Thumbnailer {
     }
 }
 
-/// The child's standard output, or `None` when it is over `MAX_JPEG`.
+/// The child's standard output, or `None` when it is over `MAX_JPEG` (a
+/// child that goes on writing blocks on the pipe until the wall-clock
+/// bound kills it).
 async fn read_jpeg(stdout: Option<impl AsyncRead + Unpin>) -> std::io::Result<Option<Vec<u8>>> {
     let Some(stdout) = stdout else {
         return Ok(None);
