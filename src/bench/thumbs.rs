@@ -14,7 +14,7 @@ use crate::config::ThumbnailsConfig;
 use crate::job::Output;
 use crate::worker::thumbs::Thumbnailer;
 
-/// A 1920x1080 RGB PNG of smooth gradients.
+/// An RGB PNG of gradients.
 pub fn png(width: u32, height: u32) -> anyhow::Result<Vec<u8>> {
     let image = image::RgbImage::from_fn(width, height, |x, y| {
         image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
