@@ -157,21 +157,23 @@ pub async fn run() -> anyhow::Result<()> {
         })
         .await?;
         let (sandbox, output) = (&sandbox, &output);
+        let before = children()?;
         let (boxed, _) = median(runs, move || async move {
             Ok(sandbox.make(output).await?.len())
         })
         .await?;
-        let peak =
-            nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?.max_rss();
+        let after = children()?;
+        let cpu = (cpu_time(&after) - cpu_time(&before)) / runs as u32;
         println!(
             "thumbnail of a {what} ({} KiB file, {} KiB JPEG): in-process {:.1} ms, sandboxed {:.1} ms \
-             ({:+.1} ms), largest child's peak RSS so far {} MiB",
+             ({:+.1} ms), the child's CPU time {:.1} ms, largest child's peak RSS so far {} MiB",
             bytes.len() / 1024,
             size / 1024,
             ms(inline),
             ms(boxed),
             ms(boxed) - ms(inline),
-            peak / 1024
+            ms(cpu),
+            after.max_rss() / 1024
         );
     }
     let bomb = &Output::bytes(exr_bomb(), exr_mime);
@@ -206,6 +208,18 @@ pub async fn run() -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// What this process's waited-for children used, together.
+fn children() -> nix::Result<nix::sys::resource::Usage> {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+}
+
+fn cpu_time(usage: &nix::sys::resource::Usage) -> Duration {
+    let micros = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    micros(usage.user_time()) + micros(usage.system_time())
 }
 
 fn ms(d: Duration) -> f64 {

@@ -195,8 +195,8 @@ async fn read_jpeg(stdout: Option<impl AsyncRead + Unpin>) -> std::io::Result<Op
     Ok((jpeg.len() as u64 <= MAX_JPEG).then_some(jpeg))
 }
 
-/// The start of the child's standard error, on one line; the rest is read
-/// and dropped, so the child never blocks on a full pipe.
+/// The first line of the child's standard error; the rest is read and
+/// dropped, so the child never blocks on a full pipe.
 async fn read_reason(stderr: Option<impl AsyncRead + Unpin>) -> String {
     let Some(mut stderr) = stderr else {
         return String::new();
@@ -210,8 +210,14 @@ async fn read_reason(stderr: Option<impl AsyncRead + Unpin>) -> String {
         let room = MAX_REASON.saturating_sub(kept.len());
         kept.extend_from_slice(&buf[..n.min(room)]);
     }
+    // The first line says it (the child's own error, or Rust's abort
+    // message); what follows is a backtrace hint.
     let text = String::from_utf8_lossy(&kept);
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    text.lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// `renderq thumbnail`: the child's side. Reads an image on standard
