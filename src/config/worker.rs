@@ -310,3 +310,43 @@ impl ImdsSetting {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    const MINIMAL: &str = r#"
+[queue_manager]
+allow_commands = ["get_version"]
+default_queue = "q"
+listen_queue = "q"
+
+[queues.q]
+backend = "local"
+path = "var/q"
+"#;
+
+    #[test]
+    fn thumbnail_limits_too_small_to_decode_anything_are_refused_by_name() {
+        let base = std::path::Path::new("/srv/renderq");
+        let config = Config::from_toml(MINIMAL, base).unwrap();
+        assert_eq!(config.worker.thumbnails.max_pixels, 40_000_000);
+        assert_eq!(config.worker.thumbnails.program, None);
+        for (line, key) in [
+            ("max_memory = 1000", "worker.thumbnails.max_memory"),
+            ("max_pixels = 0", "worker.thumbnails.max_pixels"),
+            ("max_cpu_time = \"0s\"", "worker.thumbnails.max_cpu_time"),
+            ("timeout = \"0s\"", "worker.thumbnails.timeout"),
+        ] {
+            let text = format!("{MINIMAL}\n[worker.thumbnails]\n{line}\n");
+            let error = Config::from_toml(&text, base).unwrap_err().to_string();
+            assert!(error.contains(key), "{line}: {error}");
+        }
+        let text = format!("{MINIMAL}\n[worker.thumbnails]\nprogram = \"bin/renderq\"\n");
+        let config = Config::from_toml(&text, base).unwrap();
+        assert_eq!(
+            config.worker.thumbnails.program.as_deref(),
+            Some(std::path::Path::new("/srv/renderq/bin/renderq"))
+        );
+    }
+}
