@@ -63,7 +63,8 @@
 //!   decides its message's fate, `worker::heartbeat` keeps it invisible
 //!   and stops it when cancelled or lost, `worker::cancel` is what the worker
 //!   knows of cancels, `worker::intake` receives for every slot in
-//!   priority order, [`worker::thumbs`] makes image outputs' thumbnails;
+//!   priority order, [`worker::thumbs`] makes image outputs' thumbnails
+//!   in a sandboxed child process;
 //!   `worker::sweep` counts the jobs the redrive policy dead-lettered;
 //!   a [`worker::delivery`] is a received message with its envelope
 //!   parsed once).
@@ -182,9 +183,14 @@
 //!   hour: every list walks an index of the status table, an array's page
 //!   shows a bounded page of its frames, and no size read from the table
 //!   is taken beyond `max_frames`.
-//! - A thumbnail never fails a job, and the monitor changes nothing without
-//!   a POST carrying the CSRF token of its cookie (and, with a token
-//!   configured, the sign-in cookie).
+//! - A thumbnail never fails a job, nor stops its worker: no worker
+//!   decodes an output. Image outputs are decoded in a child process (the
+//!   binary re-run as the hidden `renderq thumbnail`, as the job user)
+//!   under `RLIMIT_AS`, `RLIMIT_CPU` and a wall-clock bound, after its
+//!   header was checked against a pixel budget; a refusal, a crash or a
+//!   timeout is a missing thumbnail and one warning.
+//! - The monitor changes nothing without a POST carrying the CSRF token of
+//!   its cookie (and, with a token configured, the sign-in cookie).
 
 pub mod access;
 pub mod api;

@@ -2,11 +2,16 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use renderq::cli::{Cli, LogFormat};
+use renderq::cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The thumbnail sandbox's child decodes alone: no runtime, no threads,
+    // no logs, inside the address space its parent allowed.
+    if let Command::Thumbnail { max_pixels } = cli.command {
+        return renderq::worker::thumbs::sandbox::child_main(max_pixels);
+    }
     // The reaper is forked before any thread exists (see `workspace`).
     if cli.command.runs_commands()
         && let Err(error) = renderq::workspace::start_reaper()

@@ -50,5 +50,6 @@ mod redrive;
 mod scenarios;
 mod sqs;
 mod storm;
+mod thumbnails;
 mod untrusted_inputs;
 mod uploads;

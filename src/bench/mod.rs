@@ -1,7 +1,7 @@
 //! `renderq bench`: throughput, latency and memory measured on this
 //! machine, on throw-away queues. Each mode is a module: `embedded` (the
 //! default), `sqs` (`--sqs-endpoint`), `cancel`, `dispatch`, `events`,
-//! `spot`, `procs`, `uploads`, `inputs` and `ui`. Here: the arguments, and what the modes share.
+//! `spot`, `procs`, `uploads`, `inputs`, `ui` and `thumbs`. Here: the arguments, and what the modes share.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ mod procs;
 pub mod proxy;
 mod spot;
 mod sqs;
+pub mod thumbs;
 mod ui;
 mod uploads;
 
@@ -73,6 +74,11 @@ pub struct BenchArgs {
     /// 100 live pages connected (--jobs, default 10000).
     #[arg(long)]
     pub ui: bool,
+    /// Instead: a thumbnail's cost, in the sandbox (a `renderq thumbnail`
+    /// child under the default limits) against in this process, for a
+    /// 1920x1080 PNG and an 8K half-float EXR; and the EXR bomb refused.
+    #[arg(long)]
+    pub thumbnails: bool,
     /// Instead: time from a spot interruption notice to the interrupted
     /// job being receivable again (--jobs runs, default 20; with
     /// --sqs-endpoint, on SQS).
@@ -150,6 +156,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         _ if args.dispatch => dispatch::run(args).await,
         _ if args.cancel => cancel::run(args).await,
         _ if args.ui => ui::run(args).await,
+        _ if args.thumbnails => thumbs::run().await,
         _ if args.events => events::run(args).await,
         _ if args.spot => spot::run(args).await,
         _ if args.procs.is_some() => procs::run(args).await,

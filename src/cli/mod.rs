@@ -90,6 +90,14 @@ pub enum Command {
     /// Delete the status table's and ledgers' records older than
     /// queue_manager.retention (serve and worker do it every hour).
     Prune,
+    /// The thumbnail sandbox's child (run by the worker, not by people):
+    /// an image on standard input, its JPEG thumbnail on standard output.
+    #[command(hide = true)]
+    Thumbnail {
+        /// Refuse an image with more pixels than this, from its header.
+        #[arg(long)]
+        max_pixels: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,6 +199,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let load = || Config::load(&path);
     match cli.command {
         Command::Bench(args) => crate::bench::run(&args).await,
+        Command::Thumbnail { .. } => {
+            bail!("`renderq thumbnail` runs from main, before any runtime or thread starts")
+        }
         Command::Serve => {
             let config = load()?;
             let drain = config.worker.drain_timeout;

@@ -49,7 +49,7 @@ fn workdir(
 /// allowed variables, its own process group, and SIGKILL as its
 /// parent-death signal, so it cannot outlive a worker that is `kill -9`ed;
 /// run as the job user (see [`crate::access`]).
-fn program(
+pub(crate) fn program(
     path: &Path,
     env: &[String],
     gpu: Option<u32>,

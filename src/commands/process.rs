@@ -234,7 +234,7 @@ impl ProcessCommand {
                 let mime = self
                     .output_mime
                     .clone()
-                    .unwrap_or_else(|| mime_guess::from_path(&path).first_or_octet_stream());
+                    .unwrap_or_else(|| Output::mime_of(&path));
                 Output::file(path, mime, workdir.clone()).with_frame_from_name(&ctx.frames)
             })
             .collect())

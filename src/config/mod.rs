@@ -271,6 +271,7 @@ impl Config {
         }
         self.server.check()?;
         self.metrics.check()?;
+        w.thumbnails.check()?;
         if self.events.buffer == 0 {
             return Err(Invalid::new("events.buffer", "must be at least 1"));
         }
@@ -329,6 +330,9 @@ impl Config {
         }
         if let Some(dir) = &mut self.worker.cache.path {
             *dir = base.join(&*dir);
+        }
+        if let Some(program) = &mut self.worker.thumbnails.program {
+            *program = base.join(&*program);
         }
         for queue in self.queues.values_mut() {
             if let QueueConfig::Local(local) = queue {

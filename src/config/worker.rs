@@ -70,6 +70,8 @@ pub struct WorkerConfig {
     pub autoscaling: Option<ScalingConfig>,
     /// Where jobs' inputs are kept between jobs.
     pub cache: CacheConfig,
+    /// The sandbox image outputs are decoded in for their thumbnails.
+    pub thumbnails: ThumbnailsConfig,
     /// The user jobs' programs (process commands, adaptors) run as: a user
     /// name (with its own groups) or `uid:gid`. The worker must be root (or
     /// hold `CAP_SETUID`, `CAP_SETGID`, `CAP_CHOWN`, `CAP_DAC_OVERRIDE` and
@@ -119,6 +121,79 @@ impl Default for CacheConfig {
             download_concurrency: 8,
             max_manifest_files: 100_000,
         }
+    }
+}
+
+/// `[worker.thumbnails]`: the limits of the child process that decodes an
+/// image output for its thumbnail. An output over them gets no thumbnail;
+/// the defaults fit an 8K (7680x4320) RGBA half-float EXR.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThumbnailsConfig {
+    /// Most pixels an image may have, counted on both of an EXR's windows
+    /// (data and display); a larger one is refused from its header,
+    /// before anything is decoded.
+    pub max_pixels: u64,
+    /// The child's address space (`RLIMIT_AS`), in bytes: decoding an
+    /// image of `max_pixels` takes up to 32 bytes a pixel (an EXR is read
+    /// as 32-bit floats, then copied once), and the program's own mapping
+    /// comes on top.
+    pub max_memory: u64,
+    /// The child's CPU time (`RLIMIT_CPU`), whole seconds.
+    #[serde(with = "humantime_serde")]
+    pub max_cpu_time: Duration,
+    /// Wall-clock time before the child is killed: the CPU limit stops a
+    /// decoder that spins; this one a child that gets little of the CPU on
+    /// a loaded machine, or waits.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The renderq binary run as `renderq thumbnail` (default: this
+    /// process's own executable). Set it when the worker runs inside
+    /// another program, such as a test binary using the library.
+    pub program: Option<PathBuf>,
+}
+
+impl Default for ThumbnailsConfig {
+    fn default() -> Self {
+        Self {
+            max_pixels: 40_000_000,
+            max_memory: 2 * 1024 * 1024 * 1024,
+            max_cpu_time: Duration::from_secs(20),
+            timeout: Duration::from_secs(60),
+            program: None,
+        }
+    }
+}
+
+impl ThumbnailsConfig {
+    /// Limits below what any decode needs are mistakes, not sandboxes.
+    pub(super) fn check(&self) -> Result<(), super::Invalid> {
+        use super::Invalid;
+        if self.max_pixels == 0 {
+            return Err(Invalid::new(
+                "worker.thumbnails.max_pixels",
+                "must be at least 1",
+            ));
+        }
+        if self.max_memory < 64 * 1024 * 1024 {
+            return Err(Invalid::new(
+                "worker.thumbnails.max_memory",
+                "must be at least 67108864 (64 MiB): the program itself needs that much",
+            ));
+        }
+        if self.max_cpu_time < Duration::from_secs(1) {
+            return Err(Invalid::new(
+                "worker.thumbnails.max_cpu_time",
+                "must be at least 1s (RLIMIT_CPU counts whole seconds)",
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(Invalid::new(
+                "worker.thumbnails.timeout",
+                "must be longer than 0s",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -200,6 +275,7 @@ impl Default for WorkerConfig {
             autoscaling: None,
             cache: CacheConfig::default(),
             run_as: None,
+            thumbnails: ThumbnailsConfig::default(),
         }
     }
 }
@@ -263,5 +339,45 @@ impl ImdsSetting {
                 "`{other}` is not \"off\", \"auto\" or an http:// URL"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    const MINIMAL: &str = r#"
+[queue_manager]
+allow_commands = ["get_version"]
+default_queue = "q"
+listen_queue = "q"
+
+[queues.q]
+backend = "local"
+path = "var/q"
+"#;
+
+    #[test]
+    fn thumbnail_limits_too_small_to_decode_anything_are_refused_by_name() {
+        let base = std::path::Path::new("/srv/renderq");
+        let config = Config::from_toml(MINIMAL, base).unwrap();
+        assert_eq!(config.worker.thumbnails.max_pixels, 40_000_000);
+        assert_eq!(config.worker.thumbnails.program, None);
+        for (line, key) in [
+            ("max_memory = 1000", "worker.thumbnails.max_memory"),
+            ("max_pixels = 0", "worker.thumbnails.max_pixels"),
+            ("max_cpu_time = \"0s\"", "worker.thumbnails.max_cpu_time"),
+            ("timeout = \"0s\"", "worker.thumbnails.timeout"),
+        ] {
+            let text = format!("{MINIMAL}\n[worker.thumbnails]\n{line}\n");
+            let error = Config::from_toml(&text, base).unwrap_err().to_string();
+            assert!(error.contains(key), "{line}: {error}");
+        }
+        let text = format!("{MINIMAL}\n[worker.thumbnails]\nprogram = \"bin/renderq\"\n");
+        let config = Config::from_toml(&text, base).unwrap();
+        assert_eq!(
+            config.worker.thumbnails.program.as_deref(),
+            Some(std::path::Path::new("/srv/renderq/bin/renderq"))
+        );
     }
 }

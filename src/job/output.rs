@@ -1,7 +1,7 @@
 //! A command's result: bytes in memory or a file on disk, with a MIME type
 //! and the frame it shows. Post-tasks take it from there.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -65,6 +65,19 @@ impl Output {
         }
     }
 
+    /// The MIME type of a file result its command did not name, from its
+    /// extension. OpenEXR, the format renders are kept in, is
+    /// `image/x-exr`, which mime_guess does not know.
+    pub fn mime_of(path: &Path) -> mime::Mime {
+        let exr = path
+            .extension()
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("exr"));
+        if exr {
+            return "image/x-exr".parse().expect("a valid MIME type");
+        }
+        mime_guess::from_path(path).first_or_octet_stream()
+    }
+
     /// The same output, marked as showing `frame`, named `name`.
     pub fn for_frame(self, frame: i64, name: String) -> Self {
         Self {
@@ -97,5 +110,20 @@ impl Output {
             serde_json::to_vec(value).expect("a JSON value always serializes"),
             mime::APPLICATION_JSON,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_result_s_type_comes_from_its_extension_exr_included() {
+        let of = |name: &str| Output::mime_of(Path::new(name)).essence_str().to_owned();
+        assert_eq!(of("out/frame_0001.exr"), "image/x-exr");
+        assert_eq!(of("FRAME.EXR"), "image/x-exr");
+        assert_eq!(of("frame.png"), "image/png");
+        assert_eq!(of("frame.jpg"), "image/jpeg");
+        assert_eq!(of("no_extension"), "application/octet-stream");
     }
 }

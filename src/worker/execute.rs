@@ -181,7 +181,7 @@ impl Worker {
             tasks,
             first_frame,
         } = ran;
-        let names = self.thumbnails(delivery, &outputs).await;
+        let names = self.thumbnails(delivery, &outputs, abort).await;
         let thumbnails = with_frames(names, &delivery.message_id, &outputs);
         let envelope = delivery
             .envelope

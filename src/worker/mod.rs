@@ -157,6 +157,10 @@ pub struct Worker {
     /// This process's folder under `work_dir`, for the working folders of
     /// jobs whose inputs are staged before they run.
     workspace: crate::workspace::Workspace,
+    /// Decodes image outputs for thumbnails in a child process; `None`
+    /// when the renderq binary cannot be found (no thumbnails, one warning
+    /// at start).
+    thumbnailer: Option<thumbs::Thumbnailer>,
 }
 
 impl Worker {
@@ -171,6 +175,11 @@ impl Worker {
     ) -> Self {
         let workspace =
             crate::workspace::Workspace::for_jobs(&config.work_root(), config.job_user());
+        let thumbnailer = thumbs::Thumbnailer::new(&config.thumbnails, config.job_user())
+            .inspect_err(|error| {
+                warn!(%error, "cannot find the renderq binary to decode thumbnails in; no thumbnails")
+            })
+            .ok();
         let heartbeat = config.visibility_timeout / 3;
         let sources: Vec<Source> = queues
             .into_iter()
@@ -198,6 +207,7 @@ impl Worker {
             running: RunningJobs::default(),
             cache: tokio::sync::OnceCell::new(),
             workspace,
+            thumbnailer,
         }
     }
 

@@ -245,7 +245,7 @@ impl AdaptorCommand {
                     let mime = mime
                         .as_deref()
                         .and_then(|m| m.parse().ok())
-                        .unwrap_or_else(|| mime_guess::from_path(&path).first_or_octet_stream());
+                        .unwrap_or_else(|| Output::mime_of(&path));
                     Ok(Output::file(path, mime, workdir.clone()).with_frame_from_name(&ctx.frames))
                 })
                 .collect(),
