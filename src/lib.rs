@@ -100,8 +100,11 @@
 //! - A redrive deletes from the dead-letter queue exactly the dead letters
 //!   it sent back, and sends them naming the id the submit returned.
 //! - Every job is validated twice: at submit, and on receive (messages can be
-//!   inserted straight into the queue). A job that fails validation never
-//!   runs; on receive it is dead-lettered at once with its reason.
+//!   inserted straight into the queue), against the one
+//!   [`commands::catalog`]: its command and parameters, its tasks, and its
+//!   inputs (only from the buckets its queue's `input_buckets` allow). A
+//!   job that fails validation never runs; on receive it is dead-lettered at
+//!   once with its reason.
 //! - A retryable failure leaves the message in the queue with a back-off
 //!   delay; when the last allowed try fails the worker dead-letters it with
 //!   its reason. The queue's redrive policy catches jobs of workers that

@@ -244,7 +244,7 @@ impl Submitter {
             .catalog
             .validate(&request.command, &request.parameters, &request.tasks)?;
         let has_frame = job.command.schema.contains("frame");
-        self.catalog.check_inputs(&request.inputs)?;
+        self.catalog.check_inputs(&queue_name, &request.inputs)?;
         let mut envelope = Envelope::new(request.command, request.parameters, request.tasks);
         envelope.notifications = notifications;
         envelope.inputs = request.inputs;

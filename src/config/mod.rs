@@ -309,6 +309,16 @@ impl Config {
                 ));
             }
         }
+        for (name, queue) in &self.queues {
+            for (i, bucket) in queue.input_buckets().unwrap_or_default().iter().enumerate() {
+                if !self.buckets.contains_key(bucket) {
+                    return Err(Invalid::new(
+                        format!("queues.{name}.input_buckets[{i}]"),
+                        format!("no [buckets.{bucket}] is configured"),
+                    ));
+                }
+            }
+        }
         for (name, bucket) in &self.buckets {
             if let BucketConfig::S3(s3) = bucket
                 && s3.part_size < 5 * 1024 * 1024
@@ -320,6 +330,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The buckets a job on `queue` may read inputs from: its
+    /// `input_buckets`, or without that list every bucket but the queues'
+    /// ledgers (`status_bucket`: the workers' own records, never a job's).
+    pub fn input_buckets(&self, queue: &str) -> std::collections::BTreeSet<String> {
+        if let Some(listed) = self.queues.get(queue).and_then(QueueConfig::input_buckets) {
+            return listed.iter().cloned().collect();
+        }
+        let ledgers: Vec<&String> = (self.queues.values())
+            .filter_map(|q| match q {
+                QueueConfig::Sqs(sqs) => sqs.status_bucket.as_ref(),
+                QueueConfig::Local(_) => None,
+            })
+            .collect();
+        (self.buckets.keys())
+            .filter(|b| !ledgers.contains(b))
+            .cloned()
+            .collect()
     }
 
     fn resolve_paths(&mut self, base: &Path) {

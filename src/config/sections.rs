@@ -221,6 +221,23 @@ pub struct SqsQueueConfig {
     /// Key prefix of the ledger in `status_bucket`.
     #[serde(default = "default_status_prefix")]
     pub status_prefix: String,
+    /// The `[buckets.NAME]` a job on this queue may read inputs from (see
+    /// [`QueueConfig::input_buckets`] for the default).
+    #[serde(default)]
+    pub input_buckets: Option<Vec<String>>,
+}
+
+impl QueueConfig {
+    /// The buckets a job on this queue may name in `inputs`, when the
+    /// queue lists them (`input_buckets`). Without a list, every bucket
+    /// except the ledgers (`status_bucket`) may be read: see
+    /// [`crate::config::Config::input_buckets`].
+    pub fn input_buckets(&self) -> Option<&[String]> {
+        match self {
+            QueueConfig::Local(q) => q.input_buckets.as_deref(),
+            QueueConfig::Sqs(q) => q.input_buckets.as_deref(),
+        }
+    }
 }
 
 fn default_status_prefix() -> String {
@@ -238,6 +255,10 @@ pub struct LocalQueueConfig {
     /// embedded counterpart of an SQS redrive policy).
     #[serde(default = "default_max_receive_count")]
     pub max_receive_count: u32,
+    /// The `[buckets.NAME]` a job on this queue may read inputs from (see
+    /// [`QueueConfig::input_buckets`] for the default).
+    #[serde(default)]
+    pub input_buckets: Option<Vec<String>>,
 }
 
 fn default_max_receive_count() -> u32 {

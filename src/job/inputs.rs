@@ -82,11 +82,11 @@ impl InputSpec {
 /// Checks a job's inputs without looking at any bucket: each names one
 /// object or one manifest, its path is relative and stays in the working
 /// folder, no two share a path, and there are at most `max` of them.
-/// `buckets` says which bucket names exist.
+/// `readable` says whether a bucket may be read, and if not, why.
 pub fn check(
     inputs: &[InputSpec],
     max: usize,
-    bucket_exists: impl Fn(&str) -> bool,
+    readable: impl Fn(&str) -> Result<(), String>,
 ) -> Result<(), FieldError> {
     if inputs.len() > max {
         return Err(FieldError::new(
@@ -99,12 +99,7 @@ pub fn check(
     }
     let mut paths: Vec<Vec<&str>> = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
-        if !bucket_exists(&input.bucket) {
-            return Err(FieldError::new(
-                format!("inputs[{i}].bucket"),
-                format!("no bucket `{}` is configured", input.bucket),
-            ));
-        }
+        readable(&input.bucket).map_err(|e| FieldError::new(format!("inputs[{i}].bucket"), e))?;
         let (field, key) = match input.kind() {
             Some(InputKind::Object { key }) => ("key", key),
             Some(InputKind::Manifest { key }) => ("manifest", key),
@@ -216,7 +211,13 @@ mod tests {
 
     #[test]
     fn paths_must_stay_in_the_job_folder() {
-        let exists = |b: &str| b == "assets";
+        let exists = |b: &str| {
+            if b == "assets" {
+                Ok(())
+            } else {
+                Err(format!("no bucket `{b}`"))
+            }
+        };
         assert!(check(&[object("scene.blend"), object("tex/a.png")], 10, exists).is_ok());
         for (inputs, field, why) in [
             (
