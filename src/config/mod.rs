@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod bytes;
 mod events;
 mod locate;
 mod sections;
