@@ -354,6 +354,7 @@ impl Config {
 
     fn resolve_paths(&mut self, base: &Path) {
         self.config_dir = base.to_owned();
+        self.worker.default_work_dir = base.join(worker::DEFAULT_WORK_DIR);
         if let Some(dir) = &mut self.worker.work_dir {
             *dir = base.join(&*dir);
         }
@@ -456,6 +457,13 @@ path = "var/q"
         };
         assert!(q.path.is_absolute());
         assert_eq!(q.max_receive_count, 3);
+        // All state under the config's own `var/`, none in /tmp.
+        let var = q.path.parent().unwrap();
+        assert_eq!(config.worker.work_root(), var.join("work"));
+        assert_eq!(
+            config.worker.cache_root(),
+            var.join("work").join("renderq-cache")
+        );
     }
 
     #[test]

@@ -37,9 +37,14 @@ pub struct WorkerConfig {
     /// cancelled and handed back to the queue.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Where per-job working folders are made (default: the system's
-    /// temporary folder).
+    /// Where per-job working folders are made (default: `var/work` beside
+    /// the config file, so that the input cache and job folders live with
+    /// the queue and results under `var/`, not in the system's `/tmp`).
     pub work_dir: Option<PathBuf>,
+    /// `work_dir` when none is given: `var/work` in the config file's
+    /// folder, filled in when the config's paths are resolved.
+    #[serde(skip)]
+    pub default_work_dir: PathBuf,
     /// On an instance notice (spot, autoscaling), what to do with a job
     /// that reported no progress: `release` it at once, or
     /// `run-to-deadline`.
@@ -135,10 +140,15 @@ fn default_hook_heartbeat() -> Duration {
     Duration::from_secs(60)
 }
 
+/// Where job folders and the input cache go without `work_dir`, relative
+/// to the config file's folder: under `var/` with the rest of the embedded
+/// default's state.
+pub const DEFAULT_WORK_DIR: &str = "var/work";
+
 impl WorkerConfig {
     /// Where per-job working folders are made.
     pub fn work_root(&self) -> PathBuf {
-        self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
+        (self.work_dir.clone()).unwrap_or_else(|| self.default_work_dir.clone())
     }
 
     /// The input cache's folder.
@@ -162,6 +172,7 @@ impl Default for WorkerConfig {
             max_runtime: Duration::from_secs(2 * 3600),
             drain_timeout: Duration::from_secs(30),
             work_dir: None,
+            default_work_dir: PathBuf::from(DEFAULT_WORK_DIR),
             unknown_eta: UnknownEta::default(),
             rebalance: Rebalance::default(),
             dead_letter_sweep: Duration::from_secs(300),
