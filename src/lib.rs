@@ -161,6 +161,12 @@
 //!   visible before its hash and size were checked. (A job running as the
 //!   cache's owner can still reach the cache's folder itself; keeping it
 //!   out needs a job user.)
+//! - A job's inputs are pinned at submit: the submit half records each
+//!   object's and manifest's ETag and version (a folder's: size and
+//!   mtime) in the job, every child of an array carries the same pin, and
+//!   a worker fetches only that version (`If-Match`, `versionId`); one
+//!   changed since submit fails the job for good, never renders instead.
+//!   A hit for a pinned input makes no request.
 //! - A cached blob is served only to jobs reading a bucket of the same
 //!   identity (endpoint, region, bucket name; a folder's path), never by
 //!   the bucket's name in `workers.toml`, and only for the key the job

@@ -335,6 +335,7 @@ path = "r"
             manifest: None,
             data_prefix: None,
             path: "k".into(),
+            pin: None,
         };
         let refused = |queue: &str, bucket: &str| {
             catalog

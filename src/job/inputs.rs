@@ -30,6 +30,41 @@ pub struct InputSpec {
     pub data_prefix: Option<String>,
     /// Relative to the job's working folder.
     pub path: String,
+    /// The object (or manifest) as the submit half found it; workers fetch
+    /// exactly this. Recorded at submit, whatever the request said; absent
+    /// in a message inserted straight into the queue (a worker then reads
+    /// whatever is there when it stages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<Pin>,
+}
+
+/// What an input's object was at submit (SPEC §6b). Every child of an
+/// array carries the same pin, so all of them render the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    /// Its size then.
+    pub size: u64,
+    /// What changes when the object does, and what the cache keys it by:
+    /// its version id, else its ETag; a folder's object, its size and
+    /// modification time in nanoseconds (`SIZE-NANOS`), which costs one
+    /// `stat` where a content hash would cost reading the whole file.
+    pub version: String,
+    /// Its ETag (S3): every GET sends `If-Match` with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// Its version id, on a versioned bucket: every GET names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_id: Option<String>,
+}
+
+impl Pin {
+    /// The reason a job fails when its input is no longer what it pinned.
+    pub fn changed(bucket: &str, key: &str) -> String {
+        format!(
+            "bucket `{bucket}` `{key}`: changed since submit; resubmit to render the new version"
+        )
+    }
 }
 
 /// What an input brings.
@@ -206,6 +241,7 @@ mod tests {
             manifest: None,
             data_prefix: None,
             path: path.into(),
+            pin: None,
         }
     }
 
