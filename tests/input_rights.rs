@@ -200,3 +200,39 @@ async fn an_array_renders_the_scene_it_was_submitted_with() {
     assert!(succeeded >= 5, "the children started before the change");
     assert!(failed >= 1, "B fetched nothing but the pinned version");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_folder_input_is_pinned_by_size_and_mtime() {
+    let farm = farm().await;
+    put_asset(&farm, "scene.txt", b"the scene");
+    let _serve = farm.serve(&[]).await;
+    // What the endpoint records for a folder's object.
+    let input = json!({"bucket": "assets", "key": "scene.txt", "path": "scene.txt"});
+    let id = farm
+        .submit(json!({"command": "list_inputs", "inputs": [input],
+                       "tasks": [crate::inputs::upload("pinned.json")]}))
+        .await;
+    assert_eq!(ended(&farm, &id).await["type"], "JobSucceeded");
+    // A pin this object no longer matches (as if it had been saved over
+    // since): refused for good, naming the bucket and key, never run.
+    let mut stale = input.clone();
+    stale["pin"] = json!({"size": 9, "version": "9-1"});
+    let id = farm
+        .insert(
+            &json!({"command": "list_inputs", "inputs": [stale],
+                    "tasks": [crate::inputs::upload("stale.json")]})
+            .to_string(),
+        )
+        .await;
+    let end = ended(&farm, &id).await;
+    assert_eq!(end["type"], "JobDeadLettered", "{end}");
+    let reason = end["detail"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("bucket `assets`")
+            && reason.contains("scene.txt")
+            && reason.contains("changed since submit"),
+        "{reason}"
+    );
+    assert_eq!(end["attempt"], 1, "no retry: {end}");
+    assert!(farm.object("stale.json").await.is_none());
+}
