@@ -66,8 +66,9 @@
 //! - [`api`]: the submit half: the HTTP router (auth, JSON bodies only,
 //!   body limit, `/healthz`) and [`api::guard`], the `Host` and cross-site
 //!   checks every listener sits behind; JSON-RPC 2.0 types and dispatch
-//!   with no HTTP, and the submit itself (validate against the catalog and
-//!   the `[queue_manager]` limits, then send; array jobs are cut into
+//!   with no HTTP, and the submit itself (pin the inputs with one `HEAD`
+//!   each, validate against the catalog and the `[queue_manager]` limits,
+//!   then send; array jobs are cut into
 //!   children and sent a batch at a time); [`api::control`] cancels and
 //!   redrives, for the endpoint and the command line.
 //! - [`ui`]: the web monitor at `/ui`: pages from the status table (its
