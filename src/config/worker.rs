@@ -85,8 +85,9 @@ pub struct CacheConfig {
     /// reflink copies when it is on the same XFS or Btrfs file system as
     /// `work_dir`, else as plain copies; the worker logs which at start.
     pub path: Option<PathBuf>,
-    /// Bytes it may hold (a size: `"100GiB"` or a number); past this the least recently used files are
-    /// deleted. An input larger than this fails its job for good.
+    /// Bytes it may hold (a size: `"100GiB"` or a number); past this the
+    /// least recently used files are deleted. An input larger than this
+    /// fails its job for good.
     #[serde(deserialize_with = "crate::config::bytes::deserialize")]
     pub max_size: u64,
     /// Ranged GETs at once for one large object.
