@@ -104,6 +104,7 @@ impl App {
             self.publisher.clone(),
             self.ledgers.clone(),
             (&self.config.queue_manager).into(),
+            self.tasks.buckets.clone(),
         )
     }
 

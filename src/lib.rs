@@ -71,8 +71,9 @@
 //! - [`api`]: the submit half: the HTTP router (auth, JSON bodies only,
 //!   body limit, `/healthz`) and [`api::guard`], the `Host` and cross-site
 //!   checks every listener sits behind; JSON-RPC 2.0 types and dispatch
-//!   with no HTTP, and the submit itself (validate against the catalog and
-//!   the `[queue_manager]` limits, then send; array jobs are cut into
+//!   with no HTTP, and the submit itself (pin the inputs with one `HEAD`
+//!   each, validate against the catalog and the `[queue_manager]` limits,
+//!   then send; array jobs are cut into
 //!   children and sent a batch at a time); [`api::control`] cancels and
 //!   redrives, for the endpoint and the command line.
 //! - [`ui`]: the web monitor at `/ui`: pages from the status table (its
@@ -106,8 +107,11 @@
 //! - A redrive deletes from the dead-letter queue exactly the dead letters
 //!   it sent back, and sends them naming the id the submit returned.
 //! - Every job is validated twice: at submit, and on receive (messages can be
-//!   inserted straight into the queue). A job that fails validation never
-//!   runs; on receive it is dead-lettered at once with its reason.
+//!   inserted straight into the queue), against the one
+//!   [`commands::catalog`]: its command and parameters, its tasks, and its
+//!   inputs (only from the buckets its queue's `input_buckets` allow). A
+//!   job that fails validation never runs; on receive it is dead-lettered at
+//!   once with its reason.
 //! - A retryable failure leaves the message in the queue with a back-off
 //!   delay; when the last allowed try fails the worker dead-letters it with
 //!   its reason. The queue's redrive policy catches jobs of workers that
@@ -173,6 +177,12 @@
 //!   table and events files 0600, the worker's folder under `work_dir`
 //!   0711 so a job reaches its own folder but lists no other, process
 //!   records 0600). A worker that cannot switch to the user does not start.
+//! - A job's inputs are pinned at submit: the submit half records each
+//!   object's and manifest's ETag and version (a folder's: size and
+//!   mtime) in the job, every child of an array carries the same pin, and
+//!   a worker fetches only that version (`If-Match`, `versionId`); one
+//!   changed since submit fails the job for good, never renders instead.
+//!   A hit for a pinned input makes no request.
 //! - A cached blob is served only to jobs reading a bucket of the same
 //!   identity (endpoint, region, bucket name; a folder's path), never by
 //!   the bucket's name in `workers.toml`, and only for the key the job

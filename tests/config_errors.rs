@@ -131,3 +131,30 @@ fn unknown_allowed_command_names_file_line_and_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn sizes_are_written_with_units_and_a_bad_one_names_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("workers.toml");
+    let sized = repo_config()
+        .replace("max_body_bytes = 262144", "max_body_bytes = \"256KiB\"")
+        .replace(
+            "[worker]\n",
+            "[worker]\ncache = { max_size = \"100GiB\" }\n",
+        );
+    std::fs::write(&path, &sized).unwrap();
+    let out = crate::harness::renderq_ok(&["check-config"], &path, &[]);
+    assert!(out.contains("ok"), "{out}");
+
+    let broken = sized.replace("\"256KiB\"", "\"256 KiBs\"");
+    std::fs::write(&path, &broken).unwrap();
+    let line = (broken.lines())
+        .position(|l| l.starts_with("max_body_bytes"))
+        .unwrap()
+        + 1;
+    let (code, stderr) = run(&["check-config"], &path);
+    assert_ne!(code, 0);
+    let expected = format!("{}:{line}: `server.max_body_bytes`", path.display());
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(stderr.contains("`256 KiBs` is not a size"), "{stderr}");
+}

@@ -156,6 +156,11 @@ async fn bad_inputs_are_refused_or_dead_lettered_with_their_reason() {
             json!({"bucket": "assets", "key": "../../etc/passwd", "path": "a"}),
             "inputs[0].key",
         ),
+        // Pinned at submit: a missing object is known then.
+        (
+            json!({"bucket": "assets", "key": "shots/missing.blend", "path": "a"}),
+            "inputs[0].key",
+        ),
     ] {
         let reply = farm
             .rpc(
@@ -167,24 +172,31 @@ async fn bad_inputs_are_refused_or_dead_lettered_with_their_reason() {
         assert_eq!(reply["error"]["data"]["field"], field, "{reply}");
     }
 
-    // Dead-lettered on the first try, naming what is wrong.
-    for (input, why) in [
+    // Dead-lettered on the first try, naming what is wrong (the missing
+    // object inserted straight into the queue, past the submit's check).
+    for (input, why, inserted) in [
         (
             json!({"bucket": "assets", "key": "shots/missing.blend", "path": "a"}),
             "shots/missing.blend: no such object",
+            true,
         ),
         (
             json!({"bucket": "assets", "manifest": "manifests/wrong_hash.json", "path": "m/"}),
             "the manifest says",
+            false,
         ),
         (
             json!({"bucket": "assets", "manifest": "manifests/old.json", "path": "m/"}),
             "manifestVersion `2020-01-01`",
+            false,
         ),
     ] {
-        let id = farm
-            .submit(json!({"command": "list_inputs", "inputs": [input]}))
-            .await;
+        let job = json!({"command": "list_inputs", "inputs": [input]});
+        let id = if inserted {
+            farm.insert(&job.to_string()).await
+        } else {
+            farm.submit(job).await
+        };
         let end = ended(&farm, &id).await;
         assert_eq!(end["type"], "JobDeadLettered", "{end}");
         let reason = end["detail"]["reason"].as_str().unwrap();
@@ -317,7 +329,10 @@ async fn two_slots_wanting_one_200_mib_object_download_it_once() {
     let (gets, heads) = (&counted["by_method"]["GET"], &counted["by_method"]["HEAD"]);
     println!("at the bucket: {gets} GETs and {heads} HEADs of the object");
     assert_eq!(gets, 13, "200 MiB in 16 MiB ranges, fetched once");
-    assert_eq!(heads, 2, "each job checks the object's version");
+    assert_eq!(
+        heads, 2,
+        "one at each submit, to pin it; the workers ask none"
+    );
     // The ranged parts were put together right.
     let blobs = files_under(&farm.work_dir().join("renderq-cache/blobs"));
     assert_eq!(blobs.len(), 1);
@@ -330,7 +345,7 @@ async fn two_slots_wanting_one_200_mib_object_download_it_once() {
 
 /// Points the farm's `assets` bucket at `url` instead of `endpoint` (a
 /// proxy in front of it).
-fn route_assets_through(farm: &Farm, endpoint: &str, url: &str) {
+pub(crate) fn route_assets_through(farm: &Farm, endpoint: &str, url: &str) {
     let text = std::fs::read_to_string(&farm.config).unwrap();
     let (head, tail) = text.split_once("[buckets.assets]").unwrap();
     let from = format!("endpoint_url = \"{endpoint}\"");

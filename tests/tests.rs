@@ -38,6 +38,7 @@ mod failures;
 mod first_hour;
 mod fleet;
 mod http_api;
+mod input_rights;
 mod inputs;
 mod job_control;
 mod job_user;

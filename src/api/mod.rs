@@ -1,14 +1,16 @@
 //! The submit half's front: the HTTP router ([`server`], behind the
 //! `Host` and cross-site checks of [`guard`]) routes bytes to
 //! JSON-RPC ([`rpc`], no HTTP in sight), whose submit method checks and
-//! sends jobs ([`submit`]; an array's children are planned, sized and sent
-//! in `children`); job control ([`control`]) cancels and redrives. Nothing
-//! here receives a message, and only a cancel on the embedded queue deletes
-//! any (the cancelled job's messages that no worker holds).
+//! sends jobs ([`submit`]; inputs are pinned first, in `pins`; an array's
+//! children are planned, sized and sent in `children`); job control
+//! ([`control`]) cancels and redrives. Nothing here receives a message, and
+//! only a cancel on the embedded queue deletes any (the cancelled job's
+//! messages that no worker holds).
 
 mod children;
 pub mod control;
 pub mod guard;
+mod pins;
 pub mod rpc;
 pub mod server;
 pub mod submit;

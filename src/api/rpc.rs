@@ -3,7 +3,8 @@
 //!
 //! Errors map to JSON-RPC codes without leaking internals: a refused job is
 //! -32602 with `data.field` naming what to fix; a queue that cannot be
-//! reached is -32000.
+//! reached is -32000; an input's bucket that cannot be read to pin it,
+//! -32002.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -24,6 +25,8 @@ pub const INVALID_PARAMS: i64 = -32602;
 pub const INTERNAL_ERROR: i64 = -32603;
 pub const QUEUE_UNAVAILABLE: i64 = -32000;
 pub const STATUS_UNAVAILABLE: i64 = -32001;
+/// An input's bucket could not be read at submit, to pin the input.
+pub const INPUT_UNAVAILABLE: i64 = -32002;
 
 #[derive(Debug, Deserialize)]
 struct Request {
@@ -82,6 +85,14 @@ impl From<SubmitError> for RpcError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::Invalid(field) => field.into(),
+            SubmitError::Input { field, source } => {
+                tracing::warn!(%field, error = %source, "cannot pin an input");
+                Self {
+                    code: INPUT_UNAVAILABLE,
+                    message: format!("Input unavailable: {source}"),
+                    data: Some(json!({ "field": field, "bucket": source.bucket })),
+                }
+            }
             SubmitError::Queue {
                 queue,
                 source,

@@ -26,6 +26,7 @@ use crate::job::inputs::InputSpec;
 use crate::job::params::FieldError;
 use crate::job::{Envelope, TaskSpec};
 use crate::queue::{Queue, QueueError, Queues};
+use crate::storage::{Buckets, StorageError};
 
 /// `queue_manager_submit_job` params.
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +84,10 @@ pub enum SubmitError {
     /// The job was refused; nothing was sent.
     #[error(transparent)]
     Invalid(#[from] FieldError),
+    /// An input's bucket could not be read to pin it (not a missing
+    /// object: that is `Invalid`); nothing was sent.
+    #[error("{field}: {source}")]
+    Input { field: String, source: StorageError },
     /// The queue could not take it. For an array, `sent` lists the
     /// children queued before the failure (they will run), and `not_sent`
     /// says which were not.
@@ -133,6 +138,8 @@ pub struct Submitter {
     /// Queues with a ledger can take array jobs (it counts their children).
     ledgers: Ledgers,
     limits: Limits,
+    /// Where inputs are pinned (`HEAD`) before a job is sent.
+    buckets: Buckets,
 }
 
 /// A checked submit, nothing sent yet: what it will queue is known.
@@ -159,6 +166,7 @@ impl Submitter {
         publisher: Publisher,
         ledgers: Ledgers,
         limits: Limits,
+        buckets: Buckets,
     ) -> Self {
         Self {
             catalog,
@@ -167,6 +175,7 @@ impl Submitter {
             publisher,
             ledgers,
             limits,
+            buckets,
         }
     }
 
@@ -197,7 +206,11 @@ impl Submitter {
     /// anything. Its work is bounded by the limits, not by the request; an
     /// array's (up to `max_frames` frames and `max_array_size` children
     /// checked) is done off the async threads.
-    pub async fn prepare(&self, request: SubmitRequest) -> Result<Prepared, SubmitError> {
+    pub async fn prepare(&self, mut request: SubmitRequest) -> Result<Prepared, SubmitError> {
+        if !request.inputs.is_empty() {
+            let queue = (request.queue_name.as_deref()).unwrap_or(&self.default_queue);
+            super::pins::pin(&self.catalog, &self.buckets, queue, &mut request.inputs).await?;
+        }
         if request.frames.is_none() {
             return self.check(request);
         }
@@ -244,7 +257,7 @@ impl Submitter {
             .catalog
             .validate(&request.command, &request.parameters, &request.tasks)?;
         let has_frame = job.command.schema.contains("frame");
-        self.catalog.check_inputs(&request.inputs)?;
+        self.catalog.check_inputs(&queue_name, &request.inputs)?;
         let mut envelope = Envelope::new(request.command, request.parameters, request.tasks);
         envelope.notifications = notifications;
         envelope.inputs = request.inputs;

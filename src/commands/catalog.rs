@@ -18,6 +18,9 @@ use crate::tasks::{HostPolicy, Task};
 pub struct Catalog {
     commands: BTreeMap<String, Command>,
     buckets: BTreeSet<String>,
+    /// The buckets each queue's jobs may read inputs from
+    /// ([`Config::input_buckets`]).
+    input_buckets: BTreeMap<String, BTreeSet<String>>,
     hosts: HostPolicy,
     /// Most entries in a job's `inputs` (`queue_manager.max_inputs`).
     max_inputs: usize,
@@ -70,6 +73,9 @@ impl Catalog {
         Ok(Self {
             commands,
             buckets: config.buckets.keys().cloned().collect(),
+            input_buckets: (config.queues.keys())
+                .map(|queue| (queue.clone(), config.input_buckets(queue)))
+                .collect(),
             hosts: HostPolicy::from_config(&config.http_post),
             max_inputs: config.queue_manager.max_inputs,
         })
@@ -116,10 +122,22 @@ impl Catalog {
         })
     }
 
-    /// Checks a job's inputs: their buckets exist, their paths stay in the
+    /// Checks the inputs of a job on `queue`: their buckets exist and the
+    /// queue may read them (`input_buckets`), their paths stay in the
     /// job's folder, their keys are keys.
-    pub fn check_inputs(&self, inputs: &[InputSpec]) -> Result<(), FieldError> {
-        crate::job::inputs::check(inputs, self.max_inputs, |b| self.buckets.contains(b))
+    pub fn check_inputs(&self, queue: &str, inputs: &[InputSpec]) -> Result<(), FieldError> {
+        let readable = self.input_buckets.get(queue);
+        crate::job::inputs::check(inputs, self.max_inputs, |bucket| {
+            if !self.buckets.contains(bucket) {
+                Err(format!("no bucket `{bucket}` is configured"))
+            } else if !readable.is_some_and(|r| r.contains(bucket)) {
+                Err(format!(
+                    "queue `{queue}` may not read inputs from bucket `{bucket}` (queues.{queue}.input_buckets)"
+                ))
+            } else {
+                Ok(())
+            }
+        })
     }
 
     /// Checks what a task refers to outside itself.
@@ -273,6 +291,78 @@ path = "q"
                 json!([{"name": "http_post", "config": {"postback_uri": "file:///etc/passwd"}}])
             ),
             "tasks[0].config.postback_uri"
+        );
+    }
+
+    #[test]
+    fn a_queue_reads_inputs_from_its_list_or_from_every_bucket_but_the_ledgers() {
+        let toml = |list: &str| {
+            format!(
+                r#"
+[queue_manager]
+allow_commands = ["get_version"]
+default_queue = "open"
+listen_queue = "open"
+[queues.open]
+backend = "sqs"
+url = "http://127.0.0.1:1/q"
+status_bucket = "ledger"
+[queues.shut]
+backend = "local"
+path = "q"
+{list}
+[buckets.ledger]
+backend = "s3"
+bucket = "l"
+[buckets.assets]
+backend = "local"
+path = "a"
+[buckets.results]
+backend = "local"
+path = "r"
+"#
+            )
+        };
+        let config = Config::from_toml(
+            &toml("input_buckets = [\"assets\"]"),
+            std::path::Path::new("/tmp"),
+        )
+        .unwrap();
+        let catalog = Catalog::from_config(&config).unwrap();
+        let input = |bucket: &str| InputSpec {
+            bucket: bucket.into(),
+            key: Some("k".into()),
+            manifest: None,
+            data_prefix: None,
+            path: "k".into(),
+            pin: None,
+        };
+        let refused = |queue: &str, bucket: &str| {
+            catalog
+                .check_inputs(queue, &[input(bucket)])
+                .err()
+                .map(|e| (e.field, e.reason))
+        };
+        assert_eq!(refused("open", "assets"), None);
+        assert_eq!(refused("open", "results"), None);
+        let (field, reason) = refused("open", "ledger").unwrap();
+        assert_eq!(field, "inputs[0].bucket");
+        assert!(reason.contains("may not read"), "{reason}");
+        assert_eq!(refused("shut", "assets"), None);
+        let (field, reason) = refused("shut", "results").unwrap();
+        assert_eq!(field, "inputs[0].bucket");
+        assert!(reason.contains("queues.shut.input_buckets"), "{reason}");
+        let (_, reason) = refused("shut", "nope").unwrap();
+        assert!(reason.contains("no bucket `nope`"), "{reason}");
+
+        let err = Config::from_toml(
+            &toml("input_buckets = [\"assets\", \"nope\"]"),
+            std::path::Path::new("/tmp"),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("queues.shut.input_buckets[1]"),
+            "{err}"
         );
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod bytes;
 mod events;
 mod locate;
 mod sections;
@@ -310,6 +311,16 @@ impl Config {
                 ));
             }
         }
+        for (name, queue) in &self.queues {
+            for (i, bucket) in queue.input_buckets().unwrap_or_default().iter().enumerate() {
+                if !self.buckets.contains_key(bucket) {
+                    return Err(Invalid::new(
+                        format!("queues.{name}.input_buckets[{i}]"),
+                        format!("no [buckets.{bucket}] is configured"),
+                    ));
+                }
+            }
+        }
         for (name, bucket) in &self.buckets {
             if let BucketConfig::S3(s3) = bucket
                 && s3.part_size < 5 * 1024 * 1024
@@ -323,8 +334,28 @@ impl Config {
         Ok(())
     }
 
+    /// The buckets a job on `queue` may read inputs from: its
+    /// `input_buckets`, or without that list every bucket but the queues'
+    /// ledgers (`status_bucket`: the workers' own records, never a job's).
+    pub fn input_buckets(&self, queue: &str) -> std::collections::BTreeSet<String> {
+        if let Some(listed) = self.queues.get(queue).and_then(QueueConfig::input_buckets) {
+            return listed.iter().cloned().collect();
+        }
+        let ledgers: Vec<&String> = (self.queues.values())
+            .filter_map(|q| match q {
+                QueueConfig::Sqs(sqs) => sqs.status_bucket.as_ref(),
+                QueueConfig::Local(_) => None,
+            })
+            .collect();
+        (self.buckets.keys())
+            .filter(|b| !ledgers.contains(b))
+            .cloned()
+            .collect()
+    }
+
     fn resolve_paths(&mut self, base: &Path) {
         self.config_dir = base.to_owned();
+        self.worker.default_work_dir = base.join(worker::DEFAULT_WORK_DIR);
         if let Some(dir) = &mut self.worker.work_dir {
             *dir = base.join(&*dir);
         }
@@ -430,6 +461,13 @@ path = "var/q"
         };
         assert!(q.path.is_absolute());
         assert_eq!(q.max_receive_count, 3);
+        // All state under the config's own `var/`, none in /tmp.
+        let var = q.path.parent().unwrap();
+        assert_eq!(config.worker.work_root(), var.join("work"));
+        assert_eq!(
+            config.worker.cache_root(),
+            var.join("work").join("renderq-cache")
+        );
     }
 
     #[test]

@@ -123,11 +123,17 @@ pub struct QueueManagerConfig {
     pub max_frames: u32,
     /// Largest message body a submit may send, one job or one child
     /// (SQS takes at most 256 KiB).
-    #[serde(default = "default_max_message_bytes")]
+    #[serde(
+        default = "default_max_message_bytes",
+        deserialize_with = "crate::config::bytes::deserialize"
+    )]
     pub max_message_bytes: usize,
     /// Largest total of an array's children's bodies: what one submit may
     /// put on the queue.
-    #[serde(default = "default_max_array_bytes")]
+    #[serde(
+        default = "default_max_array_bytes",
+        deserialize_with = "crate::config::bytes::deserialize"
+    )]
     pub max_array_bytes: usize,
     /// Most requests in one JSON-RPC batch.
     #[serde(default = "default_max_batch")]
@@ -224,6 +230,23 @@ pub struct SqsQueueConfig {
     /// Key prefix of the ledger in `status_bucket`.
     #[serde(default = "default_status_prefix")]
     pub status_prefix: String,
+    /// The `[buckets.NAME]` a job on this queue may read inputs from (see
+    /// [`QueueConfig::input_buckets`] for the default).
+    #[serde(default)]
+    pub input_buckets: Option<Vec<String>>,
+}
+
+impl QueueConfig {
+    /// The buckets a job on this queue may name in `inputs`, when the
+    /// queue lists them (`input_buckets`). Without a list, every bucket
+    /// except the ledgers (`status_bucket`) may be read: see
+    /// [`crate::config::Config::input_buckets`].
+    pub fn input_buckets(&self) -> Option<&[String]> {
+        match self {
+            QueueConfig::Local(q) => q.input_buckets.as_deref(),
+            QueueConfig::Sqs(q) => q.input_buckets.as_deref(),
+        }
+    }
 }
 
 fn default_status_prefix() -> String {
@@ -241,6 +264,10 @@ pub struct LocalQueueConfig {
     /// embedded counterpart of an SQS redrive policy).
     #[serde(default = "default_max_receive_count")]
     pub max_receive_count: u32,
+    /// The `[buckets.NAME]` a job on this queue may read inputs from (see
+    /// [`QueueConfig::input_buckets`] for the default).
+    #[serde(default)]
+    pub input_buckets: Option<Vec<String>>,
 }
 
 fn default_max_receive_count() -> u32 {
@@ -271,10 +298,16 @@ pub struct S3BucketConfig {
     #[serde(default)]
     pub endpoint_url: Option<String>,
     /// File results at least this large go up as multipart uploads.
-    #[serde(default = "default_multipart_threshold")]
+    #[serde(
+        default = "default_multipart_threshold",
+        deserialize_with = "crate::config::bytes::deserialize"
+    )]
     pub multipart_threshold: u64,
     /// Size of each multipart part (S3's minimum is 5 MiB).
-    #[serde(default = "default_part_size")]
+    #[serde(
+        default = "default_part_size",
+        deserialize_with = "crate::config::bytes::deserialize"
+    )]
     pub part_size: u64,
     /// Parts uploaded at once (one connection each).
     #[serde(default = "default_upload_concurrency")]

@@ -15,7 +15,9 @@ pub struct ServerConfig {
     /// Name of an environment variable holding the bearer token every request
     /// must carry. The token itself never appears in the file.
     pub auth_token_env: Option<String>,
-    /// Requests with a larger body are refused with HTTP 413.
+    /// Requests with a larger body are refused with HTTP 413 (a size:
+    /// `"256KiB"` or a number of bytes).
+    #[serde(deserialize_with = "crate::config::bytes::deserialize")]
     pub max_body_bytes: usize,
     /// Serve a non-loopback address without a token, on purpose (anyone who
     /// reaches the port can then fill the queue).

@@ -39,9 +39,14 @@ pub struct WorkerConfig {
     /// cancelled and handed back to the queue.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Where per-job working folders are made (default: the system's
-    /// temporary folder).
+    /// Where per-job working folders are made (default: `var/work` beside
+    /// the config file, so that the input cache and job folders live with
+    /// the queue and results under `var/`, not in the system's `/tmp`).
     pub work_dir: Option<PathBuf>,
+    /// `work_dir` when none is given: `var/work` in the config file's
+    /// folder, filled in when the config's paths are resolved.
+    #[serde(skip)]
+    pub default_work_dir: PathBuf,
     /// On an instance notice (spot, autoscaling), what to do with a job
     /// that reported no progress: `release` it at once, or
     /// `run-to-deadline`.
@@ -104,8 +109,10 @@ pub struct CacheConfig {
     /// reflink copies when it is on the same XFS or Btrfs file system as
     /// `work_dir`, else as plain copies; the worker logs which at start.
     pub path: Option<PathBuf>,
-    /// Bytes it may hold; past this the least recently used files are
-    /// deleted. An input larger than this fails its job for good.
+    /// Bytes it may hold (a size: `"100GiB"` or a number); past this the
+    /// least recently used files are deleted. An input larger than this
+    /// fails its job for good.
+    #[serde(deserialize_with = "crate::config::bytes::deserialize")]
     pub max_size: u64,
     /// Ranged GETs at once for one large object.
     pub download_concurrency: usize,
@@ -231,10 +238,15 @@ fn default_hook_heartbeat() -> Duration {
     Duration::from_secs(60)
 }
 
+/// Where job folders and the input cache go without `work_dir`, relative
+/// to the config file's folder: under `var/` with the rest of the embedded
+/// default's state.
+pub const DEFAULT_WORK_DIR: &str = "var/work";
+
 impl WorkerConfig {
     /// Where per-job working folders are made.
     pub fn work_root(&self) -> PathBuf {
-        self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
+        (self.work_dir.clone()).unwrap_or_else(|| self.default_work_dir.clone())
     }
 
     /// Who runs jobs' programs.
@@ -266,6 +278,7 @@ impl Default for WorkerConfig {
             max_runtime: Duration::from_secs(2 * 3600),
             drain_timeout: Duration::from_secs(30),
             work_dir: None,
+            default_work_dir: PathBuf::from(DEFAULT_WORK_DIR),
             unknown_eta: UnknownEta::default(),
             rebalance: Rebalance::default(),
             dead_letter_sweep: Duration::from_secs(300),

@@ -30,6 +30,41 @@ pub struct InputSpec {
     pub data_prefix: Option<String>,
     /// Relative to the job's working folder.
     pub path: String,
+    /// The object (or manifest) as the submit half found it; workers fetch
+    /// exactly this. Recorded at submit, whatever the request said; absent
+    /// in a message inserted straight into the queue (a worker then reads
+    /// whatever is there when it stages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<Pin>,
+}
+
+/// What an input's object was at submit (SPEC §6b). Every child of an
+/// array carries the same pin, so all of them render the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    /// Its size then.
+    pub size: u64,
+    /// What changes when the object does, and what the cache keys it by:
+    /// its version id, else its ETag; a folder's object, its size and
+    /// modification time in nanoseconds (`SIZE-NANOS`), which costs one
+    /// `stat` where a content hash would cost reading the whole file.
+    pub version: String,
+    /// Its ETag (S3): every GET sends `If-Match` with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// Its version id, on a versioned bucket: every GET names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_id: Option<String>,
+}
+
+impl Pin {
+    /// The reason a job fails when its input is no longer what it pinned.
+    pub fn changed(bucket: &str, key: &str) -> String {
+        format!(
+            "bucket `{bucket}` `{key}`: changed since submit; resubmit to render the new version"
+        )
+    }
 }
 
 /// What an input brings.
@@ -82,11 +117,11 @@ impl InputSpec {
 /// Checks a job's inputs without looking at any bucket: each names one
 /// object or one manifest, its path is relative and stays in the working
 /// folder, no two share a path, and there are at most `max` of them.
-/// `buckets` says which bucket names exist.
+/// `readable` says whether a bucket may be read, and if not, why.
 pub fn check(
     inputs: &[InputSpec],
     max: usize,
-    bucket_exists: impl Fn(&str) -> bool,
+    readable: impl Fn(&str) -> Result<(), String>,
 ) -> Result<(), FieldError> {
     if inputs.len() > max {
         return Err(FieldError::new(
@@ -99,12 +134,7 @@ pub fn check(
     }
     let mut paths: Vec<Vec<&str>> = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
-        if !bucket_exists(&input.bucket) {
-            return Err(FieldError::new(
-                format!("inputs[{i}].bucket"),
-                format!("no bucket `{}` is configured", input.bucket),
-            ));
-        }
+        readable(&input.bucket).map_err(|e| FieldError::new(format!("inputs[{i}].bucket"), e))?;
         let (field, key) = match input.kind() {
             Some(InputKind::Object { key }) => ("key", key),
             Some(InputKind::Manifest { key }) => ("manifest", key),
@@ -211,12 +241,19 @@ mod tests {
             manifest: None,
             data_prefix: None,
             path: path.into(),
+            pin: None,
         }
     }
 
     #[test]
     fn paths_must_stay_in_the_job_folder() {
-        let exists = |b: &str| b == "assets";
+        let exists = |b: &str| {
+            if b == "assets" {
+                Ok(())
+            } else {
+                Err(format!("no bucket `{b}`"))
+            }
+        };
         assert!(check(&[object("scene.blend"), object("tex/a.png")], 10, exists).is_ok());
         for (inputs, field, why) in [
             (

@@ -9,6 +9,7 @@ use aws_sdk_s3::error::ProvideErrorMetadata;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::{Bucket, StorageError};
+use crate::job::inputs::Pin;
 
 /// Bytes per ranged GET of a large object.
 const RANGE: u64 = 16 * 1024 * 1024;
@@ -23,6 +24,56 @@ pub struct ObjectInfo {
     /// Its ETag, which every ranged GET must match, so that an object
     /// replaced during a download fails it rather than mixing the two.
     pub etag: Option<String>,
+    /// Its version id, on a versioned bucket.
+    pub version_id: Option<String>,
+}
+
+impl ObjectInfo {
+    /// The object as a job's pin records it.
+    pub fn pin(self) -> Pin {
+        Pin {
+            size: self.size,
+            version: self.version,
+            etag: self.etag,
+            version_id: self.version_id,
+        }
+    }
+
+    /// What a read of this object must get: this version, and when it is
+    /// the job's `pin`, nothing else for good.
+    pub fn expected(&self, pinned: bool) -> Expected<'_> {
+        Expected {
+            etag: self.etag.as_deref(),
+            version_id: self.version_id.as_deref(),
+            version: &self.version,
+            pinned,
+        }
+    }
+}
+
+impl From<&Pin> for ObjectInfo {
+    fn from(pin: &Pin) -> Self {
+        Self {
+            size: pin.size,
+            version: pin.version.clone(),
+            etag: pin.etag.clone(),
+            version_id: pin.version_id.clone(),
+        }
+    }
+}
+
+/// Which version of an object a read must get.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    /// Every GET sends `If-Match` with it (S3).
+    pub etag: Option<&'a str>,
+    /// Every GET names it (a versioned S3 bucket).
+    pub version_id: Option<&'a str>,
+    /// [`ObjectInfo::version`]: what a folder's object is compared with.
+    pub version: &'a str,
+    /// The job's pin, recorded at submit: another version is a permanent
+    /// failure ("changed since submit"), not one worth another try.
+    pub pinned: bool,
 }
 
 impl Bucket {
@@ -45,12 +96,19 @@ impl Bucket {
         &self,
         key: &str,
         claimed: Option<u64>,
+        expected: Option<Expected<'_>>,
         e: &aws_sdk_s3::error::SdkError<E, R>,
     ) -> StorageError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
+        let pinned = expected.is_some_and(|x| x.pinned);
+        if e.code() == Some("PreconditionFailed") {
+            // Replaced since its ETag was read: for good when that was at
+            // submit, else (during this download) worth another try.
+            return self.changed(key, pinned);
+        }
         let permanent = matches!(
             e.code(),
             Some("NoSuchKey" | "InvalidRange" | "AccessDenied" | "NoSuchBucket")
@@ -63,6 +121,37 @@ impl Bucket {
             _ => crate::aws::describe(e),
         };
         self.error(key, message, permanent)
+    }
+
+    /// The object is not the version expected.
+    fn changed(&self, key: &str, pinned: bool) -> StorageError {
+        if pinned {
+            self.error(
+                key,
+                "changed since submit; resubmit to render the new version",
+                true,
+            )
+        } else {
+            self.error(key, "changed during the download", false)
+        }
+    }
+
+    /// A folder's object is still the version expected (S3 checks that
+    /// itself, with `If-Match`).
+    async fn check_local(
+        &self,
+        key: &str,
+        expected: Option<Expected<'_>>,
+    ) -> Result<(), StorageError> {
+        match (self, expected) {
+            (Bucket::Local(_), Some(expected)) if expected.pinned => {
+                if self.head(key).await?.version != expected.version {
+                    return Err(self.changed(key, true));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The object's size and version; a missing object is a permanent
@@ -91,6 +180,7 @@ impl Bucket {
                     size: meta.len(),
                     version: format!("{}-{modified}", meta.len()),
                     etag: None,
+                    version_id: None,
                 })
             }
             Bucket::S3(b) => {
@@ -105,6 +195,7 @@ impl Bucket {
                             .unwrap_or_default()
                             .to_owned(),
                         etag: head.e_tag().map(str::to_owned),
+                        version_id: head.version_id().map(str::to_owned),
                     }),
                     Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
                         Err(self.error(key, "no such object", true))
@@ -118,9 +209,20 @@ impl Bucket {
         }
     }
 
-    /// A small object's bytes (at most `max`).
-    pub async fn get_bytes(&self, key: &str, max: u64) -> Result<Vec<u8>, StorageError> {
-        let info = self.head(key).await?;
+    /// A small object's bytes (at most `max`): the version `pinned` at
+    /// submit (then with no `HEAD` first), else the one there now.
+    pub async fn get_bytes(
+        &self,
+        key: &str,
+        max: u64,
+        pinned: Option<&Pin>,
+    ) -> Result<Vec<u8>, StorageError> {
+        let info = match pinned {
+            Some(pin) => ObjectInfo::from(pin),
+            None => self.head(key).await?,
+        };
+        let expected = info.expected(pinned.is_some());
+        self.check_local(key, Some(expected)).await?;
         if info.size > max {
             return Err(self.error(
                 key,
@@ -138,9 +240,11 @@ impl Bucket {
                     .get_object()
                     .bucket(bucket)
                     .key(key)
+                    .set_if_match(expected.etag.map(str::to_owned))
+                    .set_version_id(expected.version_id.map(str::to_owned))
                     .send()
                     .await
-                    .map_err(|e| self.get_error(key, None, &e))?;
+                    .map_err(|e| self.get_error(key, None, Some(expected), &e))?;
                 let bytes = object
                     .body
                     .collect()
@@ -158,10 +262,11 @@ impl Bucket {
         &self,
         key: &str,
         size: u64,
-        etag: Option<&str>,
+        expected: Option<Expected<'_>>,
         dest: &Path,
         concurrency: usize,
     ) -> Result<(), StorageError> {
+        self.check_local(key, expected).await?;
         match self {
             Bucket::Local(b) => tokio::fs::copy(b.path_of(key), dest)
                 .await
@@ -177,7 +282,13 @@ impl Bucket {
                 // No range to fetch: the object must still be there (an
                 // empty file of a manifest is fetched like any other).
                 if size == 0 {
-                    self.head(key).await?;
+                    let now = self.head(key).await?;
+                    if let Some(expected) = expected
+                        && expected.etag.is_some()
+                        && now.etag.as_deref() != expected.etag
+                    {
+                        return Err(self.changed(key, expected.pinned));
+                    }
                 }
                 let file = tokio::fs::File::create(dest)
                     .await
@@ -191,17 +302,29 @@ impl Bucket {
                 let mut start = 0;
                 while start < size {
                     let end = (start + RANGE).min(size);
-                    let (bucket, key, dest, slots, etag) = (
-                        self.clone(),
-                        key.to_owned(),
-                        dest.to_owned(),
-                        slots.clone(),
-                        etag.map(str::to_owned),
-                    );
+                    let (bucket, key, dest, slots) =
+                        (self.clone(), key.to_owned(), dest.to_owned(), slots.clone());
+                    let owned = expected.map(|x| {
+                        (
+                            x.etag.map(str::to_owned),
+                            x.version_id.map(str::to_owned),
+                            x.version.to_owned(),
+                            x.pinned,
+                        )
+                    });
                     ranges.spawn(async move {
                         let _slot = slots.acquire().await.expect("never closed");
+                        let expected =
+                            owned
+                                .as_ref()
+                                .map(|(etag, version_id, version, pinned)| Expected {
+                                    etag: etag.as_deref(),
+                                    version_id: version_id.as_deref(),
+                                    version,
+                                    pinned: *pinned,
+                                });
                         bucket
-                            .fetch_range(&key, etag.as_deref(), size, start, end, &dest)
+                            .fetch_range(&key, expected, size, start, end, &dest)
                             .await
                     });
                     start = end;
@@ -218,7 +341,7 @@ impl Bucket {
     async fn fetch_range(
         &self,
         key: &str,
-        etag: Option<&str>,
+        expected: Option<Expected<'_>>,
         size: u64,
         start: u64,
         end: u64,
@@ -233,10 +356,11 @@ impl Bucket {
             .bucket(bucket)
             .key(key)
             .range(format!("bytes={start}-{}", end - 1))
-            .set_if_match(etag.map(str::to_owned))
+            .set_if_match(expected.and_then(|x| x.etag).map(str::to_owned))
+            .set_version_id(expected.and_then(|x| x.version_id).map(str::to_owned))
             .send()
             .await
-            .map_err(|e| self.get_error(key, Some(size), &e))?;
+            .map_err(|e| self.get_error(key, Some(size), expected, &e))?;
         // `bytes START-END/TOTAL`: an object of another size than the one
         // claimed (a manifest that lies) can never be fetched as claimed.
         if let Some(total) = object

@@ -37,6 +37,7 @@ impl Worker {
     /// it has any.
     async fn stage(
         &self,
+        queue: &str,
         envelope: &Envelope,
         abort: &CancellationToken,
     ) -> Result<(Option<Arc<crate::workspace::TempFolder>>, Option<Staged>), JobError> {
@@ -44,7 +45,7 @@ impl Worker {
             return Ok((None, None));
         }
         self.catalog
-            .check_inputs(&envelope.inputs)
+            .check_inputs(queue, &envelope.inputs)
             .map_err(|e| JobError::Refused(format!("invalid job: {e}")))?;
         let cache = self
             .cache
@@ -110,7 +111,9 @@ impl Worker {
                     .to_std()
                     .ok()
             });
-        let (workdir, staged) = self.stage(envelope, abort).await?;
+        let (workdir, staged) = self
+            .stage(self.source(delivery).queue.name(), envelope, abort)
+            .await?;
         self.observer.started(subject, waited, staged.as_ref());
         let frames = envelope
             .array

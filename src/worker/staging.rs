@@ -13,6 +13,7 @@ use super::JobError;
 use crate::job::inputs::{InputKind, InputSpec, Staged};
 use crate::job::manifest::Manifest;
 use crate::storage::cache::{Blob, Cache, CacheError, Source, from_micros, xxh128_file};
+use crate::storage::download::{Expected, ObjectInfo};
 use crate::storage::{Bucket, Buckets, StorageError};
 
 /// Largest manifest read into memory.
@@ -66,10 +67,16 @@ impl Stager<'_> {
             Some(InputKind::Object { key }) => {
                 crate::job::check_key(key)
                     .map_err(|e| CacheError::Permanent(format!("key: {e}")))?;
-                let info = bucket.head(key).await.map_err(storage)?;
+                // Pinned at submit: the cache knows it by its pin, so a hit
+                // costs no request at all.
+                let info = match &input.pin {
+                    Some(pin) => ObjectInfo::from(pin),
+                    None => bucket.head(key).await.map_err(storage)?,
+                };
                 let blob = Blob::object(&bucket.identity(), key, &info.version, info.size);
+                let expected = info.expected(input.pin.is_some());
                 let source = self
-                    .place(bucket, key, info.etag.as_deref(), &blob, &dest)
+                    .place(bucket, key, Some(expected), &blob, &dest)
                     .await
                     .map_err(|e| in_context(e, &input.bucket, key, &input.path))?;
                 staged.count(source == Source::Cache, blob.size);
@@ -78,7 +85,7 @@ impl Stager<'_> {
                 crate::job::check_key(key)
                     .map_err(|e| CacheError::Permanent(format!("manifest: {e}")))?;
                 let bytes = bucket
-                    .get_bytes(key, MAX_MANIFEST_BYTES)
+                    .get_bytes(key, MAX_MANIFEST_BYTES, input.pin.as_ref())
                     .await
                     .map_err(storage)?;
                 let manifest = Manifest::parse(&bytes, self.max_manifest_files).map_err(|e| {
@@ -111,6 +118,7 @@ impl Stager<'_> {
                     crate::job::check_key(&data)
                         .map_err(|e| CacheError::Permanent(format!("data_prefix: {e}")))?;
                     let source = self
+                        // Pinned by its hash, which the cache checks.
                         .place(bucket, &data, None, &blob, &dest.join(file.path.as_path()))
                         .await
                         .map_err(|e| in_context(e, &input.bucket, &data, &file.path.to_string()))?;
@@ -130,7 +138,7 @@ impl Stager<'_> {
         &self,
         bucket: &Bucket,
         key: &str,
-        etag: Option<&str>,
+        expected: Option<Expected<'_>>,
         blob: &Blob,
         dest: &Path,
     ) -> Result<Source, CacheError> {
@@ -138,7 +146,7 @@ impl Stager<'_> {
         self.cache
             .place(blob, dest, |tmp| async move {
                 bucket
-                    .download(key, blob.size, etag, &tmp, concurrency)
+                    .download(key, blob.size, expected, &tmp, concurrency)
                     .await
                     .map_err(storage)?;
                 tokio::task::spawn_blocking(move || xxh128_file(&tmp))

@@ -20,6 +20,7 @@ async fn rpc() -> (Rpc, tempfile::TempDir) {
         crate::events::publish::Publisher::default(),
         crate::events::ledger::Ledgers::default(),
         (&config.queue_manager).into(),
+        crate::storage::Buckets::default(),
     );
     let control = Control::new(
         Default::default(),

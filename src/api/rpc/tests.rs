@@ -31,6 +31,7 @@ path = "r"
         crate::events::publish::Publisher::default(),
         crate::events::ledger::Ledgers::default(),
         (&config.queue_manager).into(),
+        crate::storage::Buckets::default(),
     );
     let control = Control::new(
         queues.clone(),

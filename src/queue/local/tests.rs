@@ -5,6 +5,7 @@ async fn queue(dir: &tempfile::TempDir, max_receive_count: u32) -> LocalQueue {
     let config = LocalQueueConfig {
         path: dir.path().to_owned(),
         max_receive_count,
+        input_buckets: None,
     };
     LocalQueue::open("test", &config).await.unwrap()
 }
