@@ -430,10 +430,11 @@ pub fn secret_from_env(key: &str, var: &str) -> Result<String, Invalid> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    /// The smallest config that loads: one embedded queue.
+    pub(crate) const MINIMAL: &str = r#"
 [queue_manager]
 allow_commands = ["get_version"]
 default_queue = "q"

@@ -358,17 +358,7 @@ impl ImdsSetting {
 #[cfg(test)]
 mod tests {
     use super::super::Config;
-
-    const MINIMAL: &str = r#"
-[queue_manager]
-allow_commands = ["get_version"]
-default_queue = "q"
-listen_queue = "q"
-
-[queues.q]
-backend = "local"
-path = "var/q"
-"#;
+    use super::super::tests::MINIMAL;
 
     #[test]
     fn thumbnail_limits_too_small_to_decode_anything_are_refused_by_name() {
