@@ -6,7 +6,11 @@ use std::os::unix::fs::MetadataExt;
 
 use nix::fcntl::{Flock, FlockArg};
 
+use super::index::Used;
 use super::{Cache, CacheError};
+
+/// Blobs read from the index at a time while making room.
+const BATCH: usize = 64;
 
 impl Cache {
     /// Deletes the least recently used blobs nobody holds until `needed`
@@ -14,40 +18,26 @@ impl Cache {
     /// for them. `needed` was checked against `max_size` before (a size that
     /// can never fit evicts nothing).
     pub(super) fn make_room(&self, needed: u64) -> Result<(), CacheError> {
-        let candidates = self.index.by_last_use()?;
-        let mut total = candidates
-            .iter()
-            .fold(0u64, |sum, (_, size)| sum.saturating_add(*size));
-        for (name, size) in candidates {
-            if total.saturating_add(needed) <= self.max_size {
+        let mut total = self.index.size()?;
+        let mut after = None;
+        // Candidates are read a batch at a time from the index on last use,
+        // and only while room is still wanted: the cost follows what is
+        // evicted, not how many blobs the index holds.
+        'evicting: while total.saturating_add(needed) > self.max_size {
+            let batch = self.index.least_used(after.as_ref(), BATCH)?;
+            let Some(last) = batch.last().cloned() else {
                 break;
-            }
-            let path = self.blob_path(&name);
-            // Being fetched or placed elsewhere: kept.
-            let Ok(file) = File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(self.lock_path(&name))
-            else {
-                continue;
             };
-            let Ok(_held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
-                continue;
-            };
-            // Another link to it (made by hand, or by a worker of the first
-            // layout, which linked blobs into job folders): kept.
-            if std::fs::metadata(&path).is_ok_and(|m| m.nlink() > 1) {
-                continue;
+            for Used { name, size, .. } in batch {
+                if total.saturating_add(needed) <= self.max_size {
+                    break 'evicting;
+                }
+                if self.evict(&name)? {
+                    total = total.saturating_sub(size);
+                    tracing::info!(blob = %name, bytes = size, "evicted from the input cache");
+                }
             }
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(_) => continue,
-            }
-            self.index.forget(&name)?;
-            total = total.saturating_sub(size);
-            tracing::info!(blob = %name, bytes = size, "evicted from the input cache");
+            after = Some(last);
         }
         let stat = nix::sys::statvfs::statvfs(&self.root)
             .map_err(|e| CacheError::Retryable(format!("cache: {e}")))?;
@@ -61,6 +51,34 @@ impl Cache {
             )));
         }
         Ok(())
+    }
+
+    /// Deletes one blob unless someone holds it: being fetched or placed
+    /// elsewhere (its lock is held), or linked from elsewhere (by hand, or
+    /// into a job folder by a link placement or the first layout).
+    fn evict(&self, name: &str) -> Result<bool, CacheError> {
+        let Ok(file) = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.lock_path(name))
+        else {
+            return Ok(false);
+        };
+        let Ok(_held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            return Ok(false);
+        };
+        let path = self.blob_path(name);
+        if std::fs::metadata(&path).is_ok_and(|m| m.nlink() > 1) {
+            return Ok(false);
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return Ok(false),
+        }
+        self.index.forget(name)?;
+        Ok(true)
     }
 }
 

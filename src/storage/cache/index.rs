@@ -16,6 +16,20 @@ CREATE TABLE IF NOT EXISTS blobs (
     mtime_ns  INTEGER NOT NULL,
     last_used INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS blobs_by_last_use ON blobs (last_used, name);
+-- The bytes the index accounts for, kept by triggers so that making room
+-- reads one row instead of adding up every blob.
+CREATE TABLE IF NOT EXISTS totals (
+    id    INTEGER PRIMARY KEY CHECK (id = 0),
+    bytes INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals (id, bytes) SELECT 0, COALESCE(SUM(size), 0) FROM blobs;
+CREATE TRIGGER IF NOT EXISTS blobs_added AFTER INSERT ON blobs
+    BEGIN UPDATE totals SET bytes = bytes + NEW.size WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS blobs_removed AFTER DELETE ON blobs
+    BEGIN UPDATE totals SET bytes = bytes - OLD.size WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS blobs_resized AFTER UPDATE OF size ON blobs
+    BEGIN UPDATE totals SET bytes = bytes - OLD.size + NEW.size WHERE id = 0; END;
 ";
 
 /// Names of this layout start with it. Rows of the first layout (keyed by
@@ -28,6 +42,15 @@ pub const LAYOUT: &str = "v2/";
 pub struct Row {
     pub size: u64,
     pub mtime_ns: i64,
+}
+
+/// A blob in the order of last use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Used {
+    pub name: String,
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub last_used: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +106,11 @@ impl Index {
     pub fn record(&self, name: &str, row: Row) -> Result<(), CacheError> {
         self.with(|index| {
             index.execute(
-                "INSERT OR REPLACE INTO blobs (name, size, mtime_ns, last_used) VALUES (?1, ?2, ?3, ?4)",
+                // An upsert, not INSERT OR REPLACE: a replace's delete does
+                // not fire the trigger that keeps the total.
+                "INSERT INTO blobs (name, size, mtime_ns, last_used) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO UPDATE SET
+                     size = excluded.size, mtime_ns = excluded.mtime_ns, last_used = excluded.last_used",
                 params![name, row.size as i64, row.mtime_ns, crate::sqlite::now_s()],
             )
         })
@@ -106,22 +133,35 @@ impl Index {
             .map(drop)
     }
 
-    /// Bytes the index accounts for.
+    /// Bytes the index accounts for: one row, whatever the index's size.
     pub fn size(&self) -> Result<u64, CacheError> {
         self.with(|index| {
-            index.query_row("SELECT COALESCE(SUM(size), 0) FROM blobs", [], |r| {
+            index.query_row("SELECT bytes FROM totals WHERE id = 0", [], |r| {
                 r.get::<_, i64>(0)
             })
         })
         .map(|n| n.max(0) as u64)
     }
 
-    /// Every blob with its size, least recently used first.
-    pub fn by_last_use(&self) -> Result<Vec<(String, u64)>, CacheError> {
+    /// Up to `n` blobs least recently used first, after `after` (the last
+    /// one of the previous batch), from the index on last use: a batch
+    /// costs the same with a thousand blobs as with a million.
+    pub fn least_used(&self, after: Option<&Used>, n: usize) -> Result<Vec<Used>, CacheError> {
+        let (at, name) = after.map_or((i64::MIN, ""), |u| (u.last_used, u.name.as_str()));
         self.with(|index| {
-            let mut stmt = index.prepare("SELECT name, size FROM blobs ORDER BY last_used")?;
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?
-                .collect()
+            let mut stmt = index.prepare_cached(
+                "SELECT name, size, last_used FROM blobs
+                 WHERE (last_used, name) > (?1, ?2)
+                 ORDER BY last_used, name LIMIT ?3",
+            )?;
+            stmt.query_map(params![at, name, n as i64], |r| {
+                Ok(Used {
+                    name: r.get(0)?,
+                    size: r.get::<_, i64>(1)?.max(0) as u64,
+                    last_used: r.get(2)?,
+                })
+            })?
+            .collect()
         })
     }
 

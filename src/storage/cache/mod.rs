@@ -323,7 +323,8 @@ impl Cache {
         Ok(Source::Download)
     }
 
-    /// Moves a checked download into place, read-only, modified at `mtime`
+    /// Moves a checked download into place (synced, then renamed, then the
+    /// folder synced), read-only, modified at `mtime`
     /// (a manifest's: the time its first job's file gets, so that a linked
     /// file shows it), and records it.
     fn admit(
@@ -342,11 +343,17 @@ impl Cache {
         }
         file.set_permissions(std::fs::Permissions::from_mode(access::INPUT_FILE))
             .map_err(retryable("cache"))?;
+        // On disk before it is visible: after a power loss a blob is whole
+        // or absent, never a file of the right size full of zeros.
+        file.sync_all().map_err(retryable("cache"))?;
         drop(file);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(retryable("cache"))?;
-        }
+        let dir = path.parent().unwrap_or(&self.root);
+        std::fs::create_dir_all(dir).map_err(retryable("cache"))?;
         std::fs::rename(tmp, path).map_err(retryable("cache"))?;
+        // The rename itself, before the index says the blob is there.
+        File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(retryable("cache"))?;
         let meta = std::fs::metadata(path).map_err(retryable("cache"))?;
         self.index.record(
             name,

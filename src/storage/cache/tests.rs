@@ -312,3 +312,47 @@ async fn blobs_of_the_first_layout_are_never_served_and_go_first() {
     );
     assert_eq!(cache.size(), 20);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn making_room_walks_the_index_a_batch_at_a_time_past_held_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(
+        &dir.path().join("c"),
+        100,
+        &dir.path().join("jobs"),
+        &JobUser::Worker,
+    )
+    .unwrap();
+    let name = |i: usize| format!("v2/x/{i:02}");
+    let row = |size| index::Row { size, mtime_ns: 0 };
+    // The total is kept as rows come, change size and go.
+    cache.index.record(&name(0), row(5)).unwrap();
+    cache.index.record(&name(0), row(1)).unwrap();
+    cache.index.record("v2/x/gone", row(7)).unwrap();
+    cache.index.forget("v2/x/gone").unwrap();
+    assert_eq!(cache.size(), 1);
+    for i in 1..80 {
+        cache.index.record(&name(i), row(1)).unwrap();
+    }
+    for i in 0..80 {
+        cache.index.set_last_used(&name(i), i as i64);
+    }
+    assert_eq!(cache.size(), 80);
+    // The whole first batch is held by other slots: room comes from the
+    // next one, oldest first, and no more than is needed.
+    let mut held = Vec::new();
+    for i in 0..64 {
+        held.push(cache.lock(&name(i)).await.unwrap());
+    }
+    let room = cache.clone();
+    tokio::task::spawn_blocking(move || room.make_room(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cache.size(), 70);
+    let kept = |i| cache.index.row(&name(i)).unwrap().is_some();
+    assert!((0..64).all(kept), "held blobs stay");
+    assert!((64..74).all(|i| !kept(i)), "the ten oldest free ones go");
+    assert!((74..80).all(kept), "no more than needed goes");
+    drop(held);
+}
