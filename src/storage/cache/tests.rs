@@ -12,6 +12,17 @@ fn blob(name: &str, size: u64) -> Blob {
     }
 }
 
+/// A cache of `max_size` bytes in `dir/c`, for jobs in `dir/jobs`.
+fn open_cache(dir: &tempfile::TempDir, max_size: u64) -> Cache {
+    Cache::open(
+        &dir.path().join("c"),
+        max_size,
+        &dir.path().join("jobs"),
+        &JobUser::Worker,
+    )
+    .unwrap()
+}
+
 /// A fetch that writes `n` bytes of `fill` and counts its calls.
 fn writer(
     fill: u8,
@@ -36,13 +47,7 @@ fn writer(
 #[tokio::test(flavor = "multi_thread")]
 async fn one_download_however_many_ask_at_once_then_hits() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(
-        &dir.path().join("c"),
-        1 << 30,
-        &dir.path().join("jobs"),
-        &JobUser::Worker,
-    )
-    .unwrap();
+    let cache = open_cache(&dir, 1 << 30);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let jobs: Vec<_> = (0..4)
         .map(|i| dir.path().join(format!("job{i}/a")))
@@ -84,13 +89,7 @@ where
 async fn a_job_that_rewrites_its_file_does_not_reach_the_cache() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(
-        &dir.path().join("c"),
-        1 << 30,
-        &dir.path().join("jobs"),
-        &JobUser::Worker,
-    )
-    .unwrap();
+    let cache = open_cache(&dir, 1 << 30);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let first = dir.path().join("job1/a");
     cache
@@ -123,13 +122,7 @@ async fn a_job_that_rewrites_its_file_does_not_reach_the_cache() {
 #[tokio::test]
 async fn sizes_that_lie_fail_their_job_and_keep_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(
-        &dir.path().join("c"),
-        100,
-        &dir.path().join("jobs"),
-        &JobUser::Worker,
-    )
-    .unwrap();
+    let cache = open_cache(&dir, 100);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     cache
         .place(
@@ -181,13 +174,7 @@ async fn sizes_that_lie_fail_their_job_and_keep_the_cache() {
 #[tokio::test]
 async fn a_wrong_hash_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(
-        &dir.path().join("c"),
-        1 << 30,
-        &dir.path().join("jobs"),
-        &JobUser::Worker,
-    )
-    .unwrap();
+    let cache = open_cache(&dir, 1 << 30);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let wrong = Blob {
         hash: Some("0".repeat(32)),
@@ -229,13 +216,7 @@ fn walk(dir: &Path) -> usize {
 async fn eviction_takes_the_oldest_file_never_one_being_placed() {
     let dir = tempfile::tempdir().unwrap();
     // Room for two of the three 10-byte files.
-    let cache = Cache::open(
-        &dir.path().join("c"),
-        25,
-        &dir.path().join("jobs"),
-        &JobUser::Worker,
-    )
-    .unwrap();
+    let cache = open_cache(&dir, 25);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for (name, fill) in [("a", 1), ("b", 2)] {
         cache
@@ -316,13 +297,7 @@ async fn blobs_of_the_first_layout_are_never_served_and_go_first() {
 #[tokio::test(flavor = "multi_thread")]
 async fn making_room_walks_the_index_a_batch_at_a_time_past_held_blobs() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(
-        &dir.path().join("c"),
-        100,
-        &dir.path().join("jobs"),
-        &JobUser::Worker,
-    )
-    .unwrap();
+    let cache = open_cache(&dir, 100);
     let name = |i: usize| format!("v2/x/{i:02}");
     let row = |size| index::Row { size, mtime_ns: 0 };
     // The total is kept as rows come, change size and go.
