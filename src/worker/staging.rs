@@ -2,16 +2,19 @@
 //! job's working folder through the worker's cache, before the command
 //! runs. A missing object or a bad manifest can never succeed and
 //! dead-letters the job; the network and the disk are worth another try;
-//! a shutdown during staging hands the job back like any interruption.
+//! a shutdown during staging hands the job back like any interruption. A
+//! manifest's files are placed `download_concurrency` at a time.
 
 use std::path::Path;
 use std::time::Instant;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
 use super::JobError;
 use crate::job::inputs::{InputKind, InputSpec, Staged};
-use crate::job::manifest::Manifest;
+use crate::job::manifest::{Manifest, ManifestFile};
 use crate::storage::cache::{Blob, Cache, CacheError, Source, from_micros, xxh128_file};
 use crate::storage::download::{Expected, ObjectInfo};
 use crate::storage::{Bucket, Buckets, StorageError};
@@ -105,24 +108,22 @@ impl Stager<'_> {
                     })?;
                 }
                 let prefix = input.data_prefix();
-                let identity = bucket.identity();
-                for file in &manifest.paths {
-                    let blob = Blob::manifest_file(
-                        &identity,
-                        &prefix,
-                        &file.hash,
-                        file.size,
-                        from_micros(file.mtime),
-                    );
-                    let data = format!("{prefix}{}.xxh128", file.hash);
-                    crate::job::check_key(&data)
-                        .map_err(|e| CacheError::Permanent(format!("data_prefix: {e}")))?;
-                    let source = self
-                        // Pinned by its hash, which the cache checks.
-                        .place(bucket, &data, None, &blob, &dest.join(file.path.as_path()))
-                        .await
-                        .map_err(|e| in_context(e, &input.bucket, &data, &file.path.to_string()))?;
-                    staged.count(source == Source::Cache, blob.size);
+                // `download_concurrency` files at a time: a manifest of
+                // thousands of small files is bound by round trips, not by
+                // bandwidth. Files of one content wait on its blob's lock
+                // and are then hits; the first error drops the rest.
+                let mut files = manifest.paths.iter();
+                let mut running = FuturesUnordered::new();
+                loop {
+                    while running.len() < self.download_concurrency.max(1) {
+                        let Some(file) = files.next() else { break };
+                        running.push(self.place_file(bucket, &input.bucket, &prefix, &dest, file));
+                    }
+                    let Some(placed) = running.next().await else {
+                        break;
+                    };
+                    let (hit, size) = placed?;
+                    staged.count(hit, size);
                 }
             }
             None => {
@@ -132,6 +133,34 @@ impl Stager<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Places one file of a manifest under `dest`: whether it was a hit,
+    /// and its size.
+    async fn place_file(
+        &self,
+        bucket: &Bucket,
+        bucket_name: &str,
+        prefix: &str,
+        dest: &Path,
+        file: &ManifestFile,
+    ) -> Result<(bool, u64), CacheError> {
+        let blob = Blob::manifest_file(
+            &bucket.identity(),
+            prefix,
+            &file.hash,
+            file.size,
+            from_micros(file.mtime),
+        );
+        let data = format!("{prefix}{}.xxh128", file.hash);
+        crate::job::check_key(&data)
+            .map_err(|e| CacheError::Permanent(format!("data_prefix: {e}")))?;
+        // Pinned by its hash, which the cache checks.
+        let source = self
+            .place(bucket, &data, None, &blob, &dest.join(file.path.as_path()))
+            .await
+            .map_err(|e| in_context(e, bucket_name, &data, &file.path.to_string()))?;
+        Ok((source == Source::Cache, blob.size))
     }
 
     async fn place(
