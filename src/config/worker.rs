@@ -114,7 +114,8 @@ pub struct CacheConfig {
     /// fails its job for good.
     #[serde(deserialize_with = "crate::config::bytes::deserialize")]
     pub max_size: u64,
-    /// Ranged GETs at once for one large object.
+    /// Ranged GETs at once for one large object, and files of a manifest
+    /// placed at once.
     pub download_concurrency: usize,
     /// Most files one manifest may list.
     pub max_manifest_files: usize,
