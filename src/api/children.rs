@@ -11,11 +11,6 @@ use crate::job::{ArrayPart, Envelope};
 use crate::queue::{Queue, QueueError};
 use crate::retry::Backoff;
 
-/// Children sent per call (SQS `SendMessageBatch` takes 10)...
-pub(super) const BATCH: usize = 10;
-/// ...and at most this many bytes in all (SQS's limit for one call).
-pub(super) const BATCH_BYTES: usize = 256 * 1024;
-
 /// Tries of one batch (only its unsent entries are sent again), and the
 /// waits between them.
 const SEND_TRIES: u32 = 4;

@@ -12,9 +12,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::children::{
-    ArrayPlan, BATCH, BATCH_BYTES, CHILD_SLACK, json_len, make_child, send_batch,
-};
+use super::children::{ArrayPlan, CHILD_SLACK, json_len, make_child, send_batch};
 use crate::commands::catalog::Catalog;
 use crate::config::QueueManagerConfig;
 use crate::events::ledger::{ArrayCounts, ChildState, Ledgers};
@@ -25,7 +23,7 @@ use crate::job::frames::{format_frames, parse_frames};
 use crate::job::inputs::InputSpec;
 use crate::job::params::FieldError;
 use crate::job::{Envelope, TaskSpec};
-use crate::queue::{Queue, QueueError, Queues};
+use crate::queue::{Queue, QueueError, Queues, SEND_BATCH, SEND_BATCH_BYTES};
 use crate::storage::{Buckets, StorageError};
 
 /// `queue_manager_submit_job` params.
@@ -420,7 +418,7 @@ impl Submitter {
             let first_index = next;
             let mut bodies: Vec<String> = Vec::new();
             let mut bytes = 0;
-            while next < chunks.len() && bodies.len() < BATCH {
+            while next < chunks.len() && bodies.len() < SEND_BATCH {
                 make_child(
                     &mut template,
                     &envelope.job_id,
@@ -429,7 +427,7 @@ impl Submitter {
                     chunks[next],
                 );
                 let body = template.to_body();
-                if !bodies.is_empty() && bytes + body.len() > BATCH_BYTES {
+                if !bodies.is_empty() && bytes + body.len() > SEND_BATCH_BYTES {
                     break;
                 }
                 bytes += body.len();

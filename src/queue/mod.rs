@@ -15,6 +15,13 @@ use crate::job::id::Id;
 pub use local::{Cancelled, LocalQueue};
 pub use sqs::{ApiCalls, MOVED_REASON, SqsQueue};
 
+/// Most messages one send of a batch carries (SQS's `SendMessageBatch`
+/// limit; the submit half keeps to it on every backend)...
+pub const SEND_BATCH: usize = 10;
+/// ...and at most this many bytes in all, which is also SQS's largest
+/// message.
+pub const SEND_BATCH_BYTES: usize = 256 * 1024;
+
 /// A message handed to a worker. It stays invisible to others until its
 /// visibility lapses or it is deleted with `receipt`.
 #[derive(Debug, Clone)]

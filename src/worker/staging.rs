@@ -108,6 +108,7 @@ impl Stager<'_> {
                     })?;
                 }
                 let prefix = input.data_prefix();
+                let identity = bucket.identity();
                 // `download_concurrency` files at a time: a manifest of
                 // thousands of small files is bound by round trips, not by
                 // bandwidth. Files of one content wait on its blob's lock
@@ -117,7 +118,14 @@ impl Stager<'_> {
                 loop {
                     while running.len() < self.download_concurrency.max(1) {
                         let Some(file) = files.next() else { break };
-                        running.push(self.place_file(bucket, &input.bucket, &prefix, &dest, file));
+                        running.push(self.place_file(
+                            bucket,
+                            &input.bucket,
+                            &identity,
+                            &prefix,
+                            &dest,
+                            file,
+                        ));
                     }
                     let Some(placed) = running.next().await else {
                         break;
@@ -141,12 +149,13 @@ impl Stager<'_> {
         &self,
         bucket: &Bucket,
         bucket_name: &str,
+        identity: &str,
         prefix: &str,
         dest: &Path,
         file: &ManifestFile,
     ) -> Result<(bool, u64), CacheError> {
         let blob = Blob::manifest_file(
-            &bucket.identity(),
+            identity,
             prefix,
             &file.hash,
             file.size,

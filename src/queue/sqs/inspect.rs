@@ -11,7 +11,7 @@ use aws_sdk_sqs::types::{
 
 use super::{ApiCalls, REASON, RECEIVES, SOURCE_ID, SqsQueue, classify, seconds};
 use crate::job::Envelope;
-use crate::queue::Redrive;
+use crate::queue::{DeadLetter, QueueError, Redrive, SEND_BATCH, SEND_BATCH_BYTES, Stats};
 
 /// Why a job the redrive policy moved is dead-lettered.
 pub const MOVED_REASON: &str =
@@ -30,11 +30,6 @@ pub struct MovedDeadLetter {
 
 /// Dead letters a selective redrive (one job, one message) looks through.
 const SCAN: usize = 10_000;
-/// Most messages one `SendMessageBatch` takes.
-const BATCH: usize = 10;
-/// The largest message, and the largest batch, SQS takes (256 KiB).
-const MAX_MESSAGE_BYTES: usize = 256 * 1024;
-use crate::queue::{DeadLetter, QueueError, Stats};
 
 impl SqsQueue {
     /// `(visible, in flight)` approximate counts of the queue at `url`.
@@ -270,16 +265,16 @@ impl SqsQueue {
             let mut batch: Vec<(String, String)> = Vec::new();
             let mut bytes = 0;
             while let Some((_, body)) = letters.peek() {
-                if body.len() > MAX_MESSAGE_BYTES {
+                if body.len() > SEND_BATCH_BYTES {
                     let (receipt, body) = letters.next().expect("peeked");
                     failure.get_or_insert(format!(
-                        "a dead letter restamped for its message id is {} bytes, over SQS's {MAX_MESSAGE_BYTES}",
+                        "a dead letter restamped for its message id is {} bytes, over SQS's {SEND_BATCH_BYTES}",
                         body.len()
                     ));
                     left.push(receipt);
                     continue;
                 }
-                if batch.len() == BATCH || bytes + body.len() > MAX_MESSAGE_BYTES {
+                if batch.len() == SEND_BATCH || bytes + body.len() > SEND_BATCH_BYTES {
                     break;
                 }
                 bytes += body.len();
