@@ -343,6 +343,80 @@ async fn two_slots_wanting_one_200_mib_object_download_it_once() {
     drop(serve);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_range_cut_short_is_taken_up_where_it_stopped_not_fetched_again() {
+    let moto = crate::harness::Moto::shared();
+    let farm = s3_farm("").await;
+    let bytes = put_big(&farm, "big/cut.bin", 40).await;
+    // The first two GETs of the object are cut halfway through their body
+    // (after the submit's HEAD, which passes).
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("count.json");
+    let (proxy, _proxy) = crate::harness::Server::python(
+        "tests/fixtures/s3_count_proxy.py",
+        &[
+            &moto.port.to_string(),
+            "/big/cut.bin",
+            "1",
+            "2",
+            &count.to_string_lossy(),
+            "cut",
+        ],
+    );
+    route_assets_through(&farm, &moto.endpoint(), &proxy);
+    let serve = farm.serve(&crate::harness::AWS_ENV).await;
+    let id = farm
+        .submit(json!({"command": "list_inputs",
+            "inputs": [{"bucket": "assets", "key": "big/cut.bin", "path": "cut.bin"}]}))
+        .await;
+    assert_eq!(ended(&farm, &id).await["type"], "JobSucceeded");
+    let events = farm.events();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["type"] == "JobRequeued" || e["type"] == "JobFailed"),
+        "the download succeeded in its first try: {events:?}"
+    );
+    let counted: Value = serde_json::from_str(&std::fs::read_to_string(&count).unwrap()).unwrap();
+    assert_eq!(counted["failed"], 2, "{counted}");
+    let ranges: Vec<&str> = counted["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    println!("ranges asked for: {ranges:?}");
+    // Three ranges of 16 MiB, and two that take up a cut one mid-way: no
+    // range was asked for from its start twice.
+    assert_eq!(ranges.len(), 5, "{ranges:?}");
+    let starts: Vec<u64> = ranges
+        .iter()
+        .map(|r| {
+            r["bytes=".len()..]
+                .split('-')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let mut unique = starts.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), starts.len(), "{ranges:?}");
+    assert_eq!(
+        starts.iter().filter(|s| *s % (16 << 20) != 0).count(),
+        2,
+        "{ranges:?}"
+    );
+    let blobs = files_under(&farm.work_dir().join("renderq-cache/blobs"));
+    assert!(
+        std::fs::read(&blobs[0]).unwrap() == bytes,
+        "the pieces were put together right"
+    );
+    drop(serve);
+}
+
 /// Points the farm's `assets` bucket at `url` instead of `endpoint` (a
 /// proxy in front of it).
 pub(crate) fn route_assets_through(farm: &Farm, endpoint: &str, url: &str) {

@@ -121,63 +121,17 @@ async fn a_job_that_rewrites_its_inputs_changes_no_later_job_of_an_unprivileged_
     rewritten_inputs_do_not_reach_the_next_job(&farm().await, Some(user), false).await;
 }
 
-/// A file system mounted from an image for one test, unmounted when dropped.
-struct Mounted(std::path::PathBuf);
-
-impl Mounted {
-    /// An XFS image of 300 MiB mounted at `at`; `None`, with a line saying
-    /// why, where that cannot be done (not root, no `mkfs.xfs`, no loop
-    /// devices).
-    fn xfs(image: &std::path::Path, at: &std::path::Path) -> Option<Self> {
-        let run = |program: &str, args: &[&std::ffi::OsStr]| {
-            std::process::Command::new(program)
-                .args(args)
-                .output()
-                .map_err(|e| e.to_string())
-                .and_then(|out| {
-                    if out.status.success() {
-                        Ok(())
-                    } else {
-                        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-                    }
-                })
-        };
-        let made = std::fs::File::create(image)
-            .and_then(|f| f.set_len(300 << 20))
-            .map_err(|e| e.to_string())
-            .and_then(|()| run("mkfs.xfs", &["-q".as_ref(), image.as_os_str()]))
-            .and_then(|()| {
-                run(
-                    "mount",
-                    &[
-                        "-o".as_ref(),
-                        "loop".as_ref(),
-                        image.as_os_str(),
-                        at.as_os_str(),
-                    ],
-                )
-            });
-        match made {
-            Ok(()) => Some(Self(at.to_owned())),
-            Err(why) => {
-                println!("SKIPPED: cannot mount an XFS image here: {why}");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn on_xfs_inputs_are_reflink_copies_that_no_job_can_write_back() {
     let farm = farm().await;
     // The work folder (job folders and the cache under it) on XFS.
-    let Some(_xfs) = Mounted::xfs(&farm.dir.path().join("xfs.img"), &farm.work_dir()) else {
+    let xfs = renderq::bench::cache::xfs::Mounted::xfs(
+        &farm.dir.path().join("xfs.img"),
+        &farm.work_dir(),
+        300,
+    );
+    let Ok(_xfs) = xfs.map_err(|why| println!("SKIPPED: cannot mount an XFS image here: {why}"))
+    else {
         return;
     };
     let placement = rewritten_inputs_do_not_reach_the_next_job(&farm, None, false).await;

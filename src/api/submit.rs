@@ -27,7 +27,7 @@ use crate::queue::{Queue, QueueError, Queues, SEND_BATCH, SEND_BATCH_BYTES};
 use crate::storage::{Buckets, StorageError};
 
 /// `queue_manager_submit_job` params.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     pub command: String,

@@ -1,9 +1,13 @@
 //! `renderq bench --inputs URL`: 20 jobs on one worker share one large
 //! input from an S3-compatible server, reached through the slow-link proxy
 //! of `bench --uploads`. Reports the bytes downloaded (want the input's
-//! size, once), the staging time of a cache hit, the first download's rate
-//! against `aws s3 cp` of the same object through the same proxy, and the
-//! worker's peak resident memory.
+//! size, once), the staging time of a cache hit (the input is pinned, so a
+//! hit asks the server nothing), the first download's rate against `aws s3
+//! cp` of the same object through the same proxy, and the worker's peak
+//! resident memory; then placing that input as a copy and as a reflink
+//! clone ([`super::cache`]), making room with a small and a large index,
+//! and a cold manifest of many small files staged 8 at a time and one at a
+//! time ([`super::manifest`]).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -22,47 +26,10 @@ const JOBS: usize = 20;
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let endpoint = args.inputs.as_deref().context("--inputs needs a URL")?;
     let size = args.size_mib * 1024 * 1024;
-    let SlowS3 {
-        proxy_url, bucket, ..
-    } = SlowS3::start(endpoint, args).await?;
+    let slow = SlowS3::start(endpoint, args).await?;
+    let (proxy_url, bucket) = (slow.proxy_url.clone(), slow.bucket.clone());
     let dir = tempfile::tempdir()?;
-    let config_path = dir.path().join("workers.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            r#"
-[queue_manager]
-allow_commands = ["noop"]
-default_queue = "bench"
-listen_queue = "bench"
-[worker]
-wait_time = "1s"
-work_dir = "work"
-[worker.cache]
-path = "cache"
-[queues.bench]
-backend = "local"
-path = "queue"
-[buckets.assets]
-backend = "s3"
-bucket = "{bucket}"
-endpoint_url = "{proxy_url}"
-region = "us-east-1"
-[buckets.direct]
-backend = "s3"
-bucket = "{bucket}"
-endpoint_url = "{endpoint}"
-region = "us-east-1"
-[commands.noop]
-kind = "process"
-program = "true"
-[events.targets.audit]
-kind = "file"
-path = "events.jsonl"
-"#
-        ),
-    )?;
-    std::fs::create_dir_all(dir.path().join("work"))?;
+    let config_path = config(dir.path(), &slow, endpoint, 8)?;
     put_input(dir.path(), &config_path, size).await?;
     println!(
         "{JOBS} jobs sharing one {} MiB input, through a proxy adding {:?} and capping each connection at {} MiB/s:",
@@ -120,7 +87,80 @@ path = "events.jsonl"
         peak as f64 / 1024.0
     );
     aws_cp(&proxy_url, &bucket, dir.path(), args.size_mib).await;
+    let cached = cached_blob(&dir.path().join("cache/blobs")).context("the cached input")?;
+    super::cache::placement(&cached, args.size_mib)?;
+    drop(dir);
+    super::cache::eviction().await?;
+    super::manifest::run(&slow, endpoint, args.files).await?;
     overlap(&proxy_url, &bucket, args).await
+}
+
+/// A worker config in `dir` with one slot and an input cache: the bucket
+/// `assets` through the proxy, `direct` straight to `endpoint`, a no-op
+/// command, and events to `events.jsonl`.
+pub(super) fn config(
+    dir: &Path,
+    s3: &SlowS3,
+    endpoint: &str,
+    download_concurrency: usize,
+) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join("workers.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[queue_manager]
+allow_commands = ["noop"]
+default_queue = "bench"
+listen_queue = "bench"
+[worker]
+wait_time = "1s"
+work_dir = "work"
+[worker.cache]
+path = "cache"
+download_concurrency = {download_concurrency}
+[queues.bench]
+backend = "local"
+path = "queue"
+[buckets.assets]
+backend = "s3"
+bucket = "{bucket}"
+endpoint_url = "{proxy}"
+region = "us-east-1"
+[buckets.direct]
+backend = "s3"
+bucket = "{bucket}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+[commands.noop]
+kind = "process"
+program = "true"
+[events.targets.audit]
+kind = "file"
+path = "events.jsonl"
+"#,
+            bucket = s3.bucket,
+            proxy = s3.proxy_url,
+        ),
+    )?;
+    std::fs::create_dir_all(dir.join("work"))?;
+    Ok(path)
+}
+
+/// The one file under `dir` (the cache's blobs).
+fn cached_blob(dir: &Path) -> Option<std::path::PathBuf> {
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                return Some(path);
+            }
+        }
+    }
+    None
 }
 
 /// Three renders of one second on one slot, each uploading a 100 MiB

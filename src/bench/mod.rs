@@ -10,12 +10,14 @@ use anyhow::Context;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
+pub mod cache;
 mod cancel;
 mod dispatch;
 mod embedded;
 mod events;
 mod inputs;
 mod ledger;
+mod manifest;
 mod procs;
 pub mod proxy;
 mod spot;
@@ -109,6 +111,9 @@ pub struct BenchArgs {
     /// the S3-compatible server at this endpoint.
     #[arg(long, value_name = "URL")]
     pub ledger: Option<String>,
+    /// With --inputs: files in the cold manifest.
+    #[arg(long, default_value_t = 10_000)]
+    pub files: usize,
     /// With --uploads or --inputs: the file's size.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
@@ -141,13 +146,7 @@ path = "queue"
 fn no_op() -> SubmitRequest {
     SubmitRequest {
         command: "get_version".into(),
-        parameters: Default::default(),
-        tasks: vec![],
-        queue_name: None,
-        frames: None,
-        chunk_size: None,
-        notifications: vec![],
-        inputs: vec![],
+        ..Default::default()
     }
 }
 

@@ -29,6 +29,8 @@ pub(super) struct SlowS3 {
     /// A client straight to the server, for setting up and checking.
     pub s3: aws_sdk_s3::Client,
     pub bucket: String,
+    /// Requests that went through the proxy (see [`Requests`]).
+    pub requests: Requests,
 }
 
 impl SlowS3 {
@@ -40,7 +42,14 @@ impl SlowS3 {
             .into_iter()
             .next()
             .context("S3 endpoint has no address")?;
-        let proxy = latency_proxy(upstream, args.latency, args.rate_mib * 1024 * 1024).await?;
+        let requests = Requests::default();
+        let proxy = counting_proxy(
+            upstream,
+            args.latency,
+            args.rate_mib * 1024 * 1024,
+            requests.clone(),
+        )
+        .await?;
         let sdk = crate::aws::sdk_config(Some("us-east-1"), Some(endpoint)).await;
         let s3 = aws_sdk_s3::Client::from_conf(
             aws_sdk_s3::config::Builder::from(&sdk)
@@ -56,7 +65,31 @@ impl SlowS3 {
             proxy_url: format!("http://{proxy}"),
             s3,
             bucket,
+            requests,
         })
+    }
+}
+
+/// HTTP requests a proxy carried, counted by the blank line that ends their
+/// headers: exact for requests without a body (GET, HEAD), which are all
+/// that staging inputs sends.
+#[derive(Debug, Clone, Default)]
+pub struct Requests(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Requests {
+    pub fn take(&self) -> u64 {
+        self.0.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts the header ends in `chunk`, which follows `tail` (the last
+    /// three bytes before it), and returns the new tail.
+    fn count(&self, tail: &[u8], chunk: &[u8]) -> Vec<u8> {
+        let mut joined = tail.to_vec();
+        joined.extend_from_slice(chunk);
+        let ends = joined.windows(4).filter(|w| *w == b"\r\n\r\n").count();
+        self.0
+            .fetch_add(ends as u64, std::sync::atomic::Ordering::Relaxed);
+        joined[joined.len().saturating_sub(3)..].to_vec()
     }
 }
 
@@ -67,17 +100,28 @@ pub async fn latency_proxy(
     latency: Duration,
     rate: u64,
 ) -> std::io::Result<SocketAddr> {
+    counting_proxy(upstream, latency, rate, Requests::default()).await
+}
+
+/// [`latency_proxy`], counting the requests it carries.
+pub async fn counting_proxy(
+    upstream: SocketAddr,
+    latency: Duration,
+    rate: u64,
+    requests: Requests,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
+            let requests = requests.clone();
             tokio::spawn(async move {
                 if let Ok(server) = TcpStream::connect(upstream).await {
                     let (from_client, to_client) = client.into_split();
                     let (from_server, to_server) = server.into_split();
                     let _ = tokio::join!(
-                        paced(from_client, to_server, latency, rate),
-                        paced(from_server, to_client, latency, rate),
+                        paced(from_client, to_server, latency, rate, Some(requests)),
+                        paced(from_server, to_client, latency, rate, None),
                     );
                 }
             });
@@ -92,9 +136,11 @@ async fn paced(
     mut to: impl AsyncWrite + Unpin,
     latency: Duration,
     rate: u64,
+    requests: Option<Requests>,
 ) -> std::io::Result<()> {
     let (chunks, mut delayed) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(CHUNKS);
     let read = async move {
+        let mut tail = Vec::new();
         loop {
             let mut chunk = vec![0; CHUNK];
             let n = from.read(&mut chunk).await?;
@@ -102,6 +148,9 @@ async fn paced(
                 return Ok::<_, std::io::Error>(());
             }
             chunk.truncate(n);
+            if let Some(requests) = &requests {
+                tail = requests.count(&tail, &chunk);
+            }
             if chunks
                 .send((Instant::now() + latency, chunk))
                 .await

@@ -25,6 +25,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         proxy_url,
         s3,
         bucket,
+        ..
     } = SlowS3::start(endpoint, args).await?;
     println!(
         "{} MiB through a proxy adding {:?} to every request and capping each connection at {} MiB/s:",

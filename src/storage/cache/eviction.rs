@@ -1,12 +1,10 @@
 //! Making room: least recently used blobs go first, never one that is being
 //! fetched or placed (its lock is held) or that has another link.
 
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 
-use nix::fcntl::{Flock, FlockArg};
-
 use super::index::Used;
+use super::lock::BlobLock;
 use super::{Cache, CacheError};
 
 /// Blobs read from the index at a time while making room.
@@ -57,15 +55,7 @@ impl Cache {
     /// elsewhere (its lock is held), or linked from elsewhere (by hand, or
     /// into a job folder by a link placement or the first layout).
     fn evict(&self, name: &str) -> Result<bool, CacheError> {
-        let Ok(file) = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.lock_path(name))
-        else {
-            return Ok(false);
-        };
-        let Ok(_held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+        let Ok(Some(lock)) = BlobLock::take(&self.lock_path(name), false) else {
             return Ok(false);
         };
         let path = self.blob_path(name);
@@ -78,7 +68,23 @@ impl Cache {
             Err(_) => return Ok(false),
         }
         self.index.forget(name)?;
+        lock.remove();
         Ok(true)
+    }
+}
+
+/// For `renderq bench --inputs`: eviction without downloads.
+impl Cache {
+    /// Makes room for `bytes` more, as a download of that size would.
+    pub fn make_room_for(&self, bytes: u64) -> Result<(), CacheError> {
+        self.admissible(bytes)?;
+        self.make_room(bytes)
+    }
+
+    /// Records blobs `first..first + n` of one byte each (no files), used
+    /// in that order, after every blob already there.
+    pub fn seed(&self, first: usize, n: usize) -> Result<(), CacheError> {
+        self.index.seed(first, n)
     }
 }
 

@@ -128,6 +128,29 @@ impl Index {
         .map(drop)
     }
 
+    /// Every blob's name (the cache's opening, to find files without a
+    /// row).
+    pub fn names(&self) -> Result<Vec<String>, CacheError> {
+        self.with(|index| {
+            index
+                .prepare("SELECT name FROM blobs")?
+                .query_map([], |r| r.get(0))?
+                .collect()
+        })
+    }
+
+    /// Records a blob found on disk without a row, as the least recently
+    /// used; false if a row appeared meanwhile (its process recorded it).
+    pub fn record_found(&self, name: &str, row: Row) -> Result<bool, CacheError> {
+        self.with(|index| {
+            index.execute(
+                "INSERT OR IGNORE INTO blobs (name, size, mtime_ns, last_used) VALUES (?1, ?2, ?3, 0)",
+                params![name, row.size as i64, row.mtime_ns],
+            )
+        })
+        .map(|n| n > 0)
+    }
+
     pub fn forget(&self, name: &str) -> Result<(), CacheError> {
         self.with(|index| index.execute("DELETE FROM blobs WHERE name = ?1", [name]))
             .map(drop)
@@ -163,6 +186,26 @@ impl Index {
             })?
             .collect()
         })
+    }
+
+    /// Rows `bench/{i}` of one byte for `i` in `first..first + n`, last
+    /// used in that order (at `i`), in one transaction.
+    pub fn seed(&self, first: usize, n: usize) -> Result<(), CacheError> {
+        let mut connection = self.0.lock().expect("cache index lock");
+        let tx = connection.transaction().map_err(index_error)?;
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO blobs (name, size, mtime_ns, last_used) VALUES (?1, 1, 0, ?2)",
+                )
+                .map_err(index_error)?;
+            for i in first..first + n {
+                insert
+                    .execute(params![format!("bench/{i}"), i as i64])
+                    .map_err(index_error)?;
+            }
+        }
+        tx.commit().map_err(index_error)
     }
 
     /// Sets a blob's last use (tests of eviction order).

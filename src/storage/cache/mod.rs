@@ -29,7 +29,9 @@
 
 mod eviction;
 mod index;
+mod lock;
 pub mod placement;
+mod recover;
 
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -37,10 +39,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nix::fcntl::{Flock, FlockArg};
 use sha2::Digest;
 
 use self::index::{Index, LAYOUT, Row};
+use self::lock::BlobLock;
 use self::placement::Placement;
 use crate::access::{self, JobUser};
 use crate::workspace::Workspace;
@@ -160,6 +162,7 @@ impl Cache {
         access::seal(root).map_err(retryable("cache folder"))?;
         crate::workspace::sweep(&root.join("tmp"));
         let index = Index::open(&root.join("index.sqlite3"))?;
+        recover::recover(root, &index)?;
         let tmp = Workspace::new(&root.join("tmp"));
         let placement = Placement::probe(
             tmp.dir().map_err(retryable("cache download folder"))?,
@@ -235,8 +238,33 @@ impl Cache {
         self.admissible(blob.size)?;
         let lock = self.lock(&blob.name).await?;
         let path = self.blob_path(&blob.name);
+        let placed = self.place_locked(blob, &path, dest, fetch).await;
+        // The lock file goes with the blob: none is left for a download
+        // that failed.
+        blocking(move || {
+            if std::fs::symlink_metadata(&path).is_err() {
+                lock.remove();
+            }
+            Ok(())
+        })
+        .await?;
+        placed
+    }
+
+    /// [`Cache::place`] once the blob's lock is held.
+    async fn place_locked<F, Fut>(
+        &self,
+        blob: &Blob,
+        path: &Path,
+        dest: &Path,
+        fetch: F,
+    ) -> Result<Source, CacheError>
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<String, CacheError>>,
+    {
         let cache = self.clone();
-        let (found, blob_) = (path.clone(), blob.clone());
+        let (found, blob_) = (path.to_owned(), blob.clone());
         let source = blocking(move || cache.lookup(&blob_, &found)).await?;
         if source == Source::Download {
             let cache = self.clone();
@@ -266,33 +294,22 @@ impl Cache {
                 )));
             }
             let cache = self.clone();
-            let (name, path_, mtime) = (blob.name.clone(), path.clone(), blob.mtime);
+            let (name, path_, mtime) = (blob.name.clone(), path.to_owned(), blob.mtime);
             blocking(move || cache.admit(&name, &tmp, &path_, mtime)).await?;
             // Renamed into place: nothing left to remove.
             drop(partial);
         }
         let cache = self.clone();
-        let (blob_, dest) = (blob.clone(), dest.to_owned());
+        let (blob_, path, dest) = (blob.clone(), path.to_owned(), dest.to_owned());
         blocking(move || cache.put(&blob_, &path, &dest)).await?;
-        drop(lock);
         Ok(source)
     }
 
     /// Takes the blob's lock, waiting for whoever holds it (another slot
     /// or process fetching it).
-    async fn lock(&self, name: &str) -> Result<Flock<File>, CacheError> {
+    async fn lock(&self, name: &str) -> Result<BlobLock, CacheError> {
         let path = self.lock_path(name);
-        blocking(move || {
-            let file = File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(retryable("cache lock"))?;
-            Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, e)| CacheError::Retryable(format!("cache lock: {e}")))
-        })
-        .await
+        blocking(move || Ok(BlobLock::take(&path, true)?.expect("a waiting lock is taken"))).await
     }
 
     /// Whether the blob is there, unchanged since it was admitted. A

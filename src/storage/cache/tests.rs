@@ -331,3 +331,107 @@ async fn making_room_walks_the_index_a_batch_at_a_time_past_held_blobs() {
     assert!((74..80).all(kept), "no more than needed goes");
     drop(held);
 }
+
+fn lock_files(dir: &tempfile::TempDir) -> usize {
+    std::fs::read_dir(dir.path().join("c/locks"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lock_files_go_with_failed_downloads_and_evicted_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open_cache(&dir, 25);
+    for i in 0..20 {
+        let failed = cache
+            .place(
+                &blob(&format!("missing{i}"), 10),
+                &dir.path().join(format!("jobs/f{i}")),
+                |_| async { Err(CacheError::Permanent("no such object".into())) },
+            )
+            .await;
+        assert!(failed.is_err());
+    }
+    assert_eq!(lock_files(&dir), 0, "a failed download leaves no lock file");
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for name in ["a", "b", "c", "d"] {
+        cache
+            .place(
+                &blob(name, 10),
+                &dir.path().join(format!("jobs/{name}")),
+                writer(1, 10, &calls),
+            )
+            .await
+            .unwrap();
+    }
+    // 25 bytes hold two blobs of 10: two were evicted, and their locks too.
+    let blobs = std::fs::read_dir(dir.path().join("c/blobs/b"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 2);
+    assert_eq!(lock_files(&dir), blobs);
+}
+
+#[test]
+fn a_waiter_on_a_removed_lock_takes_the_new_one_not_the_unlinked_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lock");
+    let first = BlobLock::take(&path, true).unwrap().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let lock = BlobLock::take(&path, true).unwrap().unwrap();
+            tx.send(()).unwrap();
+            // Hold it a moment: nobody else may hold this blob meanwhile.
+            std::thread::sleep(Duration::from_millis(200));
+            drop(lock);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    first.remove();
+    rx.recv().unwrap();
+    assert!(path.exists(), "the waiter made the lock file anew");
+    assert!(
+        BlobLock::take(&path, false).unwrap().is_none(),
+        "the waiter holds the file the path names"
+    );
+    waiter.join().unwrap();
+    assert!(BlobLock::take(&path, false).unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_admitted_without_its_index_row_is_counted_when_the_cache_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open_cache(&dir, 1 << 20);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    cache
+        .place(
+            &blob("a", 10),
+            &dir.path().join("jobs/a"),
+            writer(3, 10, &calls),
+        )
+        .await
+        .unwrap();
+    // Killed between the rename and the insert: the file is there, its row
+    // is not. A stale lock file of a blob long gone lies beside it.
+    cache.index.forget("b/a").unwrap();
+    std::fs::write(dir.path().join("c/locks/b%gone"), b"").unwrap();
+    drop(cache);
+    let cache = open_cache(&dir, 1 << 20);
+    assert_eq!(cache.size(), 10, "the unindexed blob is counted");
+    assert!(!dir.path().join("c/locks/b%gone").exists());
+    // Counted as the least recently used: the first to go.
+    assert_eq!(cache.index.least_used(None, 1).unwrap()[0].last_used, 0);
+    // And it is whole, so it serves the next job without a download.
+    let source = cache
+        .place(
+            &blob("a", 10),
+            &dir.path().join("jobs/a2"),
+            writer(3, 10, &calls),
+        )
+        .await
+        .unwrap();
+    assert_eq!(source, Source::Cache);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

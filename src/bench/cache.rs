@@ -1,0 +1,140 @@
+//! The input cache's own costs, for `renderq bench --inputs`: making room
+//! with a small and a large index, and placing one large input as a plain
+//! copy and as a reflink clone (on an XFS image, where one can be mounted).
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::access::JobUser;
+use crate::storage::cache::Cache;
+use crate::storage::cache::placement::Placement;
+
+/// Evictions timed per index size.
+const EVICTIONS: usize = 200;
+
+/// Making room for one byte in a full cache of `rows` one-byte blobs, for a
+/// small and a large index: the cost must follow what is evicted, not how
+/// many blobs the index holds.
+pub async fn eviction() -> anyhow::Result<()> {
+    for rows in [1_000, 100_000] {
+        let dir = tempfile::tempdir()?;
+        let cache = Cache::open(
+            &dir.path().join("cache"),
+            rows as u64,
+            &dir.path().join("jobs"),
+            &JobUser::Worker,
+        )?;
+        cache.seed(0, rows)?;
+        let mut took = Vec::with_capacity(EVICTIONS);
+        for i in 0..EVICTIONS {
+            let started = Instant::now();
+            cache.make_room_for(1)?;
+            took.push(started.elapsed());
+            // Full again: the next one evicts one blob too.
+            cache.seed(rows + i, 1)?;
+        }
+        took.sort();
+        println!(
+            "  making room (one blob evicted) with {rows} blobs indexed: median {:.3} ms, p99 {:.3} ms",
+            ms(took[EVICTIONS / 2]),
+            ms(took[EVICTIONS * 99 / 100]),
+        );
+    }
+    Ok(())
+}
+
+/// Places the file `blob` (the cached input) into a job folder as a copy,
+/// and as a reflink clone on an XFS image where one can be mounted here.
+pub fn placement(blob: &Path, size_mib: u64) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir_in(blob.parent().unwrap_or(Path::new(".")))?;
+    let took = timed(Placement::Copy, blob, &dir.path().join("copy"))?;
+    println!(
+        "  placing the {size_mib} MiB input as a plain copy: {:.1} ms",
+        ms(took)
+    );
+    let image = tempfile::tempdir()?;
+    let mount = image.path().join("mnt");
+    std::fs::create_dir(&mount)?;
+    match xfs::Mounted::xfs(&image.path().join("xfs.img"), &mount, size_mib * 2 + 300) {
+        Ok(_mounted) => {
+            let cached = mount.join("blob");
+            std::fs::copy(blob, &cached)?;
+            let copy = timed(Placement::Copy, &cached, &mount.join("copy"))?;
+            let clone = timed(Placement::Reflink, &cached, &mount.join("clone"))?;
+            println!(
+                "  on XFS: a plain copy {:.1} ms, a reflink clone {:.2} ms",
+                ms(copy),
+                ms(clone)
+            );
+        }
+        Err(why) => println!("  reflink placement: not measured ({why})"),
+    }
+    Ok(())
+}
+
+fn timed(placement: Placement, blob: &Path, dest: &Path) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    placement.place(blob, dest, SystemTime::now())?;
+    Ok(started.elapsed())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub mod xfs {
+    //! An XFS file system on a loop-mounted image, for measuring and
+    //! testing reflink clones where the machine's own disk cannot clone.
+
+    use std::ffi::OsStr;
+    use std::path::{Path, PathBuf};
+
+    /// A mounted image, unmounted when dropped.
+    #[derive(Debug)]
+    pub struct Mounted(PathBuf);
+
+    impl Mounted {
+        /// Makes an XFS image of `mib` MiB at `image` and mounts it at
+        /// `at`; the reason where that cannot be done (not root, no
+        /// `mkfs.xfs`, no loop devices).
+        pub fn xfs(image: &Path, at: &Path, mib: u64) -> Result<Self, String> {
+            std::fs::File::create(image)
+                .and_then(|f| f.set_len(mib << 20))
+                .map_err(|e| e.to_string())?;
+            run("mkfs.xfs", &["-q".as_ref(), image.as_os_str()])?;
+            run(
+                "mount",
+                &[
+                    "-o".as_ref(),
+                    "loop".as_ref(),
+                    image.as_os_str(),
+                    at.as_os_str(),
+                ],
+            )?;
+            Ok(Self(at.to_owned()))
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    fn run(program: &str, args: &[&OsStr]) -> Result<(), String> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .map_err(|e| format!("{program}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{program}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+}
