@@ -236,3 +236,43 @@ async fn a_folder_input_is_pinned_by_size_and_mtime() {
     assert_eq!(end["attempt"], 1, "no retry: {end}");
     assert!(farm.object("stale.json").await.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_versioned_bucket_a_job_gets_the_version_it_was_submitted_with() {
+    use crate::harness::AWS_ENV;
+    use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
+    let farm = crate::inputs::s3_farm("").await;
+    let aws = farm.aws.as_ref().unwrap();
+    aws.s3
+        .put_bucket_versioning()
+        .bucket(&aws.bucket)
+        .versioning_configuration(
+            VersioningConfiguration::builder()
+                .status(BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    put_scene(&farm, "v1").await;
+    // Submitted while no worker listens; saved over before one starts.
+    let endpoint = farm.config_variant("endpoint", |t| {
+        t.replace("slots = 2\n", "listen_queues = [\"idle\"]\n")
+            + "\n[queues.idle]\nbackend = \"local\"\npath = \"idle\"\n"
+    });
+    let _serve = farm.serve_with(&AWS_ENV, &endpoint).await;
+    let id = farm
+        .submit(json!({"command": "list_inputs",
+                       "inputs": [{"bucket": "assets", "key": SCENE, "path": "scene.txt"}],
+                       "tasks": [crate::inputs::upload("versioned.json")]}))
+        .await;
+    // Without the version id the worker's GET (If-Match the first ETag)
+    // would meet the second version and fail "changed since submit".
+    put_scene(&farm, "v2, saved over the first").await;
+    let _worker = farm.spawn_with("worker", &AWS_ENV, &farm.config);
+    let end = ended(&farm, &id).await;
+    assert_eq!(end["type"], "JobSucceeded", "{end}");
+    let (listing, _) = farm.object("versioned.json").await.unwrap();
+    let listing: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+    assert_eq!(listing["scene.txt"]["text"], "v1", "{listing}");
+}

@@ -15,7 +15,10 @@
 //! index. Whoever holds a blob's lock may fetch it, check it, place it or
 //! delete it; so however many slots or processes want one blob at once, it
 //! is downloaded once, and nobody sees it half-written (downloads go to
-//! `tmp/` and are renamed into place after their hash was checked).
+//! `tmp/` and are renamed into place after their hash was checked). A lock
+//! file goes with its blob ([`lock`]), and a blob a killed process renamed
+//! into place without recording it is counted when the cache next opens
+//! ([`recover`]).
 //!
 //! A job never gets a blob it could write ([`placement`]): running as its
 //! own user it gets a hard link to a blob the worker owns, read-only;
