@@ -30,10 +30,23 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let (proxy_url, bucket) = (slow.proxy_url.clone(), slow.bucket.clone());
     let dir = tempfile::tempdir()?;
     let config_path = config(dir.path(), &slow, endpoint, 8)?;
+    // Job folders and the cache on XFS where an image can be mounted here,
+    // so that a hit is placed as a clone, not 1 GiB copied.
+    let xfs = super::cache::xfs::Mounted::xfs(
+        &dir.path().join("xfs.img"),
+        &dir.path().join("work"),
+        args.size_mib * 2 + 300,
+    );
     put_input(dir.path(), &config_path, size).await?;
     println!(
-        "{JOBS} jobs sharing one {} MiB input, through a proxy adding {:?} and capping each connection at {} MiB/s:",
-        args.size_mib, args.latency, args.rate_mib
+        "{JOBS} jobs sharing one {} MiB input, through a proxy adding {:?} and capping each connection at {} MiB/s; inputs placed {}:",
+        args.size_mib,
+        args.latency,
+        args.rate_mib,
+        match &xfs {
+            Ok(_) => "as reflink clones (job folders and cache on an XFS image)".to_owned(),
+            Err(why) => format!("as plain copies (no XFS image: {why})"),
+        }
     );
 
     let config = Config::load(&config_path)?;
@@ -87,8 +100,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         peak as f64 / 1024.0
     );
     aws_cp(&proxy_url, &bucket, dir.path(), args.size_mib).await;
-    let cached = cached_blob(&dir.path().join("cache/blobs")).context("the cached input")?;
+    let cached = cached_blob(&dir.path().join("work/cache/blobs")).context("the cached input")?;
     super::cache::placement(&cached, args.size_mib)?;
+    drop(xfs);
     drop(dir);
     super::cache::eviction().await?;
     super::manifest::run(&slow, endpoint, args.files).await?;
@@ -117,7 +131,7 @@ listen_queue = "bench"
 wait_time = "1s"
 work_dir = "work"
 [worker.cache]
-path = "cache"
+path = "work/cache"
 download_concurrency = {download_concurrency}
 [queues.bench]
 backend = "local"
