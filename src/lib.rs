@@ -85,6 +85,12 @@
 //! - [`app`]: builds all of the above from a config and runs `serve` or
 //!   `worker`; [`cli`] (with its endpoint [`cli::client`]) and
 //!   [`bench`](mod@bench) are the command line.
+//! - Outside `src/`, in Python: `clients/python/` (the endpoint's methods
+//!   as a client whose errors carry the JSON-RPC code and `data.field`;
+//!   `attach`, which writes Deadline Cloud manifests and uploads only the
+//!   `Data/` objects a bucket lacks) and `clients/blender/` (the Blender
+//!   add-on, which runs that client; `renderq-submit-blender`), tested
+//!   from `tests/clients.rs` and `tests/blender_addon.rs`.
 //!
 //! # Invariants
 //!
@@ -201,6 +207,12 @@
 //!   timeout is a missing thumbnail and one warning.
 //! - The monitor changes nothing without a POST carrying the CSRF token of
 //!   its cookie (and, with a token configured, the sign-in cookie).
+//! - The Python client's `attach` uploads an object only when the bucket
+//!   lacks its key, and every object appears whole (an S3 PUT or a
+//!   completed multipart upload; a local bucket's rename), so the attach
+//!   after an interrupted one sends exactly what is missing; its manifests
+//!   are named by their content. A submit through the add-on checks the
+//!   token and the command before uploading anything.
 
 pub mod access;
 pub mod api;

@@ -17,7 +17,7 @@ const LONG: Duration = Duration::from_secs(240);
 
 /// Whether Blender is here. Under CI it must be (`.ci/run` installs it);
 /// elsewhere a missing Blender skips the test, saying so.
-fn have_blender() -> bool {
+pub(crate) fn have_blender() -> bool {
     let found = Command::new("blender")
         .arg("--version")
         .output()
@@ -31,17 +31,11 @@ fn have_blender() -> bool {
     found
 }
 
-/// A farm of `slots` slots with the `blender_render` and `blender_adaptor`
-/// commands, and a 64-pixel test shot in `assets/shots/010`.
-async fn blender_farm(slots: u32) -> Farm {
-    let script = |name: &str| repo_path(&format!("examples/blender/{name}"));
-    let farm = Farm::new(
-        Backend::Local,
-        Settings {
-            extra_allowed: vec!["blender_render", "blender_adaptor"],
-            worker_toml: format!("slots = {slots}"),
-            extra_toml: format!(
-                r#"{AUDIT_AND_ASSETS}
+/// The `blender_render` command as the README gives it, with
+/// `examples/blender/render_frames.py` from this repository.
+pub(crate) fn blender_render_toml() -> String {
+    format!(
+        r#"
 [commands.blender_render]
 kind = "process"
 program = "blender"
@@ -52,7 +46,22 @@ timeout = "10m"
 [commands.blender_render.parameters]
 scene = {{ type = "string", required = true, pattern = "^[A-Za-z0-9_./-]+\\.blend$" }}
 frame = {{ type = "integer", default = 1 }}
+"#,
+        render = repo_path("examples/blender/render_frames.py"),
+    )
+}
 
+/// A farm of `slots` slots with the `blender_render` and `blender_adaptor`
+/// commands, and a 64-pixel test shot in `assets/shots/010`.
+async fn blender_farm(slots: u32) -> Farm {
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            extra_allowed: vec!["blender_render", "blender_adaptor"],
+            worker_toml: format!("slots = {slots}"),
+            extra_toml: format!(
+                r#"{AUDIT_AND_ASSETS}
+{render}
 [commands.blender_adaptor]
 kind = "adaptor"
 program = "python3"
@@ -63,8 +72,8 @@ init_data = {{ loads_file = "loads.txt" }}
 scene = {{ type = "string", required = true, pattern = "^[A-Za-z0-9_./-]+\\.blend$" }}
 frame = {{ type = "integer", default = 1 }}
 "#,
-                render = script("render_frames.py"),
-                adaptor = script("adaptor.py"),
+                render = blender_render_toml(),
+                adaptor = repo_path("examples/blender/adaptor.py"),
             ),
             ..Settings::default()
         },
@@ -77,11 +86,17 @@ frame = {{ type = "integer", default = 1 }}
 /// (Re)writes the test shot in the farm's `assets` bucket: a scene of
 /// `size` pixels across, rendered with `samples` samples.
 fn make_scene(farm: &Farm, size: u32, samples: u32) {
+    make_scene_in(&farm.dir.path().join("assets/shots/010"), size, samples);
+}
+
+/// Writes `examples/blender/make_scene.py`'s shot (`scene.blend`,
+/// `textures/checker.png`) into `dir`.
+pub(crate) fn make_scene_in(dir: &std::path::Path, size: u32, samples: u32) {
     let made = Command::new("blender")
         .args(["-b", "--factory-startup", "--python"])
         .arg(repo_path("examples/blender/make_scene.py"))
         .arg("--")
-        .arg(farm.dir.path().join("assets/shots/010"))
+        .arg(dir)
         .args([size.to_string(), samples.to_string()])
         .output()
         .expect("run blender");
@@ -331,5 +346,48 @@ async fn a_cancel_stops_a_long_blender_frame_within_2_s_and_the_slot_renders_the
             .any(|e| e["type"] == "JobFailed" || e["type"] == "JobRequeued"),
         "{:?}",
         farm.events()
+    );
+}
+
+/// Blender exits 0 when its `--python` script is missing (the README once
+/// named `/opt/renderq/...`, which a clone lacks): the chunk fails with
+/// Blender's own words, not only "wrote no output file".
+#[tokio::test(flavor = "multi_thread")]
+async fn blender_missing_its_script_fails_saying_so() {
+    if !have_blender() {
+        return;
+    }
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            extra_allowed: vec!["blender_render"],
+            max_receive_count: 1,
+            extra_toml: format!(
+                "{AUDIT_AND_ASSETS}{}",
+                blender_render_toml().replace(
+                    &repo_path("examples/blender/render_frames.py"),
+                    "/opt/renderq/examples/blender/render_frames.py",
+                )
+            ),
+            ..Settings::default()
+        },
+    )
+    .await;
+    make_scene_in(&farm.dir.path().join("assets/shots/010"), 16, 1);
+    let _serve = farm.serve(&[]).await;
+    let id = farm
+        .submit(serde_json::json!({"command": "blender_render",
+            "parameters": {"scene": "scene.blend"},
+            "inputs": [{"bucket": "assets", "key": "shots/010/scene.blend", "path": "scene.blend"}]}))
+        .await;
+    let end = crate::inputs::ended(&farm, &id).await;
+    let reason = end["detail"]["reason"].as_str().unwrap_or_default();
+    assert_eq!(end["type"], "JobDeadLettered", "{end}");
+    assert!(reason.contains("wrote no output file"), "{end}");
+    assert!(
+        reason.contains(
+            r#"Python file "/opt/renderq/examples/blender/render_frames.py" could not be opened"#
+        ),
+        "{end}"
     );
 }

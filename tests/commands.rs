@@ -60,6 +60,12 @@ pidfile = {{ type = "string", required = true }}
 kind = "process"
 program = "{fail}"
 
+[commands.writes_nothing]
+kind = "process"
+program = "python3"
+args = ["-c", "import sys; print('Error: Python file \"render.py\" could not be opened'); print('Blender quit'); sys.exit(0)"]
+output = "{{workdir}}/frame_*.png"
+
 [commands.scene]
 kind = "adaptor"
 program = "python3"
@@ -225,6 +231,22 @@ async fn openjd_fail_fails_a_program_that_exits_zero() {
     let (code, _, stderr) = run_cli(&farm, &["fails_quietly"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("licence server unreachable"), "{stderr}");
+}
+
+/// Blender exits 0 when its `--python` script is missing, saying so on
+/// standard output: the reason shows those last lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_program_that_exits_zero_without_its_output_fails_with_its_last_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let farm = farm_with_commands(&dir.path().join("starts").display().to_string()).await;
+    let (code, _, stderr) = run_cli(&farm, &["writes_nothing"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("wrote no output file"), "{stderr}");
+    assert!(
+        stderr.contains("stdout: Error: Python file \"render.py\" could not be opened"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Blender quit"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -28,7 +28,9 @@ mod harness;
 
 mod adaptors;
 mod blender;
+mod blender_addon;
 mod cancels;
+mod clients;
 mod commands;
 mod config_errors;
 mod crash;

@@ -19,7 +19,8 @@ use crate::workspace::Workspace;
 
 /// Most standard output kept as a result; more fails the job.
 const MAX_STDOUT: usize = 64 * 1024 * 1024;
-/// How much of the end of standard error goes into a failure's reason.
+/// How much of the end of standard error (and of standard output that is
+/// not the result) goes into a failure's reason.
 const STDERR_TAIL: usize = 2048;
 /// After SIGTERM on cancel, how long the program gets before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -59,15 +60,22 @@ fn openjd(line: &[u8]) -> Option<OpenJd> {
     }
 }
 
+/// What standard output brought: the result (when it is the result), or
+/// else its last lines, for a failure's reason.
+#[derive(Default)]
+struct Stdout {
+    kept: Vec<u8>,
+    fail: Option<String>,
+    overflow: bool,
+    tail: Vec<u8>,
+}
+
 /// Reads standard output: protocol lines go to `progress`, the rest is kept
-/// (when it is the result). Returns the kept bytes and any `openjd_fail`.
-async fn read_stdout(
-    stdout: impl AsyncRead + Unpin,
-    progress: Progress,
-    keep: bool,
-) -> (Vec<u8>, Option<String>, bool) {
+/// (when it is the result) or its end remembered (when it is not).
+async fn read_stdout(stdout: impl AsyncRead + Unpin, progress: Progress, keep: bool) -> Stdout {
     let mut reader = BufReader::new(stdout);
     let (mut kept, mut fail, mut overflow) = (Vec::new(), None, false);
+    let mut tail = Vec::new();
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -84,10 +92,26 @@ async fn read_stdout(
             }
             None if keep && kept.len() + line.len() <= MAX_STDOUT => kept.extend_from_slice(&line),
             None if keep => overflow = true,
-            None => {}
+            None => {
+                tail.extend_from_slice(&line);
+                if tail.len() > 2 * STDERR_TAIL {
+                    tail.drain(..tail.len() - STDERR_TAIL);
+                }
+            }
         }
     }
-    (kept, fail, overflow)
+    Stdout {
+        kept,
+        fail,
+        overflow,
+        tail: last_bytes(tail),
+    }
+}
+
+/// The last `STDERR_TAIL` bytes of `bytes`.
+fn last_bytes(mut bytes: Vec<u8>) -> Vec<u8> {
+    bytes.drain(..bytes.len().saturating_sub(STDERR_TAIL));
+    bytes
 }
 
 /// Keeps the last `STDERR_TAIL` bytes of standard error.
@@ -104,8 +128,7 @@ async fn read_tail(stderr: impl AsyncRead + Unpin) -> String {
             tail.drain(..tail.len() - STDERR_TAIL);
         }
     }
-    let start = tail.len().saturating_sub(STDERR_TAIL);
-    String::from_utf8_lossy(&tail[start..]).trim().to_owned()
+    String::from_utf8_lossy(&last_bytes(tail)).trim().to_owned()
 }
 
 /// The environment a child gets: the allowed variables that are set.
@@ -172,7 +195,12 @@ impl ProcessCommand {
         group.kill();
         let _ = child.wait().await;
         let stderr_tail = stderr.await.unwrap_or_default();
-        let (stdout, fail, overflow) = stdout.await.unwrap_or_default();
+        let Stdout {
+            kept: stdout,
+            fail,
+            overflow,
+            tail: stdout_tail,
+        } = stdout.await.unwrap_or_default();
         let with_stderr = |reason: String| {
             if stderr_tail.is_empty() {
                 reason
@@ -223,10 +251,17 @@ impl ProcessCommand {
             .collect();
         paths.sort();
         if paths.is_empty() {
-            return Err(CommandError::Failed(with_stderr(format!(
+            // A program that exits 0 having done nothing (Blender whose
+            // `--python` script is missing) says why on either stream.
+            let stdout_tail = String::from_utf8_lossy(&stdout_tail).trim().to_owned();
+            let mut reason = format!(
                 "the program exited 0 but wrote no output file {}",
                 pattern.display()
-            ))));
+            );
+            if !stdout_tail.is_empty() {
+                reason.push_str(&format!("; stdout: {stdout_tail}"));
+            }
+            return Err(CommandError::Failed(with_stderr(reason)));
         }
         Ok(paths
             .into_iter()
