@@ -46,21 +46,26 @@ pub async fn eviction() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Places the file `blob` (the cached input) beside itself as a plain
-/// copy, and as a reflink clone where its file system can clone.
+/// Places the file `blob` (the cached input) as a plain copy into the
+/// system's temporary folder, and as a reflink clone beside itself where
+/// its file system can clone. (On XFS and Btrfs a "copy" within one file
+/// system is itself a clone: `copy_file_range` shares the extents.)
 pub fn placement(blob: &Path, size_mib: u64) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir_in(blob.parent().unwrap_or(Path::new(".")))?;
-    let copy = timed(Placement::Copy, blob, &dir.path().join("copy"))?;
+    let plain = tempfile::tempdir()?;
+    let copy = timed(Placement::Copy, blob, &plain.path().join("copy"))?;
     println!(
-        "  placing the {size_mib} MiB input as a plain copy: {:.1} ms",
+        "  placing the {size_mib} MiB input as a plain copy into {}: {:.1} ms",
+        plain.path().display(),
         ms(copy)
     );
-    match Placement::probe(dir.path(), dir.path(), &JobUser::Worker) {
+    let beside = tempfile::tempdir_in(blob.parent().unwrap_or(Path::new(".")))?;
+    let jobs = beside.path().join("jobs");
+    match Placement::probe(beside.path(), &jobs, &JobUser::Worker) {
         Placement::Reflink => {
-            let clone = timed(Placement::Reflink, blob, &dir.path().join("clone"))?;
-            println!("  as a reflink clone: {:.2} ms", ms(clone));
+            let clone = timed(Placement::Reflink, blob, &jobs.join("clone"))?;
+            println!("  as a reflink clone beside the cache: {:.2} ms", ms(clone));
         }
-        _ => println!("  as a reflink clone: not here (this file system cannot clone)"),
+        _ => println!("  as a reflink clone: not here (the cache's file system cannot clone)"),
     }
     Ok(())
 }

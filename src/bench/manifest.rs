@@ -16,6 +16,9 @@ const FILE: usize = 1024;
 /// Puts `files` files of 1 KiB (each its own content) and their manifest
 /// in the bucket, then stages the manifest cold once per concurrency.
 pub async fn run(s3: &SlowS3, endpoint: &str, files: usize) -> anyhow::Result<()> {
+    if files == 0 {
+        return Ok(());
+    }
     let started = Instant::now();
     put_shot(s3, files).await?;
     println!(

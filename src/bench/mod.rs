@@ -111,7 +111,7 @@ pub struct BenchArgs {
     /// the S3-compatible server at this endpoint.
     #[arg(long, value_name = "URL")]
     pub ledger: Option<String>,
-    /// With --inputs: files in the cold manifest.
+    /// With --inputs: files in the cold manifest (0: no manifest run).
     #[arg(long, default_value_t = 10_000)]
     pub files: usize,
     /// With --uploads or --inputs: the file's size.
