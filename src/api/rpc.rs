@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 use crate::api::control::{Control, ControlError};
+use crate::api::rerender::RerenderRequest;
 use crate::api::submit::{SubmitError, SubmitRequest, Submitted, Submitter};
 use crate::events::status::StatusTable;
 use crate::job::params::{FieldError, deserialize_named};
@@ -323,8 +324,9 @@ impl Rpc {
         budget: &mut u32,
     ) -> Result<Value, RpcError> {
         // The method is checked before its params.
-        const METHODS: [&str; 6] = [
+        const METHODS: [&str; 7] = [
             "queue_manager_submit_job",
+            "queue_manager_rerender",
             "queue_manager_list_commands",
             "queue_manager_queue_stats",
             "queue_manager_job_status",
@@ -364,6 +366,11 @@ impl Rpc {
                         message_ids,
                     } => json!({"job_id": job_id, "message_ids": message_ids}),
                 })
+            }
+            "queue_manager_rerender" => {
+                let request: RerenderRequest = deserialize_named(params, "")?;
+                let rerendered = self.submitter.rerender(request).await?;
+                Ok(serde_json::to_value(rerendered).expect("a re-render serializes"))
             }
             "queue_manager_list_commands" => Ok(self.list_commands()),
             "queue_manager_job_status" => {
