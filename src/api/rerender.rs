@@ -120,23 +120,11 @@ impl Submitter {
         let template = &record.envelope;
         let catalog = self.catalog();
         catalog.check_inputs(&queue_name, &template.inputs)?;
-        let mut bodies = Vec::with_capacity(children.len());
         let size = children.len() as u32;
-        let Some(revision) = ledger
-            .take_revision(&array_id, limits.max_revisions)
-            .await?
-        else {
-            return Err(FieldError::new(
-                "job_id",
-                format!(
-                    "array {array_id} has had {} revisions, the most allowed \
-                     (queue_manager.max_revisions)",
-                    limits.max_revisions
-                ),
-            )
-            .into());
-        };
+        // Every child is checked, with the largest revision number it may
+        // get, before a number is taken: a refused re-render takes none.
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut made = Vec::with_capacity(children.len());
         for (k, (index, frames)) in children.iter().enumerate() {
             let mut child = template.clone();
             child.job_id = uuid::Uuid::new_v4().to_string();
@@ -153,25 +141,47 @@ impl Submitter {
                 size: record.size,
                 frames: frames.clone(),
                 revision: Some(Revision {
-                    number: revision,
+                    number: limits.max_revisions,
                     index: k as u32,
                     size,
                 }),
             });
-            let body = child.to_body();
-            if body.len() > limits.max_message_bytes {
+            let bytes = child.to_body().len();
+            if bytes > limits.max_message_bytes {
                 return Err(FieldError::new(
                     "frames",
                     format!(
-                        "a child would be {} bytes; at most {} (queue_manager.max_message_bytes)",
-                        body.len(),
+                        "a child would be {bytes} bytes; at most {} (queue_manager.max_message_bytes)",
                         limits.max_message_bytes
                     ),
                 )
                 .into());
             }
-            bodies.push(body);
+            made.push(child);
         }
+        let Some(revision) = ledger
+            .take_revision(&array_id, limits.max_revisions)
+            .await?
+        else {
+            return Err(FieldError::new(
+                "job_id",
+                format!(
+                    "array {array_id} has had {} revisions, the most allowed \
+                     (queue_manager.max_revisions)",
+                    limits.max_revisions
+                ),
+            )
+            .into());
+        };
+        let bodies: Vec<String> = made
+            .into_iter()
+            .map(|mut child| {
+                if let Some(part) = child.array.as_mut().and_then(|a| a.revision.as_mut()) {
+                    part.number = revision;
+                }
+                child.to_body()
+            })
+            .collect();
         let subject = Subject {
             job: JobRef {
                 job_id: array_id.clone(),

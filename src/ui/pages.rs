@@ -58,7 +58,7 @@ pub(super) fn progress(job: &JobRow) -> Markup {
 }
 
 pub(super) fn job_link(job: &JobRow) -> Markup {
-    html! { a href=(format!("/ui/jobs/{}", job.job_id)) { (job.job_id) } }
+    html! { a href=(format!("/ui/jobs/{}", job.job_id)) title=(job.job_id) { (job.label.display(&job.job_id)) } }
 }
 
 pub(super) fn thumbnail(queue: &str, name: &str) -> Markup {
