@@ -48,7 +48,7 @@ fn example_commands(farm: &Farm) -> String {
 /// A farm set up as the example's `workers.toml` is: two slots, composites
 /// on their own queue taken first, and the test shot in `assets`.
 async fn pipeline_farm() -> Farm {
-    let mut farm = Farm::new(
+    let farm = Farm::new(
         Backend::Local,
         Settings {
             extra_allowed: vec!["blender_render", "pipeline_composite", "pipeline_encode"],
@@ -63,7 +63,6 @@ async fn pipeline_farm() -> Farm {
     );
     let config = std::fs::read_to_string(&farm.config).unwrap() + &extra;
     std::fs::write(&farm.config, config).unwrap();
-    farm.env.push(("USER".into(), "pipeline-test".into()));
     let made = Command::new("blender")
         .args(["-b", "--factory-startup", "--python"])
         .arg(repo_path("examples/blender/make_scene.py"))
@@ -85,7 +84,14 @@ async fn submit(farm: &Farm, extra: &[&str]) -> Value {
     let mut command = Command::new("python3");
     command
         .arg(repo_path("examples/pipeline/submit.py"))
-        .args(["--url", &farm.url(), "--timeout", "500"])
+        .args([
+            "--url",
+            &farm.url(),
+            "--timeout",
+            "500",
+            "--owner",
+            "pipeline-test",
+        ])
         .args(extra);
     let out = tokio::task::spawn_blocking(move || command.output().expect("run submit.py"))
         .await
