@@ -376,10 +376,21 @@ async fn bad_names_and_rerenders_are_refused_naming_the_field(backend: Backend) 
             json!({"job_id": job_id, "frames": frames}),
         )
     };
+    // Once the status table knows the plain job, a re-render of it says
+    // that it is no array.
+    let deadline = std::time::Instant::now() + LONG;
+    while farm
+        .rpc("queue_manager_job_status", json!({"job_id": plain}))
+        .await["result"]
+        .is_null()
+    {
+        assert!(std::time::Instant::now() < deadline, "the job never showed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let unknown = uuid::Uuid::new_v4().to_string();
     for (job_id, frames, field, says) in [
         (unknown.clone(), "1", "job_id", unknown.as_str()),
-        (plain.clone(), "1", "job_id", "plain job"),
+        (plain.clone(), "1", "job_id", "is a job, not an array"),
         ("not-an-id".to_owned(), "1", "job_id", ""),
         (array_id.clone(), "4,5", "frames", "frame 5"),
         (array_id.clone(), "11", "frames", "frame 11"),

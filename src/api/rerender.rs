@@ -12,6 +12,7 @@
 //! detail.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -21,6 +22,7 @@ use super::control::{ControlError, job_id};
 use super::submit::Submitter;
 use crate::events::ledger::{ArrayRecord, ChildState, Ledger};
 use crate::events::observe::Subject;
+use crate::events::status::{Status, StatusTable};
 use crate::job::event::{Event, EventType, JobRef};
 use crate::job::frames::{format_frames, parse_frames};
 use crate::job::params::FieldError;
@@ -268,6 +270,35 @@ impl Submitter {
             ),
         )
         .into())
+    }
+}
+
+/// A re-render refused for its `job_id`, said more exactly where the
+/// status table knows the id as a plain job (the ledger keeps records of
+/// arrays only).
+pub async fn explain(
+    error: ControlError,
+    id: &str,
+    status: Option<Arc<StatusTable>>,
+) -> ControlError {
+    let (ControlError::Field(field), Some(table), Ok(id)) = (&error, status, job_id(id)) else {
+        return error;
+    };
+    if field.field != "job_id" {
+        return error;
+    }
+    let id = id.to_string();
+    let found = {
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || table.get(&id)).await
+    };
+    match found {
+        Ok(Ok(Some(Status::Job(_)))) => FieldError::new(
+            "job_id",
+            format!("`{id}` is a job, not an array: only an array's frames can be rendered again"),
+        )
+        .into(),
+        _ => error,
     }
 }
 

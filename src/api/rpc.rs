@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 use crate::api::control::{Control, ControlError};
-use crate::api::rerender::RerenderRequest;
+use crate::api::rerender::{RerenderRequest, explain};
 use crate::api::submit::{SubmitError, SubmitRequest, Submitted, Submitter};
 use crate::events::status::StatusTable;
 use crate::job::params::{FieldError, deserialize_named};
@@ -369,8 +369,11 @@ impl Rpc {
             }
             "queue_manager_rerender" => {
                 let request: RerenderRequest = deserialize_named(params, "")?;
-                let rerendered = self.submitter.rerender(request).await?;
-                Ok(serde_json::to_value(rerendered).expect("a re-render serializes"))
+                let id = request.job_id.clone();
+                match self.submitter.rerender(request).await {
+                    Ok(done) => Ok(serde_json::to_value(done).expect("a re-render serializes")),
+                    Err(e) => Err(explain(e, &id, self.status.clone()).await.into()),
+                }
             }
             "queue_manager_list_commands" => Ok(self.list_commands()),
             "queue_manager_job_status" => {
