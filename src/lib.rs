@@ -85,7 +85,8 @@
 //!   an array as a paged grid of frames, live through server-sent events
 //!   (a capped number of streams, each of limited age), sign-in by signed,
 //!   expiring session cookies, thumbnails from the ledgers, redrive and
-//!   cancel through [`api::control`].
+//!   cancel through [`api::control`], the grid's Re-render through
+//!   [`api::rerender`]; lists filtered by name, owner and metadata value.
 //! - [`app`]: builds all of the above from a config and runs `serve` or
 //!   `worker`; [`cli`] (with its endpoint [`cli::client`]) and
 //!   [`bench`](mod@bench) are the command line.
