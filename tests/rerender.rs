@@ -421,3 +421,65 @@ async fn bad_names_and_rerenders_are_refused_naming_the_field(backend: Backend) 
     )
     .await;
 }
+
+/// On the embedded queue a cancel deletes the queued children of every
+/// revision and counts each in its own revision: the submit's and the
+/// re-render's each complete once, all cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_an_array_with_a_queued_revision_completes_each_revision_once() {
+    let farm = Farm::new(
+        Backend::Local,
+        Settings {
+            // serve's own worker listens elsewhere: the children stay queued.
+            worker_toml: "listen_queues = [\"idle\"]".into(),
+            extra_toml: format!(
+                "{AUDIT_AND_ASSETS}\n[queues.idle]\nbackend = \"local\"\npath = \"idle\"\n"
+            ),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let _serve = farm.serve(&[]).await;
+    let reply = farm
+        .rpc(
+            "queue_manager_submit_job",
+            json!({"command": "sleep", "parameters": {"seconds": 0}, "frames": "1-4"}),
+        )
+        .await;
+    let array_id = reply["result"]["job_id"].as_str().unwrap().to_owned();
+    let reply = farm
+        .rpc(
+            "queue_manager_rerender",
+            json!({"job_id": array_id, "frames": "2,4"}),
+        )
+        .await;
+    assert_eq!(reply["result"]["revision"], 2, "{reply}");
+    let (code, out, err) = farm.cli(&["cancel", &array_id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&array_id), "{out}");
+    let completions = farm
+        .wait_for_events(
+            |e| e["type"] == "ArrayJobCompleted" && e["job_id"] == array_id,
+            2,
+            LONG,
+        )
+        .await;
+    let mut details: Vec<(i64, i64, i64)> = completions
+        .iter()
+        .map(|e| {
+            let d = &e["detail"];
+            (
+                d["revision"].as_i64().unwrap_or(1),
+                d["size"].as_i64().unwrap(),
+                d["cancelled"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    details.sort_unstable();
+    assert_eq!(details, [(1, 4, 4), (2, 2, 2)]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        of_array(&farm.events(), &array_id, "ArrayJobCompleted").len(),
+        2
+    );
+}
