@@ -22,7 +22,8 @@
 //!   and key templates, command parameter schemas ([`job::params`]), frame
 //!   specs ([`job::frames`]), job and message ids in their one spelling
 //!   ([`job::id`]), inputs and the Deadline Cloud manifests they may name
-//!   ([`job::manifest`]), lifecycle events ([`job::event`]) and a
+//!   ([`job::manifest`]), a job's name, owner and metadata
+//!   ([`job::label`]), lifecycle events ([`job::event`]) and a
 //!   command's result ([`job::output`]). Pure.
 //! - [`config`]: `workers.toml` types, defaults and checks (file, line, key
 //!   in every error).
@@ -55,7 +56,8 @@
 //!   and `events watch`, and the ledger (reported tries, cancelled jobs and
 //!   array children's final states: SQLite beside the embedded queue, S3
 //!   conditional writes for SQS) that makes exactly one
-//!   `ArrayJobCompleted`. The ledger and the status table are pruned after
+//!   `ArrayJobCompleted` (per revision), and keeps what a re-render of an
+//!   array needs from its submit. The ledger and the status table are pruned after
 //!   `queue_manager.retention`.
 //! - [`worker`]: the listen half: a step function plus slot loops,
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
@@ -75,13 +77,16 @@
 //!   each, validate against the catalog and the `[queue_manager]` limits,
 //!   then send; array jobs are cut into
 //!   children and sent a batch at a time); [`api::control`] cancels and
-//!   redrives, for the endpoint and the command line.
+//!   redrives, for the endpoint and the command line; [`api::rerender`]
+//!   sends chosen frames of an array again, as its next revision, from the
+//!   ledger's record of its submit.
 //! - [`ui`]: the web monitor at `/ui`: pages from the status table (its
 //!   own read-only connections, [`ui::board`], every list on an index),
 //!   an array as a paged grid of frames, live through server-sent events
 //!   (a capped number of streams, each of limited age), sign-in by signed,
 //!   expiring session cookies, thumbnails from the ledgers, redrive and
-//!   cancel through [`api::control`].
+//!   cancel through [`api::control`], the grid's Re-render through
+//!   [`api::rerender`]; lists filtered by name, owner and metadata value.
 //! - [`app`]: builds all of the above from a config and runs `serve` or
 //!   `worker`; [`cli`] (with its endpoint [`cli::client`]) and
 //!   [`bench`](mod@bench) are the command line.
@@ -162,7 +167,9 @@
 //! - Of all workers settling an array's children, exactly one publishes its
 //!   `ArrayJobCompleted`: the write that makes the last child final claims
 //!   it (one transaction; on S3 one conditional write of the array's state
-//!   object, so a child costs a constant number of calls). A child is
+//!   object, so a child costs a constant number of calls). A re-render is
+//!   counted as an array of its own (`ID.rN`), so each revision is
+//!   announced exactly once, with `revision` in its detail. A child is
 //!   recorded before its message is settled, so no child is final in the
 //!   queue but not in the ledger; one the redrive policy moved is counted
 //!   by the dead-letter sweep.
@@ -196,9 +203,14 @@
 //!   cached blob's) fails that job and evicts nothing. Eviction never
 //!   reaches a running job's inputs: they are its own files.
 //! - The monitor's pages cost the same with a week of history as with an
-//!   hour: every list walks an index of the status table, an array's page
-//!   shows a bounded page of its frames, and no size read from the table
-//!   is taken beyond `max_frames`.
+//!   hour: every list walks an index of the status table (a filter by name,
+//!   owner or metadata value too), an array's page shows a bounded page of
+//!   its frames (each index read with its revisions, at most
+//!   `max_revisions`), and no size read from the table is taken beyond
+//!   `max_frames`.
+//! - A re-render sends only what the array's submit recorded in the ledger
+//!   (its pinned inputs included), never what the status table says; each
+//!   revision number is taken once, across processes.
 //! - A thumbnail never fails a job, nor stops its worker: no worker
 //!   decodes an output. Image outputs are decoded in a child process (the
 //!   binary re-run as the hidden `renderq thumbnail`, as the job user)

@@ -115,6 +115,7 @@ pub(super) fn make_child(
         index,
         size: plan.size(),
         frames: chunk.to_vec(),
+        revision: None,
     });
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tracing::info;
 
-use crate::events::ledger::{ChildState, Ledger, Ledgers};
+use crate::events::ledger::{ArrayCounts, ChildState, Ledger, Ledgers};
 use crate::events::observe::{JobEnd, Observer};
 use crate::events::status::StatusTable;
 use crate::job::id::Id;
@@ -236,7 +236,9 @@ impl Control {
     /// Announces messages deleted unrun as cancelled, and counts array
     /// children in the ledger (which may complete the array).
     async fn settle_unrun(&self, queue: &str, ledger: &Ledger, messages: Vec<(String, String)>) {
-        let mut arrays: std::collections::BTreeMap<String, (u32, Vec<u32>)> = Default::default();
+        // By ledger slot: its size, the indexes, and the array and revision.
+        type Slot = (u32, Vec<u32>, String, Option<u32>);
+        let mut arrays: std::collections::BTreeMap<String, Slot> = Default::default();
         let mut last = None;
         for (message_id, body) in messages {
             let delivery = Delivery::new(Received {
@@ -248,19 +250,24 @@ impl Control {
             let subject = delivery.subject(queue);
             self.observer.ended(&subject, &JobEnd::Cancelled);
             if let Ok(Some(array)) = delivery.envelope.as_ref().map(|e| e.array.as_ref()) {
-                let entry = arrays.entry(array.job_id.clone()).or_default();
-                entry.0 = array.size;
-                entry.1.push(array.index);
+                // A re-render's children are counted in their revision.
+                let (id, size, index) = array.ledger_slot();
+                let entry = arrays.entry(id).or_default();
+                entry.0 = size;
+                entry.1.push(index);
+                entry.2.clone_from(&array.job_id);
+                entry.3 = array.revision.map(|r| r.number);
             }
             last = Some(subject);
         }
-        for (array_id, (size, indexes)) in arrays {
+        for (slot, (size, indexes, array_id, revision)) in arrays {
             match ledger
-                .children_settled(&array_id, size, indexes, ChildState::Cancelled)
+                .children_settled(&slot, size, indexes, ChildState::Cancelled)
                 .await
             {
                 Ok(Some(counts)) => {
                     if let Some(subject) = &last {
+                        let counts = ArrayCounts { revision, ..counts };
                         self.observer.array_completed(subject, &array_id, counts);
                     }
                 }

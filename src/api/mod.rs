@@ -3,7 +3,8 @@
 //! JSON-RPC ([`rpc`], no HTTP in sight), whose submit method checks and
 //! sends jobs ([`submit`]; inputs are pinned first, in `pins`; an array's
 //! children are planned, sized and sent in `children`); job control
-//! ([`control`]) cancels and redrives. Nothing here receives a message, and
+//! ([`control`]) cancels and redrives; [`rerender`] sends chosen frames of
+//! an array again, as its next revision. Nothing here receives a message, and
 //! only a cancel on the embedded queue deletes any (the cancelled job's
 //! messages that no worker holds).
 
@@ -11,6 +12,7 @@ mod children;
 pub mod control;
 pub mod guard;
 mod pins;
+pub mod rerender;
 pub mod rpc;
 pub mod server;
 pub mod submit;

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 use crate::api::control::{Control, ControlError};
+use crate::api::rerender::{RerenderRequest, explain};
 use crate::api::submit::{SubmitError, SubmitRequest, Submitted, Submitter};
 use crate::events::status::StatusTable;
 use crate::job::params::{FieldError, deserialize_named};
@@ -323,8 +324,9 @@ impl Rpc {
         budget: &mut u32,
     ) -> Result<Value, RpcError> {
         // The method is checked before its params.
-        const METHODS: [&str; 6] = [
+        const METHODS: [&str; 7] = [
             "queue_manager_submit_job",
+            "queue_manager_rerender",
             "queue_manager_list_commands",
             "queue_manager_queue_stats",
             "queue_manager_job_status",
@@ -364,6 +366,14 @@ impl Rpc {
                         message_ids,
                     } => json!({"job_id": job_id, "message_ids": message_ids}),
                 })
+            }
+            "queue_manager_rerender" => {
+                let request: RerenderRequest = deserialize_named(params, "")?;
+                let id = request.job_id.clone();
+                match self.submitter.rerender(request).await {
+                    Ok(done) => Ok(serde_json::to_value(done).expect("a re-render serializes")),
+                    Err(e) => Err(explain(e, &id, self.status.clone()).await.into()),
+                }
             }
             "queue_manager_list_commands" => Ok(self.list_commands()),
             "queue_manager_job_status" => {

@@ -21,6 +21,7 @@ use crate::events::publish::Publisher;
 use crate::job::event::{Event, EventType, JobRef, Notification};
 use crate::job::frames::{format_frames, parse_frames};
 use crate::job::inputs::InputSpec;
+use crate::job::label::{Label, LabelLimits};
 use crate::job::params::FieldError;
 use crate::job::{Envelope, TaskSpec};
 use crate::queue::{Queue, QueueError, Queues, SEND_BATCH, SEND_BATCH_BYTES};
@@ -51,6 +52,15 @@ pub struct SubmitRequest {
     /// Objects placed in the job's working folder before it runs.
     #[serde(default)]
     pub inputs: Vec<InputSpec>,
+    /// What people call the job ("shot010_lighting_v3").
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Who submitted it (free text).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// A small flat map of strings (project, sequence, shot).
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// What a submit queued.
@@ -109,6 +119,8 @@ pub struct Limits {
     pub max_notifications: usize,
     pub max_batch: usize,
     pub max_request_messages: u32,
+    pub label: LabelLimits,
+    pub max_revisions: u32,
 }
 
 impl From<&QueueManagerConfig> for Limits {
@@ -122,6 +134,11 @@ impl From<&QueueManagerConfig> for Limits {
             max_notifications: c.max_notifications,
             max_batch: c.max_batch,
             max_request_messages: c.max_request_messages,
+            label: LabelLimits {
+                max_name_bytes: c.max_name_bytes,
+                max_metadata_entries: c.max_metadata_entries,
+            },
+            max_revisions: c.max_revisions,
         }
     }
 }
@@ -193,6 +210,14 @@ impl Submitter {
         &self.limits
     }
 
+    pub(super) fn ledgers(&self) -> &Ledgers {
+        &self.ledgers
+    }
+
+    pub(super) fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
     /// Checks and sends a job, or an array job's children; returns what
     /// was queued.
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, SubmitError> {
@@ -251,6 +276,12 @@ impl Submitter {
                 .into());
             }
         }
+        let label = Label {
+            name: request.name,
+            owner: request.owner,
+            metadata: request.metadata,
+        };
+        label.check(&limits.label)?;
         let job = self
             .catalog
             .validate(&request.command, &request.parameters, &request.tasks)?;
@@ -259,6 +290,7 @@ impl Submitter {
         let mut envelope = Envelope::new(request.command, request.parameters, request.tasks);
         envelope.notifications = notifications;
         envelope.inputs = request.inputs;
+        envelope.label = label;
 
         let Some(spec) = request.frames else {
             let bytes = envelope.to_body().len();
@@ -381,6 +413,7 @@ impl Submitter {
                 command: envelope.command.clone(),
                 attempt: 0,
                 array: None,
+                label: envelope.label.clone(),
             },
             notifications: envelope.notifications.clone(),
         };
@@ -408,6 +441,7 @@ impl Submitter {
         };
 
         let size = plan.size();
+        super::rerender::record(&plan, &envelope).await;
         let mut message_ids = Vec::with_capacity(size as usize);
         let mut template = envelope.clone();
         let chunks: Vec<&[i64]> = plan.chunks().collect();

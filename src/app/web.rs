@@ -77,7 +77,8 @@ impl App {
         Some(
             ui.behind_tls(server.behind_tls)
                 .max_live_streams(server.max_live_streams)
-                .max_frames(self.config.queue_manager.max_frames),
+                .max_frames(self.config.queue_manager.max_frames)
+                .with_rerender(self.submitter()),
         )
     }
 

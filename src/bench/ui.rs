@@ -71,6 +71,7 @@ fn succeeded(job_id: String, array: Option<ArrayRef>) -> Event {
         command: "render_demo".into(),
         attempt: 1,
         array,
+        ..Default::default()
     };
     Event::new(
         EventType::JobSucceeded,
@@ -102,6 +103,7 @@ fn array_events(frames: u32) -> (String, Vec<Event>) {
                 job_id: array.clone(),
                 index,
                 size: frames,
+                ..Default::default()
             }),
         )
     });
@@ -140,6 +142,7 @@ fn fill(table: &StatusTable) -> anyhow::Result<(Vec<(u32, String)>, String)> {
                         command: "render_demo".into(),
                         attempt: 3,
                         array: None,
+                        ..Default::default()
                     };
                     Event::new(
                         EventType::JobDeadLettered,

@@ -45,6 +45,15 @@ pub struct SubmitArgs {
     /// With --wait: give up (exit status 1) after this long, e.g. `2h`.
     #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
     pub timeout: Option<Duration>,
+    /// What people call the job (`shot010_lighting_v3`).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Who submits it.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// A metadata entry, `KEY=VALUE` (again for more).
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
 }
 
 /// A JSON-RPC client for one endpoint.
@@ -141,6 +150,22 @@ pub async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
     }
     if let Some(chunk_size) = args.chunk_size {
         params["chunk_size"] = chunk_size.into();
+    }
+    if let Some(name) = args.name {
+        params["name"] = name.into();
+    }
+    if let Some(owner) = args.owner {
+        params["owner"] = owner.into();
+    }
+    if !args.meta.is_empty() {
+        let mut metadata = serde_json::Map::new();
+        for entry in &args.meta {
+            let (key, value) = entry
+                .split_once('=')
+                .with_context(|| format!("--meta `{entry}` is not KEY=VALUE"))?;
+            metadata.insert(key.to_owned(), value.into());
+        }
+        params["metadata"] = metadata.into();
     }
     let client = Client::new(config, args.url)?;
     let result = client.call("queue_manager_submit_job", params).await?;

@@ -87,6 +87,16 @@ pub enum Command {
         #[arg(long)]
         queue: Option<String>,
     },
+    /// Render chosen frames of an array again, with its original
+    /// parameters, pinned inputs, tasks and notifications, as its next
+    /// revision. Prints what it queued (JSON).
+    Rerender {
+        /// The array's id, as its submit returned it.
+        job_id: String,
+        /// The frames, as a spec: `12,40-45`.
+        #[arg(long)]
+        frames: String,
+    },
     /// Delete the status table's and ledgers' records older than
     /// queue_manager.retention (serve and worker do it every hour).
     Prune,
@@ -249,6 +259,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = app.control().cancel(&job_id, queue).await?;
             println!("{}", serde_json::to_string(&report)?);
             // Its JobCancelled events (embedded queue) go out before exit.
+            app.publisher.close(Duration::from_secs(10)).await;
+            Ok(())
+        }
+        Command::Rerender { job_id, frames } => {
+            let app = App::build(load()?).await?;
+            let request = crate::api::rerender::RerenderRequest { job_id, frames };
+            let done = app.submitter().rerender(request).await?;
+            println!("{}", serde_json::to_string(&done)?);
+            // Its JobSubmitted goes out before exit.
             app.publisher.close(Duration::from_secs(10)).await;
             Ok(())
         }

@@ -215,6 +215,8 @@ impl Config {
                 "queue_manager.max_request_messages",
                 qm.max_request_messages as usize,
             ),
+            ("queue_manager.max_name_bytes", qm.max_name_bytes),
+            ("queue_manager.max_revisions", qm.max_revisions as usize),
         ] {
             if value == 0 {
                 return Err(Invalid::new(key, "must be at least 1"));

@@ -153,6 +153,29 @@ pub struct QueueManagerConfig {
     /// every hour by `serve` and `worker`, and by `renderq prune`.
     #[serde(default = "default_retention", with = "humantime_serde")]
     pub retention: Duration,
+    /// Longest `name` or `owner` a job may carry, and longest key or value
+    /// of its `metadata`, in bytes.
+    #[serde(default = "default_max_name_bytes")]
+    pub max_name_bytes: usize,
+    /// Most entries in a job's `metadata`.
+    #[serde(default = "default_max_metadata_entries")]
+    pub max_metadata_entries: usize,
+    /// Most revisions of one array (its submit and its re-renders): what
+    /// the monitor's grid reads for a frame is bounded by it.
+    #[serde(default = "default_max_revisions")]
+    pub max_revisions: u32,
+}
+
+fn default_max_name_bytes() -> usize {
+    256
+}
+
+fn default_max_metadata_entries() -> usize {
+    16
+}
+
+fn default_max_revisions() -> u32 {
+    16
 }
 
 fn default_max_array_size() -> u32 {

@@ -22,14 +22,17 @@ use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 use crate::job::event::Event;
+use crate::job::label::Label;
 
 mod fold;
+mod label;
 mod prune;
 mod reads;
 #[cfg(test)]
 mod tests;
 
 pub use fold::{ARRAY_COUNTS, STATES};
+pub use reads::label as label_columns;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, at INTEGER NOT NULL DEFAULT 0);
@@ -55,6 +58,14 @@ CREATE TABLE IF NOT EXISTS workers (
     at        INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS by_message ON jobs (message_id);
+CREATE TABLE IF NOT EXISTS labels (
+    id    TEXT NOT NULL,
+    kind  TEXT NOT NULL,
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    at    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (id, key)
+);
 CREATE TABLE IF NOT EXISTS arrays (
     job_id    TEXT PRIMARY KEY,
     command   TEXT NOT NULL DEFAULT '',
@@ -92,6 +103,21 @@ const COLUMNS: &[(&str, &str, &str)] = &[
     ("arrays", "ended_ms", "INTEGER"),
     // When a stopping worker will be gone: its stop's deadline.
     ("workers", "gone_at", "INTEGER"),
+    // Names, owners and metadata (a JSON object), as submitted.
+    ("jobs", "name", "TEXT"),
+    ("jobs", "owner", "TEXT"),
+    ("jobs", "metadata", "TEXT NOT NULL DEFAULT '{}'"),
+    ("arrays", "name", "TEXT"),
+    ("arrays", "owner", "TEXT"),
+    ("arrays", "metadata", "TEXT NOT NULL DEFAULT '{}'"),
+    // Re-renders: a child's revision and frames (a JSON list), and whether
+    // a newer revision's child of its index replaced it in the counts; an
+    // array's newest revision, and the newest that completed.
+    ("jobs", "revision", "INTEGER NOT NULL DEFAULT 1"),
+    ("jobs", "frames", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "superseded", "INTEGER NOT NULL DEFAULT 0"),
+    ("arrays", "revision", "INTEGER NOT NULL DEFAULT 1"),
+    ("arrays", "completed_revision", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Every list the monitor sorts or filters, and the prune, has its index
@@ -111,6 +137,12 @@ CREATE INDEX IF NOT EXISTS seen_by_at ON seen (at);
 CREATE INDEX IF NOT EXISTS arrays_by_at ON arrays (at);
 CREATE INDEX IF NOT EXISTS arrays_by_command ON arrays (command, at);
 CREATE INDEX IF NOT EXISTS workers_by_at ON workers (at);
+CREATE INDEX IF NOT EXISTS top_by_name ON jobs (name, at) WHERE array_id IS NULL;
+CREATE INDEX IF NOT EXISTS top_by_owner ON jobs (owner, at) WHERE array_id IS NULL;
+CREATE INDEX IF NOT EXISTS arrays_by_name ON arrays (name, at);
+CREATE INDEX IF NOT EXISTS arrays_by_owner ON arrays (owner, at);
+CREATE INDEX IF NOT EXISTS labels_by_value ON labels (kind, key, value, at);
+CREATE INDEX IF NOT EXISTS labels_by_at ON labels (at);
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +171,19 @@ pub struct JobStatus {
     pub progress: Option<f64>,
     pub outputs: Vec<String>,
     pub reason: Option<String>,
+    /// Its name, owner and metadata, as submitted.
+    #[serde(flatten)]
+    pub label: Label,
+    /// An array child's revision (1: the submit's; more: a re-render's).
+    #[serde(default = "first_revision")]
+    pub revision: u32,
+    /// A re-render child's frames.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<i64>,
+}
+
+fn first_revision() -> u32 {
+    1
 }
 
 /// An array's status, counted from its children.
@@ -152,8 +197,13 @@ pub struct ArrayStatus {
     #[serde(default)]
     pub cancelled: u32,
     pub running: u32,
-    /// `ArrayJobCompleted` was seen.
+    /// `ArrayJobCompleted` was seen for its newest revision.
     pub completed: bool,
+    #[serde(flatten)]
+    pub label: Label,
+    /// Its newest revision (1 until a re-render).
+    #[serde(default = "first_revision")]
+    pub revision: u32,
 }
 
 /// A job or an array, as `renderq status` shows it.
@@ -171,8 +221,15 @@ impl std::fmt::Display for Status {
                 write!(
                     f,
                     "job {}\tstate={}\tattempt={}\tcommand={}",
-                    job.job_id, job.state, job.attempt, job.command
+                    job.label.display(&job.job_id),
+                    job.state,
+                    job.attempt,
+                    job.command
                 )?;
+                write_label(f, &job.job_id, &job.label)?;
+                if job.revision > 1 {
+                    write!(f, "\trevision={}", job.revision)?;
+                }
                 if let Some(progress) = job.progress {
                     write!(f, "\tprogress={progress:.0}%")?;
                 }
@@ -184,19 +241,40 @@ impl std::fmt::Display for Status {
                 }
                 Ok(())
             }
-            Status::Array(array) => write!(
-                f,
-                "array {}\tsize={}\tsucceeded={}\tdead_lettered={}\tcancelled={}\trunning={}\tcompleted={}",
-                array.job_id,
-                array.size,
-                array.succeeded,
-                array.dead_lettered,
-                array.cancelled,
-                array.running,
-                array.completed
-            ),
+            Status::Array(array) => {
+                write!(
+                    f,
+                    "array {}\tsize={}\tsucceeded={}\tdead_lettered={}\tcancelled={}\trunning={}\tcompleted={}",
+                    array.label.display(&array.job_id),
+                    array.size,
+                    array.succeeded,
+                    array.dead_lettered,
+                    array.cancelled,
+                    array.running,
+                    array.completed
+                )?;
+                write_label(f, &array.job_id, &array.label)?;
+                if array.revision > 1 {
+                    write!(f, "\trevision={}", array.revision)?;
+                }
+                Ok(())
+            }
         }
     }
+}
+
+/// After a name shown first: the id, the owner and the metadata.
+fn write_label(f: &mut std::fmt::Formatter<'_>, id: &str, label: &Label) -> std::fmt::Result {
+    if label.name.is_some() {
+        write!(f, "\tid={id}")?;
+    }
+    if let Some(owner) = &label.owner {
+        write!(f, "\towner={owner}")?;
+    }
+    for (key, value) in &label.metadata {
+        write!(f, "\t{key}={value}")?;
+    }
+    Ok(())
 }
 
 impl Status {

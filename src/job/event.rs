@@ -8,6 +8,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::job::label::Label;
+
 /// The event format this build writes and reads.
 pub const PROTOCOL: u32 = 1;
 
@@ -121,14 +123,41 @@ pub struct JobRef {
     /// For an array child: the array's id and this child's index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<ArrayRef>,
+    /// The job's name, owner and metadata, as submitted.
+    #[serde(flatten)]
+    pub label: Label,
 }
 
 /// Where an array child sits in its array.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArrayRef {
     pub job_id: String,
     pub index: u32,
     pub size: u32,
+    /// A re-render's revision (absent: the submit's, 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
+    /// A re-render child's frames (the submit's children leave them out:
+    /// the array's frame spec says them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<i64>,
+}
+
+impl ArrayRef {
+    /// How an event names the array child `part`.
+    pub fn of(part: &crate::job::ArrayPart) -> Self {
+        Self {
+            job_id: part.job_id.clone(),
+            index: part.index,
+            size: part.size,
+            revision: part.revision.map(|r| r.number),
+            frames: if part.revision.is_some() {
+                part.frames.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
 }
 
 /// One event, as it travels (SPEC §8).
@@ -248,6 +277,7 @@ mod tests {
             command: "render_demo".into(),
             attempt: 1,
             array: None,
+            label: Label::default(),
         };
         let event = Event::new(
             EventType::JobSucceeded,

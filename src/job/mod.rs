@@ -11,6 +11,7 @@ pub mod event;
 pub mod frames;
 pub mod id;
 pub mod inputs;
+pub mod label;
 pub mod manifest;
 pub mod output;
 pub mod params;
@@ -22,6 +23,7 @@ use serde_json::{Map, Value};
 
 use crate::job::event::Notification;
 use crate::job::inputs::InputSpec;
+use crate::job::label::Label;
 
 /// The envelope version this build writes and understands.
 pub const PROTOCOL: u32 = 1;
@@ -72,6 +74,9 @@ pub struct Envelope {
     /// Objects placed in the job's working folder before it runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<InputSpec>,
+    /// Its name, owner and metadata, for people.
+    #[serde(flatten)]
+    pub label: Label,
 }
 
 /// A child's place in its array job (SPEC §7).
@@ -85,6 +90,48 @@ pub struct ArrayPart {
     pub size: u32,
     /// The frames this child renders.
     pub frames: Vec<i64>,
+    /// Set on a child of a re-render (a revision after the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Revision>,
+}
+
+/// A re-render child's place in its revision: the revision's number (the
+/// submit's children are revision 1) and this child's index among the
+/// revision's children. The ledger counts each revision as an array of its
+/// own, so each announces its `ArrayJobCompleted` once.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Revision {
+    pub number: u32,
+    pub index: u32,
+    /// Children in this revision.
+    pub size: u32,
+}
+
+impl ArrayPart {
+    /// The revision this child belongs to (1: the submit's).
+    pub fn revision(&self) -> u32 {
+        self.revision.map_or(1, |r| r.number)
+    }
+
+    /// Where the ledger counts this child: the array (or revision) id it
+    /// is counted under, its size and the child's index in it.
+    pub fn ledger_slot(&self) -> (String, u32, u32) {
+        match self.revision {
+            None => (self.job_id.clone(), self.size, self.index),
+            Some(r) => (revision_id(&self.job_id, r.number), r.size, r.index),
+        }
+    }
+}
+
+/// The id the ledger counts revision `number` of array `array_id` under
+/// (the array's own id for the first).
+pub fn revision_id(array_id: &str, number: u32) -> String {
+    if number <= 1 {
+        array_id.to_owned()
+    } else {
+        format!("{array_id}.r{number}")
+    }
 }
 
 fn protocol() -> u32 {
@@ -118,6 +165,7 @@ impl Envelope {
             array: None,
             notifications: Vec::new(),
             inputs: Vec::new(),
+            label: Label::default(),
         }
     }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
+mod labels;
 mod queries;
 mod rows;
 
@@ -39,6 +40,11 @@ pub struct Filter {
     /// The start of a job id, message id or array id: ASCII letters,
     /// digits, `-` and `_` only, lower case (ids are written so).
     pub search: String,
+    /// A job's or array's name, owner, or one metadata entry
+    /// (`key=value`), each matched exactly.
+    pub name: String,
+    pub owner: String,
+    pub meta: String,
 }
 
 impl Filter {
@@ -50,6 +56,9 @@ impl Filter {
             match key.as_ref() {
                 "state" => filter.state = value,
                 "command" => filter.command = value,
+                "name" => filter.name = value,
+                "owner" => filter.owner = value,
+                "meta" => filter.meta = value,
                 "q" => {
                     filter.search = value
                         .chars()
@@ -128,15 +137,18 @@ impl Board {
     /// and arrays as one row each; with a search, children whose job or
     /// message id starts with it too.
     pub fn jobs(&self, filter: &Filter, max_frames: u32) -> rusqlite::Result<Vec<Listed>> {
-        let mut listed: Vec<Listed> = self
-            .top_jobs(filter)?
+        let (jobs, arrays) = if filter.by_label() {
+            self.labelled(filter, max_frames)?
+        } else {
+            (
+                self.top_jobs(filter)?,
+                self.list_arrays(filter, max_frames)?,
+            )
+        };
+        let mut listed: Vec<Listed> = jobs
             .into_iter()
             .map(Listed::Job)
-            .chain(
-                self.list_arrays(filter, max_frames)?
-                    .into_iter()
-                    .map(Listed::Array),
-            )
+            .chain(arrays.into_iter().map(Listed::Array))
             .collect();
         listed.sort_by_key(|row| std::cmp::Reverse(row.at()));
         listed.truncate(LIST_LIMIT);

@@ -4,6 +4,7 @@
 //! 10,000-frame array is 20 pages of a bounded size, and only the children
 //! of those cells are read.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use super::board::{ArrayRow, JobRow};
@@ -70,22 +71,28 @@ impl Layout {
     }
 
     /// This page's cells, from its children (any order; missing ones are
-    /// queued).
+    /// queued). A frame shows the newest revision's child of its index
+    /// that carries it (a re-render's child carries only its frames).
     pub fn cells<'a>(&self, children: &'a [JobRow]) -> Vec<Cell<'a>> {
-        let child = |index: usize| {
-            children
-                .iter()
-                .find(|c| c.array_index.map(|i| i as usize) == Some(index))
-        };
-        let mut found: Option<&JobRow> = None;
+        let mut by_index: HashMap<u32, Vec<&JobRow>> = HashMap::new();
+        for child in children {
+            if let Some(index) = child.array_index {
+                by_index.entry(index).or_default().push(child);
+            }
+        }
+        for revisions in by_index.values_mut() {
+            revisions.sort_by_key(|c| std::cmp::Reverse(c.revision));
+        }
         self.cells
             .clone()
             .map(|position| {
                 let index = position / self.chunk_size;
-                if found.and_then(|c| c.array_index) != Some(index as u32) {
-                    found = child(index);
-                }
                 let frame = self.frames.as_ref().map(|f| f[position]);
+                let found = by_index.get(&(index as u32)).and_then(|revisions| {
+                    revisions.iter().copied().find(|c| {
+                        c.frames.is_empty() || frame.is_some_and(|f| c.frames.contains(&f))
+                    })
+                });
                 Cell {
                     frame,
                     index: index as u32,
@@ -239,6 +246,44 @@ mod tests {
         assert_eq!(cells.len(), 7);
         assert_eq!(cells[6].state(), "succeeded");
         assert_eq!(cells[6].frame, None);
+    }
+
+    #[test]
+    fn a_rerendered_frame_shows_its_newest_revision_and_its_neighbours_theirs() {
+        let layout = Layout::of(&array("1-8", 8, 4, 2), 0, 100);
+        let first = [
+            child(0, "succeeded", &[1, 2, 3, 4]),
+            child(1, "succeeded", &[5, 6, 7, 8]),
+        ];
+        let again = |job_id: &str, index: u32, state: &str, revision: u32, frames: &[i64]| JobRow {
+            job_id: job_id.into(),
+            state: state.into(),
+            array_index: Some(index),
+            revision,
+            frames: frames.to_vec(),
+            ..JobRow::default()
+        };
+        let children = [
+            again("r3", 0, "running", 3, &[3]),
+            first[0].clone(),
+            again("r2", 0, "succeeded", 2, &[3, 4]),
+            first[1].clone(),
+        ];
+        let cells = layout.cells(&children);
+        let shown: Vec<(&str, &str)> = cells
+            .iter()
+            .map(|c| (c.child.map_or("", |c| c.job_id.as_str()), c.state()))
+            .collect();
+        assert_eq!(
+            &shown[..5],
+            [
+                ("child-0", "succeeded"),
+                ("child-0", "succeeded"),
+                ("r3", "running"),
+                ("r2", "succeeded"),
+                ("child-1", "succeeded")
+            ]
+        );
     }
 
     #[test]

@@ -3,9 +3,10 @@
 
 use maud::{Markup, html};
 
-use super::board::{ArrayRow, JobRow, Listed};
+use super::board::{ArrayRow, Filter, JobRow, Listed};
 use super::grid::{Cell, Layout};
 use super::pages::{Csrf, cancel_button, job_link, progress, thumbnail};
+use crate::job::label::Label;
 
 /// When, to the second, in UTC.
 fn when(ms: Option<i64>) -> String {
@@ -52,7 +53,11 @@ fn counts(array: &ArrayRow) -> Markup {
 fn array_row(array: &ArrayRow) -> Markup {
     html! {
         tr.array {
-            td { "array " a href=(format!("/ui/jobs/{}", array.job_id)) { (array.job_id) } }
+            td {
+                "array " a href=(format!("/ui/jobs/{}", array.job_id)) { (array.label.display(&array.job_id)) }
+                (label(&array.label))
+                @if array.revision > 1 { " · revision " (array.revision) }
+            }
             td { (array.size) " children" }
             td { (array.command) }
             td { @if array.completed { "completed" } @else { "in progress" } }
@@ -69,6 +74,7 @@ fn job_row(job: &JobRow) -> Markup {
         tr class=(job.state) {
             td {
                 (job_link(job))
+                (label(&job.label))
                 @if let (Some(array), Some(index)) = (&job.array_id, job.array_index) {
                     br; "child " (index) " of " a href=(format!("/ui/jobs/{array}")) { (array) }
                 }
@@ -83,7 +89,16 @@ fn job_row(job: &JobRow) -> Markup {
     }
 }
 
-pub fn jobs(rows: &[Listed], state: &str, command: &str, search: &str) -> Markup {
+/// A row's owner and metadata, after its name.
+fn label(label: &Label) -> Markup {
+    html! {
+        @if let Some(owner) = &label.owner { br; span.owner { "owner " (owner) } }
+        @for (key, value) in &label.metadata { " " span.meta { (key) "=" (value) } }
+    }
+}
+
+pub fn jobs(rows: &[Listed], filter: &Filter) -> Markup {
+    let (state, command, search) = (&filter.state, &filter.command, &filter.search);
     html! {
         main {
             h1 { "Jobs" }
@@ -95,6 +110,9 @@ pub fn jobs(rows: &[Listed], state: &str, command: &str, search: &str) -> Markup
                 }
                 " Command " input name="command" value=(command);
                 " Job, message or array id " input name="q" value=(search);
+                " Name " input name="name" value=(filter.name);
+                " Owner " input name="owner" value=(filter.owner);
+                " Metadata " input name="meta" placeholder="key=value" value=(filter.meta);
                 " " button { "Filter" }
             }
             table id="jobs" {
@@ -113,7 +131,8 @@ pub fn jobs(rows: &[Listed], state: &str, command: &str, search: &str) -> Markup
     }
 }
 
-fn cell(cell: &Cell) -> Markup {
+/// A cell; `pick`: with a box to select its frame for a re-render.
+fn cell(cell: &Cell, pick: bool) -> Markup {
     let state = cell.state();
     let label = match cell.frame {
         Some(frame) => frame.to_string(),
@@ -122,8 +141,12 @@ fn cell(cell: &Cell) -> Markup {
     html! {
         @match cell.child {
             Some(child) => {
-                a class=(format!("cell {state}")) href=(format!("/ui/jobs/{}", child.job_id)) data-state=(state) data-frame=[cell.frame] {
+                @if let (Some(frame), true) = (cell.frame, pick) {
+                    input type="checkbox" name="frame" value=(frame) title="select for Re-render";
+                }
+                a class=(format!("cell {state}")) href=(format!("/ui/jobs/{}", child.job_id)) data-state=(state) data-frame=[cell.frame] data-revision=(child.revision.max(1)) {
                     (label) " " (state)
+                    @if child.revision > 1 { " r" (child.revision) }
                     @if let Some(name) = cell.thumbnail { (thumbnail(&child.queue, name)) }
                 }
             }
@@ -151,7 +174,9 @@ fn pager(array: &ArrayRow, layout: &Layout) -> Markup {
 pub fn array(array: &ArrayRow, layout: &Layout, cells: &[Cell], csrf: Csrf) -> Markup {
     html! {
         main {
-            h1 { "Array " (array.job_id) }
+            h1 { "Array " (array.label.display(&array.job_id)) }
+            @if array.label.name.is_some() { p { "id " (array.job_id) } }
+            @if array.revision > 1 { p { "Revision " (array.revision) } }
             p {
                 (array.command) " · " (array.size) " children"
                 @if array.chunk_size > 0 { " of " (array.chunk_size) " frames" }
@@ -165,8 +190,25 @@ pub fn array(array: &ArrayRow, layout: &Layout, cells: &[Cell], csrf: Csrf) -> M
             @if layout.by_frame() { p { "Frames " (array.frame_spec) } }
             @else { p { "The status table does not know this array's frames: a cell per child." } }
             (pager(array, layout))
-            div.grid {
-                @for c in cells { (cell(c)) }
+            @match (csrf, layout.by_frame()) {
+                (Some(token), true) => {
+                    form method="post" action="/ui/rerender" {
+                        input type="hidden" name="csrf" value=(token);
+                        input type="hidden" name="job_id" value=(array.job_id);
+                        div.grid {
+                            @for c in cells { (cell(c, true)) }
+                        }
+                        p {
+                            "Frames " input name="frames" placeholder="or a spec: 12,40-45";
+                            " " button { "Re-render" }
+                        }
+                    }
+                }
+                _ => {
+                    div.grid {
+                        @for c in cells { (cell(c, false)) }
+                    }
+                }
             }
         }
     }
@@ -230,7 +272,9 @@ mod tests {
                         job_id: array.into(),
                         index,
                         size: 2500,
+                        ..Default::default()
                     }),
+                    ..Default::default()
                 }),
                 json!({"outputs": [], "thumbnails": thumbnails, "thumbnail_frames": frames}),
             ));

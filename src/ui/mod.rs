@@ -38,6 +38,7 @@ mod grid;
 mod listing;
 mod live;
 mod pages;
+mod rerender;
 
 /// What every monitor answer says about how a browser may use it: nothing
 /// but this origin's script, images and forms; never in a frame.
@@ -55,6 +56,8 @@ pub struct Ui {
     ledgers: Ledgers,
     /// `None`: read-only.
     control: Option<Control>,
+    /// Re-renders from the grid; `None`: read-only.
+    rerender: Option<crate::api::submit::Submitter>,
     /// `None`: no token, no sign-in.
     sign_in: Option<Arc<SignIn>>,
     /// Cookies get `Secure` (`server.behind_tls`).
@@ -94,6 +97,7 @@ impl Ui {
             queues,
             ledgers,
             control,
+            rerender: None,
             sign_in: token.map(|t| Arc::new(SignIn::new(t))),
             behind_tls: false,
             live,
@@ -111,6 +115,15 @@ impl Ui {
     /// At most `max` live streams open at once.
     pub fn max_live_streams(mut self, max: usize) -> Self {
         self.streams = Streams::new(max, live::MAX_AGE);
+        self
+    }
+
+    /// Lets the array page re-render frames through `submitter` (only a
+    /// monitor with buttons).
+    pub fn with_rerender(mut self, submitter: crate::api::submit::Submitter) -> Self {
+        if self.control.is_some() {
+            self.rerender = Some(submitter);
+        }
         self
     }
 
@@ -134,10 +147,12 @@ impl Ui {
             routes
                 .route("/ui/redrive", post(redrive))
                 .route("/ui/cancel", post(cancel))
+                .route("/ui/rerender", post(rerender::rerender))
         } else {
             routes
                 .route("/ui/redrive", post(read_only))
                 .route("/ui/cancel", post(read_only))
+                .route("/ui/rerender", post(read_only))
         };
         let routes = routes.route_layer(middleware::from_fn_with_state(
             self.clone(),
@@ -250,7 +265,7 @@ async fn jobs(State(ui): State<Ui>, headers: HeaderMap, RawQuery(query): RawQuer
         Ok(rows) => html(pages::page(
             "Jobs",
             fragment(&headers),
-            listing::jobs(&rows, &filter.state, &filter.command, &filter.search),
+            listing::jobs(&rows, &filter),
         )),
         Err(response) => response,
     }

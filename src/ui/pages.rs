@@ -58,7 +58,7 @@ pub(super) fn progress(job: &JobRow) -> Markup {
 }
 
 pub(super) fn job_link(job: &JobRow) -> Markup {
-    html! { a href=(format!("/ui/jobs/{}", job.job_id)) { (job.job_id) } }
+    html! { a href=(format!("/ui/jobs/{}", job.job_id)) title=(job.job_id) { (job.label.display(&job.job_id)) } }
 }
 
 pub(super) fn thumbnail(queue: &str, name: &str) -> Markup {
@@ -159,7 +159,8 @@ pub fn job(job: &JobRow, csrf: Csrf) -> Markup {
     );
     html! {
         main {
-            h1 { "Job " (job.job_id) }
+            h1 { "Job " (job.label.display(&job.job_id)) }
+            @if job.label.name.is_some() { p { "id " (job.job_id) } }
             table {
                 tr { th { "message id" } td { (job.message_id) } }
                 tr { th { "command" } td { (job.command) } }

@@ -46,6 +46,7 @@ path = "q"
         command: "get_version".into(),
         attempt: 3,
         array: None,
+        ..Default::default()
     };
     table
         .apply(&Event::new(

@@ -49,11 +49,8 @@ impl Delivery {
                 queue: queue.to_owned(),
                 command: envelope.map(|e| e.command.clone()).unwrap_or_default(),
                 attempt: self.attempt,
-                array: envelope.and_then(|e| e.array.as_ref()).map(|a| ArrayRef {
-                    job_id: a.job_id.clone(),
-                    index: a.index,
-                    size: a.size,
-                }),
+                array: envelope.and_then(|e| e.array.as_ref()).map(ArrayRef::of),
+                label: envelope.map(|e| e.label.clone()).unwrap_or_default(),
             },
             notifications: envelope
                 .map(|e| e.notifications.clone())

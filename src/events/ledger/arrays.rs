@@ -86,6 +86,9 @@ pub struct ArrayCounts {
     /// Children the submit could not queue (it said which); absent when 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub not_sent: u32,
+    /// The re-render these counts are of (absent: the submit's children).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -102,6 +105,7 @@ impl ArrayCounts {
             dead_lettered: 0,
             cancelled: 0,
             not_sent: 0,
+            revision: None,
         };
         let mut done = 0;
         for (state, n) in states {
@@ -220,14 +224,19 @@ const RACE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(5), Duration::f
 impl Ledger {
     /// Records a child's final state. When that makes every child final
     /// and this call is the one that claims the array's completion, returns
-    /// the counts; every other call returns `None`.
+    /// the counts; every other call returns `None`. A re-render's child is
+    /// counted in its revision, which completes once of its own.
     pub async fn child_settled(
         &self,
         array: &ArrayPart,
         state: ChildState,
     ) -> Result<Option<ArrayCounts>, LedgerError> {
-        self.children_settled(&array.job_id, array.size, vec![array.index], state)
-            .await
+        let (id, size, index) = array.ledger_slot();
+        let counts = self.children_settled(&id, size, vec![index], state).await?;
+        Ok(counts.map(|counts| ArrayCounts {
+            revision: array.revision.map(|r| r.number),
+            ..counts
+        }))
     }
 
     /// Records children's final state at once: ones the submit could not
@@ -522,6 +531,7 @@ pub(super) mod tests {
             index,
             size,
             frames: vec![index as i64],
+            revision: None,
         }
     }
 
@@ -555,6 +565,7 @@ pub(super) mod tests {
                 dead_lettered: 1,
                 cancelled: 0,
                 not_sent: 0,
+                revision: None,
             })
         );
         // A repeat (a child run twice) claims nothing more.
@@ -615,6 +626,7 @@ pub(super) mod tests {
                 dead_lettered: 1,
                 cancelled: 0,
                 not_sent: 2,
+                revision: None,
             })
         );
         let json = serde_json::to_value(counts.unwrap()).unwrap();

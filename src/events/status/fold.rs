@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::job::event::{Event, EventType, WorkerIdentity};
 
-use super::Applied;
+use super::{Applied, label};
 
 /// Every state a job's row can hold.
 pub const STATES: [&str; 7] = [
@@ -50,7 +50,7 @@ fn job_state(kind: EventType) -> Option<(&'static str, i64)> {
 const FINAL_RANK: i64 = 9;
 
 /// Runs a statement, prepared once per connection.
-fn exec(
+pub(super) fn exec(
     tx: &rusqlite::Transaction,
     sql: &str,
     params: impl rusqlite::Params,
@@ -107,8 +107,9 @@ fn fold_worker(
     .map(drop)
 }
 
-/// Moves one child of `array` from `from` to `to` in the array's counts.
-fn count_child(
+/// Moves one child of `array` from `from` to `to` in the array's counts
+/// (a `to` that is no state: out of them).
+pub(super) fn count_child(
     tx: &rusqlite::Transaction,
     array: &str,
     from: Option<&str>,
@@ -155,7 +156,7 @@ fn fold_array(tx: &rusqlite::Transaction, event: &Event, now: i64) -> rusqlite::
             tx,
             "INSERT INTO arrays (job_id, command, queue, size, completed, ended_ms, at)
              VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6)
-             ON CONFLICT (job_id) DO UPDATE SET completed = 1, size = MAX(size, excluded.size),
+             ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size),
                 ended_ms = MAX(COALESCE(ended_ms, 0), excluded.ended_ms), at = excluded.at",
             params![job.job_id, job.command, job.queue, size("size"), ms, now],
         )?;
@@ -217,10 +218,12 @@ pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Resu
     match event.kind {
         EventType::ArrayJobCompleted => {
             fold_array(tx, event, now)?;
+            label::fold_revision(tx, event)?;
             return Ok(Applied::New);
         }
         EventType::JobSubmitted if event.detail.get("array_size").is_some() => {
             fold_array(tx, event, now)?;
+            label::fold_revision(tx, event)?;
             return Ok(Applied::New);
         }
         _ => {}
@@ -237,10 +240,18 @@ pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Resu
             (attempt, rank)
         }
     };
-    let existing: Option<(i64, i64, String, Option<String>)> = tx
-        .prepare_cached("SELECT attempt, rank, state, array_id FROM jobs WHERE job_id = ?1")?
+    let existing: Option<(i64, i64, String, Option<String>, bool)> = tx
+        .prepare_cached(
+            "SELECT attempt, rank, state, array_id, superseded FROM jobs WHERE job_id = ?1",
+        )?
         .query_row([&job.job_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
         })
         .optional()?;
     let reason = event.detail.get("reason").and_then(Value::as_str);
@@ -250,19 +261,32 @@ pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Resu
     };
     let ahead = existing
         .as_ref()
-        .is_none_or(|(a, r, _, _)| order(attempt, rank) > order(*a, *r));
+        .is_none_or(|(a, r, _, _, _)| order(attempt, rank) > order(*a, *r));
     match &existing {
         None => {
+            let revision = job.array.as_ref().and_then(|a| a.revision).unwrap_or(1);
+            let superseded = match (array_id, array_index) {
+                (Some(array), Some(index)) => label::supersede(tx, array, index, revision)?,
+                _ => false,
+            };
+            let frames = job.array.as_ref().map_or_else(String::new, |a| {
+                serde_json::to_string(&a.frames).unwrap_or_default()
+            });
             exec(tx,
-                "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason, at, queue)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason, now, job.queue],
+                "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason, at, queue,
+                                   revision, frames, superseded)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason, now, job.queue,
+                        revision, frames, superseded],
             )?;
-            if let Some(array) = array_id {
+            if let Some(array) = array_id
+                && !superseded
+            {
                 count_child(tx, array, None, state)?;
             }
+            label::fold_job_label(tx, job, now)?;
         }
-        Some((_, _, old_state, row_array)) if ahead => {
+        Some((_, _, old_state, row_array, superseded)) if ahead => {
             exec(
                 tx,
                 "UPDATE jobs SET state = ?2, rank = ?3, attempt = MAX(attempt, ?4),
@@ -283,6 +307,7 @@ pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Resu
             // with).
             if let Some(array) = row_array
                 && old_state != state
+                && !superseded
             {
                 count_child(tx, array, Some(old_state), state)?;
             }

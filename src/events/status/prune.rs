@@ -18,6 +18,9 @@ impl StatusTable {
                 OR NOT EXISTS (SELECT 1 FROM arrays WHERE arrays.job_id = jobs.array_id AND arrays.at >= ?1))",
             "DELETE FROM arrays WHERE at < ?1",
             "DELETE FROM workers WHERE at < ?1",
+            "DELETE FROM labels WHERE at < ?1
+                AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.job_id = labels.id)
+                AND NOT EXISTS (SELECT 1 FROM arrays WHERE arrays.job_id = labels.id)",
         ] {
             deleted += tx.execute(sql, [cutoff]).map_err(failed)?;
         }

@@ -3,6 +3,8 @@
 
 use rusqlite::OptionalExtension;
 
+use crate::job::label::Label;
+
 use super::{ArrayStatus, JobStatus, Status, StatusError, StatusTable, failed};
 
 impl StatusTable {
@@ -12,7 +14,8 @@ impl StatusTable {
         let array = conn
             .query_row(
                 "SELECT job_id, command, size, completed, n_succeeded, n_dead_lettered,
-                        n_cancelled, n_submitted + n_running + n_failed + n_requeued
+                        n_cancelled, n_submitted + n_running + n_failed + n_requeued,
+                        name, owner, metadata, revision
                  FROM arrays WHERE job_id = ?1",
                 [id],
                 |row| {
@@ -25,6 +28,8 @@ impl StatusTable {
                         dead_lettered: row.get(5)?,
                         cancelled: row.get(6)?,
                         running: row.get(7)?,
+                        label: label(row, 8)?,
+                        revision: row.get(11)?,
                     })
                 },
             )
@@ -34,10 +39,12 @@ impl StatusTable {
             return Ok(Some(Status::Array(array)));
         }
         conn.query_row(
-            "SELECT job_id, message_id, command, state, attempt, progress, outputs, reason
+            "SELECT job_id, message_id, command, state, attempt, progress, outputs, reason,
+                    name, owner, metadata, revision, frames
              FROM jobs WHERE job_id = ?1
              UNION ALL
-             SELECT job_id, message_id, command, state, attempt, progress, outputs, reason
+             SELECT job_id, message_id, command, state, attempt, progress, outputs, reason,
+                    name, owner, metadata, revision, frames
              FROM jobs WHERE message_id = ?1 LIMIT 1",
             [id],
             |row| {
@@ -51,6 +58,9 @@ impl StatusTable {
                     progress: row.get(5)?,
                     outputs: serde_json::from_str(&outputs).unwrap_or_default(),
                     reason: row.get(7)?,
+                    label: label(row, 8)?,
+                    revision: row.get(11)?,
+                    frames: serde_json::from_str(&row.get::<_, String>(12)?).unwrap_or_default(),
                 }))
             },
         )
@@ -87,6 +97,15 @@ impl StatusTable {
         }
         Ok(rows)
     }
+}
+
+/// A label from its columns `name, owner, metadata`, from `first` on.
+pub fn label(row: &rusqlite::Row, first: usize) -> rusqlite::Result<Label> {
+    Ok(Label {
+        name: row.get(first)?,
+        owner: row.get(first + 1)?,
+        metadata: serde_json::from_str(&row.get::<_, String>(first + 2)?).unwrap_or_default(),
+    })
 }
 
 fn text(value: Option<rusqlite::types::ValueRef>) -> String {

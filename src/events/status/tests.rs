@@ -19,7 +19,9 @@ fn event(kind: EventType, job: &str, attempt: u32, detail: Value) -> Event {
                 job_id: "arr".into(),
                 index: 0,
                 size: 2,
+                ..Default::default()
             }),
+            ..Default::default()
         }),
         detail,
     )
@@ -222,6 +224,7 @@ fn an_old_file_gains_its_columns_its_arrays_counts_and_the_indexes() {
                     job_id: "arr".into(),
                     index: 2,
                     size: 3,
+                    ..Default::default()
                 }),
                 ..JobRef::default()
             }),
@@ -289,4 +292,135 @@ fn a_stopping_worker_keeps_its_deadline_and_stays_stopping() {
         .unwrap();
     let at = chrono::DateTime::parse_from_rfc3339("2026-12-07T01:00:00Z").unwrap();
     assert_eq!((state.as_str(), gone_at), ("stopping", at.timestamp() + 31));
+}
+
+/// An event of child `job` of array "arr" (2 frames, one a child), in
+/// revision `revision` with its frames, named "shot010".
+fn revision_event(kind: EventType, job: &str, index: u32, revision: u32) -> Event {
+    let label = crate::job::label::Label {
+        name: Some("shot010".into()),
+        owner: Some("ana".into()),
+        metadata: [("project".to_owned(), "x".to_owned())].into(),
+    };
+    Event::new(
+        kind,
+        Some(JobRef {
+            job_id: job.into(),
+            message_id: format!("m-{job}"),
+            queue: "q".into(),
+            command: "render_demo".into(),
+            attempt: 1,
+            array: Some(ArrayRef {
+                job_id: "arr".into(),
+                index,
+                size: 2,
+                revision: (revision > 1).then_some(revision),
+                frames: if revision > 1 {
+                    vec![i64::from(index) + 1]
+                } else {
+                    vec![]
+                },
+            }),
+            label,
+        }),
+        json!({"outputs": []}),
+    )
+}
+
+fn array_event(kind: EventType, detail: Value) -> Event {
+    Event::new(
+        kind,
+        Some(JobRef {
+            job_id: "arr".into(),
+            queue: "q".into(),
+            command: "render_demo".into(),
+            ..JobRef::default()
+        }),
+        detail,
+    )
+}
+
+#[test]
+fn a_rerendered_frame_shows_its_newest_revision_and_the_array_completes_per_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let submitted = array_event(
+        EventType::JobSubmitted,
+        json!({"array_size": 2, "frames": 2, "frame_spec": "1-2", "chunk_size": 1}),
+    );
+    let first = vec![
+        submitted,
+        revision_event(EventType::JobSucceeded, "a", 0, 1),
+        revision_event(EventType::JobSucceeded, "b", 1, 1),
+        array_event(
+            EventType::ArrayJobCompleted,
+            json!({"size": 2, "succeeded": 2, "dead_lettered": 0, "cancelled": 0}),
+        ),
+    ];
+    let table = StatusTable::open(&dir.path().join("t")).unwrap();
+    table.apply_all(&first).unwrap();
+    let Some(Status::Array(array)) = table.get("arr").unwrap() else {
+        panic!("array")
+    };
+    assert!(array.completed);
+    assert_eq!(array.label.name.as_deref(), Some("shot010"));
+    assert_eq!(array.label.metadata["project"], "x");
+
+    let second = vec![
+        array_event(
+            EventType::JobSubmitted,
+            json!({"array_size": 2, "frame_spec": "1-2", "chunk_size": 1, "revision": 2}),
+        ),
+        revision_event(EventType::JobStarted, "c", 1, 2),
+    ];
+    table.apply_all(&second).unwrap();
+    let Some(Status::Array(array)) = table.get("arr").unwrap() else {
+        panic!("array")
+    };
+    assert_eq!(
+        (
+            array.completed,
+            array.revision,
+            array.succeeded,
+            array.running
+        ),
+        (false, 2, 1, 1),
+        "frame 2's first child no longer counts: its revision 2 runs"
+    );
+    let last = vec![
+        revision_event(EventType::JobSucceeded, "c", 1, 2),
+        array_event(
+            EventType::ArrayJobCompleted,
+            json!({"size": 1, "succeeded": 1, "dead_lettered": 0, "cancelled": 0, "revision": 2}),
+        ),
+    ];
+    table.apply_all(&last).unwrap();
+    let Some(Status::Array(array)) = table.get("arr").unwrap() else {
+        panic!("array")
+    };
+    assert_eq!((array.completed, array.succeeded, array.size), (true, 2, 2));
+    let Some(Status::Job(c)) = table.get("m-c").unwrap() else {
+        panic!("job c")
+    };
+    assert_eq!((c.revision, c.frames.as_slice()), (2, &[2][..]));
+    assert!(Status::Job(c).to_string().starts_with("job shot010\t"));
+
+    // Any order gives the same rows and counts.
+    let all: Vec<Event> = first.into_iter().chain(second).chain(last).collect();
+    for run in 0..30 {
+        let mut shuffled = all.clone();
+        for i in (1..shuffled.len()).rev() {
+            let random = uuid::Uuid::new_v4().as_u128();
+            shuffled.swap(i, (random % (i as u128 + 1)) as usize);
+        }
+        let other = StatusTable::open(&dir.path().join(format!("run-{run}"))).unwrap();
+        for event in &shuffled {
+            other.apply(event).unwrap();
+        }
+        assert_eq!(table.dump().unwrap(), other.dump().unwrap(), "run {run}");
+        assert_eq!(
+            table.get("arr").unwrap(),
+            other.get("arr").unwrap(),
+            "run {run}"
+        );
+    }
 }

@@ -4,6 +4,8 @@
 use rusqlite::Row;
 
 use crate::events::status::ARRAY_COUNTS;
+use crate::events::status::label_columns as label;
+use crate::job::label::Label;
 
 #[derive(Debug, Clone, Default)]
 pub struct JobRow {
@@ -27,6 +29,11 @@ pub struct JobRow {
     pub ended_ms: Option<i64>,
     /// When an event last touched it (seconds), for merging lists.
     pub at: i64,
+    pub label: Label,
+    /// An array child's revision (1: the submit's), and a re-render
+    /// child's frames (empty: all of its index's).
+    pub revision: u32,
+    pub frames: Vec<i64>,
 }
 
 /// An array's children in each state, as the fold keeps them.
@@ -80,6 +87,9 @@ pub struct ArrayRow {
     pub started_ms: Option<i64>,
     pub ended_ms: Option<i64>,
     pub at: i64,
+    pub label: Label,
+    /// Its newest revision (1 until a re-render).
+    pub revision: u32,
 }
 
 impl ArrayRow {
@@ -153,7 +163,7 @@ pub struct Workers {
 
 pub(super) const JOB_COLUMNS: &str = "job_id, message_id, command, queue, state, attempt, progress, outputs, \
                            thumbnails, thumbnail_frames, reason, array_id, array_index, \
-                           started_ms, ended_ms, at";
+                           started_ms, ended_ms, at, name, owner, metadata, revision, frames";
 
 pub(super) fn job(row: &Row) -> rusqlite::Result<JobRow> {
     fn list<T: serde::de::DeserializeOwned>(row: &Row, i: usize) -> rusqlite::Result<Vec<T>> {
@@ -176,6 +186,9 @@ pub(super) fn job(row: &Row) -> rusqlite::Result<JobRow> {
         started_ms: row.get(13)?,
         ended_ms: row.get(14)?,
         at: row.get(15)?,
+        label: label(row, 16)?,
+        revision: row.get(19)?,
+        frames: serde_json::from_str(&row.get::<_, String>(20)?).unwrap_or_default(),
     })
 }
 
@@ -191,7 +204,7 @@ pub(super) fn array_columns() -> String {
          EXISTS (SELECT 1 FROM jobs j INDEXED BY jobs_by_array
                  WHERE j.array_id = a.job_id AND j.array_index = a.size - 1
                  AND j.state = 'succeeded'),
-         {}",
+         {}, a.name, a.owner, a.metadata, a.revision",
         counts.join(", ")
     )
 }
@@ -220,6 +233,8 @@ pub(super) fn array_row(row: &Row, max_frames: u32) -> rusqlite::Result<ArrayRow
         ended_ms: row.get(10)?,
         at: row.get(11)?,
         last_succeeded: row.get(12)?,
+        label: label(row, 13 + ARRAY_COUNTS.len())?,
+        revision: row.get(16 + ARRAY_COUNTS.len())?,
         counts,
     })
 }

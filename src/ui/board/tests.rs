@@ -27,7 +27,9 @@ fn job_event(kind: EventType, job_id: &str, array: Option<(&str, u32, u32)>) -> 
                 job_id: id.into(),
                 index,
                 size,
+                ..Default::default()
             }),
+            ..Default::default()
         }),
         json!({"outputs": []}),
     )
@@ -64,6 +66,7 @@ fn queries() -> Vec<(String, String)> {
                     state: state.into(),
                     command: command.into(),
                     search: search.into(),
+                    ..Filter::default()
                 };
                 let name = format!("{filter:?}");
                 all.push((format!("jobs {name}"), top_jobs_sql(&filter)));
@@ -72,6 +75,9 @@ fn queries() -> Vec<(String, String)> {
                 }
             }
         }
+    }
+    for (sql, index) in super::labels::plans() {
+        all.push((format!("labelled, on {index}"), sql));
     }
     all
 }
