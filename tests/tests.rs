@@ -45,6 +45,7 @@ mod job_user;
 mod ledger;
 mod limits;
 mod monitor;
+mod pipelines;
 mod processes;
 mod readme;
 mod redrive;

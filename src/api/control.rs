@@ -20,6 +20,7 @@ use crate::job::id::Id;
 use crate::job::params::FieldError;
 use crate::queue::{Queue, QueueError, Queues, Received, Redrive};
 use crate::worker::delivery::Delivery;
+use crate::worker::release::Releaser;
 
 /// What a cancel did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -107,6 +108,18 @@ impl Control {
         }
     }
 
+    pub(super) fn queues(&self) -> &Queues {
+        &self.queues
+    }
+
+    pub(super) fn ledgers(&self) -> &Ledgers {
+        &self.ledgers
+    }
+
+    pub(super) fn observer(&self) -> &Observer {
+        &self.observer
+    }
+
     /// A `queue_name` (default: `default_queue`) and its queue.
     pub fn queue(&self, name: Option<String>) -> Result<(String, &Queue), FieldError> {
         let name = name.unwrap_or_else(|| self.default_queue.clone());
@@ -184,6 +197,18 @@ impl Control {
             if ledger.cancel(job).await? {
                 report.outcome = CancelOutcome::Cancelled;
             }
+            // Held in the ledger (waiting for parents, or by hand): never
+            // sent, and their own dependants follow.
+            let held = ledger
+                .cancel_held(job.as_str(), "cancelled by hand")
+                .await?;
+            Releaser {
+                queue,
+                ledger,
+                observer: &self.observer,
+            }
+            .apply(held)
+            .await;
             report.queues.push(name.to_owned());
             match queue {
                 Queue::Local(local) => {
@@ -198,7 +223,7 @@ impl Control {
                     report.cancelled = report.cancelled.map(|n| n + found.held);
                     report.skipped_queued =
                         (report.skipped_queued).map(|n| n + found.queued.len() as u32);
-                    self.settle_unrun(name, ledger, found.queued).await;
+                    self.settle_unrun(queue, ledger, found.queued).await;
                 }
                 Queue::Sqs(_) => (report.cancelled, report.skipped_queued) = (None, None),
             }
@@ -233,10 +258,12 @@ impl Control {
         Ok(false)
     }
 
-    /// Announces messages deleted unrun as cancelled, and counts array
-    /// children in the ledger (which may complete the array).
-    async fn settle_unrun(&self, queue: &str, ledger: &Ledger, messages: Vec<(String, String)>) {
+    /// Announces messages deleted unrun as cancelled, counts array
+    /// children in the ledger (which may complete the array), and frees
+    /// their dependants.
+    async fn settle_unrun(&self, queue: &Queue, ledger: &Ledger, messages: Vec<(String, String)>) {
         let mut arrays: std::collections::BTreeMap<String, (u32, Vec<u32>)> = Default::default();
+        let mut plain = Vec::new();
         let mut last = None;
         for (message_id, body) in messages {
             let delivery = Delivery::new(Received {
@@ -245,18 +272,23 @@ impl Control {
                 body,
                 receive_count: 0,
             });
-            let subject = delivery.subject(queue);
+            let subject = delivery.subject(queue.name());
             self.observer.ended(&subject, &JobEnd::Cancelled);
-            if let Ok(Some(array)) = delivery.envelope.as_ref().map(|e| e.array.as_ref()) {
-                let entry = arrays.entry(array.job_id.clone()).or_default();
-                entry.0 = array.size;
-                entry.1.push(array.index);
+            match delivery.envelope.as_ref().map(|e| e.array.as_ref()) {
+                Ok(Some(array)) => {
+                    let entry = arrays.entry(array.job_id.clone()).or_default();
+                    entry.0 = array.size;
+                    entry.1.push(array.index);
+                }
+                _ => plain.push(delivery.message_id.clone()),
             }
             last = Some(subject);
         }
+        let mut ended: Vec<(String, u32, Vec<u32>)> =
+            plain.into_iter().map(|id| (id, 0, Vec::new())).collect();
         for (array_id, (size, indexes)) in arrays {
             match ledger
-                .children_settled(&array_id, size, indexes, ChildState::Cancelled)
+                .children_settled(&array_id, size, indexes.clone(), ChildState::Cancelled)
                 .await
             {
                 Ok(Some(counts)) => {
@@ -266,6 +298,23 @@ impl Control {
                 }
                 Ok(None) => {}
                 Err(error) => tracing::error!(%error, "cannot record the cancelled children"),
+            }
+            ended.push((array_id, size, indexes));
+        }
+        let releaser = Releaser {
+            queue,
+            ledger,
+            observer: &self.observer,
+        };
+        for (id, size, indexes) in ended {
+            match ledger
+                .units_ended(&id, size, indexes, ChildState::Cancelled)
+                .await
+            {
+                Ok(freed) => {
+                    releaser.apply(freed).await;
+                }
+                Err(error) => tracing::error!(%error, "cannot free the cancelled job's dependants"),
             }
         }
     }

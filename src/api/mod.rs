@@ -9,7 +9,9 @@
 
 mod children;
 pub mod control;
+mod depends;
 pub mod guard;
+pub mod holds;
 mod pins;
 pub mod rpc;
 pub mod server;

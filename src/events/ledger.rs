@@ -17,9 +17,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 mod arrays;
 mod cancels;
+mod holds;
 mod thumbnails;
 pub use arrays::{ArrayCounts, ChildState};
 pub use cancels::Known as KnownCancels;
+pub use holds::{Fate, Freed, Registered, ToHold, Wait};
 pub use thumbnails::thumbnail_name;
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +130,7 @@ impl Ledger {
                 .map_err(failed)?;
         }
         cancels::migrate(&mut conn).map_err(failed)?;
+        conn.execute_batch(holds::SCHEMA).map_err(failed)?;
         Ok(Ledger::Local(Arc::new(Mutex::new(conn))))
     }
 
@@ -264,6 +267,7 @@ impl Ledger {
                         [cutoff],
                     )?;
                     deleted += tx.execute("DELETE FROM cancelled WHERE at < ?1", [cutoff])?;
+                    deleted += holds::prune(&tx, cutoff)?;
                     deleted += tx.execute(
                         "DELETE FROM completed WHERE at < ?1
                          AND array_id NOT IN (SELECT array_id FROM children)",
