@@ -466,3 +466,21 @@ async fn bad_dependencies_are_refused_naming_the_field_and_a_held_job_says_what_
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sqs_dependant_is_refused_naming_the_field() {
+    // The S3 ledger does not keep held jobs yet: refused, nothing sent.
+    let farm = Farm::new(Backend::Sqs, Settings::default()).await;
+    let _serve = farm.serve(&[]).await;
+    let parent = farm.submit(json!({"command": "get_version"})).await;
+    let reply = farm
+        .rpc(
+            "queue_manager_submit_job",
+            json!({"command": "get_version", "depends_on": [{"job_id": parent}]}),
+        )
+        .await;
+    assert_eq!(reply["error"]["code"], -32602, "{reply}");
+    assert_eq!(reply["error"]["data"]["field"], "depends_on", "{reply}");
+    let reply = farm.rpc("queue_manager_hold", json!({"job_id": parent})).await;
+    assert_eq!(reply["error"]["data"]["field"], "queue_name", "{reply}");
+}

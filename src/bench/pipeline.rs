@@ -57,20 +57,22 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     // Two slots drain both arrays.
     let worker = Arc::new(app.worker());
-    let never = CancellationToken::new();
+    let (never, stop) = (CancellationToken::new(), CancellationToken::new());
     let started = Instant::now();
     let mut slots = tokio::task::JoinSet::new();
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for _ in 0..2 {
-        let (worker, never, done) = (worker.clone(), never.clone(), done.clone());
+        let (worker, never, stop, done) =
+            (worker.clone(), never.clone(), stop.clone(), done.clone());
         slots.spawn(async move {
-            while done.load(std::sync::atomic::Ordering::SeqCst) < 2 * frames {
-                match worker.process_next(&never, &never).await? {
-                    Outcome::Processed { .. } => {
-                        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            while !stop.is_cancelled() {
+                // Empty: dependants not released yet.
+                if let Outcome::Processed { .. } = worker.process_next(&stop, &never).await? {
+                    let ran = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    if ran == 2 * frames {
+                        // The other slot waits for a message: stop it.
+                        stop.cancel();
                     }
-                    // Dependants not released yet.
-                    Outcome::Empty => {}
                 }
             }
             anyhow::Ok(())
