@@ -481,6 +481,8 @@ async fn an_sqs_dependant_is_refused_naming_the_field() {
         .await;
     assert_eq!(reply["error"]["code"], -32602, "{reply}");
     assert_eq!(reply["error"]["data"]["field"], "depends_on", "{reply}");
-    let reply = farm.rpc("queue_manager_hold", json!({"job_id": parent})).await;
+    let reply = farm
+        .rpc("queue_manager_hold", json!({"job_id": parent}))
+        .await;
     assert_eq!(reply["error"]["data"]["field"], "queue_name", "{reply}");
 }

@@ -227,20 +227,23 @@ impl Ledger {
                         Some(_) => {}
                     }
                 }
+                // A cancelled one is `cancelling` until its end is recorded
+                // (the sweep finishes it should the submit die first).
+                let by = cancelled.clone();
                 let (state, fate) = match cancelled {
-                    Some(reason) => ("cancelled", Fate::Cancelled(reason)),
+                    Some(reason) => ("cancelling", Fate::Cancelled(reason)),
                     None if waiting == 0 && !manual => ("released", Fate::Send),
                     None => ("held", Fate::Held(waiting)),
                 };
-                if state == "cancelled" {
+                if by.is_some() {
                     tx.execute(
                         "DELETE FROM waits WHERE job_id = ?1 AND idx = ?2",
                         params![job_id, entry.index],
                     )?;
                 }
                 tx.prepare_cached(
-                    "INSERT OR REPLACE INTO held (job_id, idx, size, body, waits, manual, state, at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT OR REPLACE INTO held (job_id, idx, size, body, waits, manual, state, by, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?
                 .execute(params![
                     job_id,
@@ -250,6 +253,7 @@ impl Ledger {
                     waiting,
                     manual,
                     state,
+                    by,
                     now
                 ])?;
                 fates.push(fate);
