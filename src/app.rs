@@ -207,6 +207,13 @@ impl App {
             let sweeper = sweeper.clone();
             async move { sweeper.sweep_dead_letters().await }
         });
+        // Dependants a dead worker freed and never sent.
+        let sweeper = worker.clone();
+        let grace = self.config.queue_manager.release_grace;
+        every(&shutdown, self.config.worker.dead_letter_sweep, move || {
+            let sweeper = sweeper.clone();
+            async move { sweeper.sweep_holds(grace).await }
+        });
         let drained = CancellationToken::new();
         // Both end once the drain is over and are waited for: no protection
         // call or hook heartbeat may follow the hook's completion.

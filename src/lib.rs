@@ -20,7 +20,9 @@
 //!   records, its reaper, and the sweep after dead workers).
 //! - [`job`]: what a job is, as plain values: the queue message envelope
 //!   and key templates, command parameter schemas ([`job::params`]), frame
-//!   specs ([`job::frames`]), job and message ids in their one spelling
+//!   specs ([`job::frames`]), dependencies between jobs and how a `same`
+//!   edge maps frames through both arrays' chunks ([`job::depends`]),
+//!   job and message ids in their one spelling
 //!   ([`job::id`]), inputs and the Deadline Cloud manifests they may name
 //!   ([`job::manifest`]), a job's name, owner and metadata
 //!   ([`job::label`]), lifecycle events ([`job::event`]) and a
@@ -56,8 +58,10 @@
 //!   and `events watch`, and the ledger (reported tries, cancelled jobs and
 //!   array children's final states: SQLite beside the embedded queue, S3
 //!   conditional writes for SQS) that makes exactly one
-//!   `ArrayJobCompleted` (per revision), and keeps what a re-render of an
-//!   array needs from its submit. The ledger and the status table are pruned after
+//!   `ArrayJobCompleted` (per revision), keeps what a re-render of an
+//!   array needs from its submit, and keeps held jobs (dependants waiting
+//!   for their parents, jobs held by hand) with their messages ready to
+//!   send (embedded queues only, for now). The ledger and the status table are pruned after
 //!   `queue_manager.retention`.
 //! - [`worker`]: the listen half: a step function plus slot loops,
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
@@ -68,6 +72,8 @@
 //!   priority order, [`worker::thumbs`] makes image outputs' thumbnails
 //!   in a sandboxed child process;
 //!   `worker::sweep` counts the jobs the redrive policy dead-lettered;
+//!   `worker::release` sends (or cancels) the dependants a job's end
+//!   freed, and sweeps what a dead worker freed and never sent;
 //!   a [`worker::delivery`] is a received message with its envelope
 //!   parsed once).
 //! - [`api`]: the submit half: the HTTP router (auth, JSON bodies only,
@@ -76,10 +82,11 @@
 //!   with no HTTP, and the submit itself (pin the inputs with one `HEAD`
 //!   each, validate against the catalog and the `[queue_manager]` limits,
 //!   then send; array jobs are cut into
-//!   children and sent a batch at a time); [`api::control`] cancels and
-//!   redrives, for the endpoint and the command line; [`api::rerender`]
-//!   sends chosen frames of an array again, as its next revision, from the
-//!   ledger's record of its submit.
+//!   children and sent a batch at a time; `depends_on` is checked and held
+//!   in the ledger by `api::depends`); [`api::control`] cancels and
+//!   redrives, and [`api::holds`] holds and releases, for the endpoint and
+//!   the command line; [`api::rerender`] sends chosen frames of an array
+//!   again, as its next revision, from the ledger's record of its submit.
 //! - [`ui`]: the web monitor at `/ui`: pages from the status table (its
 //!   own read-only connections, [`ui::board`], every list on an index),
 //!   an array as a paged grid of frames, live through server-sent events
@@ -173,6 +180,15 @@
 //!   recorded before its message is settled, so no child is final in the
 //!   queue but not in the ledger; one the redrive policy moved is counted
 //!   by the dead-letter sweep.
+//! - A held job or child is released (its message sent) or cancelled
+//!   exactly once across workers: a parent unit's end deletes its edges in
+//!   the same transaction that counts them off the dependants, and the
+//!   write that brings one to zero claims it (`releasing`); its message is
+//!   sent only after that claim, and the row marked `released` after the
+//!   send. A claim a worker died holding is taken by one sweeper after
+//!   `release_grace`. An `on: success` dependant of a unit that did not
+//!   succeed is cancelled with the parent's id and child in its reason,
+//!   and ends as a parent in turn: nothing waits for a parent that ended.
 //! - No secret is read from `workers.toml` or written to a log.
 //! - A job's inputs cannot reach outside its folder (paths and keys are
 //!   checked at submit and again on receive), and nothing a job does to its

@@ -48,6 +48,7 @@ mod ledger;
 mod limits;
 mod monitor;
 mod pipeline_example;
+mod pipelines;
 mod processes;
 mod readme;
 mod redrive;

@@ -20,6 +20,7 @@ use crate::job::id::Id;
 use crate::job::params::FieldError;
 use crate::queue::{Queue, QueueError, Queues, Received, Redrive};
 use crate::worker::delivery::Delivery;
+use crate::worker::release::Releaser;
 
 /// What a cancel did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -107,6 +108,18 @@ impl Control {
         }
     }
 
+    pub(super) fn queues(&self) -> &Queues {
+        &self.queues
+    }
+
+    pub(super) fn ledgers(&self) -> &Ledgers {
+        &self.ledgers
+    }
+
+    pub(super) fn observer(&self) -> &Observer {
+        &self.observer
+    }
+
     /// A `queue_name` (default: `default_queue`) and its queue.
     pub fn queue(&self, name: Option<String>) -> Result<(String, &Queue), FieldError> {
         let name = name.unwrap_or_else(|| self.default_queue.clone());
@@ -184,6 +197,18 @@ impl Control {
             if ledger.cancel(job).await? {
                 report.outcome = CancelOutcome::Cancelled;
             }
+            // Held in the ledger (waiting for parents, or by hand): never
+            // sent, and their own dependants follow.
+            let held = ledger
+                .cancel_held(job.as_str(), "cancelled by hand")
+                .await?;
+            Releaser {
+                queue,
+                ledger,
+                observer: &self.observer,
+            }
+            .apply(held)
+            .await;
             report.queues.push(name.to_owned());
             match queue {
                 Queue::Local(local) => {
@@ -198,7 +223,7 @@ impl Control {
                     report.cancelled = report.cancelled.map(|n| n + found.held);
                     report.skipped_queued =
                         (report.skipped_queued).map(|n| n + found.queued.len() as u32);
-                    self.settle_unrun(name, ledger, found.queued).await;
+                    self.settle_unrun(queue, ledger, found.queued).await;
                 }
                 Queue::Sqs(_) => (report.cancelled, report.skipped_queued) = (None, None),
             }
@@ -233,12 +258,16 @@ impl Control {
         Ok(false)
     }
 
-    /// Announces messages deleted unrun as cancelled, and counts array
-    /// children in the ledger (which may complete the array).
-    async fn settle_unrun(&self, queue: &str, ledger: &Ledger, messages: Vec<(String, String)>) {
+    /// Announces messages deleted unrun as cancelled, counts array
+    /// children in the ledger (which may complete the array, or its
+    /// revision), and frees their dependants.
+    async fn settle_unrun(&self, queue: &Queue, ledger: &Ledger, messages: Vec<(String, String)>) {
         // By ledger slot: its size, the indexes, and the array and revision.
         type Slot = (u32, Vec<u32>, String, Option<u32>);
         let mut arrays: std::collections::BTreeMap<String, Slot> = Default::default();
+        // By array: its size and the indexes whose dependants are freed.
+        let mut units: std::collections::BTreeMap<String, (u32, Vec<u32>)> = Default::default();
+        let mut plain = Vec::new();
         let mut last = None;
         for (message_id, body) in messages {
             let delivery = Delivery::new(Received {
@@ -247,16 +276,22 @@ impl Control {
                 body,
                 receive_count: 0,
             });
-            let subject = delivery.subject(queue);
+            let subject = delivery.subject(queue.name());
             self.observer.ended(&subject, &JobEnd::Cancelled);
-            if let Ok(Some(array)) = delivery.envelope.as_ref().map(|e| e.array.as_ref()) {
-                // A re-render's children are counted in their revision.
-                let (id, size, index) = array.ledger_slot();
-                let entry = arrays.entry(id).or_default();
-                entry.0 = size;
-                entry.1.push(index);
-                entry.2.clone_from(&array.job_id);
-                entry.3 = array.revision.map(|r| r.number);
+            match delivery.envelope.as_ref().map(|e| e.array.as_ref()) {
+                Ok(Some(array)) => {
+                    // A re-render's children are counted in their revision.
+                    let (id, size, index) = array.ledger_slot();
+                    let entry = arrays.entry(id).or_default();
+                    entry.0 = size;
+                    entry.1.push(index);
+                    entry.2.clone_from(&array.job_id);
+                    entry.3 = array.revision.map(|r| r.number);
+                    let unit = units.entry(array.job_id.clone()).or_default();
+                    unit.0 = array.size;
+                    unit.1.push(array.index);
+                }
+                _ => plain.push(delivery.message_id.clone()),
             }
             last = Some(subject);
         }
@@ -273,6 +308,27 @@ impl Control {
                 }
                 Ok(None) => {}
                 Err(error) => tracing::error!(%error, "cannot record the cancelled children"),
+            }
+        }
+        let ended = (plain.into_iter().map(|id| (id, 0, Vec::new()))).chain(
+            units
+                .into_iter()
+                .map(|(id, (size, indexes))| (id, size, indexes)),
+        );
+        let releaser = Releaser {
+            queue,
+            ledger,
+            observer: &self.observer,
+        };
+        for (id, size, indexes) in ended {
+            match ledger
+                .units_ended(&id, size, indexes, ChildState::Cancelled)
+                .await
+            {
+                Ok(freed) => {
+                    releaser.apply(freed).await;
+                }
+                Err(error) => tracing::error!(%error, "cannot free the cancelled job's dependants"),
             }
         }
     }

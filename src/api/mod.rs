@@ -10,7 +10,9 @@
 
 mod children;
 pub mod control;
+mod depends;
 pub mod guard;
+pub mod holds;
 mod pins;
 pub mod rerender;
 pub mod rpc;

@@ -324,7 +324,7 @@ impl Rpc {
         budget: &mut u32,
     ) -> Result<Value, RpcError> {
         // The method is checked before its params.
-        const METHODS: [&str; 7] = [
+        const METHODS: [&str; 9] = [
             "queue_manager_submit_job",
             "queue_manager_rerender",
             "queue_manager_list_commands",
@@ -332,6 +332,8 @@ impl Rpc {
             "queue_manager_job_status",
             "queue_manager_redrive",
             "queue_manager_cancel_job",
+            "queue_manager_hold",
+            "queue_manager_release",
         ];
         if !METHODS.contains(&method) {
             return Err(method_not_found(method));
@@ -392,6 +394,15 @@ impl Rpc {
             "queue_manager_cancel_job" => {
                 let p: JobControlParams = deserialize_named(params, "")?;
                 let report = self.control.cancel(&p.job_id, p.queue_name).await?;
+                Ok(serde_json::to_value(report).expect("a report serializes"))
+            }
+            "queue_manager_hold" | "queue_manager_release" => {
+                let p: JobControlParams = deserialize_named(params, "")?;
+                let report = if method == "queue_manager_hold" {
+                    self.control.hold(&p.job_id, p.queue_name).await?
+                } else {
+                    self.control.release(&p.job_id, p.queue_name).await?
+                };
                 Ok(serde_json::to_value(report).expect("a report serializes"))
             }
             other => Err(method_not_found(other)),

@@ -13,11 +13,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::children::{ArrayPlan, CHILD_SLACK, json_len, make_child, send_batch};
+use super::depends::DependPlan;
 use crate::commands::catalog::Catalog;
 use crate::config::QueueManagerConfig;
 use crate::events::ledger::{ArrayCounts, ChildState, Ledgers};
-use crate::events::observe::Subject;
+use crate::events::observe::{Observer, Subject};
 use crate::events::publish::Publisher;
+use crate::job::depends::DependsOn;
 use crate::job::event::{Event, EventType, JobRef, Notification};
 use crate::job::frames::{format_frames, parse_frames};
 use crate::job::inputs::InputSpec;
@@ -61,6 +63,9 @@ pub struct SubmitRequest {
     /// A small flat map of strings (project, sequence, shot).
     #[serde(default)]
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// Jobs this one waits for (SPEC §12): held in the ledger until then.
+    #[serde(default)]
+    pub depends_on: Vec<DependsOn>,
 }
 
 /// What a submit queued.
@@ -117,6 +122,7 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_array_bytes: usize,
     pub max_notifications: usize,
+    pub max_dependencies: usize,
     pub max_batch: usize,
     pub max_request_messages: u32,
     pub label: LabelLimits,
@@ -132,6 +138,7 @@ impl From<&QueueManagerConfig> for Limits {
             max_message_bytes: c.max_message_bytes,
             max_array_bytes: c.max_array_bytes,
             max_notifications: c.max_notifications,
+            max_dependencies: c.max_dependencies,
             max_batch: c.max_batch,
             max_request_messages: c.max_request_messages,
             label: LabelLimits {
@@ -164,6 +171,8 @@ pub struct Prepared {
     queue: Queue,
     envelope: Envelope,
     array: Option<ArrayPlan>,
+    /// What it waits for, when it has `depends_on`.
+    depends: Option<DependPlan>,
 }
 
 impl Prepared {
@@ -234,13 +243,19 @@ impl Submitter {
             let queue = (request.queue_name.as_deref()).unwrap_or(&self.default_queue);
             super::pins::pin(&self.catalog, &self.buckets, queue, &mut request.inputs).await?;
         }
-        if request.frames.is_none() {
-            return self.check(request);
-        }
-        let submitter = self.clone();
-        tokio::task::spawn_blocking(move || submitter.check(request))
-            .await
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
+        let depends_on = std::mem::take(&mut request.depends_on);
+        let mut prepared = if request.frames.is_none() {
+            self.check(request)?
+        } else {
+            let submitter = self.clone();
+            tokio::task::spawn_blocking(move || submitter.check(request))
+                .await
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))?
+        };
+        prepared.depends = self
+            .plan_depends(&depends_on, &prepared.queue_name, prepared.array.as_ref())
+            .await?;
+        Ok(prepared)
     }
 
     fn check(&self, request: SubmitRequest) -> Result<Prepared, SubmitError> {
@@ -302,6 +317,7 @@ impl Submitter {
                 queue: queue.clone(),
                 envelope,
                 array: None,
+                depends: None,
             });
         };
 
@@ -349,6 +365,7 @@ impl Submitter {
             queue: queue.clone(),
             envelope,
             array: Some(plan),
+            depends: None,
         })
     }
 
@@ -397,14 +414,20 @@ impl Submitter {
         Ok(())
     }
 
-    /// Sends what [`Submitter::prepare`] checked.
+    /// Sends what [`Submitter::prepare`] checked. A job with parents is
+    /// held in the ledger (its children that wait for nothing are sent).
     pub async fn send(&self, prepared: Prepared) -> Result<Submitted, SubmitError> {
         let Prepared {
             queue_name,
             queue,
-            envelope,
+            mut envelope,
             array,
+            depends,
         } = prepared;
+        if depends.is_some() {
+            // Its id is known before any message exists: the one returned.
+            envelope.message_id = Some(envelope.job_id.clone());
+        }
         let subject = Subject {
             job: JobRef {
                 job_id: envelope.job_id.clone(),
@@ -417,18 +440,49 @@ impl Submitter {
             },
             notifications: envelope.notifications.clone(),
         };
+        let ledger_failed = |error: crate::events::ledger::LedgerError| SubmitError::Queue {
+            queue: queue_name.clone(),
+            source: QueueError::Unavailable(error.to_string()),
+            sent: Vec::new(),
+            not_sent: None,
+        };
+        let observer = Observer::new(self.publisher.clone(), Default::default());
         let Some(plan) = array else {
-            let message_id =
-                queue
-                    .send(&envelope.to_body())
-                    .await
-                    .map_err(|source| SubmitError::Queue {
-                        queue: queue_name.clone(),
-                        source,
-                        sent: Vec::new(),
-                        not_sent: None,
-                    })?;
-            tracing::info!(queue = %queue_name, %message_id, job_id = %envelope.job_id, "Job successfully queued.");
+            let body = envelope.to_body();
+            let send_now = match &depends {
+                None => true,
+                Some(depends) => super::depends::hold(
+                    depends,
+                    &envelope.job_id,
+                    0,
+                    vec![body.clone()],
+                    &queue,
+                    &observer,
+                    |body| held_subject(body, &queue_name),
+                )
+                .await
+                .map_err(ledger_failed)?[0],
+            };
+            let sent = match send_now {
+                true => Some(
+                    queue
+                        .send(&body)
+                        .await
+                        .map_err(|source| SubmitError::Queue {
+                            queue: queue_name.clone(),
+                            source,
+                            sent: Vec::new(),
+                            not_sent: None,
+                        })?,
+                ),
+                false => None,
+            };
+            let message_id = match (&depends, sent) {
+                (Some(_), _) | (None, None) => envelope.job_id.clone(),
+                (None, Some(message_id)) => message_id,
+            };
+            self.register(&queue_name, &message_id, 0, None, 1).await;
+            tracing::info!(queue = %queue_name, %message_id, job_id = %envelope.job_id, held = !send_now, "Job successfully queued.");
             let subject = Subject {
                 job: JobRef {
                     message_id: message_id.clone(),
@@ -442,17 +496,57 @@ impl Submitter {
 
         let size = plan.size();
         super::rerender::record(&plan, &envelope).await;
-        let mut message_ids = Vec::with_capacity(size as usize);
+        self.register(
+            &queue_name,
+            &envelope.job_id,
+            size,
+            Some(plan.spec.clone()),
+            plan.chunk_size as u32,
+        )
+        .await;
+        let mut message_ids = vec![String::new(); size as usize];
         let mut template = envelope.clone();
         let chunks: Vec<&[i64]> = plan.chunks().collect();
-        let mut next = 0;
-        while next < chunks.len() {
+        // The children to send now, in order: all of them, or those that
+        // wait for nothing (held ones are named by their job id).
+        let order: Vec<usize> = match &depends {
+            None => (0..chunks.len()).collect(),
+            Some(depends) => {
+                let mut bodies = Vec::with_capacity(chunks.len());
+                let mut ids = Vec::with_capacity(chunks.len());
+                for (index, chunk) in chunks.iter().enumerate() {
+                    make_child(&mut template, &envelope.job_id, &plan, index as u32, chunk);
+                    ids.push(template.job_id.clone());
+                    bodies.push(template.to_body());
+                }
+                let send = super::depends::hold(
+                    depends,
+                    &envelope.job_id,
+                    size,
+                    bodies,
+                    &queue,
+                    &observer,
+                    |body| held_subject(body, &queue_name),
+                )
+                .await
+                .map_err(ledger_failed)?;
+                for (index, id) in ids.into_iter().enumerate() {
+                    if !send[index] {
+                        message_ids[index] = id;
+                    }
+                }
+                (0..chunks.len()).filter(|&i| send[i]).collect()
+            }
+        };
+        let mut pos = 0;
+        while pos < order.len() {
             // Up to ten children a call, and no more bytes than one call
             // may carry.
-            let first_index = next;
+            let mut indexes = Vec::new();
             let mut bodies: Vec<String> = Vec::new();
             let mut bytes = 0;
-            while next < chunks.len() && bodies.len() < SEND_BATCH {
+            while pos < order.len() && bodies.len() < SEND_BATCH {
+                let next = order[pos];
                 make_child(
                     &mut template,
                     &envelope.job_id,
@@ -466,22 +560,28 @@ impl Submitter {
                 }
                 bytes += body.len();
                 bodies.push(body);
-                next += 1;
+                indexes.push(next);
+                pos += 1;
             }
             match send_batch(&queue, &bodies).await {
-                Ok(ids) => message_ids.extend(ids),
+                Ok(ids) => {
+                    for (index, id) in indexes.into_iter().zip(ids) {
+                        message_ids[index] = id;
+                    }
+                }
                 Err((ids, source)) => {
-                    let unsent: Vec<usize> = ids
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, id)| id.is_none())
-                        .map(|(i, _)| first_index + i)
-                        .chain(next..size as usize)
-                        .collect();
-                    message_ids.extend(ids.into_iter().flatten());
+                    let mut unsent = Vec::new();
+                    for (index, id) in indexes.into_iter().zip(ids) {
+                        match id {
+                            Some(id) => message_ids[index] = id,
+                            None => unsent.push(index),
+                        }
+                    }
+                    unsent.extend(order[pos..].iter().copied());
                     let not_sent = self
                         .not_sent(&plan, &subject, &envelope.job_id, &unsent)
                         .await;
+                    message_ids.retain(|id| !id.is_empty());
                     return Err(SubmitError::Queue {
                         queue: queue_name,
                         source,
@@ -549,6 +649,24 @@ impl Submitter {
         }
     }
 
+    /// Records a submitted job in its queue's ledger, so that later jobs
+    /// can depend on it. A ledger that refuses only costs that.
+    async fn register(
+        &self,
+        queue: &str,
+        id: &str,
+        size: u32,
+        frames: Option<String>,
+        chunk_size: u32,
+    ) {
+        let Some(ledger) = self.ledgers.get(queue) else {
+            return;
+        };
+        if let Err(error) = ledger.register_job(id, size, frames, chunk_size).await {
+            tracing::warn!(%error, job_id = id, "cannot record the job for its dependants");
+        }
+    }
+
     fn array_completed(&self, subject: &Subject, counts: ArrayCounts) {
         tracing::info!(array_id = %subject.job.job_id, ?counts, "Array job completed.");
         self.publish(EventType::ArrayJobCompleted, subject, json!(counts));
@@ -560,6 +678,11 @@ impl Submitter {
             &subject.notifications,
         );
     }
+}
+
+/// A held job's or child's events name it as its message will.
+fn held_subject(body: &str, queue: &str) -> Subject {
+    crate::worker::release::held_delivery(body).subject(queue)
 }
 
 /// Identical subscriptions merged, first ones first.

@@ -1,7 +1,7 @@
 //! `renderq bench`: throughput, latency and memory measured on this
 //! machine, on throw-away queues. Each mode is a module: `embedded` (the
 //! default), `sqs` (`--sqs-endpoint`), `cancel`, `dispatch`, `events`,
-//! `spot`, `procs`, `uploads`, `inputs`, `ui` and `thumbs`. Here: the arguments, and what the modes share.
+//! `spot`, `procs`, `uploads`, `inputs`, `pipeline`, `ui` and `thumbs`. Here: the arguments, and what the modes share.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ mod events;
 mod inputs;
 mod ledger;
 mod manifest;
+mod pipeline;
 mod procs;
 pub mod proxy;
 mod spot;
@@ -111,6 +112,11 @@ pub struct BenchArgs {
     /// the S3-compatible server at this endpoint.
     #[arg(long, value_name = "URL")]
     pub ledger: Option<String>,
+    /// Instead: a no-op array (--jobs frames, default 1000) and a `same`
+    /// dependant array on 2 slots: from a parent child's settle to its
+    /// dependant's message sent (embedded queue).
+    #[arg(long)]
+    pub pipeline: bool,
     /// With --inputs: files in the cold manifest (0: no manifest run).
     #[arg(long, default_value_t = 10_000)]
     pub files: usize,
@@ -157,6 +163,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         _ if args.ui => ui::run(args).await,
         _ if args.thumbnails => thumbs::run().await,
         _ if args.events => events::run(args).await,
+        _ if args.pipeline => pipeline::run(args).await,
         _ if args.spot => spot::run(args).await,
         _ if args.procs.is_some() => procs::run(args).await,
         _ if args.uploads.is_some() => uploads::run(args).await,

@@ -38,6 +38,11 @@ pub struct SubmitArgs {
     /// Frames per child of an array job.
     #[arg(long)]
     pub chunk_size: Option<u32>,
+    /// Wait for another job first: `ID[:same][:finish]` (`same`: each
+    /// child waits only for the parent children holding its frames;
+    /// `finish`: released even if the parent fails). Repeatable.
+    #[arg(long, value_name = "ID[:same][:finish]", value_parser = crate::job::depends::DependsOn::parse_after)]
+    pub after: Vec<crate::job::depends::DependsOn>,
     /// Follow the job (or array) to its end with a progress bar; exit
     /// non-zero if anything was dead-lettered. Reads the status table.
     #[arg(long)]
@@ -166,6 +171,9 @@ pub async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
             metadata.insert(key.to_owned(), value.into());
         }
         params["metadata"] = metadata.into();
+    }
+    if !args.after.is_empty() {
+        params["depends_on"] = serde_json::to_value(&args.after)?;
     }
     let client = Client::new(config, args.url)?;
     let result = client.call("queue_manager_submit_job", params).await?;

@@ -97,6 +97,23 @@ pub enum Command {
         #[arg(long)]
         frames: String,
     },
+    /// Hold a job, or an array's children not started yet, in the ledger
+    /// (embedded queues): they stay out of the queue until `release`.
+    Hold {
+        /// The id the submit returned for the job or the array.
+        job_id: String,
+        /// Only on this queue (default: every embedded queue).
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Release a job held by `hold`: what waits for no parent is queued.
+    Release {
+        /// The id the submit returned for the job or the array.
+        job_id: String,
+        /// Only on this queue (default: every embedded queue).
+        #[arg(long)]
+        queue: Option<String>,
+    },
     /// Delete the status table's and ledgers' records older than
     /// queue_manager.retention (serve and worker do it every hour).
     Prune,
@@ -202,6 +219,67 @@ pub struct DlqArgs {
     pub limit: usize,
 }
 
+/// `renderq hold` and `renderq release`: prints what was done (JSON).
+async fn hold_or_release(
+    config: Config,
+    job_id: &str,
+    queue: Option<String>,
+    hold: bool,
+) -> anyhow::Result<()> {
+    let app = App::build(config).await?;
+    let report = if hold {
+        app.control().hold(job_id, queue).await?
+    } else {
+        app.control().release(job_id, queue).await?
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    // Its events go out before exit.
+    app.publisher.close(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// What a held job (or array) still waits for, from the embedded
+/// queues' ledgers: a line per parent.
+async fn waits_for(config: &Config, job_id: &str) -> Vec<String> {
+    const SHOWN: u32 = 1000;
+    let mut lines = Vec::new();
+    for queue in config.queues.values() {
+        let crate::config::QueueConfig::Local(local) = queue else {
+            continue;
+        };
+        let Ok(ledger) = crate::events::ledger::Ledger::local(&local.path) else {
+            continue;
+        };
+        let waits = ledger.waiting_for(job_id, SHOWN).await.unwrap_or_default();
+        let mut by_parent: std::collections::BTreeMap<String, (Vec<u32>, bool)> =
+            Default::default();
+        let mut children = std::collections::BTreeSet::new();
+        for (child, parent, index) in waits {
+            children.insert(child);
+            let entry = by_parent.entry(parent).or_default();
+            match index {
+                Some(index) => entry.0.push(index),
+                None => entry.1 = true,
+            }
+        }
+        for (parent, (mut indexes, whole)) in by_parent {
+            indexes.sort_unstable();
+            indexes.dedup();
+            let what = if whole || indexes.is_empty() {
+                "the whole job".to_owned()
+            } else {
+                let list: Vec<String> = indexes.iter().map(u32::to_string).collect();
+                format!("children {}", list.join(","))
+            };
+            lines.push(format!(
+                "waits_for\tparent={parent}\t{what}\theld_children={}",
+                children.len()
+            ));
+        }
+    }
+    lines
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // Every command but `bench` (which brings its own) needs the config.
@@ -271,6 +349,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             app.publisher.close(Duration::from_secs(10)).await;
             Ok(())
         }
+        Command::Hold { job_id, queue } => hold_or_release(load()?, &job_id, queue, true).await,
+        Command::Release { job_id, queue } => hold_or_release(load()?, &job_id, queue, false).await,
         Command::Status { job_id } => {
             let config = load()?;
             let path = config
@@ -282,6 +362,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match crate::events::status::StatusTable::open(path)?.get(&job_id)? {
                 Some(status) => {
                     println!("{status}");
+                    for line in waits_for(&config, &job_id).await {
+                        println!("{line}");
+                    }
                     Ok(())
                 }
                 None => bail!("no job or array `{job_id}` in {}", path.display()),

@@ -148,6 +148,13 @@ pub struct QueueManagerConfig {
     /// identical ones are then merged.
     #[serde(default = "default_max_notifications")]
     pub max_notifications: usize,
+    /// Most `depends_on` entries one job may carry.
+    #[serde(default = "default_max_dependencies")]
+    pub max_dependencies: usize,
+    /// How long a dependant freed by a worker that died before sending it
+    /// waits before the sweep sends it (a live worker sends at once).
+    #[serde(default = "default_release_grace", with = "humantime_serde")]
+    pub release_grace: Duration,
     /// How long the records of finished work are kept: the job-status
     /// table's rows and the ledger's reports and array states. Pruned
     /// every hour by `serve` and `worker`, and by `renderq prune`.
@@ -215,6 +222,14 @@ fn default_max_inputs() -> usize {
 
 fn default_max_notifications() -> usize {
     10
+}
+
+fn default_max_dependencies() -> usize {
+    16
+}
+
+fn default_release_grace() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_retention() -> Duration {

@@ -17,10 +17,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 mod arrays;
 mod cancels;
+mod holds;
 mod revisions;
 mod thumbnails;
 pub use arrays::{ArrayCounts, ChildState};
 pub use cancels::Known as KnownCancels;
+pub use holds::{Fate, Freed, Registered, ToHold, Wait};
 pub use revisions::ArrayRecord;
 pub use thumbnails::thumbnail_name;
 
@@ -131,6 +133,7 @@ impl Ledger {
         }
         cancels::migrate(&mut conn).map_err(failed)?;
         revisions::migrate(&conn).map_err(failed)?;
+        conn.execute_batch(holds::SCHEMA).map_err(failed)?;
         Ok(Ledger::Local(Arc::new(Mutex::new(conn))))
     }
 
@@ -268,6 +271,7 @@ impl Ledger {
                     )?;
                     deleted += tx.execute("DELETE FROM cancelled WHERE at < ?1", [cutoff])?;
                     deleted += revisions::prune(&tx, cutoff)?;
+                    deleted += holds::prune(&tx, cutoff)?;
                     deleted += tx.execute(
                         "DELETE FROM completed WHERE at < ?1
                          AND array_id NOT IN (SELECT array_id FROM children)",

@@ -38,6 +38,9 @@ pub enum JobEnd {
     Requeued { reason: String },
     /// An operator cancelled it: deleted, never retried.
     Cancelled,
+    /// Held by hand when it was received: moved into the ledger without
+    /// using a try, until its release.
+    Held { by: String },
 }
 
 /// A job as its events name it, with its subscriptions.
@@ -73,6 +76,12 @@ impl Observer {
             Event::new(kind, Some(subject.job.clone()), detail),
             &subject.notifications,
         );
+    }
+
+    /// A job's event that is not the end of a try (held, released, a
+    /// dependant cancelled before it ran).
+    pub fn job_event(&self, kind: EventType, subject: &Subject, detail: Value) {
+        self.publish(kind, subject, detail);
     }
 
     /// Something that happened to the worker itself.
@@ -161,6 +170,7 @@ impl Observer {
             JobEnd::DeadLettered { .. } => ("dead_lettered", None),
             JobEnd::Requeued { .. } => ("requeued", None),
             JobEnd::Cancelled => ("cancelled", None),
+            JobEnd::Held { .. } => ("held", None),
         };
         self.metrics.job_ended(outcome, duration);
         match end {
@@ -216,6 +226,23 @@ impl Observer {
             JobEnd::Cancelled => {
                 info!("Job cancelled, removing from queue.");
                 self.publish(EventType::JobCancelled, subject, json!({}));
+            }
+            JobEnd::Held { by } => {
+                info!(%by, "Job held, moved from the queue to the ledger.");
+                // The try was not used: its release comes at the same
+                // attempt as this.
+                let unused = Subject {
+                    job: JobRef {
+                        attempt: subject.job.attempt.saturating_sub(1),
+                        ..subject.job.clone()
+                    },
+                    notifications: subject.notifications.clone(),
+                };
+                self.publish(
+                    EventType::JobHeld,
+                    &unused,
+                    json!({"reason": format!("held by hand ({by})")}),
+                );
             }
         }
     }

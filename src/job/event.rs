@@ -24,6 +24,8 @@ pub enum EventType {
     JobRequeued,
     JobDeadLettered,
     JobCancelled,
+    JobHeld,
+    JobReleased,
     TaskSucceeded,
     TaskFailed,
     ArrayJobCompleted,
@@ -33,7 +35,7 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 14] = [
+    pub const ALL: [EventType; 16] = [
         EventType::JobSubmitted,
         EventType::JobStarted,
         EventType::JobProgress,
@@ -42,6 +44,8 @@ impl EventType {
         EventType::JobRequeued,
         EventType::JobDeadLettered,
         EventType::JobCancelled,
+        EventType::JobHeld,
+        EventType::JobReleased,
         EventType::TaskSucceeded,
         EventType::TaskFailed,
         EventType::ArrayJobCompleted,
@@ -60,6 +64,8 @@ impl EventType {
             EventType::JobRequeued => "JobRequeued",
             EventType::JobDeadLettered => "JobDeadLettered",
             EventType::JobCancelled => "JobCancelled",
+            EventType::JobHeld => "JobHeld",
+            EventType::JobReleased => "JobReleased",
             EventType::TaskSucceeded => "TaskSucceeded",
             EventType::TaskFailed => "TaskFailed",
             EventType::ArrayJobCompleted => "ArrayJobCompleted",

@@ -7,6 +7,7 @@
 //! ([`output`]). Pure: no I/O here, and
 //! nothing here imports from another folder of the crate.
 
+pub mod depends;
 pub mod event;
 pub mod frames;
 pub mod id;

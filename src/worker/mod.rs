@@ -46,6 +46,7 @@ pub mod delivery;
 mod execute;
 mod heartbeat;
 mod intake;
+pub(crate) mod release;
 mod settle;
 mod staging;
 mod sweep;
@@ -119,6 +120,10 @@ enum JobError {
     /// An operator cancelled it: deleted, never retried.
     #[error("cancelled")]
     Cancelled,
+    /// Held by hand (the id held): moved into the ledger unrun, without
+    /// using a try.
+    #[error("held ({0})")]
+    Held(String),
     /// Its receipt went stale: another worker holds the message now and
     /// runs the job; this copy was stopped.
     #[error("another worker holds the message now")]
@@ -405,6 +410,9 @@ impl Worker {
             if self.is_cancelled(&delivery).await {
                 return Err(JobError::Cancelled);
             }
+            if let Some(held) = self.held_by_hand(&delivery).await {
+                return Err(JobError::Held(held));
+            }
             if delivery.attempt > budget {
                 // Its last try was handed out and never reported back.
                 return Err(JobError::Refused(format!(
@@ -479,6 +487,7 @@ impl Worker {
             // before the message is settled: a ledger that stays
             // unreachable leaves the message to come back, so no child is
             // ever final in the queue but not in the ledger.
+            let ended = self.final_state(&job.delivery, &outcome);
             let recorded = self.record_array_child(&job.delivery, &outcome).await;
             // No extension may land after the settle (it would undo a
             // retry's back-off): one in flight is waited for.
@@ -499,6 +508,10 @@ impl Worker {
             if let Some(done) = completion {
                 self.observer
                     .array_completed(&job.subject, &done.array_id, done.counts);
+            }
+            // The dependants it frees go out after its own end.
+            if let (Some(state), Ok(_)) = (ended, &end) {
+                self.release_dependants(&job.delivery, state).await;
             }
             let end = end?;
             Ok(Outcome::Processed {

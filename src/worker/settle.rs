@@ -53,19 +53,8 @@ impl Worker {
         delivery: &Delivery,
         outcome: &Result<Done, JobError>,
     ) -> Result<Option<ArrayCompletion>, LedgerError> {
-        let state = match outcome {
-            Ok(_) => ChildState::Succeeded,
-            Err(JobError::Retryable(_)) if self.last_try(delivery) => ChildState::DeadLettered,
-            Err(JobError::Permanent(_) | JobError::Refused(_)) => ChildState::DeadLettered,
-            Err(JobError::Cancelled) => ChildState::Cancelled,
-            Err(
-                JobError::Retryable(_)
-                | JobError::Lost
-                | JobError::Interrupted
-                | JobError::HandedBack(_),
-            ) => {
-                return Ok(None);
-            }
+        let Some(state) = self.final_state(delivery, outcome) else {
+            return Ok(None);
         };
         let (Some(ledger), Ok(Some(array))) = (
             &self.source(delivery).ledger,
@@ -85,6 +74,27 @@ impl Worker {
             array_id: array.job_id.clone(),
             counts,
         }))
+    }
+
+    /// The state a try's outcome leaves the job in, when it is final.
+    pub(super) fn final_state(
+        &self,
+        delivery: &Delivery,
+        outcome: &Result<Done, JobError>,
+    ) -> Option<ChildState> {
+        Some(match outcome {
+            Ok(_) => ChildState::Succeeded,
+            Err(JobError::Retryable(_)) if self.last_try(delivery) => ChildState::DeadLettered,
+            Err(JobError::Permanent(_) | JobError::Refused(_)) => ChildState::DeadLettered,
+            Err(JobError::Cancelled) => ChildState::Cancelled,
+            Err(
+                JobError::Retryable(_)
+                | JobError::Lost
+                | JobError::Interrupted
+                | JobError::HandedBack(_)
+                | JobError::Held(_),
+            ) => return None,
+        })
     }
 
     /// Whether this is the job's last allowed try.
@@ -174,6 +184,7 @@ impl Worker {
                     reason: "another worker holds the message now".into(),
                 }
             }
+            Err(JobError::Held(by)) => self.park(delivery, by).await?,
             Err(JobError::Interrupted) => self.hand_back(delivery, "interrupted".into()).await?,
             Err(JobError::HandedBack(reason)) => self.hand_back(delivery, reason).await?,
         })
@@ -191,6 +202,57 @@ impl Worker {
             .requeue(&delivery.received, &body)
             .await?;
         Ok(JobEnd::Requeued { reason })
+    }
+
+    /// Moves a job held by hand into the ledger, without using a try, and
+    /// deletes its message; hands it back instead when the hold was
+    /// released meanwhile.
+    async fn park(&self, delivery: &Delivery, by: String) -> Result<JobEnd, QueueError> {
+        let body = delivery.resend_body(|envelope| {
+            envelope.failures = delivery.attempt - 1;
+        });
+        let source = self.source(delivery);
+        let (Some(ledger), Ok(envelope)) = (&source.ledger, &delivery.envelope) else {
+            return self.hand_back(delivery, "held".into()).await;
+        };
+        let (id, size, index) = match &envelope.array {
+            Some(a) => (a.job_id.clone(), a.size, a.index),
+            None => (delivery.message_id.clone(), 0, 0),
+        };
+        match ledger.park(&by, &id, size, index, body).await {
+            Ok(true) => {
+                match source.queue.delete(&delivery.received.receipt).await {
+                    Err(QueueError::StaleReceipt) => {}
+                    other => other?,
+                }
+                Ok(JobEnd::Held { by })
+            }
+            Ok(false) => {
+                self.hand_back(delivery, "its hold was released".into())
+                    .await
+            }
+            Err(error) => {
+                warn!(%error, "cannot hold the job in the ledger; handing it back");
+                self.hand_back(delivery, "held".into()).await
+            }
+        }
+    }
+
+    /// Which id of the job is held by hand, if any.
+    pub(super) async fn held_by_hand(&self, delivery: &Delivery) -> Option<String> {
+        let ledger = self.source(delivery).ledger.as_ref()?;
+        let ids = delivery
+            .cancel_ids()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        match ledger.held_by_hand(ids).await {
+            Ok(held) => held,
+            Err(error) => {
+                warn!(%error, "cannot read the ledger's holds");
+                None
+            }
+        }
     }
 
     /// Moves the job to the dead-letter queue with a fresh failure budget

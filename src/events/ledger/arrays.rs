@@ -48,7 +48,7 @@ impl ChildState {
         Self::Succeeded,
     ];
 
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             ChildState::NotSent => "not_sent",
             ChildState::Cancelled => "cancelled",
@@ -57,7 +57,7 @@ impl ChildState {
         }
     }
 
-    fn from_name(name: &str) -> Option<Self> {
+    pub(super) fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|s| s.name() == name)
     }
 

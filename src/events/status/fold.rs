@@ -10,8 +10,9 @@ use crate::job::event::{Event, EventType, WorkerIdentity};
 use super::{Applied, label};
 
 /// Every state a job's row can hold.
-pub const STATES: [&str; 7] = [
+pub const STATES: [&str; 8] = [
     "submitted",
+    "held",
     "running",
     "failed",
     "requeued",
@@ -36,6 +37,10 @@ pub const ARRAY_COUNTS: [(&str, &str); 7] = [
 fn job_state(kind: EventType) -> Option<(&'static str, i64)> {
     Some(match kind {
         EventType::JobSubmitted => ("submitted", 0),
+        // Held after its submit (or a hand-back); released, it is queued
+        // again at the same attempt.
+        EventType::JobHeld => ("held", 1),
+        EventType::JobReleased => ("submitted", 2),
         EventType::JobStarted | EventType::JobProgress | EventType::TaskSucceeded => ("running", 1),
         EventType::JobFailed | EventType::TaskFailed => ("failed", 2),
         EventType::JobRequeued => ("requeued", 2),

@@ -1,0 +1,246 @@
+//! A submit's `depends_on`: checked against the parents the queue's ledger
+//! knows (each must exist on the same queue; a `same` edge must map every
+//! frame), turned into what each child waits for, and, at send, held in
+//! the ledger instead of the queue where something is left to wait for.
+
+use std::collections::HashSet;
+
+use serde_json::json;
+
+use super::children::ArrayPlan;
+use super::submit::Submitter;
+use crate::events::ledger::{Fate, Freed, Ledger, Registered, ToHold, Wait};
+use crate::events::observe::{Observer, Subject};
+use crate::job::depends::{DependsOn, Frames, On, map_same};
+use crate::job::event::EventType;
+use crate::job::frames::parse_frames;
+use crate::job::id::Id;
+use crate::job::params::FieldError;
+use crate::queue::Queue;
+use crate::worker::release::Releaser;
+
+/// What a dependant's children wait for, checked.
+#[derive(Debug)]
+pub struct DependPlan {
+    /// By child (one entry for a plain job).
+    pub(super) waits: Vec<Vec<Wait>>,
+    pub(super) ledger: Ledger,
+}
+
+impl Submitter {
+    /// Checks `edges` for a job on `queue_name` (an array's children:
+    /// `plan`); `None` when there are none.
+    pub(super) async fn plan_depends(
+        &self,
+        edges: &[DependsOn],
+        queue_name: &str,
+        plan: Option<&ArrayPlan>,
+    ) -> Result<Option<DependPlan>, FieldError> {
+        if edges.is_empty() {
+            return Ok(None);
+        }
+        let limit = self.limits().max_dependencies;
+        if edges.len() > limit {
+            return Err(FieldError::new(
+                "depends_on",
+                format!(
+                    "{} parents; at most {limit} (queue_manager.max_dependencies)",
+                    edges.len()
+                ),
+            ));
+        }
+        let ledger = match self.ledgers().get(queue_name) {
+            Some(ledger @ Ledger::Local(_)) => ledger.clone(),
+            _ => {
+                return Err(FieldError::new(
+                    "depends_on",
+                    format!(
+                        "queue `{queue_name}` keeps its ledger on S3 (or none); dependencies \
+                         need an embedded queue for now"
+                    ),
+                ));
+            }
+        };
+        let children = plan.map_or(1, |p| p.size() as usize);
+        let mut waits: Vec<Vec<Wait>> = vec![Vec::new(); children];
+        let mut seen = HashSet::new();
+        for (i, edge) in edges.iter().enumerate() {
+            let field = format!("depends_on[{i}]");
+            let id = Id::parse(&edge.job_id)
+                .map_err(|e| FieldError::new(format!("{field}.job_id"), e.to_string()))?
+                .to_string();
+            // Ids are made by the submit and a job can only name jobs that
+            // exist, so no cycle can be formed except by naming one twice.
+            if !seen.insert(id.clone()) {
+                return Err(FieldError::new(
+                    format!("{field}.job_id"),
+                    format!("job {id} is named twice: a job depends on a parent once"),
+                ));
+            }
+            let parent = self.find_parent(&ledger, queue_name, &id, &field).await?;
+            let on_finish = edge.on == On::Finish;
+            match (edge.frames, plan, parent.size) {
+                (Frames::All, _, _) | (Frames::Same, None, 0) => {
+                    for child in &mut waits {
+                        child.push(Wait {
+                            parent_id: id.clone(),
+                            index: None,
+                            on_finish,
+                        });
+                    }
+                }
+                (Frames::Same, Some(plan), size) if size > 0 => {
+                    let spec = parent.frames.as_deref().unwrap_or_default();
+                    let frames = parse_frames(spec, self.limits().max_frames.into())
+                        .map_err(|e| FieldError::new(format!("{field}.frames"), e))?;
+                    let parent_chunks: Vec<&[i64]> =
+                        frames.chunks(parent.chunk_size.max(1) as usize).collect();
+                    let child_chunks: Vec<&[i64]> = plan.chunks().collect();
+                    let map = map_same(&parent_chunks, &child_chunks).map_err(|e| {
+                        FieldError::new(
+                            format!("{field}.frames"),
+                            format!("`same`: {e} (parent {id} renders {spec})"),
+                        )
+                    })?;
+                    for (child, parents) in waits.iter_mut().zip(map) {
+                        child.extend(parents.into_iter().map(|index| Wait {
+                            parent_id: id.clone(),
+                            index: Some(index),
+                            on_finish,
+                        }));
+                    }
+                }
+                (Frames::Same, _, _) => {
+                    return Err(FieldError::new(
+                        format!("{field}.frames"),
+                        "`same` maps frames between two arrays; use `all` for a plain job",
+                    ));
+                }
+            }
+        }
+        Ok(Some(DependPlan { waits, ledger }))
+    }
+
+    /// The parent `id` as this queue's ledger knows it; refused, naming
+    /// the field, when it is unknown or on another queue.
+    async fn find_parent(
+        &self,
+        ledger: &Ledger,
+        queue_name: &str,
+        id: &str,
+        field: &str,
+    ) -> Result<Registered, FieldError> {
+        let unreadable = |e: crate::events::ledger::LedgerError| {
+            FieldError::new(format!("{field}.job_id"), e.to_string())
+        };
+        if let Some(found) = ledger.registered(id).await.map_err(unreadable)? {
+            return Ok(found);
+        }
+        for (name, other) in self.ledgers().iter() {
+            if name != queue_name
+                && matches!(other, Ledger::Local(_))
+                && other.registered(id).await.map_err(unreadable)?.is_some()
+            {
+                return Err(FieldError::new(
+                    format!("{field}.job_id"),
+                    format!(
+                        "job {id} is on queue `{name}`; a job depends only on jobs of its own \
+                         queue (`{queue_name}`)"
+                    ),
+                ));
+            }
+        }
+        Err(FieldError::new(
+            format!("{field}.job_id"),
+            format!("no job {id} on the queues this endpoint serves"),
+        ))
+    }
+}
+
+/// Holds a job's (or an array's) bodies in the ledger: returns, by child,
+/// whether it is to be sent now. Held ones are announced (`JobHeld`, with
+/// what they wait for); ones whose parent already failed are cancelled.
+pub(super) async fn hold(
+    depends: &DependPlan,
+    job_id: &str,
+    size: u32,
+    bodies: Vec<String>,
+    queue: &Queue,
+    observer: &Observer,
+    subject_of: impl Fn(&str) -> Subject,
+) -> Result<Vec<bool>, crate::events::ledger::LedgerError> {
+    let entries: Vec<ToHold> = bodies
+        .iter()
+        .zip(&depends.waits)
+        .enumerate()
+        .map(|(index, (body, waits))| ToHold {
+            index: index as u32,
+            body: body.clone(),
+            waits: waits.clone(),
+        })
+        .collect();
+    let fates = depends.ledger.hold(job_id, size, entries, false).await?;
+    let mut cancelled = Vec::new();
+    let mut send = Vec::with_capacity(fates.len());
+    for ((index, fate), body) in fates.into_iter().enumerate().zip(bodies) {
+        send.push(fate == Fate::Send);
+        match fate {
+            Fate::Send => {}
+            Fate::Held(_) => {
+                let reason = format!("waits for {}", describe(&depends.waits[index]));
+                observer.job_event(
+                    EventType::JobHeld,
+                    &subject_of(&body),
+                    json!({ "reason": reason }),
+                );
+            }
+            Fate::Cancelled(reason) => cancelled.push(Freed {
+                job_id: job_id.to_owned(),
+                index: index as u32,
+                size,
+                body,
+                by: reason.clone(),
+                cancelled: Some(reason),
+            }),
+        }
+    }
+    Releaser {
+        queue,
+        ledger: &depends.ledger,
+        observer,
+    }
+    .apply(cancelled)
+    .await;
+    Ok(send)
+}
+
+/// What a child waits for, for people: `parent P (children 1, 2)`.
+pub(crate) fn describe(waits: &[Wait]) -> String {
+    let mut parts: Vec<(String, Vec<u32>, bool)> = Vec::new();
+    for wait in waits {
+        match parts.iter_mut().find(|(p, _, _)| *p == wait.parent_id) {
+            Some((_, indexes, whole)) => {
+                indexes.extend(wait.index);
+                *whole |= wait.index.is_none();
+            }
+            None => parts.push((
+                wait.parent_id.clone(),
+                wait.index.into_iter().collect(),
+                wait.index.is_none(),
+            )),
+        }
+    }
+    parts
+        .into_iter()
+        .map(
+            |(parent, indexes, whole)| match (whole, indexes.as_slice()) {
+                (true, _) | (false, []) => format!("job {parent}"),
+                (false, indexes) => {
+                    let list: Vec<String> = indexes.iter().map(u32::to_string).collect();
+                    format!("job {parent} child {}", list.join(", "))
+                }
+            },
+        )
+        .collect::<Vec<_>>()
+        .join("; ")
+}

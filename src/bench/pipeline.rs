@@ -1,0 +1,138 @@
+//! `renderq bench --pipeline`: a no-op array (--jobs frames, default 1,000)
+//! and a `same` dependant array of the same frames, drained by two slots
+//! of one worker on the embedded queue. Measured: from a parent child's
+//! settle (its `JobSucceeded`, published right after its message was
+//! deleted) to its dependant's message being sent (its `JobReleased`,
+//! published right after the send), from the events' own times (whole
+//! milliseconds); and the ledger transactions a released child cost.
+//! SQS is not measured: the S3 ledger does not keep holds yet.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::{BenchArgs, CONFIG, no_op};
+use crate::api::submit::{SubmitRequest, Submitted};
+use crate::app::App;
+use crate::config::Config;
+use crate::job::depends::{DependsOn, Frames, On};
+use crate::worker::Outcome;
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let frames = args.jobs.unwrap_or(1_000);
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("workers.toml");
+    std::fs::write(
+        &config_path,
+        format!("{CONFIG}\n[events.targets.audit]\nkind = \"file\"\npath = \"events.jsonl\"\n"),
+    )?;
+    let app = App::build(Config::load(&config_path)?).await?;
+    let submitter = app.submitter();
+    let array = |depends_on| SubmitRequest {
+        frames: Some(format!("1-{frames}")),
+        depends_on,
+        ..no_op()
+    };
+    let Submitted::Array { job_id: parent, .. } = submitter.submit(array(Vec::new())).await? else {
+        anyhow::bail!("an array submit came back as a plain job");
+    };
+    let started = Instant::now();
+    let edge = DependsOn {
+        job_id: parent.clone(),
+        frames: Frames::Same,
+        on: On::Success,
+    };
+    let Submitted::Array { job_id: child, .. } = submitter.submit(array(vec![edge])).await? else {
+        anyhow::bail!("an array submit came back as a plain job");
+    };
+    println!(
+        "{frames}-frame `same` dependant held in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+
+    // Two slots drain both arrays.
+    let worker = Arc::new(app.worker());
+    let (never, stop) = (CancellationToken::new(), CancellationToken::new());
+    let started = Instant::now();
+    let mut slots = tokio::task::JoinSet::new();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..2 {
+        let (worker, never, stop, done) =
+            (worker.clone(), never.clone(), stop.clone(), done.clone());
+        slots.spawn(async move {
+            while !stop.is_cancelled() {
+                // Empty: dependants not released yet.
+                if let Outcome::Processed { .. } = worker.process_next(&stop, &never).await? {
+                    let ran = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    if ran == 2 * frames {
+                        // The other slot waits for a message: stop it.
+                        stop.cancel();
+                    }
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(slot) = slots.join_next().await {
+        slot??;
+    }
+    println!(
+        "{} jobs through 2 slots in {:.2?}",
+        2 * frames,
+        started.elapsed()
+    );
+    app.publisher.close(Duration::from_secs(10)).await;
+
+    let text = std::fs::read_to_string(dir.path().join("events.jsonl"))?;
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let time = |e: &Value| -> Option<DateTime<Utc>> { e["time"].as_str()?.parse().ok() };
+    let mut settled: HashMap<u64, DateTime<Utc>> = HashMap::new();
+    let mut released: HashMap<u64, (DateTime<Utc>, usize)> = HashMap::new();
+    for e in &events {
+        let index = e["array"]["index"].as_u64();
+        match (e["type"].as_str(), e["array"]["job_id"].as_str(), index) {
+            (Some("JobSucceeded"), Some(id), Some(i)) if id == parent => {
+                settled.insert(i, time(e).context("an event without a time")?);
+            }
+            (Some("JobReleased"), Some(id), Some(i)) if id == child => {
+                let entry = released
+                    .entry(i)
+                    .or_insert((time(e).context("an event without a time")?, 0));
+                entry.1 += 1;
+            }
+            _ => {}
+        }
+    }
+    anyhow::ensure!(
+        released.len() == frames && released.values().all(|(_, n)| *n == 1),
+        "{} of {frames} dependants released, some more than once",
+        released.len()
+    );
+    let mut latencies: Vec<i64> = released
+        .iter()
+        .filter_map(|(i, (at, _))| Some((*at - *settled.get(i)?).num_milliseconds()))
+        .collect();
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "parent child settled -> dependant's message sent, over {} children (whole ms): \
+         p50 {} ms, p99 {} ms, max {} ms",
+        latencies.len(),
+        pct(0.50),
+        pct(0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+    println!(
+        "ledger per released child (embedded): the parent child's record, one transaction \
+         spending its edges and claiming the dependant, one marking it sent"
+    );
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! Holds by hand: a `holds` row per job or array held, its messages
+//! parked in `held` (manual) until the release, and a cancel of what is
+//! held.
+
+use rusqlite::{TransactionBehavior, params};
+
+use super::{Freed, unsupported};
+use crate::events::ledger::{Ledger, LedgerError};
+
+impl Ledger {
+    /// Holds a job or an array by hand; true when this call recorded it.
+    /// Its held rows stay held even once their parents ended.
+    pub async fn hold_by_hand(&self, job_id: &str) -> Result<bool, LedgerError> {
+        let Ledger::Local(conn) = self else {
+            return Err(unsupported());
+        };
+        let job_id = job_id.to_owned();
+        Self::sql(conn, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let new = tx.execute(
+                "INSERT OR IGNORE INTO holds (job_id, at) VALUES (?1, ?2)",
+                params![job_id, crate::sqlite::now_s()],
+            )? == 1;
+            tx.execute("UPDATE held SET manual = 1 WHERE job_id = ?1", [&job_id])?;
+            tx.commit()?;
+            Ok(new)
+        })
+        .await
+    }
+
+    /// Moves a received job held by hand (`by`: the id held) into the
+    /// ledger; false when the hold was released meanwhile (the job goes
+    /// back to the queue).
+    pub async fn park(
+        &self,
+        by: &str,
+        job_id: &str,
+        size: u32,
+        index: u32,
+        body: String,
+    ) -> Result<bool, LedgerError> {
+        let Ledger::Local(conn) = self else {
+            return Ok(false);
+        };
+        let (by, job_id) = (by.to_owned(), job_id.to_owned());
+        Self::sql(conn, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !tx
+                .prepare_cached("SELECT 1 FROM holds WHERE job_id = ?1")?
+                .exists([&by])?
+            {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO held (job_id, idx, size, body, waits, manual, state, at)
+                 VALUES (?1, ?2, ?3, ?4, 0, 1, 'held', ?5)",
+                params![job_id, index, size, body, crate::sqlite::now_s()],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Which of `ids` (a message's job, array and message ids) is held by
+    /// hand, if any.
+    pub async fn held_by_hand(&self, ids: Vec<String>) -> Result<Option<String>, LedgerError> {
+        let Ledger::Local(conn) = self else {
+            return Ok(None);
+        };
+        Self::sql(conn, move |c| {
+            let mut found = None;
+            let mut query = c.prepare_cached("SELECT 1 FROM holds WHERE job_id = ?1")?;
+            for id in ids {
+                if query.exists([&id])? {
+                    found = Some(id);
+                    break;
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    /// Releases a hold by hand: the rows that wait for nothing else are
+    /// freed (to send); `None` when the job was not held by hand.
+    pub async fn release_by_hand(&self, job_id: &str) -> Result<Option<Vec<Freed>>, LedgerError> {
+        let Ledger::Local(conn) = self else {
+            return Err(unsupported());
+        };
+        let job_id = job_id.to_owned();
+        Self::sql(conn, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if tx.execute("DELETE FROM holds WHERE job_id = ?1", [&job_id])? == 0 {
+                return Ok(None);
+            }
+            tx.execute("UPDATE held SET manual = 0 WHERE job_id = ?1", [&job_id])?;
+            let freed = tx
+                .prepare_cached(
+                    "UPDATE held SET state = 'releasing', by = 'hand', at = ?2
+                     WHERE job_id = ?1 AND state = 'held' AND waits = 0
+                     RETURNING job_id, idx, size, body",
+                )?
+                .query_map(params![job_id, crate::sqlite::now_s()], |r| {
+                    Ok(Freed {
+                        job_id: r.get(0)?,
+                        index: r.get(1)?,
+                        size: r.get(2)?,
+                        body: r.get(3)?,
+                        by: "hand".into(),
+                        cancelled: None,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(Some(freed))
+        })
+        .await
+    }
+
+    /// Cancels a job's held rows (a cancel by hand): they are freed as
+    /// cancelled, with `reason`.
+    pub async fn cancel_held(&self, job_id: &str, reason: &str) -> Result<Vec<Freed>, LedgerError> {
+        let Ledger::Local(conn) = self else {
+            return Ok(Vec::new());
+        };
+        let (job_id, reason) = (job_id.to_owned(), reason.to_owned());
+        Self::sql(conn, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("DELETE FROM waits WHERE job_id = ?1", [&job_id])?;
+            let freed = tx
+                .prepare_cached(
+                    "UPDATE held SET state = 'cancelling', by = ?2, at = ?3
+                     WHERE job_id = ?1 AND state = 'held'
+                     RETURNING job_id, idx, size, body",
+                )?
+                .query_map(params![job_id, reason, crate::sqlite::now_s()], |r| {
+                    Ok(Freed {
+                        job_id: r.get(0)?,
+                        index: r.get(1)?,
+                        size: r.get(2)?,
+                        body: r.get(3)?,
+                        by: reason.clone(),
+                        cancelled: Some(reason.clone()),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(freed)
+        })
+        .await
+    }
+}
