@@ -17,6 +17,7 @@ use crate::events::publish::Publisher;
 use crate::job::event::{Event, EventType, JobRef, Notification};
 use crate::job::inputs::Staged;
 use crate::job::output::Thumbnail;
+use crate::job::usage::Usage;
 
 /// How one try of a job ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +156,21 @@ impl Observer {
 
     /// The one report of how a try ended.
     pub fn ended(&self, subject: &Subject, end: &JobEnd) {
+        self.ended_with(subject, end, None);
+    }
+
+    /// How a try that ran ended, with what it used (`usage` in its end
+    /// event, SPEC §13).
+    pub fn ended_with(&self, subject: &Subject, end: &JobEnd, usage: Option<&Usage>) {
+        if let Some(usage) = usage {
+            self.metrics.run_used(&subject.job.command, usage);
+        }
+        let with_usage = |mut detail: Value| {
+            if let Some(usage) = usage {
+                detail["usage"] = usage.to_json();
+            }
+            detail
+        };
         let (outcome, duration) = match end {
             JobEnd::Succeeded { duration, .. } => ("succeeded", Some(*duration)),
             JobEnd::WillRetry { .. } => ("will_retry", None),
@@ -180,8 +196,10 @@ impl Observer {
                 self.publish(
                     EventType::JobSucceeded,
                     subject,
-                    json!({"duration_ms": duration.as_millis() as u64, "outputs": outputs,
+                    with_usage(
+                        json!({"duration_ms": duration.as_millis() as u64, "outputs": outputs,
                            "thumbnails": names, "thumbnail_frames": frames}),
+                    ),
                 );
             }
             JobEnd::WillRetry { reason, delay } => {
@@ -189,7 +207,7 @@ impl Observer {
                 self.publish(
                     EventType::JobFailed,
                     subject,
-                    json!({"reason": reason, "will_retry": true, "retry_in_ms": delay.as_millis() as u64}),
+                    with_usage(json!({"reason": reason, "will_retry": true, "retry_in_ms": delay.as_millis() as u64})),
                 );
             }
             JobEnd::DeadLettered { reason, ran } => {
@@ -198,7 +216,7 @@ impl Observer {
                     self.publish(
                         EventType::JobFailed,
                         subject,
-                        json!({"reason": reason, "will_retry": false}),
+                        with_usage(json!({"reason": reason, "will_retry": false})),
                     );
                 } else {
                     error!(%reason, "Job cannot run, moving to the dead-letter queue.");
@@ -211,11 +229,15 @@ impl Observer {
             }
             JobEnd::Requeued { reason } => {
                 info!(%reason, "Job interrupted, returning to queue.");
-                self.publish(EventType::JobRequeued, subject, json!({"reason": reason}));
+                self.publish(
+                    EventType::JobRequeued,
+                    subject,
+                    with_usage(json!({"reason": reason})),
+                );
             }
             JobEnd::Cancelled => {
                 info!("Job cancelled, removing from queue.");
-                self.publish(EventType::JobCancelled, subject, json!({}));
+                self.publish(EventType::JobCancelled, subject, with_usage(json!({})));
             }
         }
     }

@@ -92,6 +92,12 @@ const COLUMNS: &[(&str, &str, &str)] = &[
     ("arrays", "ended_ms", "INTEGER"),
     // When a stopping worker will be gone: its stop's deadline.
     ("workers", "gone_at", "INTEGER"),
+    // What a job's tries used: the last one's `usage` (JSON), and the cost
+    // of all of them; an array's, summed over its children's tries.
+    ("jobs", "usage", "TEXT"),
+    ("jobs", "cost_usd", "REAL"),
+    ("arrays", "cost_usd", "REAL"),
+    ("arrays", "wall_s", "REAL"),
 ];
 
 /// Every list the monitor sorts or filters, and the prune, has its index
@@ -139,6 +145,12 @@ pub struct JobStatus {
     pub progress: Option<f64>,
     pub outputs: Vec<String>,
     pub reason: Option<String>,
+    /// Its last try's `usage` (SPEC §13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<serde_json::Value>,
+    /// What its tries cost, with `[fleet] price`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
 }
 
 /// An array's status, counted from its children.
@@ -154,6 +166,12 @@ pub struct ArrayStatus {
     pub running: u32,
     /// `ArrayJobCompleted` was seen.
     pub completed: bool,
+    /// What its children's tries cost, with `[fleet] price`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// Its children's tries' wall time, summed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_s: Option<f64>,
 }
 
 /// A job or an array, as `renderq status` shows it.
@@ -182,19 +200,44 @@ impl std::fmt::Display for Status {
                 for output in &job.outputs {
                     write!(f, "\toutput={output}")?;
                 }
+                if let Some(usage) = &job.usage {
+                    for (key, value) in usage.as_object().into_iter().flatten() {
+                        if key != "cost_usd" {
+                            write!(
+                                f,
+                                "\t{key}={}",
+                                value
+                                    .as_str()
+                                    .map_or_else(|| value.to_string(), str::to_owned)
+                            )?;
+                        }
+                    }
+                }
+                if let Some(cost) = job.cost_usd {
+                    write!(f, "\tcost_usd={cost:.6}")?;
+                }
                 Ok(())
             }
-            Status::Array(array) => write!(
-                f,
-                "array {}\tsize={}\tsucceeded={}\tdead_lettered={}\tcancelled={}\trunning={}\tcompleted={}",
-                array.job_id,
-                array.size,
-                array.succeeded,
-                array.dead_lettered,
-                array.cancelled,
-                array.running,
-                array.completed
-            ),
+            Status::Array(array) => {
+                write!(
+                    f,
+                    "array {}\tsize={}\tsucceeded={}\tdead_lettered={}\tcancelled={}\trunning={}\tcompleted={}",
+                    array.job_id,
+                    array.size,
+                    array.succeeded,
+                    array.dead_lettered,
+                    array.cancelled,
+                    array.running,
+                    array.completed
+                )?;
+                if let Some(wall) = array.wall_s {
+                    write!(f, "\twall_s={wall:.3}")?;
+                }
+                if let Some(cost) = array.cost_usd {
+                    write!(f, "\tcost_usd={cost:.6}")?;
+                }
+                Ok(())
+            }
         }
     }
 }

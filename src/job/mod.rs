@@ -14,6 +14,7 @@ pub mod inputs;
 pub mod manifest;
 pub mod output;
 pub mod params;
+pub mod usage;
 
 pub use output::{Body, Output};
 

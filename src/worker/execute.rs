@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::{JobError, Worker};
+use crate::commands::usage::UsageCell;
 use crate::commands::{CommandError, Progress, ProgressSink, RunContext};
 use crate::events::ledger::thumbnail_name;
 use crate::events::observe::Subject;
@@ -89,9 +90,9 @@ impl Worker {
         &self,
         delivery: &Delivery,
         subject: &Subject,
-        abort: &CancellationToken,
-        progress_cell: &Arc<Mutex<Option<f64>>>,
+        (abort, progress_cell): (&CancellationToken, &Arc<Mutex<Option<f64>>>),
         gpu: Option<u32>,
+        usage: &UsageCell,
     ) -> Result<Ran, JobError> {
         let envelope = delivery
             .envelope
@@ -138,6 +139,7 @@ impl Worker {
             frames: frames.clone(),
             gpu,
             workdir,
+            usage: usage.clone(),
         };
         let outputs = job
             .command

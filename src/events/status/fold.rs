@@ -298,6 +298,7 @@ pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Resu
         }
     }
     times(tx, event, rank, array_id)?;
+    used(tx, event, array_id)?;
     if event.kind == EventType::JobProgress
         && let Some(percent) = event.detail["percent"].as_f64()
     {
@@ -328,6 +329,33 @@ pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Resu
         )?;
     }
     Ok(Applied::New)
+}
+
+/// A try's `usage`: the job keeps the last one and adds up the costs, its
+/// array adds up its children's wall time and costs (each event once: its
+/// id was seen above).
+fn used(tx: &rusqlite::Transaction, event: &Event, array_id: Option<&str>) -> rusqlite::Result<()> {
+    let (Some(job), Some(usage)) = (&event.job, event.detail.get("usage")) else {
+        return Ok(());
+    };
+    let cost = usage["cost_usd"].as_f64();
+    exec(
+        tx,
+        "UPDATE jobs SET usage = ?2,
+            cost_usd = CASE WHEN ?3 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?3 END
+         WHERE job_id = ?1",
+        params![job.job_id, usage.to_string(), cost],
+    )?;
+    if let Some(array) = array_id {
+        exec(
+            tx,
+            "UPDATE arrays SET wall_s = COALESCE(wall_s, 0) + ?2,
+                cost_usd = CASE WHEN ?3 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?3 END
+             WHERE job_id = ?1",
+            params![array, usage["wall_s"].as_f64().unwrap_or(0.0), cost],
+        )?;
+    }
+    Ok(())
 }
 
 /// A job's first start and last end (and its array's first start), from

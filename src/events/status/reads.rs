@@ -12,7 +12,8 @@ impl StatusTable {
         let array = conn
             .query_row(
                 "SELECT job_id, command, size, completed, n_succeeded, n_dead_lettered,
-                        n_cancelled, n_submitted + n_running + n_failed + n_requeued
+                        n_cancelled, n_submitted + n_running + n_failed + n_requeued,
+                        cost_usd, wall_s
                  FROM arrays WHERE job_id = ?1",
                 [id],
                 |row| {
@@ -25,6 +26,8 @@ impl StatusTable {
                         dead_lettered: row.get(5)?,
                         cancelled: row.get(6)?,
                         running: row.get(7)?,
+                        cost_usd: row.get(8)?,
+                        wall_s: row.get(9)?,
                     })
                 },
             )
@@ -34,10 +37,12 @@ impl StatusTable {
             return Ok(Some(Status::Array(array)));
         }
         conn.query_row(
-            "SELECT job_id, message_id, command, state, attempt, progress, outputs, reason
+            "SELECT job_id, message_id, command, state, attempt, progress, outputs, reason,
+                    usage, cost_usd
              FROM jobs WHERE job_id = ?1
              UNION ALL
-             SELECT job_id, message_id, command, state, attempt, progress, outputs, reason
+             SELECT job_id, message_id, command, state, attempt, progress, outputs, reason,
+                    usage, cost_usd
              FROM jobs WHERE message_id = ?1 LIMIT 1",
             [id],
             |row| {
@@ -51,6 +56,10 @@ impl StatusTable {
                     progress: row.get(5)?,
                     outputs: serde_json::from_str(&outputs).unwrap_or_default(),
                     reason: row.get(7)?,
+                    usage: row
+                        .get::<_, Option<String>>(8)?
+                        .and_then(|text| serde_json::from_str(&text).ok()),
+                    cost_usd: row.get(9)?,
                 }))
             },
         )
