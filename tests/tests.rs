@@ -54,3 +54,4 @@ mod storm;
 mod thumbnails;
 mod untrusted_inputs;
 mod uploads;
+mod usage;

@@ -51,6 +51,10 @@ pub struct SubmitRequest {
     /// Objects placed in the job's working folder before it runs.
     #[serde(default)]
     pub inputs: Vec<InputSpec>,
+    /// `{"usd": 25}`: an array stops starting children once its tries
+    /// cost this much.
+    #[serde(default)]
+    pub budget: Option<crate::job::usage::Budget>,
 }
 
 /// What a submit queued.
@@ -259,6 +263,19 @@ impl Submitter {
         let mut envelope = Envelope::new(request.command, request.parameters, request.tasks);
         envelope.notifications = notifications;
         envelope.inputs = request.inputs;
+        if let Some(budget) = request.budget {
+            budget
+                .check()
+                .map_err(|e| FieldError::new("budget.usd", e))?;
+            if request.frames.is_none() {
+                return Err(FieldError::new(
+                    "budget",
+                    "a budget stops an array's children: it needs `frames`",
+                )
+                .into());
+            }
+            envelope.budget = Some(budget);
+        }
 
         let Some(spec) = request.frames else {
             let bytes = envelope.to_body().len();

@@ -15,18 +15,34 @@ use std::sync::{Arc, Mutex};
 
 use crate::job::usage::ProcessUsage;
 
-/// Where a command leaves what its program used, for the worker to put in
-/// the job's end event; empty for built-ins.
+/// Where a command leaves what its program used, and the worker how long
+/// the command ran, for the job's end event; no program usage for
+/// built-ins.
 #[derive(Debug, Clone, Default)]
-pub struct UsageCell(Arc<Mutex<Option<ProcessUsage>>>);
+pub struct UsageCell(Arc<Mutex<Measured>>);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Measured {
+    process: Option<ProcessUsage>,
+    wall: Option<std::time::Duration>,
+}
 
 impl UsageCell {
     pub fn set(&self, usage: ProcessUsage) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(usage);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).process = Some(usage);
     }
 
     pub fn get(&self) -> Option<ProcessUsage> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).process
+    }
+
+    /// The command ran for `wall` (its start to its end).
+    pub fn ran_for(&self, wall: std::time::Duration) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).wall = Some(wall);
+    }
+
+    pub fn wall(&self) -> Option<std::time::Duration> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).wall
     }
 }
 

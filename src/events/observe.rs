@@ -154,6 +154,33 @@ impl Observer {
         self.publish(EventType::ArrayJobCompleted, &array, json!(counts));
     }
 
+    /// An array's tries reached its budget (announced by exactly one
+    /// worker): its children not started yet are cancelled.
+    pub fn budget_reached(&self, child: &Subject, array_id: &str, budget_usd: f64, cost_usd: f64) {
+        warn!(
+            array_id,
+            budget_usd,
+            cost_usd,
+            "Array reached its budget: its children not started yet are cancelled."
+        );
+        let array = Subject {
+            job: JobRef {
+                job_id: array_id.to_owned(),
+                message_id: String::new(),
+                attempt: 0,
+                array: None,
+                ..child.job.clone()
+            },
+            notifications: child.notifications.clone(),
+        };
+        self.publish(
+            EventType::BudgetReached,
+            &array,
+            json!({"budget_usd": budget_usd, "cost_usd": cost_usd,
+                   "reason": format!("budget of ${budget_usd} reached")}),
+        );
+    }
+
     /// The one report of how a try ended.
     pub fn ended(&self, subject: &Subject, end: &JobEnd) {
         self.ended_with(subject, end, None);

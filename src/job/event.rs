@@ -25,13 +25,14 @@ pub enum EventType {
     TaskSucceeded,
     TaskFailed,
     ArrayJobCompleted,
+    BudgetReached,
     WorkerStarted,
     WorkerStopping,
     WorkerInterrupted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 14] = [
+    pub const ALL: [EventType; 15] = [
         EventType::JobSubmitted,
         EventType::JobStarted,
         EventType::JobProgress,
@@ -43,6 +44,7 @@ impl EventType {
         EventType::TaskSucceeded,
         EventType::TaskFailed,
         EventType::ArrayJobCompleted,
+        EventType::BudgetReached,
         EventType::WorkerStarted,
         EventType::WorkerStopping,
         EventType::WorkerInterrupted,
@@ -61,6 +63,7 @@ impl EventType {
             EventType::TaskSucceeded => "TaskSucceeded",
             EventType::TaskFailed => "TaskFailed",
             EventType::ArrayJobCompleted => "ArrayJobCompleted",
+            EventType::BudgetReached => "BudgetReached",
             EventType::WorkerStarted => "WorkerStarted",
             EventType::WorkerStopping => "WorkerStopping",
             EventType::WorkerInterrupted => "WorkerInterrupted",

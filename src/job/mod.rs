@@ -73,6 +73,10 @@ pub struct Envelope {
     /// Objects placed in the job's working folder before it runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<InputSpec>,
+    /// An array's budget: once its children's tries cost this much, its
+    /// unstarted children are not started (SPEC §13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<usage::Budget>,
 }
 
 /// A child's place in its array job (SPEC §7).
@@ -119,6 +123,7 @@ impl Envelope {
             array: None,
             notifications: Vec::new(),
             inputs: Vec::new(),
+            budget: None,
         }
     }
 

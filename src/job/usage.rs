@@ -131,6 +131,27 @@ impl Usage {
     }
 }
 
+/// `"budget": {"usd": 25}` on a submit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub usd: f64,
+}
+
+impl Budget {
+    /// Why it cannot be a budget, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if self.usd.is_finite() && self.usd >= 0.0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} is not a budget: must be 0 or more dollars",
+                self.usd
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -141,17 +141,16 @@ impl Worker {
             workdir,
             usage: usage.clone(),
         };
-        let outputs = job
-            .command
-            .run(&job.parameters, &ctx)
-            .await
-            .map_err(|e| match e {
-                CommandError::Cancelled => JobError::Interrupted,
-                CommandError::OutOfTurn(reason) => JobError::HandedBack(reason),
-                CommandError::Failed(reason) => {
-                    JobError::Retryable(format!("command {} failed: {reason}", job.command.name))
-                }
-            })?;
+        let command_started = Instant::now();
+        let outputs = job.command.run(&job.parameters, &ctx).await;
+        usage.ran_for(command_started.elapsed());
+        let outputs = outputs.map_err(|e| match e {
+            CommandError::Cancelled => JobError::Interrupted,
+            CommandError::OutOfTurn(reason) => JobError::HandedBack(reason),
+            CommandError::Failed(reason) => {
+                JobError::Retryable(format!("command {} failed: {reason}", job.command.name))
+            }
+        })?;
         info!(
             outputs = outputs.len(),
             "Executed command: {}.", job.command.name

@@ -458,8 +458,10 @@ impl Worker {
             ran
         };
         let ran_for = started.elapsed();
+        // The command's own time: what it held the slot for (staging
+        // aside); the receive's when it never ran.
         let usage = self.meter.usage(
-            ran_for,
+            used.wall().unwrap_or(ran_for),
             used.get(),
             gpu_sampler.and_then(usage::GpuSampler::finish),
         );
@@ -526,6 +528,7 @@ impl Worker {
                 self.observer
                     .ended_with(&job.subject, end, Some(&job.usage));
             }
+            self.charge(&job.delivery, &job.subject, &job.usage).await;
             // Claimed is claimed: announced even if the settle failed.
             if let Some(done) = completion {
                 self.observer

@@ -15,8 +15,11 @@ use std::time::Duration;
 
 use tracing::warn;
 
+use super::Worker;
 use crate::config::{ImdsSetting, Prices};
+use crate::events::observe::Subject;
 use crate::job::usage::{GpuUsage, Instance, ProcessUsage, Usage};
+use crate::worker::delivery::Delivery;
 
 /// Between two samples of a slot's GPU.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -140,6 +143,43 @@ impl GpuSampler {
             mean_utilization: totals.utilization / f64::from(totals.samples),
             samples: totals.samples,
         })
+    }
+}
+
+impl Worker {
+    /// Adds a try's cost to its array's in the ledger, when the array has
+    /// a budget. The one try (of every worker's) that reaches it cancels
+    /// the array, so that its children not started yet never are (a
+    /// running one is stopped as any cancelled job), and publishes
+    /// `BudgetReached`.
+    pub(super) async fn charge(&self, delivery: &Delivery, subject: &Subject, usage: &Usage) {
+        let Ok(envelope) = &delivery.envelope else {
+            return;
+        };
+        let (Some(array), Some(budget), Some(cost)) =
+            (&envelope.array, envelope.budget, usage.cost_usd)
+        else {
+            return;
+        };
+        let Some(ledger) = &self.source(delivery).ledger else {
+            return;
+        };
+        match ledger.add_cost(&array.job_id, cost, budget.usd).await {
+            Ok((spent, true)) => {
+                match crate::job::id::Id::parse(&array.job_id) {
+                    Ok(id) => {
+                        if let Err(error) = ledger.cancel(&id).await {
+                            tracing::error!(%error, "cannot cancel the array that reached its budget");
+                        }
+                    }
+                    Err(error) => warn!(%error, "an array id that is no id: not cancelled"),
+                }
+                self.observer
+                    .budget_reached(subject, &array.job_id, budget.usd, spent);
+            }
+            Ok(_) => {}
+            Err(error) => warn!(%error, "cannot add the try's cost to its array's"),
+        }
     }
 }
 
