@@ -96,6 +96,39 @@ async fn a_process_and_a_child_it_forks_are_measured() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adaptor_run_is_measured_on_its_own() {
+    let adaptor = format!(
+        r#"
+[commands.hog]
+kind = "adaptor"
+program = "{}"
+[commands.hog.parameters]
+mb = {{ type = "integer", min = 1 }}
+seconds = {{ type = "number", min = 0 }}
+"#,
+        repo_path("tests/fixtures/usage_adaptor.py")
+    );
+    let mut settings = settings("slots = 1", &adaptor);
+    settings.extra_allowed.push("hog");
+    let farm = Farm::new(Backend::Local, settings).await;
+    let _serve = farm.serve(&[]).await;
+    let mut peaks = Vec::new();
+    // One process runs both: the second run's peak is its own, not the
+    // first's.
+    for (mb, seconds) in [(300, 1.0), (50, 0.0)] {
+        let id = farm
+            .submit(json!({"command": "hog", "parameters": {"mb": mb, "seconds": seconds}}))
+            .await;
+        let usage = succeeded(&farm, &id).await["detail"]["usage"].clone();
+        let cpu = usage["cpu_s"].as_f64().unwrap_or(-1.0);
+        assert!(cpu >= seconds * 0.9 && cpu < seconds + 0.5, "{usage}");
+        peaks.push(usage["peak_rss_bytes"].as_f64().unwrap_or(0.0) / MIB);
+    }
+    assert!((270.0..=330.0).contains(&peaks[0]), "{peaks:?}");
+    assert!(peaks[1] >= 50.0 && peaks[1] < 120.0, "{peaks:?}");
+}
+
 /// A fake `nvidia-smi` with one GPU using 7 GiB at 80 %; its queries hang
 /// while `FAKE_GPU=hang`. Returns `PATH` with it first.
 fn fake_gpu(farm: &Farm) -> String {
@@ -162,15 +195,11 @@ async fn the_slots_gpu_memory_is_in_the_event_and_a_hanging_nvidia_smi_delays_no
 }
 
 /// The IMDS stand-in's g5.xlarge at $3.06/h on demand, shared by 2 slots.
-async fn priced_farm(imds: &FakeImds, more: &str) -> Farm {
-    Farm::new(
-        Backend::Local,
-        settings(
-            &format!("slots = 2\nimds = \"{}\"", imds.url()),
-            &format!("[fleet.price]\n\"g5.xlarge\" = {{ on_demand = 3.06, spot = 1.0 }}\n{more}"),
-        ),
+fn priced_settings(imds: &FakeImds) -> Settings {
+    settings(
+        &format!("slots = 2\nimds = \"{}\"", imds.url()),
+        "[fleet.price]\n\"g5.xlarge\" = { on_demand = 3.06, spot = 1.0 }\n",
     )
-    .await
 }
 
 /// `name=value` of a `renderq status` line.
@@ -183,7 +212,7 @@ fn field(line: &str, name: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ten_second_job_on_half_a_306_instance_costs_000425_and_an_array_sums() {
     let imds = FakeImds::start().await;
-    let farm = priced_farm(&imds, "").await;
+    let farm = Farm::new(Backend::Local, priced_settings(&imds)).await;
     let _serve = farm.serve(&[]).await;
     let id = farm
         .submit(json!({"command": "nap", "parameters": {"seconds": 10}}))
@@ -263,10 +292,23 @@ fn a_bad_price_is_a_config_error_naming_its_key() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_budget_stops_an_array_within_one_child_and_is_reached_once() {
+scenarios!(a_budget_stops_an_array_within_one_child_and_is_reached_once);
+
+async fn a_budget_stops_an_array_within_one_child_and_is_reached_once(backend: Backend) {
     let imds = FakeImds::start().await;
-    let farm = priced_farm(&imds, "").await;
+    let farm = Farm::new(
+        backend,
+        Settings {
+            // On SQS a heartbeat a second: running children learn of the
+            // cancel within one.
+            visibility_timeout: match backend {
+                Backend::Local => "30s",
+                Backend::Sqs => "3s",
+            },
+            ..priced_settings(&imds)
+        },
+    )
+    .await;
     let _serve = farm.serve(&[]).await;
     let reply = farm
         .rpc(

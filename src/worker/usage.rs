@@ -168,8 +168,11 @@ impl Worker {
             Ok((spent, true)) => {
                 match crate::job::id::Id::parse(&array.job_id) {
                     Ok(id) => {
-                        if let Err(error) = ledger.cancel(&id).await {
-                            tracing::error!(%error, "cannot cancel the array that reached its budget");
+                        match (ledger.cancel(&id).await, &self.source(delivery).cancels) {
+                            // This worker's own slots stop at once.
+                            (Ok(_), Some(cancels)) => cancels.refresh_now().await,
+                            (Ok(_), None) => {}
+                            (Err(error), _) => tracing::error!(%error, "cannot cancel the array that reached its budget"),
                         }
                     }
                     Err(error) => warn!(%error, "an array id that is no id: not cancelled"),
