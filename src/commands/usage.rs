@@ -134,17 +134,24 @@ pub struct RunMeter {
 
 impl RunMeter {
     /// Reads the process's counters and resets its peak; `None` when its
-    /// `/proc` entry cannot be read (it is gone).
+    /// `/proc` entry cannot be read (it is gone). Its resident size is read
+    /// only where the reset is refused (one read fewer a run).
     pub fn start(pid: u32) -> Option<Self> {
         let proc = std::path::Path::new("/proc").join(pid.to_string());
         let cpu_s = cpu_seconds(&std::fs::read_to_string(proc.join("stat")).ok()?)?;
-        let status = std::fs::read_to_string(proc.join("status")).ok()?;
         // "5" resets the peak resident set size (proc(5)).
         let reset = std::fs::write(proc.join("clear_refs"), "5").is_ok();
+        let rss_bytes = match reset {
+            true => 0,
+            false => {
+                let status = std::fs::read_to_string(proc.join("status")).ok()?;
+                status_bytes(&status, "VmRSS").unwrap_or(0)
+            }
+        };
         Some(Self {
             pid,
             cpu_s,
-            rss_bytes: status_bytes(&status, "VmRSS").unwrap_or(0),
+            rss_bytes,
             reset,
         })
     }
