@@ -39,9 +39,8 @@ async fn spawn_true(with_usage: bool) -> anyhow::Result<()> {
 fn cpu_used() -> Duration {
     use nix::sys::resource::{UsageWho, getrusage};
     let usage = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage of this process");
-    let time = |t: nix::sys::time::TimeVal| {
-        Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000)
-    };
+    let time =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
     time(usage.user_time()) + time(usage.system_time())
 }
 

@@ -172,7 +172,9 @@ impl Worker {
                             // This worker's own slots stop at once.
                             (Ok(_), Some(cancels)) => cancels.refresh_now().await,
                             (Ok(_), None) => {}
-                            (Err(error), _) => tracing::error!(%error, "cannot cancel the array that reached its budget"),
+                            (Err(error), _) => {
+                                tracing::error!(%error, "cannot cancel the array that reached its budget")
+                            }
                         }
                     }
                     Err(error) => warn!(%error, "an array id that is no id: not cancelled"),
