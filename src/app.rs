@@ -142,6 +142,8 @@ impl App {
             Observer::new(self.publisher.clone(), self.metrics.clone()),
             self.gpus.clone(),
         )
+        // Checked when the config was loaded.
+        .priced(self.config.fleet.prices().unwrap_or_default())
     }
 
     /// Runs the JSON-RPC endpoint and a worker until `shutdown`.

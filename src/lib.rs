@@ -25,10 +25,11 @@
 //!   job and message ids in their one spelling
 //!   ([`job::id`]), inputs and the Deadline Cloud manifests they may name
 //!   ([`job::manifest`]), a job's name, owner and metadata
-//!   ([`job::label`]), lifecycle events ([`job::event`]) and a
-//!   command's result ([`job::output`]). Pure.
+//!   ([`job::label`]), lifecycle events ([`job::event`]), a command's
+//!   result ([`job::output`]) and what a try used and cost
+//!   ([`job::usage`]). Pure.
 //! - [`config`]: `workers.toml` types, defaults and checks (file, line, key
-//!   in every error).
+//!   in every error), `[fleet] price` checked into [`config::Prices`].
 //! - [`queue`]: the queue interface with SQS semantics, an enum over the
 //!   backends: `local` (embedded, SQLite in WAL mode, shared by processes on
 //!   one machine; concurrent sends committed together) and `sqs`
@@ -44,7 +45,9 @@
 //! - [`commands`]: built-ins (including the `render_demo` ray tracer),
 //!   `process` programs run per job in their own process group, and
 //!   `adaptor` programs kept running across jobs (JSON lines protocol in
-//!   which every answer names its run); and
+//!   which every answer names its run); [`commands::usage`], what a
+//!   program used (its exit's rusage read before it is reaped, an
+//!   adaptor's run by `/proc`); and
 //!   the [`commands::catalog`], what a job may ask for: the one validator
 //!   used by both the submit half and the worker. It builds every command
 //!   once; its errors are located in the file by [`config::Config::locate`].
@@ -55,13 +58,14 @@
 //! - [`events`]: publishing lifecycle events through bounded buffers, the
 //!   one observer of a job's end, `/metrics`, the job-status table (its
 //!   fold, reads and prune; arrays keep their children's counts by state)
-//!   and `events watch`, and the ledger (reported tries, cancelled jobs and
-//!   array children's final states: SQLite beside the embedded queue, S3
-//!   conditional writes for SQS) that makes exactly one
-//!   `ArrayJobCompleted` (per revision), keeps what a re-render of an
-//!   array needs from its submit, and keeps held jobs (dependants waiting
-//!   for their parents, jobs held by hand) with their messages ready to
-//!   send (embedded queues only, for now). The ledger and the status table are pruned after
+//!   and `events watch`, and the ledger (reported tries, cancelled jobs,
+//!   array children's final states and budgeted arrays' costs: SQLite
+//!   beside the embedded queue, S3 conditional writes for SQS) that makes
+//!   exactly one `ArrayJobCompleted` (per revision) and one
+//!   `BudgetReached`, keeps what a re-render of an array needs from its
+//!   submit, and keeps held jobs (dependants waiting for their parents,
+//!   jobs held by hand) with their messages ready to send (embedded
+//!   queues only, for now). The ledger and the status table are pruned after
 //!   `queue_manager.retention`.
 //! - [`worker`]: the listen half: a step function plus slot loops,
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
@@ -74,6 +78,9 @@
 //!   `worker::sweep` counts the jobs the redrive policy dead-lettered;
 //!   `worker::release` sends (or cancels) the dependants a job's end
 //!   freed, and sweeps what a dead worker freed and never sent;
+//!   `worker::usage` puts a try's usage together (the slot's GPU sampled,
+//!   the instance from IMDS, the price) and adds an array's costs to its
+//!   budget;
 //!   a [`worker::delivery`] is a received message with its envelope
 //!   parsed once).
 //! - [`api`]: the submit half: the HTTP router (auth, JSON bodies only,
@@ -233,6 +240,14 @@
 //!   under `RLIMIT_AS`, `RLIMIT_CPU` and a wall-clock bound, after its
 //!   header was checked against a pixel budget; a refusal, a crash or a
 //!   timeout is a missing thumbnail and one warning.
+//! - Measuring a try never fails or delays its job: what cannot be read
+//!   (a built-in's CPU, a GPU whose `nvidia-smi` fails or hangs) is left
+//!   out of its `usage`, each `nvidia-smi` query is bounded and killed
+//!   when the run ends, and a failing GPU query warns once per worker.
+//! - Of all workers adding a budgeted array's costs, exactly one publishes
+//!   its `BudgetReached` and cancels it: the write that takes the sum to
+//!   the budget claims it (one transaction; on S3 one conditional write
+//!   of the array's cost object).
 //! - The monitor changes nothing without a POST carrying the CSRF token of
 //!   its cookie (and, with a token configured, the sign-in cookie).
 //! - The Python client's `attach` uploads an object only when the bucket

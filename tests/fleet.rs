@@ -93,6 +93,15 @@ impl FakeImds {
                     }
                 }),
             )
+            // For usage and cost: a g5.xlarge bought on demand.
+            .route(
+                "/latest/meta-data/instance-type",
+                get(|| async { "g5.xlarge" }),
+            )
+            .route(
+                "/latest/meta-data/instance-life-cycle",
+                get(|| async { "on-demand" }),
+            )
             .route(
                 "/latest/meta-data/spot/instance-action",
                 get(move |h: HeaderMap| {

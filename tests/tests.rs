@@ -59,3 +59,4 @@ mod storm;
 mod thumbnails;
 mod untrusted_inputs;
 mod uploads;
+mod usage;

@@ -66,6 +66,10 @@ pub struct SubmitRequest {
     /// Jobs this one waits for (SPEC §12): held in the ledger until then.
     #[serde(default)]
     pub depends_on: Vec<DependsOn>,
+    /// `{"usd": 25}`: an array stops starting children once its tries
+    /// cost this much.
+    #[serde(default)]
+    pub budget: Option<crate::job::usage::Budget>,
 }
 
 /// What a submit queued.
@@ -306,6 +310,19 @@ impl Submitter {
         envelope.notifications = notifications;
         envelope.inputs = request.inputs;
         envelope.label = label;
+        if let Some(budget) = request.budget {
+            budget
+                .check()
+                .map_err(|e| FieldError::new("budget.usd", e))?;
+            if request.frames.is_none() {
+                return Err(FieldError::new(
+                    "budget",
+                    "a budget stops an array's children: it needs `frames`",
+                )
+                .into());
+            }
+            envelope.budget = Some(budget);
+        }
 
         let Some(spec) = request.frames else {
             let bytes = envelope.to_body().len();

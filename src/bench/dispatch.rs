@@ -26,6 +26,7 @@ async fn rate(
         frames: Vec::new(),
         gpu: None,
         workdir: None,
+        usage: Default::default(),
     };
     // One warm-up run starts what has to be started (the adaptor).
     command.run(&params, &ctx).await?;

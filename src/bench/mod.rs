@@ -26,6 +26,7 @@ mod sqs;
 pub mod thumbs;
 mod ui;
 mod uploads;
+mod usage;
 
 use crate::api::submit::SubmitRequest;
 use crate::worker::Outcome;
@@ -112,12 +113,17 @@ pub struct BenchArgs {
     /// the S3-compatible server at this endpoint.
     #[arg(long, value_name = "URL")]
     pub ledger: Option<String>,
+    /// Instead: what measuring a try's usage adds to a job (a `process`
+    /// command's rusage, an adaptor run's `/proc` reads, pricing) over
+    /// --jobs jobs [default: 2000].
+    #[arg(long)]
+    pub usage: bool,
+    /// With --inputs: files in the cold manifest (0: no manifest run).
     /// Instead: a no-op array (--jobs frames, default 1000) and a `same`
     /// dependant array on 2 slots: from a parent child's settle to its
     /// dependant's message sent (embedded queue).
     #[arg(long)]
     pub pipeline: bool,
-    /// With --inputs: files in the cold manifest (0: no manifest run).
     #[arg(long, default_value_t = 10_000)]
     pub files: usize,
     /// With --uploads or --inputs: the file's size.
@@ -159,6 +165,7 @@ fn no_op() -> SubmitRequest {
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.sqs_endpoint {
         _ if args.dispatch => dispatch::run(args).await,
+        _ if args.usage => usage::run(args).await,
         _ if args.cancel => cancel::run(args).await,
         _ if args.ui => ui::run(args).await,
         _ if args.thumbnails => thumbs::run().await,

@@ -496,6 +496,7 @@ async fn run_once(
         frames: Vec::new(),
         gpu: None,
         workdir: None,
+        usage: Default::default(),
     };
     let outputs = command.run(&params, &ctx).await;
     command.stop().await;

@@ -11,6 +11,7 @@ mod builtin;
 pub mod catalog;
 mod process;
 mod render_demo;
+pub mod usage;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -188,6 +189,8 @@ pub struct RunContext {
     /// The job's working folder, already made (with its inputs staged);
     /// `None`: the command makes one if it needs one.
     pub workdir: Option<Arc<crate::workspace::TempFolder>>,
+    /// Where an external program's CPU time and peak memory are left.
+    pub usage: usage::UsageCell,
 }
 
 /// A child's process group; signals reach everything the child started.

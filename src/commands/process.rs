@@ -14,7 +14,10 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 use super::argv::{ArgTemplate, ArgVars};
-use super::{CommandError, Output, ProcessGroup, Progress, RunContext, program, workdir};
+use futures_util::FutureExt;
+use futures_util::future::FusedFuture;
+
+use super::{CommandError, Output, ProcessGroup, Progress, RunContext, program, usage, workdir};
 use crate::workspace::Workspace;
 
 /// Most standard output kept as a result; more fails the job.
@@ -178,21 +181,39 @@ impl ProcessCommand {
         ));
         let stderr = tokio::spawn(read_tail(stderr));
 
+        // Read before the child is reaped, so it is the group's whole
+        // usage (see `usage`); `fuse`: awaited again after a cancel.
+        let pid = child.id();
+        let mut exited = tokio::task::spawn_blocking(move || pid.map(usage::wait_exited)).fuse();
+        let note = |got: Result<Option<std::io::Result<_>>, _>| {
+            if let Ok(Some(Ok(used))) = got {
+                ctx.usage.set(used);
+            }
+        };
         let ended = tokio::select! {
-            status = child.wait() => Ok(status),
+            got = &mut exited => {
+                note(got);
+                Ok(child.wait().await)
+            }
             _ = tokio::time::sleep(self.timeout) => Err(CommandError::Failed(format!(
                 "timed out after {}", humantime::format_duration(self.timeout)
             ))),
             _ = ctx.cancel.cancelled() => {
                 group.signal(nix::sys::signal::Signal::SIGTERM);
-                if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
-                    group.kill();
+                match tokio::time::timeout(KILL_GRACE, &mut exited).await {
+                    Ok(got) => note(got),
+                    Err(_) => group.kill(),
                 }
                 Err(CommandError::Cancelled)
             }
         };
         // Whatever happened, nothing the program started may outlive it.
         group.kill();
+        if !exited.is_terminated()
+            && let Ok(got) = tokio::time::timeout(KILL_GRACE, &mut exited).await
+        {
+            note(got);
+        }
         let _ = child.wait().await;
         let stderr_tail = stderr.await.unwrap_or_default();
         let Stdout {

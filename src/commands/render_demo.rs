@@ -382,6 +382,7 @@ mod tests {
             frames: Vec::new(),
             gpu: None,
             workdir: None,
+            usage: Default::default(),
         };
         let out = run(&params, &ctx).await.unwrap();
         assert_eq!(out.len(), 1);

@@ -19,12 +19,14 @@ use serde::Deserialize;
 
 mod bytes;
 mod events;
+mod fleet;
 mod locate;
 mod sections;
 mod web;
 mod worker;
 
 pub use events::*;
+pub use fleet::*;
 use locate::{key_at, line_of, span_of_key, unknown_field_at};
 pub use sections::*;
 pub use web::*;
@@ -65,6 +67,9 @@ pub struct Config {
     /// `GET /metrics` for a process that runs no endpoint (`worker`).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// What the machines cost (`[fleet] price`).
+    #[serde(default)]
+    pub fleet: FleetConfig,
     /// The folder of the config file: relative paths start here, and
     /// `{config_dir}` in command arguments stands for it.
     #[serde(skip)]
@@ -274,6 +279,7 @@ impl Config {
         }
         self.server.check()?;
         self.metrics.check()?;
+        self.fleet.prices()?;
         w.thumbnails.check()?;
         if self.events.buffer == 0 {
             return Err(Invalid::new("events.buffer", "must be at least 1"));

@@ -17,6 +17,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 mod arrays;
 mod cancels;
+mod costs;
 mod holds;
 mod revisions;
 mod thumbnails;
@@ -112,6 +113,12 @@ CREATE TABLE IF NOT EXISTS completed (
     array_id TEXT PRIMARY KEY,
     at       INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS array_costs (
+    array_id TEXT PRIMARY KEY,
+    usd      REAL NOT NULL DEFAULT 0,
+    reached  INTEGER NOT NULL DEFAULT 0,
+    at       INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS cancelled (
     seq    INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL UNIQUE,
@@ -180,6 +187,60 @@ impl Ledger {
                 if matches!(
                     e.code(),
                     Some("PreconditionFailed" | "ConditionalRequestConflict")
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
+        }
+    }
+
+    /// A JSON object and its ETag; `(None, None)` when there is none.
+    async fn read_json<T: serde::de::DeserializeOwned>(
+        client: &aws_sdk_s3::Client,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(Option<T>, Option<String>), LedgerError> {
+        let object = match client.get_object().bucket(bucket).key(key).send().await {
+            Ok(object) => object,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                return Ok((None, None));
+            }
+            Err(e) => return Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
+        };
+        let etag = object.e_tag().map(str::to_owned);
+        let body = object.body.collect().await.map_err(failed)?.into_bytes();
+        let value =
+            serde_json::from_slice(&body).map_err(|e| LedgerError(format!("{key}: {e}")))?;
+        Ok((Some(value), etag))
+    }
+
+    /// Writes a JSON object if it is still the one read (`etag`; `None`:
+    /// if there is none yet). False when another writer changed it first.
+    async fn write_json_if<T: serde::Serialize>(
+        client: &aws_sdk_s3::Client,
+        bucket: &str,
+        key: &str,
+        value: &T,
+        etag: Option<String>,
+    ) -> Result<bool, LedgerError> {
+        let body = serde_json::to_vec(value).map_err(failed)?;
+        let put = client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type("application/json")
+            .body(body.into());
+        let put = match etag {
+            Some(etag) => put.if_match(etag),
+            None => put.if_none_match("*"),
+        };
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("PreconditionFailed" | "ConditionalRequestConflict" | "NoSuchKey")
                 ) =>
             {
                 Ok(false)
@@ -272,6 +333,7 @@ impl Ledger {
                     deleted += tx.execute("DELETE FROM cancelled WHERE at < ?1", [cutoff])?;
                     deleted += revisions::prune(&tx, cutoff)?;
                     deleted += holds::prune(&tx, cutoff)?;
+                    deleted += tx.execute("DELETE FROM array_costs WHERE at < ?1", [cutoff])?;
                     deleted += tx.execute(
                         "DELETE FROM completed WHERE at < ?1
                          AND array_id NOT IN (SELECT array_id FROM children)",

@@ -115,6 +115,8 @@ pub struct Metrics {
     cache_files: Family<Labels, Counter>,
     input_bytes: Family<Labels, Counter>,
     cache_size: Gauge,
+    run_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    cost_usd: Family<Labels, Counter<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -161,6 +163,8 @@ impl Metrics {
             cache_files: Family::default(),
             input_bytes: Family::default(),
             cache_size: Gauge::default(),
+            run_seconds: Family::new_with_constructor(seconds_histogram),
+            cost_usd: Family::default(),
             registry: Registry::default(),
         };
         registry.register("jobs", "Jobs by how their try ended", metrics.jobs.clone());
@@ -236,6 +240,16 @@ impl Metrics {
             "GPU memory in use",
             metrics.gpu_memory_used.clone(),
         );
+        registry.register(
+            "run_seconds",
+            "Wall time of a job's tries (receive to the command's end), by command",
+            metrics.run_seconds.clone(),
+        );
+        registry.register(
+            "cost_usd",
+            "What tries cost at [fleet] price, by command",
+            metrics.cost_usd.clone(),
+        );
         if let Some(catalog) = catalog {
             registry.register_collector(Box::new(AdaptorStarts(catalog)));
         }
@@ -258,6 +272,17 @@ impl Metrics {
         self.jobs.get_or_create(&label("outcome", outcome)).inc();
         if let Some(duration) = duration {
             self.job_duration.observe(duration.as_secs_f64());
+        }
+    }
+
+    /// What a try of `command` used (and cost).
+    pub fn run_used(&self, command: &str, usage: &crate::job::usage::Usage) {
+        let command = label("command", command);
+        self.run_seconds
+            .get_or_create(&command)
+            .observe(usage.wall_s);
+        if let Some(cost) = usage.cost_usd {
+            self.cost_usd.get_or_create(&command).inc_by(cost);
         }
     }
 

@@ -17,6 +17,7 @@ use crate::events::publish::Publisher;
 use crate::job::event::{Event, EventType, JobRef, Notification};
 use crate::job::inputs::Staged;
 use crate::job::output::Thumbnail;
+use crate::job::usage::Usage;
 
 /// How one try of a job ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -162,8 +163,50 @@ impl Observer {
         self.publish(EventType::ArrayJobCompleted, &array, json!(counts));
     }
 
+    /// An array's tries reached its budget (announced by exactly one
+    /// worker): its children not started yet are cancelled.
+    pub fn budget_reached(&self, child: &Subject, array_id: &str, budget_usd: f64, cost_usd: f64) {
+        warn!(
+            array_id,
+            budget_usd,
+            cost_usd,
+            "Array reached its budget: its children not started yet are cancelled."
+        );
+        let array = Subject {
+            job: JobRef {
+                job_id: array_id.to_owned(),
+                message_id: String::new(),
+                attempt: 0,
+                array: None,
+                ..child.job.clone()
+            },
+            notifications: child.notifications.clone(),
+        };
+        self.publish(
+            EventType::BudgetReached,
+            &array,
+            json!({"budget_usd": budget_usd, "cost_usd": cost_usd,
+                   "reason": format!("budget of ${budget_usd} reached")}),
+        );
+    }
+
     /// The one report of how a try ended.
     pub fn ended(&self, subject: &Subject, end: &JobEnd) {
+        self.ended_with(subject, end, None);
+    }
+
+    /// How a try that ran ended, with what it used (`usage` in its end
+    /// event, SPEC §13).
+    pub fn ended_with(&self, subject: &Subject, end: &JobEnd, usage: Option<&Usage>) {
+        if let Some(usage) = usage {
+            self.metrics.run_used(&subject.job.command, usage);
+        }
+        let with_usage = |mut detail: Value| {
+            if let Some(usage) = usage {
+                detail["usage"] = usage.to_json();
+            }
+            detail
+        };
         let (outcome, duration) = match end {
             JobEnd::Succeeded { duration, .. } => ("succeeded", Some(*duration)),
             JobEnd::WillRetry { .. } => ("will_retry", None),
@@ -190,8 +233,10 @@ impl Observer {
                 self.publish(
                     EventType::JobSucceeded,
                     subject,
-                    json!({"duration_ms": duration.as_millis() as u64, "outputs": outputs,
+                    with_usage(
+                        json!({"duration_ms": duration.as_millis() as u64, "outputs": outputs,
                            "thumbnails": names, "thumbnail_frames": frames}),
+                    ),
                 );
             }
             JobEnd::WillRetry { reason, delay } => {
@@ -199,7 +244,7 @@ impl Observer {
                 self.publish(
                     EventType::JobFailed,
                     subject,
-                    json!({"reason": reason, "will_retry": true, "retry_in_ms": delay.as_millis() as u64}),
+                    with_usage(json!({"reason": reason, "will_retry": true, "retry_in_ms": delay.as_millis() as u64})),
                 );
             }
             JobEnd::DeadLettered { reason, ran } => {
@@ -208,7 +253,7 @@ impl Observer {
                     self.publish(
                         EventType::JobFailed,
                         subject,
-                        json!({"reason": reason, "will_retry": false}),
+                        with_usage(json!({"reason": reason, "will_retry": false})),
                     );
                 } else {
                     error!(%reason, "Job cannot run, moving to the dead-letter queue.");
@@ -221,11 +266,15 @@ impl Observer {
             }
             JobEnd::Requeued { reason } => {
                 info!(%reason, "Job interrupted, returning to queue.");
-                self.publish(EventType::JobRequeued, subject, json!({"reason": reason}));
+                self.publish(
+                    EventType::JobRequeued,
+                    subject,
+                    with_usage(json!({"reason": reason})),
+                );
             }
             JobEnd::Cancelled => {
                 info!("Job cancelled, removing from queue.");
-                self.publish(EventType::JobCancelled, subject, json!({}));
+                self.publish(EventType::JobCancelled, subject, with_usage(json!({})));
             }
             JobEnd::Held { by } => {
                 info!(%by, "Job held, moved from the queue to the ledger.");

@@ -118,6 +118,12 @@ const COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "superseded", "INTEGER NOT NULL DEFAULT 0"),
     ("arrays", "revision", "INTEGER NOT NULL DEFAULT 1"),
     ("arrays", "completed_revision", "INTEGER NOT NULL DEFAULT 0"),
+    // What a job's tries used: the last one's `usage` (JSON), and the cost
+    // of all of them; an array's, summed over its children's tries.
+    ("jobs", "usage", "TEXT"),
+    ("jobs", "cost_usd", "REAL"),
+    ("arrays", "cost_usd", "REAL"),
+    ("arrays", "wall_s", "REAL"),
 ];
 
 /// Every list the monitor sorts or filters, and the prune, has its index
@@ -180,6 +186,12 @@ pub struct JobStatus {
     /// A re-render child's frames.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub frames: Vec<i64>,
+    /// Its last try's `usage` (SPEC §13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<serde_json::Value>,
+    /// What its tries cost, with `[fleet] price`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
 }
 
 fn first_revision() -> u32 {
@@ -204,6 +216,12 @@ pub struct ArrayStatus {
     /// Its newest revision (1 until a re-render).
     #[serde(default = "first_revision")]
     pub revision: u32,
+    /// What its children's tries cost, with `[fleet] price`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// Its children's tries' wall time, summed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_s: Option<f64>,
 }
 
 /// A job or an array, as `renderq status` shows it.
@@ -239,6 +257,22 @@ impl std::fmt::Display for Status {
                 for output in &job.outputs {
                     write!(f, "\toutput={output}")?;
                 }
+                if let Some(usage) = &job.usage {
+                    for (key, value) in usage.as_object().into_iter().flatten() {
+                        if key != "cost_usd" {
+                            write!(
+                                f,
+                                "\t{key}={}",
+                                value
+                                    .as_str()
+                                    .map_or_else(|| value.to_string(), str::to_owned)
+                            )?;
+                        }
+                    }
+                }
+                if let Some(cost) = job.cost_usd {
+                    write!(f, "\tcost_usd={cost:.6}")?;
+                }
                 Ok(())
             }
             Status::Array(array) => {
@@ -256,6 +290,12 @@ impl std::fmt::Display for Status {
                 write_label(f, &array.job_id, &array.label)?;
                 if array.revision > 1 {
                     write!(f, "\trevision={}", array.revision)?;
+                }
+                if let Some(wall) = array.wall_s {
+                    write!(f, "\twall_s={wall:.3}")?;
+                }
+                if let Some(cost) = array.cost_usd {
+                    write!(f, "\tcost_usd={cost:.6}")?;
                 }
                 Ok(())
             }

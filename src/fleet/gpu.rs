@@ -68,16 +68,47 @@ pub struct Sample {
 
 /// Reads every GPU's utilization and memory in use.
 pub async fn utilization() -> Result<Vec<Sample>, String> {
-    let out = tokio::process::Command::new("nvidia-smi")
+    query(&[]).await
+}
+
+/// Reads the utilization and memory in use of the GPUs `ids` (every GPU
+/// when empty: `nvidia-smi -i`). Dropping the future kills the query, so
+/// a caller bounds a hanging `nvidia-smi` with a timeout.
+pub async fn query(ids: &[u32]) -> Result<Vec<Sample>, String> {
+    let mut command = tokio::process::Command::new("nvidia-smi");
+    command
         .args([
             "--query-gpu=index,utilization.gpu,memory.used",
             "--format=csv,noheader,nounits",
         ])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if !ids.is_empty() {
+        let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+        command.args(["-i", &list.join(",")]);
+    }
+    let out = command
         .output()
         .await
         .map_err(|e| format!("cannot run nvidia-smi: {e}"))?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    if !out.status.success() {
+        return Err(format!(
+            "nvidia-smi failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let samples = parse_samples(&String::from_utf8_lossy(&out.stdout))?;
+    Ok(samples
+        .into_iter()
+        .filter(|s| ids.is_empty() || ids.contains(&s.index))
+        .collect())
+}
+
+/// Parses `nvidia-smi --query-gpu=index,utilization.gpu,memory.used
+/// --format=csv,noheader,nounits`.
+fn parse_samples(csv: &str) -> Result<Vec<Sample>, String> {
+    csv.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|line| {
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
@@ -152,6 +183,10 @@ mod tests {
             (1, "GPU-bbbb", 23034)
         );
         assert!(parse("garbage").is_err());
+        let samples = parse_samples("0, 37, 7168\n1, 0, 0\n").unwrap();
+        assert_eq!(samples[0].memory_used_bytes, 7 << 30);
+        assert!((samples[0].utilization - 0.37).abs() < 1e-9);
+        assert!(parse_samples("0, 37").is_err());
     }
 
     #[test]

@@ -93,6 +93,34 @@ pub async fn instance_id(setting: &ImdsSetting) -> Option<String> {
         .map(|id| id.as_ref().to_owned())
 }
 
+/// This instance's type and lifecycle (spot or on-demand), for the
+/// `usage` of job events; empty off EC2 (with `auto`) or when IMDS does
+/// not answer.
+pub async fn instance(setting: &ImdsSetting) -> crate::job::usage::Instance {
+    let mut instance = crate::job::usage::Instance::default();
+    if *setting == ImdsSetting::Auto && !on_ec2() {
+        return instance;
+    }
+    let Some(client) = client(setting) else {
+        return instance;
+    };
+    let read = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .get(path)
+                .await
+                .ok()
+                .map(|text| text.as_ref().trim().to_owned())
+        }
+    };
+    instance.instance_type = read("/latest/meta-data/instance-type").await;
+    instance.lifecycle = read("/latest/meta-data/instance-life-cycle")
+        .await
+        .and_then(|text| text.parse().ok());
+    instance
+}
+
 /// How long a notice leaves the worker.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadlines {

@@ -29,13 +29,14 @@ pub enum EventType {
     TaskSucceeded,
     TaskFailed,
     ArrayJobCompleted,
+    BudgetReached,
     WorkerStarted,
     WorkerStopping,
     WorkerInterrupted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 16] = [
+    pub const ALL: [EventType; 17] = [
         EventType::JobSubmitted,
         EventType::JobStarted,
         EventType::JobProgress,
@@ -49,6 +50,7 @@ impl EventType {
         EventType::TaskSucceeded,
         EventType::TaskFailed,
         EventType::ArrayJobCompleted,
+        EventType::BudgetReached,
         EventType::WorkerStarted,
         EventType::WorkerStopping,
         EventType::WorkerInterrupted,
@@ -69,6 +71,7 @@ impl EventType {
             EventType::TaskSucceeded => "TaskSucceeded",
             EventType::TaskFailed => "TaskFailed",
             EventType::ArrayJobCompleted => "ArrayJobCompleted",
+            EventType::BudgetReached => "BudgetReached",
             EventType::WorkerStarted => "WorkerStarted",
             EventType::WorkerStopping => "WorkerStopping",
             EventType::WorkerInterrupted => "WorkerInterrupted",

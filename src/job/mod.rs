@@ -16,6 +16,7 @@ pub mod label;
 pub mod manifest;
 pub mod output;
 pub mod params;
+pub mod usage;
 
 pub use output::{Body, Output};
 
@@ -78,6 +79,10 @@ pub struct Envelope {
     /// Its name, owner and metadata, for people.
     #[serde(flatten)]
     pub label: Label,
+    /// An array's budget: once its children's tries cost this much, its
+    /// unstarted children are not started (SPEC §13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<usage::Budget>,
 }
 
 /// A child's place in its array job (SPEC §7).
@@ -167,6 +172,7 @@ impl Envelope {
             notifications: Vec::new(),
             inputs: Vec::new(),
             label: Label::default(),
+            budget: None,
         }
     }
 

@@ -144,7 +144,7 @@ fn cell(cell: &Cell, pick: bool) -> Markup {
                 @if let (Some(frame), true) = (cell.frame, pick) {
                     input type="checkbox" name="frame" value=(frame) title="select for Re-render";
                 }
-                a class=(format!("cell {state}")) href=(format!("/ui/jobs/{}", child.job_id)) data-state=(state) data-frame=[cell.frame] data-revision=(child.revision.max(1)) {
+                a class=(format!("cell {state}")) href=(format!("/ui/jobs/{}", child.job_id)) data-state=(state) data-frame=[cell.frame] data-revision=(child.revision.max(1)) title=[child.usage_line()] {
                     (label) " " (state)
                     @if child.revision > 1 { " r" (child.revision) }
                     @if let Some(name) = cell.thumbnail { (thumbnail(&child.queue, name)) }
@@ -184,6 +184,8 @@ pub fn array(array: &ArrayRow, layout: &Layout, cells: &[Cell], csrf: Csrf) -> M
                 " · children succeeded " span id="succeeded" { (array.counts.of("succeeded")) }
                 " · dead-lettered " (array.counts.of("dead_lettered"))
                 " · cancelled " (array.counts.of("cancelled"))
+                @if let Some(wall) = array.wall_s { " · run time " span id="wall" { (format!("{wall:.1} s")) } }
+                @if let Some(cost) = array.cost_usd { " · cost " span id="cost" { (format!("${cost:.4}")) } }
                 " · " @if array.completed { "completed" } @else { "in progress" }
                 " " @if !array.completed { (cancel_button(csrf, &array.job_id)) }
             }
@@ -363,6 +365,56 @@ mod tests {
             "{html}"
         );
         assert!(html.contains("<td>running</td>"), "{html}");
+    }
+
+    /// A child's usage is its cell's tooltip; the array's page sums the
+    /// cost and run time of its children's tries.
+    #[tokio::test]
+    async fn an_arrays_page_totals_its_cost_and_each_cell_shows_its_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.sqlite3");
+        let table = StatusTable::open(&path).unwrap();
+        let array = "6f2a3d8e-0000-4000-8000-0000000c0575";
+        let events: Vec<Event> = (0..2u32)
+            .map(|index| {
+                let usage = json!({"wall_s": 10.0, "cpu_s": 2.5, "peak_rss_bytes": 1u64 << 30,
+                                   "cost_usd": 0.00425});
+                Event::new(
+                    EventType::JobSucceeded,
+                    Some(JobRef {
+                        job_id: uuid::Uuid::new_v4().to_string(),
+                        message_id: uuid::Uuid::new_v4().to_string(),
+                        queue: "q".into(),
+                        command: "render_demo".into(),
+                        attempt: 1,
+                        array: Some(ArrayRef {
+                            job_id: array.into(),
+                            index,
+                            size: 2,
+                            revision: None,
+                            frames: vec![],
+                        }),
+                        label: Default::default(),
+                    }),
+                    json!({"outputs": [], "usage": usage}),
+                )
+            })
+            .collect();
+        table.apply_all(&events).unwrap();
+        let router = crate::ui::Ui::new(
+            Some(&path),
+            Default::default(),
+            Default::default(),
+            None,
+            None,
+        )
+        .router();
+        let (status, html) = get(&router, &format!("/ui/jobs/{array}")).await;
+        assert!(status.is_success(), "{status}");
+        assert!(html.contains(r#"<span id="cost">$0.0085</span>"#), "{html}");
+        assert!(html.contains(r#"<span id="wall">20.0 s</span>"#), "{html}");
+        let tooltip = "title=\"wall 10.0 s · CPU 2.5 s · peak RSS 1.00 GiB · $0.00425\"";
+        assert_eq!(html.matches(tooltip).count(), 2, "{html}");
     }
 
     #[test]

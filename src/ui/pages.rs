@@ -169,6 +169,7 @@ pub fn job(job: &JobRow, csrf: Csrf) -> Markup {
                 tr { th { "attempt" } td { (job.attempt) } }
                 tr { th { "progress" } td { (progress(job)) } }
                 @if let Some(reason) = &job.reason { tr { th { "reason" } td.reason { (reason) } } }
+                @if let Some(usage) = job.usage_line() { tr { th { "usage" } td.usage { (usage) } } }
                 @if let Some(array) = &job.array_id {
                     tr { th { "array" } td { a href=(format!("/ui/jobs/{array}")) { (array) } " child " (job.array_index.unwrap_or(0)) } }
                 }

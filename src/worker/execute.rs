@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::{JobError, Worker};
+use crate::commands::usage::UsageCell;
 use crate::commands::{CommandError, Progress, ProgressSink, RunContext};
 use crate::events::ledger::thumbnail_name;
 use crate::events::observe::Subject;
@@ -89,9 +90,9 @@ impl Worker {
         &self,
         delivery: &Delivery,
         subject: &Subject,
-        abort: &CancellationToken,
-        progress_cell: &Arc<Mutex<Option<f64>>>,
+        (abort, progress_cell): (&CancellationToken, &Arc<Mutex<Option<f64>>>),
         gpu: Option<u32>,
+        usage: &UsageCell,
     ) -> Result<Ran, JobError> {
         let envelope = delivery
             .envelope
@@ -138,18 +139,18 @@ impl Worker {
             frames: frames.clone(),
             gpu,
             workdir,
+            usage: usage.clone(),
         };
-        let outputs = job
-            .command
-            .run(&job.parameters, &ctx)
-            .await
-            .map_err(|e| match e {
-                CommandError::Cancelled => JobError::Interrupted,
-                CommandError::OutOfTurn(reason) => JobError::HandedBack(reason),
-                CommandError::Failed(reason) => {
-                    JobError::Retryable(format!("command {} failed: {reason}", job.command.name))
-                }
-            })?;
+        let command_started = Instant::now();
+        let outputs = job.command.run(&job.parameters, &ctx).await;
+        usage.ran_for(command_started.elapsed());
+        let outputs = outputs.map_err(|e| match e {
+            CommandError::Cancelled => JobError::Interrupted,
+            CommandError::OutOfTurn(reason) => JobError::HandedBack(reason),
+            CommandError::Failed(reason) => {
+                JobError::Retryable(format!("command {} failed: {reason}", job.command.name))
+            }
+        })?;
         info!(
             outputs = outputs.len(),
             "Executed command: {}.", job.command.name

@@ -51,6 +51,7 @@ mod settle;
 mod staging;
 mod sweep;
 pub mod thumbs;
+mod usage;
 
 /// Waits between receives while the queue cannot be reached.
 /// What a cancelled job needs before the deadline: a process's kill grace
@@ -84,6 +85,8 @@ struct Finishing<'a> {
     heartbeat: Heartbeat,
     /// How long the job took up to its tasks.
     ran_for: Duration,
+    /// What its try used, up to its tasks.
+    usage: crate::job::usage::Usage,
     /// The command's result, or why there is none.
     ran: Result<Ran, JobError>,
     span: tracing::Span,
@@ -166,6 +169,8 @@ pub struct Worker {
     /// when the renderq binary cannot be found (no thumbnails, one warning
     /// at start).
     thumbnailer: Option<thumbs::Thumbnailer>,
+    /// Prices and describes each try (its `usage`).
+    meter: Arc<usage::Meter>,
 }
 
 impl Worker {
@@ -200,10 +205,12 @@ impl Worker {
             config.visibility_timeout,
             observer.clone(),
         );
+        let slots = config.slots.unwrap_or(gpus.len().max(1));
         Self {
             sources,
             intake,
-            slots: config.slots.unwrap_or(gpus.len().max(1)),
+            slots,
+            meter: Arc::new(usage::Meter::new(Default::default(), slots)),
             gpus,
             catalog,
             tasks,
@@ -216,6 +223,12 @@ impl Worker {
         }
     }
 
+    /// Prices each try at `prices` (`[fleet] price`), shared by the slots.
+    pub fn priced(mut self, prices: crate::config::Prices) -> Self {
+        self.meter = Arc::new(usage::Meter::new(prices, self.slots));
+        self
+    }
+
     /// Runs `slots` loops of [`Self::process_next`] until a stop is
     /// requested; then drains to the stop's deadline: jobs that cannot
     /// finish in time are handed back early (see [`crate::fleet::drain`]), and
@@ -223,6 +236,8 @@ impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let (meter, imds) = (self.meter.clone(), self.config.imds.clone());
+        tokio::spawn(async move { meter.learn_instance(&imds).await });
         for slot in 0..self.slots {
             let (worker, stop, abort) = (self.clone(), shutdown.token().clone(), abort.clone());
             tracker.spawn(
@@ -405,6 +420,8 @@ impl Worker {
             self.observer.clone(),
             (&cancel, &cancelled),
         );
+        let used = crate::commands::usage::UsageCell::default();
+        let gpu_sampler = self.meter.sample_gpu(gpu);
         let ran = async {
             info!("Received job from queue.");
             if self.is_cancelled(&delivery).await {
@@ -426,7 +443,13 @@ impl Worker {
             // `cancel`).
             tokio::time::timeout_at(
                 started + self.config.max_runtime,
-                self.run_command(&delivery, &subject, &cancel, &registered.progress, gpu),
+                self.run_command(
+                    &delivery,
+                    &subject,
+                    (&cancel, &registered.progress),
+                    gpu,
+                    &used,
+                ),
             )
             .await
             .unwrap_or_else(|_| Err(self.over_max_runtime()))
@@ -442,14 +465,23 @@ impl Worker {
         } else {
             ran
         };
+        let ran_for = started.elapsed();
+        // The command's own time: what it held the slot for (staging
+        // aside); the receive's when it never ran.
+        let usage = self.meter.usage(
+            used.wall().unwrap_or(ran_for),
+            used.get(),
+            gpu_sampler.and_then(usage::GpuSampler::finish),
+        );
         Ok(Some(Finishing {
+            usage,
             delivery,
             subject,
             cancel,
             cancelled,
             _registered: registered,
             heartbeat,
-            ran_for: started.elapsed(),
+            ran_for,
             ran,
             span,
         }))
@@ -502,8 +534,10 @@ impl Worker {
             };
             self.observer.metrics().busy(-1);
             if let Ok(end) = &end {
-                self.observer.ended(&job.subject, end);
+                self.observer
+                    .ended_with(&job.subject, end, Some(&job.usage));
             }
+            self.charge(&job.delivery, &job.subject, &job.usage).await;
             // Claimed is claimed: announced even if the settle failed.
             if let Some(done) = completion {
                 self.observer

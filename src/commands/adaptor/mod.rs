@@ -45,6 +45,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
+use super::usage::RunMeter;
 use super::{CommandError, Output, ProcessGroup, Progress, RunContext, program, workdir};
 use crate::workspace::Workspace;
 use process::{AdaptorProcess, Broken, GRACE};
@@ -185,6 +186,7 @@ impl AdaptorCommand {
             self.idle.lock().expect("adaptor pool lock").push(process);
             return Err(CommandError::Cancelled);
         }
+        let meter = process.pid().and_then(RunMeter::start);
         let id = RunId(self.runs.fetch_add(1, Ordering::Relaxed) + 1);
         let run = json!({"type": "run", "id": id.to_string(), "job_id": ctx.job_id,
                          "parameters": params, "frames": ctx.frames, "workdir": workdir.path()});
@@ -210,6 +212,9 @@ impl AdaptorCommand {
                 return Err(CommandError::Cancelled);
             }
         };
+        if let Some(used) = meter.as_ref().and_then(RunMeter::finish) {
+            ctx.usage.set(used);
+        }
         let answer = match answered {
             Ok(answer) => answer,
             Err(broken) => {

@@ -75,6 +75,11 @@ impl AdaptorProcess {
         }
     }
 
+    /// Its process id, while it runs.
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub(super) async fn send(&mut self, message: &Value) -> Result<(), Broken> {
         let mut line = serde_json::to_vec(message).expect("a JSON value always serializes");
         line.push(b'\n');

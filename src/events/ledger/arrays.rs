@@ -20,10 +20,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_s3::error::ProvideErrorMetadata;
 use rusqlite::{OptionalExtension, params};
 
-use super::{Ledger, LedgerError, failed};
+use super::{Ledger, LedgerError};
 use crate::job::ArrayPart;
 use crate::retry::Backoff;
 
@@ -216,10 +215,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Writes that may race one settle (another writer changed the state
 /// between its read and its write) before it gives up.
-const RACES: u32 = 100;
+pub(super) const RACES: u32 = 100;
 /// The wait after a lost race, doubling: short, since the winner's write is
 /// already done.
-const RACE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
+pub(super) const RACE_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
 
 impl Ledger {
     /// Records a child's final state. When that makes every child final
@@ -450,17 +450,10 @@ impl Ledger {
             unreachable!("only the S3 ledger keeps state objects")
         };
         let key = state_key(prefix, array_id);
-        let object = match client.get_object().bucket(bucket).key(&key).send().await {
-            Ok(object) => object,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                return Ok((None, None));
-            }
-            Err(e) => return Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
+        let (state, etag) = Self::read_json::<ArrayState>(client, bucket, &key).await?;
+        let Some(state) = state else {
+            return Ok((None, None));
         };
-        let etag = object.e_tag().map(str::to_owned);
-        let body = object.body.collect().await.map_err(failed)?.into_bytes();
-        let state: ArrayState =
-            serde_json::from_slice(&body).map_err(|e| LedgerError(format!("{key}: {e}")))?;
         if state.children.len() != state.size as usize {
             return Err(LedgerError(format!(
                 "{key}: {} children for an array of {}",
@@ -488,30 +481,7 @@ impl Ledger {
         else {
             unreachable!("only the S3 ledger keeps state objects")
         };
-        let key = state_key(prefix, array_id);
-        let body = serde_json::to_vec(state).map_err(failed)?;
-        let put = client
-            .put_object()
-            .bucket(bucket)
-            .key(&key)
-            .content_type("application/json")
-            .body(body.into());
-        let put = match etag {
-            Some(etag) => put.if_match(etag),
-            None => put.if_none_match("*"),
-        };
-        match put.send().await {
-            Ok(_) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.code(),
-                    Some("PreconditionFailed" | "ConditionalRequestConflict" | "NoSuchKey")
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
-        }
+        Self::write_json_if(client, bucket, &state_key(prefix, array_id), state, etag).await
     }
 }
 

@@ -328,6 +328,7 @@ pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Resu
         }
     }
     times(tx, event, rank, array_id)?;
+    used(tx, event, array_id)?;
     if event.kind == EventType::JobProgress
         && let Some(percent) = event.detail["percent"].as_f64()
     {
@@ -344,20 +345,57 @@ pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Resu
             Value::Array(list) => Value::Array(list.clone()).to_string(),
             _ => "[]".to_owned(),
         };
+        let usage = event.detail.get("usage");
         exec(
             tx,
-            // Done is 100 %, whatever progress arrives late.
+            // Done is 100 %, whatever progress arrives late. Its usage in
+            // the same statement (see `used`).
             "UPDATE jobs SET outputs = ?2, progress = 100, progress_of = 2147483647,
-                thumbnails = ?3, thumbnail_frames = ?4 WHERE job_id = ?1",
+                thumbnails = ?3, thumbnail_frames = ?4,
+                usage = COALESCE(?5, usage),
+                cost_usd = CASE WHEN ?6 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?6 END
+             WHERE job_id = ?1",
             params![
                 job.job_id,
                 event.detail["outputs"].to_string(),
                 list("thumbnails"),
-                list("thumbnail_frames")
+                list("thumbnail_frames"),
+                usage.map(Value::to_string),
+                usage.and_then(|u| u["cost_usd"].as_f64()),
             ],
         )?;
     }
     Ok(Applied::New)
+}
+
+/// A try's `usage`: the job keeps the last one and adds up the costs, its
+/// array adds up its children's wall time and costs (each event once: its
+/// id was seen above).
+fn used(tx: &rusqlite::Transaction, event: &Event, array_id: Option<&str>) -> rusqlite::Result<()> {
+    let (Some(job), Some(usage)) = (&event.job, event.detail.get("usage")) else {
+        return Ok(());
+    };
+    let cost = usage["cost_usd"].as_f64();
+    // A success's is written with its outputs, in one statement.
+    if event.kind != EventType::JobSucceeded {
+        exec(
+            tx,
+            "UPDATE jobs SET usage = ?2,
+                cost_usd = CASE WHEN ?3 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?3 END
+             WHERE job_id = ?1",
+            params![job.job_id, usage.to_string(), cost],
+        )?;
+    }
+    if let Some(array) = array_id {
+        exec(
+            tx,
+            "UPDATE arrays SET wall_s = COALESCE(wall_s, 0) + ?2,
+                cost_usd = CASE WHEN ?3 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?3 END
+             WHERE job_id = ?1",
+            params![array, usage["wall_s"].as_f64().unwrap_or(0.0), cost],
+        )?;
+    }
+    Ok(())
 }
 
 /// A job's first start and last end (and its array's first start), from

@@ -15,7 +15,7 @@ impl StatusTable {
             .query_row(
                 "SELECT job_id, command, size, completed, n_succeeded, n_dead_lettered,
                         n_cancelled, n_submitted + n_running + n_failed + n_requeued,
-                        name, owner, metadata, revision
+                        name, owner, metadata, revision, cost_usd, wall_s
                  FROM arrays WHERE job_id = ?1",
                 [id],
                 |row| {
@@ -30,6 +30,8 @@ impl StatusTable {
                         running: row.get(7)?,
                         label: label(row, 8)?,
                         revision: row.get(11)?,
+                        cost_usd: row.get(12)?,
+                        wall_s: row.get(13)?,
                     })
                 },
             )
@@ -40,11 +42,11 @@ impl StatusTable {
         }
         conn.query_row(
             "SELECT job_id, message_id, command, state, attempt, progress, outputs, reason,
-                    name, owner, metadata, revision, frames
+                    name, owner, metadata, revision, frames, usage, cost_usd
              FROM jobs WHERE job_id = ?1
              UNION ALL
              SELECT job_id, message_id, command, state, attempt, progress, outputs, reason,
-                    name, owner, metadata, revision, frames
+                    name, owner, metadata, revision, frames, usage, cost_usd
              FROM jobs WHERE message_id = ?1 LIMIT 1",
             [id],
             |row| {
@@ -61,6 +63,10 @@ impl StatusTable {
                     label: label(row, 8)?,
                     revision: row.get(11)?,
                     frames: serde_json::from_str(&row.get::<_, String>(12)?).unwrap_or_default(),
+                    usage: row
+                        .get::<_, Option<String>>(13)?
+                        .and_then(|text| serde_json::from_str(&text).ok()),
+                    cost_usd: row.get(14)?,
                 }))
             },
         )

@@ -34,6 +34,36 @@ pub struct JobRow {
     /// child's frames (empty: all of its index's).
     pub revision: u32,
     pub frames: Vec<i64>,
+    /// Its last try's `usage` (JSON), and what its tries cost.
+    pub usage: Option<String>,
+    pub cost_usd: Option<f64>,
+}
+
+impl JobRow {
+    /// Its usage in a line (a grid cell's tooltip): wall and CPU time,
+    /// peak memory and GPU memory, cost; empty when none was recorded.
+    pub fn usage_line(&self) -> Option<String> {
+        let usage: serde_json::Value = serde_json::from_str(self.usage.as_deref()?).ok()?;
+        let mut parts = Vec::new();
+        let number = |key: &str| usage[key].as_f64();
+        if let Some(wall) = number("wall_s") {
+            parts.push(format!("wall {wall:.1} s"));
+        }
+        if let Some(cpu) = number("cpu_s") {
+            parts.push(format!("CPU {cpu:.1} s"));
+        }
+        let gib = |bytes: f64| bytes / f64::from(1u32 << 30);
+        if let Some(rss) = number("peak_rss_bytes") {
+            parts.push(format!("peak RSS {:.2} GiB", gib(rss)));
+        }
+        if let Some(gpu) = number("gpu_memory_peak_bytes") {
+            parts.push(format!("peak GPU memory {:.2} GiB", gib(gpu)));
+        }
+        if let Some(cost) = self.cost_usd {
+            parts.push(format!("${cost:.5}"));
+        }
+        (!parts.is_empty()).then(|| parts.join(" · "))
+    }
 }
 
 /// An array's children in each state, as the fold keeps them.
@@ -90,6 +120,9 @@ pub struct ArrayRow {
     pub label: Label,
     /// Its newest revision (1 until a re-render).
     pub revision: u32,
+    /// Its children's tries' cost and wall time, summed.
+    pub cost_usd: Option<f64>,
+    pub wall_s: Option<f64>,
 }
 
 impl ArrayRow {
@@ -163,7 +196,7 @@ pub struct Workers {
 
 pub(super) const JOB_COLUMNS: &str = "job_id, message_id, command, queue, state, attempt, progress, outputs, \
                            thumbnails, thumbnail_frames, reason, array_id, array_index, \
-                           started_ms, ended_ms, at, name, owner, metadata, revision, frames";
+                           started_ms, ended_ms, at, name, owner, metadata, revision, frames, usage, cost_usd";
 
 pub(super) fn job(row: &Row) -> rusqlite::Result<JobRow> {
     fn list<T: serde::de::DeserializeOwned>(row: &Row, i: usize) -> rusqlite::Result<Vec<T>> {
@@ -189,6 +222,8 @@ pub(super) fn job(row: &Row) -> rusqlite::Result<JobRow> {
         label: label(row, 16)?,
         revision: row.get(19)?,
         frames: serde_json::from_str(&row.get::<_, String>(20)?).unwrap_or_default(),
+        usage: row.get(21)?,
+        cost_usd: row.get(22)?,
     })
 }
 
@@ -204,7 +239,7 @@ pub(super) fn array_columns() -> String {
          EXISTS (SELECT 1 FROM jobs j INDEXED BY jobs_by_array
                  WHERE j.array_id = a.job_id AND j.array_index = a.size - 1
                  AND j.state = 'succeeded'),
-         {}, a.name, a.owner, a.metadata, a.revision",
+         {}, a.name, a.owner, a.metadata, a.revision, a.cost_usd, a.wall_s",
         counts.join(", ")
     )
 }
@@ -235,6 +270,8 @@ pub(super) fn array_row(row: &Row, max_frames: u32) -> rusqlite::Result<ArrayRow
         last_succeeded: row.get(12)?,
         label: label(row, 13 + ARRAY_COUNTS.len())?,
         revision: row.get(16 + ARRAY_COUNTS.len())?,
+        cost_usd: row.get(17 + ARRAY_COUNTS.len())?,
+        wall_s: row.get(18 + ARRAY_COUNTS.len())?,
         counts,
     })
 }
