@@ -245,7 +245,8 @@
 //!   out of its `usage`, each `nvidia-smi` query is bounded and killed
 //!   when the run ends, and a failing GPU query warns once per worker.
 //! - Of all workers adding a budgeted array's costs, exactly one publishes
-//!   its `BudgetReached` and cancels it: the write that takes the sum to
+//!   its `BudgetReached` and holds its unstarted children (cancels it
+//!   where the ledger keeps no holds): the write that takes the sum to
 //!   the budget claims it (one transaction; on S3 one conditional write
 //!   of the array's cost object).
 //! - The monitor changes nothing without a POST carrying the CSRF token of

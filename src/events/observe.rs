@@ -165,12 +165,22 @@ impl Observer {
 
     /// An array's tries reached its budget (announced by exactly one
     /// worker): its children not started yet are cancelled.
-    pub fn budget_reached(&self, child: &Subject, array_id: &str, budget_usd: f64, cost_usd: f64) {
+    /// `stopped`: what became of the children not started yet (`held`,
+    /// `cancelled`, or `none` when neither could be recorded).
+    pub fn budget_reached(
+        &self,
+        child: &Subject,
+        array_id: &str,
+        budget_usd: f64,
+        cost_usd: f64,
+        stopped: &str,
+    ) {
         warn!(
             array_id,
             budget_usd,
             cost_usd,
-            "Array reached its budget: its children not started yet are cancelled."
+            stopped,
+            "Array reached its budget: its children not started yet are {stopped}."
         );
         let array = Subject {
             job: JobRef {
@@ -185,7 +195,7 @@ impl Observer {
         self.publish(
             EventType::BudgetReached,
             &array,
-            json!({"budget_usd": budget_usd, "cost_usd": cost_usd,
+            json!({"budget_usd": budget_usd, "cost_usd": cost_usd, "stopped": stopped,
                    "reason": format!("budget of ${budget_usd} reached")}),
         );
     }

@@ -148,10 +148,11 @@ impl GpuSampler {
 
 impl Worker {
     /// Adds a try's cost to its array's in the ledger, when the array has
-    /// a budget. The one try (of every worker's) that reaches it cancels
-    /// the array, so that its children not started yet never are (a
-    /// running one is stopped as any cancelled job), and publishes
-    /// `BudgetReached`.
+    /// a budget. The one try (of every worker's) that reaches it stops the
+    /// array's children that have not started, and publishes
+    /// `BudgetReached`: held (as `renderq hold` does: released by
+    /// `renderq release`) where the ledger keeps holds, else cancelled (a
+    /// running one is then stopped as any cancelled job).
     pub(super) async fn charge(&self, delivery: &Delivery, subject: &Subject, usage: &Usage) {
         let Ok(envelope) = &delivery.envelope else {
             return;
@@ -166,24 +167,50 @@ impl Worker {
         };
         match ledger.add_cost(&array.job_id, cost, budget.usd).await {
             Ok((spent, true)) => {
-                match crate::job::id::Id::parse(&array.job_id) {
-                    Ok(id) => {
-                        match (ledger.cancel(&id).await, &self.source(delivery).cancels) {
-                            // This worker's own slots stop at once.
-                            (Ok(_), Some(cancels)) => cancels.refresh_now().await,
-                            (Ok(_), None) => {}
-                            (Err(error), _) => {
-                                tracing::error!(%error, "cannot cancel the array that reached its budget")
-                            }
-                        }
-                    }
-                    Err(error) => warn!(%error, "an array id that is no id: not cancelled"),
-                }
+                let stopped = self.stop_array(delivery, ledger, &array.job_id).await;
                 self.observer
-                    .budget_reached(subject, &array.job_id, budget.usd, spent);
+                    .budget_reached(subject, &array.job_id, budget.usd, spent, stopped);
             }
             Ok(_) => {}
             Err(error) => warn!(%error, "cannot add the try's cost to its array's"),
+        }
+    }
+
+    /// Holds the array's unstarted children, or cancels it where the
+    /// ledger keeps no holds; says which.
+    async fn stop_array(
+        &self,
+        delivery: &Delivery,
+        ledger: &crate::events::ledger::Ledger,
+        array_id: &str,
+    ) -> &'static str {
+        if ledger.keeps_holds() {
+            return match ledger.hold_by_hand(array_id).await {
+                Ok(_) => "held",
+                Err(error) => {
+                    tracing::error!(%error, "cannot hold the array that reached its budget");
+                    "none"
+                }
+            };
+        }
+        let id = match crate::job::id::Id::parse(array_id) {
+            Ok(id) => id,
+            Err(error) => {
+                warn!(%error, "an array id that is no id: not cancelled");
+                return "none";
+            }
+        };
+        match (ledger.cancel(&id).await, &self.source(delivery).cancels) {
+            // This worker's own slots stop at once.
+            (Ok(_), Some(cancels)) => {
+                cancels.refresh_now().await;
+                "cancelled"
+            }
+            (Ok(_), None) => "cancelled",
+            (Err(error), _) => {
+                tracing::error!(%error, "cannot cancel the array that reached its budget");
+                "none"
+            }
         }
     }
 }

@@ -135,6 +135,11 @@ fn unsupported() -> LedgerError {
 }
 
 impl Ledger {
+    /// Whether this ledger keeps held jobs (dependants, holds by hand).
+    pub fn keeps_holds(&self) -> bool {
+        matches!(self, Ledger::Local(_))
+    }
+
     /// Records a submitted job (`size` 0: a plain job) so that dependants
     /// can name it.
     pub async fn register_job(
