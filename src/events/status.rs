@@ -92,6 +92,8 @@ const COLUMNS: &[(&str, &str, &str)] = &[
     ("arrays", "ended_ms", "INTEGER"),
     // When a stopping worker will be gone: its stop's deadline.
     ("workers", "gone_at", "INTEGER"),
+    // Why a worker said it is unhealthy.
+    ("workers", "reason", "TEXT"),
 ];
 
 /// Every list the monitor sorts or filters, and the prune, has its index

@@ -28,10 +28,12 @@ pub enum EventType {
     WorkerStarted,
     WorkerStopping,
     WorkerInterrupted,
+    /// The worker failed too many tries in a row and takes no more jobs.
+    WorkerUnhealthy,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 14] = [
+    pub const ALL: [EventType; 15] = [
         EventType::JobSubmitted,
         EventType::JobStarted,
         EventType::JobProgress,
@@ -46,6 +48,7 @@ impl EventType {
         EventType::WorkerStarted,
         EventType::WorkerStopping,
         EventType::WorkerInterrupted,
+        EventType::WorkerUnhealthy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +67,7 @@ impl EventType {
             EventType::WorkerStarted => "WorkerStarted",
             EventType::WorkerStopping => "WorkerStopping",
             EventType::WorkerInterrupted => "WorkerInterrupted",
+            EventType::WorkerUnhealthy => "WorkerUnhealthy",
         }
     }
 }

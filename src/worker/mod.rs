@@ -44,6 +44,7 @@ use intake::Intake;
 mod cancel;
 pub mod delivery;
 mod execute;
+pub mod health;
 mod heartbeat;
 mod intake;
 mod settle;
@@ -116,6 +117,10 @@ enum JobError {
     /// is, with the reason.
     #[error("{0}")]
     HandedBack(String),
+    /// Not run: this worker failed the job too often, or is sick. Handed
+    /// back without using a try, visible again after the delay.
+    #[error("{0}")]
+    Declined(String, Duration),
     /// An operator cancelled it: deleted, never retried.
     #[error("cancelled")]
     Cancelled,
@@ -161,6 +166,11 @@ pub struct Worker {
     /// when the renderq binary cannot be found (no thumbnails, one warning
     /// at start).
     thumbnailer: Option<thumbs::Thumbnailer>,
+    /// How this worker's tries ended lately: which jobs it declines, and
+    /// whether it is sick.
+    health: std::sync::Mutex<health::Health>,
+    /// Up once it is sick: slots closed, `/healthz` 503.
+    sick: health::SickFlag,
 }
 
 impl Worker {
@@ -196,6 +206,11 @@ impl Worker {
             observer.clone(),
         );
         Self {
+            health: std::sync::Mutex::new(health::Health::new(
+                config.blocklist_after,
+                config.sick_after,
+            )),
+            sick: health::SickFlag::default(),
             sources,
             intake,
             slots: config.slots.unwrap_or(gpus.len().max(1)),
@@ -218,8 +233,11 @@ impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
+        // Slots close at a stop, or for good once the worker is sick.
+        let open = shutdown.token().child_token();
+        self.clone().close_when_sick(open.clone());
         for slot in 0..self.slots {
-            let (worker, stop, abort) = (self.clone(), shutdown.token().clone(), abort.clone());
+            let (worker, stop, abort) = (self.clone(), open.clone(), abort.clone());
             tracker.spawn(
                 async move { worker.slot_loop(slot, &stop, &abort).await }
                     .instrument(info_span!("slot", slot)),
@@ -344,6 +362,11 @@ impl Worker {
         &self.running
     }
 
+    /// Up once this worker is sick, with why.
+    pub fn sick(&self) -> &health::SickFlag {
+        &self.sick
+    }
+
     /// One step: waits for a message (until `stop`, where the backend can
     /// stop safely) and handles it. A job, once received, is cut short only
     /// by `abort`.
@@ -411,6 +434,9 @@ impl Worker {
                     "worker lost during its last try (try {} of {budget})",
                     delivery.attempt - 1
                 )));
+            }
+            if let Some((reason, delay)) = self.declines(&delivery) {
+                return Err(JobError::Declined(reason, delay));
             }
             self.check_previous_try(&delivery, &subject).await;
             // `cancel` reaches the command through its run context, so it
@@ -480,6 +506,7 @@ impl Worker {
             // unreachable leaves the message to come back, so no child is
             // ever final in the queue but not in the ledger.
             let recorded = self.record_array_child(&job.delivery, &outcome).await;
+            self.judge(&job.delivery, &outcome);
             // No extension may land after the settle (it would undo a
             // retry's back-off): one in flight is waited for.
             job.heartbeat.stop().await;
