@@ -196,7 +196,14 @@ fn fold_array(tx: &rusqlite::Transaction, event: &Event, now: i64) -> rusqlite::
     .map(drop)
 }
 
-pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied> {
+/// Folds `event`; `noted` holds the workers whose row this transaction
+/// already brought up to date (an event that changes no worker's state
+/// does not write its row again).
+pub(super) fn apply(
+    tx: &rusqlite::Transaction,
+    event: &Event,
+    noted: &mut std::collections::HashSet<String>,
+) -> rusqlite::Result<Applied> {
     let now = crate::sqlite::now_s();
     // Progress folds the same however often it comes (the highest wins), so
     // its ids, most of all events, are not kept.
@@ -209,7 +216,14 @@ pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Resu
         return Ok(Applied::Duplicate);
     }
     if let Some(worker) = &event.worker {
-        fold_worker(tx, event, worker, now)?;
+        let changes_state = matches!(
+            event.kind,
+            EventType::WorkerStopping | EventType::WorkerInterrupted | EventType::WorkerUnhealthy
+        );
+        if changes_state || !noted.contains(&worker.id) {
+            fold_worker(tx, event, worker, now)?;
+            noted.insert(worker.id.clone());
+        }
     }
     let Some(job) = &event.job else {
         return Ok(Applied::New);
