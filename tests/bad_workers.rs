@@ -146,7 +146,11 @@ async fn twenty_jobs_beside_a_bad_worker(farm: &Farm, worker_toml: &str) -> Proc
     assert_eq!(done, ids.iter().map(String::as_str).collect::<Vec<_>>());
     let events = farm.events();
     assert!(of_type(&events, "JobDeadLettered").is_empty());
-    assert_eq!(of_type(&events, "JobFailed").len(), 5, "none after it stopped");
+    // The fifth failure closes the slot; the one job its slot had already
+    // started beside that failure's settle (the slot's next job runs while
+    // its previous one settles) may still fail, nothing after.
+    let failures = of_type(&events, "JobFailed").len();
+    assert!((5..=6).contains(&failures), "{failures} failures");
     // The first job's hand-backs used no try: two failures, then the
     // third try succeeded.
     let first_done = succeeded
