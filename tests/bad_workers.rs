@@ -167,7 +167,11 @@ async fn a_bad_worker_gives_jobs_back_then_stops(backend: Backend) {
     let farm = Farm::new(backend, settings("")).await;
     let mut bad = twenty_jobs_beside_a_bad_worker(&farm, "").await;
     assert!(bad.log_text().contains("Worker unhealthy"));
-    assert_eq!(bad.child.try_wait().unwrap(), None, "it waits to be restarted");
+    assert_eq!(
+        bad.child.try_wait().unwrap(),
+        None,
+        "it waits to be restarted"
+    );
 }
 
 scenarios!(a_bad_worker_gives_jobs_back_then_stops);

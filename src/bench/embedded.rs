@@ -166,8 +166,7 @@ async fn through_one_slot(app: &App, jobs: usize) -> anyhow::Result<f64> {
     let worker = app.worker();
     let mut last = None;
     for _ in 0..jobs {
-        if let crate::api::submit::Submitted::Job { message_id } =
-            submitter.submit(no_op()).await?
+        if let crate::api::submit::Submitted::Job { message_id } = submitter.submit(no_op()).await?
         {
             last = Some(message_id);
         }

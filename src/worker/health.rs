@@ -40,7 +40,9 @@ pub enum TryEnd {
 pub enum Admission {
     Run,
     /// This worker failed it `failures` times already.
-    Blocklisted { failures: u32 },
+    Blocklisted {
+        failures: u32,
+    },
     /// This worker takes no job any more.
     Sick,
 }

@@ -10,9 +10,9 @@ use tracing::{error, warn};
 
 use super::health::{Admission, TryEnd};
 use super::{Done, JobError, Worker};
-use crate::job::event::EventType;
 use crate::events::ledger::{ArrayCounts, ChildState, LedgerError};
 use crate::events::observe::{JobEnd, Subject};
+use crate::job::event::EventType;
 use crate::queue::{DeadLetter, QueueError};
 use crate::retry::Backoff;
 use crate::worker::delivery::Delivery;

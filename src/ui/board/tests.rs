@@ -254,7 +254,10 @@ fn an_unhealthy_worker_stays_so_with_its_reason_until_it_stops() {
     table
         .apply_all(&[
             event(EventType::WorkerStarted, json!({})),
-            event(EventType::WorkerUnhealthy, json!({"reason": "5 consecutive failed tries"})),
+            event(
+                EventType::WorkerUnhealthy,
+                json!({"reason": "5 consecutive failed tries"}),
+            ),
         ])
         .unwrap();
     // A later event that says nothing of its state changes nothing.
@@ -270,7 +273,10 @@ fn an_unhealthy_worker_stays_so_with_its_reason_until_it_stops() {
         Some("5 consecutive failed tries")
     );
     table
-        .apply(&event(EventType::WorkerStopping, json!({"deadline_in_ms": 600_000})))
+        .apply(&event(
+            EventType::WorkerStopping,
+            json!({"deadline_in_ms": 600_000}),
+        ))
         .unwrap();
     assert_eq!(row(&board).state, WorkerState::Stopping);
 }
