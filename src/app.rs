@@ -176,8 +176,9 @@ impl App {
         raise_open_file_limit();
         self.take_up_job_user()?;
         self.watch_instance(&shutdown);
-        self.serve_metrics(&shutdown).await?;
-        self.run_worker(Arc::new(self.worker()), shutdown).await;
+        let worker = Arc::new(self.worker());
+        self.serve_metrics(&shutdown, worker.sick().clone()).await?;
+        self.run_worker(worker, shutdown).await;
         Ok(())
     }
 
@@ -225,6 +226,18 @@ impl App {
             let (protector, busy, stop) = (scaling.clone(), worker.clone(), drained.clone());
             fleet_tasks.push(tokio::spawn(async move {
                 protector.protect_while_busy(busy.running(), stop).await
+            }));
+            // A sick worker has its instance replaced.
+            let (doctor, sick, stop) = (scaling.clone(), worker.sick().clone(), drained.clone());
+            fleet_tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = sick.token().cancelled() => {}
+                    _ = stop.cancelled() => return,
+                }
+                tokio::select! {
+                    _ = doctor.mark_unhealthy() => {}
+                    _ = stop.cancelled() => {}
+                }
             }));
             let (hook, shutdown, drained) = (scaling.clone(), shutdown.clone(), drained.clone());
             fleet_tasks.push(tokio::spawn(async move {

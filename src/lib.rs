@@ -57,7 +57,8 @@
 //!   data and reads notices, rebalance recommendations included.
 //! - [`events`]: publishing lifecycle events through bounded buffers, the
 //!   one observer of a job's end, `/metrics`, the job-status table (its
-//!   fold, reads and prune; arrays keep their children's counts by state)
+//!   fold, reads and prune; arrays keep their children's counts by state;
+//!   written off the job's path, one transaction per lingering batch)
 //!   and `events watch`, and the ledger (reported tries, cancelled jobs,
 //!   array children's final states and budgeted arrays' costs: SQLite
 //!   beside the embedded queue, S3 conditional writes for SQS) that makes
@@ -81,6 +82,9 @@
 //!   `worker::usage` puts a try's usage together (the slot's GPU sampled,
 //!   the instance from IMDS, the price) and adds an array's costs to its
 //!   budget;
+//!   [`worker::health`] judges the worker by how its tries ended (pure:
+//!   which jobs it declines, whether it is sick) and holds the flag a sick
+//!   worker raises for its slots, `/healthz` and the autoscaling group;
 //!   a [`worker::delivery`] is a received message with its envelope
 //!   parsed once).
 //! - [`api`]: the submit half: the HTTP router (auth, JSON bodies only,
@@ -173,7 +177,15 @@
 //!   behind [`api::guard`]: a request naming another `Host`, or a POST from
 //!   another site, reaches no route. A worker's metrics port serves the
 //!   monitor only when `[metrics] ui` asks, and then behind the sign-in.
+//! - A worker gives back unrun, without using a try, the messages of a job
+//!   it failed `worker.blocklist_after` times, and takes no job at all once
+//!   it failed `worker.sick_after` tries in a row (of two jobs or more):
+//!   the failures counted against a job are only tries that ran. A sick
+//!   worker stays sick until it is restarted.
 //! - Publishing an event never waits: a full buffer drops (and counts).
+//!   The status table lags its events by at most one batch (what arrived
+//!   within `STATUS_LINGER`, 50 ms, of the batch's first event, and its
+//!   commit): a read right after a job ended may not show that end yet.
 //!   A target is sent again only what it refused, never what it took.
 //! - What one request costs is bounded before anything is expanded, built or
 //!   sent: frames are measured range by range, every child is sized before

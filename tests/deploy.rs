@@ -70,6 +70,7 @@ fn the_template_creates_what_the_readme_says() {
         "s3:AbortMultipartUpload",
         "s3:ListBucket",
         "autoscaling:SetInstanceProtection",
+        "autoscaling:SetInstanceHealth",
         "autoscaling:RecordLifecycleActionHeartbeat",
         "autoscaling:CompleteLifecycleAction",
     ]

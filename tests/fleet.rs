@@ -139,6 +139,11 @@ impl FakeImds {
         imds
     }
 
+    /// Names the instance `instance-id` answers with.
+    pub fn set_instance_id(&self, id: &str) {
+        *self.instance_id.lock().unwrap() = id.to_owned();
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -713,7 +718,7 @@ async fn a_worker_serves_metrics_and_health_when_asked() {
     assert_eq!(metrics["renderq_slots"], 1.0);
 }
 
-async fn autoscaling_client(endpoint: &str) -> aws_sdk_autoscaling::Client {
+pub(crate) async fn autoscaling_client(endpoint: &str) -> aws_sdk_autoscaling::Client {
     let config = aws_sdk_autoscaling::Config::builder()
         .behavior_version_latest()
         .endpoint_url(endpoint)

@@ -227,12 +227,18 @@ frame = {{ type = "integer", min = 0, default = 1 }}
             assert!(!alive(pid), "process {pid} outlived its cancelled job");
         }
     }
-    // The status table counts them (a success outranks a cancel there).
-    let (_, status, _) = farm.cli(&["status", &array]);
-    assert!(
-        status.contains(&format!("cancelled={}", count("cancelled") - twice)),
-        "{status}"
-    );
+    // The status table counts them (a success outranks a cancel there),
+    // once its last batch is in.
+    let cancelled = format!("cancelled={}", count("cancelled") - twice);
+    let deadline = Instant::now() + LONG;
+    loop {
+        let (_, status, _) = farm.cli(&["status", &array]);
+        if status.contains(&cancelled) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A second cancel does nothing more.
     let again = farm
         .rpc("queue_manager_cancel_job", json!({"job_id": array}))

@@ -27,6 +27,7 @@ macro_rules! scenarios {
 mod harness;
 
 mod adaptors;
+mod bad_workers;
 mod blender;
 mod blender_addon;
 mod cancels;

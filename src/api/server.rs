@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::rpc::Rpc;
 use crate::events::metrics::Metrics;
+use crate::worker::health::SickFlag;
 
 /// What the HTTP handlers share.
 #[derive(Debug, Clone)]
@@ -55,9 +56,24 @@ pub fn app(
     }
 }
 
-/// `/metrics` and `/healthz`, for a worker without an endpoint.
-pub fn metrics_app(metrics: Arc<Metrics>) -> Router {
-    metrics_routes(metrics).route("/healthz", get(health))
+/// `/metrics` and `/healthz`, for a worker without an endpoint: 503
+/// with the reason once the worker is sick.
+pub fn metrics_app(metrics: Arc<Metrics>, sick: SickFlag) -> Router {
+    metrics_routes(metrics).route(
+        "/healthz",
+        get(move || {
+            let sick = sick.clone();
+            async move {
+                match sick.reason() {
+                    None => (StatusCode::OK, "ok".to_owned()),
+                    Some(reason) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("unhealthy: {reason}"),
+                    ),
+                }
+            }
+        }),
+    )
 }
 
 /// `GET /`: what this endpoint is, for someone who opens it in a browser.

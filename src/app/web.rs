@@ -11,6 +11,7 @@ use crate::api::server;
 use crate::config::{Invalid, UiMode, optional_secret};
 use crate::fleet::lifecycle::Shutdown;
 use crate::ui::Ui;
+use crate::worker::health::SickFlag;
 
 impl App {
     /// The HTTP router of the submit half.
@@ -84,11 +85,15 @@ impl App {
 
     /// Serves `/metrics` and `/healthz` on `metrics.listen`, when set, and
     /// the monitor there when `metrics.ui` asks for it.
-    pub(super) async fn serve_metrics(&self, shutdown: &Shutdown) -> anyhow::Result<()> {
+    pub(super) async fn serve_metrics(
+        &self,
+        shutdown: &Shutdown,
+        sick: SickFlag,
+    ) -> anyhow::Result<()> {
         let Some(listen) = &self.config.metrics.listen else {
             return Ok(());
         };
-        let mut router = server::metrics_app(self.metrics.clone());
+        let mut router = server::metrics_app(self.metrics.clone(), sick);
         // The monitor only when asked for, behind the endpoint's sign-in:
         // a metrics port is often open to a whole network.
         let mode = self.config.metrics.ui;

@@ -18,19 +18,31 @@ use crate::worker::Outcome;
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let jobs = args.jobs.unwrap_or(10_000);
     let dir = tempfile::tempdir()?;
+
+    // Jobs through one slot, with the status table off, then on (the
+    // default), each on a farm of its own.
+    let off = dir.path().join("off");
+    std::fs::create_dir(&off)?;
+    std::fs::write(
+        off.join("workers.toml"),
+        format!("{CONFIG}\n[events]\nstatus = \"off\"\n"),
+    )?;
+    let app = App::build(Config::load(&off.join("workers.toml"))?).await?;
+    let without = through_one_slot(&app, jobs).await?;
+    println!("jobs through one slot, status table off: {jobs} = {without:.0} jobs/s");
+    drop(app);
+
     let config_path = dir.path().join("workers.toml");
     std::fs::write(&config_path, CONFIG)?;
     let app = App::build(Config::load(&config_path)?).await?;
     let submitter = app.submitter();
     let worker = app.worker();
     let never = CancellationToken::new();
-
-    // Jobs through one slot: fill the queue, then time draining it.
-    for _ in 0..jobs {
-        submitter.submit(no_op()).await?;
-    }
-    let jobs_per_s = drain(&worker, jobs).await?;
-    println!("jobs through one slot: {jobs} = {jobs_per_s:.0} jobs/s");
+    let jobs_per_s = through_one_slot(&app, jobs).await?;
+    println!(
+        "jobs through one slot, status table on: {jobs} = {jobs_per_s:.0} jobs/s ({:+.1} % against off)",
+        (jobs_per_s / without - 1.0) * 100.0
+    );
     // Once a cancel is on record, every receive reads the ledger's stamp.
     let other = uuid::Uuid::new_v4().to_string();
     app.control().cancel(&other, None).await?;
@@ -141,5 +153,65 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     child.start_kill()?;
     child.wait().await?;
     println!("idle worker resident memory: {rss} kB");
+    let rss = idle_serve_rss(dir.path()).await?;
+    println!("idle serve resident memory (status table on): {rss} kB");
     Ok(())
+}
+
+/// Fills `app`'s queue with `jobs` no-op jobs and times draining them
+/// through one slot, up to the last one's end being in the status table
+/// when there is one (its writes are part of the cost). Jobs/s.
+async fn through_one_slot(app: &App, jobs: usize) -> anyhow::Result<f64> {
+    let submitter = app.submitter();
+    let worker = app.worker();
+    let mut last = None;
+    for _ in 0..jobs {
+        if let crate::api::submit::Submitted::Job { message_id } = submitter.submit(no_op()).await?
+        {
+            last = Some(message_id);
+        }
+    }
+    let started = Instant::now();
+    drain(&worker, jobs).await?;
+    // An event the status table's full buffer dropped never arrives: the
+    // wait then gives up after 10 s (counted in the rate) and the drops
+    // are reported.
+    if let (Some(status), Some(last)) = (&app.status, last) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, id) = (status.clone(), last.clone());
+            let ended = tokio::task::spawn_blocking(move || status.get(&id)).await??;
+            if ended.is_some_and(|s| s.is_final()) || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let rate = jobs as f64 / started.elapsed().as_secs_f64();
+    let dropped = app.publisher.dropped();
+    if dropped > 0 {
+        println!("  ({dropped} events dropped: the status table's buffer was full)");
+    }
+    Ok(rate)
+}
+
+/// Resident memory of an idle `renderq serve` (endpoint, worker and the
+/// status table), 3 s after it started.
+async fn idle_serve_rss(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let serve_dir = dir.join("serve");
+    std::fs::create_dir_all(&serve_dir)?;
+    let config = serve_dir.join("workers.toml");
+    std::fs::write(&config, CONFIG)?;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = child.id().context("serve exited early")?;
+    let rss = super::proc_status_kib(pid, "VmRSS").context("reading serve's memory")?;
+    child.start_kill()?;
+    child.wait().await?;
+    Ok(rss)
 }

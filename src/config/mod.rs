@@ -281,6 +281,14 @@ impl Config {
         self.metrics.check()?;
         self.fleet.prices()?;
         w.thumbnails.check()?;
+        for (key, value) in [
+            ("worker.blocklist_after", w.blocklist_after),
+            ("worker.sick_after", w.sick_after),
+        ] {
+            if value == 0 {
+                return Err(Invalid::new(key, "must be at least 1"));
+            }
+        }
         if self.events.buffer == 0 {
             return Err(Invalid::new("events.buffer", "must be at least 1"));
         }

@@ -83,6 +83,13 @@ pub struct WorkerConfig {
     /// `CAP_KILL`); its own state is then out of the jobs' reach. Default:
     /// the worker's own user.
     pub run_as: Option<RunAs>,
+    /// Failed tries of one job (or array) after which this worker gives
+    /// the job's messages back unrun, without using a try.
+    pub blocklist_after: u32,
+    /// Consecutive failed tries (of at least two jobs) after which this
+    /// worker stops taking jobs, says so, and in an autoscaling group has
+    /// its instance replaced.
+    pub sick_after: u32,
 }
 
 /// `[worker] run_as`, resolved to a user when the config is loaded, so a
@@ -290,6 +297,8 @@ impl Default for WorkerConfig {
             cache: CacheConfig::default(),
             run_as: None,
             thumbnails: ThumbnailsConfig::default(),
+            blocklist_after: 2,
+            sick_after: 5,
         }
     }
 }

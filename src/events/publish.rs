@@ -26,6 +26,10 @@ use crate::retry::Backoff;
 /// The status table's outlet name (not a valid TOML key, so no clash).
 const STATUS: &str = "(status)";
 
+/// How long the status table's batch waits for more events after its
+/// first (see [`Target::linger`]).
+const STATUS_LINGER: Duration = Duration::from_millis(50);
+
 /// EventBridge's `source` for renderq's events.
 const SOURCE: &str = "renderq";
 
@@ -152,6 +156,17 @@ impl Target {
             Target::File(..) | Target::Status(_) => 1000,
             Target::Sqs { .. } | Target::EventBridge { .. } => 10,
             Target::Webhook { .. } => 1,
+        }
+    }
+
+    /// How long a batch waits for more events after its first: the status
+    /// table commits one transaction per batch, so a busy worker's events
+    /// go in a few large ones rather than one each (a read of it may lag
+    /// by this much); other targets send what is there at once.
+    fn linger(&self) -> Duration {
+        match self {
+            Target::Status(_) => STATUS_LINGER,
+            _ => Duration::ZERO,
         }
     }
 
@@ -485,9 +500,18 @@ async fn deliver(
 ) {
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + target.linger();
         while batch.len() < target.batch_size() {
             match receiver.try_recv() {
                 Ok(event) => batch.push(event),
+                Err(mpsc::error::TryRecvError::Empty) if !target.linger().is_zero() => {
+                    match tokio::time::timeout_at(until, receiver.recv()).await {
+                        Ok(Some(event)) => batch.push(event),
+                        // Closed (a flush: what is here goes now), or the
+                        // linger is over.
+                        Ok(None) | Err(_) => break,
+                    }
+                }
                 Err(_) => break,
             }
         }

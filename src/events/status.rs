@@ -124,6 +124,8 @@ const COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "cost_usd", "REAL"),
     ("arrays", "cost_usd", "REAL"),
     ("arrays", "wall_s", "REAL"),
+    // Why a worker said it is unhealthy.
+    ("workers", "reason", "TEXT"),
 ];
 
 /// Every list the monitor sorts or filters, and the prune, has its index
@@ -359,9 +361,12 @@ impl StatusTable {
     pub fn apply_all(&self, events: &[Event]) -> Result<Vec<Applied>, StatusError> {
         let mut conn = self.conn.lock().map_err(failed)?;
         let tx = conn.transaction().map_err(failed)?;
+        // A worker's row is noted once per batch (and at each change of
+        // its state), not once per event.
+        let mut noted = std::collections::HashSet::new();
         let applied = events
             .iter()
-            .map(|e| fold::apply(&tx, e).map_err(failed))
+            .map(|e| fold::apply(&tx, e, &mut noted).map_err(failed))
             .collect::<Result<_, _>>()?;
         tx.commit().map_err(failed)?;
         Ok(applied)

@@ -26,6 +26,9 @@ const LOOK_EVERY: Duration = Duration::from_millis(500);
 /// Waits after a failed protection call.
 const CALL_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(120));
 
+/// Tries at marking a sick worker's instance unhealthy.
+const UNHEALTHY_TRIES: u32 = 5;
+
 #[derive(Debug, Clone)]
 pub struct Scaling {
     client: Client,
@@ -105,6 +108,32 @@ impl Scaling {
                     tracing::info!(instance_id = %self.instance_id, "Scale-in protection turned off: the worker stopped.")
                 }
                 Err(error) => tracing::warn!(%error, "cannot turn scale-in protection off"),
+            }
+        }
+    }
+
+    /// Tells the group this instance is unhealthy, so that it replaces it
+    /// (the worker takes no more jobs); tried a few times with back-off.
+    pub async fn mark_unhealthy(&self) {
+        for failures in 1..=UNHEALTHY_TRIES {
+            let marked = self
+                .client
+                .set_instance_health()
+                .instance_id(&self.instance_id)
+                .health_status("Unhealthy")
+                .should_respect_grace_period(false)
+                .send()
+                .await;
+            match marked {
+                Ok(_) => {
+                    tracing::info!(instance_id = %self.instance_id, "Instance marked unhealthy: the group replaces it.");
+                    return;
+                }
+                Err(error) => {
+                    let delay = CALL_BACKOFF.delay(failures);
+                    tracing::warn!(error = %crate::aws::describe(&error), retry_in = ?delay, "cannot mark the instance unhealthy");
+                    tokio::time::sleep(delay).await;
+                }
             }
         }
     }

@@ -33,10 +33,12 @@ pub enum EventType {
     WorkerStarted,
     WorkerStopping,
     WorkerInterrupted,
+    /// The worker failed too many tries in a row and takes no more jobs.
+    WorkerUnhealthy,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 17] = [
+    pub const ALL: [EventType; 18] = [
         EventType::JobSubmitted,
         EventType::JobStarted,
         EventType::JobProgress,
@@ -54,6 +56,7 @@ impl EventType {
         EventType::WorkerStarted,
         EventType::WorkerStopping,
         EventType::WorkerInterrupted,
+        EventType::WorkerUnhealthy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +78,7 @@ impl EventType {
             EventType::WorkerStarted => "WorkerStarted",
             EventType::WorkerStopping => "WorkerStopping",
             EventType::WorkerInterrupted => "WorkerInterrupted",
+            EventType::WorkerUnhealthy => "WorkerUnhealthy",
         }
     }
 }

@@ -234,13 +234,20 @@ impl Queue {
         }
     }
 
-    /// Hands an interrupted job back at once as `body`, which carries the
-    /// tries already used: on every backend the message's own receive count
-    /// starts again (SQS re-sends it as a new message).
-    pub async fn requeue(&self, received: &Received, body: &str) -> Result<(), QueueError> {
+    /// Hands an interrupted job back as `body`, which carries the tries
+    /// already used, visible again after `delay` (zero: at once; SQS
+    /// takes whole seconds, up to 15 minutes): on every backend the
+    /// message's own receive count starts again (SQS re-sends it as a new
+    /// message).
+    pub async fn requeue(
+        &self,
+        received: &Received,
+        body: &str,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
         match self {
-            Queue::Local(q) => q.requeue(&received.receipt, body).await,
-            Queue::Sqs(q) => q.requeue(received, body).await,
+            Queue::Local(q) => q.requeue(&received.receipt, body, delay).await,
+            Queue::Sqs(q) => q.requeue(received, body, delay).await,
         }
     }
 

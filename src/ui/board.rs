@@ -259,6 +259,7 @@ impl Board {
                 let state = match state.as_str() {
                     "stopping" if gone_at.is_none_or(|t| t <= now) => None,
                     "stopping" => Some(WorkerState::Stopping),
+                    "unhealthy" => Some(WorkerState::Unhealthy),
                     _ if now - at > WORKER_SILENT_S => Some(WorkerState::Silent),
                     _ => Some(WorkerState::Running),
                 };
@@ -269,6 +270,7 @@ impl Board {
                     id: r.get(0)?,
                     host: r.get(1)?,
                     state,
+                    reason: r.get(5)?,
                     ago: now - at,
                 }))
             })

@@ -123,7 +123,7 @@ pub fn overview(
                 table id="workers" {
                     tr { th { "host" } th { "worker id" } th { "state" } th { "last heard" } }
                     @for w in &workers.live {
-                        tr { td { (w.host) } td { (w.id) } td { (w.state.name()) } td { (w.ago) " s ago" } }
+                        tr { td { (w.host) } td { (w.id) } td { (w.state.name()) @if let Some(reason) = &w.reason { ": " (reason) } } td { (w.ago) " s ago" } }
                     }
                 }
             }

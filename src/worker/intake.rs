@@ -310,7 +310,7 @@ async fn hand_back(queue: &Queue, received: Received) {
     let body = delivery.resend_body(|envelope| envelope.failures = before);
     let span = tracing::info_span!("job", queue = %queue.name(), message_id = %delivery.message_id);
     async {
-        match queue.requeue(&delivery.received, &body).await {
+        match queue.requeue(&delivery.received, &body, Duration::ZERO).await {
             Ok(()) => info!("No slot was free for a received job: handed it back."),
             Err(error) => warn!(%error, "cannot hand back a received job; it returns when its visibility lapses"),
         }

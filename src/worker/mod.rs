@@ -44,6 +44,7 @@ use intake::Intake;
 mod cancel;
 pub mod delivery;
 mod execute;
+pub mod health;
 mod heartbeat;
 mod intake;
 pub(crate) mod release;
@@ -120,6 +121,10 @@ enum JobError {
     /// is, with the reason.
     #[error("{0}")]
     HandedBack(String),
+    /// Not run: this worker failed the job too often, or is sick. Handed
+    /// back without using a try, visible again after the delay.
+    #[error("{0}")]
+    Declined(String, Duration),
     /// An operator cancelled it: deleted, never retried.
     #[error("cancelled")]
     Cancelled,
@@ -171,6 +176,11 @@ pub struct Worker {
     thumbnailer: Option<thumbs::Thumbnailer>,
     /// Prices and describes each try (its `usage`).
     meter: Arc<usage::Meter>,
+    /// How this worker's tries ended lately: which jobs it declines, and
+    /// whether it is sick.
+    health: std::sync::Mutex<health::Health>,
+    /// Up once it is sick: slots closed, `/healthz` 503.
+    sick: health::SickFlag,
 }
 
 impl Worker {
@@ -207,6 +217,11 @@ impl Worker {
         );
         let slots = config.slots.unwrap_or(gpus.len().max(1));
         Self {
+            health: std::sync::Mutex::new(health::Health::new(
+                config.blocklist_after,
+                config.sick_after,
+            )),
+            sick: health::SickFlag::default(),
             sources,
             intake,
             slots,
@@ -238,8 +253,11 @@ impl Worker {
         let tracker = TaskTracker::new();
         let (meter, imds) = (self.meter.clone(), self.config.imds.clone());
         tokio::spawn(async move { meter.learn_instance(&imds).await });
+        // Slots close at a stop, or for good once the worker is sick.
+        let open = shutdown.token().child_token();
+        self.clone().close_when_sick(open.clone());
         for slot in 0..self.slots {
-            let (worker, stop, abort) = (self.clone(), shutdown.token().clone(), abort.clone());
+            let (worker, stop, abort) = (self.clone(), open.clone(), abort.clone());
             tracker.spawn(
                 async move { worker.slot_loop(slot, &stop, &abort).await }
                     .instrument(info_span!("slot", slot)),
@@ -364,6 +382,11 @@ impl Worker {
         &self.running
     }
 
+    /// Up once this worker is sick, with why.
+    pub fn sick(&self) -> &health::SickFlag {
+        &self.sick
+    }
+
     /// One step: waits for a message (until `stop`, where the backend can
     /// stop safely) and handles it. A job, once received, is cut short only
     /// by `abort`.
@@ -436,6 +459,9 @@ impl Worker {
                     "worker lost during its last try (try {} of {budget})",
                     delivery.attempt - 1
                 )));
+            }
+            if let Some((reason, delay)) = self.declines(&delivery) {
+                return Err(JobError::Declined(reason, delay));
             }
             self.check_previous_try(&delivery, &subject).await;
             // `cancel` reaches the command through its run context, so it
@@ -521,6 +547,7 @@ impl Worker {
             // ever final in the queue but not in the ledger.
             let ended = self.final_state(&job.delivery, &outcome);
             let recorded = self.record_array_child(&job.delivery, &outcome).await;
+            self.judge(&job.delivery, &outcome);
             // No extension may land after the settle (it would undo a
             // retry's back-off): one in flight is waited for.
             job.heartbeat.stop().await;

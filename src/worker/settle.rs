@@ -1,13 +1,18 @@
 //! What happens to a message once its job has ended: deleted, retried
 //! later, dead-lettered or handed back; and what the ledger is told.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::warn;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
 
+use super::health::{Admission, TryEnd};
 use super::{Done, JobError, Worker};
 use crate::events::ledger::{ArrayCounts, ChildState, LedgerError};
 use crate::events::observe::{JobEnd, Subject};
+use crate::job::event::EventType;
 use crate::queue::{DeadLetter, QueueError};
 use crate::retry::Backoff;
 use crate::worker::delivery::Delivery;
@@ -92,7 +97,8 @@ impl Worker {
                 | JobError::Lost
                 | JobError::Interrupted
                 | JobError::HandedBack(_)
-                | JobError::Held(_),
+                | JobError::Held(_)
+                | JobError::Declined(..),
             ) => return None,
         })
     }
@@ -185,21 +191,34 @@ impl Worker {
                 }
             }
             Err(JobError::Held(by)) => self.park(delivery, by).await?,
-            Err(JobError::Interrupted) => self.hand_back(delivery, "interrupted".into()).await?,
-            Err(JobError::HandedBack(reason)) => self.hand_back(delivery, reason).await?,
+            Err(JobError::Interrupted) => {
+                self.hand_back(delivery, "interrupted".into(), Duration::ZERO)
+                    .await?
+            }
+            Err(JobError::HandedBack(reason)) => {
+                self.hand_back(delivery, reason, Duration::ZERO).await?
+            }
+            Err(JobError::Declined(reason, delay)) => {
+                self.hand_back(delivery, reason, delay).await?
+            }
         })
     }
 
-    /// Puts the message back for another try that does not count; the
-    /// ones before it still do.
-    async fn hand_back(&self, delivery: &Delivery, reason: String) -> Result<JobEnd, QueueError> {
+    /// Puts the message back for another try that does not count, visible
+    /// after `delay`; the ones before it still do.
+    async fn hand_back(
+        &self,
+        delivery: &Delivery,
+        reason: String,
+        delay: Duration,
+    ) -> Result<JobEnd, QueueError> {
         let body = delivery.resend_body(|envelope| {
             envelope.interrupts += 1;
             envelope.failures = delivery.attempt - 1;
         });
         self.source(delivery)
             .queue
-            .requeue(&delivery.received, &body)
+            .requeue(&delivery.received, &body, delay)
             .await?;
         Ok(JobEnd::Requeued { reason })
     }
@@ -213,7 +232,9 @@ impl Worker {
         });
         let source = self.source(delivery);
         let (Some(ledger), Ok(envelope)) = (&source.ledger, &delivery.envelope) else {
-            return self.hand_back(delivery, "held".into()).await;
+            return self
+                .hand_back(delivery, "held".into(), Duration::ZERO)
+                .await;
         };
         let (id, size, index) = match &envelope.array {
             Some(a) => (a.job_id.clone(), a.size, a.index),
@@ -228,12 +249,13 @@ impl Worker {
                 Ok(JobEnd::Held { by })
             }
             Ok(false) => {
-                self.hand_back(delivery, "its hold was released".into())
+                self.hand_back(delivery, "its hold was released".into(), Duration::ZERO)
                     .await
             }
             Err(error) => {
                 warn!(%error, "cannot hold the job in the ledger; handing it back");
-                self.hand_back(delivery, "held".into()).await
+                self.hand_back(delivery, "held".into(), Duration::ZERO)
+                    .await
             }
         }
     }
@@ -268,5 +290,107 @@ impl Worker {
             .queue
             .dead_letter(&delivery.received, &body, &note)
             .await
+    }
+}
+
+/// How long a job this worker declines stays hidden: long enough that
+/// another worker takes it first, short enough that it does not wait for
+/// one. A sick worker's are visible again at once (it takes no more).
+const DECLINED_DELAY: Duration = Duration::from_secs(2);
+
+impl Worker {
+    /// The job's key in the worker's health: its array's id for a child,
+    /// so that an array is blocklisted as one job.
+    fn health_key(delivery: &Delivery) -> &str {
+        match &delivery.envelope {
+            Ok(envelope) => envelope
+                .array
+                .as_ref()
+                .map_or(envelope.job_id.as_str(), |a| a.job_id.as_str()),
+            Err(_) => &delivery.message_id,
+        }
+    }
+
+    /// Why this worker will not run the job, and when it should be
+    /// visible again; `None`: it runs.
+    pub(super) fn declines(&self, delivery: &Delivery) -> Option<(String, Duration)> {
+        let admission = self
+            .health
+            .lock()
+            .expect("health lock")
+            .admits(Self::health_key(delivery));
+        match admission {
+            Admission::Run => None,
+            Admission::Blocklisted { failures } => Some((
+                format!("this worker failed the job {failures} times; another worker gets it"),
+                DECLINED_DELAY,
+            )),
+            Admission::Sick => Some((
+                format!(
+                    "this worker is unhealthy ({})",
+                    self.sick.reason().unwrap_or_default()
+                ),
+                Duration::ZERO,
+            )),
+        }
+    }
+
+    /// Notes how a try ended in the worker's health; the try that makes
+    /// the worker sick raises its flag and publishes `WorkerUnhealthy`.
+    pub(super) fn judge(&self, delivery: &Delivery, outcome: &Result<Done, JobError>) {
+        let end = match outcome {
+            Ok(_) => TryEnd::Succeeded,
+            Err(JobError::Retryable(reason) | JobError::Permanent(reason)) => {
+                TryEnd::Failed(reason.clone())
+            }
+            Err(
+                JobError::Refused(_)
+                | JobError::Interrupted
+                | JobError::HandedBack(_)
+                | JobError::Declined(..)
+                | JobError::Held(_)
+                | JobError::Cancelled
+                | JobError::Lost,
+            ) => TryEnd::Neutral,
+        };
+        let sickness = self
+            .health
+            .lock()
+            .expect("health lock")
+            .record(Self::health_key(delivery), end);
+        let Some(sickness) = sickness else {
+            return;
+        };
+        if !self.sick.raise(sickness.to_string()) {
+            return;
+        }
+        error!(
+            tries = sickness.tries,
+            jobs = sickness.jobs,
+            reasons = ?sickness.reasons,
+            "Worker unhealthy: it takes no more jobs until it is restarted."
+        );
+        self.observer.worker_event(
+            EventType::WorkerUnhealthy,
+            json!({
+                "reason": sickness.to_string(),
+                "reasons": sickness.reasons,
+                "tries": sickness.tries,
+                "jobs": sickness.jobs,
+            }),
+        );
+    }
+
+    /// Cancels `open` (the slots' stop) once the worker is sick, and hands
+    /// back what the intake holds; ends when `open` is cancelled otherwise.
+    pub(super) fn close_when_sick(self: Arc<Self>, open: CancellationToken) {
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = self.sick.token().cancelled() => {}
+                _ = open.cancelled() => return,
+            }
+            open.cancel();
+            self.intake.close().await;
+        });
     }
 }

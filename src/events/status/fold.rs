@@ -84,7 +84,8 @@ pub(super) fn worker_alive(conn: &Connection, worker: &WorkerIdentity) -> rusqli
 
 /// Who sent an event: the monitor's recent workers. A worker that said it
 /// is stopping stays so, and is gone by its stop's deadline (the drain
-/// ends before it), so the row keeps that deadline.
+/// ends before it), so the row keeps that deadline. One that said it is
+/// unhealthy stays so (with its reason) until it stops.
 fn fold_worker(
     tx: &rusqlite::Transaction,
     event: &Event,
@@ -98,16 +99,23 @@ fn fold_worker(
                 .map_or(0, |ms| (ms.max(0) as u64).div_ceil(1000) as i64);
             ("stopping", Some(event_ms(event) / 1000 + deadline_s))
         }
+        EventType::WorkerUnhealthy => ("unhealthy", None),
         _ => ("running", None),
     };
+    let reason = (event.kind == EventType::WorkerUnhealthy)
+        .then(|| event.detail["reason"].as_str())
+        .flatten();
     exec(
         tx,
-        "INSERT INTO workers (worker_id, host, state, at, gone_at) VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO workers (worker_id, host, state, at, gone_at, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (worker_id) DO UPDATE SET state = CASE
-            WHEN workers.state = 'stopping' THEN 'stopping' ELSE excluded.state END,
+            WHEN workers.state = 'stopping' THEN 'stopping'
+            WHEN workers.state = 'unhealthy' AND excluded.state = 'running' THEN 'unhealthy'
+            ELSE excluded.state END,
             gone_at = COALESCE(MIN(workers.gone_at, excluded.gone_at), workers.gone_at, excluded.gone_at),
+            reason = COALESCE(excluded.reason, workers.reason),
             at = MAX(workers.at, excluded.at)",
-        params![worker.id, worker.host, state, now, gone_at],
+        params![worker.id, worker.host, state, now, gone_at, reason],
     )
     .map(drop)
 }
@@ -194,7 +202,14 @@ fn fold_array(tx: &rusqlite::Transaction, event: &Event, now: i64) -> rusqlite::
     .map(drop)
 }
 
-pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Result<Applied> {
+/// Folds `event`; `noted` holds the workers whose row this transaction
+/// already brought up to date (an event that changes no worker's state
+/// does not write its row again).
+pub(super) fn apply(
+    tx: &rusqlite::Transaction,
+    event: &Event,
+    noted: &mut std::collections::HashSet<String>,
+) -> rusqlite::Result<Applied> {
     let now = crate::sqlite::now_s();
     // Progress folds the same however often it comes (the highest wins), so
     // its ids, most of all events, are not kept.
@@ -207,7 +222,14 @@ pub(super) fn apply(tx: &rusqlite::Transaction, event: &Event) -> rusqlite::Resu
         return Ok(Applied::Duplicate);
     }
     if let Some(worker) = &event.worker {
-        fold_worker(tx, event, worker, now)?;
+        let changes_state = matches!(
+            event.kind,
+            EventType::WorkerStopping | EventType::WorkerInterrupted | EventType::WorkerUnhealthy
+        );
+        if changes_state || !noted.contains(&worker.id) {
+            fold_worker(tx, event, worker, now)?;
+            noted.insert(worker.id.clone());
+        }
     }
     let Some(job) = &event.job else {
         return Ok(Applied::New);

@@ -357,13 +357,19 @@ impl LocalQueue {
 
     /// Makes the message visible at once with a new body (which carries the
     /// tries used so far), its receive count started again.
-    pub async fn requeue(&self, receipt: &str, body: &str) -> Result<(), QueueError> {
+    pub async fn requeue(
+        &self,
+        receipt: &str,
+        body: &str,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        let visible_at = now_ms().saturating_add(delay.as_millis() as i64);
         self.change_held(
             "UPDATE messages SET body = ?2, visible_at = ?3, receipt = NULL,
                 receive_count = 0
              WHERE receipt = ?1 AND dead_at IS NULL",
             receipt,
-            vec![body.to_owned().into(), now_ms().into()],
+            vec![body.to_owned().into(), visible_at.into()],
         )
         .await?;
         self.ring();

@@ -170,7 +170,7 @@ async fn requeue_does_not_use_up_receives() {
     let q = queue(&dir, 1).await;
     q.send("v1").await.unwrap();
     let got = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
-    q.requeue(&got.receipt, "v2").await.unwrap();
+    q.requeue(&got.receipt, "v2", Duration::ZERO).await.unwrap();
     let again = q.receive(NO_WAIT, VIS, &NEVER).await.unwrap().unwrap();
     assert_eq!((again.body.as_str(), again.receive_count), ("v2", 1));
     assert_eq!(again.message_id, got.message_id);

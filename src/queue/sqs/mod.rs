@@ -181,12 +181,19 @@ impl SqsQueue {
     }
 
     pub async fn send(&self, body: &str) -> Result<String, QueueError> {
+        self.send_delayed(body, Duration::ZERO).await
+    }
+
+    /// `SendMessage`, visible after `delay` (whole seconds, at most 900).
+    async fn send_delayed(&self, body: &str, delay: Duration) -> Result<String, QueueError> {
         ApiCalls::count(&self.calls.send);
+        let delay = delay.as_secs().min(900) as i32;
         let sent = self
             .client
             .send_message()
             .queue_url(&self.url)
             .message_body(body)
+            .set_delay_seconds((delay > 0).then_some(delay))
             .send()
             .await
             .map_err(classify)?;
@@ -350,8 +357,13 @@ impl SqsQueue {
     /// Re-sends `body` as a new message and deletes the received one, so the
     /// message starts over with a fresh receive count (the body carries the
     /// tries already used).
-    pub async fn requeue(&self, received: &Received, body: &str) -> Result<(), QueueError> {
-        self.send(body).await?;
+    pub async fn requeue(
+        &self,
+        received: &Received,
+        body: &str,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        self.send_delayed(body, delay).await?;
         self.delete(&received.receipt).await
     }
 }

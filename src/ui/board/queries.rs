@@ -113,7 +113,8 @@ pub(super) fn last_frame_sql() -> String {
     )
 }
 
-pub(super) const WORKERS_SQL: &str = "SELECT worker_id, host, state, at, gone_at FROM workers
+pub(super) const WORKERS_SQL: &str =
+    "SELECT worker_id, host, state, at, gone_at, reason FROM workers
      WHERE at >= ?1 ORDER BY at DESC LIMIT 100";
 
 /// The ids that start with `prefix`, as a range an index can walk: every

@@ -161,6 +161,8 @@ pub struct WorkerRow {
     pub id: String,
     pub host: String,
     pub state: WorkerState,
+    /// Why it said it is unhealthy.
+    pub reason: Option<String>,
     /// Seconds since it was last heard from.
     pub ago: i64,
 }
@@ -174,6 +176,9 @@ pub enum WorkerState {
     /// Running, by what it last said, but missed two notes: crashed or cut
     /// off.
     Silent,
+    /// Said it failed too many tries in a row: takes no jobs until it is
+    /// restarted (or replaced by its autoscaling group).
+    Unhealthy,
 }
 
 impl WorkerState {
@@ -182,6 +187,7 @@ impl WorkerState {
             WorkerState::Running => "running",
             WorkerState::Stopping => "stopping",
             WorkerState::Silent => "silent",
+            WorkerState::Unhealthy => "unhealthy",
         }
     }
 }

@@ -243,3 +243,46 @@ fn a_worker_past_its_stop_deadline_leaves_the_overview_and_is_counted() {
     assert!(live.contains(&("stopping", WorkerState::Stopping)));
     assert_eq!(workers.stopped, 1);
 }
+
+#[test]
+fn an_unhealthy_worker_stays_so_with_its_reason_until_it_stops() {
+    let (_dir, table, path) = table();
+    let sick = crate::job::event::WorkerIdentity {
+        id: "sick".into(),
+        host: "h".into(),
+        instance_id: None,
+    };
+    let event = |kind: EventType, detail| {
+        let mut event = Event::new(kind, None, detail);
+        event.worker = Some(sick.clone());
+        event
+    };
+    table
+        .apply_all(&[
+            event(EventType::WorkerStarted, json!({})),
+            event(
+                EventType::WorkerUnhealthy,
+                json!({"reason": "5 consecutive failed tries"}),
+            ),
+        ])
+        .unwrap();
+    // A later event that says nothing of its state changes nothing.
+    table
+        .apply(&event(EventType::WorkerStarted, json!({})))
+        .unwrap();
+    table.worker_alive(&sick).unwrap();
+    let row = |board: &Board| board.workers().unwrap().live[0].clone();
+    let board = Board::open(&path).unwrap();
+    assert_eq!(row(&board).state, WorkerState::Unhealthy);
+    assert_eq!(
+        row(&board).reason.as_deref(),
+        Some("5 consecutive failed tries")
+    );
+    table
+        .apply(&event(
+            EventType::WorkerStopping,
+            json!({"deadline_in_ms": 600_000}),
+        ))
+        .unwrap();
+    assert_eq!(row(&board).state, WorkerState::Stopping);
+}
