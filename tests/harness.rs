@@ -1080,3 +1080,10 @@ pub fn png_size(bytes: &[u8]) -> (u32, u32) {
     let info = reader.info();
     (info.width, info.height)
 }
+
+/// An event's `time`, in milliseconds since the epoch.
+pub fn event_millis(event: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(event["time"].as_str().unwrap())
+        .unwrap()
+        .timestamp_millis()
+}

@@ -151,12 +151,6 @@ async fn check_outputs(farm: &Farm, ids: &Value) {
     assert_eq!(stream["codec_name"], "h264", "{probed}");
 }
 
-fn millis(event: &Value) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(event["time"].as_str().unwrap())
-        .unwrap()
-        .timestamp_millis()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pipeline_stages_run_one_after_the_other_without_dependencies() {
     if !have("blender", "blender") || !have("ffmpeg", "ffmpeg") {
@@ -214,19 +208,27 @@ async fn the_pipeline_example_renders_composites_and_encodes_with_frame_level_re
                     .iter()
                     .any(|o| o.as_str().unwrap().ends_with(&format!("/{frame}.png")))
             })
-            .map(|e| millis(e))
+            .map(|e| crate::harness::event_millis(e))
             .unwrap_or_else(|| panic!("no render of frame {frame}"))
     };
     let frame_of = |e: &Value| i64::from(e["array"]["index"].as_u64().unwrap() as u32) + 1;
-    let last_render = rendered.iter().map(|e| millis(e)).max().unwrap();
+    let last_render = rendered
+        .iter()
+        .map(|e| crate::harness::event_millis(e))
+        .max()
+        .unwrap();
     for start in &started {
         let frame = frame_of(start);
         assert!(
-            millis(start) >= render_done(frame),
+            crate::harness::event_millis(start) >= render_done(frame),
             "composite of frame {frame} started before its render ended"
         );
     }
-    let first_release = released.iter().map(|e| millis(e)).min().unwrap();
+    let first_release = released
+        .iter()
+        .map(|e| crate::harness::event_millis(e))
+        .min()
+        .unwrap();
     assert!(
         first_release < last_render,
         "no composite was released before the last render frame finished"

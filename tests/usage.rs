@@ -226,8 +226,16 @@ async fn a_ten_second_job_on_half_a_306_instance_costs_000425_and_an_array_sums(
     // start and exit on a busy machine (up to 1 %).
     assert!((0.00425..0.0043).contains(&cost), "{cost}: {usage}");
     let job_id = job_id_of(&farm, &id);
-    let (code, out, err) = farm.cli(&["status", &job_id]);
-    assert_eq!(code, 0, "{err}");
+    // The status table is written a batch at a time: wait for the end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let (code, out, err) = farm.cli(&["status", &job_id]);
+        assert_eq!(code, 0, "{err}");
+        if out.contains("cost_usd=") || std::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let shown = field(out.trim(), "cost_usd").unwrap_or_else(|| panic!("{out}"));
     assert!((shown - cost).abs() < 1e-6, "{out}");
     assert!(out.contains("instance_type=g5.xlarge"), "{out}");
@@ -379,18 +387,32 @@ async fn a_budget_stops_an_array_within_one_child_and_is_reached_once(backend: B
     let child = 0.000425;
     let spent: f64 = costs.iter().sum();
     assert!(spent >= 0.01, "stopped before the budget: {spent}");
+    // Children running when it was reached finish (held) or are stopped
+    // (cancelled): two slots, each of which may also have received its next
+    // child already.
     assert!(
-        spent < 0.01 + 2.0 * child,
-        "ran on past the budget by more than a child: {spent} ({} tries)",
+        spent < 0.01 + 3.0 * child,
+        "ran on past the budget by more than the children in hand: {spent} ({} tries)",
         costs.len()
     );
     let succeeded = events
         .iter()
         .filter(|e| of_array(e) && e["type"] == "JobSucceeded")
         .count();
-    // $0.01 at $0.000425 a child: the 24th reaches it, one more may be
-    // running then (two slots).
-    assert!((23..=25).contains(&succeeded), "{succeeded} children ran");
+    // $0.01 at $0.000425 a child: the 24th reaches it.
+    assert!((23..=27).contains(&succeeded), "{succeeded} children ran");
+    // It stops starting children within one child (a slot's next one,
+    // received before the budget was reached) of the budget.
+    let reached_at = crate::harness::event_millis(reached[0]);
+    let started_after = events
+        .iter()
+        .filter(|e| of_array(e) && e["type"] == "JobStarted")
+        .filter(|e| crate::harness::event_millis(e) > reached_at)
+        .count();
+    assert!(
+        started_after <= 2,
+        "{started_after} children started after the budget was reached"
+    );
     if let Some(completed) = completed {
         let counts = &completed[0]["detail"];
         assert_eq!(counts["succeeded"], succeeded);

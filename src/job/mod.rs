@@ -59,6 +59,10 @@ pub struct Envelope {
     /// Times the job was handed back by an interrupted worker.
     #[serde(default)]
     pub interrupts: u32,
+    /// Times a worker that had failed it declined it (its blocklist),
+    /// handing it back for another worker.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub declines: u32,
     /// Tries used before the job was last handed back: a hand-back starts
     /// the message's receive count again, but not the failure budget.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -166,6 +170,7 @@ impl Envelope {
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             ),
             interrupts: 0,
+            declines: 0,
             failures: 0,
             message_id: None,
             array: None,

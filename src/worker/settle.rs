@@ -198,9 +198,7 @@ impl Worker {
             Err(JobError::HandedBack(reason)) => {
                 self.hand_back(delivery, reason, Duration::ZERO).await?
             }
-            Err(JobError::Declined(reason, delay)) => {
-                self.hand_back(delivery, reason, delay).await?
-            }
+            Err(JobError::Declined(reason, delay)) => self.decline(delivery, reason, delay).await?,
         })
     }
 
@@ -214,6 +212,25 @@ impl Worker {
     ) -> Result<JobEnd, QueueError> {
         let body = delivery.resend_body(|envelope| {
             envelope.interrupts += 1;
+            envelope.failures = delivery.attempt - 1;
+        });
+        self.source(delivery)
+            .queue
+            .requeue(&delivery.received, &body, delay)
+            .await?;
+        Ok(JobEnd::Requeued { reason })
+    }
+
+    /// Hands back a job this worker declines (its blocklist), counting the
+    /// decline in the job.
+    async fn decline(
+        &self,
+        delivery: &Delivery,
+        reason: String,
+        delay: Duration,
+    ) -> Result<JobEnd, QueueError> {
+        let body = delivery.resend_body(|envelope| {
+            envelope.declines += 1;
             envelope.failures = delivery.attempt - 1;
         });
         self.source(delivery)
@@ -298,6 +315,12 @@ impl Worker {
 /// one. A sick worker's are visible again at once (it takes no more).
 const DECLINED_DELAY: Duration = Duration::from_secs(2);
 
+/// Declines of one job (by any worker) after which a blocklisting worker
+/// runs it after all: no other worker took it in that time (a farm of one
+/// worker, or every other one blocklisting it too), and a job nobody runs
+/// would never end, not even in the dead-letter queue.
+const MAX_DECLINES: u32 = 10;
+
 impl Worker {
     /// The job's key in the worker's health: its array's id for a child,
     /// so that an array is blocklisted as one job.
@@ -319,8 +342,16 @@ impl Worker {
             .lock()
             .expect("health lock")
             .admits(Self::health_key(delivery));
+        let declines = delivery.envelope.as_ref().map_or(0, |e| e.declines);
         match admission {
             Admission::Run => None,
+            Admission::Blocklisted { failures } if declines >= MAX_DECLINES => {
+                warn!(
+                    failures,
+                    declines, "no other worker took the job this worker declined; running it"
+                );
+                None
+            }
             Admission::Blocklisted { failures } => Some((
                 format!("this worker failed the job {failures} times; another worker gets it"),
                 DECLINED_DELAY,
