@@ -151,7 +151,9 @@ async fn opencue_1448_no_child_starts_before_the_parent_frames_it_covers(backend
     assert!(by.starts_with(&parent), "{by}");
 }
 
-async fn a_failed_parent_frame_cancels_exactly_its_dependants_and_finish_runs_all(backend: Backend) {
+async fn a_failed_parent_frame_cancels_exactly_its_dependants_and_finish_runs_all(
+    backend: Backend,
+) {
     let farm = farm_on(backend, 2, 2).await;
     let _serve = farm.serve(&[]).await;
     let parent = array(&farm, step("1-4", 1, "3", 0.0, json!([]))).await;
