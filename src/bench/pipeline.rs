@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ledger::{Counter, counted_client};
 use super::sqs::create_queue_pair;
-use super::{BenchArgs, CONFIG, no_op};
+use super::{BenchArgs, CONFIG, median_and_max, no_op};
 use crate::api::submit::{SubmitRequest, Submitted};
 use crate::app::App;
 use crate::config::Config;
@@ -73,6 +73,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "{frames}-frame `same` dependant held in {:.0} ms",
         started.elapsed().as_secs_f64() * 1000.0
     );
+
+    if let Some((client, bucket, _)) = &s3 {
+        println!(
+            "one S3 ledger write here: {}",
+            write_times(client, bucket).await?
+        );
+    }
 
     // Two slots drain both arrays.
     let calls_before = calls();
@@ -167,6 +174,28 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 const STATUS_PREFIX: &str = "renderq-status";
+
+/// What one conditional write costs on this server: 50 small objects
+/// written with `If-None-Match: *`, median and max.
+async fn write_times(client: &aws_sdk_s3::Client, bucket: &str) -> anyhow::Result<String> {
+    let mut times = Vec::new();
+    for i in 0..50 {
+        let started = Instant::now();
+        client
+            .put_object()
+            .bucket(bucket)
+            .key(format!("bench-writes/{i}"))
+            .if_none_match("*")
+            .body(b"{}".to_vec().into())
+            .send()
+            .await?;
+        times.push(started.elapsed());
+    }
+    Ok(format!(
+        "{} (50 `If-None-Match` PUTs)",
+        median_and_max(&mut times)
+    ))
+}
 
 /// A queue pair and a bucket at `endpoint`: the config of an SQS queue
 /// `bench` whose ledger is in the bucket, and an S3 client (counting its
