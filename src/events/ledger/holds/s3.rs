@@ -168,6 +168,9 @@ enum Cond {
     IfMatch(String),
 }
 
+/// Writes of one submit's held objects (or edges) under way at once.
+const PUTS_AT_ONCE: usize = 32;
+
 const RACES: u32 = 100;
 const RACE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
 
@@ -242,6 +245,20 @@ impl Ledger {
             }
             Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
         }
+    }
+
+    /// Writes every `(key, body)`, [`PUTS_AT_ONCE`] at a time; returns once
+    /// all are written.
+    async fn s3_put_all(&self, writes: Vec<(String, Vec<u8>)>) -> Result<(), LedgerError> {
+        let mut writes = writes.into_iter().peekable();
+        while writes.peek().is_some() {
+            let batch = writes
+                .by_ref()
+                .take(PUTS_AT_ONCE)
+                .map(|(key, body)| async move { self.s3_put(&key, body, Cond::Always).await });
+            futures_util::future::try_join_all(batch).await?;
+        }
+        Ok(())
     }
 
     async fn s3_put_json(
@@ -417,6 +434,9 @@ impl Ledger {
         };
         let mut fates = Vec::with_capacity(entries.len());
         let mut edges = Edges::new();
+        // Written together, a few at a time: markers, then held objects.
+        let (mut markers, mut objects) = (Vec::new(), Vec::new());
+        let json = |held: &HeldObject| serde_json::to_vec(held).map_err(failed);
         let mut pending_of = Vec::with_capacity(entries.len());
         for entry in &entries {
             let mut held = HeldObject {
@@ -450,20 +470,15 @@ impl Ledger {
                 held.waits.clear();
                 held.state = HeldState::Cancelling;
                 let claim = uuid::Uuid::new_v4().simple().to_string();
-                self.s3_put(
-                    &self.marker_key(job_id, entry.index, &claim),
-                    stamp(),
-                    Cond::Always,
-                )
-                .await?;
+                markers.push((self.marker_key(job_id, entry.index, &claim), stamp()));
                 held.claim = Some(claim);
-                self.s3_put_json(&key, &held, Cond::Always).await?;
+                objects.push((key, json(&held)?));
                 pending.clear();
                 Fate::Cancelled(reason)
             } else if pending.is_empty() {
                 Fate::Send
             } else {
-                self.s3_put_json(&key, &held, Cond::Always).await?;
+                objects.push((key, json(&held)?));
                 for wait in &pending {
                     edges
                         .entry((wait.parent_id.clone(), wait.index))
@@ -475,23 +490,27 @@ impl Ledger {
             fates.push(fate);
             pending_of.push(pending);
         }
+        self.s3_put_all(markers).await?;
+        self.s3_put_all(objects).await?;
         if edges.is_empty() {
             return Ok(fates);
         }
+        let mut writes = Vec::new();
         let mut marked = Vec::new();
         for ((parent, index), children) in &edges {
             let key = self.deps_key(&format!("waits/{parent}/{}/{job_id}", unit_name(*index)));
-            self.s3_put_json(&key, children, Cond::Always).await?;
+            writes.push((key, serde_json::to_vec(children).map_err(failed)?));
             let marker = (
                 parent.clone(),
                 if index.is_some() { "unit" } else { "whole" },
             );
             if !marked.contains(&marker) {
                 let key = self.deps_key(&format!("parents/{}/{}", marker.0, marker.1));
-                self.s3_put(&key, Vec::new(), Cond::Always).await?;
+                writes.push((key, Vec::new()));
                 marked.push(marker);
             }
         }
+        self.s3_put_all(writes).await?;
         // What ended between the first read and the edges: spent here (a
         // settle that saw the edges may spend it too, harmlessly).
         let after = self.s3_ends(&parents).await?;
