@@ -20,6 +20,7 @@ scenarios!(
     a_failed_parent_frame_cancels_exactly_its_dependants_and_finish_runs_all,
     two_workers_settling_the_last_parent_frames_release_each_dependant_once,
     a_worker_killed_before_its_release_is_swept_once,
+    a_held_dependant_cancelled_by_hand_is_never_released,
 );
 
 const LONG: Duration = Duration::from_secs(90);
@@ -475,6 +476,49 @@ async fn bad_dependencies_are_refused_naming_the_field_and_a_held_job_says_what_
         LONG,
     )
     .await;
+}
+
+async fn a_held_dependant_cancelled_by_hand_is_never_released(backend: Backend) {
+    let farm = farm_on(backend, 2, 3).await;
+    let _serve = farm.serve(&[]).await;
+    let parent = farm
+        .submit(json!({"command": "step", "parameters": {"seconds": 2}}))
+        .await;
+    let cancelled = farm
+        .submit(json!({"command": "step", "depends_on": [{"job_id": parent}]}))
+        .await;
+    let witness = farm
+        .submit(json!({"command": "step", "depends_on": [{"job_id": parent}]}))
+        .await;
+    farm.wait_for_events(
+        |e| e["type"] == "JobHeld" && e["job_id"] == cancelled.as_str(),
+        1,
+        LONG,
+    )
+    .await;
+    let reply = farm
+        .rpc("queue_manager_cancel_job", json!({"job_id": cancelled}))
+        .await;
+    assert_eq!(reply["result"]["outcome"], "cancelled", "{reply}");
+    farm.wait_for_events(
+        |e| e["type"] == "JobCancelled" && e["job_id"] == cancelled.as_str(),
+        1,
+        LONG,
+    )
+    .await;
+    // The witness waits for the same parent: released by the same end.
+    farm.wait_for_events(
+        |e| e["type"] == "JobSucceeded" && e["job_id"] == witness.as_str(),
+        1,
+        LONG,
+    )
+    .await;
+    let events = farm.events();
+    assert!(
+        !events.iter().any(|e| e["job_id"] == cancelled.as_str()
+            && (e["type"] == "JobReleased" || e["type"] == "JobStarted")),
+        "a cancelled held job was released or run"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
