@@ -466,16 +466,22 @@ async fn bad_dependencies_are_refused_naming_the_field_and_a_held_job_says_what_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Cancelling the parent releases an `on: finish` dependant.
+    cancel(&farm, &parent).await;
+    wait_for(&farm, "JobSucceeded", &held).await;
+}
+
+/// Waits for an event of `kind` of job `id`.
+async fn wait_for(farm: &Farm, kind: &str, id: &str) {
+    farm.wait_for_events(|e| e["type"] == kind && e["job_id"] == id, 1, LONG)
+        .await;
+}
+
+/// Cancels job `id` by hand, which must answer `cancelled`.
+async fn cancel(farm: &Farm, id: &str) {
     let reply = farm
-        .rpc("queue_manager_cancel_job", json!({"job_id": parent}))
+        .rpc("queue_manager_cancel_job", json!({"job_id": id}))
         .await;
     assert_eq!(reply["result"]["outcome"], "cancelled", "{reply}");
-    farm.wait_for_events(
-        |e| e["type"] == "JobSucceeded" && e["job_id"] == held.as_str(),
-        1,
-        LONG,
-    )
-    .await;
 }
 
 async fn a_held_dependant_cancelled_by_hand_is_never_released(backend: Backend) {
@@ -490,29 +496,11 @@ async fn a_held_dependant_cancelled_by_hand_is_never_released(backend: Backend) 
     let witness = farm
         .submit(json!({"command": "step", "depends_on": [{"job_id": parent}]}))
         .await;
-    farm.wait_for_events(
-        |e| e["type"] == "JobHeld" && e["job_id"] == cancelled.as_str(),
-        1,
-        LONG,
-    )
-    .await;
-    let reply = farm
-        .rpc("queue_manager_cancel_job", json!({"job_id": cancelled}))
-        .await;
-    assert_eq!(reply["result"]["outcome"], "cancelled", "{reply}");
-    farm.wait_for_events(
-        |e| e["type"] == "JobCancelled" && e["job_id"] == cancelled.as_str(),
-        1,
-        LONG,
-    )
-    .await;
+    wait_for(&farm, "JobHeld", &cancelled).await;
+    cancel(&farm, &cancelled).await;
+    wait_for(&farm, "JobCancelled", &cancelled).await;
     // The witness waits for the same parent: released by the same end.
-    farm.wait_for_events(
-        |e| e["type"] == "JobSucceeded" && e["job_id"] == witness.as_str(),
-        1,
-        LONG,
-    )
-    .await;
+    wait_for(&farm, "JobSucceeded", &witness).await;
     let events = farm.events();
     assert!(
         !events.iter().any(|e| e["job_id"] == cancelled.as_str()
