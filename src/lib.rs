@@ -65,9 +65,10 @@
 //!   exactly one `ArrayJobCompleted` (per revision) and one
 //!   `BudgetReached`, keeps what a re-render of an array needs from its
 //!   submit, and keeps held jobs (dependants waiting for their parents,
-//!   jobs held by hand) with their messages ready to send (embedded
-//!   queues only, for now). The ledger and the status table are pruned after
-//!   `queue_manager.retention`.
+//!   jobs held by hand) with their messages ready to send (SQLite on the
+//!   embedded queue, S3 objects under `deps/` for SQS; holds by hand:
+//!   embedded queues only, for now). The ledger and the status table are
+//!   pruned after `queue_manager.retention`.
 //! - [`worker`]: the listen half: a step function plus slot loops,
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
 //!   job after `worker::staging` placed its inputs, `worker::settle`
@@ -205,9 +206,14 @@
 //!   write that brings one to zero claims it (`releasing`); its message is
 //!   sent only after that claim, and the row marked `released` after the
 //!   send. A claim a worker died holding is taken by one sweeper after
-//!   `release_grace`. An `on: success` dependant of a unit that did not
-//!   succeed is cancelled with the parent's id and child in its reason,
-//!   and ends as a parent in turn: nothing waits for a parent that ended.
+//!   `release_grace`. On S3 the held object is the set of parent units it
+//!   waits for, changed only by `If-Match` writes: a unit spent twice is
+//!   spent once, the write that empties the set claims it (with a claim id
+//!   and a `releasing/` marker written first), and the sweep re-stamps a
+//!   stale marker with `If-Match` so one sweeper takes it. An `on:
+//!   success` dependant of a unit that did not succeed is cancelled with
+//!   the parent's id and child in its reason, and ends as a parent in
+//!   turn: nothing waits for a parent that ended.
 //! - No secret is read from `workers.toml` or written to a log.
 //! - A job's inputs cannot reach outside its folder (paths and keys are
 //!   checked at submit and again on receive), and nothing a job does to its

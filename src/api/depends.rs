@@ -49,17 +49,14 @@ impl Submitter {
                 ),
             ));
         }
-        let ledger = match self.ledgers().get(queue_name) {
-            Some(ledger @ Ledger::Local(_)) => ledger.clone(),
-            _ => {
-                return Err(FieldError::new(
-                    "depends_on",
-                    format!(
-                        "queue `{queue_name}` keeps its ledger on S3 (or none); dependencies \
-                         need an embedded queue for now"
-                    ),
-                ));
-            }
+        let Some(ledger) = self.ledgers().get(queue_name).cloned() else {
+            return Err(FieldError::new(
+                "depends_on",
+                format!(
+                    "queue `{queue_name}` has no ledger (an SQS queue needs a `status_bucket`); \
+                     dependencies are kept there"
+                ),
+            ));
         };
         let children = plan.map_or(1, |p| p.size() as usize);
         let mut waits: Vec<Vec<Wait>> = vec![Vec::new(); children];
@@ -137,10 +134,7 @@ impl Submitter {
             return Ok(found);
         }
         for (name, other) in self.ledgers().iter() {
-            if name != queue_name
-                && matches!(other, Ledger::Local(_))
-                && other.registered(id).await.map_err(unreadable)?.is_some()
-            {
+            if name != queue_name && other.registered(id).await.map_err(unreadable)?.is_some() {
                 return Err(FieldError::new(
                     format!("{field}.job_id"),
                     format!(

@@ -16,7 +16,26 @@ use crate::events::ledger::{ChildState, Ledger};
 
 /// Counts the requests a client sends (retries included).
 #[derive(Debug, Clone, Default)]
-struct Counter(Arc<AtomicU64>);
+pub(super) struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    pub(super) fn calls(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// An S3 client for `endpoint` whose every request `Counter` counts.
+pub(super) async fn counted_client(endpoint: &str) -> (aws_sdk_s3::Client, Counter) {
+    let sdk = crate::aws::sdk_config(Some("us-east-1"), Some(endpoint)).await;
+    let counter = Counter::default();
+    let client = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .interceptor(counter.clone())
+            .build(),
+    );
+    (client, counter)
+}
 
 impl Intercept for Counter {
     fn name(&self) -> &'static str {
@@ -38,14 +57,7 @@ const WORKERS: u32 = 4;
 const SLOTS: u32 = 4;
 
 pub async fn run(endpoint: &str) -> anyhow::Result<()> {
-    let sdk = crate::aws::sdk_config(Some("us-east-1"), Some(endpoint)).await;
-    let counter = Counter::default();
-    let client = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(true)
-            .interceptor(counter.clone())
-            .build(),
-    );
+    let (client, counter) = counted_client(endpoint).await;
     let bucket = format!(
         "bench-ledger-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]

@@ -121,7 +121,8 @@ pub struct BenchArgs {
     /// With --inputs: files in the cold manifest (0: no manifest run).
     /// Instead: a no-op array (--jobs frames, default 1000) and a `same`
     /// dependant array on 2 slots: from a parent child's settle to its
-    /// dependant's message sent (embedded queue).
+    /// dependant's message sent (embedded queue; with --sqs-endpoint, on
+    /// SQS with the S3 ledger's calls counted).
     #[arg(long)]
     pub pipeline: bool,
     #[arg(long, default_value_t = 10_000)]

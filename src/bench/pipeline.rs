@@ -5,7 +5,9 @@
 //! deleted) to its dependant's message being sent (its `JobReleased`,
 //! published right after the send), from the events' own times (whole
 //! milliseconds); and the ledger transactions a released child cost.
-//! SQS is not measured: the S3 ledger does not keep holds yet.
+//! With `--sqs-endpoint` (e.g. a local moto): the same on an SQS queue
+//! whose ledger is in a bucket there, and every S3 call the ledger made
+//! while the two arrays ran, per released child.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,10 +18,13 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{BenchArgs, CONFIG, no_op};
+use super::ledger::{Counter, counted_client};
+use super::sqs::create_queue_pair;
+use super::{BenchArgs, CONFIG, median_and_max, no_op};
 use crate::api::submit::{SubmitRequest, Submitted};
 use crate::app::App;
 use crate::config::Config;
+use crate::events::ledger::Ledger;
 use crate::job::depends::{DependsOn, Frames, On};
 use crate::worker::Outcome;
 
@@ -27,11 +32,25 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let frames = args.jobs.unwrap_or(1_000);
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("workers.toml");
-    std::fs::write(
-        &config_path,
-        format!("{CONFIG}\n[events.targets.audit]\nkind = \"file\"\npath = \"events.jsonl\"\n"),
-    )?;
-    let app = App::build(Config::load(&config_path)?).await?;
+    let audit = "\n[events.targets.audit]\nkind = \"file\"\npath = \"events.jsonl\"\n";
+    let s3 = match &args.sqs_endpoint {
+        None => {
+            std::fs::write(&config_path, format!("{CONFIG}{audit}"))?;
+            None
+        }
+        Some(endpoint) => {
+            let (config, s3) = on_sqs(endpoint).await?;
+            std::fs::write(&config_path, format!("{config}{audit}"))?;
+            Some(s3)
+        }
+    };
+    let mut app = App::build(Config::load(&config_path)?).await?;
+    if let Some((client, bucket, _)) = &s3 {
+        // The same ledger, through a client that counts its calls.
+        let ledger = Ledger::s3(client.clone(), bucket.clone(), STATUS_PREFIX, "bench");
+        app.ledgers.replace("bench", ledger);
+    }
+    let calls = || s3.as_ref().map_or(0, |(_, _, counter)| counter.calls());
     let submitter = app.submitter();
     let array = |depends_on| SubmitRequest {
         frames: Some(format!("1-{frames}")),
@@ -55,7 +74,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64() * 1000.0
     );
 
+    if let Some((client, bucket, _)) = &s3 {
+        println!(
+            "one S3 ledger write here: {}",
+            write_times(client, bucket).await?
+        );
+    }
+
     // Two slots drain both arrays.
+    let calls_before = calls();
     let worker = Arc::new(app.worker());
     let (never, stop) = (CancellationToken::new(), CancellationToken::new());
     let started = Instant::now();
@@ -86,6 +113,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         2 * frames,
         started.elapsed()
     );
+    let ledger_calls = calls() - calls_before;
     app.publisher.close(Duration::from_secs(10)).await;
 
     let text = std::fs::read_to_string(dir.path().join("events.jsonl"))?;
@@ -130,9 +158,86 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         pct(0.99),
         latencies.last().copied().unwrap_or_default()
     );
-    println!(
-        "ledger per released child (embedded): the parent child's record, one transaction \
-         spending its edges and claiming the dependant, one marking it sent"
-    );
+    if s3.is_some() {
+        println!(
+            "S3 ledger calls while both arrays ran: {ledger_calls}, {:.2} per released child \
+             (the parent's and the dependant's settles included)",
+            ledger_calls as f64 / frames as f64
+        );
+    } else {
+        println!(
+            "ledger per released child (embedded): the parent child's record, one transaction \
+             spending its edges and claiming the dependant, one marking it sent"
+        );
+    }
     Ok(())
+}
+
+const STATUS_PREFIX: &str = "renderq-status";
+
+/// What one conditional write costs on this server: 50 small objects
+/// written with `If-None-Match: *`, median and max.
+async fn write_times(client: &aws_sdk_s3::Client, bucket: &str) -> anyhow::Result<String> {
+    let mut times = Vec::new();
+    for i in 0..50 {
+        let started = Instant::now();
+        client
+            .put_object()
+            .bucket(bucket)
+            .key(format!("bench-writes/{i}"))
+            .if_none_match("*")
+            .body(b"{}".to_vec().into())
+            .send()
+            .await?;
+        times.push(started.elapsed());
+    }
+    Ok(format!(
+        "{} (50 `If-None-Match` PUTs)",
+        median_and_max(&mut times)
+    ))
+}
+
+/// A queue pair and a bucket at `endpoint`: the config of an SQS queue
+/// `bench` whose ledger is in the bucket, and an S3 client (counting its
+/// calls) with the bucket's name.
+async fn on_sqs(endpoint: &str) -> anyhow::Result<(String, (aws_sdk_s3::Client, String, Counter))> {
+    let sdk = crate::aws::sdk_config(Some("us-east-1"), Some(endpoint)).await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let url = create_queue_pair(
+        &aws_sdk_sqs::Client::new(&sdk),
+        &format!("renderq-pipeline-{}", &tag[..10]),
+    )
+    .await?;
+    let (client, counter) = counted_client(endpoint).await;
+    let bucket = format!("bench-pipeline-{}", &tag[..8]);
+    client.create_bucket().bucket(&bucket).send().await?;
+    let config = format!(
+        r#"
+[queue_manager]
+allow_commands = ["get_version"]
+default_queue = "bench"
+listen_queue = "bench"
+
+[server]
+listen = "127.0.0.1:0"
+
+[worker]
+wait_time = "1s"
+
+[queues.bench]
+backend = "sqs"
+url = "{url}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+status_bucket = "status"
+status_prefix = "{STATUS_PREFIX}"
+
+[buckets.status]
+backend = "s3"
+bucket = "{bucket}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+"#
+    );
+    Ok((config, (client, bucket, counter)))
 }

@@ -72,6 +72,11 @@ impl Ledgers {
         Ok(Self(ledgers))
     }
 
+    /// Puts `ledger` in the place of `queue`'s (a bench counts its calls).
+    pub fn replace(&mut self, queue: &str, ledger: Ledger) {
+        self.0.insert(queue.to_owned(), ledger);
+    }
+
     pub fn get(&self, queue: &str) -> Option<&Ledger> {
         self.0.get(queue)
     }

@@ -434,6 +434,20 @@ impl Ledger {
         }
     }
 
+    /// The S3 ledger's final states of an array's children (`None`: not
+    /// final yet), as the state object has them; empty before any settled.
+    pub(super) async fn s3_children(
+        &self,
+        array_id: &str,
+    ) -> Result<Vec<Option<ChildState>>, LedgerError> {
+        Ok(self
+            .array_state(array_id)
+            .await?
+            .0
+            .map(|state| state.children.bytes().map(ChildState::from_mark).collect())
+            .unwrap_or_default())
+    }
+
     /// The S3 ledger's state of an array and its ETag; `None` before its
     /// first child settled.
     async fn array_state(

@@ -19,8 +19,8 @@
 //! `cancelling` by a worker that died is taken again by the sweep
 //! ([`Ledger::stale_holds`]), one sweeper per row.
 //!
-//! The S3 ledger does not keep holds yet: a dependency on an SQS queue is
-//! refused at submit.
+//! The S3 ledger keeps the same as objects (see `s3`); holds by hand stay
+//! on the embedded queue for now (refused on an SQS queue).
 
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
@@ -149,8 +149,16 @@ impl Ledger {
         frames: Option<String>,
         chunk_size: u32,
     ) -> Result<(), LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Ok(());
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => {
+                let registered = Registered {
+                    size,
+                    frames,
+                    chunk_size,
+                };
+                return self.s3_register(job_id, registered).await;
+            }
         };
         let job_id = job_id.to_owned();
         Self::sql(conn, move |c| {
@@ -166,8 +174,9 @@ impl Ledger {
 
     /// A job's registration; `None` when this ledger never saw it.
     pub async fn registered(&self, job_id: &str) -> Result<Option<Registered>, LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Err(unsupported());
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => return self.s3_registered(job_id).await,
         };
         let job_id = job_id.to_owned();
         Self::sql(conn, move |c| {
@@ -197,8 +206,11 @@ impl Ledger {
         entries: Vec<ToHold>,
         manual: bool,
     ) -> Result<Vec<Fate>, LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Err(unsupported());
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            // Holds by hand stay on the embedded queue for now.
+            Ledger::S3 { .. } if manual => return Err(unsupported()),
+            Ledger::S3 { .. } => return self.s3_hold(job_id, size, entries).await,
         };
         let job_id = job_id.to_owned();
         Self::sql(conn, move |c| {
@@ -282,8 +294,11 @@ impl Ledger {
         indexes: Vec<u32>,
         state: ChildState,
     ) -> Result<Vec<Freed>, LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Ok(Vec::new());
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => {
+                return self.s3_units_ended(parent_id, size, indexes, state).await;
+            }
         };
         let parent_id = parent_id.to_owned();
         Self::sql(conn, move |c| {
@@ -340,8 +355,9 @@ impl Ledger {
     /// Marks freed rows done: `released` once their message is sent,
     /// `cancelled` once their end is recorded.
     pub async fn holds_done(&self, rows: Vec<(String, u32, bool)>) -> Result<(), LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Ok(());
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => return self.s3_holds_done(rows).await,
         };
         Self::sql(conn, move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -366,8 +382,9 @@ impl Ledger {
     /// (taking one stamps it anew, so another sweeper passes it by for a
     /// grace).
     pub async fn stale_holds(&self, grace: std::time::Duration) -> Result<Vec<Freed>, LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Ok(Vec::new());
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => return self.s3_stale_holds(grace).await,
         };
         let cutoff = crate::sqlite::now_s() - grace.as_secs().max(1) as i64;
         Self::sql(conn, move |c| {
@@ -411,8 +428,9 @@ impl Ledger {
         job_id: &str,
         limit: u32,
     ) -> Result<Vec<(u32, String, Option<u32>)>, LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Ok(Vec::new());
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => return self.s3_waiting_for(job_id, limit).await,
         };
         let job_id = job_id.to_owned();
         Self::sql(conn, move |c| {
@@ -566,6 +584,7 @@ fn spend(
 }
 
 mod hand;
+mod s3;
 
 #[cfg(test)]
 mod tests;

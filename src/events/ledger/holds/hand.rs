@@ -121,8 +121,9 @@ impl Ledger {
     /// Cancels a job's held rows (a cancel by hand): they are freed as
     /// cancelled, with `reason`.
     pub async fn cancel_held(&self, job_id: &str, reason: &str) -> Result<Vec<Freed>, LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Ok(Vec::new());
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => return self.s3_cancel_held(job_id, reason).await,
         };
         let (job_id, reason) = (job_id.to_owned(), reason.to_owned());
         Self::sql(conn, move |c| {
