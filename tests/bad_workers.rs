@@ -39,6 +39,7 @@ fn settings(worker_toml: &str) -> Settings {
         extra_allowed: vec!["flaky"],
         extra_toml: FLAKY.into(),
         worker_toml: worker_toml.into(),
+        health_toml: "",
         ..Settings::default()
     }
 }

@@ -275,6 +275,11 @@ pub struct Settings {
     pub extra_allowed: Vec<&'static str>,
     /// More lines for the `[worker]` table.
     pub worker_toml: String,
+    /// The `[worker]` table's bad-worker thresholds: out of the way by
+    /// default (tests of retries and dead letters fail every try on one
+    /// worker, which would blocklist the job and call the worker sick);
+    /// empty for the product's defaults (`tests/bad_workers.rs`).
+    pub health_toml: &'static str,
     /// More lines for the `[queue_manager]` table.
     pub queue_manager_toml: String,
     /// The SQS queue's `endpoint_url`, when it is not moto itself (a
@@ -294,6 +299,7 @@ impl Default for Settings {
             extra_toml: String::new(),
             extra_allowed: Vec::new(),
             worker_toml: String::new(),
+            health_toml: "blocklist_after = 1000\nsick_after = 1000",
             queue_manager_toml: String::new(),
             sqs_endpoint: None,
         }
@@ -497,6 +503,7 @@ impl Farm {
             max_body_bytes,
             extra_toml,
             worker_toml,
+            health_toml,
             queue_manager_toml,
             sqs_endpoint,
             ..
@@ -557,6 +564,7 @@ retry_delay = "{retry_delay}"
 max_retry_delay = "2s"
 drain_timeout = "{drain_timeout}"
 work_dir = "work"
+{health_toml}
 {worker_toml}
 {storage}
 [events]
