@@ -799,6 +799,27 @@ timeout = "5s"
     }
 
     /// Submits a job and returns its message id.
+    /// `queue_manager_job_status` of `id` once the status table has it
+    /// ended (a job final, an array completed): the table is written a
+    /// batch at a time, a little after the events. The last answer after
+    /// 10 s otherwise.
+    pub async fn final_status(&self, id: &str) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self
+                .rpc("queue_manager_job_status", json!({"job_id": id}))
+                .await;
+            let result = &status["result"];
+            let ended = result["completed"] == true
+                || ["succeeded", "dead_lettered", "cancelled"]
+                    .contains(&result["state"].as_str().unwrap_or_default());
+            if ended || std::time::Instant::now() > deadline {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn submit(&self, job: Value) -> String {
         let reply = self.rpc("queue_manager_submit_job", job).await;
         reply["result"]

@@ -146,15 +146,11 @@ async fn rerendering_frames_3_and_7_of_a_finished_array_makes_revision_2(backend
     // The status table: those frames' newest children are revision 2, and
     // the array is completed in its revision 2, every frame succeeded.
     for message_id in &message_ids {
-        let status = farm
-            .rpc("queue_manager_job_status", json!({"job_id": message_id}))
-            .await;
+        let status = farm.final_status(message_id).await;
         assert_eq!(status["result"]["revision"], 2, "{status}");
         assert_eq!(status["result"]["state"], "succeeded", "{status}");
     }
-    let array = farm
-        .rpc("queue_manager_job_status", json!({"job_id": array_id}))
-        .await;
+    let array = farm.final_status(&array_id).await;
     let array = &array["result"];
     assert_eq!(
         (

@@ -265,6 +265,7 @@ async fn a_ten_second_job_on_half_a_306_instance_costs_000425_and_an_array_sums(
         .map(|e| e["detail"]["usage"]["cost_usd"].as_f64().unwrap())
         .sum();
     assert!(children > 3.0 * 0.000425 * 0.99, "{children}");
+    farm.final_status(&array_id).await;
     let (code, out, err) = farm.cli(&["status", &array_id]);
     assert_eq!(code, 0, "{err}");
     let shown = field(out.trim(), "cost_usd").unwrap_or_else(|| panic!("{out}"));
