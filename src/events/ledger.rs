@@ -35,6 +35,29 @@ fn failed(e: impl std::fmt::Display) -> LedgerError {
     LedgerError(e.to_string())
 }
 
+/// A conditional PUT's answer: true when written, false when its condition
+/// failed (another writer was first).
+fn written_if<R: std::fmt::Debug>(
+    key: &str,
+    sent: Result<
+        aws_sdk_s3::operation::put_object::PutObjectOutput,
+        aws_sdk_s3::error::SdkError<aws_sdk_s3::operation::put_object::PutObjectError, R>,
+    >,
+) -> Result<bool, LedgerError> {
+    match sent {
+        Ok(_) => Ok(true),
+        Err(e)
+            if matches!(
+                e.code(),
+                Some("PreconditionFailed" | "ConditionalRequestConflict" | "NoSuchKey")
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
+    }
+}
+
 /// Every queue's ledger, by queue name (an SQS queue without a
 /// `status_bucket` has none).
 #[derive(Debug, Clone, Default)]
@@ -240,18 +263,7 @@ impl Ledger {
             Some(etag) => put.if_match(etag),
             None => put.if_none_match("*"),
         };
-        match put.send().await {
-            Ok(_) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.code(),
-                    Some("PreconditionFailed" | "ConditionalRequestConflict" | "NoSuchKey")
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
-        }
+        written_if(key, put.send().await)
     }
 
     /// Whether `key` exists (a `HEAD`).

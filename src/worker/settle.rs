@@ -210,15 +210,8 @@ impl Worker {
         reason: String,
         delay: Duration,
     ) -> Result<JobEnd, QueueError> {
-        let body = delivery.resend_body(|envelope| {
-            envelope.interrupts += 1;
-            envelope.failures = delivery.attempt - 1;
-        });
-        self.source(delivery)
-            .queue
-            .requeue(&delivery.received, &body, delay)
-            .await?;
-        Ok(JobEnd::Requeued { reason })
+        self.requeue(delivery, reason, delay, |envelope| envelope.interrupts += 1)
+            .await
     }
 
     /// Hands back a job this worker declines (its blocklist), counting the
@@ -229,8 +222,21 @@ impl Worker {
         reason: String,
         delay: Duration,
     ) -> Result<JobEnd, QueueError> {
+        self.requeue(delivery, reason, delay, |envelope| envelope.declines += 1)
+            .await
+    }
+
+    /// Puts the job back in its queue after `delay` without using a try,
+    /// noting why in its envelope (`note`).
+    async fn requeue(
+        &self,
+        delivery: &Delivery,
+        reason: String,
+        delay: Duration,
+        note: impl FnOnce(&mut crate::job::Envelope),
+    ) -> Result<JobEnd, QueueError> {
         let body = delivery.resend_body(|envelope| {
-            envelope.declines += 1;
+            note(envelope);
             envelope.failures = delivery.attempt - 1;
         });
         self.source(delivery)

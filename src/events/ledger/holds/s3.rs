@@ -32,7 +32,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use aws_sdk_s3::error::ProvideErrorMetadata;
 use serde::{Deserialize, Serialize};
 
 use super::{Fate, Freed, Registered, ToHold, Wait, failed_reason};
@@ -233,18 +232,7 @@ impl Ledger {
             Cond::IfAbsent => put.if_none_match("*"),
             Cond::IfMatch(etag) => put.if_match(etag),
         };
-        match put.send().await {
-            Ok(_) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.code(),
-                    Some("PreconditionFailed" | "ConditionalRequestConflict" | "NoSuchKey")
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
-        }
+        super::super::written_if(key, put.send().await)
     }
 
     /// Writes every `(key, body)`, [`PUTS_AT_ONCE`] at a time; returns once
