@@ -113,7 +113,7 @@ seconds = {{ type = "number", min = 0 }}
     settings.extra_allowed.push("hog");
     let farm = Farm::new(Backend::Local, settings).await;
     let _serve = farm.serve(&[]).await;
-    let mut peaks = Vec::new();
+    let (mut cpus, mut peaks) = (Vec::new(), Vec::new());
     // One process runs both: the second run's peak is its own, not the
     // first's.
     for (mb, seconds) in [(300, 1.0), (50, 0.0)] {
@@ -122,9 +122,15 @@ seconds = {{ type = "number", min = 0 }}
             .await;
         let usage = succeeded(&farm, &id).await["detail"]["usage"].clone();
         let cpu = usage["cpu_s"].as_f64().unwrap_or(-1.0);
-        assert!(cpu >= seconds * 0.9 && cpu < seconds + 0.5, "{usage}");
+        // Touching 300 MiB costs CPU of its own (page faults, zeroing),
+        // more on a loaded machine: CI has measured 1 s of it.
+        assert!(cpu >= seconds * 0.9 && cpu < seconds + 2.5, "{usage}");
+        cpus.push(cpu);
         peaks.push(usage["peak_rss_bytes"].as_f64().unwrap_or(0.0) / MIB);
     }
+    // The second run burns no CPU of its own: a figure counted from the
+    // adaptor's start would include the first run's second.
+    assert!(cpus[1] < 0.5 && cpus[1] < cpus[0] - 0.5, "{cpus:?}");
     assert!((270.0..=330.0).contains(&peaks[0]), "{peaks:?}");
     assert!(peaks[1] >= 50.0 && peaks[1] < 120.0, "{peaks:?}");
 }
