@@ -13,12 +13,13 @@ const LONG: Duration = Duration::from_secs(60);
 
 /// A farm on moto whose ledger (the `results` bucket) is reached through
 /// the counting proxy: requests under `arrays/` after the first `skip`
-/// fail `fails` times. Returns the farm, the config for its workers and
+/// fail `fails` times (`mode`: the proxy's, `slowdown` or `landed`). Returns the farm, the config for its workers and
 /// the proxy's count file.
 async fn counted_farm(
     moto: &Moto,
     skip: u32,
     fails: u32,
+    mode: &str,
     slots: u32,
     dir: &Path,
 ) -> (Farm, std::path::PathBuf, std::path::PathBuf, Server) {
@@ -40,6 +41,7 @@ async fn counted_farm(
             &skip.to_string(),
             &fails.to_string(),
             &count.to_string_lossy(),
+            mode,
         ],
     );
     // The bucket's endpoint is the last `endpoint_url` of the config.
@@ -85,7 +87,7 @@ async fn four_workers_settle_2000_children_with_a_bounded_number_of_s3_calls_eac
     // Its own moto: the other tests' traffic would slow it down (moto's
     // queues cost more with more messages in them).
     let moto = Moto::start_on(crate::harness::free_port());
-    let (farm, config, count, _proxy) = counted_farm(&moto, 0, 0, 4, dir.path()).await;
+    let (farm, config, count, _proxy) = counted_farm(&moto, 0, 0, "slowdown", 4, dir.path()).await;
     let _serve = farm.serve_with(&AWS_ENV, &config).await;
     let job_id = submit_array(&farm, &format!("1-{CHILDREN}")).await;
     // serve runs a worker too: with these, four.
@@ -136,13 +138,13 @@ async fn four_workers_settle_2000_children_with_a_bounded_number_of_s3_calls_eac
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_last_childs_ledger_write_failing_twice_still_completes_the_array_once() {
+/// A three-child array on one slot, its ledger requests failed by the
+/// proxy (`skip`, `fails`, `mode`): it completes once, every injected
+/// failure met, and no child ran twice.
+async fn three_children_complete_once(skip: u32, fails: u32, mode: &str) {
     let dir = tempfile::tempdir().unwrap();
-    // Three children on one slot: the first two settle (a GET and a PUT
-    // each); the third's first two writes fail all of the SDK's three
-    // attempts each.
-    let (farm, config, count, _proxy) = counted_farm(Moto::shared(), 4, 6, 1, dir.path()).await;
+    let (farm, config, count, _proxy) =
+        counted_farm(Moto::shared(), skip, fails, mode, 1, dir.path()).await;
     let _serve = farm.serve_with(&AWS_ENV, &config).await;
     let job_id = submit_array(&farm, "1-3").await;
     let _worker = farm.spawn_with("worker", &AWS_ENV, &config);
@@ -156,7 +158,7 @@ async fn the_last_childs_ledger_write_failing_twice_still_completes_the_array_on
     );
     assert_eq!(
         counted(&count)["failed"],
-        6,
+        fails,
         "every injected failure was met"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -167,4 +169,18 @@ async fn the_last_childs_ledger_write_failing_twice_still_completes_the_array_on
         .filter(|e| e["type"] == "JobSucceeded")
         .count();
     assert_eq!(succeeded, 3, "no child ran twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_childs_ledger_write_failing_twice_still_completes_the_array_once() {
+    // After the first four ledger requests, the next six fail: two writes,
+    // each failing all of the SDK's three attempts.
+    three_children_complete_once(4, 6, "slowdown").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claiming_write_that_landed_but_answered_an_error_still_completes_the_array() {
+    // The write that claims the completion reaches moto, but the worker is
+    // answered 503: the SDK's retry finds the ETag it replaced itself.
+    three_children_complete_once(0, 1, "landed").await;
 }

@@ -382,7 +382,9 @@ pub struct HttpPostConfig {
     pub allow_hosts: Option<Vec<String>>,
     /// Allow link-local and metadata addresses (169.254.0.0/16, fe80::/10).
     pub allow_link_local: bool,
-    /// Limit on one attempt, connect to last byte.
+    /// How long one attempt may go without progress (connecting, sending
+    /// no byte, or awaiting the answer after the last byte); a large result
+    /// that keeps moving is never cut.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Attempts before the task fails (and the job is retried later).

@@ -8,8 +8,11 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
 
 use hmac::{Hmac, Mac};
 use reqwest::Url;
@@ -181,8 +184,9 @@ impl HttpPoster {
         } else {
             reqwest::redirect::Policy::none()
         };
+        // No overall timeout: a large result that keeps moving may take as
+        // long as it needs; `Progress::watch` cuts an attempt that stalls.
         let client = reqwest::Client::builder()
-            .timeout(self.timeout)
             .redirect(redirect)
             .danger_accept_invalid_certs(!verify)
             .dns_resolver(Arc::new(GuardedResolver(self.policy.clone())))
@@ -260,24 +264,28 @@ impl HttpPoster {
             if attempt > 1 {
                 tokio::time::sleep(self.retry.delay(attempt - 1)).await;
             }
-            let (body, length) = request_body(&output.body)
+            let progress = Progress::start();
+            let (body, length) = request_body(&output.body, &progress)
                 .await
                 .map_err(|(path, e)| read_error(&path, e))?;
-            let sent = client
+            let request = client
                 .post(url.clone())
                 .headers(headers.clone())
                 // A streamed file keeps its length: no chunked encoding.
                 .header(reqwest::header::CONTENT_LENGTH, length)
                 .body(body)
-                .send()
-                .await;
-            last_error = match sent {
-                Ok(response) if response.status().is_success() => return Ok(url.to_string()),
-                Ok(response) => status_error(&url, response.status()),
-                Err(e) if e.is_redirect() => {
+                .send();
+            last_error = match progress.watch(self.timeout, request).await {
+                None => TaskError::Retryable(format!(
+                    "{url}: no progress for {}",
+                    humantime::format_duration(self.timeout)
+                )),
+                Some(Ok(response)) if response.status().is_success() => return Ok(url.to_string()),
+                Some(Ok(response)) => status_error(&url, response.status()),
+                Some(Err(e)) if e.is_redirect() => {
                     TaskError::Permanent(format!("{url}: {}", crate::error_chain(&e)))
                 }
-                Err(e) => TaskError::Retryable(format!("{url}: {}", crate::error_chain(&e))),
+                Some(Err(e)) => TaskError::Retryable(format!("{url}: {}", crate::error_chain(&e))),
             };
             tracing::warn!(attempt, error = %last_error, "http_post attempt failed");
             if matches!(last_error, TaskError::Permanent(_)) {
@@ -288,10 +296,61 @@ impl HttpPoster {
     }
 }
 
+/// When an attempt last moved. An attempt is cut only when it stalls for
+/// the configured timeout (connecting, sending, or awaiting the answer after
+/// the last byte), so a 1 GiB result on a slow link is not cut half-way.
+#[derive(Debug, Clone)]
+struct Progress {
+    started: Instant,
+    /// Milliseconds from `started` to the last chunk the server took.
+    moved_ms: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn start() -> Self {
+        Self {
+            started: Instant::now(),
+            moved_ms: Arc::default(),
+        }
+    }
+
+    fn mark(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.moved_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_moved(&self) -> Instant {
+        self.started + Duration::from_millis(self.moved_ms.load(Ordering::Relaxed))
+    }
+
+    /// Runs `request` until it ends, or `None` once it has made no progress
+    /// for `limit`.
+    async fn watch<F: std::future::Future>(
+        &self,
+        limit: Duration,
+        request: F,
+    ) -> Option<F::Output> {
+        tokio::pin!(request);
+        loop {
+            let deadline = self.last_moved() + limit;
+            tokio::select! {
+                answer = &mut request => return Some(answer),
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if self.last_moved() + limit <= Instant::now() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A fresh request body for each attempt and its length: bytes, or the
-/// file streamed from disk (never read whole into memory).
+/// file streamed from disk (never read whole into memory), each chunk
+/// marking progress as the connection takes it.
 async fn request_body(
     body: &Body,
+    progress: &Progress,
 ) -> Result<(reqwest::Body, u64), (std::path::PathBuf, std::io::Error)> {
     match body {
         Body::Bytes(bytes) => Ok((reqwest::Body::from(bytes.clone()), bytes.len() as u64)),
@@ -300,7 +359,9 @@ async fn request_body(
                 .await
                 .map_err(|e| (path.clone(), e))?;
             let length = file.metadata().await.map_err(|e| (path.clone(), e))?.len();
-            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 16);
+            let progress = progress.clone();
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 16)
+                .inspect(move |_| progress.mark());
             Ok((reqwest::Body::wrap_stream(stream), length))
         }
     }
@@ -341,6 +402,95 @@ mod tests {
                 "{code}"
             );
         }
+    }
+
+    /// A server that takes `pace_bytes` every `pace` and answers 200 once it
+    /// has `total` bytes (headers and body), or never answers when `total`
+    /// is `None`.
+    async fn slow_server(pace_bytes: usize, pace: Duration, total: Option<usize>) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(8).unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0; pace_bytes];
+            let mut got = 0;
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got += n,
+                }
+                if total.is_some_and(|total| got >= total) {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(pace).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_slow_upload_that_keeps_moving_is_not_cut() {
+        // The kernel's send buffer (up to 4 MiB) lets the sender go a third
+        // of it at a time: at about 6 MiB/s, a chunk every few hundred ms.
+        const LIMIT: Duration = Duration::from_secs(1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.bin");
+        let size = 24 << 20;
+        std::fs::write(&path, vec![7u8; size]).unwrap();
+        let addr = slow_server(64 * 1024, Duration::from_millis(10), Some(size)).await;
+
+        let started = Instant::now();
+        let progress = Progress::start();
+        let (body, length) = request_body(&Body::File(path), &progress).await.unwrap();
+        let request = reqwest::Client::new()
+            .post(format!("http://{addr}/big"))
+            .header(reqwest::header::CONTENT_LENGTH, length)
+            .body(body)
+            .send();
+        let answer = progress.watch(LIMIT, request).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(answer, Some(Ok(ref r)) if r.status().is_success()),
+            "{answer:?}"
+        );
+        assert!(took > LIMIT * 2, "the upload took only {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_is_cut_after_the_timeout() {
+        let addr = slow_server(64 * 1024, Duration::ZERO, None).await;
+        let poster = HttpPoster::new(
+            &HttpPostConfig {
+                timeout: Duration::from_millis(300),
+                attempts: 1,
+                ..HttpPostConfig::default()
+            },
+            None,
+        );
+        let task = HttpPost {
+            postback_uri: Template::parse(&format!("http://{addr}/done")).unwrap(),
+            headers: BTreeMap::new(),
+            follow_redirects: false,
+            verify_ssl: true,
+        };
+        let output = Output::bytes(b"{}".to_vec(), mime::APPLICATION_JSON);
+        let started = Instant::now();
+        let error = poster
+            .post(&task, &output, &Vars::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, TaskError::Retryable(m) if m.contains("no progress for 300ms")),
+            "{error:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     fn policy(hosts: Option<&[&str]>) -> HostPolicy {

@@ -128,6 +128,11 @@ struct ArrayState {
     /// [`ChildState::mark`].
     children: String,
     completed: bool,
+    /// The write that claimed the completion: a write whose answer was lost
+    /// (its PUT landed, then the call failed or was retried and found its
+    /// own ETag condition stale) finds its token here and still claims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    claimed_by: Option<String>,
 }
 
 /// A child not final yet, in [`ArrayState::children`].
@@ -139,6 +144,7 @@ impl ArrayState {
             size,
             children: String::from_utf8(vec![PENDING; size as usize]).expect("ASCII"),
             completed: false,
+            claimed_by: None,
         }
     }
 
@@ -349,15 +355,19 @@ impl Ledger {
                 }
                 std::mem::take(&mut waiting.settles)
             };
+            let claim = uuid::Uuid::new_v4().to_string();
             // A call that hangs must not hold every settle of the array.
-            let result =
-                tokio::time::timeout(WRITE_TIMEOUT, self.write_state(&array_id, size, &batch))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(LedgerError(format!(
-                            "array {array_id}: its state write took over {WRITE_TIMEOUT:?}"
-                        )))
-                    });
+            let write = self.write_state(&array_id, size, &batch, &claim);
+            let result = match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                Ok(Ok(claimed)) => Ok(claimed),
+                Ok(Err(error)) => self.claimed_anyway(&array_id, &claim, error).await,
+                Err(_) => {
+                    let error = LedgerError(format!(
+                        "array {array_id}: its state write took over {WRITE_TIMEOUT:?}"
+                    ));
+                    self.claimed_anyway(&array_id, &claim, error).await
+                }
+            };
             let mut answers = batch.into_iter().map(|settle| settle.answer);
             match result {
                 Ok(claimed) => {
@@ -377,17 +387,45 @@ impl Ledger {
         }
     }
 
+    /// After a write failed or hung: whether its PUT landed anyway and
+    /// claimed the completion (the state names `claim`), read once within
+    /// [`WRITE_TIMEOUT`]. Otherwise the write's own error.
+    async fn claimed_anyway(
+        &self,
+        array_id: &str,
+        claim: &str,
+        error: LedgerError,
+    ) -> Result<Option<ArrayCounts>, LedgerError> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.array_state(array_id)).await {
+            Ok(Ok((Some(state), _))) if state.claimed_by.as_deref() == Some(claim) => {
+                tracing::info!(array_id, "the array state write landed despite its error");
+                Ok(Some(state.tally().1))
+            }
+            _ => Err(error),
+        }
+    }
+
     /// One read-change-write of an array's state with the settles of
     /// `batch`, read again whenever another writer got there first. The
-    /// counts when this write claimed the array's completion.
+    /// counts when this write (named `claim` in the state) claimed the
+    /// array's completion.
     async fn write_state(
         &self,
         array_id: &str,
         size: u32,
         batch: &[Settle],
+        claim: &str,
     ) -> Result<Option<ArrayCounts>, LedgerError> {
         for race in 1..=RACES {
             let (current, etag) = self.array_state(array_id).await?;
+            if let Some(state) = &current
+                && state.claimed_by.as_deref() == Some(claim)
+            {
+                // An earlier try of this write landed and claimed it (its
+                // answer was lost, or a retry of the PUT found the ETag it
+                // had itself replaced).
+                return Ok(Some(state.tally().1));
+            }
             let mut next = current.unwrap_or_else(|| ArrayState::new(size));
             let mut changed = false;
             for settle in batch {
@@ -399,7 +437,10 @@ impl Ledger {
                 // Repeats (a child run twice): nothing to write.
                 return Ok(None);
             }
-            next.completed |= claims;
+            if claims {
+                next.completed = true;
+                next.claimed_by = Some(claim.to_owned());
+            }
             if self.put_array_state(array_id, &next, etag).await? {
                 return Ok(claims.then_some(counts));
             }
