@@ -118,13 +118,13 @@ pub struct BenchArgs {
     /// --jobs jobs [default: 2000].
     #[arg(long)]
     pub usage: bool,
-    /// With --inputs: files in the cold manifest (0: no manifest run).
     /// Instead: a no-op array (--jobs frames, default 1000) and a `same`
     /// dependant array on 2 slots: from a parent child's settle to its
     /// dependant's message sent (embedded queue; with --sqs-endpoint, on
     /// SQS with the S3 ledger's calls counted).
     #[arg(long)]
     pub pipeline: bool,
+    /// With --inputs: files in the cold manifest (0: no manifest run).
     #[arg(long, default_value_t = 10_000)]
     pub files: usize,
     /// With --uploads or --inputs: the file's size.
