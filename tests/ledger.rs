@@ -1,6 +1,8 @@
 //! The S3 ledger of array children (on moto, through a proxy that counts
 //! and fails its requests): a bounded number of calls per child whatever
 //! the array's size, and one completion despite transient errors.
+//! Holds by hand on the S3 ledger: a release racing parks sends each
+//! message once.
 
 use std::path::Path;
 use std::time::Duration;
@@ -167,4 +169,67 @@ async fn the_last_childs_ledger_write_failing_twice_still_completes_the_array_on
         .filter(|e| e["type"] == "JobSucceeded")
         .count();
     assert_eq!(succeeded, 3, "no child ran twice");
+}
+
+/// A hold by hand on the S3 ledger, as two processes see it: messages
+/// parked while a release and a second releaser race them are each sent
+/// exactly once, by a release or by the worker that parked it (which then
+/// hands it back), and none is left held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_racing_parks_on_s3_sends_each_message_once() {
+    use renderq::events::ledger::Ledger;
+    let moto = Moto::shared();
+    let (_, s3) = crate::harness::aws_clients(&moto.endpoint()).await;
+    let bucket = format!("holds-{}", uuid::Uuid::new_v4().simple());
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let ledger = || Ledger::s3(s3.clone(), bucket.clone(), "status", "q");
+    let (a, b, c) = (ledger(), ledger(), ledger());
+    let job = "7d3f0a52-1b1e-4c41-9d55-3c1f1f0f9a01";
+    assert!(a.hold_by_hand(job).await.unwrap());
+    assert!(!b.hold_by_hand(job).await.unwrap());
+    assert_eq!(
+        b.held_by_hand(vec!["x".into(), job.into()]).await.unwrap(),
+        Some(job.to_owned())
+    );
+    for index in 0..10 {
+        assert!(
+            a.park(job, job, 20, index, format!("m{index}"))
+                .await
+                .unwrap()
+        );
+    }
+    // Parks of 10..20 while two releasers race.
+    let parks = futures_util::future::join_all((10..20).map(|index| {
+        let a = a.clone();
+        async move {
+            (
+                index,
+                a.park(job, job, 20, index, format!("m{index}")).await,
+            )
+        }
+    }));
+    let (parked, first, second) =
+        tokio::join!(parks, b.release_by_hand(job), c.release_by_hand(job));
+    let mut sent: Vec<u32> = [first.unwrap(), second.unwrap()]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|freed| {
+            assert_eq!(freed.body, format!("m{}", freed.index));
+            assert_eq!(freed.by, "hand");
+            freed.index
+        })
+        .collect();
+    // A park that says false leaves the message with its worker.
+    sent.extend(
+        parked
+            .into_iter()
+            .filter_map(|(index, parked)| (!parked.unwrap()).then_some(index)),
+    );
+    sent.sort_unstable();
+    assert_eq!(sent, (0..20).collect::<Vec<u32>>(), "each message once");
+    // Released: nothing is held any more, and a park now says so.
+    assert_eq!(ledger().held_by_hand(vec![job.into()]).await.unwrap(), None);
+    assert!(!a.park(job, job, 20, 3, "m3".into()).await.unwrap());
+    assert!(ledger().release_by_hand(job).await.unwrap().is_none());
 }
