@@ -171,10 +171,10 @@ async fn the_last_childs_ledger_write_failing_twice_still_completes_the_array_on
     assert_eq!(succeeded, 3, "no child ran twice");
 }
 
-/// A hold by hand on the S3 ledger, as two processes see it: messages
-/// parked while a release and a second releaser race them are each sent
-/// exactly once, by a release or by the worker that parked it (which then
-/// hands it back), and none is left held.
+/// A hold by hand on the S3 ledger, as three processes see it: messages
+/// parked while two releasers race them are each sent exactly once, by a
+/// release or by the worker that parked it (which then hands it back),
+/// and none is left held. Five rounds, for the races to fall differently.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_release_racing_parks_on_s3_sends_each_message_once() {
     use renderq::events::ledger::Ledger;
@@ -184,52 +184,61 @@ async fn a_release_racing_parks_on_s3_sends_each_message_once() {
     s3.create_bucket().bucket(&bucket).send().await.unwrap();
     let ledger = || Ledger::s3(s3.clone(), bucket.clone(), "status", "q");
     let (a, b, c) = (ledger(), ledger(), ledger());
-    let job = "7d3f0a52-1b1e-4c41-9d55-3c1f1f0f9a01";
-    assert!(a.hold_by_hand(job).await.unwrap());
-    assert!(!b.hold_by_hand(job).await.unwrap());
-    assert_eq!(
-        b.held_by_hand(vec!["x".into(), job.into()]).await.unwrap(),
-        Some(job.to_owned())
-    );
-    for index in 0..10 {
-        assert!(
-            a.park(job, job, 20, index, format!("m{index}"))
-                .await
-                .unwrap()
+    for _ in 0..5 {
+        let job = &uuid::Uuid::new_v4().to_string();
+        assert!(a.hold_by_hand(job).await.unwrap());
+        assert!(!b.hold_by_hand(job).await.unwrap());
+        assert_eq!(
+            b.held_by_hand(vec!["x".into(), job.clone()]).await.unwrap(),
+            Some(job.clone())
         );
-    }
-    // Parks of 10..20 while two releasers race.
-    let parks = futures_util::future::join_all((10..20).map(|index| {
-        let a = a.clone();
-        async move {
-            (
-                index,
-                a.park(job, job, 20, index, format!("m{index}")).await,
-            )
+        for index in 0..10 {
+            assert!(
+                a.park(job, job, 40, index, format!("m{index}"))
+                    .await
+                    .unwrap()
+            );
         }
-    }));
-    let (parked, first, second) =
-        tokio::join!(parks, b.release_by_hand(job), c.release_by_hand(job));
-    let mut sent: Vec<u32> = [first.unwrap(), second.unwrap()]
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|freed| {
-            assert_eq!(freed.body, format!("m{}", freed.index));
-            assert_eq!(freed.by, "hand");
-            freed.index
-        })
-        .collect();
-    // A park that says false leaves the message with its worker.
-    sent.extend(
-        parked
+        // Parks of 10..40, one every 2 ms, while two releasers race them.
+        let parks = futures_util::future::join_all((10..40).map(|index| {
+            let a = a.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(2 * u64::from(index - 10))).await;
+                (
+                    index,
+                    a.park(job, job, 40, index, format!("m{index}")).await,
+                )
+            }
+        }));
+        let release = |ledger: Ledger| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            ledger.release_by_hand(job).await
+        };
+        let (parked, first, second) = tokio::join!(parks, release(b.clone()), release(c.clone()));
+        let mut sent: Vec<u32> = [first.unwrap(), second.unwrap()]
             .into_iter()
-            .filter_map(|(index, parked)| (!parked.unwrap()).then_some(index)),
-    );
-    sent.sort_unstable();
-    assert_eq!(sent, (0..20).collect::<Vec<u32>>(), "each message once");
-    // Released: nothing is held any more, and a park now says so.
-    assert_eq!(ledger().held_by_hand(vec![job.into()]).await.unwrap(), None);
-    assert!(!a.park(job, job, 20, 3, "m3".into()).await.unwrap());
-    assert!(ledger().release_by_hand(job).await.unwrap().is_none());
+            .flatten()
+            .flatten()
+            .map(|freed| {
+                assert_eq!(freed.body, format!("m{}", freed.index));
+                assert_eq!(freed.by, "hand");
+                freed.index
+            })
+            .collect();
+        // A park that says false leaves the message with its worker.
+        sent.extend(
+            parked
+                .into_iter()
+                .filter_map(|(index, parked)| (!parked.unwrap()).then_some(index)),
+        );
+        sent.sort_unstable();
+        assert_eq!(sent, (0..40).collect::<Vec<u32>>(), "each message once");
+        // Released: nothing is held any more, and a park now says so.
+        assert_eq!(
+            ledger().held_by_hand(vec![job.clone()]).await.unwrap(),
+            None
+        );
+        assert!(!a.park(job, job, 40, 3, "m3".into()).await.unwrap());
+        assert!(ledger().release_by_hand(job).await.unwrap().is_none());
+    }
 }
