@@ -2,7 +2,7 @@
 //! and fails its requests): a bounded number of calls per child whatever
 //! the array's size, and one completion despite transient errors.
 //! Holds by hand on the S3 ledger: a release racing parks sends each
-//! message once.
+//! message once, and a busy worker reads the holds once a second.
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,11 +14,12 @@ use crate::harness::{AUDIT_AND_ASSETS, AWS_ENV, Farm, Moto, Server, Settings};
 const LONG: Duration = Duration::from_secs(60);
 
 /// A farm on moto whose ledger (the `results` bucket) is reached through
-/// the counting proxy: requests under `arrays/` after the first `skip`
-/// fail `fails` times. Returns the farm, the config for its workers and
+/// the counting proxy: requests whose path holds `needle` are counted, and
+/// those after the first `skip` fail `fails` times. Returns the farm, the config for its workers and
 /// the proxy's count file.
 async fn counted_farm(
     moto: &Moto,
+    needle: &str,
     skip: u32,
     fails: u32,
     slots: u32,
@@ -38,7 +39,7 @@ async fn counted_farm(
         "tests/fixtures/s3_count_proxy.py",
         &[
             &moto.port.to_string(),
-            "/arrays/",
+            needle,
             &skip.to_string(),
             &fails.to_string(),
             &count.to_string_lossy(),
@@ -87,7 +88,7 @@ async fn four_workers_settle_2000_children_with_a_bounded_number_of_s3_calls_eac
     // Its own moto: the other tests' traffic would slow it down (moto's
     // queues cost more with more messages in them).
     let moto = Moto::start_on(crate::harness::free_port());
-    let (farm, config, count, _proxy) = counted_farm(&moto, 0, 0, 4, dir.path()).await;
+    let (farm, config, count, _proxy) = counted_farm(&moto, "/arrays/", 0, 0, 4, dir.path()).await;
     let _serve = farm.serve_with(&AWS_ENV, &config).await;
     let job_id = submit_array(&farm, &format!("1-{CHILDREN}")).await;
     // serve runs a worker too: with these, four.
@@ -144,7 +145,8 @@ async fn the_last_childs_ledger_write_failing_twice_still_completes_the_array_on
     // Three children on one slot: the first two settle (a GET and a PUT
     // each); the third's first two writes fail all of the SDK's three
     // attempts each.
-    let (farm, config, count, _proxy) = counted_farm(Moto::shared(), 4, 6, 1, dir.path()).await;
+    let (farm, config, count, _proxy) =
+        counted_farm(Moto::shared(), "/arrays/", 4, 6, 1, dir.path()).await;
     let _serve = farm.serve_with(&AWS_ENV, &config).await;
     let job_id = submit_array(&farm, "1-3").await;
     let _worker = farm.spawn_with("worker", &AWS_ENV, &config);
@@ -241,4 +243,35 @@ async fn a_release_racing_parks_on_s3_sends_each_message_once() {
         assert!(!a.park(job, job, 40, 3, "m3".into()).await.unwrap());
         assert!(ledger().release_by_hand(job).await.unwrap().is_none());
     }
+}
+
+/// A busy worker checks each message it receives against the holds by
+/// hand, on S3 through one LIST of `deps/hand/` a second (shared by its
+/// slots), not a call per message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_worker_reads_the_holds_once_a_second_not_once_a_message() {
+    const CHILDREN: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let (farm, config, count, _proxy) =
+        counted_farm(Moto::shared(), "hand", 0, 0, 4, dir.path()).await;
+    let _serve = farm.serve_with(&AWS_ENV, &config).await;
+    let started = std::time::Instant::now();
+    submit_array(&farm, &format!("1-{CHILDREN}")).await;
+    let deadline = started + Duration::from_secs(120);
+    while completions(&farm).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "not completed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let requests = counted(&count)["requests"].as_u64().unwrap_or(0);
+    println!(
+        "holds read for {CHILDREN} children by one worker × 4 slots in {seconds:.1} s: \
+         {requests} S3 calls ({:.3} per child)",
+        requests as f64 / CHILDREN as f64
+    );
+    assert!(requests >= 1, "the holds were never read");
+    assert!(
+        requests as f64 <= seconds.ceil() + 1.0,
+        "{requests} calls in {seconds:.1} s"
+    );
 }
