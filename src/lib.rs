@@ -66,9 +66,9 @@
 //!   `BudgetReached`, keeps what a re-render of an array needs from its
 //!   submit, and keeps held jobs (dependants waiting for their parents,
 //!   jobs held by hand) with their messages ready to send (SQLite on the
-//!   embedded queue, S3 objects under `deps/` for SQS; holds by hand:
-//!   embedded queues only, for now). The ledger and the status table are
-//!   pruned after `queue_manager.retention`.
+//!   embedded queue, S3 objects under `deps/` for SQS, where a hold by
+//!   hand catches the queued messages at receive). The ledger and the
+//!   status table are pruned after `queue_manager.retention`.
 //! - [`worker`]: the listen half: a step function plus slot loops,
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
 //!   job after `worker::staging` placed its inputs, `worker::settle`
@@ -263,8 +263,8 @@
 //!   out of its `usage`, each `nvidia-smi` query is bounded and killed
 //!   when the run ends, and a failing GPU query warns once per worker.
 //! - Of all workers adding a budgeted array's costs, exactly one publishes
-//!   its `BudgetReached` and holds its unstarted children (cancels it
-//!   where the ledger keeps no holds): the write that takes the sum to
+//!   its `BudgetReached` and holds its unstarted children (on both
+//!   backends): the write that takes the sum to
 //!   the budget claims it (one transaction; on S3 one conditional write
 //!   of the array's cost object).
 //! - The monitor changes nothing without a POST carrying the CSRF token of

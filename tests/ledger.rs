@@ -1,6 +1,8 @@
 //! The S3 ledger of array children (on moto, through a proxy that counts
 //! and fails its requests): a bounded number of calls per child whatever
 //! the array's size, and one completion despite transient errors.
+//! Holds by hand on the S3 ledger: a release racing parks sends each
+//! message once, and a busy worker reads the holds once a second.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,11 +14,13 @@ use crate::harness::{AUDIT_AND_ASSETS, AWS_ENV, Farm, Moto, Server, Settings};
 const LONG: Duration = Duration::from_secs(60);
 
 /// A farm on moto whose ledger (the `results` bucket) is reached through
-/// the counting proxy: requests under `arrays/` after the first `skip`
-/// fail `fails` times (`mode`: the proxy's, `slowdown` or `landed`). Returns the farm, the config for its workers and
+/// the counting proxy: requests whose path holds `needle` are counted, and
+/// those after the first `skip` fail `fails` times (`mode`: the proxy's,
+/// `slowdown` or `landed`). Returns the farm, the config for its workers and
 /// the proxy's count file.
 async fn counted_farm(
     moto: &Moto,
+    needle: &str,
     skip: u32,
     fails: u32,
     mode: &str,
@@ -37,7 +41,7 @@ async fn counted_farm(
         "tests/fixtures/s3_count_proxy.py",
         &[
             &moto.port.to_string(),
-            "/arrays/",
+            needle,
             &skip.to_string(),
             &fails.to_string(),
             &count.to_string_lossy(),
@@ -87,7 +91,8 @@ async fn four_workers_settle_2000_children_with_a_bounded_number_of_s3_calls_eac
     // Its own moto: the other tests' traffic would slow it down (moto's
     // queues cost more with more messages in them).
     let moto = Moto::start_on(crate::harness::free_port());
-    let (farm, config, count, _proxy) = counted_farm(&moto, 0, 0, "slowdown", 4, dir.path()).await;
+    let (farm, config, count, _proxy) =
+        counted_farm(&moto, "/arrays/", 0, 0, "slowdown", 4, dir.path()).await;
     let _serve = farm.serve_with(&AWS_ENV, &config).await;
     let job_id = submit_array(&farm, &format!("1-{CHILDREN}")).await;
     // serve runs a worker too: with these, four.
@@ -144,7 +149,7 @@ async fn four_workers_settle_2000_children_with_a_bounded_number_of_s3_calls_eac
 async fn three_children_complete_once(skip: u32, fails: u32, mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (farm, config, count, _proxy) =
-        counted_farm(Moto::shared(), skip, fails, mode, 1, dir.path()).await;
+        counted_farm(Moto::shared(), "/arrays/", skip, fails, mode, 1, dir.path()).await;
     let _serve = farm.serve_with(&AWS_ENV, &config).await;
     let job_id = submit_array(&farm, "1-3").await;
     let _worker = farm.spawn_with("worker", &AWS_ENV, &config);
@@ -183,4 +188,107 @@ async fn a_claiming_write_that_landed_but_answered_an_error_still_completes_the_
     // The write that claims the completion reaches moto, but the worker is
     // answered 503: the SDK's retry finds the ETag it replaced itself.
     three_children_complete_once(0, 1, "landed").await;
+}
+
+/// A hold by hand on the S3 ledger, as three processes see it: messages
+/// parked while two releasers race them are each sent exactly once, by a
+/// release or by the worker that parked it (which then hands it back),
+/// and none is left held. Five rounds, for the races to fall differently.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_racing_parks_on_s3_sends_each_message_once() {
+    use renderq::events::ledger::Ledger;
+    let moto = Moto::shared();
+    let (_, s3) = crate::harness::aws_clients(&moto.endpoint()).await;
+    let bucket = format!("holds-{}", uuid::Uuid::new_v4().simple());
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let ledger = || Ledger::s3(s3.clone(), bucket.clone(), "status", "q");
+    let (a, b, c) = (ledger(), ledger(), ledger());
+    for _ in 0..5 {
+        let job = &uuid::Uuid::new_v4().to_string();
+        assert!(a.hold_by_hand(job).await.unwrap());
+        assert!(!b.hold_by_hand(job).await.unwrap());
+        assert_eq!(
+            b.held_by_hand(vec!["x".into(), job.clone()]).await.unwrap(),
+            Some(job.clone())
+        );
+        for index in 0..10 {
+            assert!(
+                a.park(job, job, 40, index, format!("m{index}"))
+                    .await
+                    .unwrap()
+            );
+        }
+        // Parks of 10..40, one every 2 ms, while two releasers race them.
+        let parks = futures_util::future::join_all((10..40).map(|index| {
+            let a = a.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(2 * u64::from(index - 10))).await;
+                (
+                    index,
+                    a.park(job, job, 40, index, format!("m{index}")).await,
+                )
+            }
+        }));
+        let release = |ledger: Ledger| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            ledger.release_by_hand(job).await
+        };
+        let (parked, first, second) = tokio::join!(parks, release(b.clone()), release(c.clone()));
+        let mut sent: Vec<u32> = [first.unwrap(), second.unwrap()]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|freed| {
+                assert_eq!(freed.body, format!("m{}", freed.index));
+                assert_eq!(freed.by, "hand");
+                freed.index
+            })
+            .collect();
+        // A park that says false leaves the message with its worker.
+        sent.extend(
+            parked
+                .into_iter()
+                .filter_map(|(index, parked)| (!parked.unwrap()).then_some(index)),
+        );
+        sent.sort_unstable();
+        assert_eq!(sent, (0..40).collect::<Vec<u32>>(), "each message once");
+        // Released: nothing is held any more, and a park now says so.
+        assert_eq!(
+            ledger().held_by_hand(vec![job.clone()]).await.unwrap(),
+            None
+        );
+        assert!(!a.park(job, job, 40, 3, "m3".into()).await.unwrap());
+        assert!(ledger().release_by_hand(job).await.unwrap().is_none());
+    }
+}
+
+/// A busy worker checks each message it receives against the holds by
+/// hand, on S3 through one LIST of `deps/hand/` a second (shared by its
+/// slots), not a call per message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_worker_reads_the_holds_once_a_second_not_once_a_message() {
+    const CHILDREN: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let (farm, config, count, _proxy) =
+        counted_farm(Moto::shared(), "hand", 0, 0, "slowdown", 4, dir.path()).await;
+    let _serve = farm.serve_with(&AWS_ENV, &config).await;
+    let started = std::time::Instant::now();
+    submit_array(&farm, &format!("1-{CHILDREN}")).await;
+    let deadline = started + Duration::from_secs(120);
+    while completions(&farm).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "not completed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let requests = counted(&count)["requests"].as_u64().unwrap_or(0);
+    println!(
+        "holds read for {CHILDREN} children by one worker × 4 slots in {seconds:.1} s: \
+         {requests} S3 calls ({:.3} per child)",
+        requests as f64 / CHILDREN as f64
+    );
+    assert!(requests >= 1, "the holds were never read");
+    assert!(
+        requests as f64 <= seconds.ceil() + 1.0,
+        "{requests} calls in {seconds:.1} s"
+    );
 }

@@ -1,12 +1,16 @@
 //! Holding a job or an array by hand, and releasing it, for the endpoint
 //! and the command line alike (the same shape as a cancel).
 //!
-//! A hold is recorded in the ledger of every embedded queue it concerns,
-//! and the job's messages that no worker holds are moved from the queue
-//! into the ledger at once; a worker that receives one of its messages
-//! later (a retry coming back) moves it there too, without using a try.
+//! A hold is recorded in the ledger of every queue it concerns. On an
+//! embedded queue the job's messages that no worker holds are moved from
+//! the queue into the ledger at once; SQS cannot take a message out by its
+//! id, so there they are held at receive: a worker that receives one of
+//! its messages (on either backend: a retry coming back) moves it into the
+//! ledger, without using a try. On SQS the hold answers once every
+//! worker's receive sees it (`Ledger::hold_seen_within`, a second).
 //! Running ones finish. A release sends every held message that waits for
-//! no parent; the others go when their parents end.
+//! no parent; the others go when their parents end. A hold of a job that
+//! no queue's ledger knows is refused, naming `job_id`.
 
 use serde::Serialize;
 use serde_json::json;
@@ -44,7 +48,7 @@ pub struct HoldReport {
 }
 
 impl Control {
-    /// The embedded queues (one, or all) a hold or release concerns.
+    /// The queues with a ledger (one, or all) a hold or release concerns.
     fn hold_targets(
         &self,
         queue: Option<String>,
@@ -57,16 +61,14 @@ impl Control {
             .into_iter()
             .filter_map(|name| {
                 let queue = self.queues().get(&name)?.clone();
-                match self.ledgers().get(&name)? {
-                    ledger @ Ledger::Local(_) => Some((name, queue, ledger.clone())),
-                    Ledger::S3 { .. } => None,
-                }
+                let ledger = self.ledgers().get(&name)?.clone();
+                Some((name, queue, ledger))
             })
             .collect();
         if targets.is_empty() {
             return Err(FieldError::new(
                 "queue_name",
-                "holds need an embedded queue (its ledger keeps the held messages)",
+                "holds need a queue with a ledger (an SQS queue's `status_bucket`) to keep the held messages",
             ));
         }
         Ok(targets)
@@ -81,7 +83,10 @@ impl Control {
             queues: Vec::new(),
             moved: 0,
         };
-        for (name, queue, ledger) in self.hold_targets(queue)? {
+        let targets = self.known_to(self.hold_targets(queue)?, job).await?;
+        let mut seen_within = std::time::Duration::ZERO;
+        for (name, queue, ledger) in targets {
+            seen_within = seen_within.max(ledger.hold_seen_within());
             if ledger.hold_by_hand(job.as_str()).await? {
                 report.outcome = HoldOutcome::Held;
             }
@@ -101,8 +106,36 @@ impl Control {
             }
             report.queues.push(name);
         }
+        if report.outcome == HoldOutcome::Held {
+            // Until then a worker may still start one it received.
+            tokio::time::sleep(seen_within).await;
+        }
         info!(job_id = %job, outcome = ?report.outcome, moved = report.moved, "Hold recorded.");
         Ok(report)
+    }
+
+    /// The targets whose ledger knows `job` (its submit registered it);
+    /// refused, naming `job_id`, when none does.
+    async fn known_to(
+        &self,
+        targets: Vec<(String, Queue, Ledger)>,
+        job: &Id,
+    ) -> Result<Vec<(String, Queue, Ledger)>, ControlError> {
+        let names: Vec<String> = targets.iter().map(|t| t.0.clone()).collect();
+        let mut known = Vec::with_capacity(targets.len());
+        for target in targets {
+            if target.2.registered(job.as_str()).await?.is_some() {
+                known.push(target);
+            }
+        }
+        if known.is_empty() {
+            return Err(FieldError::new(
+                "job_id",
+                format!("no job {job} on queue(s) {}", names.join(", ")),
+            )
+            .into());
+        }
+        Ok(known)
     }
 
     /// Moves one queued message of a held job into the ledger; false (and

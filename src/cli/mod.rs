@@ -238,18 +238,19 @@ async fn hold_or_release(
     Ok(())
 }
 
-/// What a held job (or array) still waits for, from the embedded
-/// queues' ledgers: a line per parent.
+/// What a held job (or array) still waits for, from every queue's
+/// ledger (on SQS its S3 objects): a line per parent. A bucket that
+/// cannot be reached leaves the SQS queues' lines out.
 async fn waits_for(config: &Config, job_id: &str) -> Vec<String> {
     const SHOWN: u32 = 1000;
+    let buckets = crate::storage::Buckets::open(&config.buckets)
+        .await
+        .unwrap_or_default();
+    let Ok(ledgers) = crate::events::ledger::Ledgers::open(&config.queues, &buckets) else {
+        return Vec::new();
+    };
     let mut lines = Vec::new();
-    for queue in config.queues.values() {
-        let crate::config::QueueConfig::Local(local) = queue else {
-            continue;
-        };
-        let Ok(ledger) = crate::events::ledger::Ledger::local(&local.path) else {
-            continue;
-        };
+    for (_, ledger) in ledgers.iter() {
         let waits = ledger.waiting_for(job_id, SHOWN).await.unwrap_or_default();
         let mut by_parent: std::collections::BTreeMap<String, (Vec<u32>, bool)> =
             Default::default();

@@ -120,6 +120,8 @@ pub enum Ledger {
         prefix: String,
         /// This process's array settles waiting to be written together.
         writes: arrays::Writes,
+        /// This process's last LIST of the holds by hand.
+        hands: holds::HandCache,
     },
 }
 
@@ -178,6 +180,7 @@ impl Ledger {
             bucket,
             prefix: format!("{}/{queue}/", prefix.trim_end_matches('/')),
             writes: arrays::Writes::default(),
+            hands: holds::HandCache::default(),
         }
     }
 

@@ -67,12 +67,6 @@ impl CancelWatch {
         self.knows_of(ids).await
     }
 
-    /// Reads the ledger now: for a cancel this process just recorded,
-    /// which its own jobs then see at once (and not a period later).
-    pub async fn refresh_now(&self) {
-        self.refresh(Duration::ZERO).await;
-    }
-
     /// Whether the last refresh saw any of `ids` cancelled.
     async fn knows_of(&self, ids: &[impl AsRef<str>]) -> bool {
         let known = self.known.lock().await;

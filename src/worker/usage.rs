@@ -150,9 +150,8 @@ impl Worker {
     /// Adds a try's cost to its array's in the ledger, when the array has
     /// a budget. The one try (of every worker's) that reaches it stops the
     /// array's children that have not started, and publishes
-    /// `BudgetReached`: held (as `renderq hold` does: released by
-    /// `renderq release`) where the ledger keeps holds, else cancelled (a
-    /// running one is then stopped as any cancelled job).
+    /// `BudgetReached`: held, as `renderq hold` does (released by
+    /// `renderq release`), on either backend.
     pub(super) async fn charge(&self, delivery: &Delivery, subject: &Subject, usage: &Usage) {
         let Ok(envelope) = &delivery.envelope else {
             return;
@@ -167,7 +166,7 @@ impl Worker {
         };
         match ledger.add_cost(&array.job_id, cost, budget.usd).await {
             Ok((spent, true)) => {
-                let stopped = self.stop_array(delivery, ledger, &array.job_id).await;
+                let stopped = self.stop_array(ledger, &array.job_id).await;
                 self.observer
                     .budget_reached(subject, &array.job_id, budget.usd, spent, stopped);
             }
@@ -176,39 +175,18 @@ impl Worker {
         }
     }
 
-    /// Holds the array's unstarted children, or cancels it where the
-    /// ledger keeps no holds; says which.
+    /// Holds the array's unstarted children (this worker's own receives
+    /// see the hold at once; other workers' within
+    /// `Ledger::hold_seen_within`); says whether it did.
     async fn stop_array(
         &self,
-        delivery: &Delivery,
         ledger: &crate::events::ledger::Ledger,
         array_id: &str,
     ) -> &'static str {
-        if ledger.keeps_holds() {
-            return match ledger.hold_by_hand(array_id).await {
-                Ok(_) => "held",
-                Err(error) => {
-                    tracing::error!(%error, "cannot hold the array that reached its budget");
-                    "none"
-                }
-            };
-        }
-        let id = match crate::job::id::Id::parse(array_id) {
-            Ok(id) => id,
+        match ledger.hold_by_hand(array_id).await {
+            Ok(_) => "held",
             Err(error) => {
-                warn!(%error, "an array id that is no id: not cancelled");
-                return "none";
-            }
-        };
-        match (ledger.cancel(&id).await, &self.source(delivery).cancels) {
-            // This worker's own slots stop at once.
-            (Ok(_), Some(cancels)) => {
-                cancels.refresh_now().await;
-                "cancelled"
-            }
-            (Ok(_), None) => "cancelled",
-            (Err(error), _) => {
-                tracing::error!(%error, "cannot cancel the array that reached its budget");
+                tracing::error!(%error, "cannot hold the array that reached its budget");
                 "none"
             }
         }

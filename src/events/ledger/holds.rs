@@ -19,8 +19,9 @@
 //! `cancelling` by a worker that died is taken again by the sweep
 //! ([`Ledger::stale_holds`]), one sweeper per row.
 //!
-//! The S3 ledger keeps the same as objects (see `s3`); holds by hand stay
-//! on the embedded queue for now (refused on an SQS queue).
+//! The S3 ledger keeps the same as objects (see `s3`), holds by hand
+//! included (see `s3::hand`: on SQS a hold's messages are held at
+//! receive).
 
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
@@ -130,16 +131,7 @@ fn is_final(state: &str) -> bool {
     )
 }
 
-fn unsupported() -> LedgerError {
-    LedgerError("dependencies and holds need the embedded queue's ledger".into())
-}
-
 impl Ledger {
-    /// Whether this ledger keeps held jobs (dependants, holds by hand).
-    pub fn keeps_holds(&self) -> bool {
-        matches!(self, Ledger::Local(_))
-    }
-
     /// Records a submitted job (`size` 0: a plain job) so that dependants
     /// can name it.
     pub async fn register_job(
@@ -208,9 +200,7 @@ impl Ledger {
     ) -> Result<Vec<Fate>, LedgerError> {
         let conn = match self {
             Ledger::Local(conn) => conn,
-            // Holds by hand stay on the embedded queue for now.
-            Ledger::S3 { .. } if manual => return Err(unsupported()),
-            Ledger::S3 { .. } => return self.s3_hold(job_id, size, entries).await,
+            Ledger::S3 { .. } => return self.s3_hold(job_id, size, entries, manual).await,
         };
         let job_id = job_id.to_owned();
         Self::sql(conn, move |c| {
@@ -585,6 +575,7 @@ fn spend(
 
 mod hand;
 mod s3;
+pub(super) use s3::HandCache;
 
 #[cfg(test)]
 mod tests;

@@ -1,18 +1,29 @@
 //! Holds by hand: a `holds` row per job or array held, its messages
 //! parked in `held` (manual) until the release, and a cancel of what is
-//! held.
+//! held. The S3 ledger keeps the same as objects (see `s3::hand`).
 
 use rusqlite::{TransactionBehavior, params};
 
-use super::{Freed, unsupported};
+use super::Freed;
 use crate::events::ledger::{Ledger, LedgerError};
 
 impl Ledger {
+    /// How long after a hold is recorded every worker's receive sees it:
+    /// at once on the embedded queue; on S3, once each worker's cached
+    /// LIST of the holds was made after it.
+    pub fn hold_seen_within(&self) -> std::time::Duration {
+        match self {
+            Ledger::Local(_) => std::time::Duration::ZERO,
+            Ledger::S3 { .. } => super::s3::HAND_CACHE,
+        }
+    }
+
     /// Holds a job or an array by hand; true when this call recorded it.
     /// Its held rows stay held even once their parents ended.
     pub async fn hold_by_hand(&self, job_id: &str) -> Result<bool, LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Err(unsupported());
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => return self.s3_hold_by_hand(job_id).await,
         };
         let job_id = job_id.to_owned();
         Self::sql(conn, move |c| {
@@ -39,8 +50,9 @@ impl Ledger {
         index: u32,
         body: String,
     ) -> Result<bool, LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Ok(false);
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => return self.s3_park(by, job_id, size, index, body).await,
         };
         let (by, job_id) = (by.to_owned(), job_id.to_owned());
         Self::sql(conn, move |c| {
@@ -63,10 +75,12 @@ impl Ledger {
     }
 
     /// Which of `ids` (a message's job, array and message ids) is held by
-    /// hand, if any.
+    /// hand, if any. On S3: as of this process's LIST of the holds at most
+    /// [`Ledger::hold_seen_within`] ago.
     pub async fn held_by_hand(&self, ids: Vec<String>) -> Result<Option<String>, LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Ok(None);
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => return self.s3_held_by_hand(ids).await,
         };
         Self::sql(conn, move |c| {
             let mut found = None;
@@ -85,8 +99,9 @@ impl Ledger {
     /// Releases a hold by hand: the rows that wait for nothing else are
     /// freed (to send); `None` when the job was not held by hand.
     pub async fn release_by_hand(&self, job_id: &str) -> Result<Option<Vec<Freed>>, LedgerError> {
-        let Ledger::Local(conn) = self else {
-            return Err(unsupported());
+        let conn = match self {
+            Ledger::Local(conn) => conn,
+            Ledger::S3 { .. } => return self.s3_release_by_hand(job_id).await,
         };
         let job_id = job_id.to_owned();
         Self::sql(conn, move |c| {

@@ -51,6 +51,9 @@ pub(super) struct HeldObject {
     by: Option<String>,
     /// The claim that freed it, naming its `releasing/` marker.
     claim: Option<String>,
+    /// Held by hand too (see `hand`): its parents' ends do not free it.
+    #[serde(default)]
+    manual: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +82,7 @@ impl HeldObject {
             ));
             return Some(true);
         }
-        if self.waits.is_empty() {
+        if self.waits.is_empty() && !self.manual {
             self.state = HeldState::Releasing;
             self.by = Some(label.to_owned());
             return Some(true);
@@ -409,6 +412,7 @@ impl Ledger {
         job_id: &str,
         size: u32,
         entries: Vec<ToHold>,
+        manual: bool,
     ) -> Result<Vec<Fate>, LedgerError> {
         let mut parents: Vec<String> = entries
             .iter()
@@ -434,6 +438,7 @@ impl Ledger {
                 state: HeldState::Held,
                 by: None,
                 claim: None,
+                manual,
             };
             let mut pending = Vec::new();
             for wait in &entry.waits {
@@ -463,7 +468,7 @@ impl Ledger {
                 objects.push((key, json(&held)?));
                 pending.clear();
                 Fate::Cancelled(reason)
-            } else if pending.is_empty() {
+            } else if pending.is_empty() && !manual {
                 Fate::Send
             } else {
                 objects.push((key, json(&held)?));
@@ -650,23 +655,31 @@ impl Ledger {
         job_id: &str,
         reason: &str,
     ) -> Result<Vec<Freed>, LedgerError> {
+        self.change_all_held(job_id, |h| {
+            (h.state == HeldState::Held).then(|| {
+                h.waits.clear();
+                h.state = HeldState::Cancelling;
+                h.by = Some(reason.to_owned());
+                true
+            })
+        })
+        .await
+    }
+
+    /// Changes every held object of `job_id` as [`Ledger::change_held`]
+    /// does (marked when freed); what that freed.
+    async fn change_all_held(
+        &self,
+        job_id: &str,
+        mut change: impl FnMut(&mut HeldObject) -> Option<bool>,
+    ) -> Result<Vec<Freed>, LedgerError> {
         let root = self.deps_key(&format!("held/{job_id}/"));
         let mut freed = Vec::new();
         for (index, _, _) in self.s3_list(&root).await? {
             let Ok(index) = index.parse::<u32>() else {
                 continue;
             };
-            freed.extend(
-                self.change_held(job_id, index, true, |h| {
-                    (h.state == HeldState::Held).then(|| {
-                        h.waits.clear();
-                        h.state = HeldState::Cancelling;
-                        h.by = Some(reason.to_owned());
-                        true
-                    })
-                })
-                .await?,
-            );
+            freed.extend(self.change_held(job_id, index, true, &mut change).await?);
         }
         Ok(freed)
     }
@@ -705,6 +718,10 @@ impl Ledger {
     }
 }
 
+mod hand;
+pub(crate) use hand::HAND_CACHE;
+pub use hand::HandCache;
+
 /// A marker's body: unique, so that a re-stamp changes its ETag.
 fn stamp() -> Vec<u8> {
     uuid::Uuid::new_v4().simple().to_string().into_bytes()
@@ -722,6 +739,7 @@ mod tests {
             state: HeldState::Held,
             by: None,
             claim: None,
+            manual: false,
         }
     }
 
@@ -743,6 +761,26 @@ mod tests {
         assert_eq!(h.freed("d", 1).cancelled, None);
         // Freed: nothing spends it again.
         assert_eq!(h.spend("p/1", "p child 1", ChildState::Succeeded), None);
+    }
+
+    #[test]
+    fn a_child_held_by_hand_stays_held_once_its_parents_ended() {
+        let mut h = held(&[("p/0", false)]);
+        h.manual = true;
+        assert_eq!(
+            h.spend("p/0", "p child 0", ChildState::Succeeded),
+            Some(false)
+        );
+        assert_eq!(h.state, HeldState::Held);
+        assert!(h.waits.is_empty());
+        // A parent that failed still cancels it.
+        let mut h = held(&[("p/0", false)]);
+        h.manual = true;
+        assert_eq!(
+            h.spend("p/0", "p child 0", ChildState::DeadLettered),
+            Some(true)
+        );
+        assert_eq!(h.state, HeldState::Cancelling);
     }
 
     #[test]
