@@ -752,3 +752,29 @@ async fn status_works_with_no_events_table_and_says_so_when_turned_off() {
     assert_ne!(code, 0);
     assert!(err.contains(r#"[events] status is "off""#), "{err}");
 }
+
+/// A burst many times a target's buffer: the status table's buffer is
+/// bounded in bytes, not by `events.buffer`, so every job's end is in the
+/// table (a missed `JobSucceeded` would show a job running for ever).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_submits_leaves_every_jobs_end_in_the_status_table() {
+    let mut farm = array_farm(Backend::Local, "", Settings::default()).await;
+    let text = std::fs::read_to_string(&farm.config).unwrap();
+    let small = text.replace(
+        "[events]\nstatus = \"status.sqlite3\"\n",
+        "[events]\nstatus = \"status.sqlite3\"\nbuffer = 4\n",
+    );
+    assert_ne!(small, text, "the farm's config has its status table");
+    farm.config = farm.config_variant("small-buffer", |_| small.clone());
+    let _serve = farm.serve(&[]).await;
+    let jobs = 300;
+    let submits = (0..jobs).map(|_| farm.submit(json!({"command": "get_version"})));
+    let ids = futures_util::future::join_all(submits).await;
+    for id in &ids {
+        let status = farm.final_status(id).await;
+        assert_eq!(status["result"]["state"], "succeeded", "{id}: {status}");
+    }
+    let (code, out, err) = farm.cli(&["status", &ids[jobs - 1]]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("state=succeeded"), "{out}");
+}

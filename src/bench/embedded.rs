@@ -171,6 +171,7 @@ async fn through_one_slot(app: &App, jobs: usize) -> anyhow::Result<f64> {
             last = Some(message_id);
         }
     }
+    let before = app.status.as_ref().map(|s| s.fold_cost());
     let started = Instant::now();
     drain(&worker, jobs).await?;
     // An event the status table's full buffer dropped never arrives: the
@@ -187,7 +188,19 @@ async fn through_one_slot(app: &App, jobs: usize) -> anyhow::Result<f64> {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
-    let rate = jobs as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
+    let rate = jobs as f64 / elapsed.as_secs_f64();
+    if let (Some(status), Some(before)) = (&app.status, before) {
+        let cost = status.fold_cost();
+        let (events, busy) = (cost.events - before.events, cost.busy - before.busy);
+        println!(
+            "  (status table, while draining: {events} events in {} transactions, {:.0} ms folding = {:.1} µs an event, {:.0} % of the drain's time)",
+            cost.batches - before.batches,
+            busy.as_secs_f64() * 1000.0,
+            busy.as_secs_f64() * 1e6 / events.max(1) as f64,
+            busy.as_secs_f64() / elapsed.as_secs_f64() * 100.0
+        );
+    }
     let dropped = app.publisher.dropped();
     if dropped > 0 {
         println!("  ({dropped} events dropped: the status table's buffer was full)");

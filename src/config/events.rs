@@ -18,6 +18,11 @@ pub struct EventsConfig {
     /// Events waiting per target while it is slow or down; past this, new
     /// ones are dropped (and counted).
     pub buffer: usize,
+    /// Bytes of events waiting for the status table (about what they take
+    /// in memory); past this, new ones are dropped (and counted). Large:
+    /// a table that missed a job's end would show it running for ever.
+    #[serde(with = "super::bytes")]
+    pub status_buffer: usize,
     /// How many times a batch is sent before it is dropped (and counted).
     pub attempts: u32,
     /// A job-status table (SQLite) this process keeps up to date with the
@@ -66,6 +71,7 @@ impl Default for EventsConfig {
         Self {
             targets: BTreeMap::new(),
             buffer: 10_000,
+            status_buffer: 256 << 20,
             attempts: 10,
             status: StatusSetting::Default,
         }

@@ -292,6 +292,12 @@ impl Config {
         if self.events.buffer == 0 {
             return Err(Invalid::new("events.buffer", "must be at least 1"));
         }
+        if self.events.status_buffer == 0 {
+            return Err(Invalid::new(
+                "events.status_buffer",
+                "must be at least 1 byte",
+            ));
+        }
         if self.events.attempts == 0 {
             return Err(Invalid::new("events.attempts", "must be at least 1"));
         }

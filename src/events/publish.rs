@@ -3,7 +3,8 @@
 //! Each target has a bounded buffer and a task of its own that sends in
 //! batches, retrying with back-off while the target is down. Publishing
 //! never waits: when a buffer is full the event is dropped, counted and
-//! logged. On shutdown [`Publisher::close`] lets the buffers drain until the
+//! logged. The status table's buffer is bounded in bytes, and far larger
+//! (`[events] status_buffer`): it takes a burst whole. On shutdown [`Publisher::close`] lets the buffers drain until the
 //! drain deadline.
 
 use std::collections::BTreeMap;
@@ -14,10 +15,10 @@ use hmac::{Hmac, Mac};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{EventTargetConfig, EventsConfig, secret_from_env};
+use crate::events::buffer::{Bound, BufferReceiver, BufferSender, buffer};
 use crate::events::metrics::{DropReason, EventsDropped};
 use crate::events::status::StatusTable;
 use crate::job::event::{Event, EventType, Notification, WorkerIdentity};
@@ -335,7 +336,7 @@ struct Outlet {
     /// Event types it gets without a subscription (`None`: all).
     filter: Option<Vec<EventType>>,
     /// `None` once closed.
-    sender: Mutex<Option<mpsc::Sender<Event>>>,
+    sender: Mutex<Option<BufferSender>>,
 }
 
 #[derive(Debug, Default)]
@@ -377,7 +378,10 @@ impl Publisher {
             targets.push((STATUS.into(), Target::Status(table), None));
         }
         for (name, target, filter) in targets {
-            let (sender, receiver) = mpsc::channel(config.buffer);
+            let (sender, receiver) = buffer(match target {
+                Target::Status(_) => Bound::Bytes(config.status_buffer),
+                _ => Bound::Events(config.buffer),
+            });
             tasks.spawn(deliver(
                 name.clone(),
                 target,
@@ -445,13 +449,17 @@ impl Publisher {
             .iter()
             .flat_map(|n| n.vars.clone())
             .collect::<Map<String, Value>>();
-        for (name, outlet) in &self.inner.outlets {
-            if outlet
-                .filter
-                .as_ref()
-                .is_none_or(|f| f.contains(&event.kind))
-            {
+        let mut wanting = (self.inner.outlets.iter())
+            .filter(|(_, outlet)| (outlet.filter.as_ref()).is_none_or(|f| f.contains(&event.kind)))
+            .map(|(name, _)| name)
+            .peekable();
+        // The last target takes the event itself, the others a copy.
+        while let Some(name) = wanting.next() {
+            if wanting.peek().is_some() {
                 self.enqueue(name, event.clone());
+            } else {
+                self.enqueue(name, event);
+                break;
             }
         }
     }
@@ -462,7 +470,7 @@ impl Publisher {
         };
         let sender = outlet.sender.lock().expect("outlet lock").clone();
         let refused = match sender {
-            Some(sender) => sender.try_send(event).is_err(),
+            Some(sender) => !sender.try_send(event),
             None => true,
         };
         if refused {
@@ -494,26 +502,26 @@ impl Publisher {
 async fn deliver(
     name: String,
     target: Target,
-    mut receiver: mpsc::Receiver<Event>,
+    mut receiver: BufferReceiver,
     attempts: u32,
     dropped: EventsDropped,
 ) {
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
-        let until = tokio::time::Instant::now() + target.linger();
-        while batch.len() < target.batch_size() {
-            match receiver.try_recv() {
-                Ok(event) => batch.push(event),
-                Err(mpsc::error::TryRecvError::Empty) if !target.linger().is_zero() => {
-                    match tokio::time::timeout_at(until, receiver.recv()).await {
-                        Ok(Some(event)) => batch.push(event),
-                        // Closed (a flush: what is here goes now), or the
-                        // linger is over.
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-                Err(_) => break,
+        let take = |batch: &mut Vec<Event>, receiver: &mut BufferReceiver| {
+            while batch.len() < target.batch_size()
+                && let Some(event) = receiver.try_recv()
+            {
+                batch.push(event);
             }
+        };
+        take(&mut batch, &mut receiver);
+        // A batch not yet full waits out the linger once, then takes what
+        // came meanwhile: the events in between wake nothing (a wake per
+        // event would cost the job path more than the write).
+        if batch.len() < target.batch_size() && !target.linger().is_zero() {
+            tokio::time::sleep(target.linger()).await;
+            take(&mut batch, &mut receiver);
         }
         let mut tries = 0;
         while !batch.is_empty() {

@@ -17,6 +17,7 @@
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
@@ -343,6 +344,24 @@ impl Status {
 #[derive(Debug)]
 pub struct StatusTable {
     conn: Mutex<Connection>,
+    /// What folding has cost so far (for the benchmarks).
+    spent: Spent,
+}
+
+/// Events folded, the transactions they took and the time spent in them.
+#[derive(Debug, Default)]
+struct Spent {
+    events: AtomicU64,
+    batches: AtomicU64,
+    nanos: AtomicU64,
+}
+
+/// What folding has cost so far: events, transactions, time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoldCost {
+    pub events: u64,
+    pub batches: u64,
+    pub busy: std::time::Duration,
 }
 
 impl StatusTable {
@@ -354,11 +373,34 @@ impl StatusTable {
         migrate(&conn).map_err(failed)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            spent: Spent::default(),
         })
+    }
+
+    /// What folding has cost so far.
+    pub fn fold_cost(&self) -> FoldCost {
+        FoldCost {
+            events: self.spent.events.load(Ordering::Relaxed),
+            batches: self.spent.batches.load(Ordering::Relaxed),
+            busy: std::time::Duration::from_nanos(self.spent.nanos.load(Ordering::Relaxed)),
+        }
     }
 
     /// Applies events in one transaction.
     pub fn apply_all(&self, events: &[Event]) -> Result<Vec<Applied>, StatusError> {
+        let started = std::time::Instant::now();
+        let applied = self.apply_in_one(events)?;
+        self.spent
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.spent.batches.fetch_add(1, Ordering::Relaxed);
+        self.spent
+            .nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(applied)
+    }
+
+    fn apply_in_one(&self, events: &[Event]) -> Result<Vec<Applied>, StatusError> {
         let mut conn = self.conn.lock().map_err(failed)?;
         let tx = conn.transaction().map_err(failed)?;
         // A worker's row is noted once per batch (and at each change of
