@@ -156,7 +156,6 @@ impl App {
         tracing::info!(address = %listener.local_addr()?, "Listening for JSON-RPC.");
         self.watch_instance(&shutdown);
         let worker = Arc::new(self.worker());
-        crate::resident::release_start_up_code_soon();
         let (served, ()) = tokio::join!(
             async {
                 let result = server::serve(listener, router, shutdown.token().clone()).await;
@@ -179,7 +178,6 @@ impl App {
         self.watch_instance(&shutdown);
         let worker = Arc::new(self.worker());
         self.serve_metrics(&shutdown, worker.sick().clone()).await?;
-        crate::resident::release_start_up_code_soon();
         self.run_worker(worker, shutdown).await;
         Ok(())
     }

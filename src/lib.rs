@@ -15,9 +15,7 @@
 //!   [`retry`] (the one back-off policy: job retries, queue outages,
 //!   postbacks, array sends), [`sqlite`] (how the queue, ledger and status
 //!   files are opened; SQLite work on an async thread that gives up on a
-//!   lock instead of waiting, `without_waiting`), [`resident`] (an idle
-//!   process's memory: the executable's start-up code unmapped once it
-//!   has started), [`workspace`] (each
+//!   lock instead of waiting, `without_waiting`), [`workspace`] (each
 //!   process's own folder under `work_dir`: job folders, process-group
 //!   records, its reaper, and the sweep after dead workers).
 //! - [`job`]: what a job is, as plain values: the queue message envelope
@@ -290,7 +288,6 @@ pub mod events;
 pub mod fleet;
 pub mod job;
 pub mod queue;
-pub mod resident;
 pub mod retry;
 pub mod sqlite;
 pub mod storage;
