@@ -55,7 +55,8 @@
 //!   IMDS notices feed, the drain to that deadline, scale-in protection and
 //!   the lifecycle hook, GPU slots; the IMDS watcher tells EC2 by its DMI
 //!   data and reads notices, rebalance recommendations included.
-//! - [`events`]: publishing lifecycle events through bounded buffers, the
+//! - [`events`]: publishing lifecycle events through bounded buffers
+//!   (`buffer`: in events for a target, in bytes for the status table), the
 //!   one observer of a job's end, `/metrics`, the job-status table (its
 //!   fold, reads and prune; arrays keep their children's counts by state;
 //!   written off the job's path, one transaction per lingering batch)
@@ -184,6 +185,8 @@
 //!   the failures counted against a job are only tries that ran. A sick
 //!   worker stays sick until it is restarted.
 //! - Publishing an event never waits: a full buffer drops (and counts).
+//!   A target's buffer is bounded in events; the status table's in bytes
+//!   (`events.status_buffer`, large), so a burst reaches it whole.
 //!   The status table lags its events by at most one batch (what arrived
 //!   within `STATUS_LINGER`, 50 ms, of the batch's first event, and its
 //!   commit): a read right after a job ended may not show that end yet.
