@@ -4,8 +4,8 @@
 //! batches, retrying with back-off while the target is down. Publishing
 //! never waits: when a buffer is full the event is dropped, counted and
 //! logged. The status table's buffer is bounded in bytes, and far larger
-//! (`[events] status_buffer`): it takes a burst whole. On shutdown [`Publisher::close`] lets the buffers drain until the
-//! drain deadline.
+//! (`[events] status_buffer`): it takes a burst whole. On shutdown
+//! [`Publisher::close`] lets the buffers drain until the drain deadline.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
