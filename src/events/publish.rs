@@ -440,7 +440,7 @@ impl Publisher {
         for notification in notifications {
             if notification.wants(event.kind) {
                 let mut own = event.clone();
-                own.event_id = uuid::Uuid::new_v4().to_string();
+                own.event_id = uuid::Uuid::now_v7().to_string();
                 own.vars = notification.vars.clone();
                 self.enqueue(&notification.target, own);
             }

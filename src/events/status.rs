@@ -371,6 +371,9 @@ impl StatusTable {
         }
         let conn = crate::sqlite::open(path, SCHEMA).map_err(failed)?;
         migrate(&conn).map_err(failed)?;
+        // The fold's statements, each prepared once (a job row's `UPDATE`
+        // names only the columns an event changes, so it has variants).
+        conn.set_prepared_statement_cache_capacity(64);
         Ok(Self {
             conn: Mutex::new(conn),
             spent: Spent::default(),

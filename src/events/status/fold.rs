@@ -2,6 +2,7 @@
 //! row per job, array and worker, each only moving forward, whatever the
 //! order the events come in.
 
+use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
@@ -204,6 +205,7 @@ fn fold_array(tx: &rusqlite::Transaction, event: &Event, now: i64) -> rusqlite::
 
 /// What the fold reads of a job's row before writing it.
 struct Row {
+    rowid: i64,
     attempt: i64,
     rank: i64,
     state: String,
@@ -213,18 +215,42 @@ struct Row {
     at: i64,
 }
 
-impl Row {
-    /// Notes that an event touched the row now (the prune's and the
-    /// lists' time), unless it already says so.
-    fn touch(&self, tx: &rusqlite::Transaction, job_id: &str, now: i64) -> rusqlite::Result<()> {
-        if self.at != now {
-            exec(
-                tx,
-                "UPDATE jobs SET at = ?2 WHERE job_id = ?1",
-                params![job_id, now],
-            )?;
+/// The columns one event changes in a job's row, written as one `UPDATE`
+/// by rowid: each statement costs a lookup and a rewrite of the row, and
+/// an indexed column in its `SET` costs its indexes an entry out and one
+/// in, so only the columns that change are named.
+#[derive(Default)]
+struct Update {
+    sets: Vec<&'static str>,
+    params: Vec<(&'static str, SqlValue)>,
+}
+
+impl Update {
+    /// Adds `assignment`, with the named parameters it uses.
+    fn set<const N: usize>(
+        &mut self,
+        assignment: &'static str,
+        params: [(&'static str, SqlValue); N],
+    ) {
+        self.sets.push(assignment);
+        self.params.extend(params);
+    }
+
+    fn run(self, tx: &rusqlite::Transaction, rowid: i64) -> rusqlite::Result<()> {
+        if self.sets.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let sql = format!(
+            "UPDATE jobs SET {} WHERE rowid = :rowid",
+            self.sets.join(", ")
+        );
+        let mut bound: Vec<(&str, &dyn rusqlite::ToSql)> = self
+            .params
+            .iter()
+            .map(|(name, value)| (*name, value as &dyn rusqlite::ToSql))
+            .collect();
+        bound.push((":rowid", &rowid));
+        tx.prepare_cached(&sql)?.execute(bound.as_slice()).map(drop)
     }
 }
 
@@ -295,18 +321,19 @@ pub(super) fn apply(
     };
     let existing: Option<Row> = tx
         .prepare_cached(
-            "SELECT attempt, rank, state, array_id, superseded, message_id = '', at
+            "SELECT rowid, attempt, rank, state, array_id, superseded, message_id = '', at
              FROM jobs WHERE job_id = ?1",
         )?
         .query_row([&job.job_id], |row| {
             Ok(Row {
-                attempt: row.get(0)?,
-                rank: row.get(1)?,
-                state: row.get(2)?,
-                array_id: row.get(3)?,
-                superseded: row.get(4)?,
-                no_message_id: row.get(5)?,
-                at: row.get(6)?,
+                rowid: row.get(0)?,
+                attempt: row.get(1)?,
+                rank: row.get(2)?,
+                state: row.get(3)?,
+                array_id: row.get(4)?,
+                superseded: row.get(5)?,
+                no_message_id: row.get(6)?,
+                at: row.get(7)?,
             })
         })
         .optional()?;
@@ -318,7 +345,8 @@ pub(super) fn apply(
     let ahead = existing
         .as_ref()
         .is_none_or(|row| order(attempt, rank) > order(row.attempt, row.rank));
-    match &existing {
+    let mut update = Update::default();
+    let rowid = match &existing {
         None => {
             let revision = job.array.as_ref().and_then(|a| a.revision).unwrap_or(1);
             let superseded = match (array_id, array_index) {
@@ -335,63 +363,75 @@ pub(super) fn apply(
                 params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason, now, job.queue,
                         revision, frames, superseded],
             )?;
+            let rowid = tx.last_insert_rowid();
             if let Some(array) = array_id
                 && !superseded
             {
                 count_child(tx, array, None, state)?;
             }
             label::fold_job_label(tx, job, now)?;
-        }
-        Some(row) if ahead => {
-            // Only the columns that change: each indexed one written costs
-            // its indexes an entry out and one in (`state` two, `at`
-            // seven), so `at` is left alone within its second, and the
-            // message id once it is known.
-            if row.state == state {
-                exec(
-                    tx,
-                    "UPDATE jobs SET rank = ?2, attempt = MAX(attempt, ?3), reason = ?4
-                     WHERE job_id = ?1",
-                    params![job.job_id, rank, attempt, reason],
-                )?;
-            } else {
-                exec(
-                    tx,
-                    "UPDATE jobs SET rank = ?2, attempt = MAX(attempt, ?3), reason = ?4, state = ?5
-                     WHERE job_id = ?1",
-                    params![job.job_id, rank, attempt, reason, state],
-                )?;
-            }
-            row.touch(tx, &job.job_id, now)?;
-            if row.no_message_id && !job.message_id.is_empty() {
-                exec(
-                    tx,
-                    "UPDATE jobs SET message_id = ?2 WHERE job_id = ?1",
-                    params![job.job_id, job.message_id],
-                )?;
-            }
-            // The counts follow the row (its array is the one it was made
-            // with).
-            if let Some(array) = &row.array_id
-                && row.state != state
-                && !row.superseded
-            {
-                count_child(tx, array, Some(&row.state), state)?;
-            }
+            rowid
         }
         Some(row) => {
-            // The highest attempt seen, whatever the order (a final state
-            // keeps its state, not a lower attempt).
-            exec(
-                tx,
-                "UPDATE jobs SET attempt = MAX(attempt, ?2) WHERE job_id = ?1",
-                params![job.job_id, attempt],
-            )?;
-            row.touch(tx, &job.job_id, now)?;
+            update.set(
+                "attempt = MAX(attempt, :attempt)",
+                [(":attempt", attempt.into())],
+            );
+            // `at` is left alone within its second (seven indexes hold it),
+            // the message id once it is known.
+            if row.at != now {
+                update.set("at = :at", [(":at", now.into())]);
+            }
+            if ahead {
+                update.set(
+                    "rank = :rank, reason = :reason",
+                    [
+                        (":rank", rank.into()),
+                        (":reason", reason.map(str::to_owned).into()),
+                    ],
+                );
+                if row.state != state {
+                    update.set("state = :state", [(":state", state.to_owned().into())]);
+                }
+                if row.no_message_id && !job.message_id.is_empty() {
+                    update.set(
+                        "message_id = :message_id",
+                        [(":message_id", job.message_id.clone().into())],
+                    );
+                }
+                // The counts follow the row (its array is the one it was
+                // made with).
+                if let Some(array) = &row.array_id
+                    && row.state != state
+                    && !row.superseded
+                {
+                    count_child(tx, array, Some(&row.state), state)?;
+                }
+            }
+            // Otherwise the highest attempt seen, whatever the order (a
+            // final state keeps its state, not a lower attempt).
+            row.rowid
         }
+    };
+    times(tx, &mut update, event, rank, array_id)?;
+    used(tx, &mut update, event, array_id)?;
+    if event.kind == EventType::JobSucceeded {
+        let list = |key: &str| match &event.detail[key] {
+            Value::Array(list) => Value::Array(list.clone()).to_string(),
+            _ => "[]".to_owned(),
+        };
+        // Done is 100 %, whatever progress arrives late.
+        update.set(
+            "outputs = :outputs, progress = 100, progress_of = 2147483647,
+             thumbnails = :thumbnails, thumbnail_frames = :thumbnail_frames",
+            [
+                (":outputs", event.detail["outputs"].to_string().into()),
+                (":thumbnails", list("thumbnails").into()),
+                (":thumbnail_frames", list("thumbnail_frames").into()),
+            ],
+        );
     }
-    times(tx, event, rank, array_id)?;
-    used(tx, event, array_id)?;
+    update.run(tx, rowid)?;
     if event.kind == EventType::JobProgress
         && let Some(percent) = event.detail["percent"].as_f64()
     {
@@ -399,33 +439,8 @@ pub(super) fn apply(
             "UPDATE jobs SET
                 progress = CASE WHEN ?2 > progress_of THEN ?3 ELSE MAX(COALESCE(progress, 0), ?3) END,
                 progress_of = MAX(progress_of, ?2)
-             WHERE job_id = ?1 AND ?2 >= progress_of",
-            params![job.job_id, attempt, percent],
-        )?;
-    }
-    if event.kind == EventType::JobSucceeded {
-        let list = |key: &str| match &event.detail[key] {
-            Value::Array(list) => Value::Array(list.clone()).to_string(),
-            _ => "[]".to_owned(),
-        };
-        let usage = event.detail.get("usage");
-        exec(
-            tx,
-            // Done is 100 %, whatever progress arrives late. Its usage in
-            // the same statement (see `used`).
-            "UPDATE jobs SET outputs = ?2, progress = 100, progress_of = 2147483647,
-                thumbnails = ?3, thumbnail_frames = ?4,
-                usage = COALESCE(?5, usage),
-                cost_usd = CASE WHEN ?6 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?6 END
-             WHERE job_id = ?1",
-            params![
-                job.job_id,
-                event.detail["outputs"].to_string(),
-                list("thumbnails"),
-                list("thumbnail_frames"),
-                usage.map(Value::to_string),
-                usage.and_then(|u| u["cost_usd"].as_f64()),
-            ],
+             WHERE rowid = ?1 AND ?2 >= progress_of",
+            params![rowid, attempt, percent],
         )?;
     }
     Ok(Applied::New)
@@ -434,21 +449,21 @@ pub(super) fn apply(
 /// A try's `usage`: the job keeps the last one and adds up the costs, its
 /// array adds up its children's wall time and costs (each event once: its
 /// id was seen above).
-fn used(tx: &rusqlite::Transaction, event: &Event, array_id: Option<&str>) -> rusqlite::Result<()> {
-    let (Some(job), Some(usage)) = (&event.job, event.detail.get("usage")) else {
+fn used(
+    tx: &rusqlite::Transaction,
+    update: &mut Update,
+    event: &Event,
+    array_id: Option<&str>,
+) -> rusqlite::Result<()> {
+    let (Some(_), Some(usage)) = (&event.job, event.detail.get("usage")) else {
         return Ok(());
     };
     let cost = usage["cost_usd"].as_f64();
-    // A success's is written with its outputs, in one statement.
-    if event.kind != EventType::JobSucceeded {
-        exec(
-            tx,
-            "UPDATE jobs SET usage = ?2,
-                cost_usd = CASE WHEN ?3 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?3 END
-             WHERE job_id = ?1",
-            params![job.job_id, usage.to_string(), cost],
-        )?;
-    }
+    update.set(
+        "usage = :usage,
+         cost_usd = CASE WHEN :cost IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + :cost END",
+        [(":usage", usage.to_string().into()), (":cost", cost.into())],
+    );
     if let Some(array) = array_id {
         exec(
             tx,
@@ -466,20 +481,17 @@ fn used(tx: &rusqlite::Transaction, event: &Event, array_id: Option<&str>) -> ru
 /// event, whatever the order they come in.
 fn times(
     tx: &rusqlite::Transaction,
+    update: &mut Update,
     event: &Event,
     rank: i64,
     array_id: Option<&str>,
 ) -> rusqlite::Result<()> {
-    let Some(job) = &event.job else {
-        return Ok(());
-    };
     let ms = event_ms(event);
     if event.kind == EventType::JobStarted {
-        exec(
-            tx,
-            "UPDATE jobs SET started_ms = MIN(COALESCE(started_ms, ?2), ?2) WHERE job_id = ?1",
-            params![job.job_id, ms],
-        )?;
+        update.set(
+            "started_ms = MIN(COALESCE(started_ms, :started), :started)",
+            [(":started", ms.into())],
+        );
         if let Some(array) = array_id {
             exec(
                 tx,
@@ -489,11 +501,10 @@ fn times(
         }
     }
     if rank >= FINAL_RANK {
-        exec(
-            tx,
-            "UPDATE jobs SET ended_ms = MAX(COALESCE(ended_ms, ?2), ?2) WHERE job_id = ?1",
-            params![job.job_id, ms],
-        )?;
+        update.set(
+            "ended_ms = MAX(COALESCE(ended_ms, :ended), :ended)",
+            [(":ended", ms.into())],
+        );
     }
     Ok(())
 }
