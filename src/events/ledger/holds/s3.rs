@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Fate, Freed, Registered, ToHold, Wait, failed_reason};
+use super::{Fate, Freed, Registered, ToHold, Wait, failed_reason, unit_label};
 use crate::events::ledger::{ChildState, Ledger, LedgerError, failed};
 use crate::retry::Backoff;
 
@@ -110,12 +110,6 @@ fn unit_key(parent_id: &str, index: Option<u32>) -> String {
 
 fn unit_name(index: Option<u32>) -> String {
     index.map_or_else(|| "whole".to_owned(), |i| i.to_string())
-}
-
-/// A parent unit for people: `P child N`, or `P`.
-fn unit_label(parent_id: &str, index: Option<u32>) -> String {
-    let frame = index.map_or(String::new(), |i| format!(" child {i}"));
-    format!("{parent_id}{frame}")
 }
 
 /// How a parent's units ended, as read once for a submit.
@@ -539,7 +533,7 @@ impl Ledger {
         size: u32,
         indexes: Vec<u32>,
         state: ChildState,
-    ) -> Result<Vec<Freed>, LedgerError> {
+    ) -> Result<super::Ended, LedgerError> {
         if size == 0 {
             let key = self.deps_key(&format!("ends/{parent_id}"));
             self.s3_put(&key, state.name().into(), Cond::IfAbsent)
@@ -568,7 +562,11 @@ impl Ledger {
                 self.spend_unit(parent_id, None, whole, &mut freed).await?;
             }
         }
-        Ok(freed)
+        // No other queue's ledger keeps dependants of it (see `foreign`).
+        Ok(super::Ended {
+            freed,
+            foreign: None,
+        })
     }
 
     /// Spends a parent unit's edges, adding what that freed to `freed`.
@@ -688,7 +686,7 @@ impl Ledger {
         &self,
         job_id: &str,
         limit: u32,
-    ) -> Result<Vec<(u32, String, Option<u32>)>, LedgerError> {
+    ) -> Result<Vec<(u32, String, Option<u32>, Option<String>)>, LedgerError> {
         let root = self.deps_key(&format!("held/{job_id}/"));
         let mut rows = Vec::new();
         for (index, _, _) in self.s3_list(&root).await? {
@@ -706,7 +704,7 @@ impl Ledger {
             }
             for unit in held.waits.keys() {
                 let (parent, idx) = unit.rsplit_once('/').unwrap_or((unit, "whole"));
-                rows.push((index, parent.to_owned(), idx.parse().ok()));
+                rows.push((index, parent.to_owned(), idx.parse().ok(), None));
             }
             if rows.len() >= limit as usize {
                 break;

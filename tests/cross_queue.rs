@@ -1,0 +1,176 @@
+//! Dependencies across queues (issue 27): a dependant array on queue
+//! `comps` waiting `frames: same` for a parent array on queue `renders`,
+//! both embedded queues of one config. Released frame by frame by the
+//! worker that settled the parent frame when it opens both queues, and by
+//! the dependant queue's sweep when it does not; a failed parent frame
+//! cancels exactly its dependants; a parent on a queue the endpoint does
+//! not serve is refused naming `depends_on[0].job_id`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Backend, Farm, free_port};
+use crate::pipelines::{array, by_child, completed, held_status, settings, step, time};
+
+/// The second queue, appended to the config (and cut from a variant).
+const COMPS: &str = "\n[queues.comps]\nbackend = \"local\"\npath = \"comps\"\n";
+
+/// A farm with queues `renders` (the default) and `comps`, its process
+/// listening on `listen`.
+async fn farm(listen: &str, max_receive_count: u32) -> Farm {
+    let mut settings = settings(2, max_receive_count);
+    settings.worker_toml += &format!("\nlisten_queues = {listen}");
+    settings.extra_toml += COMPS;
+    Farm::new(Backend::Local, settings).await
+}
+
+/// `step` on queue `comps`, each child after the same frames of `parent`.
+fn dependant(frames: &str, parent: &str) -> Value {
+    let mut params = step(
+        frames,
+        1,
+        "",
+        0.0,
+        json!([{"job_id": parent, "frames": "same"}]),
+    );
+    params["queue_name"] = json!("comps");
+    params
+}
+
+/// Each child of `child` started after the same child of `parent`
+/// succeeded, and was released once, by it.
+fn started_after_its_parent_frame(events: &[Value], parent: &str, child: &str, skip: &[u64]) {
+    let parent_done = by_child(events, "JobSucceeded", parent);
+    let started = by_child(events, "JobStarted", child);
+    let released = by_child(events, "JobReleased", child);
+    for (index, runs) in &started {
+        let done = time(&parent_done[index][0]);
+        let start = time(&runs[0]);
+        assert!(
+            done <= start,
+            "child {index} started at {start}, before its parent frame succeeded at {done}"
+        );
+        assert_eq!(released[index].len(), 1, "{:?}", released[index]);
+        let by = released[index][0]["detail"]["released_by"]
+            .as_str()
+            .unwrap();
+        assert_eq!(by, format!("{parent} child {index}"));
+        assert_eq!(
+            released[index][0]["queue"], "comps",
+            "{}",
+            released[index][0]
+        );
+    }
+    for index in skip {
+        assert!(!started.contains_key(index), "child {index} ran");
+        assert!(!released.contains_key(index), "child {index} was released");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_cancels_its_own() {
+    let farm = farm(r#"["renders", "comps"]"#, 2).await;
+    let _serve = farm.serve(&[]).await;
+    // Six frames of a second each on two slots; frame 3 fails.
+    let parent = array(&farm, step("1-6", 1, "3", 1.0, json!([]))).await;
+    let child = array(&farm, dependant("1-6", &parent)).await;
+    // While held, `renderq status` names the parent and its queue.
+    let status = held_status(&farm, &child).await;
+    assert!(
+        status.contains(&format!("waits_for\tparent={parent}\tqueue=renders")),
+        "{status}"
+    );
+    assert_eq!(
+        completed(&farm, &child).await,
+        json!({"size": 6, "succeeded": 5, "dead_lettered": 0, "cancelled": 1})
+    );
+    let events = farm.events();
+    started_after_its_parent_frame(&events, &parent, &child, &[2]);
+    let cancelled = by_child(&events, "JobCancelled", &child);
+    assert_eq!(cancelled.keys().collect::<Vec<_>>(), [&2], "frame 3 only");
+    let reason = cancelled[&2][0]["detail"]["reason"].as_str().unwrap();
+    assert_eq!(reason, format!("parent job {parent} child 2 dead-lettered"));
+    // Frame by frame: the first dependant frame started before the last
+    // parent frame ended.
+    let first = (by_child(&events, "JobStarted", &child).values())
+        .map(|runs| time(&runs[0]))
+        .min()
+        .unwrap();
+    let last = (by_child(&events, "JobSucceeded", &parent).values())
+        .map(|runs| time(&runs[0]))
+        .max()
+        .unwrap();
+    assert!(
+        first < last,
+        "first child start {first}, last parent end {last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parent_whose_worker_cannot_reach_the_dependants_queue_is_swept_and_an_unserved_one_refused()
+ {
+    // This process serves both queues and works `comps` only; the parent's
+    // worker has `renders` alone in its config (and its own endpoint).
+    let farm = farm(r#"["comps"]"#, 3).await;
+    let _serve = farm.serve(&[]).await;
+    let port = free_port();
+    let renders_only = farm.config_variant("renders-only", |text| {
+        text.replace(COMPS, "")
+            .replace(
+                r#"listen_queues = ["comps"]"#,
+                r#"listen_queues = ["renders"]"#,
+            )
+            .replace(
+                &format!("listen = \"127.0.0.1:{}\"", farm.port),
+                &format!("listen = \"127.0.0.1:{port}\""),
+            )
+    });
+    let other = farm.spawn_with("serve", &[], &renders_only);
+    let parent = array(&farm, step("1-3", 1, "", 0.5, json!([]))).await;
+    let child = array(&farm, dependant("1-3", &parent)).await;
+    assert_eq!(completed(&farm, &child).await["succeeded"], 3);
+    let events = farm.events();
+    started_after_its_parent_frame(&events, &parent, &child, &[]);
+    assert!(
+        other.log_text().contains("its sweep releases them"),
+        "{}",
+        other.log_text()
+    );
+
+    // That endpoint serves `renders` only: a parent on `comps` is unknown.
+    let reply = rpc_at(
+        port,
+        json!({"command": "step", "depends_on": [{"job_id": child}]}),
+    )
+    .await;
+    assert_eq!(reply["error"]["code"], -32602, "{reply}");
+    assert_eq!(
+        reply["error"]["data"]["field"], "depends_on[0].job_id",
+        "{reply}"
+    );
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&child) && message.contains("queues this endpoint serves"),
+        "{message}"
+    );
+}
+
+/// `queue_manager_submit_job` on the endpoint at `port`, once it answers.
+async fn rpc_at(port: u16, params: Value) -> Value {
+    let body = json!({"jsonrpc": "2.0", "method": "queue_manager_submit_job",
+                      "params": params, "id": 1});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sent = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/"))
+            .json(&body)
+            .send()
+            .await;
+        if let Ok(reply) = sent {
+            return reply.json().await.expect("JSON reply");
+        }
+        assert!(Instant::now() < deadline, "the endpoint never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
