@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, Farm, free_port};
-use crate::pipelines::{array, by_child, completed, held_status, settings, step, time};
+use crate::pipelines::{array, by_child, completed, settings, step, time};
 
 /// The second queue, appended to the config (and cut from a variant).
 const COMPS: &str = "\n[queues.comps]\nbackend = \"local\"\npath = \"comps\"\n";
@@ -76,11 +76,16 @@ async fn a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_can
     let parent = array(&farm, step("1-6", 1, "3", 1.0, json!([]))).await;
     let child = array(&farm, dependant("1-6", &parent)).await;
     // While held, `renderq status` names the parent and its queue.
-    let status = held_status(&farm, &child).await;
-    assert!(
-        status.contains(&format!("waits_for\tparent={parent}\tqueue=renders")),
-        "{status}"
-    );
+    let line = format!("waits_for\tparent={parent}\tqueue=renders\tchildren ");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, status, _) = farm.cli(&["status", &child]);
+        if status.contains(&line) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         completed(&farm, &child).await,
         json!({"size": 6, "succeeded": 5, "dead_lettered": 0, "cancelled": 1})
