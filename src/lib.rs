@@ -69,8 +69,9 @@
 //!   jobs held by hand) with their messages ready to send (SQLite on the
 //!   embedded queue, S3 objects under `deps/` for SQS, where a hold by
 //!   hand catches the queued messages at receive; a dependant of a
-//!   parent on another embedded queue is held in its own queue's ledger,
-//!   and the parent's ledger notes which queues wait for it). The ledger
+//!   parent on another queue of the same backend is held in its own
+//!   queue's ledger, and the parent's ledger notes which queues wait for
+//!   it). The ledger
 //!   and the status table are pruned after `queue_manager.retention`.
 //! - [`worker`]: the listen half: a step function plus slot loops,
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one

@@ -1,28 +1,53 @@
 //! Dependencies across queues (issue 27): a dependant array on queue
 //! `comps` waiting `frames: same` for a parent array on queue `renders`,
-//! both embedded queues of one config. Released frame by frame by the
+//! two queues of one config and one backend (two embedded queues, or two
+//! SQS queues on moto with their S3 ledgers). Released frame by frame by the
 //! worker that settled the parent frame when it opens both queues, and by
 //! the dependant queue's sweep when it does not; a failed parent frame
 //! cancels exactly its dependants; a parent on a queue the endpoint does
-//! not serve is refused naming `depends_on[0].job_id`.
+//! not serve is refused naming `depends_on[0].job_id`, and so is one on
+//! a queue of the other backend.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, Farm, free_port};
+use crate::harness::{Aws, Backend, Farm, Moto, free_port};
 use crate::pipelines::{array, by_child, completed, settings, step, time};
 
-/// The second queue, appended to the config (and cut from a variant).
-const COMPS: &str = "\n[queues.comps]\nbackend = \"local\"\npath = \"comps\"\n";
+scenarios!(
+    a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_cancels_its_own,
+    a_parent_whose_worker_cannot_reach_the_dependants_queue_is_swept_and_an_unserved_one_refused,
+);
 
-/// A farm with queues `renders` (the default) and `comps`, its process
-/// listening on `listen`.
-async fn farm(listen: &str, max_receive_count: u32) -> Farm {
+/// The second queue's section of the config (cut from a variant), of
+/// `backend` (on SQS a fresh queue, its ledger in the farm's bucket).
+async fn comps(backend: Backend, max_receive_count: u32) -> String {
+    match backend {
+        Backend::Local => "\n[queues.comps]\nbackend = \"local\"\npath = \"comps\"\n".into(),
+        Backend::Sqs => {
+            let endpoint = Moto::shared().endpoint();
+            let aws = Aws::create(&endpoint, max_receive_count).await;
+            format!(
+                "\n[queues.comps]\nbackend = \"sqs\"\nurl = \"{}\"\nendpoint_url = \"{endpoint}\"\n\
+                 region = \"us-east-1\"\nstatus_bucket = \"results\"\n",
+                aws.queue_url
+            )
+        }
+    }
+}
+
+/// A farm on `backend` with queues `renders` (the default) and `comps`
+/// (`comps`: its section), its process listening on `listen`.
+async fn farm(backend: Backend, comps: &str, listen: &str, max_receive_count: u32) -> Farm {
     let mut settings = settings(2, max_receive_count);
     settings.worker_toml += &format!("\nlisten_queues = {listen}");
-    settings.extra_toml += COMPS;
-    Farm::new(Backend::Local, settings).await
+    settings.extra_toml += comps;
+    if backend == Backend::Sqs {
+        // An embedded queue beside the SQS ones: the other backend.
+        settings.extra_toml += "\n[queues.side]\nbackend = \"local\"\npath = \"side\"\n";
+    }
+    Farm::new(backend, settings).await
 }
 
 /// `step` on queue `comps`, each child after the same frames of `parent`.
@@ -68,9 +93,11 @@ fn started_after_its_parent_frame(events: &[Value], parent: &str, child: &str, s
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_cancels_its_own() {
-    let farm = farm(r#"["renders", "comps"]"#, 2).await;
+async fn a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_cancels_its_own(
+    backend: Backend,
+) {
+    let comps = comps(backend, 2).await;
+    let farm = farm(backend, &comps, r#"["renders", "comps"]"#, 2).await;
     let _serve = farm.serve(&[]).await;
     // Six frames of a second each on two slots; frame 3 fails.
     let parent = array(&farm, step("1-6", 1, "3", 1.0, json!([]))).await;
@@ -112,16 +139,17 @@ async fn a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_can
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_parent_whose_worker_cannot_reach_the_dependants_queue_is_swept_and_an_unserved_one_refused()
- {
+async fn a_parent_whose_worker_cannot_reach_the_dependants_queue_is_swept_and_an_unserved_one_refused(
+    backend: Backend,
+) {
     // This process serves both queues and works `comps` only; the parent's
     // worker has `renders` alone in its config (and its own endpoint).
-    let farm = farm(r#"["comps"]"#, 3).await;
+    let comps = comps(backend, 3).await;
+    let farm = farm(backend, &comps, r#"["comps"]"#, 3).await;
     let _serve = farm.serve(&[]).await;
     let port = free_port();
     let renders_only = farm.config_variant("renders-only", |text| {
-        text.replace(COMPS, "")
+        text.replace(&comps, "")
             .replace(
                 r#"listen_queues = ["comps"]"#,
                 r#"listen_queues = ["renders"]"#,
@@ -159,6 +187,20 @@ async fn a_parent_whose_worker_cannot_reach_the_dependants_queue_is_swept_and_an
         message.contains(&child) && message.contains("queues this endpoint serves"),
         "{message}"
     );
+    if backend == Backend::Sqs {
+        // A dependant on an embedded queue of a parent on an SQS queue.
+        let reply = farm
+            .rpc(
+                "queue_manager_submit_job",
+                json!({"command": "step", "queue_name": "side",
+                       "depends_on": [{"job_id": parent}]}),
+            )
+            .await;
+        assert_eq!(reply["error"]["code"], -32602, "{reply}");
+        assert_eq!(reply["error"]["data"]["field"], "depends_on[0].job_id");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains("other backend"), "{message}");
+    }
 }
 
 /// `queue_manager_submit_job` on the endpoint at `port`, once it answers.

@@ -474,7 +474,7 @@ async fn bad_dependencies_are_refused_naming_the_field_and_a_held_job_says_what_
 
 /// Waits for an event of `kind` of job `id`.
 /// `renderq status ID` once it shows the job held.
-pub(crate) async fn held_status(farm: &Farm, id: &str) -> String {
+async fn held_status(farm: &Farm, id: &str) -> String {
     let deadline = Instant::now() + LONG;
     loop {
         let (_, status, _) = farm.cli(&["status", id]);

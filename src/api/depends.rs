@@ -8,10 +8,9 @@
 //! held rows and edges go to the dependant's ledger as usual, then the
 //! parent's ledger is told that this queue waits, then the parent's ends
 //! are read again from its ledger and what ended meanwhile is spent here.
-//! Both queues must be embedded ones: an SQS queue with an embedded one
+//! Both queues must be of one backend: an SQS queue with an embedded one
 //! is refused (the embedded ledger is a file on the endpoint's machine
-//! that SQS workers elsewhere cannot read), and so, not built yet, are
-//! two SQS queues.
+//! that SQS workers elsewhere cannot read).
 
 use std::collections::HashSet;
 
@@ -153,17 +152,14 @@ impl Submitter {
                 continue;
             };
             return match (ledger, other) {
-                (Ledger::Local(_), Ledger::Local(_)) => Ok((found, Some(name.clone()))),
-                (Ledger::S3 { .. }, Ledger::S3 { .. }) => Err(refused(format!(
-                    "job {id} is on SQS queue `{name}`; a dependant on another SQS queue \
-                     (`{queue_name}`) is not supported yet: across queues, only embedded \
-                     queues depend on each other"
-                ))),
+                (Ledger::Local(_), Ledger::Local(_)) | (Ledger::S3 { .. }, Ledger::S3 { .. }) => {
+                    Ok((found, Some(name.clone())))
+                }
                 _ => Err(refused(format!(
                     "job {id} is on queue `{name}`, and `{queue_name}` is of the other backend: \
                      an embedded queue's ledger is a file on this machine that an SQS queue's \
-                     workers cannot read, so a job depends across queues only between \
-                     embedded queues"
+                     workers cannot read, so a job depends across queues only between queues \
+                     of one backend"
                 ))),
             };
         }

@@ -29,10 +29,10 @@
 //! `worker.dead_letter_sweep`. Every process that has both queues in its
 //! config sweeps, the endpoint's own included, so nothing waits forever.
 //!
-//! The embedded queue only: an embedded queue's ledger is a file on the
-//! endpoint's machine, which SQS workers elsewhere cannot read, so a pair
-//! with an SQS queue is refused at submit; SQS to SQS is not built yet
-//! (its S3 ledger answers these calls with an error).
+//! The S3 ledger keeps the same as objects (see `s3::foreign`). Both
+//! queues must be of one backend: an embedded queue's ledger is a file on
+//! the endpoint's machine, which SQS workers elsewhere cannot read, so a
+//! pair of an SQS and an embedded queue is refused at submit.
 
 use rusqlite::{Transaction, TransactionBehavior, params};
 
@@ -64,14 +64,6 @@ pub struct ForeignWait {
     pub parent_id: String,
     /// The units waited for (`None`: the whole parent).
     pub units: Vec<Option<u32>>,
-}
-
-fn unsupported() -> LedgerError {
-    LedgerError(
-        "a parent on another queue is kept only between embedded queues; \
-         the S3 ledger does not keep such edges"
-            .into(),
-    )
 }
 
 /// In a parent's ledger, as its unit ends: the other queues to tell, and
@@ -119,7 +111,7 @@ impl Ledger {
         queue: &str,
     ) -> Result<(), LedgerError> {
         let Ledger::Local(conn) = self else {
-            return Err(unsupported());
+            return self.s3_note_foreign(parent_id, queue).await;
         };
         let (parent_id, queue) = (parent_id.to_owned(), queue.to_owned());
         Self::sql(conn, move |c| {
@@ -139,7 +131,7 @@ impl Ledger {
         units: Vec<Option<u32>>,
     ) -> Result<Vec<(Option<u32>, ChildState)>, LedgerError> {
         let Ledger::Local(conn) = self else {
-            return Err(unsupported());
+            return self.s3_unit_ends(parent_id, units).await;
         };
         let parent_id = parent_id.to_owned();
         Self::sql(conn, move |c| {
@@ -165,7 +157,7 @@ impl Ledger {
         units: Vec<(Option<u32>, ChildState)>,
     ) -> Result<Vec<Freed>, LedgerError> {
         let Ledger::Local(conn) = self else {
-            return Err(unsupported());
+            return self.s3_spend_foreign(parent_id, units).await;
         };
         let parent_id = parent_id.to_owned();
         Self::sql(conn, move |c| {
@@ -187,8 +179,7 @@ impl Ledger {
     pub async fn foreign_parents(&self) -> Result<Vec<ForeignWait>, LedgerError> {
         let conn = match self {
             Ledger::Local(conn) => conn,
-            // It keeps none (see `unsupported`).
-            Ledger::S3 { .. } => return Ok(Vec::new()),
+            Ledger::S3 { .. } => return self.s3_foreign_parents().await,
         };
         Self::sql(conn, |c| {
             let rows = c

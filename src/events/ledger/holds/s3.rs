@@ -54,6 +54,9 @@ pub(super) struct HeldObject {
     /// Held by hand too (see `hand`): its parents' ends do not free it.
     #[serde(default)]
     manual: bool,
+    /// The queue of each parent on another queue (see `foreign`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    queues: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,9 +411,12 @@ impl Ledger {
         entries: Vec<ToHold>,
         manual: bool,
     ) -> Result<Vec<Fate>, LedgerError> {
+        // Parents of this queue: their ends are read here. One on another
+        // queue is read from its own ledger, after the edges (`foreign`).
         let mut parents: Vec<String> = entries
             .iter()
-            .flat_map(|e| e.waits.iter().map(|w| w.parent_id.clone()))
+            .flat_map(|e| e.waits.iter().filter(|w| w.queue.is_none()))
+            .map(|w| w.parent_id.clone())
             .collect();
         parents.sort();
         parents.dedup();
@@ -433,9 +439,13 @@ impl Ledger {
                 by: None,
                 claim: None,
                 manual,
+                queues: BTreeMap::new(),
             };
             let mut pending = Vec::new();
             for wait in &entry.waits {
+                if let Some(queue) = &wait.queue {
+                    held.queues.insert(wait.parent_id.clone(), queue.clone());
+                }
                 match ended(&before, wait) {
                     None => {
                         held.waits
@@ -477,6 +487,8 @@ impl Ledger {
             fates.push(fate);
             pending_of.push(pending);
         }
+        // Parents on other queues, for the sweep: before any edge.
+        markers.extend(foreign::markers(self, &entries));
         self.s3_put_all(markers).await?;
         self.s3_put_all(objects).await?;
         if edges.is_empty() {
@@ -545,8 +557,8 @@ impl Ledger {
         let has = |name: &str| markers.iter().any(|(rest, _, _)| rest == name);
         let mut freed = Vec::new();
         if size > 0 && has("unit") {
-            for index in indexes {
-                self.spend_unit(parent_id, Some(index), state, &mut freed)
+            for &index in &indexes {
+                self.spend_unit(parent_id, Some(index), state, &mut freed, false)
                     .await?;
             }
         }
@@ -559,23 +571,25 @@ impl Ledger {
                     .map(|(s, _)| s)
             };
             if let Some(whole) = whole {
-                self.spend_unit(parent_id, None, whole, &mut freed).await?;
+                self.spend_unit(parent_id, None, whole, &mut freed, false)
+                    .await?;
             }
         }
-        // No other queue's ledger keeps dependants of it (see `foreign`).
-        Ok(super::Ended {
-            freed,
-            foreign: None,
-        })
+        let foreign = self
+            .s3_foreign_end(parent_id, size, &indexes, state, &markers)
+            .await?;
+        Ok(super::Ended { freed, foreign })
     }
 
-    /// Spends a parent unit's edges, adding what that freed to `freed`.
+    /// Spends a parent unit's edges, adding what that freed to `freed`;
+    /// `drop_spent`: deletes each edge object once its children are spent.
     async fn spend_unit(
         &self,
         parent_id: &str,
         index: Option<u32>,
         state: ChildState,
         freed: &mut Vec<Freed>,
+        drop_spent: bool,
     ) -> Result<(), LedgerError> {
         let root = self.deps_key(&format!("waits/{parent_id}/{}/", unit_name(index)));
         let (unit, label) = (unit_key(parent_id, index), unit_label(parent_id, index));
@@ -591,6 +605,9 @@ impl Ledger {
                     self.change_held(&job_id, child, true, |h| h.spend(&unit, &label, state))
                         .await?,
                 );
+            }
+            if drop_spent {
+                self.s3_delete(&format!("{root}{job_id}")).await?;
             }
         }
         Ok(())
@@ -704,7 +721,8 @@ impl Ledger {
             }
             for unit in held.waits.keys() {
                 let (parent, idx) = unit.rsplit_once('/').unwrap_or((unit, "whole"));
-                rows.push((index, parent.to_owned(), idx.parse().ok(), None));
+                let queue = held.queues.get(parent).cloned();
+                rows.push((index, parent.to_owned(), idx.parse().ok(), queue));
             }
             if rows.len() >= limit as usize {
                 break;
@@ -716,6 +734,7 @@ impl Ledger {
     }
 }
 
+mod foreign;
 mod hand;
 pub(crate) use hand::HAND_CACHE;
 pub use hand::HandCache;
@@ -738,6 +757,7 @@ mod tests {
             by: None,
             claim: None,
             manual: false,
+            queues: BTreeMap::new(),
         }
     }
 
