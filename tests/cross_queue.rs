@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::harness::{Aws, Backend, Farm, Moto, free_port};
-use crate::pipelines::{array, by_child, completed, settings, step, time};
+use crate::pipelines::{LONG, array, by_child, completed, settings, step, time};
 
 scenarios!(
     a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_cancels_its_own,
@@ -102,12 +102,22 @@ async fn a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_can
     // Six frames of a second each on two slots; frame 3 fails.
     let parent = array(&farm, step("1-6", 1, "3", 1.0, json!([]))).await;
     let child = array(&farm, dependant("1-6", &parent)).await;
+    // Plain jobs on `comps` after the whole parent: on success (cancelled
+    // by frame 3) and on finish (run).
+    let whole = |on: &str| {
+        json!({"command": "step", "queue_name": "comps",
+               "depends_on": [{"job_id": parent, "on": on}]})
+    };
+    let on_success = farm.submit(whole("success")).await;
+    let on_finish = farm.submit(whole("finish")).await;
     // While held, `renderq status` names the parent and its queue.
-    let line = format!("waits_for\tparent={parent}\tqueue=renders\tchildren ");
+    let line = format!("waits_for\tparent={parent}\tchildren ");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, status, _) = farm.cli(&["status", &child]);
-        if status.contains(&line) {
+        let waits = status.lines().find(|l| l.starts_with(&line));
+        if let Some(waits) = waits {
+            assert!(waits.ends_with("\tqueue=renders"), "{waits}");
             break;
         }
         assert!(Instant::now() < deadline, "{status}");
@@ -137,6 +147,31 @@ async fn a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_can
         first < last,
         "first child start {first}, last parent end {last}"
     );
+    let ended = |id: &str, kind: &str| {
+        let id = id.to_owned();
+        let kind = kind.to_owned();
+        move |e: &Value| e["job_id"] == id.as_str() && e["type"] == kind.as_str()
+    };
+    let cancelled = farm
+        .wait_for_events(ended(&on_success, "JobCancelled"), 1, LONG)
+        .await;
+    let reason = cancelled[0]["detail"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&parent) && reason.contains("dead-lettered"),
+        "{reason}"
+    );
+    let succeeded = farm
+        .wait_for_events(ended(&on_finish, "JobSucceeded"), 1, LONG)
+        .await;
+    assert_eq!(succeeded[0]["queue"], "comps");
+    let events = farm.events();
+    assert!(!events.iter().any(ended(&on_success, "JobStarted")));
+    let released: Vec<&Value> = events
+        .iter()
+        .filter(|e| ended(&on_finish, "JobReleased")(e))
+        .collect();
+    assert_eq!(released.len(), 1, "{released:?}");
+    assert_eq!(released[0]["detail"]["released_by"], parent.as_str());
 }
 
 async fn a_parent_whose_worker_cannot_reach_the_dependants_queue_is_swept_and_an_unserved_one_refused(

@@ -275,7 +275,7 @@ async fn waits_for(config: &Config, job_id: &str) -> Vec<String> {
                 format!("children {}", list.join(","))
             };
             lines.push(format!(
-                "waits_for\tparent={parent}\tqueue={queue}\t{what}\theld_children={}",
+                "waits_for\tparent={parent}\t{what}\theld_children={}\tqueue={queue}",
                 children.len()
             ));
         }

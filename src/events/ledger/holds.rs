@@ -9,7 +9,10 @@
 //! - `held`: a row per held job or child, with its body and how many
 //!   parent units it still waits for;
 //! - `waits`: a row per (parent unit, dependant child) edge, `parent_idx`
-//!   -1 for a whole parent.
+//!   -1 for a whole parent, `parent_queue` the parent's queue when it is
+//!   another (see `foreign`);
+//! - `foreign_waits`: which other queues keep dependants of a job of this
+//!   queue (see `foreign`).
 //!
 //! Exactly once: a parent unit's end deletes its `waits` rows in the same
 //! transaction that counts them off the dependants (`DELETE … RETURNING`),

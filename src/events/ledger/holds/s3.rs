@@ -8,7 +8,10 @@
 //! - `waits/PARENT/UNIT/JOB`: which children of dependant JOB wait for a
 //!   parent unit (UNIT: a child's index, or `whole`);
 //! - `parents/PARENT/unit` and `…/whole`: PARENT has dependants at all, so
-//!   the settle of a job nobody waits for costs one LIST;
+//!   the settle of a job nobody waits for costs one LIST; `…/foreign/Q`:
+//!   queue Q's ledger keeps dependants of it (see `foreign`);
+//! - `foreign/Q/PARENT`: held jobs here wait for PARENT of queue Q (for
+//!   the sweep, see `foreign`);
 //! - `releasing/JOB/IDX/CLAIM`: a held object claimed (to send or to
 //!   cancel) and not done yet; the sweep lists this prefix.
 //!
@@ -27,7 +30,9 @@
 //! Order: a dependant's submit writes its held objects, then its edges and
 //! the parent's marker, then reads the parents' ends again and spends what
 //! ended meanwhile; a parent's settle writes its end first, then lists the
-//! edges. Whichever is second sees the other.
+//! edges. Whichever is second sees the other. A parent on another queue
+//! is read from its own ledger instead, after the edges and its note
+//! there (`holds::foreign`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
