@@ -4,12 +4,15 @@
 //! SQS queues on moto with their S3 ledgers). Released frame by frame by the
 //! worker that settled the parent frame when it opens both queues, and by
 //! the dependant queue's sweep when it does not; a failed parent frame
-//! cancels exactly its dependants; a parent on a queue the endpoint does
-//! not serve is refused naming `depends_on[0].job_id`, and so is one on
-//! a queue of the other backend.
+//! cancels exactly its dependants; two workers settling the last parent
+//! frames release each dependant once, and so does the sweep after a
+//! worker killed between its settle and the release; a parent on a queue
+//! the endpoint does not serve is refused naming `depends_on[0].job_id`,
+//! and so is one on a queue of the other backend.
 
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use crate::harness::{Aws, Backend, Farm, Moto, free_port};
@@ -18,7 +21,12 @@ use crate::pipelines::{LONG, array, by_child, completed, settings, step, time};
 scenarios!(
     a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_cancels_its_own,
     a_parent_whose_worker_cannot_reach_the_dependants_queue_is_swept_and_an_unserved_one_refused,
+    two_workers_settling_the_last_parent_frames_release_each_dependant_on_another_queue_once,
+    a_worker_killed_before_releasing_on_another_queue_is_swept_once,
 );
+
+/// Both queues, listened to by every process.
+const BOTH: &str = r#"["renders", "comps"]"#;
 
 /// The second queue's section of the config (cut from a variant), of
 /// `backend` (on SQS a fresh queue, its ledger in the farm's bucket).
@@ -97,7 +105,7 @@ async fn a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_can
     backend: Backend,
 ) {
     let comps = comps(backend, 2).await;
-    let farm = farm(backend, &comps, r#"["renders", "comps"]"#, 2).await;
+    let farm = farm(backend, &comps, BOTH, 2).await;
     let _serve = farm.serve(&[]).await;
     // Six frames of a second each on two slots; frame 3 fails.
     let parent = array(&farm, step("1-6", 1, "3", 1.0, json!([]))).await;
@@ -236,6 +244,76 @@ async fn a_parent_whose_worker_cannot_reach_the_dependants_queue_is_swept_and_an
         let message = reply["error"]["message"].as_str().unwrap();
         assert!(message.contains("other backend"), "{message}");
     }
+}
+
+async fn two_workers_settling_the_last_parent_frames_release_each_dependant_on_another_queue_once(
+    backend: Backend,
+) {
+    let comps = comps(backend, 3).await;
+    let mut settings = settings(1, 3);
+    settings.worker_toml += &format!("\nlisten_queues = {BOTH}");
+    settings.extra_toml += &comps;
+    let farm = Farm::new(backend, settings).await;
+    let _serve = farm.serve(&[]).await;
+    let _worker = farm.spawn("worker", &[]);
+    for _ in 0..3 {
+        // Two parent children of the same length, one per worker.
+        let parent = array(&farm, step("1-2", 1, "", 0.3, json!([]))).await;
+        let same = array(&farm, dependant("1-2", &parent)).await;
+        let mut params = dependant("1-2", &parent);
+        params["depends_on"][0]["frames"] = json!("all");
+        let all = array(&farm, params).await;
+        completed(&farm, &same).await;
+        completed(&farm, &all).await;
+        let events = farm.events();
+        for id in [&same, &all] {
+            let released = by_child(&events, "JobReleased", id);
+            let started = by_child(&events, "JobStarted", id);
+            for index in 0..2 {
+                assert_eq!(
+                    released[&index].len(),
+                    1,
+                    "{id} child {index} released once"
+                );
+                assert_eq!(started[&index].len(), 1, "{id} child {index} ran once");
+            }
+        }
+    }
+}
+
+async fn a_worker_killed_before_releasing_on_another_queue_is_swept_once(backend: Backend) {
+    let comps = comps(backend, 3).await;
+    let farm = farm(backend, &comps, BOTH, 3).await;
+    let mut halting = farm
+        .serve(&[("RENDERQ_TEST_HALT_BEFORE_RELEASE", "1")])
+        .await;
+    let parent = farm.submit(json!({"command": "step"})).await;
+    let child = farm
+        .submit(json!({"command": "step", "queue_name": "comps",
+                       "depends_on": [{"job_id": parent}]}))
+        .await;
+    halting.wait_for_log("halting before the release", LONG);
+    halting.signal(Signal::SIGKILL);
+    halting.wait_exit(LONG);
+    let count = |kind: &str| {
+        (farm.events().iter())
+            .filter(|e| e["type"] == kind && e["job_id"] == child.as_str())
+            .count()
+    };
+    assert_eq!(count("JobReleased"), 0, "released before the kill");
+    // The parent's end is in its ledger; the new worker's sweep reads it.
+    let _worker = farm.spawn("worker", &[]);
+    farm.wait_for_events(
+        |e| e["type"] == "JobSucceeded" && e["job_id"] == child.as_str(),
+        1,
+        LONG,
+    )
+    .await;
+    // A few more sweeps pass: still once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count("JobReleased"), 1);
+    assert_eq!(count("JobStarted"), 1);
+    assert_eq!(count("JobSucceeded"), 1);
 }
 
 /// `queue_manager_submit_job` on the endpoint at `port`, once it answers.
