@@ -144,6 +144,7 @@ impl App {
         )
         // Checked when the config was loaded.
         .priced(self.config.fleet.prices().unwrap_or_default())
+        .reaching(self.queues.clone(), self.ledgers.clone())
     }
 
     /// Runs the JSON-RPC endpoint and a worker until `shutdown`.

@@ -68,8 +68,11 @@
 //!   submit, and keeps held jobs (dependants waiting for their parents,
 //!   jobs held by hand) with their messages ready to send (SQLite on the
 //!   embedded queue, S3 objects under `deps/` for SQS, where a hold by
-//!   hand catches the queued messages at receive). The ledger and the
-//!   status table are pruned after `queue_manager.retention`.
+//!   hand catches the queued messages at receive; a dependant of a
+//!   parent on another queue of the same backend is held in its own
+//!   queue's ledger, and the parent's ledger notes which queues wait for
+//!   it). The ledger
+//!   and the status table are pruned after `queue_manager.retention`.
 //! - [`worker`]: the listen half: a step function plus slot loops,
 //!   heartbeat, back-off, drain on shutdown (`worker::execute` runs one
 //!   job after `worker::staging` placed its inputs, `worker::settle`
@@ -80,7 +83,9 @@
 //!   in a sandboxed child process;
 //!   `worker::sweep` counts the jobs the redrive policy dead-lettered;
 //!   `worker::release` sends (or cancels) the dependants a job's end
-//!   freed, and sweeps what a dead worker freed and never sent;
+//!   freed, on its own queue and on the other queues the worker's config
+//!   opens, and sweeps what a dead worker freed and never sent, and the
+//!   dependants of other queues' parents that no settling worker reached;
 //!   `worker::usage` puts a try's usage together (the slot's GPU sampled,
 //!   the instance from IMDS, the price) and adds an array's costs to its
 //!   budget;
@@ -216,7 +221,14 @@
 //!   stale marker with `If-Match` so one sweeper takes it. An `on:
 //!   success` dependant of a unit that did not succeed is cancelled with
 //!   the parent's id and child in its reason, and ends as a parent in
-//!   turn: nothing waits for a parent that ended.
+//!   turn: nothing waits for a parent that ended. A parent on another
+//!   queue changes only who spends the edges: they are in the dependant's
+//!   ledger and spent there by the same transaction, by the parent's
+//!   settling worker when its config opens that queue, else by the
+//!   dependant queue's sweep from the parent ledger's ends; a submit reads
+//!   those ends again after writing its edges and the parent ledger's
+//!   note, and a settle reads the note after writing its end, so one of
+//!   the two sees the other.
 //! - No secret is read from `workers.toml` or written to a log.
 //! - A job's inputs cannot reach outside its folder (paths and keys are
 //!   checked at submit and again on receive), and nothing a job does to its

@@ -26,7 +26,7 @@ scenarios!(
     a_hold_of_an_unknown_job_is_refused_naming_job_id,
 );
 
-const LONG: Duration = Duration::from_secs(90);
+pub(crate) const LONG: Duration = Duration::from_secs(90);
 
 /// A farm on the embedded queue with the `step` fixture (frames, frames
 /// that fail, seconds), an events file, `slots` slots, and a sweep of held
@@ -37,15 +37,18 @@ async fn farm(slots: usize, max_receive_count: u32) -> Farm {
 
 /// [`farm`] on `backend` (on SQS the held jobs are kept in the S3 ledger).
 async fn farm_on(backend: Backend, slots: usize, max_receive_count: u32) -> Farm {
-    Farm::new(
-        backend,
-        Settings {
-            max_receive_count,
-            extra_allowed: vec!["step"],
-            worker_toml: format!("slots = {slots}\ndead_letter_sweep = \"1s\""),
-            queue_manager_toml: "release_grace = \"2s\"\nmax_dependencies = 3".into(),
-            extra_toml: format!(
-                r#"
+    Farm::new(backend, settings(slots, max_receive_count)).await
+}
+
+/// [`farm`]'s settings.
+pub(crate) fn settings(slots: usize, max_receive_count: u32) -> Settings {
+    Settings {
+        max_receive_count,
+        extra_allowed: vec!["step"],
+        worker_toml: format!("slots = {slots}\ndead_letter_sweep = \"1s\""),
+        queue_manager_toml: "release_grace = \"2s\"\nmax_dependencies = 3".into(),
+        extra_toml: format!(
+            r#"
 [events.targets.audit]
 kind = "file"
 path = "events.jsonl"
@@ -58,16 +61,14 @@ args = ["{{frames}}", "{{fail}}", "{{seconds}}"]
 fail = {{ type = "string", default = "" }}
 seconds = {{ type = "number", min = 0, default = 0 }}
 "#,
-                fixture = repo_path("tests/fixtures/pipeline_step.py"),
-            ),
-            ..Settings::default()
-        },
-    )
-    .await
+            fixture = repo_path("tests/fixtures/pipeline_step.py"),
+        ),
+        ..Settings::default()
+    }
 }
 
 /// Submits an array; its id.
-async fn array(farm: &Farm, params: Value) -> String {
+pub(crate) async fn array(farm: &Farm, params: Value) -> String {
     let reply = farm.rpc("queue_manager_submit_job", params).await;
     reply["result"]["job_id"]
         .as_str()
@@ -75,17 +76,17 @@ async fn array(farm: &Farm, params: Value) -> String {
         .to_owned()
 }
 
-fn step(frames: &str, chunk: u32, fail: &str, seconds: f64, depends_on: Value) -> Value {
+pub(crate) fn step(frames: &str, chunk: u32, fail: &str, seconds: f64, depends_on: Value) -> Value {
     json!({"command": "step", "frames": frames, "chunk_size": chunk,
            "parameters": {"fail": fail, "seconds": seconds}, "depends_on": depends_on})
 }
 
-fn time(event: &Value) -> DateTime<Utc> {
+pub(crate) fn time(event: &Value) -> DateTime<Utc> {
     event["time"].as_str().unwrap().parse().unwrap()
 }
 
 /// Events of `kind` of array `id`'s children, by child index.
-fn by_child(events: &[Value], kind: &str, id: &str) -> HashMap<u64, Vec<Value>> {
+pub(crate) fn by_child(events: &[Value], kind: &str, id: &str) -> HashMap<u64, Vec<Value>> {
     let mut found: HashMap<u64, Vec<Value>> = HashMap::new();
     for e in events
         .iter()
@@ -99,7 +100,7 @@ fn by_child(events: &[Value], kind: &str, id: &str) -> HashMap<u64, Vec<Value>> 
     found
 }
 
-async fn completed(farm: &Farm, id: &str) -> Value {
+pub(crate) async fn completed(farm: &Farm, id: &str) -> Value {
     let done = farm
         .wait_for_events(
             |e| e["type"] == "ArrayJobCompleted" && e["job_id"] == id,

@@ -35,6 +35,7 @@ mod clients;
 mod commands;
 mod config_errors;
 mod crash;
+mod cross_queue;
 mod deploy;
 mod events;
 mod failures;

@@ -20,7 +20,7 @@ use crate::job::id::Id;
 use crate::job::params::FieldError;
 use crate::queue::{Queue, QueueError, Queues, Received, Redrive};
 use crate::worker::delivery::Delivery;
-use crate::worker::release::Releaser;
+use crate::worker::release::{Reach, Releaser};
 
 /// What a cancel did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -116,6 +116,14 @@ impl Control {
         &self.ledgers
     }
 
+    /// Every queue and its ledger: where dependants on other queues are.
+    pub(super) fn reach(&self) -> Reach<'_> {
+        Reach {
+            queues: &self.queues,
+            ledgers: &self.ledgers,
+        }
+    }
+
     pub(super) fn observer(&self) -> &Observer {
         &self.observer
     }
@@ -206,6 +214,7 @@ impl Control {
                 queue,
                 ledger,
                 observer: &self.observer,
+                reach: self.reach(),
             }
             .apply(held)
             .await;
@@ -319,14 +328,15 @@ impl Control {
             queue,
             ledger,
             observer: &self.observer,
+            reach: self.reach(),
         };
         for (id, size, indexes) in ended {
             match ledger
                 .units_ended(&id, size, indexes, ChildState::Cancelled)
                 .await
             {
-                Ok(freed) => {
-                    releaser.apply(freed).await;
+                Ok(ended) => {
+                    releaser.after_end(ended).await;
                 }
                 Err(error) => tracing::error!(%error, "cannot free the cancelled job's dependants"),
             }

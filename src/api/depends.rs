@@ -1,7 +1,16 @@
-//! A submit's `depends_on`: checked against the parents the queue's ledger
-//! knows (each must exist on the same queue; a `same` edge must map every
-//! frame), turned into what each child waits for, and, at send, held in
-//! the ledger instead of the queue where something is left to wait for.
+//! A submit's `depends_on`: checked against the parents the ledgers know
+//! (each must exist on a queue this endpoint serves; a `same` edge must
+//! map every frame), turned into what each child waits for, and, at send,
+//! held in the ledger instead of the queue where something is left to
+//! wait for.
+//!
+//! A parent on another queue (see `events::ledger::holds::foreign`): the
+//! held rows and edges go to the dependant's ledger as usual, then the
+//! parent's ledger is told that this queue waits, then the parent's ends
+//! are read again from its ledger and what ended meanwhile is spent here.
+//! Both queues must be of one backend: an SQS queue with an embedded one
+//! is refused (the embedded ledger is a file on the endpoint's machine
+//! that SQS workers elsewhere cannot read).
 
 use std::collections::HashSet;
 
@@ -10,14 +19,13 @@ use serde_json::json;
 use super::children::ArrayPlan;
 use super::submit::Submitter;
 use crate::events::ledger::{Fate, Freed, Ledger, Registered, ToHold, Wait};
-use crate::events::observe::{Observer, Subject};
+use crate::events::observe::Subject;
 use crate::job::depends::{DependsOn, Frames, On, map_same};
 use crate::job::event::EventType;
 use crate::job::frames::parse_frames;
 use crate::job::id::Id;
 use crate::job::params::FieldError;
-use crate::queue::Queue;
-use crate::worker::release::Releaser;
+use crate::worker::release::{Reach, Releaser};
 
 /// What a dependant's children wait for, checked.
 #[derive(Debug)]
@@ -74,7 +82,7 @@ impl Submitter {
                     format!("job {id} is named twice: a job depends on a parent once"),
                 ));
             }
-            let parent = self.find_parent(&ledger, queue_name, &id, &field).await?;
+            let (parent, parent_queue) = self.find_parent(&ledger, queue_name, &id, &field).await?;
             let on_finish = edge.on == On::Finish;
             match (edge.frames, plan, parent.size) {
                 (Frames::All, _, _) | (Frames::Same, None, 0) => {
@@ -83,6 +91,7 @@ impl Submitter {
                             parent_id: id.clone(),
                             index: None,
                             on_finish,
+                            queue: parent_queue.clone(),
                         });
                     }
                 }
@@ -104,6 +113,7 @@ impl Submitter {
                             parent_id: id.clone(),
                             index: Some(index),
                             on_finish,
+                            queue: parent_queue.clone(),
                         }));
                     }
                 }
@@ -118,49 +128,57 @@ impl Submitter {
         Ok(Some(DependPlan { waits, ledger }))
     }
 
-    /// The parent `id` as this queue's ledger knows it; refused, naming
-    /// the field, when it is unknown or on another queue.
+    /// The parent `id` as a ledger knows it, and its queue when that is
+    /// not `queue_name`; refused, naming the field, when no queue this
+    /// endpoint serves knows it, or it is on a queue a dependant here
+    /// cannot wait across to.
     async fn find_parent(
         &self,
         ledger: &Ledger,
         queue_name: &str,
         id: &str,
         field: &str,
-    ) -> Result<Registered, FieldError> {
-        let unreadable = |e: crate::events::ledger::LedgerError| {
-            FieldError::new(format!("{field}.job_id"), e.to_string())
-        };
+    ) -> Result<(Registered, Option<String>), FieldError> {
+        let refused = |message: String| FieldError::new(format!("{field}.job_id"), message);
+        let unreadable = |e: crate::events::ledger::LedgerError| refused(e.to_string());
         if let Some(found) = ledger.registered(id).await.map_err(unreadable)? {
-            return Ok(found);
+            return Ok((found, None));
         }
         for (name, other) in self.ledgers().iter() {
-            if name != queue_name && other.registered(id).await.map_err(unreadable)?.is_some() {
-                return Err(FieldError::new(
-                    format!("{field}.job_id"),
-                    format!(
-                        "job {id} is on queue `{name}`; a job depends only on jobs of its own \
-                         queue (`{queue_name}`)"
-                    ),
-                ));
+            if name == queue_name {
+                continue;
             }
+            let Some(found) = other.registered(id).await.map_err(unreadable)? else {
+                continue;
+            };
+            return match (ledger, other) {
+                (Ledger::Local(_), Ledger::Local(_)) | (Ledger::S3 { .. }, Ledger::S3 { .. }) => {
+                    Ok((found, Some(name.clone())))
+                }
+                _ => Err(refused(format!(
+                    "job {id} is on queue `{name}`, and `{queue_name}` is of the other backend: \
+                     an embedded queue's ledger is a file on this machine that an SQS queue's \
+                     workers cannot read, so a job depends across queues only between queues \
+                     of one backend"
+                ))),
+            };
         }
-        Err(FieldError::new(
-            format!("{field}.job_id"),
-            format!("no job {id} on the queues this endpoint serves"),
-        ))
+        Err(refused(format!(
+            "no job {id} on the queues this endpoint serves"
+        )))
     }
 }
 
 /// Holds a job's (or an array's) bodies in the ledger: returns, by child,
 /// whether it is to be sent now. Held ones are announced (`JobHeld`, with
 /// what they wait for); ones whose parent already failed are cancelled.
+/// `releaser` is on the job's queue and `depends.ledger`.
 pub(super) async fn hold(
     depends: &DependPlan,
     job_id: &str,
     size: u32,
     bodies: Vec<String>,
-    queue: &Queue,
-    observer: &Observer,
+    releaser: Releaser<'_>,
     subject_of: impl Fn(&str) -> Subject,
 ) -> Result<Vec<bool>, crate::events::ledger::LedgerError> {
     let entries: Vec<ToHold> = bodies
@@ -182,7 +200,7 @@ pub(super) async fn hold(
             Fate::Send => {}
             Fate::Held(_) => {
                 let reason = format!("waits for {}", describe(&depends.waits[index]));
-                observer.job_event(
+                releaser.observer.job_event(
                     EventType::JobHeld,
                     &subject_of(&body),
                     json!({ "reason": reason }),
@@ -198,14 +216,47 @@ pub(super) async fn hold(
             }),
         }
     }
-    Releaser {
-        queue,
-        ledger: &depends.ledger,
-        observer,
-    }
-    .apply(cancelled)
-    .await;
+    // Parents on other queues: told, then read again (see the module doc).
+    let queue_name = releaser.queue.name();
+    cancelled.extend(spend_foreign_ends(depends, queue_name, releaser.reach).await?);
+    releaser.apply(cancelled).await;
     Ok(send)
+}
+
+/// After a dependant's edges are written: tells each parent on another
+/// queue's ledger that `queue_name` waits for it, then reads its ends
+/// there and spends here what ended; what that freed (to send, or to
+/// cancel).
+async fn spend_foreign_ends(
+    depends: &DependPlan,
+    queue_name: &str,
+    reach: Reach<'_>,
+) -> Result<Vec<Freed>, crate::events::ledger::LedgerError> {
+    // By parent: its queue and the units waited for.
+    let mut parents: std::collections::BTreeMap<&str, (&str, Vec<Option<u32>>)> =
+        Default::default();
+    for wait in depends.waits.iter().flatten() {
+        if let Some(queue) = &wait.queue {
+            let entry = (parents.entry(&wait.parent_id)).or_insert((queue, Vec::new()));
+            if !entry.1.contains(&wait.index) {
+                entry.1.push(wait.index);
+            }
+        }
+    }
+    let mut freed = Vec::new();
+    for (parent_id, (queue, units)) in parents {
+        let Some(ledger) = reach.ledgers.get(queue) else {
+            continue;
+        };
+        ledger
+            .note_foreign_dependants(parent_id, queue_name)
+            .await?;
+        let ends = ledger.unit_ends(parent_id, units).await?;
+        if !ends.is_empty() {
+            freed.extend(depends.ledger.spend_foreign(parent_id, ends).await?);
+        }
+    }
+    Ok(freed)
 }
 
 /// What a child waits for, for people: `parent P (children 1, 2)`.

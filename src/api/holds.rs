@@ -208,6 +208,7 @@ impl Control {
                 queue: &queue,
                 ledger: &ledger,
                 observer: self.observer(),
+                reach: self.reach(),
             };
             report.moved += releaser.apply(freed).await as u32;
             report.queues.push(name);

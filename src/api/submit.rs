@@ -28,6 +28,7 @@ use crate::job::params::FieldError;
 use crate::job::{Envelope, TaskSpec};
 use crate::queue::{Queue, QueueError, Queues, SEND_BATCH, SEND_BATCH_BYTES};
 use crate::storage::{Buckets, StorageError};
+use crate::worker::release::{Reach, Releaser};
 
 /// `queue_manager_submit_job` params.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -473,8 +474,15 @@ impl Submitter {
                     &envelope.job_id,
                     0,
                     vec![body.clone()],
-                    &queue,
-                    &observer,
+                    Releaser {
+                        queue: &queue,
+                        ledger: &depends.ledger,
+                        observer: &observer,
+                        reach: Reach {
+                            queues: &self.queues,
+                            ledgers: &self.ledgers,
+                        },
+                    },
                     |body| held_subject(body, &queue_name),
                 )
                 .await
@@ -541,8 +549,15 @@ impl Submitter {
                     &envelope.job_id,
                     size,
                     bodies,
-                    &queue,
-                    &observer,
+                    Releaser {
+                        queue: &queue,
+                        ledger: &depends.ledger,
+                        observer: &observer,
+                        reach: Reach {
+                            queues: &self.queues,
+                            ledgers: &self.ledgers,
+                        },
+                    },
                     |body| held_subject(body, &queue_name),
                 )
                 .await

@@ -250,20 +250,22 @@ async fn waits_for(config: &Config, job_id: &str) -> Vec<String> {
         return Vec::new();
     };
     let mut lines = Vec::new();
-    for (_, ledger) in ledgers.iter() {
+    for (name, ledger) in ledgers.iter() {
         let waits = ledger.waiting_for(job_id, SHOWN).await.unwrap_or_default();
-        let mut by_parent: std::collections::BTreeMap<String, (Vec<u32>, bool)> =
+        // By parent and its queue (this one's unless the edge names another).
+        let mut by_parent: std::collections::BTreeMap<(String, String), (Vec<u32>, bool)> =
             Default::default();
         let mut children = std::collections::BTreeSet::new();
-        for (child, parent, index) in waits {
+        for (child, parent, index, queue) in waits {
             children.insert(child);
-            let entry = by_parent.entry(parent).or_default();
+            let queue = queue.unwrap_or_else(|| name.clone());
+            let entry = by_parent.entry((parent, queue)).or_default();
             match index {
                 Some(index) => entry.0.push(index),
                 None => entry.1 = true,
             }
         }
-        for (parent, (mut indexes, whole)) in by_parent {
+        for ((parent, queue), (mut indexes, whole)) in by_parent {
             indexes.sort_unstable();
             indexes.dedup();
             let what = if whole || indexes.is_empty() {
@@ -273,7 +275,7 @@ async fn waits_for(config: &Config, job_id: &str) -> Vec<String> {
                 format!("children {}", list.join(","))
             };
             lines.push(format!(
-                "waits_for\tparent={parent}\t{what}\theld_children={}",
+                "waits_for\tparent={parent}\t{what}\theld_children={}\tqueue={queue}",
                 children.len()
             ));
         }

@@ -23,7 +23,7 @@ mod revisions;
 mod thumbnails;
 pub use arrays::{ArrayCounts, ChildState};
 pub use cancels::Known as KnownCancels;
-pub use holds::{Fate, Freed, Registered, ToHold, Wait};
+pub use holds::{Ended, Fate, ForeignEnd, ForeignWait, Freed, Registered, ToHold, Wait};
 pub use revisions::ArrayRecord;
 pub use thumbnails::thumbnail_name;
 
@@ -62,6 +62,12 @@ fn written_if<R: std::fmt::Debug>(
 /// `status_bucket` has none).
 #[derive(Debug, Clone, Default)]
 pub struct Ledgers(std::collections::BTreeMap<String, Ledger>);
+
+impl FromIterator<(String, Ledger)> for Ledgers {
+    fn from_iter<I: IntoIterator<Item = (String, Ledger)>>(ledgers: I) -> Self {
+        Self(ledgers.into_iter().collect())
+    }
+}
 
 impl Ledgers {
     pub fn open(
@@ -171,6 +177,7 @@ impl Ledger {
         cancels::migrate(&mut conn).map_err(failed)?;
         revisions::migrate(&conn).map_err(failed)?;
         conn.execute_batch(holds::SCHEMA).map_err(failed)?;
+        crate::sqlite::add_column(&conn, "waits", "parent_queue", "TEXT").map_err(failed)?;
         Ok(Ledger::Local(Arc::new(Mutex::new(conn))))
     }
 

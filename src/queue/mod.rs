@@ -299,3 +299,15 @@ impl Queues {
         self.0.keys().map(String::as_str)
     }
 }
+
+impl FromIterator<Queue> for Queues {
+    /// Queues by their names.
+    fn from_iter<I: IntoIterator<Item = Queue>>(queues: I) -> Self {
+        Self(
+            queues
+                .into_iter()
+                .map(|q| (q.name().to_owned(), q))
+                .collect(),
+        )
+    }
+}

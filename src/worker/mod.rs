@@ -181,6 +181,10 @@ pub struct Worker {
     health: std::sync::Mutex<health::Health>,
     /// Up once it is sick: slots closed, `/healthz` 503.
     sick: health::SickFlag,
+    /// Every queue and ledger of the config (by default the listened
+    /// ones): where dependants of a parent on another queue are released.
+    all_queues: crate::queue::Queues,
+    all_ledgers: crate::events::ledger::Ledgers,
 }
 
 impl Worker {
@@ -216,7 +220,13 @@ impl Worker {
             observer.clone(),
         );
         let slots = config.slots.unwrap_or(gpus.len().max(1));
+        let all_queues = sources.iter().map(|s| s.queue.clone()).collect();
+        let all_ledgers = (sources.iter())
+            .filter_map(|s| Some((s.queue.name().to_owned(), s.ledger.clone()?)))
+            .collect();
         Self {
+            all_queues,
+            all_ledgers,
             health: std::sync::Mutex::new(health::Health::new(
                 config.blocklist_after,
                 config.sick_after,
@@ -235,6 +245,25 @@ impl Worker {
             cache: tokio::sync::OnceCell::new(),
             workspace,
             thumbnailer,
+        }
+    }
+
+    /// Reaches every queue of the config (`queues`, `ledgers`), not only
+    /// the listened ones, to release dependants of its jobs there.
+    pub fn reaching(
+        mut self,
+        queues: crate::queue::Queues,
+        ledgers: crate::events::ledger::Ledgers,
+    ) -> Self {
+        (self.all_queues, self.all_ledgers) = (queues, ledgers);
+        self
+    }
+
+    /// Every queue and ledger this worker reaches.
+    pub(super) fn reach(&self) -> release::Reach<'_> {
+        release::Reach {
+            queues: &self.all_queues,
+            ledgers: &self.all_ledgers,
         }
     }
 

@@ -6,6 +6,14 @@
 //! it and only then marks it released. A worker that dies in between
 //! leaves the row `releasing`, and the sweep ([`Worker::sweep_holds`])
 //! sends it after `release_grace`.
+//!
+//! A parent whose dependants are on another queue (see
+//! `events::ledger::holds::foreign`): its end, as its own ledger returns
+//! it, names those queues; the releaser spends the ended units in each
+//! one's ledger and sends what that freed to that queue, when this
+//! process has both in its config ([`Reach`]). What it cannot reach,
+//! the dependant queue's sweep releases: it reads the foreign parents'
+//! ends ([`Worker::sweep_holds`]).
 
 use std::time::Duration;
 
@@ -14,10 +22,10 @@ use tracing::{info, warn};
 
 use super::Worker;
 use super::delivery::Delivery;
-use crate::events::ledger::{ChildState, Freed, Ledger};
+use crate::events::ledger::{ChildState, Ended, ForeignEnd, Freed, Ledger, Ledgers};
 use crate::events::observe::Observer;
 use crate::job::event::EventType;
-use crate::queue::{Queue, Received};
+use crate::queue::{Queue, Queues, Received};
 use crate::retry::Backoff;
 
 const SEND_TRIES: u32 = 4;
@@ -27,19 +35,79 @@ const SEND_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::f
 /// there, before sending it, as if it died (the test then kills it).
 const HALT_BEFORE_RELEASE: &str = "RENDERQ_TEST_HALT_BEFORE_RELEASE";
 
-/// A queue, its ledger and whom to tell: what a release needs.
+/// Every queue and ledger this process opened from its config: where the
+/// dependants of a parent on another queue are released.
+#[derive(Debug, Clone, Copy)]
+pub struct Reach<'a> {
+    pub queues: &'a Queues,
+    pub ledgers: &'a Ledgers,
+}
+
+impl<'a> Reach<'a> {
+    /// Queue `name` and its ledger, if this process has both.
+    fn get(&self, name: &str) -> Option<(&'a Queue, &'a Ledger)> {
+        Some((self.queues.get(name)?, self.ledgers.get(name)?))
+    }
+}
+
+/// A queue, its ledger and whom to tell: what a release needs; and the
+/// other queues, for dependants there.
 #[derive(Debug, Clone, Copy)]
 pub struct Releaser<'a> {
     pub queue: &'a Queue,
     pub ledger: &'a Ledger,
     pub observer: &'a Observer,
+    pub reach: Reach<'a>,
 }
 
 impl Releaser<'_> {
+    /// After a parent's end (as its ledger's `units_ended` returned it):
+    /// what it freed here, and its dependants on other queues; returns the
+    /// rows released.
+    pub async fn after_end(&self, ended: Ended) -> usize {
+        let released = self.apply(ended.freed).await;
+        released + self.forward(ended.foreign.into_iter().collect()).await
+    }
+
+    /// Spends ended units of this queue's parents in the ledgers of the
+    /// other queues that keep dependants of them, and releases what that
+    /// freed there.
+    async fn forward(&self, ends: Vec<ForeignEnd>) -> usize {
+        let mut released = 0;
+        for end in ends {
+            for name in &end.queues {
+                let Some((queue, ledger)) = self.reach.get(name) else {
+                    info!(parent = %end.parent_id, queue = %name,
+                        "Dependants on a queue this process does not open; its sweep releases them.");
+                    continue;
+                };
+                match ledger
+                    .spend_foreign(&end.parent_id, end.units.clone())
+                    .await
+                {
+                    Ok(freed) => {
+                        let there = Releaser {
+                            queue,
+                            ledger,
+                            ..*self
+                        };
+                        released += Box::pin(there.apply(freed)).await;
+                    }
+                    Err(error) => {
+                        warn!(%error, parent = %end.parent_id, queue = %name,
+                            "cannot free the dependants on another queue; its sweep will");
+                    }
+                }
+            }
+        }
+        released
+    }
+
     /// Sends (or cancels) what was freed, and what cancelling that frees in
-    /// turn; returns the rows released.
+    /// turn (on other queues too); returns the rows released.
     pub async fn apply(&self, mut freed: Vec<Freed>) -> usize {
         let mut released = 0;
+        let mut foreign = Vec::new();
         while !freed.is_empty() {
             let mut done = Vec::with_capacity(freed.len());
             let mut next = Vec::new();
@@ -53,7 +121,8 @@ impl Releaser<'_> {
                     }
                     Some(reason) => {
                         if let Some(more) = self.cancel(&row, reason).await {
-                            next.extend(more);
+                            next.extend(more.freed);
+                            foreign.extend(more.foreign);
                             done.push((row.job_id, row.index, true));
                         }
                     }
@@ -65,7 +134,7 @@ impl Releaser<'_> {
             }
             freed = next;
         }
-        released
+        released + self.forward(foreign).await
     }
 
     /// One held message into the queue; false when the queue refused it
@@ -101,7 +170,7 @@ impl Releaser<'_> {
     /// Ends a held job as cancelled: counted for its array, announced, and
     /// its own dependants freed. `None` when the ledger could not be
     /// written (the sweep tries again).
-    async fn cancel(&self, row: &Freed, reason: &str) -> Option<Vec<Freed>> {
+    async fn cancel(&self, row: &Freed, reason: &str) -> Option<Ended> {
         let delivery = held_delivery(&row.body);
         let subject = delivery.subject(self.queue.name());
         let (id, size, indexes) = match &subject.job.array {
@@ -133,7 +202,7 @@ impl Releaser<'_> {
             Ok(more) => Some(more),
             Err(error) => {
                 warn!(%error, "cannot free the dependants of a cancelled dependant");
-                Some(Vec::new())
+                Some(Ended::default())
             }
         }
     }
@@ -180,7 +249,8 @@ impl Worker {
                 return;
             }
         };
-        if !freed.is_empty() && std::env::var_os(HALT_BEFORE_RELEASE).is_some() {
+        let frees = !freed.freed.is_empty() || freed.foreign.is_some();
+        if frees && std::env::var_os(HALT_BEFORE_RELEASE).is_some() {
             warn!("{HALT_BEFORE_RELEASE}: halting before the release, as if dead");
             std::future::pending::<()>().await;
         }
@@ -188,8 +258,9 @@ impl Worker {
             queue: &source.queue,
             ledger,
             observer: &self.observer,
+            reach: self.reach(),
         }
-        .apply(freed)
+        .after_end(freed)
         .await;
     }
 
@@ -211,11 +282,67 @@ impl Worker {
                         queue: &source.queue,
                         ledger,
                         observer: &self.observer,
+                        reach: self.reach(),
                     }
                     .apply(freed)
                     .await;
                 }
                 Err(error) => warn!(%error, "cannot sweep held jobs"),
+            }
+        }
+        self.sweep_foreign().await;
+    }
+
+    /// Releases the dependants (on every queue this process opens) of
+    /// parents on other queues that ended while no settling worker reached
+    /// the dependants' queue: each parent's ends read from its ledger, and
+    /// spent here once, as a settle would.
+    async fn sweep_foreign(&self) {
+        let reach = self.reach();
+        for (name, ledger) in reach.ledgers.iter() {
+            let Some(queue) = reach.queues.get(name) else {
+                continue;
+            };
+            let parents = match ledger.foreign_parents().await {
+                Ok(parents) => parents,
+                Err(error) => {
+                    warn!(%error, queue = %name, "cannot sweep dependants of other queues' jobs");
+                    continue;
+                }
+            };
+            for parent in parents {
+                let Some(parent_ledger) = reach.ledgers.get(&parent.queue) else {
+                    warn!(parent = %parent.parent_id, queue = %parent.queue,
+                        "a parent's queue this process does not open: its ends cannot be read here");
+                    continue;
+                };
+                let ends = match parent_ledger
+                    .unit_ends(&parent.parent_id, parent.units)
+                    .await
+                {
+                    Ok(ends) if ends.is_empty() => continue,
+                    Ok(ends) => ends,
+                    Err(error) => {
+                        warn!(%error, parent = %parent.parent_id, "cannot read a parent's ends");
+                        continue;
+                    }
+                };
+                match ledger.spend_foreign(&parent.parent_id, ends).await {
+                    Ok(freed) if freed.is_empty() => {}
+                    Ok(freed) => {
+                        info!(rows = freed.len(), queue = %name, parent = %parent.parent_id,
+                            "Sweep: releasing dependants of a parent on another queue.");
+                        Releaser {
+                            queue,
+                            ledger,
+                            observer: &self.observer,
+                            reach,
+                        }
+                        .apply(freed)
+                        .await;
+                    }
+                    Err(error) => warn!(%error, "cannot sweep held jobs"),
+                }
             }
         }
     }

@@ -9,7 +9,10 @@
 //! - `held`: a row per held job or child, with its body and how many
 //!   parent units it still waits for;
 //! - `waits`: a row per (parent unit, dependant child) edge, `parent_idx`
-//!   -1 for a whole parent.
+//!   -1 for a whole parent, `parent_queue` the parent's queue when it is
+//!   another (see `foreign`);
+//! - `foreign_waits`: which other queues keep dependants of a job of this
+//!   queue (see `foreign`).
 //!
 //! Exactly once: a parent unit's end deletes its `waits` rows in the same
 //! transaction that counts them off the dependants (`DELETE … RETURNING`),
@@ -59,7 +62,14 @@ CREATE TABLE IF NOT EXISTS waits (
     job_id     TEXT NOT NULL,
     idx        INTEGER NOT NULL,
     on_finish  INTEGER NOT NULL,
+    parent_queue TEXT,
     PRIMARY KEY (parent_id, parent_idx, job_id, idx)
+);
+CREATE TABLE IF NOT EXISTS foreign_waits (
+    parent_id TEXT NOT NULL,
+    queue     TEXT NOT NULL,
+    at        INTEGER NOT NULL,
+    PRIMARY KEY (parent_id, queue)
 );
 CREATE TABLE IF NOT EXISTS holds (
     job_id TEXT PRIMARY KEY,
@@ -87,6 +97,9 @@ pub struct Wait {
     /// The parent child; `None`: the whole parent (and a plain job).
     pub index: Option<u32>,
     pub on_finish: bool,
+    /// The parent's queue when it is not the dependant's own (see
+    /// `foreign`): its end is read from that queue's ledger.
+    pub queue: Option<String>,
 }
 
 /// A job or child to hold: its message, and what it waits for.
@@ -211,18 +224,25 @@ impl Ledger {
                 let mut waiting = 0u32;
                 let mut cancelled = None;
                 for wait in &entry.waits {
-                    match unit_end(&tx, &wait.parent_id, wait.index)? {
+                    // A parent on another queue ends in its own ledger: the
+                    // submit reads that after writing the edge (`foreign`).
+                    let end = match wait.queue {
+                        Some(_) => None,
+                        None => unit_end(&tx, &wait.parent_id, wait.index)?,
+                    };
+                    match end {
                         None => {
                             tx.prepare_cached(
-                                "INSERT OR IGNORE INTO waits (parent_id, parent_idx, job_id, idx, on_finish)
-                                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                                "INSERT OR IGNORE INTO waits (parent_id, parent_idx, job_id, idx, on_finish, parent_queue)
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                             )?
                             .execute(params![
                                 wait.parent_id,
                                 wait.index.map_or(WHOLE, i64::from),
                                 job_id,
                                 entry.index,
-                                wait.on_finish
+                                wait.on_finish,
+                                wait.queue
                             ])?;
                             waiting += 1;
                         }
@@ -274,16 +294,17 @@ impl Ledger {
     /// Parent units ended (`indexes` of array `parent_id` of `size`
     /// children, or a plain job: size 0): spends their edges, once, and
     /// returns the dependants that this freed (released, or cancelled when
-    /// they waited on success for a unit that did not succeed). A plain
-    /// job's end is recorded here; an array child's was already (in
-    /// `children`).
+    /// they waited on success for a unit that did not succeed), and the
+    /// other queues whose ledgers keep dependants of it (see `foreign`).
+    /// A plain job's end is recorded here; an array child's was already
+    /// (in `children`).
     pub async fn units_ended(
         &self,
         parent_id: &str,
         size: u32,
         indexes: Vec<u32>,
         state: ChildState,
-    ) -> Result<Vec<Freed>, LedgerError> {
+    ) -> Result<Ended, LedgerError> {
         let conn = match self {
             Ledger::Local(conn) => conn,
             Ledger::S3 { .. } => {
@@ -297,10 +318,13 @@ impl Ledger {
                 // Most parents have no dependants: a read, no write lock.
                 // An edge added after this read sees the child final.
                 let any: bool = c
-                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM waits WHERE parent_id = ?1)")?
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM waits WHERE parent_id = ?1)
+                         OR EXISTS (SELECT 1 FROM foreign_waits WHERE parent_id = ?1)",
+                    )?
                     .query_row([&parent_id], |r| r.get(0))?;
                 if !any {
-                    return Ok(Vec::new());
+                    return Ok(Ended::default());
                 }
             }
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -311,20 +335,10 @@ impl Ledger {
                 .execute(params![parent_id, state.name(), now])?;
             }
             let mut freed = Vec::new();
-            let own = |index: Option<u32>| {
-                let frame = index.map_or(String::new(), |i| format!(" child {i}"));
-                format!("{parent_id}{frame}")
-            };
             if size > 0 {
                 for &index in &indexes {
-                    spend(
-                        &tx,
-                        &parent_id,
-                        i64::from(index),
-                        state,
-                        &own(Some(index)),
-                        &mut freed,
-                    )?;
+                    let label = unit_label(&parent_id, Some(index));
+                    spend(&tx, &parent_id, i64::from(index), state, &label, &mut freed)?;
                 }
             }
             let whole_waits: bool = tx
@@ -334,10 +348,12 @@ impl Ledger {
                 .query_row([&parent_id], |r| r.get(0))?;
             if whole_waits && let Some((whole, _)) = unit_end(&tx, &parent_id, None)? {
                 let whole = ChildState::from_name(&whole).unwrap_or(ChildState::Cancelled);
-                spend(&tx, &parent_id, WHOLE, whole, &own(None), &mut freed)?;
+                let label = unit_label(&parent_id, None);
+                spend(&tx, &parent_id, WHOLE, whole, &label, &mut freed)?;
             }
+            let foreign = foreign::ended_here(&tx, &parent_id, size, &indexes, state)?;
             tx.commit()?;
-            Ok(freed)
+            Ok(Ended { freed, foreign })
         })
         .await
     }
@@ -412,12 +428,13 @@ impl Ledger {
     }
 
     /// What a held job (or array) still waits for: `(child, parent,
-    /// parent child)`, at most `limit` rows; and its held rows by state.
+    /// parent child, the parent's queue when it is another)`, at most
+    /// `limit` rows.
     pub async fn waiting_for(
         &self,
         job_id: &str,
         limit: u32,
-    ) -> Result<Vec<(u32, String, Option<u32>)>, LedgerError> {
+    ) -> Result<Vec<(u32, String, Option<u32>, Option<String>)>, LedgerError> {
         let conn = match self {
             Ledger::Local(conn) => conn,
             Ledger::S3 { .. } => return self.s3_waiting_for(job_id, limit).await,
@@ -425,12 +442,17 @@ impl Ledger {
         let job_id = job_id.to_owned();
         Self::sql(conn, move |c| {
             c.prepare_cached(
-                "SELECT idx, parent_id, parent_idx FROM waits WHERE job_id = ?1
+                "SELECT idx, parent_id, parent_idx, parent_queue FROM waits WHERE job_id = ?1
                  ORDER BY idx, parent_id, parent_idx LIMIT ?2",
             )?
             .query_map(params![job_id, limit], |r| {
                 let parent_idx: i64 = r.get(2)?;
-                Ok((r.get(0)?, r.get(1)?, u32::try_from(parent_idx).ok()))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    u32::try_from(parent_idx).ok(),
+                    r.get(3)?,
+                ))
             })?
             .collect()
         })
@@ -442,6 +464,7 @@ impl Ledger {
 /// and held rows that were released or cancelled.
 pub(super) fn prune(tx: &Transaction, cutoff: i64) -> rusqlite::Result<usize> {
     let mut deleted = tx.execute("DELETE FROM dep_jobs WHERE at < ?1", [cutoff])?;
+    deleted += tx.execute("DELETE FROM foreign_waits WHERE at < ?1", [cutoff])?;
     deleted += tx.execute("DELETE FROM dep_ends WHERE at < ?1", [cutoff])?;
     deleted += tx.execute(
         "DELETE FROM held WHERE at < ?1 AND state IN ('released', 'cancelled')",
@@ -497,6 +520,12 @@ fn unit_end(
             ))
         }
     }
+}
+
+/// A parent unit for people: `P child N`, or `P`.
+fn unit_label(parent_id: &str, index: Option<u32>) -> String {
+    let frame = index.map_or(String::new(), |i| format!(" child {i}"));
+    format!("{parent_id}{frame}")
 }
 
 fn failed_reason(parent_id: &str, unit: Option<&str>, state: &str) -> String {
@@ -573,8 +602,10 @@ fn spend(
     Ok(())
 }
 
+mod foreign;
 mod hand;
 mod s3;
+pub use foreign::{Ended, ForeignEnd, ForeignWait};
 pub(super) use s3::HandCache;
 
 #[cfg(test)]

@@ -8,7 +8,10 @@
 //! - `waits/PARENT/UNIT/JOB`: which children of dependant JOB wait for a
 //!   parent unit (UNIT: a child's index, or `whole`);
 //! - `parents/PARENT/unit` and `…/whole`: PARENT has dependants at all, so
-//!   the settle of a job nobody waits for costs one LIST;
+//!   the settle of a job nobody waits for costs one LIST; `…/foreign/Q`:
+//!   queue Q's ledger keeps dependants of it (see `foreign`);
+//! - `foreign/Q/PARENT`: held jobs here wait for PARENT of queue Q (for
+//!   the sweep, see `foreign`);
 //! - `releasing/JOB/IDX/CLAIM`: a held object claimed (to send or to
 //!   cancel) and not done yet; the sweep lists this prefix.
 //!
@@ -27,14 +30,16 @@
 //! Order: a dependant's submit writes its held objects, then its edges and
 //! the parent's marker, then reads the parents' ends again and spends what
 //! ended meanwhile; a parent's settle writes its end first, then lists the
-//! edges. Whichever is second sees the other.
+//! edges. Whichever is second sees the other. A parent on another queue
+//! is read from its own ledger instead, after the edges and its note
+//! there (`holds::foreign`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Fate, Freed, Registered, ToHold, Wait, failed_reason};
+use super::{Fate, Freed, Registered, ToHold, Wait, failed_reason, unit_label};
 use crate::events::ledger::{ChildState, Ledger, LedgerError, failed};
 use crate::retry::Backoff;
 
@@ -54,6 +59,9 @@ pub(super) struct HeldObject {
     /// Held by hand too (see `hand`): its parents' ends do not free it.
     #[serde(default)]
     manual: bool,
+    /// The queue of each parent on another queue (see `foreign`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    queues: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,12 +118,6 @@ fn unit_key(parent_id: &str, index: Option<u32>) -> String {
 
 fn unit_name(index: Option<u32>) -> String {
     index.map_or_else(|| "whole".to_owned(), |i| i.to_string())
-}
-
-/// A parent unit for people: `P child N`, or `P`.
-fn unit_label(parent_id: &str, index: Option<u32>) -> String {
-    let frame = index.map_or(String::new(), |i| format!(" child {i}"));
-    format!("{parent_id}{frame}")
 }
 
 /// How a parent's units ended, as read once for a submit.
@@ -414,9 +416,12 @@ impl Ledger {
         entries: Vec<ToHold>,
         manual: bool,
     ) -> Result<Vec<Fate>, LedgerError> {
+        // Parents of this queue: their ends are read here. One on another
+        // queue is read from its own ledger, after the edges (`foreign`).
         let mut parents: Vec<String> = entries
             .iter()
-            .flat_map(|e| e.waits.iter().map(|w| w.parent_id.clone()))
+            .flat_map(|e| e.waits.iter().filter(|w| w.queue.is_none()))
+            .map(|w| w.parent_id.clone())
             .collect();
         parents.sort();
         parents.dedup();
@@ -439,9 +444,13 @@ impl Ledger {
                 by: None,
                 claim: None,
                 manual,
+                queues: BTreeMap::new(),
             };
             let mut pending = Vec::new();
             for wait in &entry.waits {
+                if let Some(queue) = &wait.queue {
+                    held.queues.insert(wait.parent_id.clone(), queue.clone());
+                }
                 match ended(&before, wait) {
                     None => {
                         held.waits
@@ -483,6 +492,8 @@ impl Ledger {
             fates.push(fate);
             pending_of.push(pending);
         }
+        // Parents on other queues, for the sweep: before any edge.
+        markers.extend(foreign::markers(self, &entries));
         self.s3_put_all(markers).await?;
         self.s3_put_all(objects).await?;
         if edges.is_empty() {
@@ -539,7 +550,7 @@ impl Ledger {
         size: u32,
         indexes: Vec<u32>,
         state: ChildState,
-    ) -> Result<Vec<Freed>, LedgerError> {
+    ) -> Result<super::Ended, LedgerError> {
         if size == 0 {
             let key = self.deps_key(&format!("ends/{parent_id}"));
             self.s3_put(&key, state.name().into(), Cond::IfAbsent)
@@ -551,8 +562,8 @@ impl Ledger {
         let has = |name: &str| markers.iter().any(|(rest, _, _)| rest == name);
         let mut freed = Vec::new();
         if size > 0 && has("unit") {
-            for index in indexes {
-                self.spend_unit(parent_id, Some(index), state, &mut freed)
+            for &index in &indexes {
+                self.spend_unit(parent_id, Some(index), state, &mut freed, false)
                     .await?;
             }
         }
@@ -565,19 +576,25 @@ impl Ledger {
                     .map(|(s, _)| s)
             };
             if let Some(whole) = whole {
-                self.spend_unit(parent_id, None, whole, &mut freed).await?;
+                self.spend_unit(parent_id, None, whole, &mut freed, false)
+                    .await?;
             }
         }
-        Ok(freed)
+        let foreign = self
+            .s3_foreign_end(parent_id, size, &indexes, state, &markers)
+            .await?;
+        Ok(super::Ended { freed, foreign })
     }
 
-    /// Spends a parent unit's edges, adding what that freed to `freed`.
+    /// Spends a parent unit's edges, adding what that freed to `freed`;
+    /// `drop_spent`: deletes each edge object once its children are spent.
     async fn spend_unit(
         &self,
         parent_id: &str,
         index: Option<u32>,
         state: ChildState,
         freed: &mut Vec<Freed>,
+        drop_spent: bool,
     ) -> Result<(), LedgerError> {
         let root = self.deps_key(&format!("waits/{parent_id}/{}/", unit_name(index)));
         let (unit, label) = (unit_key(parent_id, index), unit_label(parent_id, index));
@@ -593,6 +610,9 @@ impl Ledger {
                     self.change_held(&job_id, child, true, |h| h.spend(&unit, &label, state))
                         .await?,
                 );
+            }
+            if drop_spent {
+                self.s3_delete(&format!("{root}{job_id}")).await?;
             }
         }
         Ok(())
@@ -688,7 +708,7 @@ impl Ledger {
         &self,
         job_id: &str,
         limit: u32,
-    ) -> Result<Vec<(u32, String, Option<u32>)>, LedgerError> {
+    ) -> Result<Vec<(u32, String, Option<u32>, Option<String>)>, LedgerError> {
         let root = self.deps_key(&format!("held/{job_id}/"));
         let mut rows = Vec::new();
         for (index, _, _) in self.s3_list(&root).await? {
@@ -706,7 +726,8 @@ impl Ledger {
             }
             for unit in held.waits.keys() {
                 let (parent, idx) = unit.rsplit_once('/').unwrap_or((unit, "whole"));
-                rows.push((index, parent.to_owned(), idx.parse().ok()));
+                let queue = held.queues.get(parent).cloned();
+                rows.push((index, parent.to_owned(), idx.parse().ok(), queue));
             }
             if rows.len() >= limit as usize {
                 break;
@@ -718,6 +739,7 @@ impl Ledger {
     }
 }
 
+mod foreign;
 mod hand;
 pub(crate) use hand::HAND_CACHE;
 pub use hand::HandCache;
@@ -740,6 +762,7 @@ mod tests {
             by: None,
             claim: None,
             manual: false,
+            queues: BTreeMap::new(),
         }
     }
 

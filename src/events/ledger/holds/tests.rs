@@ -5,6 +5,7 @@ fn wait(parent: &str, index: Option<u32>, on_finish: bool) -> Wait {
         parent_id: parent.into(),
         index,
         on_finish,
+        queue: None,
     }
 }
 
@@ -35,6 +36,7 @@ async fn end(ledger: &Ledger, id: &str, size: u32, index: u32, state: ChildState
         .units_ended(id, size, vec![index], state)
         .await
         .unwrap()
+        .freed
 }
 
 #[tokio::test]
@@ -147,7 +149,8 @@ async fn a_dependant_of_an_ended_parent_is_sent_or_cancelled_at_once() {
     let freed = ledger
         .units_ended("j", 0, Vec::new(), ChildState::Succeeded)
         .await
-        .unwrap();
+        .unwrap()
+        .freed;
     assert_eq!(freed.len(), 1);
     let after = ledger
         .hold("l", 0, vec![entry(0, vec![wait("j", None, false)])], false)
@@ -217,4 +220,92 @@ async fn a_hold_by_hand_keeps_rows_until_released() {
     assert!(ledger.release_by_hand("a").await.unwrap().is_none());
     // Released: a park now refuses (the job goes back to the queue).
     assert!(!ledger.park("a", "a", 3, 2, "b2".into()).await.unwrap());
+}
+
+/// A dependant on queue B of a parent on queue A: held and counted in B's
+/// ledger, told of by A's settles, spent once whoever spends it (A's
+/// settling worker, B's sweep), and cancelled by a failed parent unit.
+#[tokio::test]
+async fn a_parent_on_another_queue_frees_its_dependants_once_from_either_side() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (
+        Ledger::local(a_dir.path()).unwrap(),
+        Ledger::local(b_dir.path()).unwrap(),
+    );
+    parent(&a, "p", 3).await;
+    let foreign = |index| Wait {
+        queue: Some("A".into()),
+        ..wait("p", Some(index), false)
+    };
+    let entries = (0..3).map(|i| entry(i, vec![foreign(i)])).collect();
+    assert_eq!(
+        b.hold("d", 3, entries, false).await.unwrap(),
+        vec![Fate::Held(1); 3],
+        "its parent's ends are not read from B's ledger"
+    );
+    // An end before the note: A's settle tells nobody; B's sweep finds it.
+    let ended = a.units_ended("p", 3, vec![0], ChildState::Succeeded).await;
+    assert!(ended.unwrap().foreign.is_none());
+    a.children_settled("p", 3, vec![0], ChildState::Succeeded)
+        .await
+        .unwrap();
+    a.note_foreign_dependants("p", "B").await.unwrap();
+    let parents = b.foreign_parents().await.unwrap();
+    assert_eq!(
+        parents,
+        [ForeignWait {
+            queue: "A".into(),
+            parent_id: "p".into(),
+            units: vec![Some(0), Some(1), Some(2)],
+        }]
+    );
+    let ends = a.unit_ends("p", parents[0].units.clone()).await.unwrap();
+    assert_eq!(ends, [(Some(0), ChildState::Succeeded)]);
+    let freed = b.spend_foreign("p", ends.clone()).await.unwrap();
+    assert_eq!(
+        (freed.len(), freed[0].index, freed[0].cancelled.clone()),
+        (1, 0, None)
+    );
+    // Spent again (a settling worker and the sweep both saw it): nothing.
+    assert!(b.spend_foreign("p", ends).await.unwrap().is_empty());
+    // After the note, A's settle names B and the unit; a failed unit
+    // cancels its dependant with the reason.
+    a.children_settled("p", 3, vec![1], ChildState::DeadLettered)
+        .await
+        .unwrap();
+    let ended = a
+        .units_ended("p", 3, vec![1], ChildState::DeadLettered)
+        .await
+        .unwrap();
+    let told = ended.foreign.unwrap();
+    assert_eq!(told.queues, ["B"]);
+    assert_eq!(told.units, [(Some(1), ChildState::DeadLettered)]);
+    let freed = b.spend_foreign("p", told.units).await.unwrap();
+    assert_eq!(
+        freed[0].cancelled.as_deref(),
+        Some("parent job p child 1 dead-lettered")
+    );
+    assert_eq!(
+        b.waiting_for("d", 10).await.unwrap(),
+        [(2, "p".to_owned(), Some(2), Some("A".to_owned()))]
+    );
+    // The last unit: the whole parent ended too.
+    a.children_settled("p", 3, vec![2], ChildState::Succeeded)
+        .await
+        .unwrap();
+    let told = a
+        .units_ended("p", 3, vec![2], ChildState::Succeeded)
+        .await
+        .unwrap()
+        .foreign
+        .unwrap();
+    assert_eq!(
+        told.units,
+        [
+            (Some(2), ChildState::Succeeded),
+            (None, ChildState::DeadLettered)
+        ]
+    );
+    assert_eq!(b.spend_foreign("p", told.units).await.unwrap().len(), 1);
+    assert!(b.foreign_parents().await.unwrap().is_empty());
 }

@@ -95,6 +95,7 @@ impl Ledger {
             by: None,
             claim: None,
             manual: true,
+            queues: Default::default(),
         };
         let key = self.deps_key(&format!("held/{job_id}/{index}"));
         self.s3_put_json(&key, &held, Cond::Always).await?;
