@@ -29,6 +29,7 @@ mod fold;
 mod label;
 mod prune;
 mod reads;
+mod row;
 #[cfg(test)]
 mod tests;
 
@@ -119,9 +120,11 @@ const COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "superseded", "INTEGER NOT NULL DEFAULT 0"),
     ("arrays", "revision", "INTEGER NOT NULL DEFAULT 1"),
     ("arrays", "completed_revision", "INTEGER NOT NULL DEFAULT 0"),
-    // What a job's tries used: the last one's `usage` (JSON), and the cost
-    // of all of them; an array's, summed over its children's tries.
+    // What a job's tries used: the last one's `usage` (JSON; `usage_of`
+    // orders the tries as the state does), and the cost of all of them; an
+    // array's, summed over its children's tries.
     ("jobs", "usage", "TEXT"),
+    ("jobs", "usage_of", "INTEGER NOT NULL DEFAULT -1"),
     ("jobs", "cost_usd", "REAL"),
     ("arrays", "cost_usd", "REAL"),
     ("arrays", "wall_s", "REAL"),
@@ -406,13 +409,12 @@ impl StatusTable {
     fn apply_in_one(&self, events: &[Event]) -> Result<Vec<Applied>, StatusError> {
         let mut conn = self.conn.lock().map_err(failed)?;
         let tx = conn.transaction().map_err(failed)?;
-        // A worker's row is noted once per batch (and at each change of
-        // its state), not once per event.
-        let mut noted = std::collections::HashSet::new();
+        let mut batch = row::Batch::default();
         let applied = events
             .iter()
-            .map(|e| fold::apply(&tx, e, &mut noted).map_err(failed))
+            .map(|e| fold::apply(&tx, &mut batch, e).map_err(failed))
             .collect::<Result<_, _>>()?;
+        batch.write(&tx).map_err(failed)?;
         tx.commit().map_err(failed)?;
         Ok(applied)
     }

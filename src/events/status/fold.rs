@@ -2,12 +2,12 @@
 //! row per job, array and worker, each only moving forward, whatever the
 //! order the events come in.
 
-use rusqlite::types::Value as SqlValue;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use serde_json::Value;
 
 use crate::job::event::{Event, EventType, WorkerIdentity};
 
+use super::row::{Batch, Row, Update};
 use super::{Applied, label};
 
 /// Every state a job's row can hold.
@@ -203,64 +203,11 @@ fn fold_array(tx: &rusqlite::Transaction, event: &Event, now: i64) -> rusqlite::
     .map(drop)
 }
 
-/// What the fold reads of a job's row before writing it.
-struct Row {
-    rowid: i64,
-    attempt: i64,
-    rank: i64,
-    state: String,
-    array_id: Option<String>,
-    superseded: bool,
-    no_message_id: bool,
-    at: i64,
-}
-
-/// The columns one event changes in a job's row, written as one `UPDATE`
-/// by rowid: each statement costs a lookup and a rewrite of the row, and
-/// an indexed column in its `SET` costs its indexes an entry out and one
-/// in, so only the columns that change are named.
-#[derive(Default)]
-struct Update {
-    sets: Vec<&'static str>,
-    params: Vec<(&'static str, SqlValue)>,
-}
-
-impl Update {
-    /// Adds `assignment`, with the named parameters it uses.
-    fn set<const N: usize>(
-        &mut self,
-        assignment: &'static str,
-        params: [(&'static str, SqlValue); N],
-    ) {
-        self.sets.push(assignment);
-        self.params.extend(params);
-    }
-
-    fn run(self, tx: &rusqlite::Transaction, rowid: i64) -> rusqlite::Result<()> {
-        if self.sets.is_empty() {
-            return Ok(());
-        }
-        let sql = format!(
-            "UPDATE jobs SET {} WHERE rowid = :rowid",
-            self.sets.join(", ")
-        );
-        let mut bound: Vec<(&str, &dyn rusqlite::ToSql)> = self
-            .params
-            .iter()
-            .map(|(name, value)| (*name, value as &dyn rusqlite::ToSql))
-            .collect();
-        bound.push((":rowid", &rowid));
-        tx.prepare_cached(&sql)?.execute(bound.as_slice()).map(drop)
-    }
-}
-
-/// Folds `event`; `noted` holds the workers whose row this transaction
-/// already brought up to date (an event that changes no worker's state
-/// does not write its row again).
+/// Folds `event` into the batch's transaction (see [`Batch`]).
 pub(super) fn apply(
     tx: &rusqlite::Transaction,
+    batch: &mut Batch,
     event: &Event,
-    noted: &mut std::collections::HashSet<String>,
 ) -> rusqlite::Result<Applied> {
     let now = crate::sqlite::now_s();
     // Progress folds the same however often it comes (the highest wins), so
@@ -278,9 +225,9 @@ pub(super) fn apply(
             event.kind,
             EventType::WorkerStopping | EventType::WorkerInterrupted | EventType::WorkerUnhealthy
         );
-        if changes_state || !noted.contains(&worker.id) {
+        if changes_state || !batch.noted.contains(&worker.id) {
             fold_worker(tx, event, worker, now)?;
-            noted.insert(worker.id.clone());
+            batch.noted.insert(worker.id.clone());
         }
     }
     let Some(job) = &event.job else {
@@ -289,8 +236,10 @@ pub(super) fn apply(
     if let Some(array) = &job.array {
         exec(
             tx,
+            // Written only when it changes: four indexes hold `at`.
             "INSERT INTO arrays (job_id, command, queue, size, at) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size), at = excluded.at",
+             ON CONFLICT (job_id) DO UPDATE SET size = MAX(size, excluded.size), at = excluded.at
+             WHERE arrays.size < excluded.size OR arrays.at != excluded.at",
             params![array.job_id, job.command, job.queue, array.size, now],
         )?;
     }
@@ -319,119 +268,108 @@ pub(super) fn apply(
             (attempt, rank)
         }
     };
-    let existing: Option<Row> = tx
-        .prepare_cached(
-            "SELECT rowid, attempt, rank, state, array_id, superseded, message_id = '', at
-             FROM jobs WHERE job_id = ?1",
-        )?
-        .query_row([&job.job_id], |row| {
-            Ok(Row {
-                rowid: row.get(0)?,
-                attempt: row.get(1)?,
-                rank: row.get(2)?,
-                state: row.get(3)?,
-                array_id: row.get(4)?,
-                superseded: row.get(5)?,
-                no_message_id: row.get(6)?,
-                at: row.get(7)?,
-            })
-        })
-        .optional()?;
     let reason = event.detail.get("reason").and_then(Value::as_str);
     let (array_id, array_index) = match &job.array {
         Some(a) => (Some(a.job_id.as_str()), Some(a.index)),
         None => (None, None),
     };
-    let ahead = existing
-        .as_ref()
-        .is_none_or(|row| order(attempt, rank) > order(row.attempt, row.rank));
-    let mut update = Update::default();
-    let rowid = match &existing {
-        None => {
-            let revision = job.array.as_ref().and_then(|a| a.revision).unwrap_or(1);
-            let superseded = match (array_id, array_index) {
-                (Some(array), Some(index)) => label::supersede(tx, array, index, revision)?,
-                _ => false,
-            };
-            let frames = job.array.as_ref().map_or_else(String::new, |a| {
-                serde_json::to_string(&a.frames).unwrap_or_default()
-            });
-            exec(tx,
-                "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason, at, queue,
-                                   revision, frames, superseded)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-                params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason, now, job.queue,
-                        revision, frames, superseded],
-            )?;
-            let rowid = tx.last_insert_rowid();
-            if let Some(array) = array_id
-                && !superseded
-            {
-                count_child(tx, array, None, state)?;
-            }
-            label::fold_job_label(tx, job, now)?;
-            rowid
+    let revision = job.array.as_ref().and_then(|a| a.revision).unwrap_or(1);
+    if let (Some(array), Some(index)) = (array_id, array_index)
+        && revision > 1
+    {
+        // A re-render's child may supersede older revisions' rows: they
+        // are read and written in the table, not as this batch holds them.
+        batch.write_children(tx, array, index)?;
+    }
+    let insert = || -> rusqlite::Result<Row> {
+        let superseded = match (array_id, array_index) {
+            (Some(array), Some(index)) => label::supersede(tx, array, index, revision)?,
+            _ => false,
+        };
+        let frames = job.array.as_ref().map_or_else(String::new, |a| {
+            serde_json::to_string(&a.frames).unwrap_or_default()
+        });
+        exec(tx,
+            "INSERT INTO jobs (job_id, message_id, command, array_id, array_index, state, rank, attempt, reason, at, queue,
+                               revision, frames, superseded)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![job.job_id, job.message_id, job.command, array_id, array_index, state, rank, attempt, reason, now, job.queue,
+                    revision, frames, superseded],
+        )?;
+        if let Some(array) = array_id
+            && !superseded
+        {
+            count_child(tx, array, None, state)?;
         }
-        Some(row) => {
-            update.set(
-                "attempt = MAX(attempt, :attempt)",
-                [(":attempt", attempt.into())],
-            );
-            // `at` is left alone within its second (seven indexes hold it),
-            // the message id once it is known.
-            if row.at != now {
-                update.set("at = :at", [(":at", now.into())]);
-            }
-            if ahead {
-                update.set(
-                    "rank = :rank, reason = :reason",
-                    [
-                        (":rank", rank.into()),
-                        (":reason", reason.map(str::to_owned).into()),
-                    ],
-                );
-                if row.state != state {
-                    update.set("state = :state", [(":state", state.to_owned().into())]);
-                }
-                if row.no_message_id && !job.message_id.is_empty() {
-                    update.set(
-                        "message_id = :message_id",
-                        [(":message_id", job.message_id.clone().into())],
-                    );
-                }
+        label::fold_job_label(tx, job, now)?;
+        Ok(Row {
+            rowid: tx.last_insert_rowid(),
+            attempt,
+            rank,
+            state: state.to_owned(),
+            array_id: array_id.map(str::to_owned),
+            array_index: array_index.map(i64::from),
+            superseded,
+            no_message_id: job.message_id.is_empty(),
+            at: now,
+        })
+    };
+    let (pending, made) = batch.row(tx, &job.job_id, insert)?;
+    let (row, update) = (&mut pending.row, &mut pending.update);
+    if !made {
+        update.attempt = update.attempt.max(Some(attempt));
+        // `at` is left alone within its second (seven indexes hold it).
+        if row.at != now {
+            update.at = Some(now);
+            row.at = now;
+        }
+        if order(attempt, rank) > order(row.attempt, row.rank) {
+            update.rank = Some((rank, reason.map(str::to_owned)));
+            row.rank = rank;
+            if row.state != state {
                 // The counts follow the row (its array is the one it was
                 // made with).
                 if let Some(array) = &row.array_id
-                    && row.state != state
                     && !row.superseded
                 {
                     count_child(tx, array, Some(&row.state), state)?;
                 }
+                update.state = Some(state);
+                row.state = state.to_owned();
             }
-            // Otherwise the highest attempt seen, whatever the order (a
-            // final state keeps its state, not a lower attempt).
-            row.rowid
+            // The message id once it is known.
+            if row.no_message_id && !job.message_id.is_empty() {
+                update.message_id = Some(job.message_id.clone());
+                row.no_message_id = false;
+            }
         }
-    };
-    times(tx, &mut update, event, rank, array_id)?;
-    used(tx, &mut update, event, array_id)?;
+        // Otherwise only the highest attempt seen, whatever the order (a
+        // final state keeps its state, not a lower attempt).
+        row.attempt = row.attempt.max(attempt);
+    }
+    let rowid = row.rowid;
+    times(tx, update, event, rank, array_id)?;
+    if let Some(usage) = event.detail.get("usage") {
+        // `order` as one number: ranks are below 16, attempts below 2^32.
+        let of = if rank >= FINAL_RANK {
+            (1 << 40) + rank
+        } else {
+            attempt * 16 + rank
+        };
+        update.used(of, usage.to_string(), usage["cost_usd"].as_f64());
+    }
     if event.kind == EventType::JobSucceeded {
         let list = |key: &str| match &event.detail[key] {
             Value::Array(list) => Value::Array(list.clone()).to_string(),
             _ => "[]".to_owned(),
         };
-        // Done is 100 %, whatever progress arrives late.
-        update.set(
-            "outputs = :outputs, progress = 100, progress_of = 2147483647,
-             thumbnails = :thumbnails, thumbnail_frames = :thumbnail_frames",
-            [
-                (":outputs", event.detail["outputs"].to_string().into()),
-                (":thumbnails", list("thumbnails").into()),
-                (":thumbnail_frames", list("thumbnail_frames").into()),
-            ],
-        );
+        update.succeeded = Some([
+            event.detail["outputs"].to_string(),
+            list("thumbnails"),
+            list("thumbnail_frames"),
+        ]);
     }
-    update.run(tx, rowid)?;
+    array_used(tx, event, array_id)?;
     if event.kind == EventType::JobProgress
         && let Some(percent) = event.detail["percent"].as_f64()
     {
@@ -446,34 +384,29 @@ pub(super) fn apply(
     Ok(Applied::New)
 }
 
-/// A try's `usage`: the job keeps the last one and adds up the costs, its
-/// array adds up its children's wall time and costs (each event once: its
-/// id was seen above).
-fn used(
+/// A try's `usage` for its array: the wall time and costs of its children
+/// added up (each event once: its id was seen above). The job's own is in
+/// its row's [`Update`].
+fn array_used(
     tx: &rusqlite::Transaction,
-    update: &mut Update,
     event: &Event,
     array_id: Option<&str>,
 ) -> rusqlite::Result<()> {
-    let (Some(_), Some(usage)) = (&event.job, event.detail.get("usage")) else {
+    let (Some(array), Some(usage)) = (array_id, event.detail.get("usage")) else {
         return Ok(());
     };
-    let cost = usage["cost_usd"].as_f64();
-    update.set(
-        "usage = :usage,
-         cost_usd = CASE WHEN :cost IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + :cost END",
-        [(":usage", usage.to_string().into()), (":cost", cost.into())],
-    );
-    if let Some(array) = array_id {
-        exec(
-            tx,
-            "UPDATE arrays SET wall_s = COALESCE(wall_s, 0) + ?2,
-                cost_usd = CASE WHEN ?3 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?3 END
-             WHERE job_id = ?1",
-            params![array, usage["wall_s"].as_f64().unwrap_or(0.0), cost],
-        )?;
-    }
-    Ok(())
+    exec(
+        tx,
+        "UPDATE arrays SET wall_s = COALESCE(wall_s, 0) + ?2,
+            cost_usd = CASE WHEN ?3 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?3 END
+         WHERE job_id = ?1",
+        params![
+            array,
+            usage["wall_s"].as_f64().unwrap_or(0.0),
+            usage["cost_usd"].as_f64()
+        ],
+    )
+    .map(drop)
 }
 
 /// A job's first start and last end (and its array's first start), from
@@ -488,10 +421,7 @@ fn times(
 ) -> rusqlite::Result<()> {
     let ms = event_ms(event);
     if event.kind == EventType::JobStarted {
-        update.set(
-            "started_ms = MIN(COALESCE(started_ms, :started), :started)",
-            [(":started", ms.into())],
-        );
+        update.started(ms);
         if let Some(array) = array_id {
             exec(
                 tx,
@@ -501,10 +431,7 @@ fn times(
         }
     }
     if rank >= FINAL_RANK {
-        update.set(
-            "ended_ms = MAX(COALESCE(ended_ms, :ended), :ended)",
-            [(":ended", ms.into())],
-        );
+        update.ended(ms);
     }
     Ok(())
 }

@@ -81,11 +81,12 @@ impl StatusTable {
         let mut rows = Vec::new();
         for query in [
             "SELECT job_id, message_id, command, array_id, array_index, state, attempt, progress,
-                    outputs, reason, thumbnails, thumbnail_frames, started_ms, ended_ms
+                    outputs, reason, thumbnails, thumbnail_frames, started_ms, ended_ms,
+                    usage, cost_usd
              FROM jobs ORDER BY job_id",
             "SELECT job_id, command, size, completed, frames, frame_spec, chunk_size,
                     submitted_ms, started_ms, ended_ms, n_submitted, n_running, n_failed,
-                    n_requeued, n_succeeded, n_dead_lettered, n_cancelled
+                    n_requeued, n_succeeded, n_dead_lettered, n_cancelled, wall_s, cost_usd
              FROM arrays ORDER BY job_id",
         ] {
             let mut stmt = conn.prepare(query).map_err(failed)?;

@@ -47,7 +47,8 @@ fn history() -> Vec<Event> {
             EventType::JobFailed,
             "a",
             1,
-            json!({"reason": "boom", "will_retry": true}),
+            json!({"reason": "boom", "will_retry": true,
+                   "usage": {"wall_s": 1.5, "cost_usd": 0.25}}),
         ),
         event(EventType::JobStarted, "a", 2, json!({})),
         event(EventType::JobProgress, "a", 2, json!({"percent": 10.0})),
@@ -55,7 +56,8 @@ fn history() -> Vec<Event> {
             EventType::JobSucceeded,
             "a",
             2,
-            json!({"outputs": ["s3://b/k"], "thumbnails": ["m-a/0.jpg"], "thumbnail_frames": [1]}),
+            json!({"outputs": ["s3://b/k"], "thumbnails": ["m-a/0.jpg"], "thumbnail_frames": [1],
+                   "usage": {"wall_s": 2.0, "cost_usd": 0.5}}),
         ),
         event(EventType::JobStarted, "b", 1, json!({})),
         event(EventType::JobDeadLettered, "b", 1, json!({"reason": "403"})),
@@ -96,7 +98,8 @@ fn order_and_repeats_do_not_matter() {
 }
 
 /// Every order of a history folds to the same table (shuffled with
-/// random bytes from v4 UUIDs).
+/// random bytes from v4 UUIDs), whether its events come one by one or in
+/// batches (where a job's row is written once per batch).
 #[test]
 fn any_order_folds_to_the_same_table() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,6 +137,19 @@ fn any_order_folds_to_the_same_table() {
             reference.dump().unwrap(),
             table.dump().unwrap(),
             "run {run}"
+        );
+        let batched = StatusTable::open(&dir.path().join(format!("batched-{run}"))).unwrap();
+        let mut rest = shuffled.as_slice();
+        while !rest.is_empty() {
+            let size = 1 + (uuid::Uuid::new_v4().as_u128() % 5) as usize;
+            let (batch, after) = rest.split_at(size.min(rest.len()));
+            batched.apply_all(batch).unwrap();
+            rest = after;
+        }
+        assert_eq!(
+            reference.dump().unwrap(),
+            batched.dump().unwrap(),
+            "run {run}, in batches"
         );
     }
 }
@@ -350,6 +366,7 @@ fn a_rerendered_frame_shows_its_newest_revision_and_the_array_completes_per_revi
     let first = vec![
         submitted,
         revision_event(EventType::JobSucceeded, "a", 0, 1),
+        revision_event(EventType::JobStarted, "b", 1, 1),
         revision_event(EventType::JobSucceeded, "b", 1, 1),
         array_event(
             EventType::ArrayJobCompleted,
@@ -421,6 +438,14 @@ fn a_rerendered_frame_shows_its_newest_revision_and_the_array_completes_per_revi
             table.get("arr").unwrap(),
             other.get("arr").unwrap(),
             "run {run}"
+        );
+        // In one batch: a revision's child supersedes rows the batch holds.
+        let one = StatusTable::open(&dir.path().join(format!("one-{run}"))).unwrap();
+        one.apply_all(&shuffled).unwrap();
+        assert_eq!(
+            table.dump().unwrap(),
+            one.dump().unwrap(),
+            "run {run}, one batch"
         );
     }
 }
