@@ -59,7 +59,8 @@
 //!   (`buffer`: in events for a target, in bytes for the status table), the
 //!   one observer of a job's end, `/metrics`, the job-status table (its
 //!   fold, reads and prune; arrays keep their children's counts by state;
-//!   written off the job's path, one transaction per lingering batch)
+//!   written off the job's path, one transaction per lingering batch, a
+//!   job's row read and written once per batch)
 //!   and `events watch`, and the ledger (reported tries, cancelled jobs,
 //!   array children's final states and budgeted arrays' costs: SQLite
 //!   beside the embedded queue, S3 conditional writes for SQS) that makes
