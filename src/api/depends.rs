@@ -195,6 +195,7 @@ pub(super) async fn hold(
                 body,
                 by: reason.clone(),
                 cancelled: Some(reason),
+                claim: None,
             }),
         }
     }
