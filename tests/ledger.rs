@@ -292,3 +292,110 @@ async fn a_busy_worker_reads_the_holds_once_a_second_not_once_a_message() {
         "{requests} calls in {seconds:.1} s"
     );
 }
+
+/// A `same` dependant released on the S3 ledger: the parent child's
+/// settle finds the children in its edges' keys (no GET of an edge), and
+/// after the send their markers are deleted by key (no LIST): six calls
+/// per released child. A unit settled twice writes a spare marker beside
+/// its read and deletes it; children too scattered for a key are read
+/// from the edge's body; no marker is left behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_released_child_costs_six_s3_calls_and_leaves_no_marker() {
+    use renderq::events::ledger::{ChildState, Fate, Ledger, ToHold, Wait};
+    const CHILDREN: u32 = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::shared();
+    let count = dir.path().join("count.json");
+    let (proxy, _server) = Server::python(
+        "tests/fixtures/s3_count_proxy.py",
+        &[
+            &moto.port.to_string(),
+            "deps",
+            "0",
+            "0",
+            &count.to_string_lossy(),
+            "slowdown",
+        ],
+    );
+    let (_, s3) = crate::harness::aws_clients(&proxy).await;
+    let bucket = format!("edges-{}", uuid::Uuid::new_v4().simple());
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let ledger = || Ledger::s3(s3.clone(), bucket.clone(), "status", "q");
+    let (a, b) = (ledger(), ledger());
+    let wait = |parent: &str, index| Wait {
+        parent_id: parent.into(),
+        index,
+        on_finish: false,
+        queue: None,
+    };
+    let entry = |index, waits| ToHold {
+        index,
+        body: format!("m{index}"),
+        waits,
+    };
+    a.register_job("p", CHILDREN, Some(format!("1-{CHILDREN}")), 1)
+        .await
+        .unwrap();
+    let entries = (0..CHILDREN)
+        .map(|i| entry(i, vec![wait("p", Some(i))]))
+        .collect();
+    let fates = a.hold("d", CHILDREN, entries, false).await.unwrap();
+    assert_eq!(fates, vec![Fate::Held(1); CHILDREN as usize]);
+    let requests = || counted(&count)["requests"].as_u64().unwrap_or(0);
+    let before = requests();
+    for index in 0..CHILDREN {
+        let ended = ChildState::Succeeded;
+        a.children_settled("p", CHILDREN, vec![index], ended)
+            .await
+            .unwrap();
+        let freed = a
+            .units_ended("p", CHILDREN, vec![index], ended)
+            .await
+            .unwrap()
+            .freed;
+        assert_eq!(freed.len(), 1, "{freed:?}");
+        assert_eq!((freed[0].job_id.as_str(), freed[0].index), ("d", index));
+        assert_eq!(freed[0].body, format!("m{index}"));
+        a.holds_done(freed).await.unwrap();
+    }
+    let spent = requests() - before;
+    assert!(
+        spent <= 6 * u64::from(CHILDREN),
+        "{spent} S3 calls for {CHILDREN} released children"
+    );
+    // The same units again, from another worker: nothing freed twice.
+    for index in 0..CHILDREN {
+        let again = b
+            .units_ended("p", CHILDREN, vec![index], ChildState::Succeeded)
+            .await
+            .unwrap()
+            .freed;
+        assert!(again.is_empty(), "{again:?}");
+    }
+    // Every other child of `w` waits for plain job `j`: too scattered to
+    // name in a key.
+    a.register_job("j", 0, None, 1).await.unwrap();
+    let entries = (0..300)
+        .map(|i| entry(2 * i, vec![wait("j", None)]))
+        .collect();
+    a.hold("w", 600, entries, false).await.unwrap();
+    let mut freed = a
+        .units_ended("j", 0, Vec::new(), ChildState::Succeeded)
+        .await
+        .unwrap()
+        .freed;
+    freed.sort_by_key(|f| f.index);
+    assert_eq!(
+        freed.iter().map(|f| f.index).collect::<Vec<_>>(),
+        (0..300).map(|i| 2 * i).collect::<Vec<_>>()
+    );
+    a.holds_done(freed).await.unwrap();
+    let left = s3
+        .list_objects_v2()
+        .bucket(&bucket)
+        .prefix("status/q/deps/releasing/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.contents().len(), 0, "{:?}", left.contents());
+}

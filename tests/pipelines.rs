@@ -2,7 +2,9 @@
 //! chunking (OpenCue #1448), a failed parent frame cancelling exactly its
 //! dependants, each dependant released once by two workers and by the
 //! sweep after a worker killed before its release, an array held by hand
-//! and released, a hold of an unknown job refused naming `job_id` (these
+//! and released, a dependant array held by hand while it waits for its
+//! parents (their ends release none of it; its release sends each child
+//! once), a hold of an unknown job refused naming `job_id` (these
 //! on both backends: on SQS the held jobs are in the S3 ledger, and a
 //! hold's queued messages are held at receive), and bad dependencies
 //! refused naming the field.
@@ -23,6 +25,7 @@ scenarios!(
     a_worker_killed_before_its_release_is_swept_once,
     a_held_dependant_cancelled_by_hand_is_never_released,
     an_array_held_after_5_of_20_frames_runs_none_until_released,
+    a_dependant_array_held_by_hand_stays_held_when_its_parents_end,
     a_hold_of_an_unknown_job_is_refused_naming_job_id,
 );
 
@@ -371,6 +374,66 @@ async fn an_array_held_after_5_of_20_frames_runs_none_until_released(backend: Ba
             .count(),
         1
     );
+}
+
+/// A dependant array already held for its parents, held by hand too: its
+/// parents' ends release none of it (past the sweep's grace), `renderq
+/// status` shows it held, and its release sends each child once.
+async fn a_dependant_array_held_by_hand_stays_held_when_its_parents_end(backend: Backend) {
+    let farm = farm_on(backend, 2, 3).await;
+    let _serve = farm.serve(&[]).await;
+    // Long enough for the hold to land before the first parent frame ends.
+    let parent = array(&farm, step("1-4", 1, "", 4.0, json!([]))).await;
+    let same = json!([{"job_id": parent, "frames": "same"}]);
+    let dependant = array(&farm, step("1-4", 1, "", 0.0, same)).await;
+    let held = farm
+        .wait_for_events(
+            |e| e["type"] == "JobHeld" && e["array"]["job_id"] == dependant.as_str(),
+            4,
+            LONG,
+        )
+        .await;
+    let reply = farm
+        .rpc("queue_manager_hold", json!({"job_id": dependant}))
+        .await;
+    assert_eq!(reply["result"]["outcome"], "held", "{reply}");
+    let parent_done = completed(&farm, &parent).await;
+    assert_eq!(parent_done["succeeded"], 4, "{parent_done}");
+    // Past the last settle's release, a sweep and its grace (2 s).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ran = |events: &[Value], kind: &str| by_child(events, kind, &dependant);
+    let events = farm.events();
+    assert!(
+        ran(&events, "JobReleased").is_empty(),
+        "released while held"
+    );
+    assert!(ran(&events, "JobStarted").is_empty(), "started while held");
+    let (code, status, err) = farm.cli(&["status", &dependant]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        status.contains("succeeded=0") && status.contains("completed=false"),
+        "{status}"
+    );
+    for child in &held {
+        let child = child["job_id"].as_str().unwrap();
+        let (code, status, err) = farm.cli(&["status", child]);
+        assert_eq!(code, 0, "{err}");
+        assert!(status.contains("state=held"), "{status}");
+    }
+    let (code, out, err) = farm.cli(&["release", &dependant]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"released\""), "{out}");
+    assert_eq!(
+        completed(&farm, &dependant).await,
+        json!({"size": 4, "succeeded": 4, "dead_lettered": 0, "cancelled": 0})
+    );
+    let events = farm.events();
+    let (released, started) = (ran(&events, "JobReleased"), ran(&events, "JobStarted"));
+    for index in 0..4 {
+        assert_eq!(released[&index].len(), 1, "child {index} released once");
+        assert_eq!(released[&index][0]["detail"]["released_by"], "hand");
+        assert_eq!(started[&index].len(), 1, "child {index} ran once");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -213,6 +213,7 @@ pub(super) async fn hold(
                 body,
                 by: reason.clone(),
                 cancelled: Some(reason),
+                claim: None,
             }),
         }
     }

@@ -128,6 +128,8 @@ pub enum Ledger {
         writes: arrays::Writes,
         /// This process's last LIST of the holds by hand.
         hands: holds::HandCache,
+        /// Parents this process saw to have `same` dependants.
+        parents: holds::KnownParents,
     },
 }
 
@@ -188,6 +190,7 @@ impl Ledger {
             prefix: format!("{}/{queue}/", prefix.trim_end_matches('/')),
             writes: arrays::Writes::default(),
             hands: holds::HandCache::default(),
+            parents: holds::KnownParents::default(),
         }
     }
 

@@ -112,20 +112,23 @@ impl Releaser<'_> {
             let mut done = Vec::with_capacity(freed.len());
             let mut next = Vec::new();
             for row in freed {
-                match &row.cancelled {
+                let ended = match &row.cancelled {
                     None => {
-                        if self.send(&row).await {
-                            done.push((row.job_id, row.index, false));
-                            released += 1;
-                        }
+                        let sent = self.send(&row).await;
+                        released += usize::from(sent);
+                        sent
                     }
-                    Some(reason) => {
-                        if let Some(more) = self.cancel(&row, reason).await {
+                    Some(reason) => self
+                        .cancel(&row, reason)
+                        .await
+                        .map(|more| {
                             next.extend(more.freed);
                             foreign.extend(more.foreign);
-                            done.push((row.job_id, row.index, true));
-                        }
-                    }
+                        })
+                        .is_some(),
+                };
+                if ended {
+                    done.push(row);
                 }
             }
             if let Err(error) = self.ledger.holds_done(done).await {

@@ -135,6 +135,9 @@ pub struct Freed {
     pub by: String,
     /// Set when it is cancelled, with the reason.
     pub cancelled: Option<String>,
+    /// The S3 ledger's claim that freed it, naming its `releasing/`
+    /// marker (`None` on the embedded ledger, and for a submit's cancel).
+    pub claim: Option<String>,
 }
 
 fn is_final(state: &str) -> bool {
@@ -360,15 +363,21 @@ impl Ledger {
 
     /// Marks freed rows done: `released` once their message is sent,
     /// `cancelled` once their end is recorded.
-    pub async fn holds_done(&self, rows: Vec<(String, u32, bool)>) -> Result<(), LedgerError> {
+    pub async fn holds_done(&self, rows: Vec<Freed>) -> Result<(), LedgerError> {
         let conn = match self {
             Ledger::Local(conn) => conn,
             Ledger::S3 { .. } => return self.s3_holds_done(rows).await,
         };
         Self::sql(conn, move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for (job_id, index, cancelled) in rows {
-                let (from, to) = if cancelled {
+            for Freed {
+                job_id,
+                index,
+                cancelled,
+                ..
+            } in rows
+            {
+                let (from, to) = if cancelled.is_some() {
                     ("cancelling", "cancelled")
                 } else {
                     ("releasing", "released")
@@ -418,6 +427,7 @@ impl Ledger {
                         body: r.get(3)?,
                         cancelled: (state == "cancelling").then(|| by.clone().unwrap_or_default()),
                         by: by.unwrap_or_default(),
+                        claim: None,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -596,6 +606,7 @@ fn spend(
                 body,
                 by: unit.to_owned(),
                 cancelled,
+                claim: None,
             });
         }
     }
@@ -606,7 +617,7 @@ mod foreign;
 mod hand;
 mod s3;
 pub use foreign::{Ended, ForeignEnd, ForeignWait};
-pub(super) use s3::HandCache;
+pub(super) use s3::{HandCache, KnownParents};
 
 #[cfg(test)]
 mod tests;

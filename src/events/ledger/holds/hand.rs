@@ -124,6 +124,7 @@ impl Ledger {
                         body: r.get(3)?,
                         by: "hand".into(),
                         cancelled: None,
+                        claim: None,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -158,6 +159,7 @@ impl Ledger {
                         body: r.get(3)?,
                         by: reason.clone(),
                         cancelled: Some(reason.clone()),
+                        claim: None,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

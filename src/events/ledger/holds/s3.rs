@@ -5,38 +5,31 @@
 //! - `ends/ID`: a plain job's end (an array's is its state object);
 //! - `held/JOB/IDX`: a held job or child: its message, the parent units it
 //!   still waits for (a set: a unit spent twice is spent once), its state;
-//! - `waits/PARENT/UNIT/JOB`: which children of dependant JOB wait for a
-//!   parent unit (UNIT: a child's index, or `whole`);
+//! - `waits/PARENT/UNIT/JOB/SPEC`: which children of dependant JOB wait
+//!   for a parent unit (UNIT: a child's index, or `whole`), named in the
+//!   key (see `edges`);
 //! - `parents/PARENT/unit` and `…/whole`: PARENT has dependants at all, so
 //!   the settle of a job nobody waits for costs one LIST; `…/foreign/Q`:
 //!   queue Q's ledger keeps dependants of it (see `foreign`);
 //! - `foreign/Q/PARENT`: held jobs here wait for PARENT of queue Q (for
 //!   the sweep, see `foreign`);
 //! - `releasing/JOB/IDX/CLAIM`: a held object claimed (to send or to
-//!   cancel) and not done yet; the sweep lists this prefix.
+//!   cancel) and not done yet, or about to be; the sweep lists this prefix.
 //!
-//! Exactly once: a held object changes only by a conditional write
-//! (`If-Match` on the ETag read). The write that spends its last wait (or
-//! cancels it) moves it to `releasing` (`cancelling`) with a claim id, and
-//! only that writer sends it; its marker under `releasing/` is written just
-//! before that claim and deleted after the send. The sweep re-stamps a
-//! marker older than the grace with `If-Match` (so one sweeper takes it)
-//! and sends what the held object says that claim freed; a marker whose
-//! claim lost is deleted. A released child costs a constant number of
-//! calls, whatever the arrays' sizes: a LIST of the parent's markers, a
-//! LIST and a GET of the unit's edges, a GET and a PUT of the held object,
-//! and the marker's PUT, LIST and DELETE.
+//! Exactly once (a conditional write claims a held object), the calls a
+//! settle makes before the send, and the sweep: see `release`.
 //!
 //! Order: a dependant's submit writes its held objects, then its edges and
 //! the parent's marker, then reads the parents' ends again and spends what
 //! ended meanwhile; a parent's settle writes its end first, then lists the
-//! edges. Whichever is second sees the other. A parent on another queue
-//! is read from its own ledger instead, after the edges and its note
-//! there (`holds::foreign`).
+//! edges (and the markers). Whichever is second sees the other. A parent
+//! on another queue is read from its own ledger instead, after the edges
+//! and its note there (`holds::foreign`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use super::{Fate, Freed, Registered, ToHold, Wait, failed_reason, unit_label};
@@ -107,6 +100,7 @@ impl HeldObject {
             body: self.body.clone(),
             cancelled: (self.state == HeldState::Cancelling).then(|| by.clone()),
             by,
+            claim: self.claim.clone(),
         }
     }
 }
@@ -162,8 +156,9 @@ impl Ends {
     }
 }
 
-/// Edges to write: (parent, unit) → [(child, on_finish)].
-type Edges = BTreeMap<(String, Option<u32>), Vec<(u32, bool)>>;
+/// Edges to write: (parent, unit, the unit is each child's last wait) →
+/// [(child, on_finish)].
+type Edges = BTreeMap<(String, Option<u32>, bool), Vec<(u32, bool)>>;
 
 /// How a write is conditioned.
 enum Cond {
@@ -362,53 +357,6 @@ impl Ledger {
         Ok(ends)
     }
 
-    /// Changes a held object by `change` (`None`: no change; `Some(true)`:
-    /// the change frees it), written only if nobody changed it since it was
-    /// read; the freed row when this call freed it. `mark`: write its
-    /// `releasing/` marker before the claim (a submit that sends at once
-    /// does not, except for a cancel).
-    async fn change_held(
-        &self,
-        job_id: &str,
-        index: u32,
-        mark: bool,
-        mut change: impl FnMut(&mut HeldObject) -> Option<bool>,
-    ) -> Result<Option<Freed>, LedgerError> {
-        let key = self.deps_key(&format!("held/{job_id}/{index}"));
-        for race in 1..=RACES {
-            let Some((mut held, etag)) = self.s3_get_json::<HeldObject>(&key).await? else {
-                return Ok(None);
-            };
-            let Some(frees) = change(&mut held) else {
-                return Ok(None);
-            };
-            if frees {
-                let claim = uuid::Uuid::new_v4().simple().to_string();
-                if mark || held.state == HeldState::Cancelling {
-                    self.s3_put(
-                        &self.marker_key(job_id, index, &claim),
-                        stamp(),
-                        Cond::Always,
-                    )
-                    .await?;
-                }
-                held.claim = Some(claim);
-            }
-            let cond = etag.map_or(Cond::IfAbsent, Cond::IfMatch);
-            if self.s3_put_json(&key, &held, cond).await? {
-                return Ok(frees.then(|| held.freed(job_id, index)));
-            }
-            tokio::time::sleep(RACE_BACKOFF.delay(race)).await;
-        }
-        Err(LedgerError(format!(
-            "{key}: lost {RACES} races to write it"
-        )))
-    }
-
-    fn marker_key(&self, job_id: &str, index: u32, claim: &str) -> String {
-        self.deps_key(&format!("releasing/{job_id}/{index}/{claim}"))
-    }
-
     pub(super) async fn s3_hold(
         &self,
         job_id: &str,
@@ -471,7 +419,7 @@ impl Ledger {
                 // sweep finishes it should the submit die first.
                 held.waits.clear();
                 held.state = HeldState::Cancelling;
-                let claim = uuid::Uuid::new_v4().simple().to_string();
+                let claim = new_claim();
                 markers.push((self.marker_key(job_id, entry.index, &claim), stamp()));
                 held.claim = Some(claim);
                 objects.push((key, json(&held)?));
@@ -481,9 +429,10 @@ impl Ledger {
                 Fate::Send
             } else {
                 objects.push((key, json(&held)?));
+                let last = pending.len() == 1 && !manual;
                 for wait in &pending {
                     edges
-                        .entry((wait.parent_id.clone(), wait.index))
+                        .entry((wait.parent_id.clone(), wait.index, last))
                         .or_default()
                         .push((entry.index, wait.on_finish));
                 }
@@ -501,8 +450,10 @@ impl Ledger {
         }
         let mut writes = Vec::new();
         let mut marked = Vec::new();
-        for ((parent, index), children) in &edges {
-            let key = self.deps_key(&format!("waits/{parent}/{}/{job_id}", unit_name(*index)));
+        for ((parent, index, last), children) in &edges {
+            let only: Vec<u32> = children.iter().map(|(child, _)| *child).collect();
+            let name = edges::edge_name(job_id, &only, *last);
+            let key = self.deps_key(&format!("waits/{parent}/{}/{name}", unit_name(*index)));
             writes.push((key, serde_json::to_vec(children).map_err(failed)?));
             let marker = (
                 parent.clone(),
@@ -528,7 +479,7 @@ impl Ledger {
                     unit_label(&wait.parent_id, wait.index),
                 );
                 let freed = self
-                    .change_held(job_id, entry.index, false, |h| {
+                    .change_held(job_id, entry.index, Mark::Cancels, |h| {
                         h.spend(&unit, &label, state)
                     })
                     .await?;
@@ -542,132 +493,6 @@ impl Ledger {
             }
         }
         Ok(fates)
-    }
-
-    pub(super) async fn s3_units_ended(
-        &self,
-        parent_id: &str,
-        size: u32,
-        indexes: Vec<u32>,
-        state: ChildState,
-    ) -> Result<super::Ended, LedgerError> {
-        if size == 0 {
-            let key = self.deps_key(&format!("ends/{parent_id}"));
-            self.s3_put(&key, state.name().into(), Cond::IfAbsent)
-                .await?;
-        }
-        let markers = self
-            .s3_list(&self.deps_key(&format!("parents/{parent_id}/")))
-            .await?;
-        let has = |name: &str| markers.iter().any(|(rest, _, _)| rest == name);
-        let mut freed = Vec::new();
-        if size > 0 && has("unit") {
-            for &index in &indexes {
-                self.spend_unit(parent_id, Some(index), state, &mut freed, false)
-                    .await?;
-            }
-        }
-        if has("whole") {
-            let whole = if size == 0 {
-                self.s3_plain_end(parent_id).await?
-            } else {
-                Ends::Array(size, self.s3_children(parent_id).await?)
-                    .unit(None)
-                    .map(|(s, _)| s)
-            };
-            if let Some(whole) = whole {
-                self.spend_unit(parent_id, None, whole, &mut freed, false)
-                    .await?;
-            }
-        }
-        let foreign = self
-            .s3_foreign_end(parent_id, size, &indexes, state, &markers)
-            .await?;
-        Ok(super::Ended { freed, foreign })
-    }
-
-    /// Spends a parent unit's edges, adding what that freed to `freed`;
-    /// `drop_spent`: deletes each edge object once its children are spent.
-    async fn spend_unit(
-        &self,
-        parent_id: &str,
-        index: Option<u32>,
-        state: ChildState,
-        freed: &mut Vec<Freed>,
-        drop_spent: bool,
-    ) -> Result<(), LedgerError> {
-        let root = self.deps_key(&format!("waits/{parent_id}/{}/", unit_name(index)));
-        let (unit, label) = (unit_key(parent_id, index), unit_label(parent_id, index));
-        for (job_id, _, _) in self.s3_list(&root).await? {
-            let Some((children, _)) = self
-                .s3_get_json::<Vec<(u32, bool)>>(&format!("{root}{job_id}"))
-                .await?
-            else {
-                continue;
-            };
-            for (child, _) in children {
-                freed.extend(
-                    self.change_held(&job_id, child, true, |h| h.spend(&unit, &label, state))
-                        .await?,
-                );
-            }
-            if drop_spent {
-                self.s3_delete(&format!("{root}{job_id}")).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Deletes the `releasing/` markers of rows sent (or cancelled).
-    pub(super) async fn s3_holds_done(
-        &self,
-        rows: Vec<(String, u32, bool)>,
-    ) -> Result<(), LedgerError> {
-        for (job_id, index, _) in rows {
-            let root = self.deps_key(&format!("releasing/{job_id}/{index}/"));
-            for (claim, _, _) in self.s3_list(&root).await? {
-                self.s3_delete(&format!("{root}{claim}")).await?;
-            }
-        }
-        Ok(())
-    }
-
-    pub(super) async fn s3_stale_holds(&self, grace: Duration) -> Result<Vec<Freed>, LedgerError> {
-        let cutoff = crate::sqlite::now_s() - grace.as_secs().max(1) as i64;
-        let root = self.deps_key("releasing/");
-        let mut freed = Vec::new();
-        for (rest, at, etag) in self.s3_list(&root).await? {
-            if at >= cutoff {
-                continue;
-            }
-            let mut parts = rest.splitn(3, '/');
-            let (Some(job_id), Some(Ok(index)), Some(claim)) = (
-                parts.next(),
-                parts.next().map(str::parse::<u32>),
-                parts.next(),
-            ) else {
-                continue;
-            };
-            let key = format!("{root}{rest}");
-            // One sweeper takes it: the one whose re-stamp wins.
-            let cond = etag.map_or(Cond::Always, Cond::IfMatch);
-            if !self.s3_put(&key, stamp(), cond).await? {
-                continue;
-            }
-            let held = self
-                .s3_get_json::<HeldObject>(&self.deps_key(&format!("held/{job_id}/{index}")))
-                .await?;
-            match held {
-                Some((held, _))
-                    if held.state != HeldState::Held && held.claim.as_deref() == Some(claim) =>
-                {
-                    freed.push(held.freed(job_id, index));
-                }
-                // A claim that lost its race, or a row gone.
-                _ => self.s3_delete(&key).await?,
-            }
-        }
-        Ok(freed)
     }
 
     pub(super) async fn s3_cancel_held(
@@ -687,21 +512,26 @@ impl Ledger {
     }
 
     /// Changes every held object of `job_id` as [`Ledger::change_held`]
-    /// does (marked when freed); what that freed.
+    /// does (marked after the read when freed), [`PUTS_AT_ONCE`] at a
+    /// time; what that freed.
     async fn change_all_held(
         &self,
         job_id: &str,
-        mut change: impl FnMut(&mut HeldObject) -> Option<bool>,
+        change: impl Fn(&mut HeldObject) -> Option<bool>,
     ) -> Result<Vec<Freed>, LedgerError> {
         let root = self.deps_key(&format!("held/{job_id}/"));
-        let mut freed = Vec::new();
-        for (index, _, _) in self.s3_list(&root).await? {
-            let Ok(index) = index.parse::<u32>() else {
-                continue;
-            };
-            freed.extend(self.change_held(job_id, index, true, &mut change).await?);
-        }
-        Ok(freed)
+        let indexes = self
+            .s3_list(&root)
+            .await?
+            .into_iter()
+            .filter_map(|(index, _, _)| index.parse::<u32>().ok());
+        let change = &change;
+        let freed: Vec<Option<Freed>> = futures_util::stream::iter(indexes)
+            .map(|index| self.change_held(job_id, index, Mark::AfterRead, change))
+            .buffered(PUTS_AT_ONCE)
+            .try_collect()
+            .await?;
+        Ok(freed.into_iter().flatten().collect())
     }
 
     pub(super) async fn s3_waiting_for(
@@ -739,14 +569,24 @@ impl Ledger {
     }
 }
 
+mod edges;
 mod foreign;
 mod hand;
+mod release;
+use edges::Edge;
+pub use edges::KnownParents;
 pub(crate) use hand::HAND_CACHE;
 pub use hand::HandCache;
+use release::Mark;
 
 /// A marker's body: unique, so that a re-stamp changes its ETag.
 fn stamp() -> Vec<u8> {
-    uuid::Uuid::new_v4().simple().to_string().into_bytes()
+    new_claim().into_bytes()
+}
+
+/// A claim id (a marker's last key part).
+fn new_claim() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 #[cfg(test)]

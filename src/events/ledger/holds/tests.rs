@@ -193,10 +193,7 @@ async fn what_a_dead_worker_freed_is_swept_once() {
         ("d", None)
     );
     let none = std::time::Duration::ZERO;
-    ledger
-        .holds_done(vec![("d".into(), 0, false)])
-        .await
-        .unwrap();
+    ledger.holds_done(swept).await.unwrap();
     assert!(ledger.stale_holds(none).await.unwrap().is_empty());
 }
 

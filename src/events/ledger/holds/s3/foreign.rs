@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Cond, Ends};
+use super::{Cond, Edge, Ends};
 use crate::events::ledger::holds::{ForeignEnd, ForeignWait, Freed, ToHold};
 use crate::events::ledger::{ChildState, Ledger, LedgerError};
 
@@ -108,8 +108,17 @@ impl Ledger {
     ) -> Result<Vec<Freed>, LedgerError> {
         let mut freed = Vec::new();
         for (unit, state) in units {
-            self.spend_unit(parent_id, unit, state, &mut freed, true)
-                .await?;
+            let objects = self.unit_edge_objects(parent_id, unit).await?;
+            let (keys, edges): (Vec<String>, Vec<Vec<Edge>>) = objects.into_iter().unzip();
+            let edges = edges.into_iter().flatten().collect();
+            freed.extend(
+                self.spend_edges(parent_id, vec![(unit, state, edges)])
+                    .await?,
+            );
+            // Spent: the sweep of foreign parents looks for edges left.
+            for key in keys {
+                self.s3_delete(&key).await?;
+            }
         }
         Ok(freed)
     }

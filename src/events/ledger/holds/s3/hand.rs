@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::{Cond, HeldObject, HeldState, stamp};
+use super::{Cond, HeldObject, HeldState, Mark, stamp};
 use crate::events::ledger::holds::Freed;
 use crate::events::ledger::{Ledger, LedgerError};
 
@@ -105,7 +105,7 @@ impl Ledger {
         // Released meanwhile: the release may not have seen the object.
         // Whoever takes it back first sends it.
         let taken = self
-            .change_held(job_id, index, false, |h| {
+            .change_held(job_id, index, Mark::Cancels, |h| {
                 (h.state == HeldState::Held).then(|| {
                     h.manual = false;
                     h.state = HeldState::Releasing;

@@ -1,0 +1,305 @@
+//! Releases on the S3 ledger: the claim of a held object, its
+//! `releasing/` marker, a parent unit's settle spending its edges, and the
+//! sweep.
+//!
+//! Exactly once: a held object changes only by a conditional write
+//! (`If-Match` on the ETag read). The write that spends its last wait (or
+//! cancels it) moves it to `releasing` (`cancelling`) with a claim id, and
+//! only that writer sends it. Its marker under `releasing/` names the claim
+//! and is written before the claim lands: beside the read of the held
+//! object when the edge says this unit was the child's last wait (the
+//! claim id made before the read), else after the read; a marker whose
+//! claim then does not happen is deleted. After the send the marker is
+//! deleted by its key. The sweep re-stamps a marker older than the grace
+//! with `If-Match` (so one sweeper takes it) and sends what the held object
+//! says that claim freed; a marker whose claim lost, or never landed, is
+//! deleted.
+//!
+//! A settle's calls in a row before the send: the LIST of the unit's
+//! edges (once this process has seen the parent have `same` dependants,
+//! beside the LIST of its markers, `unit`, `whole` and other queues'
+//! (`foreign`); before that, after it), then the held object's GET beside
+//! the marker's PUT, then its conditional PUT; the children a unit frees
+//! are changed [`PUTS_AT_ONCE`] at a time. A released child costs a
+//! constant number of calls, whatever the arrays' sizes: the markers' LIST,
+//! the edges' LIST, the GET and PUT of the held object, the marker's PUT
+//! and, after the send, its DELETE.
+//!
+
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
+
+use super::{
+    Cond, Edge, Ends, HeldObject, HeldState, PUTS_AT_ONCE, RACE_BACKOFF, RACES, new_claim, stamp,
+    unit_key, unit_label,
+};
+use crate::events::ledger::holds::{Ended, Freed};
+use crate::events::ledger::{ChildState, Ledger, LedgerError};
+
+/// When a change that frees a held object writes its `releasing/` marker
+/// (always before the claim lands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mark {
+    /// For a cancel only (a submit that sends at once needs none).
+    Cancels,
+    /// After the read, once the change is known to free it.
+    AfterRead,
+    /// Beside the read, with the claim id made first (the change likely
+    /// frees it); deleted when the claim does not land.
+    Ahead,
+}
+
+impl Ledger {
+    /// Changes a held object by `change` (`None`: no change; `Some(true)`:
+    /// the change frees it), written only if nobody changed it since it was
+    /// read; the freed row when this call freed it. `mark`: when its
+    /// `releasing/` marker is written (see [`Mark`]).
+    pub(super) async fn change_held(
+        &self,
+        job_id: &str,
+        index: u32,
+        mark: Mark,
+        change: impl Fn(&mut HeldObject) -> Option<bool>,
+    ) -> Result<Option<Freed>, LedgerError> {
+        let key = self.deps_key(&format!("held/{job_id}/{index}"));
+        // The claim whose marker is written; kept through lost races.
+        let mut marked: Option<String> = None;
+        for race in 1..=RACES {
+            let read = self.s3_get_json::<HeldObject>(&key);
+            let read = if mark == Mark::Ahead && marked.is_none() {
+                let claim = new_claim();
+                let marker = self.put_marker(job_id, index, &claim);
+                let (read, ()) = tokio::try_join!(read, marker)?;
+                marked = Some(claim);
+                read
+            } else {
+                read.await?
+            };
+            let changed = read.and_then(|(mut held, etag)| Some((change(&mut held)?, held, etag)));
+            let Some((frees, mut held, etag)) = changed else {
+                self.drop_marker(job_id, index, marked).await?;
+                return Ok(None);
+            };
+            if frees {
+                if marked.is_none()
+                    && (mark != Mark::Cancels || held.state == HeldState::Cancelling)
+                {
+                    let claim = new_claim();
+                    self.put_marker(job_id, index, &claim).await?;
+                    marked = Some(claim);
+                }
+                held.claim = Some(marked.clone().unwrap_or_else(new_claim));
+            }
+            let cond = etag.map_or(Cond::IfAbsent, Cond::IfMatch);
+            if self.s3_put_json(&key, &held, cond).await? {
+                if !frees {
+                    self.drop_marker(job_id, index, marked).await?;
+                }
+                return Ok(frees.then(|| held.freed(job_id, index)));
+            }
+            tokio::time::sleep(RACE_BACKOFF.delay(race)).await;
+        }
+        // A marker written stays: its claim never landed, so the sweep
+        // deletes it.
+        Err(LedgerError(format!(
+            "{key}: lost {RACES} races to write it"
+        )))
+    }
+
+    async fn put_marker(&self, job_id: &str, index: u32, claim: &str) -> Result<(), LedgerError> {
+        self.s3_put(
+            &self.marker_key(job_id, index, claim),
+            stamp(),
+            Cond::Always,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Deletes the marker of a claim that did not land (if one was written).
+    async fn drop_marker(
+        &self,
+        job_id: &str,
+        index: u32,
+        claim: Option<String>,
+    ) -> Result<(), LedgerError> {
+        match claim {
+            Some(claim) => {
+                self.s3_delete(&self.marker_key(job_id, index, &claim))
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn marker_key(&self, job_id: &str, index: u32, claim: &str) -> String {
+        self.deps_key(&format!("releasing/{job_id}/{index}/{claim}"))
+    }
+
+    pub(in crate::events::ledger::holds) async fn s3_units_ended(
+        &self,
+        parent_id: &str,
+        size: u32,
+        indexes: Vec<u32>,
+        state: ChildState,
+    ) -> Result<Ended, LedgerError> {
+        if size == 0 {
+            let key = self.deps_key(&format!("ends/{parent_id}"));
+            self.s3_put(&key, state.name().into(), Cond::IfAbsent)
+                .await?;
+        }
+        let units = size > 0 && !indexes.is_empty();
+        let list_units = || {
+            futures_util::future::try_join_all(indexes.iter().map(|&index| async move {
+                let edges = self.unit_edges(parent_id, Some(index)).await?;
+                Ok::<_, LedgerError>((Some(index), state, edges))
+            }))
+        };
+        // One LIST for the markers (`unit`, `whole`, other queues'): the
+        // settle of a job nobody waits for costs only this. Once this
+        // process has seen the parent have `same` dependants, its units'
+        // edges are listed beside it.
+        let root = self.deps_key(&format!("parents/{parent_id}/"));
+        let (markers, listed) = if units && self.knows_parent(parent_id) {
+            let (markers, listed) = tokio::try_join!(self.s3_list(&root), list_units())?;
+            (markers, Some(listed))
+        } else {
+            (self.s3_list(&root).await?, None)
+        };
+        let has = |name: &str| markers.iter().any(|(rest, _, _)| rest == name);
+        let (has_unit, has_whole) = (units && (listed.is_some() || has("unit")), has("whole"));
+        let spend_units = async {
+            if !has_unit {
+                return Ok(Vec::new());
+            }
+            self.learn_parent(parent_id);
+            let listed = match listed {
+                Some(listed) => listed,
+                None => list_units().await?,
+            };
+            self.spend_edges(parent_id, listed).await
+        };
+        let spend_whole = async {
+            if !has_whole {
+                return Ok(Vec::new());
+            }
+            let whole = if size == 0 {
+                self.s3_plain_end(parent_id).await?
+            } else {
+                Ends::Array(size, self.s3_children(parent_id).await?)
+                    .unit(None)
+                    .map(|(s, _)| s)
+            };
+            let Some(whole) = whole else {
+                return Ok(Vec::new());
+            };
+            let edges = self.unit_edges(parent_id, None).await?;
+            self.spend_edges(parent_id, vec![(None, whole, edges)])
+                .await
+        };
+        let (mut freed, whole) = tokio::try_join!(spend_units, spend_whole)?;
+        freed.extend(whole);
+        let foreign = self
+            .s3_foreign_end(parent_id, size, &indexes, state, &markers)
+            .await?;
+        Ok(Ended { freed, foreign })
+    }
+
+    /// Spends the edges of parent units (each: its index, how it ended,
+    /// its edges), changing their held objects [`PUTS_AT_ONCE`] at a time;
+    /// what that freed.
+    pub(super) async fn spend_edges(
+        &self,
+        parent_id: &str,
+        units: Vec<(Option<u32>, ChildState, Vec<Edge>)>,
+    ) -> Result<Vec<Freed>, LedgerError> {
+        let spends = units.into_iter().flat_map(|(index, state, edges)| {
+            let (unit, label) = (unit_key(parent_id, index), unit_label(parent_id, index));
+            edges
+                .into_iter()
+                .map(move |edge| (unit.clone(), label.clone(), state, edge))
+        });
+        let freed: Vec<Option<Freed>> = futures_util::stream::iter(spends)
+            .map(|(unit, label, state, edge)| async move {
+                let mark = if edge.last {
+                    Mark::Ahead
+                } else {
+                    Mark::AfterRead
+                };
+                self.change_held(&edge.job_id, edge.child, mark, |h| {
+                    h.spend(&unit, &label, state)
+                })
+                .await
+            })
+            .buffered(PUTS_AT_ONCE)
+            .try_collect()
+            .await?;
+        Ok(freed.into_iter().flatten().collect())
+    }
+
+    /// Deletes the `releasing/` markers of rows sent (or cancelled): the
+    /// one its claim names, else (a submit's cancel) those listed.
+    pub(in crate::events::ledger::holds) async fn s3_holds_done(
+        &self,
+        rows: Vec<Freed>,
+    ) -> Result<(), LedgerError> {
+        let deletes = rows.into_iter().map(|row| async move {
+            if let Some(claim) = &row.claim {
+                return self
+                    .s3_delete(&self.marker_key(&row.job_id, row.index, claim))
+                    .await;
+            }
+            let root = self.deps_key(&format!("releasing/{}/{}/", row.job_id, row.index));
+            for (claim, _, _) in self.s3_list(&root).await? {
+                self.s3_delete(&format!("{root}{claim}")).await?;
+            }
+            Ok(())
+        });
+        futures_util::stream::iter(deletes)
+            .buffer_unordered(PUTS_AT_ONCE)
+            .try_collect()
+            .await
+    }
+
+    pub(in crate::events::ledger::holds) async fn s3_stale_holds(
+        &self,
+        grace: Duration,
+    ) -> Result<Vec<Freed>, LedgerError> {
+        let cutoff = crate::sqlite::now_s() - grace.as_secs().max(1) as i64;
+        let root = self.deps_key("releasing/");
+        let mut freed = Vec::new();
+        for (rest, at, etag) in self.s3_list(&root).await? {
+            if at >= cutoff {
+                continue;
+            }
+            let mut parts = rest.splitn(3, '/');
+            let (Some(job_id), Some(Ok(index)), Some(claim)) = (
+                parts.next(),
+                parts.next().map(str::parse::<u32>),
+                parts.next(),
+            ) else {
+                continue;
+            };
+            let key = format!("{root}{rest}");
+            // One sweeper takes it: the one whose re-stamp wins.
+            let cond = etag.map_or(Cond::Always, Cond::IfMatch);
+            if !self.s3_put(&key, stamp(), cond).await? {
+                continue;
+            }
+            let held = self
+                .s3_get_json::<HeldObject>(&self.deps_key(&format!("held/{job_id}/{index}")))
+                .await?;
+            match held {
+                Some((held, _))
+                    if held.state != HeldState::Held && held.claim.as_deref() == Some(claim) =>
+                {
+                    freed.push(held.freed(job_id, index));
+                }
+                // A claim that lost its race, or a row gone.
+                _ => self.s3_delete(&key).await?,
+            }
+        }
+        Ok(freed)
+    }
+}
