@@ -368,14 +368,21 @@ impl Ledger {
                     self.claimed_anyway(&array_id, &claim, error).await
                 }
             };
-            let mut answers = batch.into_iter().map(|settle| settle.answer);
+            let answers = batch.into_iter().map(|settle| settle.answer);
             match result {
-                Ok(claimed) => {
-                    if let Some(first) = answers.next() {
-                        let _ = first.send(Ok(claimed));
-                    }
+                Ok(mut claimed) => {
+                    // The claim goes to a caller still waiting: one that
+                    // gave up would take the array's completion with it.
                     for answer in answers {
-                        let _ = answer.send(Ok(None));
+                        if let Err(Ok(unheard)) = answer.send(Ok(claimed.take())) {
+                            claimed = unheard;
+                        }
+                    }
+                    if claimed.is_some() {
+                        tracing::error!(
+                            array_id,
+                            "the write that completed the array has no caller left to announce it"
+                        );
                     }
                 }
                 Err(error) => {
