@@ -188,6 +188,14 @@ impl Prepared {
 }
 
 impl Submitter {
+    /// Every queue and its ledger: where dependants on other queues are.
+    fn reach(&self) -> Reach<'_> {
+        Reach {
+            queues: &self.queues,
+            ledgers: &self.ledgers,
+        }
+    }
+
     pub fn new(
         catalog: Arc<Catalog>,
         queues: Queues,
@@ -478,10 +486,7 @@ impl Submitter {
                         queue: &queue,
                         ledger: &depends.ledger,
                         observer: &observer,
-                        reach: Reach {
-                            queues: &self.queues,
-                            ledgers: &self.ledgers,
-                        },
+                        reach: self.reach(),
                     },
                     |body| held_subject(body, &queue_name),
                 )
@@ -553,10 +558,7 @@ impl Submitter {
                         queue: &queue,
                         ledger: &depends.ledger,
                         observer: &observer,
-                        reach: Reach {
-                            queues: &self.queues,
-                            ledgers: &self.ledgers,
-                        },
+                        reach: self.reach(),
                     },
                     |body| held_subject(body, &queue_name),
                 )

@@ -56,6 +56,31 @@ pub struct ForeignEnd {
     pub units: Vec<(Option<u32>, ChildState)>,
 }
 
+impl ForeignEnd {
+    /// The units a settle ended: a plain parent's whole, or an array's
+    /// `indexes` (in `state`) and its whole when that ended too (`whole`).
+    pub(super) fn new(
+        parent_id: &str,
+        queues: Vec<String>,
+        size: u32,
+        indexes: &[u32],
+        state: ChildState,
+        whole: Option<ChildState>,
+    ) -> Self {
+        let mut units: Vec<(Option<u32>, ChildState)> = if size == 0 {
+            vec![(None, state)]
+        } else {
+            indexes.iter().map(|&i| (Some(i), state)).collect()
+        };
+        units.extend(whole.filter(|_| size > 0).map(|whole| (None, whole)));
+        Self {
+            parent_id: parent_id.to_owned(),
+            queues,
+            units,
+        }
+    }
+}
+
 /// A parent on another queue that held children here wait for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForeignWait {
@@ -82,24 +107,15 @@ pub(super) fn ended_here(
     if queues.is_empty() {
         return Ok(None);
     }
-    let mut units: Vec<(Option<u32>, ChildState)> = if size == 0 {
-        vec![(None, state)]
+    let whole = if size > 0 {
+        unit_end(tx, parent_id, None)?
+            .map(|(whole, _)| ChildState::from_name(&whole).unwrap_or(ChildState::Cancelled))
     } else {
-        indexes.iter().map(|&i| (Some(i), state)).collect()
+        None
     };
-    if size > 0
-        && let Some((whole, _)) = unit_end(tx, parent_id, None)?
-    {
-        units.push((
-            None,
-            ChildState::from_name(&whole).unwrap_or(ChildState::Cancelled),
-        ));
-    }
-    Ok(Some(ForeignEnd {
-        parent_id: parent_id.to_owned(),
-        queues,
-        units,
-    }))
+    Ok(Some(ForeignEnd::new(
+        parent_id, queues, size, indexes, state, whole,
+    )))
 }
 
 impl Ledger {

@@ -60,22 +60,16 @@ impl Ledger {
         if queues.is_empty() {
             return Ok(None);
         }
-        let mut units: Vec<(Option<u32>, ChildState)> = if size == 0 {
-            vec![(None, state)]
+        let whole = if size > 0 {
+            Ends::Array(size, self.s3_children(parent_id).await?)
+                .unit(None)
+                .map(|(whole, _)| whole)
         } else {
-            indexes.iter().map(|&i| (Some(i), state)).collect()
+            None
         };
-        if size > 0
-            && let Some((whole, _)) =
-                Ends::Array(size, self.s3_children(parent_id).await?).unit(None)
-        {
-            units.push((None, whole));
-        }
-        Ok(Some(ForeignEnd {
-            parent_id: parent_id.to_owned(),
-            queues,
-            units,
-        }))
+        Ok(Some(ForeignEnd::new(
+            parent_id, queues, size, indexes, state, whole,
+        )))
     }
 
     pub(in crate::events::ledger::holds) async fn s3_note_foreign(
