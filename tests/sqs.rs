@@ -454,7 +454,18 @@ async fn a_child_the_redrive_policy_moved_is_counted_and_its_array_completes_onc
         metrics.contains("renderq_dead_letters_swept_total{result=\"counted\"} 1"),
         "{metrics}"
     );
-    // `dlq list` says why each is there.
+    // `dlq list` says why each is there, even while a reader (here the
+    // test, as a sweep does each second) holds them out of sight.
+    let held = aws
+        .sqs
+        .receive_message()
+        .queue_url(&aws.dlq_url)
+        .max_number_of_messages(10)
+        .visibility_timeout(1)
+        .send()
+        .await
+        .unwrap();
+    assert!(!held.messages().is_empty());
     let (code, out, err) = farm.cli(&["dlq", "list"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("moved by the queue's redrive policy"), "{out}");

@@ -8,6 +8,7 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageSystemAttributeName, QueueAttributeName,
 };
+use tracing::warn;
 
 use super::{ApiCalls, REASON, RECEIVES, SOURCE_ID, SqsQueue, classify, seconds};
 use crate::job::Envelope;
@@ -30,6 +31,42 @@ pub struct MovedDeadLetter {
 
 /// Dead letters a selective redrive (one job, one message) looks through.
 const SCAN: usize = 10_000;
+
+/// Reads `dlq list` makes while other readers hold dead letters, and the
+/// pause between them.
+const LIST_TRIES: u32 = 4;
+const LIST_PAUSE: Duration = Duration::from_millis(500);
+
+/// A dead letter as `dlq list` shows it.
+fn described(message: &aws_sdk_sqs::types::Message) -> DeadLetter {
+    let attribute = |name| {
+        message
+            .message_attributes()
+            .and_then(|a| a.get(name))
+            .and_then(|v| v.string_value())
+            .map(str::to_owned)
+    };
+    // Messages moved by the redrive policy carry no attributes; the
+    // receive count then includes this listing's own receive.
+    let receives = attribute(RECEIVES)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| {
+            message
+                .attributes()
+                .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                .and_then(|n| n.parse::<u32>().ok())
+                .map_or(0, |n| n.saturating_sub(1))
+        });
+    DeadLetter {
+        message_id: attribute(SOURCE_ID)
+            .or_else(|| message.message_id.clone())
+            .unwrap_or_default(),
+        receive_count: receives,
+        // renderq dead-letters every failure itself, so the redrive policy
+        // only moves jobs whose last worker never reported.
+        reason: attribute(REASON).unwrap_or_else(|| MOVED_REASON.into()),
+    }
+}
 
 impl SqsQueue {
     /// `(visible, in flight)` approximate counts of the queue at `url`.
@@ -104,43 +141,41 @@ impl SqsQueue {
         Ok(messages)
     }
 
+    /// Up to `limit` dead letters, each with why it is there. A sweep (or
+    /// another listing) holds dead letters out of sight for a moment, so
+    /// while the queue says some are in flight this reads again, a few
+    /// times, rather than show a short or empty list.
     pub async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let messages = self
-            .take_dead_letters(limit, Duration::from_secs(30))
-            .await?;
-        let mut listed = Vec::with_capacity(messages.len());
-        for message in &messages {
-            let attribute = |name| {
-                message
-                    .message_attributes()
-                    .and_then(|a| a.get(name))
-                    .and_then(|v| v.string_value())
-                    .map(str::to_owned)
-            };
-            // Messages moved by the redrive policy carry no attributes; the
-            // receive count then includes this listing's own receive.
-            let receives = attribute(RECEIVES)
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| {
-                    message
-                        .attributes()
-                        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-                        .and_then(|n| n.parse::<u32>().ok())
-                        .map_or(0, |n| n.saturating_sub(1))
-                });
-            listed.push(DeadLetter {
-                message_id: attribute(SOURCE_ID)
-                    .or_else(|| message.message_id.clone())
-                    .unwrap_or_default(),
-                receive_count: receives,
-                // renderq dead-letters every failure itself, so the redrive
-                // policy only moves jobs whose last worker never reported.
-                reason: attribute(REASON).unwrap_or_else(|| MOVED_REASON.into()),
-            });
+        let (mut listed, mut seen) = (Vec::new(), HashSet::new());
+        for attempt in 1..=LIST_TRIES {
+            let messages = self
+                .take_dead_letters(limit, Duration::from_secs(30))
+                .await?;
+            for message in &messages {
+                if listed.len() < limit && seen.insert(message.message_id.clone()) {
+                    listed.push(described(message));
+                }
+            }
+            // Visible again at once for other readers.
+            self.release_dead_letters(messages.iter().filter_map(|m| m.receipt_handle.clone()))
+                .await?;
+            if listed.len() >= limit {
+                break;
+            }
+            let (_, held) = self.counts(&self.dlq_url).await?;
+            if held == 0 {
+                break;
+            }
+            if attempt == LIST_TRIES {
+                warn!(
+                    held,
+                    queue = self.name(),
+                    "some dead letters are held by another reader (a sweep or a listing) and are not listed"
+                );
+                break;
+            }
+            tokio::time::sleep(LIST_PAUSE).await;
         }
-        // Visible again at once for other readers.
-        self.release_dead_letters(messages.iter().filter_map(|m| m.receipt_handle.clone()))
-            .await?;
         Ok(listed)
     }
 
