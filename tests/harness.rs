@@ -128,9 +128,9 @@ impl Moto {
     /// Starts (or restarts) the server and waits until it accepts requests.
     pub fn start(&self) {
         let mut command = Command::new("python3");
+        // moto's server with atomic conditional writes, as S3 has them.
         command.args([
-            "-m",
-            "moto.server",
+            &repo_path("tests/fixtures/moto_server.py"),
             "-H",
             "127.0.0.1",
             "-p",
