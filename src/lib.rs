@@ -229,7 +229,11 @@
 //!   dependant queue's sweep from the parent ledger's ends; a submit reads
 //!   those ends again after writing its edges and the parent ledger's
 //!   note, and a settle reads the note after writing its end, so one of
-//!   the two sees the other.
+//!   the two sees the other. On S3 the edges a process keeps from a
+//!   parent's first listing are only a head start (its dependants' held
+//!   objects read beside the settle of the message, claimed right after):
+//!   every settle still lists the unit's edges and the parent's markers
+//!   after its end is recorded, and spends what the kept ones lacked.
 //! - No secret is read from `workers.toml` or written to a log.
 //! - A job's inputs cannot reach outside its folder (paths and keys are
 //!   checked at submit and again on receive), and nothing a job does to its

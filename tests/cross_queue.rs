@@ -141,9 +141,10 @@ async fn a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_can
     assert_eq!(cancelled.keys().collect::<Vec<_>>(), [&2], "frame 3 only");
     let reason = cancelled[&2][0]["detail"]["reason"].as_str().unwrap();
     assert_eq!(reason, format!("parent job {parent} child 2 dead-lettered"));
-    // Frame by frame: the first dependant frame started before the last
-    // parent frame ended.
-    let first = (by_child(&events, "JobStarted", &child).values())
+    // Frame by frame: the first dependant frame was sent to `comps` before
+    // the last parent frame ended. (When it starts is the worker's to say:
+    // `renders` is listed first, so its frames go first.)
+    let first = (by_child(&events, "JobReleased", &child).values())
         .map(|runs| time(&runs[0]))
         .min()
         .unwrap();
@@ -153,7 +154,7 @@ async fn a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_can
         .unwrap();
     assert!(
         first < last,
-        "first child start {first}, last parent end {last}"
+        "first child released {first}, last parent end {last}"
     );
     let ended = |id: &str, kind: &str| {
         let id = id.to_owned();

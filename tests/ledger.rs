@@ -300,7 +300,7 @@ async fn a_busy_worker_reads_the_holds_once_a_second_not_once_a_message() {
 /// its read and deletes it; children too scattered for a key are read
 /// from the edge's body; no marker is left behind.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_released_child_costs_six_s3_calls_and_leaves_no_marker() {
+async fn a_released_child_costs_six_s3_calls_one_after_its_parents_end_and_leaves_no_marker() {
     use renderq::events::ledger::{ChildState, Fate, Ledger, ToHold, Wait};
     const CHILDREN: u32 = 10;
     let dir = tempfile::tempdir().unwrap();
@@ -348,11 +348,22 @@ async fn a_released_child_costs_six_s3_calls_and_leaves_no_marker() {
         a.children_settled("p", CHILDREN, vec![index], ended)
             .await
             .unwrap();
-        let freed = a
-            .units_ended("p", CHILDREN, vec![index], ended)
-            .await
-            .unwrap()
-            .freed;
+        // Read while the parent child's message is settled; after its
+        // end, one write (the claim) before the send.
+        let read = a.read_ends("p", CHILDREN, vec![index], ended).await;
+        let reads_done = requests();
+        let (ended, full) = a.spend_ends(read).await.unwrap();
+        assert_eq!(requests() - reads_done, 1, "S3 calls after the reads");
+        let mut freed = ended.freed;
+        // The first settle lists the parent's edges, and the ledger keeps
+        // them: the later ones read from them, then list to find any
+        // edge added since (none here).
+        assert_eq!(full.is_some(), index > 0, "child {index}");
+        if let Some(full) = full {
+            let (more, again) = a.spend_ends(full).await.unwrap();
+            assert!(more.freed.is_empty() && again.is_none(), "{more:?}");
+            freed.extend(more.freed);
+        }
         assert_eq!(freed.len(), 1, "{freed:?}");
         assert_eq!((freed[0].job_id.as_str(), freed[0].index), ("d", index));
         assert_eq!(freed[0].body, format!("m{index}"));
@@ -398,4 +409,85 @@ async fn a_released_child_costs_six_s3_calls_and_leaves_no_marker() {
         .await
         .unwrap();
     assert_eq!(left.contents().len(), 0, "{:?}", left.contents());
+}
+
+/// A settle reads from the edges its ledger keeps (listed by the parent's
+/// first settle in this process) before any LIST; the full read after it
+/// finds what was added since: a second `same` dependant and a `whole`
+/// one, each released once.
+#[tokio::test(flavor = "multi_thread")]
+async fn dependants_submitted_after_a_parents_edges_were_kept_are_released_once() {
+    use renderq::events::ledger::{ChildState, Fate, Ledger, ToHold, Wait};
+    let moto = Moto::shared();
+    let (_, s3) = crate::harness::aws_clients(&moto.endpoint()).await;
+    let bucket = format!("kept-{}", uuid::Uuid::new_v4().simple());
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let ledger = Ledger::s3(s3.clone(), bucket.clone(), "status", "q");
+    let wait = |index| Wait {
+        parent_id: "p".into(),
+        index,
+        on_finish: false,
+        queue: None,
+    };
+    let same = |job: &str| {
+        let entries = (0..3)
+            .map(|index| ToHold {
+                index,
+                body: format!("{job}{index}"),
+                waits: vec![wait(Some(index))],
+            })
+            .collect();
+        (job.to_owned(), entries)
+    };
+    ledger
+        .register_job("p", 3, Some("1-3".into()), 1)
+        .await
+        .unwrap();
+    let (job, entries) = same("d");
+    let fates = ledger.hold(&job, 3, entries, false).await.unwrap();
+    assert_eq!(fates, vec![Fate::Held(1); 3]);
+    // Settles the way a worker does: reads, spends, and spends the full
+    // read it is handed; the bodies it freed.
+    let settle = |index: u32| {
+        let ledger = &ledger;
+        async move {
+            let state = ChildState::Succeeded;
+            ledger
+                .children_settled("p", 3, vec![index], state)
+                .await
+                .unwrap();
+            let mut next = Some(ledger.read_ends("p", 3, vec![index], state).await);
+            let (mut bodies, mut spends) = (Vec::new(), 0);
+            while let Some(read) = next.take() {
+                let (ended, full) = ledger.spend_ends(read).await.unwrap();
+                spends += 1;
+                bodies.extend(ended.freed.iter().map(|f| f.body.clone()));
+                ledger.holds_done(ended.freed).await.unwrap();
+                next = full;
+            }
+            bodies.sort();
+            (bodies, spends)
+        }
+    };
+    assert_eq!(settle(0).await, (vec!["d0".to_owned()], 1), "listed");
+    // Added after the ledger kept p's edges (its child 0 is sent at once:
+    // its parent frame ended).
+    let (job, entries) = same("e");
+    let fates = ledger.hold(&job, 3, entries, false).await.unwrap();
+    assert_eq!(fates, [Fate::Send, Fate::Held(1), Fate::Held(1)]);
+    let whole = ToHold {
+        index: 0,
+        body: "w".into(),
+        waits: vec![wait(None)],
+    };
+    ledger.hold("w", 0, vec![whole], false).await.unwrap();
+    assert_eq!(settle(1).await, (vec!["d1".into(), "e1".into()], 2));
+    assert_eq!(
+        settle(2).await,
+        (vec!["d2".into(), "e2".into(), "w".into()], 2)
+    );
+    // Nothing is freed twice.
+    for index in 0..3 {
+        assert!(settle(index).await.0.is_empty());
+    }
 }

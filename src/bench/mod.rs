@@ -124,6 +124,11 @@ pub struct BenchArgs {
     /// SQS with the S3 ledger's calls counted).
     #[arg(long)]
     pub pipeline: bool,
+    /// With --pipeline and --sqs-endpoint: the ledger's bucket on this
+    /// S3-compatible server instead (e.g. s3s-fs, where moto's one Python
+    /// process would make every call wait behind the other slot's).
+    #[arg(long, value_name = "URL", requires = "sqs_endpoint")]
+    pub s3_endpoint: Option<String>,
     /// With --inputs: files in the cold manifest (0: no manifest run).
     #[arg(long, default_value_t = 10_000)]
     pub files: usize,

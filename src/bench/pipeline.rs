@@ -39,7 +39,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             None
         }
         Some(endpoint) => {
-            let (config, s3) = on_sqs(endpoint).await?;
+            let s3_endpoint = args.s3_endpoint.as_deref().unwrap_or(endpoint);
+            let (config, s3) = on_sqs(endpoint, s3_endpoint).await?;
             std::fs::write(&config_path, format!("{config}{audit}"))?;
             Some(s3)
         }
@@ -197,10 +198,13 @@ async fn write_times(client: &aws_sdk_s3::Client, bucket: &str) -> anyhow::Resul
     ))
 }
 
-/// A queue pair and a bucket at `endpoint`: the config of an SQS queue
-/// `bench` whose ledger is in the bucket, and an S3 client (counting its
-/// calls) with the bucket's name.
-async fn on_sqs(endpoint: &str) -> anyhow::Result<(String, (aws_sdk_s3::Client, String, Counter))> {
+/// A queue pair at `endpoint` and a bucket at `s3_endpoint`: the config of
+/// an SQS queue `bench` whose ledger is in the bucket, and an S3 client
+/// (counting its calls) with the bucket's name.
+async fn on_sqs(
+    endpoint: &str,
+    s3_endpoint: &str,
+) -> anyhow::Result<(String, (aws_sdk_s3::Client, String, Counter))> {
     let sdk = crate::aws::sdk_config(Some("us-east-1"), Some(endpoint)).await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let url = create_queue_pair(
@@ -208,7 +212,7 @@ async fn on_sqs(endpoint: &str) -> anyhow::Result<(String, (aws_sdk_s3::Client, 
         &format!("renderq-pipeline-{}", &tag[..10]),
     )
     .await?;
-    let (client, counter) = counted_client(endpoint).await;
+    let (client, counter) = counted_client(s3_endpoint).await;
     let bucket = format!("bench-pipeline-{}", &tag[..8]);
     client.create_bucket().bucket(&bucket).send().await?;
     let config = format!(
@@ -235,7 +239,7 @@ status_prefix = "{STATUS_PREFIX}"
 [buckets.status]
 backend = "s3"
 bucket = "{bucket}"
-endpoint_url = "{endpoint}"
+endpoint_url = "{s3_endpoint}"
 region = "us-east-1"
 "#
     );

@@ -23,7 +23,7 @@ mod revisions;
 mod thumbnails;
 pub use arrays::{ArrayCounts, ChildState};
 pub use cancels::Known as KnownCancels;
-pub use holds::{Ended, Fate, ForeignEnd, ForeignWait, Freed, Registered, ToHold, Wait};
+pub use holds::{Ended, EndsRead, Fate, ForeignEnd, ForeignWait, Freed, Registered, ToHold, Wait};
 pub use revisions::ArrayRecord;
 pub use thumbnails::thumbnail_name;
 

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use super::Worker;
 use super::delivery::Delivery;
-use crate::events::ledger::{ChildState, Ended, ForeignEnd, Freed, Ledger, Ledgers};
+use crate::events::ledger::{ChildState, Ended, EndsRead, ForeignEnd, Freed, Ledger, Ledgers};
 use crate::events::observe::Observer;
 use crate::job::event::EventType;
 use crate::queue::{Queue, Queues, Received};
@@ -223,48 +223,66 @@ pub(crate) fn held_delivery(body: &str) -> Delivery {
 }
 
 impl Worker {
-    /// After a job's end: frees (sends or cancels) its dependants. A plain
-    /// job's end is recorded for dependants to come.
-    pub(super) async fn release_dependants(&self, delivery: &Delivery, state: ChildState) {
+    /// The reads of a job's release ([`Ledger::read_ends`]), begun once
+    /// its end is recorded, beside the settle of its message; `None` when
+    /// its queue keeps no ledger.
+    pub(super) async fn read_release(
+        &self,
+        delivery: &Delivery,
+        state: ChildState,
+    ) -> Option<EndsRead> {
+        let ledger = self.source(delivery).ledger.as_ref()?;
+        let envelope = delivery.envelope.as_ref().ok()?;
+        Some(match &envelope.array {
+            Some(array) => {
+                ledger
+                    .read_ends(&array.job_id, array.size, vec![array.index], state)
+                    .await
+            }
+            // A plain job's end is recorded by the spend, after its own.
+            None => {
+                ledger
+                    .read_ends(&delivery.message_id, 0, Vec::new(), state)
+                    .await
+            }
+        })
+    }
+
+    /// After a job's end: frees (sends or cancels) its dependants, as
+    /// [`Worker::read_release`] read them. A plain job's end is recorded
+    /// for dependants to come.
+    pub(super) async fn release_dependants(&self, delivery: &Delivery, read: EndsRead) {
         let source = self.source(delivery);
         let Some(ledger) = &source.ledger else {
             return;
         };
-        let Ok(envelope) = &delivery.envelope else {
-            return;
-        };
-        let freed = match &envelope.array {
-            Some(array) => {
-                ledger
-                    .units_ended(&array.job_id, array.size, vec![array.index], state)
-                    .await
+        // A spend from kept edges, then the full one it returns.
+        let mut next = Some(read);
+        while let Some(read) = next.take() {
+            let freed = match ledger.spend_ends(read).await {
+                Ok((freed, full)) => {
+                    next = full;
+                    freed
+                }
+                Err(error) => {
+                    warn!(%error, "cannot free the job's dependants; the sweep will");
+                    return;
+                }
+            };
+            let frees = !freed.freed.is_empty() || freed.foreign.is_some();
+            if frees && std::env::var_os(HALT_BEFORE_RELEASE).is_some() {
+                warn!("{HALT_BEFORE_RELEASE}: halting before the release, as if dead");
+                std::future::pending::<()>().await;
             }
-            None => {
-                ledger
-                    .units_ended(&delivery.message_id, 0, Vec::new(), state)
-                    .await
+            Releaser {
+                queue: &source.queue,
+                ledger,
+                observer: &self.observer,
+                reach: self.reach(),
             }
-        };
-        let freed = match freed {
-            Ok(freed) => freed,
-            Err(error) => {
-                warn!(%error, "cannot free the job's dependants; the sweep will");
-                return;
-            }
-        };
-        let frees = !freed.freed.is_empty() || freed.foreign.is_some();
-        if frees && std::env::var_os(HALT_BEFORE_RELEASE).is_some() {
-            warn!("{HALT_BEFORE_RELEASE}: halting before the release, as if dead");
-            std::future::pending::<()>().await;
+            .after_end(freed)
+            .await;
         }
-        Releaser {
-            queue: &source.queue,
-            ledger,
-            observer: &self.observer,
-            reach: self.reach(),
-        }
-        .after_end(freed)
-        .await;
     }
 
     /// Sends what workers freed and died before sending, `grace` after.

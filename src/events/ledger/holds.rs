@@ -122,6 +122,19 @@ pub enum Fate {
     Cancelled(String),
 }
 
+/// Array children's end with the reads of its release done (see
+/// [`Ledger::read_ends`]).
+#[derive(Debug)]
+pub struct EndsRead {
+    parent_id: String,
+    size: u32,
+    indexes: Vec<u32>,
+    state: ChildState,
+    s3: Option<s3::S3Read>,
+    /// Edges a read from kept edges spent already.
+    spent: Spent,
+}
+
 /// A held child the ledger gave up: released (send `body`) or cancelled
 /// (`reason`), by the parent `by`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,6 +307,98 @@ impl Ledger {
         .await
     }
 
+    /// The reads of [`Ledger::units_ended`] for array children whose end
+    /// is recorded already (in `children`): on the S3 ledger, the held
+    /// objects of the ended units' dependants. Nothing is claimed, so this
+    /// runs beside the settle of the child's message, and after it only
+    /// the claims stand before the dependants are sent
+    /// ([`Ledger::spend_ends`]). Where this process keeps the units' edges
+    /// (see `s3::KnownParents`) no LIST comes first; the spend is then
+    /// followed by a full one ([`Ledger::spend_ends`] returns it). Reads
+    /// that fail are left for the spend to make again. Dropped unspent, a
+    /// read leaves at most `releasing/` markers whose claims never landed,
+    /// which the sweep deletes.
+    pub async fn read_ends(
+        &self,
+        parent_id: &str,
+        size: u32,
+        indexes: Vec<u32>,
+        state: ChildState,
+    ) -> EndsRead {
+        let s3 = match self {
+            Ledger::S3 { .. } if size > 0 => {
+                let read = match self.s3_read_kept(parent_id, &indexes, state).await {
+                    Ok(Some(read)) => Ok(read),
+                    Ok(None) => {
+                        self.s3_read_ends(parent_id, size, indexes.clone(), state, &Spent::new())
+                            .await
+                    }
+                    Err(error) => Err(error),
+                };
+                read.inspect_err(|error| {
+                    tracing::warn!(%error, "cannot read ahead what the job's end frees; its spend will")
+                })
+                .ok()
+            }
+            _ => None,
+        };
+        EndsRead {
+            parent_id: parent_id.to_owned(),
+            size,
+            indexes,
+            state,
+            s3,
+            spent: Spent::new(),
+        }
+    }
+
+    /// [`Ledger::units_ended`] for what [`Ledger::read_ends`] read; and,
+    /// when that read came from kept edges, the full read to spend next
+    /// (after what this freed is sent): it lists the units' edges and the
+    /// parent's markers, skipping the edges spent here.
+    pub async fn spend_ends(
+        &self,
+        read: EndsRead,
+    ) -> Result<(Ended, Option<EndsRead>), LedgerError> {
+        let EndsRead {
+            parent_id,
+            size,
+            indexes,
+            state,
+            s3,
+            spent,
+        } = read;
+        let Some(s3) = s3 else {
+            let ended = match self {
+                Ledger::S3 { .. } => {
+                    self.s3_units_ended(&parent_id, size, indexes, state, &spent)
+                        .await?
+                }
+                Ledger::Local(_) => self.units_ended(&parent_id, size, indexes, state).await?,
+            };
+            return Ok((ended, None));
+        };
+        if !s3.kept {
+            return Ok((self.s3_spend_ends(s3).await?, None));
+        }
+        let mut spent = s3.spent();
+        let ended = self.s3_spend_ends(s3).await.unwrap_or_else(|error| {
+            // Spending is idempotent: the full read spends them all.
+            tracing::warn!(%error, "cannot spend kept edges; listing them instead");
+            spent.clear();
+            Ended::default()
+        });
+        let full = EndsRead {
+            parent_id,
+            size,
+            indexes,
+            state,
+            s3: None,
+            spent,
+        };
+        Ok((ended, Some(full)))
+    }
+
     /// Parent units ended (`indexes` of array `parent_id` of `size`
     /// children, or a plain job: size 0): spends their edges, once, and
     /// returns the dependants that this freed (released, or cancelled when
@@ -311,7 +416,7 @@ impl Ledger {
         let conn = match self {
             Ledger::Local(conn) => conn,
             Ledger::S3 { .. } => {
-                return self.s3_units_ended(parent_id, size, indexes, state).await;
+                return (self.s3_units_ended(parent_id, size, indexes, state, &Spent::new())).await;
             }
         };
         let parent_id = parent_id.to_owned();
@@ -617,6 +722,7 @@ mod foreign;
 mod hand;
 mod s3;
 pub use foreign::{Ended, ForeignEnd, ForeignWait};
+use s3::Spent;
 pub(super) use s3::{HandCache, KnownParents};
 
 #[cfg(test)]

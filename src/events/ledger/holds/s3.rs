@@ -578,6 +578,7 @@ pub use edges::KnownParents;
 pub(crate) use hand::HAND_CACHE;
 pub use hand::HandCache;
 use release::Mark;
+pub(super) use release::{S3Read, Spent};
 
 /// A marker's body: unique, so that a re-stamp changes its ETag.
 fn stamp() -> Vec<u8> {

@@ -13,7 +13,7 @@
 //! Also here: the parents this process has seen to have `same` dependants,
 //! whose settles list their units' edges beside their markers.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::unit_name;
@@ -24,6 +24,10 @@ const SPEC_MAX: usize = 400;
 
 /// Most parents [`KnownParents`] remembers before it starts again.
 const KNOWN_MAX: usize = 4096;
+
+/// Most edges [`KnownParents`] keeps, over all parents (about 100 bytes
+/// each).
+const EDGES_MAX: usize = 200_000;
 
 /// A dependant child waiting for a parent unit, as its edge names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,24 +99,55 @@ fn parse_name(rest: &str) -> Option<Vec<Edge>> {
 }
 
 /// Parents this process saw `parents/P/unit` for (a marker is never
-/// taken away, so what is known stays true).
+/// taken away, so what is known stays true), with their units' edges as
+/// first listed: a hint that lets a later settle of the parent read its
+/// dependants' held objects before any LIST (see `release`), whose LIST
+/// after it finds any edge the hint lacks.
 #[derive(Debug, Default, Clone)]
-pub struct KnownParents(Arc<Mutex<HashSet<String>>>);
+pub struct KnownParents(Arc<Mutex<Known>>);
+
+#[derive(Debug, Default)]
+struct Known {
+    parents: HashMap<String, HashMap<u32, Vec<Edge>>>,
+    /// Edges kept, over all parents.
+    edges: usize,
+}
 
 impl KnownParents {
-    fn knows(&self, parent_id: &str) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(parent_id)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn learn(&self, parent_id: &str) {
-        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if known.len() >= KNOWN_MAX {
-            known.clear();
+    fn knows(&self, parent_id: &str) -> bool {
+        self.lock().parents.contains_key(parent_id)
+    }
+
+    /// Learns that `parent_id` has `same` dependants, keeping `units`'
+    /// edges while fewer than [`EDGES_MAX`] are kept.
+    fn learn(&self, parent_id: &str, units: HashMap<u32, Vec<Edge>>) {
+        let mut known = self.lock();
+        if known.parents.contains_key(parent_id) {
+            return;
         }
-        known.insert(parent_id.to_owned());
+        if known.parents.len() >= KNOWN_MAX {
+            *known = Known::default();
+        }
+        let count: usize = units.values().map(Vec::len).sum();
+        let units = if known.edges + count <= EDGES_MAX {
+            known.edges += count;
+            units
+        } else {
+            HashMap::new()
+        };
+        known.parents.insert(parent_id.to_owned(), units);
+    }
+
+    /// Takes the edges kept for unit `index` of `parent_id`.
+    fn take(&self, parent_id: &str, index: u32) -> Option<Vec<Edge>> {
+        let mut known = self.lock();
+        let edges = known.parents.get_mut(parent_id)?.remove(&index)?;
+        known.edges -= edges.len();
+        Some(edges)
     }
 }
 
@@ -129,8 +164,50 @@ impl Ledger {
         self.known_parents().knows(parent_id)
     }
 
-    pub(super) fn learn_parent(&self, parent_id: &str) {
-        self.known_parents().learn(parent_id);
+    /// The edges of each of `indexes`, units of a parent this process did
+    /// not know to have `same` dependants: one LIST of all its units'
+    /// edges, whose other units' edges this process keeps for their
+    /// settles (see [`Ledger::kept_edges`]).
+    pub(super) async fn first_unit_edges(
+        &self,
+        parent_id: &str,
+        indexes: &[u32],
+    ) -> Result<Vec<Vec<Edge>>, LedgerError> {
+        let root = self.deps_key(&format!("waits/{parent_id}/"));
+        let mut units: HashMap<u32, Vec<Edge>> = HashMap::new();
+        let mut unnamed = Vec::new();
+        for (rest, _, _) in self.s3_list(&root).await? {
+            let Some((Ok(index), name)) = rest.split_once('/').map(|(u, n)| (u.parse(), n)) else {
+                continue; // `whole`
+            };
+            match parse_name(name) {
+                Some(edges) => units.entry(index).or_default().extend(edges),
+                // Its children are in its body: that unit is listed again.
+                None => unnamed.push(index),
+            }
+        }
+        for index in &unnamed {
+            units.remove(index);
+        }
+        let mut listed = Vec::with_capacity(indexes.len());
+        for &index in indexes {
+            listed.push(match units.remove(&index) {
+                Some(edges) if !unnamed.contains(&index) => edges,
+                _ => self.unit_edges(parent_id, Some(index)).await?,
+            });
+        }
+        self.known_parents().learn(parent_id, units);
+        Ok(listed)
+    }
+
+    /// The edges this process keeps for each of `indexes` (see
+    /// [`KnownParents`]), when it keeps them all.
+    pub(super) fn kept_edges(&self, parent_id: &str, indexes: &[u32]) -> Option<Vec<Vec<Edge>>> {
+        let known = self.known_parents();
+        let kept: Vec<Vec<Edge>> = (indexes.iter())
+            .map_while(|&index| known.take(parent_id, index))
+            .collect();
+        (kept.len() == indexes.len()).then_some(kept)
     }
 
     /// The edges of a parent unit: one LIST, and a GET for an edge whose

@@ -15,17 +15,21 @@
 //! says that claim freed; a marker whose claim lost, or never landed, is
 //! deleted.
 //!
-//! A settle's calls in a row before the send: the LIST of the unit's
-//! edges (once this process has seen the parent have `same` dependants,
-//! beside the LIST of its markers, `unit`, `whole` and other queues'
-//! (`foreign`); before that, after it), then the held object's GET beside
-//! the marker's PUT, then its conditional PUT; the children a unit frees
+//! A settle's calls: its reads ([`Ledger::s3_read_ends`]) run once the
+//! parent child's end is recorded, beside the settle of its message: the
+//! LIST of the unit's edges (once this process has seen the parent have
+//! `same` dependants, beside the LIST of its markers, `unit`, `whole` and
+//! other queues' (`foreign`); before that, after it), then the held
+//! object's GET beside the marker's PUT. After the parent's end only the
+//! held object's conditional PUT ([`Ledger::s3_spend_ends`]) stands before
+//! the send; one that lost a race reads again. The children a unit frees
 //! are changed [`PUTS_AT_ONCE`] at a time. A released child costs a
-//! constant number of calls, whatever the arrays' sizes: the markers' LIST,
-//! the edges' LIST, the GET and PUT of the held object, the marker's PUT
-//! and, after the send, its DELETE.
+//! constant number of calls, whatever the arrays' sizes: the markers'
+//! LIST, the edges' LIST, the GET and PUT of the held object, the marker's
+//! PUT and, after the send, its DELETE.
 //!
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -34,7 +38,7 @@ use super::{
     Cond, Edge, Ends, HeldObject, HeldState, PUTS_AT_ONCE, RACE_BACKOFF, RACES, new_claim, stamp,
     unit_key, unit_label,
 };
-use crate::events::ledger::holds::{Ended, Freed};
+use crate::events::ledger::holds::{Ended, ForeignEnd, Freed};
 use crate::events::ledger::{ChildState, Ledger, LedgerError};
 
 /// When a change that frees a held object writes its `releasing/` marker
@@ -50,6 +54,48 @@ pub(super) enum Mark {
     Ahead,
 }
 
+/// A held object as read, with the claim whose marker is written (if one
+/// is).
+#[derive(Debug)]
+struct HeldRead {
+    object: Option<(HeldObject, Option<String>)>,
+    marked: Option<String>,
+}
+
+/// A parent unit's edge to spend, and its held object once read.
+#[derive(Debug)]
+pub(in crate::events::ledger::holds) struct Spend {
+    index: Option<u32>,
+    unit: String,
+    label: String,
+    state: ChildState,
+    edge: Edge,
+    mark: Mark,
+    read: Option<HeldRead>,
+}
+
+/// What a parent's end will spend, read before anything is claimed (see
+/// [`Ledger::s3_read_ends`]).
+#[derive(Debug)]
+pub(in crate::events::ledger::holds) struct S3Read {
+    spends: Vec<Spend>,
+    foreign: Option<ForeignEnd>,
+    /// Read from kept edges ([`Ledger::s3_read_kept`]), not listed.
+    pub kept: bool,
+}
+
+/// Edges spent already, by unit (`None`: the whole), dependant and child.
+pub(in crate::events::ledger::holds) type Spent = HashSet<(Option<u32>, String, u32)>;
+
+impl S3Read {
+    /// The edges this read will spend.
+    pub fn spent(&self) -> Spent {
+        (self.spends.iter())
+            .map(|s| (s.index, s.edge.job_id.clone(), s.edge.child))
+            .collect()
+    }
+}
+
 impl Ledger {
     /// Changes a held object by `change` (`None`: no change; `Some(true)`:
     /// the change frees it), written only if nobody changed it since it was
@@ -62,25 +108,59 @@ impl Ledger {
         mark: Mark,
         change: impl Fn(&mut HeldObject) -> Option<bool>,
     ) -> Result<Option<Freed>, LedgerError> {
-        let key = self.deps_key(&format!("held/{job_id}/{index}"));
-        // The claim whose marker is written; kept through lost races.
-        let mut marked: Option<String> = None;
+        let read = self.read_held(job_id, index, mark, None).await?;
+        self.write_held(job_id, index, mark, read, change).await
+    }
+
+    /// Reads a held object for [`Ledger::write_held`]; with [`Mark::Ahead`]
+    /// and no marker yet, writes one beside the read.
+    async fn read_held(
+        &self,
+        job_id: &str,
+        index: u32,
+        mark: Mark,
+        marked: Option<String>,
+    ) -> Result<HeldRead, LedgerError> {
+        let key = self.held_key(job_id, index);
+        let read = self.s3_get_json::<HeldObject>(&key);
+        if mark == Mark::Ahead && marked.is_none() {
+            let claim = new_claim();
+            let (object, ()) = tokio::try_join!(read, self.put_marker(job_id, index, &claim))?;
+            return Ok(HeldRead {
+                object,
+                marked: Some(claim),
+            });
+        }
+        Ok(HeldRead {
+            object: read.await?,
+            marked,
+        })
+    }
+
+    /// Changes a held object, as read, by `change`, written only if
+    /// nobody changed it since; a lost race reads it again.
+    async fn write_held(
+        &self,
+        job_id: &str,
+        index: u32,
+        mark: Mark,
+        mut read: HeldRead,
+        change: impl Fn(&mut HeldObject) -> Option<bool>,
+    ) -> Result<Option<Freed>, LedgerError> {
+        let key = self.held_key(job_id, index);
         for race in 1..=RACES {
-            let read = self.s3_get_json::<HeldObject>(&key);
-            let read = if mark == Mark::Ahead && marked.is_none() {
-                let claim = new_claim();
-                let marker = self.put_marker(job_id, index, &claim);
-                let (read, ()) = tokio::try_join!(read, marker)?;
-                marked = Some(claim);
-                read
-            } else {
-                read.await?
-            };
-            let changed = read.and_then(|(mut held, etag)| Some((change(&mut held)?, held, etag)));
+            if race > 1 {
+                tokio::time::sleep(RACE_BACKOFF.delay(race - 1)).await;
+                read = self.read_held(job_id, index, mark, read.marked).await?;
+            }
+            let HeldRead { object, marked } = read;
+            let changed =
+                object.and_then(|(mut held, etag)| Some((change(&mut held)?, held, etag)));
             let Some((frees, mut held, etag)) = changed else {
                 self.drop_marker(job_id, index, marked).await?;
                 return Ok(None);
             };
+            let mut marked = marked;
             if frees {
                 if marked.is_none()
                     && (mark != Mark::Cancels || held.state == HeldState::Cancelling)
@@ -98,13 +178,21 @@ impl Ledger {
                 }
                 return Ok(frees.then(|| held.freed(job_id, index)));
             }
-            tokio::time::sleep(RACE_BACKOFF.delay(race)).await;
+            // The claim whose marker is written is kept through lost races.
+            read = HeldRead {
+                object: None,
+                marked,
+            };
         }
         // A marker written stays: its claim never landed, so the sweep
         // deletes it.
         Err(LedgerError(format!(
             "{key}: lost {RACES} races to write it"
         )))
+    }
+
+    fn held_key(&self, job_id: &str, index: u32) -> String {
+        self.deps_key(&format!("held/{job_id}/{index}"))
     }
 
     async fn put_marker(&self, job_id: &str, index: u32, claim: &str) -> Result<(), LedgerError> {
@@ -137,13 +225,33 @@ impl Ledger {
         self.deps_key(&format!("releasing/{job_id}/{index}/{claim}"))
     }
 
+    /// [`Ledger::units_ended`] on S3, but for the edges `spent` already.
     pub(in crate::events::ledger::holds) async fn s3_units_ended(
         &self,
         parent_id: &str,
         size: u32,
         indexes: Vec<u32>,
         state: ChildState,
+        spent: &Spent,
     ) -> Result<Ended, LedgerError> {
+        let read = self
+            .s3_read_ends(parent_id, size, indexes, state, spent)
+            .await?;
+        self.s3_spend_ends(read).await
+    }
+
+    /// The reads of [`Ledger::units_ended`]: the parent's markers, the
+    /// ended units' edges and their held objects (with the markers of
+    /// likely releases). Nothing is claimed yet, so an array child's can
+    /// run before its message is settled.
+    pub(in crate::events::ledger::holds) async fn s3_read_ends(
+        &self,
+        parent_id: &str,
+        size: u32,
+        indexes: Vec<u32>,
+        state: ChildState,
+        spent: &Spent,
+    ) -> Result<S3Read, LedgerError> {
         if size == 0 {
             let key = self.deps_key(&format!("ends/{parent_id}"));
             self.s3_put(&key, state.name().into(), Cond::IfAbsent)
@@ -169,18 +277,21 @@ impl Ledger {
         };
         let has = |name: &str| markers.iter().any(|(rest, _, _)| rest == name);
         let (has_unit, has_whole) = (units && (listed.is_some() || has("unit")), has("whole"));
-        let spend_units = async {
+        let unit_edges = async {
             if !has_unit {
                 return Ok(Vec::new());
             }
-            self.learn_parent(parent_id);
-            let listed = match listed {
-                Some(listed) => listed,
-                None => list_units().await?,
-            };
-            self.spend_edges(parent_id, listed).await
+            match listed {
+                Some(listed) => Ok(listed),
+                None => {
+                    let listed = self.first_unit_edges(parent_id, &indexes).await?;
+                    Ok((indexes.iter().zip(listed))
+                        .map(|(&index, edges)| (Some(index), state, edges))
+                        .collect())
+                }
+            }
         };
-        let spend_whole = async {
+        let whole_edges = async {
             if !has_whole {
                 return Ok(Vec::new());
             }
@@ -195,39 +306,130 @@ impl Ledger {
                 return Ok(Vec::new());
             };
             let edges = self.unit_edges(parent_id, None).await?;
-            self.spend_edges(parent_id, vec![(None, whole, edges)])
-                .await
+            Ok(vec![(None, whole, edges)])
         };
-        let (mut freed, whole) = tokio::try_join!(spend_units, spend_whole)?;
-        freed.extend(whole);
-        let foreign = self
-            .s3_foreign_end(parent_id, size, &indexes, state, &markers)
-            .await?;
-        Ok(Ended { freed, foreign })
+        let (mut ended, whole) = tokio::try_join!(unit_edges, whole_edges)?;
+        ended.extend(whole);
+        // What a read from kept edges spent already.
+        for (index, _, edges) in &mut ended {
+            edges.retain(|edge| !spent.contains(&(*index, edge.job_id.clone(), edge.child)));
+        }
+        let (spends, foreign) = tokio::try_join!(
+            self.read_spends(parent_id, ended),
+            self.s3_foreign_end(parent_id, size, &indexes, state, &markers),
+        )?;
+        Ok(S3Read {
+            spends,
+            foreign,
+            kept: false,
+        })
+    }
+
+    /// The reads of [`Ledger::s3_read_ends`] from the edges this process
+    /// keeps for the ended units (see `KnownParents`), with no LIST: the
+    /// held objects' GETs (and markers) only. `None` when it keeps none.
+    /// The spend of such a read is followed by a full one that skips what
+    /// it spent ([`S3Read::spent`]), which lists the edges and markers once
+    /// the end is recorded, as every settle must.
+    pub(in crate::events::ledger::holds) async fn s3_read_kept(
+        &self,
+        parent_id: &str,
+        indexes: &[u32],
+        state: ChildState,
+    ) -> Result<Option<S3Read>, LedgerError> {
+        let Some(kept) = self.kept_edges(parent_id, indexes) else {
+            return Ok(None);
+        };
+        let units = (indexes.iter().zip(kept))
+            .map(|(&index, edges)| (Some(index), state, edges))
+            .collect();
+        Ok(Some(S3Read {
+            spends: self.read_spends(parent_id, units).await?,
+            foreign: None,
+            kept: true,
+        }))
+    }
+
+    /// Spends what [`Ledger::s3_read_ends`] read: each held object's
+    /// conditional write, [`PUTS_AT_ONCE`] at a time (a lost race reads it
+    /// again).
+    pub(in crate::events::ledger::holds) async fn s3_spend_ends(
+        &self,
+        read: S3Read,
+    ) -> Result<Ended, LedgerError> {
+        let freed = self.write_spends(read.spends).await?;
+        Ok(Ended {
+            freed,
+            foreign: read.foreign,
+        })
     }
 
     /// Spends the edges of parent units (each: its index, how it ended,
-    /// its edges), changing their held objects [`PUTS_AT_ONCE`] at a time;
-    /// what that freed.
+    /// its edges); what that freed.
     pub(super) async fn spend_edges(
         &self,
         parent_id: &str,
         units: Vec<(Option<u32>, ChildState, Vec<Edge>)>,
     ) -> Result<Vec<Freed>, LedgerError> {
+        let spends = self.read_spends(parent_id, units).await?;
+        self.write_spends(spends).await
+    }
+
+    /// Reads the held object of every edge of parent units,
+    /// [`PUTS_AT_ONCE`] at a time.
+    async fn read_spends(
+        &self,
+        parent_id: &str,
+        units: Vec<(Option<u32>, ChildState, Vec<Edge>)>,
+    ) -> Result<Vec<Spend>, LedgerError> {
         let spends = units.into_iter().flat_map(|(index, state, edges)| {
             let (unit, label) = (unit_key(parent_id, index), unit_label(parent_id, index));
-            edges
-                .into_iter()
-                .map(move |edge| (unit.clone(), label.clone(), state, edge))
-        });
-        let freed: Vec<Option<Freed>> = futures_util::stream::iter(spends)
-            .map(|(unit, label, state, edge)| async move {
-                let mark = if edge.last {
+            edges.into_iter().map(move |edge| Spend {
+                index,
+                // The unit is likely the child's last wait: its marker is
+                // written beside the read.
+                mark: if edge.last {
                     Mark::Ahead
                 } else {
                     Mark::AfterRead
+                },
+                unit: unit.clone(),
+                label: label.clone(),
+                state,
+                edge,
+                read: None,
+            })
+        });
+        futures_util::stream::iter(spends)
+            .map(|mut spend| async move {
+                let read = self
+                    .read_held(&spend.edge.job_id, spend.edge.child, spend.mark, None)
+                    .await?;
+                spend.read = Some(read);
+                Ok::<_, LedgerError>(spend)
+            })
+            .buffered(PUTS_AT_ONCE)
+            .try_collect()
+            .await
+    }
+
+    async fn write_spends(&self, spends: Vec<Spend>) -> Result<Vec<Freed>, LedgerError> {
+        let freed: Vec<Option<Freed>> = futures_util::stream::iter(spends)
+            .map(|spend| async move {
+                let Spend {
+                    index: _,
+                    unit,
+                    label,
+                    state,
+                    edge,
+                    mark,
+                    read,
+                } = spend;
+                let read = match read {
+                    Some(read) => read,
+                    None => self.read_held(&edge.job_id, edge.child, mark, None).await?,
                 };
-                self.change_held(&edge.job_id, edge.child, mark, |h| {
+                self.write_held(&edge.job_id, edge.child, mark, read, |h| {
                     h.spend(&unit, &label, state)
                 })
                 .await
