@@ -581,6 +581,27 @@ async fn a_held_dependant_cancelled_by_hand_is_never_released(backend: Backend) 
         status.contains(&format!("waits_for\tparent={parent}\tthe whole job")),
         "{status}"
     );
+    // So does its page in the monitor (once the status table has it),
+    // linking to the parent.
+    let deadline = Instant::now() + LONG;
+    let page = loop {
+        let page = reqwest::get(format!("{}ui/jobs/{cancelled}", farm.url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if page.contains("Waits for") {
+            break page;
+        }
+        assert!(Instant::now() < deadline, "{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let waits = page.split("Waits for").nth(1).unwrap();
+    assert!(
+        waits.contains(&format!("href=\"/ui/jobs/{parent}\"")) && waits.contains("the whole job"),
+        "{page}"
+    );
     cancel(&farm, &cancelled).await;
     wait_for(&farm, "JobCancelled", &cancelled).await;
     // The witness waits for the same parent: released by the same end.

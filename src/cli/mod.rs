@@ -242,7 +242,6 @@ async fn hold_or_release(
 /// ledger (on SQS its S3 objects): a line per parent. A bucket that
 /// cannot be reached leaves the SQS queues' lines out.
 async fn waits_for(config: &Config, job_id: &str) -> Vec<String> {
-    const SHOWN: u32 = 1000;
     let buckets = crate::storage::Buckets::open(&config.buckets)
         .await
         .unwrap_or_default();
@@ -251,34 +250,16 @@ async fn waits_for(config: &Config, job_id: &str) -> Vec<String> {
     };
     let mut lines = Vec::new();
     for (name, ledger) in ledgers.iter() {
-        let waits = ledger.waiting_for(job_id, SHOWN).await.unwrap_or_default();
-        // By parent and its queue (this one's unless the edge names another).
-        let mut by_parent: std::collections::BTreeMap<(String, String), (Vec<u32>, bool)> =
-            Default::default();
-        let mut children = std::collections::BTreeSet::new();
-        for (child, parent, index, queue) in waits {
-            children.insert(child);
-            let queue = queue.unwrap_or_else(|| name.clone());
-            let entry = by_parent.entry((parent, queue)).or_default();
-            match index {
-                Some(index) => entry.0.push(index),
-                None => entry.1 = true,
-            }
-        }
-        for ((parent, queue), (mut indexes, whole)) in by_parent {
-            indexes.sort_unstable();
-            indexes.dedup();
-            let what = if whole || indexes.is_empty() {
-                "the whole job".to_owned()
-            } else {
-                let list: Vec<String> = indexes.iter().map(u32::to_string).collect();
-                format!("children {}", list.join(","))
-            };
-            lines.push(format!(
-                "waits_for\tparent={parent}\t{what}\theld_children={}\tqueue={queue}",
-                children.len()
-            ));
-        }
+        let waits = ledger.parent_waits(job_id, name).await.unwrap_or_default();
+        lines.extend(waits.iter().map(|wait| {
+            format!(
+                "waits_for\tparent={}\t{}\theld_children={}\tqueue={}",
+                wait.parent_id,
+                wait.what(),
+                wait.held_children,
+                wait.queue
+            )
+        }));
     }
     lines
 }

@@ -21,11 +21,13 @@ mod costs;
 mod holds;
 mod revisions;
 mod thumbnails;
+mod waits;
 pub use arrays::{ArrayCounts, ChildState};
 pub use cancels::Known as KnownCancels;
 pub use holds::{Ended, EndsRead, Fate, ForeignEnd, ForeignWait, Freed, Registered, ToHold, Wait};
 pub use revisions::ArrayRecord;
 pub use thumbnails::thumbnail_name;
+pub use waits::ParentWait;
 
 #[derive(Debug, thiserror::Error)]
 #[error("ledger: {0}")]

@@ -5,7 +5,8 @@ use maud::{Markup, html};
 
 use super::board::{ArrayRow, Filter, JobRow, Listed};
 use super::grid::{Cell, Layout};
-use super::pages::{Csrf, cancel_button, job_link, progress, thumbnail};
+use super::pages::{Csrf, cancel_button, job_link, progress, thumbnail, waits_for};
+use crate::events::ledger::ParentWait;
 use crate::job::label::Label;
 
 /// When, to the second, in UTC.
@@ -171,7 +172,13 @@ fn pager(array: &ArrayRow, layout: &Layout) -> Markup {
     }
 }
 
-pub fn array(array: &ArrayRow, layout: &Layout, cells: &[Cell], csrf: Csrf) -> Markup {
+pub fn array(
+    array: &ArrayRow,
+    layout: &Layout,
+    cells: &[Cell],
+    waits: &[ParentWait],
+    csrf: Csrf,
+) -> Markup {
     html! {
         main {
             h1 { "Array " (array.label.display(&array.job_id)) }
@@ -189,6 +196,7 @@ pub fn array(array: &ArrayRow, layout: &Layout, cells: &[Cell], csrf: Csrf) -> M
                 " · " @if array.completed { "completed" } @else { "in progress" }
                 " " @if !array.completed { (cancel_button(csrf, &array.job_id)) }
             }
+            (waits_for(waits))
             @if layout.by_frame() { p { "Frames " (array.frame_spec) } }
             @else { p { "The status table does not know this array's frames: a cell per child." } }
             (pager(array, layout))

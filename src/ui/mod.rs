@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::api::control::Control;
-use crate::events::ledger::Ledgers;
+use crate::events::ledger::{Ledgers, ParentWait};
 use crate::queue::{Queues, Redrive};
 use auth::{CSRF_COOKIE, SignIn, csrf_ok};
 use board::{Board, Filter};
@@ -166,6 +166,21 @@ impl Ui {
             .with_state(self)
     }
 
+    /// What job `id` of `queue` still waits for, from that queue's ledger
+    /// (none when it cannot be read).
+    async fn waits_for(&self, id: &str, queue: &str) -> Vec<ParentWait> {
+        let Some(ledger) = self.ledgers.get(queue) else {
+            return Vec::new();
+        };
+        ledger
+            .parent_waits(id, queue)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, job_id = id, "the monitor cannot read what a job waits for");
+                Vec::new()
+            })
+    }
+
     fn csrf<'a>(&self, jar: &'a CookieJar) -> Option<&'a str> {
         self.control.as_ref()?;
         jar.get(CSRF_COOKIE).map(Cookie::value)
@@ -300,16 +315,23 @@ async fn job(
     };
     let csrf = ui.csrf(&jar);
     match found {
-        Ok(Some(Found::Array(array, layout, children))) => html(pages::page(
-            "Array",
-            fragment(&headers),
-            listing::array(&array, &layout, &layout.cells(&children), csrf),
-        )),
-        Ok(Some(Found::Job(job))) => html(pages::page(
-            "Job",
-            fragment(&headers),
-            pages::job(&job, csrf),
-        )),
+        Ok(Some(Found::Array(array, layout, children))) => {
+            let waits = ui.waits_for(&id, &array.queue).await;
+            let cells = layout.cells(&children);
+            html(pages::page(
+                "Array",
+                fragment(&headers),
+                listing::array(&array, &layout, &cells, &waits, csrf),
+            ))
+        }
+        Ok(Some(Found::Job(job))) => {
+            let waits = ui.waits_for(&id, &job.queue).await;
+            html(pages::page(
+                "Job",
+                fragment(&headers),
+                pages::job(&job, &waits, csrf),
+            ))
+        }
         Ok(None) => not_found(&format!("No job or array {id} is in the status table.")),
         Err(response) => response,
     }

@@ -5,6 +5,7 @@
 use maud::{DOCTYPE, Markup, html};
 
 use super::board::{ArrayRow, JobRow, Workers};
+use crate::events::ledger::ParentWait;
 use crate::queue::{DeadLetter, Stats};
 
 const STYLE: &str = r#"
@@ -152,7 +153,7 @@ pub(super) fn cancel_button(csrf: Csrf, id: &str) -> Markup {
     }
 }
 
-pub fn job(job: &JobRow, csrf: Csrf) -> Markup {
+pub fn job(job: &JobRow, waits: &[ParentWait], csrf: Csrf) -> Markup {
     let ended = matches!(
         job.state.as_str(),
         "succeeded" | "dead_lettered" | "cancelled"
@@ -175,9 +176,30 @@ pub fn job(job: &JobRow, csrf: Csrf) -> Markup {
                 }
             }
             @if !ended { p { (cancel_button(csrf, &job.job_id)) } }
+            (waits_for(waits))
             h2 { "Outputs" }
             ul { @for output in &job.outputs { li { (output) } } }
             @for name in &job.thumbnails { (thumbnail(&job.queue, name)) }
+        }
+    }
+}
+
+/// The parents a held job or array still waits for (nothing when none).
+pub fn waits_for(waits: &[ParentWait]) -> Markup {
+    html! {
+        @if !waits.is_empty() {
+            h2 { "Waits for" }
+            table.waits {
+                tr { th { "parent" } th { "what" } th { "queue" } th { "held children" } }
+                @for wait in waits {
+                    tr {
+                        td { a href=(format!("/ui/jobs/{}", wait.parent_id)) { (wait.parent_id) } }
+                        td { (wait.what()) }
+                        td { (wait.queue) }
+                        td { (wait.held_children) }
+                    }
+                }
+            }
         }
     }
 }
