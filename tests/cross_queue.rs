@@ -16,7 +16,9 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use crate::harness::{Aws, Backend, Farm, Moto, free_port};
-use crate::pipelines::{LONG, array, by_child, completed, settings, step, time};
+use crate::pipelines::{
+    LONG, array, by_child, completed, released_and_ran_once, settings, step, time,
+};
 
 scenarios!(
     a_dependant_on_another_queue_runs_frame_by_frame_and_a_failed_frame_cancels_its_own,
@@ -266,19 +268,7 @@ async fn two_workers_settling_the_last_parent_frames_release_each_dependant_on_a
         let all = array(&farm, params).await;
         completed(&farm, &same).await;
         completed(&farm, &all).await;
-        let events = farm.events();
-        for id in [&same, &all] {
-            let released = by_child(&events, "JobReleased", id);
-            let started = by_child(&events, "JobStarted", id);
-            for index in 0..2 {
-                assert_eq!(
-                    released[&index].len(),
-                    1,
-                    "{id} child {index} released once"
-                );
-                assert_eq!(started[&index].len(), 1, "{id} child {index} ran once");
-            }
-        }
+        released_and_ran_once(&farm.events(), &[&same, &all], 2);
     }
 }
 

@@ -349,11 +349,11 @@ async fn a_released_child_costs_six_s3_calls_one_after_its_parents_end_and_leave
             .await
             .unwrap();
         // Read while the parent child's message is settled; after its
-        // end, one write (the claim) before the send.
+        // end, two writes (the marker, then the claim) before the send.
         let read = a.read_ends("p", CHILDREN, vec![index], ended).await;
         let reads_done = requests();
         let (ended, full) = a.spend_ends(read).await.unwrap();
-        assert_eq!(requests() - reads_done, 1, "S3 calls after the reads");
+        assert_eq!(requests() - reads_done, 2, "S3 calls after the reads");
         let mut freed = ended.freed;
         // The first settle lists the parent's edges, and the ledger keeps
         // them: the later ones read from them, then list to find any

@@ -103,6 +103,23 @@ pub(crate) fn by_child(events: &[Value], kind: &str, id: &str) -> HashMap<u64, V
     found
 }
 
+/// Each of the first `size` children of every array in `ids` was released
+/// once and ran once.
+pub(crate) fn released_and_ran_once(events: &[Value], ids: &[&str], size: u64) {
+    for id in ids {
+        let released = by_child(events, "JobReleased", id);
+        let started = by_child(events, "JobStarted", id);
+        for index in 0..size {
+            assert_eq!(
+                released[&index].len(),
+                1,
+                "{id} child {index} released once"
+            );
+            assert_eq!(started[&index].len(), 1, "{id} child {index} ran once");
+        }
+    }
+}
+
 pub(crate) async fn completed(farm: &Farm, id: &str) -> Value {
     let done = farm
         .wait_for_events(
@@ -256,19 +273,7 @@ async fn two_workers_settling_the_last_parent_frames_release_each_dependant_once
         .await;
         completed(&farm, &same).await;
         completed(&farm, &all).await;
-        let events = farm.events();
-        for id in [&same, &all] {
-            let released = by_child(&events, "JobReleased", id);
-            let started = by_child(&events, "JobStarted", id);
-            for index in 0..2 {
-                assert_eq!(
-                    released[&index].len(),
-                    1,
-                    "{id} child {index} released once"
-                );
-                assert_eq!(started[&index].len(), 1, "{id} child {index} ran once");
-            }
-        }
+        released_and_ran_once(&farm.events(), &[&same, &all], 2);
     }
 }
 

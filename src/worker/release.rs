@@ -233,19 +233,12 @@ impl Worker {
     ) -> Option<EndsRead> {
         let ledger = self.source(delivery).ledger.as_ref()?;
         let envelope = delivery.envelope.as_ref().ok()?;
-        Some(match &envelope.array {
-            Some(array) => {
-                ledger
-                    .read_ends(&array.job_id, array.size, vec![array.index], state)
-                    .await
-            }
-            // A plain job's end is recorded by the spend, after its own.
-            None => {
-                ledger
-                    .read_ends(&delivery.message_id, 0, Vec::new(), state)
-                    .await
-            }
-        })
+        // A plain job's end is recorded by the spend, after its own.
+        let (id, size, indexes) = match &envelope.array {
+            Some(array) => (array.job_id.as_str(), array.size, vec![array.index]),
+            None => (delivery.message_id.as_str(), 0, Vec::new()),
+        };
+        Some(ledger.read_ends(id, size, indexes, state).await)
     }
 
     /// After a job's end: frees (sends or cancels) its dependants, as

@@ -311,13 +311,12 @@ impl Ledger {
     /// is recorded already (in `children`): on the S3 ledger, the held
     /// objects of the ended units' dependants. Nothing is claimed, so this
     /// runs beside the settle of the child's message, and after it only
-    /// the claims stand before the dependants are sent
+    /// the markers and claims stand before the dependants are sent
     /// ([`Ledger::spend_ends`]). Where this process keeps the units' edges
     /// (see `s3::KnownParents`) no LIST comes first; the spend is then
     /// followed by a full one ([`Ledger::spend_ends`] returns it). Reads
-    /// that fail are left for the spend to make again. Dropped unspent, a
-    /// read leaves at most `releasing/` markers whose claims never landed,
-    /// which the sweep deletes.
+    /// that fail are left for the spend to make again. Nothing is written,
+    /// so a read dropped unspent leaves nothing behind.
     pub async fn read_ends(
         &self,
         parent_id: &str,
@@ -326,20 +325,12 @@ impl Ledger {
         state: ChildState,
     ) -> EndsRead {
         let s3 = match self {
-            Ledger::S3 { .. } if size > 0 => {
-                let read = match self.s3_read_kept(parent_id, &indexes, state).await {
-                    Ok(Some(read)) => Ok(read),
-                    Ok(None) => {
-                        self.s3_read_ends(parent_id, size, indexes.clone(), state, &Spent::new())
-                            .await
-                    }
-                    Err(error) => Err(error),
-                };
-                read.inspect_err(|error| {
+            Ledger::S3 { .. } if size > 0 => (self.s3_read_ahead(parent_id, size, &indexes, state))
+                .await
+                .inspect_err(|error| {
                     tracing::warn!(%error, "cannot read ahead what the job's end frees; its spend will")
                 })
-                .ok()
-            }
+                .ok(),
             _ => None,
         };
         EndsRead {

@@ -20,9 +20,11 @@
 //! LIST of the unit's edges (once this process has seen the parent have
 //! `same` dependants, beside the LIST of its markers, `unit`, `whole` and
 //! other queues' (`foreign`); before that, after it), then the held
-//! object's GET beside the marker's PUT. After the parent's end only the
-//! held object's conditional PUT ([`Ledger::s3_spend_ends`]) stands before
-//! the send; one that lost a race reads again. The children a unit frees
+//! object's GET. After the parent's end, the marker's PUT and the held
+//! object's conditional PUT ([`Ledger::s3_spend_ends`]) stand before the
+//! send (the marker is not written beside the read: see [`SpendAt`]); one
+//! that lost a race reads again. Spent at once (`units_ended`), a likely
+//! release's marker is written beside its GET. The children a unit frees
 //! are changed [`PUTS_AT_ONCE`] at a time. A released child costs a
 //! constant number of calls, whatever the arrays' sizes: the markers'
 //! LIST, the edges' LIST, the GET and PUT of the held object, the marker's
@@ -80,8 +82,21 @@ pub(in crate::events::ledger::holds) struct Spend {
 pub(in crate::events::ledger::holds) struct S3Read {
     spends: Vec<Spend>,
     foreign: Option<ForeignEnd>,
-    /// Read from kept edges ([`Ledger::s3_read_kept`]), not listed.
+    /// Read from kept edges ([`Ledger::s3_read_ahead`]), not listed.
     pub kept: bool,
+}
+
+/// When the held objects read for a spend are spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::events::ledger::holds) enum SpendAt {
+    /// Right after the reads: a likely release's marker is written beside
+    /// its read ([`Mark::Ahead`]).
+    Once,
+    /// After the parent's message is settled: no marker is written by the
+    /// reads, each is written just before its claim, so that a marker's
+    /// age stays that of its claim, send and delete (the sweep takes one
+    /// older than `release_grace` for a dead worker's).
+    AfterSettle,
 }
 
 /// Edges spent already, by unit (`None`: the whole), dependant and child.
@@ -235,7 +250,7 @@ impl Ledger {
         spent: &Spent,
     ) -> Result<Ended, LedgerError> {
         let read = self
-            .s3_read_ends(parent_id, size, indexes, state, spent)
+            .s3_read_ends(parent_id, size, indexes, state, spent, SpendAt::Once)
             .await?;
         self.s3_spend_ends(read).await
     }
@@ -251,6 +266,7 @@ impl Ledger {
         indexes: Vec<u32>,
         state: ChildState,
         spent: &Spent,
+        at: SpendAt,
     ) -> Result<S3Read, LedgerError> {
         if size == 0 {
             let key = self.deps_key(&format!("ends/{parent_id}"));
@@ -315,7 +331,7 @@ impl Ledger {
             edges.retain(|edge| !spent.contains(&(*index, edge.job_id.clone(), edge.child)));
         }
         let (spends, foreign) = tokio::try_join!(
-            self.read_spends(parent_id, ended),
+            self.read_spends(parent_id, ended, at),
             self.s3_foreign_end(parent_id, size, &indexes, state, &markers),
         )?;
         Ok(S3Read {
@@ -325,29 +341,39 @@ impl Ledger {
         })
     }
 
-    /// The reads of [`Ledger::s3_read_ends`] from the edges this process
-    /// keeps for the ended units (see `KnownParents`), with no LIST: the
-    /// held objects' GETs (and markers) only. `None` when it keeps none.
-    /// The spend of such a read is followed by a full one that skips what
-    /// it spent ([`S3Read::spent`]), which lists the edges and markers once
+    /// The reads of [`Ledger::s3_read_ends`], from the edges this process
+    /// keeps for the ended units (see `KnownParents`) where it keeps them:
+    /// then with no LIST, the held objects' GETs (and markers) only. The
+    /// spend of such a read is followed by a full one that skips what it
+    /// spent ([`S3Read::spent`]), which lists the edges and markers once
     /// the end is recorded, as every settle must.
-    pub(in crate::events::ledger::holds) async fn s3_read_kept(
+    pub(in crate::events::ledger::holds) async fn s3_read_ahead(
         &self,
         parent_id: &str,
+        size: u32,
         indexes: &[u32],
         state: ChildState,
-    ) -> Result<Option<S3Read>, LedgerError> {
+    ) -> Result<S3Read, LedgerError> {
         let Some(kept) = self.kept_edges(parent_id, indexes) else {
-            return Ok(None);
+            let ends = indexes.to_vec();
+            return (self.s3_read_ends(
+                parent_id,
+                size,
+                ends,
+                state,
+                &Spent::new(),
+                SpendAt::AfterSettle,
+            ))
+            .await;
         };
         let units = (indexes.iter().zip(kept))
             .map(|(&index, edges)| (Some(index), state, edges))
             .collect();
-        Ok(Some(S3Read {
-            spends: self.read_spends(parent_id, units).await?,
+        Ok(S3Read {
+            spends: (self.read_spends(parent_id, units, SpendAt::AfterSettle)).await?,
             foreign: None,
             kept: true,
-        }))
+        })
     }
 
     /// Spends what [`Ledger::s3_read_ends`] read: each held object's
@@ -371,24 +397,25 @@ impl Ledger {
         parent_id: &str,
         units: Vec<(Option<u32>, ChildState, Vec<Edge>)>,
     ) -> Result<Vec<Freed>, LedgerError> {
-        let spends = self.read_spends(parent_id, units).await?;
+        let spends = self.read_spends(parent_id, units, SpendAt::Once).await?;
         self.write_spends(spends).await
     }
 
     /// Reads the held object of every edge of parent units,
-    /// [`PUTS_AT_ONCE`] at a time.
+    /// [`PUTS_AT_ONCE`] at a time, to be spent `at`.
     async fn read_spends(
         &self,
         parent_id: &str,
         units: Vec<(Option<u32>, ChildState, Vec<Edge>)>,
+        at: SpendAt,
     ) -> Result<Vec<Spend>, LedgerError> {
         let spends = units.into_iter().flat_map(|(index, state, edges)| {
             let (unit, label) = (unit_key(parent_id, index), unit_label(parent_id, index));
             edges.into_iter().map(move |edge| Spend {
                 index,
                 // The unit is likely the child's last wait: its marker is
-                // written beside the read.
-                mark: if edge.last {
+                // written beside the read, when spent at once.
+                mark: if edge.last && at == SpendAt::Once {
                     Mark::Ahead
                 } else {
                     Mark::AfterRead
