@@ -1,6 +1,7 @@
-//! `renderq bench`: the embedded queue through one slot (before and after
-//! a cancel was recorded), one job's
-//! submit-to-deleted latency, HTTP submits, and an idle worker's memory.
+//! `renderq bench`: the embedded queue through one slot (the status table
+//! off against on, in alternating rounds; then with a cancel on record),
+//! one job's submit-to-deleted latency, HTTP submits, and an idle worker's
+//! and `serve`'s memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,30 +20,25 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let jobs = args.jobs.unwrap_or(10_000);
     let dir = tempfile::tempdir()?;
 
-    // Jobs through one slot, with the status table off, then on (the
-    // default), each on a farm of its own.
+    // Jobs through one slot, with the status table off and on (the
+    // default), each on a farm of its own, in rounds that alternate which
+    // goes first: on this machine a busy spell would otherwise land on one
+    // side only.
     let off = dir.path().join("off");
     std::fs::create_dir(&off)?;
     std::fs::write(
         off.join("workers.toml"),
         format!("{CONFIG}\n[events]\nstatus = \"off\"\n"),
     )?;
-    let app = App::build(Config::load(&off.join("workers.toml"))?).await?;
-    let without = through_one_slot(&app, jobs).await?;
-    println!("jobs through one slot, status table off: {jobs} = {without:.0} jobs/s");
-    drop(app);
-
+    let without = App::build(Config::load(&off.join("workers.toml"))?).await?;
     let config_path = dir.path().join("workers.toml");
     std::fs::write(&config_path, CONFIG)?;
     let app = App::build(Config::load(&config_path)?).await?;
+    compare_status_table(&without, &app, jobs, args.rounds.max(1)).await?;
+    drop(without);
     let submitter = app.submitter();
     let worker = app.worker();
     let never = CancellationToken::new();
-    let jobs_per_s = through_one_slot(&app, jobs).await?;
-    println!(
-        "jobs through one slot, status table on: {jobs} = {jobs_per_s:.0} jobs/s ({:+.1} % against off)",
-        (jobs_per_s / without - 1.0) * 100.0
-    );
     // Once a cancel is on record, every receive reads the ledger's stamp.
     let other = uuid::Uuid::new_v4().to_string();
     app.control().cancel(&other, None).await?;
@@ -158,10 +154,95 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// No-op jobs/s through one slot with the status table off (`without`)
+/// and on (`with`): `jobs` on each side, in `rounds` rounds that alternate
+/// which side goes first. Prints each round, the medians, and what the
+/// table's writer spent while the slot drained (as earlier versions of
+/// this bench did: the submits' events are folded before).
+async fn compare_status_table(
+    without: &App,
+    with: &App,
+    jobs: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let per_round = jobs.div_ceil(rounds);
+    let (mut off, mut on, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
+    let mut writer = Drained::default();
+    for round in 0..rounds {
+        let (a, b) = if round % 2 == 0 {
+            (without, with)
+        } else {
+            (with, without)
+        };
+        let first = through_one_slot(a, per_round).await?;
+        let second = through_one_slot(b, per_round).await?;
+        let (without, with) = if round % 2 == 0 {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        let gap = (with.rate / without.rate - 1.0) * 100.0;
+        println!(
+            "  round {}: status table off {:.0}, on {:.0} jobs/s ({gap:+.1} %)",
+            round + 1,
+            without.rate,
+            with.rate
+        );
+        off.push(without.rate);
+        on.push(with.rate);
+        gaps.push(gap);
+        writer.took += with.took;
+        writer.events += with.events;
+        writer.batches += with.batches;
+        writer.folding += with.folding;
+    }
+    let (off, on, gap) = (median(&mut off), median(&mut on), median(&mut gaps));
+    println!(
+        "jobs through one slot, {rounds} rounds of {per_round}: status table off {off:.0} jobs/s, on {on:.0} jobs/s (medians; median gap {gap:+.1} %)"
+    );
+    if with.status.is_some() {
+        println!(
+            "  (status table, while draining: {} events in {} transactions, {:.0} ms folding = {:.1} µs an event, {:.0} % of the drains' time)",
+            writer.events,
+            writer.batches,
+            writer.folding.as_secs_f64() * 1000.0,
+            writer.folding.as_secs_f64() * 1e6 / writer.events.max(1) as f64,
+            writer.folding.as_secs_f64() / writer.took.as_secs_f64() * 100.0
+        );
+    }
+    let dropped = with.publisher.dropped();
+    if dropped > 0 {
+        println!(
+            "  ({dropped} events dropped: the status table's buffer was full, so its rate is not comparable)"
+        );
+    }
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// One drain through one slot: its rate and time, and what the status
+/// table's writer did meanwhile (nothing without one).
+#[derive(Debug, Default)]
+struct Drained {
+    rate: f64,
+    took: Duration,
+    events: u64,
+    batches: u64,
+    folding: Duration,
+}
+
 /// Fills `app`'s queue with `jobs` no-op jobs and times draining them
 /// through one slot, up to the last one's end being in the status table
-/// when there is one (its writes are part of the cost). Jobs/s.
-async fn through_one_slot(app: &App, jobs: usize) -> anyhow::Result<f64> {
+/// when there is one (its writes are part of the cost).
+async fn through_one_slot(app: &App, jobs: usize) -> anyhow::Result<Drained> {
     let submitter = app.submitter();
     let worker = app.worker();
     let mut last = None;
@@ -188,24 +269,19 @@ async fn through_one_slot(app: &App, jobs: usize) -> anyhow::Result<f64> {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
-    let elapsed = started.elapsed();
-    let rate = jobs as f64 / elapsed.as_secs_f64();
+    let took = started.elapsed();
+    let mut drained = Drained {
+        rate: jobs as f64 / took.as_secs_f64(),
+        took,
+        ..Drained::default()
+    };
     if let (Some(status), Some(before)) = (&app.status, before) {
         let cost = status.fold_cost();
-        let (events, busy) = (cost.events - before.events, cost.busy - before.busy);
-        println!(
-            "  (status table, while draining: {events} events in {} transactions, {:.0} ms folding = {:.1} µs an event, {:.0} % of the drain's time)",
-            cost.batches - before.batches,
-            busy.as_secs_f64() * 1000.0,
-            busy.as_secs_f64() * 1e6 / events.max(1) as f64,
-            busy.as_secs_f64() / elapsed.as_secs_f64() * 100.0
-        );
+        drained.events = cost.events - before.events;
+        drained.batches = cost.batches - before.batches;
+        drained.folding = cost.busy - before.busy;
     }
-    let dropped = app.publisher.dropped();
-    if dropped > 0 {
-        println!("  ({dropped} events dropped: the status table's buffer was full)");
-    }
-    Ok(rate)
+    Ok(drained)
 }
 
 /// Resident memory of an idle `renderq serve` (endpoint, worker and the

@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// 500 on SQS].
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// Embedded: rounds the --jobs are split into, each through one slot
+    /// with the status table off and on, alternating which goes first.
+    #[arg(long, default_value_t = 6)]
+    pub rounds: usize,
     /// JSON-RPC submits over HTTP.
     #[arg(long, default_value_t = 20_000)]
     pub submits: usize,

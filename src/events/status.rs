@@ -135,7 +135,9 @@ const COLUMNS: &[(&str, &str, &str)] = &[
 /// Every list the monitor sorts or filters, and the prune, has its index
 /// (each query's plan is checked in the tests). The `top_` ones hold only
 /// jobs that are not arrays' children: the jobs list shows an array as one
-/// row.
+/// row. The name and owner indexes hold only rows that have one: a filter
+/// by name never matches a row without, and each index entry is one more
+/// write on every row's change of `at`.
 const INDEXES: &str = "
 DROP INDEX IF EXISTS by_array;
 CREATE INDEX IF NOT EXISTS jobs_by_array ON jobs (array_id, array_index);
@@ -149,10 +151,14 @@ CREATE INDEX IF NOT EXISTS seen_by_at ON seen (at);
 CREATE INDEX IF NOT EXISTS arrays_by_at ON arrays (at);
 CREATE INDEX IF NOT EXISTS arrays_by_command ON arrays (command, at);
 CREATE INDEX IF NOT EXISTS workers_by_at ON workers (at);
-CREATE INDEX IF NOT EXISTS top_by_name ON jobs (name, at) WHERE array_id IS NULL;
-CREATE INDEX IF NOT EXISTS top_by_owner ON jobs (owner, at) WHERE array_id IS NULL;
-CREATE INDEX IF NOT EXISTS arrays_by_name ON arrays (name, at);
-CREATE INDEX IF NOT EXISTS arrays_by_owner ON arrays (owner, at);
+DROP INDEX IF EXISTS top_by_name;
+DROP INDEX IF EXISTS top_by_owner;
+DROP INDEX IF EXISTS arrays_by_name;
+DROP INDEX IF EXISTS arrays_by_owner;
+CREATE INDEX IF NOT EXISTS top_named ON jobs (name, at) WHERE array_id IS NULL AND name IS NOT NULL;
+CREATE INDEX IF NOT EXISTS top_owned ON jobs (owner, at) WHERE array_id IS NULL AND owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS arrays_named ON arrays (name, at) WHERE name IS NOT NULL;
+CREATE INDEX IF NOT EXISTS arrays_owned ON arrays (owner, at) WHERE owner IS NOT NULL;
 CREATE INDEX IF NOT EXISTS labels_by_value ON labels (kind, key, value, at);
 CREATE INDEX IF NOT EXISTS labels_by_at ON labels (at);
 ";

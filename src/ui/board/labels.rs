@@ -1,7 +1,7 @@
 //! The jobs list filtered by a name, an owner or a metadata value (each an
 //! exact match): jobs that are not children and arrays, each list driven by
-//! the index of the first of those filters given (`top_by_name`,
-//! `top_by_owner`, `labels_by_value` and the arrays' own), the other
+//! the index of the first of those filters given (`top_named`,
+//! `top_owned`, `labels_by_value` and the arrays' own), the other
 //! filters tested on the rows that index yields.
 
 use rusqlite::{Connection, Row, named_params};
@@ -63,9 +63,9 @@ fn jobs_sql(by: By) -> String {
     match by {
         By::Name | By::Owner => {
             let (index, column) = if by == By::Name {
-                ("top_by_name", "name")
+                ("top_named", "name")
             } else {
-                ("top_by_owner", "owner")
+                ("top_owned", "owner")
             };
             format!(
                 "SELECT {JOB_COLUMNS} FROM jobs j INDEXED BY {index}
@@ -104,9 +104,9 @@ fn arrays_sql(by: By, state: &str) -> Option<String> {
     Some(match by {
         By::Name | By::Owner => {
             let (index, column) = if by == By::Name {
-                ("arrays_by_name", "name")
+                ("arrays_named", "name")
             } else {
-                ("arrays_by_owner", "owner")
+                ("arrays_owned", "owner")
             };
             format!(
                 "SELECT {columns} FROM arrays a INDEXED BY {index}
@@ -172,15 +172,15 @@ impl Board {
 pub(super) fn plans() -> Vec<(String, &'static str)> {
     let mut plans = Vec::new();
     for (by, index) in [
-        (By::Name, "top_by_name"),
-        (By::Owner, "top_by_owner"),
+        (By::Name, "top_named"),
+        (By::Owner, "top_owned"),
         (By::Value, "labels_by_value"),
     ] {
         plans.push((jobs_sql(by), index));
     }
     for (by, index) in [
-        (By::Name, "arrays_by_name"),
-        (By::Owner, "arrays_by_owner"),
+        (By::Name, "arrays_named"),
+        (By::Owner, "arrays_owned"),
         (By::Value, "labels_by_value"),
     ] {
         plans.push((arrays_sql(by, "running").expect("a state"), index));
