@@ -15,9 +15,10 @@
 //!   touched about 150 different 64 KiB stretches of the 38 MB text, and
 //!   the kernel maps each such stretch whole on its first use: 12.5 MB of
 //!   an idle worker's 19 MB resident. Names the list has that the binary
-//!   lacks (code changed since `deploy/startup/regenerate.sh` last ran) are
-//!   skipped; the rest still cluster. A small Rust program is linked with
-//!   the flags, the way this crate will be.
+//!   lacks are skipped. Function names carry hashes of the crate, which
+//!   change with the rustc version and with Cargo.lock: after either,
+//!   run `deploy/startup/regenerate.sh` again. A small Rust program is
+//!   linked with the flags, the way this crate will be.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,10 @@ fn probe_rust(dir: &Path, target: &str, flags: &[String]) -> std::io::Result<boo
     let mut command = Command::new(rustc);
     command.args(["--edition", "2021", "--target", target, "-o"]);
     command.arg(dir.join("order_probe")).arg(&source);
+    // The linker this build will use: a configured one, and the flags.
+    if let Ok(linker) = env::var("RUSTC_LINKER") {
+        command.arg("-C").arg(format!("linker={linker}"));
+    }
     let encoded = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
     command.args(encoded.split('\x1f').filter(|f| !f.is_empty()));
     for flag in flags {

@@ -210,10 +210,9 @@ pub(super) fn apply(
     event: &Event,
 ) -> rusqlite::Result<Applied> {
     let now = crate::sqlite::now_s();
-    // A start and progress fold the same however often they come (the
-    // earliest start, the highest progress wins; neither carries a cost to
-    // add up), so their ids, most of all events, are not kept.
-    if !matches!(event.kind, EventType::JobProgress | EventType::JobStarted)
+    // Progress folds the same however often it comes (the highest wins), so
+    // its ids, most of all events, are not kept.
+    if event.kind != EventType::JobProgress
         && tx
             .prepare_cached("INSERT OR IGNORE INTO seen (event_id, at) VALUES (?1, ?2)")?
             .execute(params![event.event_id, now])?
