@@ -192,8 +192,8 @@ impl Ledger {
         let mut listed = Vec::with_capacity(indexes.len());
         for &index in indexes {
             listed.push(match units.remove(&index) {
-                Some(edges) if !unnamed.contains(&index) => edges,
-                _ => self.unit_edges(parent_id, Some(index)).await?,
+                Some(edges) => edges,
+                None => self.unit_edges(parent_id, Some(index)).await?,
             });
         }
         self.known_parents().learn(parent_id, units);
