@@ -219,7 +219,9 @@
 //!   waits for, changed only by `If-Match` writes: a unit spent twice is
 //!   spent once, the write that empties the set claims it (with a claim id
 //!   and a `releasing/` marker written first), and the sweep re-stamps a
-//!   stale marker with `If-Match` so one sweeper takes it. An `on:
+//!   stale marker whose claim is stale too with `If-Match` so one sweeper
+//!   takes it; a stale marker whose claim never landed has the sweep spend
+//!   the ended units the object still waits for, under its own claim. An `on:
 //!   success` dependant of a unit that did not succeed is cancelled with
 //!   the parent's id and child in its reason, and ends as a parent in
 //!   turn: nothing waits for a parent that ended. A parent on another
@@ -229,11 +231,15 @@
 //!   dependant queue's sweep from the parent ledger's ends; a submit reads
 //!   those ends again after writing its edges and the parent ledger's
 //!   note, and a settle reads the note after writing its end, so one of
-//!   the two sees the other. On S3 the edges a process keeps from a
-//!   parent's first listing are only a head start (its dependants' held
-//!   objects read beside the settle of the message, claimed right after):
-//!   every settle still lists the unit's edges and the parent's markers
-//!   after its end is recorded, and spends what the kept ones lacked.
+//!   the two sees the other. A parent's end is spent, and what it
+//!   frees claimed, after its end is recorded and before its message is
+//!   settled; what was claimed is sent after the settle. A worker that
+//!   dies before the settle leaves the message to come back (spending is
+//!   idempotent), one that dies after leaves claims for the sweep. On S3
+//!   the edges a process keeps from a parent's first listing are only a
+//!   head start: every settle still lists the unit's edges and the
+//!   parent's markers after its end is recorded, and spends what the kept
+//!   ones lacked.
 //! - No secret is read from `workers.toml` or written to a log.
 //! - A job's inputs cannot reach outside its folder (paths and keys are
 //!   checked at submit and again on receive), and nothing a job does to its

@@ -13,6 +13,27 @@ use crate::harness::{AUDIT_AND_ASSETS, AWS_ENV, Farm, Moto, Server, Settings};
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// A new bucket on the shared moto: its client and name.
+async fn shared_bucket(name: &str) -> (aws_sdk_s3::Client, String) {
+    let (_, s3) = crate::harness::aws_clients(&Moto::shared().endpoint()).await;
+    let bucket = format!("{name}-{}", uuid::Uuid::new_v4().simple());
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    (s3, bucket)
+}
+
+/// Asserts that queue `q`'s ledger in `bucket` holds no `releasing/`
+/// marker.
+async fn no_markers_left(s3: &aws_sdk_s3::Client, bucket: &str) {
+    let left = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix("status/q/deps/releasing/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.contents().len(), 0, "{:?}", left.contents());
+}
+
 /// A farm on moto whose ledger (the `results` bucket) is reached through
 /// the counting proxy: requests whose path holds `needle` are counted, and
 /// those after the first `skip` fail `fails` times (`mode`: the proxy's,
@@ -197,10 +218,7 @@ async fn a_claiming_write_that_landed_but_answered_an_error_still_completes_the_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_release_racing_parks_on_s3_sends_each_message_once() {
     use renderq::events::ledger::Ledger;
-    let moto = Moto::shared();
-    let (_, s3) = crate::harness::aws_clients(&moto.endpoint()).await;
-    let bucket = format!("holds-{}", uuid::Uuid::new_v4().simple());
-    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let (s3, bucket) = shared_bucket("holds").await;
     let ledger = || Ledger::s3(s3.clone(), bucket.clone(), "status", "q");
     let (a, b, c) = (ledger(), ledger(), ledger());
     for _ in 0..5 {
@@ -348,12 +366,12 @@ async fn a_released_child_costs_six_s3_calls_one_after_its_parents_end_and_leave
         a.children_settled("p", CHILDREN, vec![index], ended)
             .await
             .unwrap();
-        // Read while the parent child's message is settled; after its
-        // end, two writes (the marker, then the claim) before the send.
+        // Read (and marked) while the parent child's message is settled;
+        // after its end, one write (the claim) before the send.
         let read = a.read_ends("p", CHILDREN, vec![index], ended).await;
         let reads_done = requests();
         let (ended, full) = a.spend_ends(read).await.unwrap();
-        assert_eq!(requests() - reads_done, 2, "S3 calls after the reads");
+        assert_eq!(requests() - reads_done, 1, "S3 calls after the reads");
         let mut freed = ended.freed;
         // The first settle lists the parent's edges, and the ledger keeps
         // them: the later ones read from them, then list to find any
@@ -401,14 +419,7 @@ async fn a_released_child_costs_six_s3_calls_one_after_its_parents_end_and_leave
         (0..300).map(|i| 2 * i).collect::<Vec<_>>()
     );
     a.holds_done(freed).await.unwrap();
-    let left = s3
-        .list_objects_v2()
-        .bucket(&bucket)
-        .prefix("status/q/deps/releasing/")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(left.contents().len(), 0, "{:?}", left.contents());
+    no_markers_left(&s3, &bucket).await;
 }
 
 /// A settle reads from the edges its ledger keeps (listed by the parent's
@@ -418,10 +429,7 @@ async fn a_released_child_costs_six_s3_calls_one_after_its_parents_end_and_leave
 #[tokio::test(flavor = "multi_thread")]
 async fn dependants_submitted_after_a_parents_edges_were_kept_are_released_once() {
     use renderq::events::ledger::{ChildState, Fate, Ledger, ToHold, Wait};
-    let moto = Moto::shared();
-    let (_, s3) = crate::harness::aws_clients(&moto.endpoint()).await;
-    let bucket = format!("kept-{}", uuid::Uuid::new_v4().simple());
-    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let (s3, bucket) = shared_bucket("kept").await;
     let ledger = Ledger::s3(s3.clone(), bucket.clone(), "status", "q");
     let wait = |index| Wait {
         parent_id: "p".into(),
@@ -490,4 +498,96 @@ async fn dependants_submitted_after_a_parents_edges_were_kept_are_released_once(
     for index in 0..3 {
         assert!(settle(index).await.0.is_empty());
     }
+}
+
+/// The sweep on S3, against settles that stop part-way (as workers that
+/// died or stalled): a reader that dropped its read after its marker was
+/// written (died between its parent's end and the claim) has the sweep
+/// release its dependant, also where its spend would not have freed it (a
+/// child waiting for two units, the other spent since); a reader slower
+/// than the grace loses its claim to the sweep; a claim that landed late is
+/// not taken from its claimer until the claim itself is older than the
+/// grace. Each dependant freed once, no marker left.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sweep_releases_what_a_settle_left_before_or_after_its_claim_once() {
+    use renderq::events::ledger::{ChildState, EndsRead, Ledger, ToHold, Wait};
+    let (s3, bucket) = shared_bucket("swept").await;
+    let ledger = Ledger::s3(s3.clone(), bucket.clone(), "status", "q");
+    let grace = Duration::from_secs(1);
+    // Markers' and claims' times are whole seconds: past the grace.
+    let age = || tokio::time::sleep(Duration::from_millis(2_200));
+    ledger
+        .register_job("p", 5, Some("1-5".into()), 1)
+        .await
+        .unwrap();
+    // Child 3 waits for parent children 3 and 4, the others for their own.
+    let wait = |index| Wait {
+        parent_id: "p".into(),
+        index: Some(index),
+        on_finish: false,
+        queue: None,
+    };
+    let entries = (0..4)
+        .map(|index| ToHold {
+            index,
+            body: format!("d{index}"),
+            waits: if index == 3 {
+                vec![wait(3), wait(4)]
+            } else {
+                vec![wait(index)]
+            },
+        })
+        .collect();
+    ledger.hold("d", 4, entries, false).await.unwrap();
+    let mut reads = Vec::new();
+    for index in 0..5 {
+        let state = ChildState::Succeeded;
+        (ledger.children_settled("p", 5, vec![index], state))
+            .await
+            .unwrap();
+        reads.push(ledger.read_ends("p", 5, vec![index], state).await);
+    }
+    // Spends a read as a settle does; the indexes it freed.
+    let spend = |read: EndsRead| {
+        let ledger = &ledger;
+        async move {
+            let (mut next, mut freed) = (Some(read), Vec::new());
+            while let Some(read) = next.take() {
+                let (ended, full) = ledger.spend_ends(read).await.unwrap();
+                freed.extend(ended.freed);
+                next = full;
+            }
+            freed
+        }
+    };
+    let indexes = |freed: &[renderq::events::ledger::Freed]| {
+        let mut indexes: Vec<u32> = freed.iter().map(|f| f.index).collect();
+        indexes.sort_unstable();
+        indexes
+    };
+    // Parent child 4's settle spends one of child 3's waits; the reader
+    // of parent child 3 died after its reads, as did child 0's.
+    assert!(spend(reads.pop().unwrap()).await.is_empty());
+    drop(reads.pop());
+    let (late, slow) = (reads.pop().unwrap(), reads.pop().unwrap());
+    drop(reads);
+    age().await;
+    // Child 2's claim lands now, its marker older than the grace.
+    let claimed = spend(late).await;
+    assert_eq!(indexes(&claimed), [2]);
+    let swept = ledger.stale_holds(grace).await.unwrap();
+    assert_eq!(indexes(&swept), [0, 1, 3], "{swept:?}");
+    assert!(swept.iter().all(|f| f.body == format!("d{}", f.index)));
+    // Child 1's slow reader lost its claim to the sweep.
+    assert!(spend(slow).await.is_empty());
+    ledger.holds_done(swept).await.unwrap();
+    assert!(ledger.stale_holds(grace).await.unwrap().is_empty());
+    // Child 2's claimer died before its send: once its claim is old.
+    age().await;
+    let swept = ledger.stale_holds(grace).await.unwrap();
+    assert_eq!(indexes(&swept), [2], "{swept:?}");
+    assert_eq!(swept[0].claim, claimed[0].claim);
+    ledger.holds_done(swept).await.unwrap();
+    assert!(ledger.stale_holds(grace).await.unwrap().is_empty());
+    no_markers_left(&s3, &bucket).await;
 }

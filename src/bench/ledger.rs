@@ -4,23 +4,38 @@
 //! worker processes would have) of 4 concurrent settlers each, and every
 //! S3 call they make is counted.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
-use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_s3::config::interceptors::{
+    BeforeDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextRef,
+};
 use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::BoxError;
+use aws_smithy_types::config_bag::{Storable, StoreReplace};
 use tokio::time::Instant;
 
 use crate::events::ledger::{ChildState, Ledger};
 
-/// Counts the requests a client sends (retries included).
+/// Counts the requests a client sends (retries included), and notes when
+/// each claim of a held object (an `If-Match` PUT under `deps/held/`)
+/// landed.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Counter(Arc<AtomicU64>);
+pub(super) struct Counter {
+    calls: Arc<AtomicU64>,
+    claims: Arc<Mutex<Vec<(String, SystemTime)>>>,
+}
 
 impl Counter {
     pub(super) fn calls(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The held objects' conditional writes that landed: the key's path
+    /// after `deps/held/` (`JOB/INDEX`), and when the answer came.
+    pub(super) fn claims(&self) -> Vec<(String, SystemTime)> {
+        self.claims.lock().expect("claims lock").clone()
     }
 }
 
@@ -44,13 +59,45 @@ impl Intercept for Counter {
 
     fn read_before_transmit(
         &self,
-        _: &BeforeTransmitInterceptorContextRef<'_>,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
         _: &RuntimeComponents,
-        _: &mut ConfigBag,
+        cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let request = context.request();
+        if request.method() == "PUT"
+            && request.headers().get("if-match").is_some()
+            && let Some((_, held)) = request.uri().split_once("/deps/held/")
+        {
+            let held = held.split('?').next().unwrap_or(held).to_owned();
+            cfg.interceptor_state().store_put(Claiming(held));
+        }
         Ok(())
     }
+
+    fn read_before_deserialization(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if let Some(Claiming(held)) = cfg.load::<Claiming>()
+            && context.response().status().is_success()
+        {
+            let at = SystemTime::now();
+            (self.claims.lock().expect("claims lock")).push((held.clone(), at));
+        }
+        Ok(())
+    }
+}
+
+/// The held object a conditional PUT would claim, kept in its request's
+/// bag from its sending to its answer (the request is gone by then).
+#[derive(Debug, Clone)]
+struct Claiming(String);
+
+impl Storable for Claiming {
+    type Storer = StoreReplace<Self>;
 }
 
 const WORKERS: u32 = 4;
@@ -65,7 +112,7 @@ pub async fn run(endpoint: &str) -> anyhow::Result<()> {
     client.create_bucket().bucket(&bucket).send().await?;
     for size in [10u32, 1_000, 10_000] {
         let array_id = uuid::Uuid::new_v4().to_string();
-        let before = counter.0.load(Ordering::Relaxed);
+        let before = counter.calls();
         let started = Instant::now();
         let mut tasks = Vec::new();
         let completions = Arc::new(AtomicU64::new(0));
@@ -92,7 +139,7 @@ pub async fn run(endpoint: &str) -> anyhow::Result<()> {
         for task in tasks {
             task.await??;
         }
-        let calls = counter.0.load(Ordering::Relaxed) - before;
+        let calls = counter.calls() - before;
         println!(
             "{size} children, {WORKERS} ledgers × {SLOTS} settlers: {calls} S3 calls, {:.2} per child, {} completion(s), {:.1} s",
             calls as f64 / size as f64,

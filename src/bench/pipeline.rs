@@ -145,21 +145,38 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "{} of {frames} dependants released, some more than once",
         released.len()
     );
-    let mut latencies: Vec<i64> = released
+    let latencies = released
         .iter()
-        .filter_map(|(i, (at, _))| Some((*at - *settled.get(i)?).num_milliseconds()))
-        .collect();
-    latencies.sort_unstable();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        .filter_map(|(i, (at, _))| Some((*at - *settled.get(i)?).num_milliseconds()));
     println!(
-        "parent child settled -> dependant's message sent, over {} children (whole ms): \
-         p50 {} ms, p99 {} ms, max {} ms",
-        latencies.len(),
-        pct(0.50),
-        pct(0.99),
-        latencies.last().copied().unwrap_or_default()
+        "parent child settled -> dependant's message sent, {}",
+        spread(latencies.collect())
     );
-    if s3.is_some() {
+    if let Some((_, _, counter)) = &s3 {
+        // When each dependant child's claim landed (the last, should one
+        // have lost a race), from its parent child's settle (negative: a
+        // claim lands before the settle), and from it to the send.
+        let claims: HashMap<u64, DateTime<Utc>> = (counter.claims().into_iter())
+            .filter_map(|(held, at)| {
+                let index = held.strip_prefix(&format!("{child}/"))?.parse().ok()?;
+                Some((index, at.into()))
+            })
+            .collect();
+        let (mut ledger, mut send) = (Vec::new(), Vec::new());
+        for (i, (sent, _)) in &released {
+            if let (Some(settle), Some(claim)) = (settled.get(i), claims.get(i)) {
+                ledger.push((*claim - *settle).num_milliseconds());
+                send.push((*sent - *claim).num_milliseconds());
+            }
+        }
+        println!(
+            "parent child settled -> the dependant's claim landed (negative: before), {}",
+            spread(ledger)
+        );
+        println!(
+            "the dependant's claim landed -> its message sent, {}",
+            spread(send)
+        );
         println!(
             "S3 ledger calls while both arrays ran: {ledger_calls}, {:.2} per released child \
              (the parent's and the dependant's settles included)",
@@ -175,6 +192,21 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 const STATUS_PREFIX: &str = "renderq-status";
+
+/// p50, p99 and max of whole milliseconds, and over how many.
+fn spread(mut ms: Vec<i64>) -> String {
+    ms.sort_unstable();
+    let Some(&max) = ms.last() else {
+        return "none measured".into();
+    };
+    let pct = |p: f64| ms[((ms.len() as f64 * p) as usize).min(ms.len() - 1)];
+    format!(
+        "over {} children (whole ms): p50 {} ms, p99 {} ms, max {max} ms",
+        ms.len(),
+        pct(0.50),
+        pct(0.99)
+    )
+}
 
 /// What one conditional write costs on this server: 50 small objects
 /// written with `If-None-Match: *`, median and max.

@@ -309,14 +309,14 @@ impl Ledger {
 
     /// The reads of [`Ledger::units_ended`] for array children whose end
     /// is recorded already (in `children`): on the S3 ledger, the held
-    /// objects of the ended units' dependants. Nothing is claimed, so this
-    /// runs beside the settle of the child's message, and after it only
-    /// the markers and claims stand before the dependants are sent
-    /// ([`Ledger::spend_ends`]). Where this process keeps the units' edges
-    /// (see `s3::KnownParents`) no LIST comes first; the spend is then
-    /// followed by a full one ([`Ledger::spend_ends`] returns it). Reads
-    /// that fail are left for the spend to make again. Nothing is written,
-    /// so a read dropped unspent leaves nothing behind.
+    /// objects of the ended units' dependants, each with its `releasing/`
+    /// marker written beside it; after it only the claims
+    /// ([`Ledger::spend_ends`]).
+    /// Where this process keeps the units' edges (see `s3::KnownParents`)
+    /// no LIST comes first; the spend is then followed by a full one
+    /// ([`Ledger::spend_ends`] returns it). Reads that fail are left for
+    /// the spend to make again. A read dropped unspent leaves only its
+    /// markers, and the sweep spends what they point at.
     pub async fn read_ends(
         &self,
         parent_id: &str,

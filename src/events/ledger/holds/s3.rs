@@ -156,9 +156,16 @@ impl Ends {
     }
 }
 
-/// Edges to write: (parent, unit, the unit is each child's last wait) →
-/// [(child, on_finish)].
-type Edges = BTreeMap<(String, Option<u32>, bool), Vec<(u32, bool)>>;
+/// Edges to write: (parent, unit) → [(child, on_finish)].
+type Edges = BTreeMap<(String, Option<u32>), Vec<(u32, bool)>>;
+
+/// An object as read: its value, its ETag, when it was last written
+/// (seconds since the epoch, the server's clock).
+struct Got<T> {
+    value: T,
+    etag: Option<String>,
+    written: i64,
+}
 
 /// How a write is conditioned.
 enum Cond {
@@ -194,13 +201,18 @@ impl Ledger {
         format!("{}{rest}", deps(self.s3_parts().2))
     }
 
-    async fn s3_get(&self, key: &str) -> Result<Option<(Vec<u8>, Option<String>)>, LedgerError> {
+    async fn s3_get(&self, key: &str) -> Result<Option<Got<Vec<u8>>>, LedgerError> {
         let (client, bucket, _) = self.s3_parts();
         match client.get_object().bucket(bucket).key(key).send().await {
             Ok(object) => {
                 let etag = object.e_tag().map(str::to_owned);
+                let written = object.last_modified().map_or(0, |t| t.secs());
                 let body = object.body.collect().await.map_err(failed)?.into_bytes();
-                Ok(Some((body.to_vec(), etag)))
+                Ok(Some(Got {
+                    value: body.to_vec(),
+                    etag,
+                    written,
+                }))
             }
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
             Err(e) => Err(LedgerError(format!("{key}: {}", crate::aws::describe(&e)))),
@@ -211,12 +223,27 @@ impl Ledger {
         &self,
         key: &str,
     ) -> Result<Option<(T, Option<String>)>, LedgerError> {
-        let Some((body, etag)) = self.s3_get(key).await? else {
+        Ok(self
+            .s3_read_json(key)
+            .await?
+            .map(|got| (got.value, got.etag)))
+    }
+
+    /// [`Ledger::s3_get`], parsed.
+    async fn s3_read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Got<T>>, LedgerError> {
+        let Some(got) = self.s3_get(key).await? else {
             return Ok(None);
         };
         let value =
-            serde_json::from_slice(&body).map_err(|e| LedgerError(format!("{key}: {e}")))?;
-        Ok(Some((value, etag)))
+            serde_json::from_slice(&got.value).map_err(|e| LedgerError(format!("{key}: {e}")))?;
+        Ok(Some(Got {
+            value,
+            etag: got.etag,
+            written: got.written,
+        }))
     }
 
     /// Writes `key`; false when its condition failed.
@@ -339,7 +366,7 @@ impl Ledger {
         Ok(self
             .s3_get(&key)
             .await?
-            .and_then(|(body, _)| ChildState::from_name(&String::from_utf8_lossy(&body))))
+            .and_then(|got| ChildState::from_name(&String::from_utf8_lossy(&got.value))))
     }
 
     /// How the parents of `entries` ended so far, by parent.
@@ -429,10 +456,9 @@ impl Ledger {
                 Fate::Send
             } else {
                 objects.push((key, json(&held)?));
-                let last = pending.len() == 1 && !manual;
                 for wait in &pending {
                     edges
-                        .entry((wait.parent_id.clone(), wait.index, last))
+                        .entry((wait.parent_id.clone(), wait.index))
                         .or_default()
                         .push((entry.index, wait.on_finish));
                 }
@@ -450,9 +476,9 @@ impl Ledger {
         }
         let mut writes = Vec::new();
         let mut marked = Vec::new();
-        for ((parent, index, last), children) in &edges {
+        for ((parent, index), children) in &edges {
             let only: Vec<u32> = children.iter().map(|(child, _)| *child).collect();
-            let name = edges::edge_name(job_id, &only, *last);
+            let name = edges::edge_name(job_id, &only);
             let key = self.deps_key(&format!("waits/{parent}/{}/{name}", unit_name(*index)));
             writes.push((key, serde_json::to_vec(children).map_err(failed)?));
             let marker = (

@@ -2,13 +2,11 @@
 //! dependant JOB wait for a parent unit, named in the key so that a
 //! settle's LIST alone gives them (no GET per edge).
 //!
-//! SPEC is `l` or `m` and the children as ranges (`l0-3.7`: children 0 to
-//! 3 and 7). `l`: each of them waited for this unit last when it was
-//! submitted, so its spend is likely the one that frees it, and the settle
-//! writes its `releasing/` marker beside the read of its held object
-//! instead of after it. A key that would be too long keeps the children in
-//! its body only (`waits/PARENT/UNIT/JOB`, as ledgers written before this
-//! layout do); every edge's body holds them too.
+//! SPEC is `l` and the children as ranges (`l0-3.7`: children 0 to 3 and
+//! 7; `m`, which earlier versions wrote for a unit that was not the
+//! children's last wait, reads the same). A key that would be too long
+//! keeps the children in its body only (`waits/PARENT/UNIT/JOB`, as ledgers
+//! written before this layout do); every edge's body holds them too.
 //!
 //! Also here: the parents this process has seen to have `same` dependants,
 //! whose settles list their units' edges beside their markers.
@@ -34,13 +32,11 @@ const EDGES_MAX: usize = 200_000;
 pub(super) struct Edge {
     pub(super) job_id: String,
     pub(super) child: u32,
-    /// The unit was the child's last wait at its submit.
-    pub(super) last: bool,
 }
 
 /// The rest of an edge's key under its unit: `JOB/SPEC`, or `JOB` when
 /// the children do not fit in a key.
-pub(super) fn edge_name(job_id: &str, children: &[u32], last: bool) -> String {
+pub(super) fn edge_name(job_id: &str, children: &[u32]) -> String {
     let mut sorted = children.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
@@ -61,7 +57,7 @@ pub(super) fn edge_name(job_id: &str, children: &[u32], last: bool) -> String {
             }
         })
         .collect();
-    let spec = format!("{}{}", if last { 'l' } else { 'm' }, ranges.join("."));
+    let spec = format!("l{}", ranges.join("."));
     if runs.is_empty() || spec.len() > SPEC_MAX {
         return job_id.to_owned();
     }
@@ -72,11 +68,9 @@ pub(super) fn edge_name(job_id: &str, children: &[u32], last: bool) -> String {
 /// absent or unreadable (its body says).
 fn parse_name(rest: &str) -> Option<Vec<Edge>> {
     let (job_id, spec) = rest.split_once('/')?;
-    let last = match spec.as_bytes().first()? {
-        b'l' => true,
-        b'm' => false,
-        _ => return None,
-    };
+    if !matches!(spec.as_bytes().first()?, b'l' | b'm') {
+        return None;
+    }
     let mut edges = Vec::new();
     for range in spec[1..].split('.') {
         let (a, b) = match range.split_once('-') {
@@ -92,7 +86,6 @@ fn parse_name(rest: &str) -> Option<Vec<Edge>> {
         edges.extend((a..=b).map(|child| Edge {
             job_id: job_id.to_owned(),
             child,
-            last,
         }));
     }
     Some(edges)
@@ -247,7 +240,6 @@ impl Ledger {
                     .map(|(child, _)| Edge {
                         job_id: job_id.clone(),
                         child,
-                        last: false,
                     })
                     .collect();
                 Ok::<_, LedgerError>((key, edges))
@@ -261,28 +253,25 @@ impl Ledger {
 mod tests {
     use super::*;
 
-    fn edges(job: &str, children: &[u32], last: bool) -> Vec<Edge> {
+    fn edges(job: &str, children: &[u32]) -> Vec<Edge> {
         children
             .iter()
             .map(|&child| Edge {
                 job_id: job.into(),
                 child,
-                last,
             })
             .collect()
     }
 
     #[test]
     fn an_edge_key_names_its_children_as_ranges() {
-        assert_eq!(edge_name("j", &[7, 0, 1, 2, 3], true), "j/l0-3.7");
-        assert_eq!(edge_name("j", &[5], false), "j/m5");
-        assert_eq!(
-            parse_name("j/l0-3.7"),
-            Some(edges("j", &[0, 1, 2, 3, 7], true))
-        );
-        assert_eq!(parse_name("j/m5"), Some(edges("j", &[5], false)));
+        assert_eq!(edge_name("j", &[7, 0, 1, 2, 3]), "j/l0-3.7");
+        assert_eq!(edge_name("j", &[5]), "j/l5");
+        assert_eq!(parse_name("j/l0-3.7"), Some(edges("j", &[0, 1, 2, 3, 7])));
+        // Written by earlier versions.
+        assert_eq!(parse_name("j/m5"), Some(edges("j", &[5])));
         let all: Vec<u32> = (0..10_000).collect();
-        assert_eq!(edge_name("j", &all, true), "j/l0-9999");
+        assert_eq!(edge_name("j", &all), "j/l0-9999");
         assert_eq!(parse_name("j/l0-9999").map(|e| e.len()), Some(10_000));
     }
 
@@ -290,7 +279,7 @@ mod tests {
     fn children_too_many_for_a_key_stay_in_its_body() {
         // Every other child: no ranges, too long a key.
         let scattered: Vec<u32> = (0..1_000).map(|i| i * 2).collect();
-        assert_eq!(edge_name("j", &scattered, true), "j");
+        assert_eq!(edge_name("j", &scattered), "j");
         // An old key, or one unreadable: read from its body.
         for rest in ["j", "j/", "j/x1", "j/l3-1", "j/l1-", "j/l0-99999999"] {
             assert_eq!(parse_name(rest), None, "{rest}");

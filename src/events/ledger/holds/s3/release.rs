@@ -7,29 +7,34 @@
 //! cancels it) moves it to `releasing` (`cancelling`) with a claim id, and
 //! only that writer sends it. Its marker under `releasing/` names the claim
 //! and is written before the claim lands: beside the read of the held
-//! object when the edge says this unit was the child's last wait (the
-//! claim id made before the read), else after the read; a marker whose
+//! object when a parent unit's end spends it (the claim id made before the
+//! read), else (the sweep, a hold by hand) after the read; a marker whose
 //! claim then does not happen is deleted. After the send the marker is
-//! deleted by its key. The sweep re-stamps a marker older than the grace
-//! with `If-Match` (so one sweeper takes it) and sends what the held object
-//! says that claim freed; a marker whose claim lost, or never landed, is
-//! deleted.
+//! deleted by its key.
 //!
-//! A settle's calls: its reads ([`Ledger::s3_read_ends`]) run once the
-//! parent child's end is recorded, beside the settle of its message: the
-//! LIST of the unit's edges (once this process has seen the parent have
-//! `same` dependants, beside the LIST of its markers, `unit`, `whole` and
-//! other queues' (`foreign`); before that, after it), then the held
-//! object's GET. After the parent's end, the marker's PUT and the held
-//! object's conditional PUT ([`Ledger::s3_spend_ends`]) stand before the
-//! send (the marker is not written beside the read: see [`SpendAt`]); one
-//! that lost a race reads again. Spent at once (`units_ended`), a likely
-//! release's marker is written beside its GET. The children a unit frees
-//! are changed [`PUTS_AT_ONCE`] at a time. A released child costs a
-//! constant number of calls, whatever the arrays' sizes: the markers'
-//! LIST, the edges' LIST, the GET and PUT of the held object, the marker's
-//! PUT and, after the send, its DELETE.
+//! The sweep takes a marker older than the grace for a worker's that died
+//! or stalled. Its claim landed: the held object was last written by the
+//! claim (nothing writes a claimed one), so when that write too is older
+//! than the grace, the sweep re-stamps the marker with `If-Match` (one
+//! sweeper takes it) and sends what the claim freed. Not landed: the sweep
+//! spends, under a claim of its own, the parent units of this queue that
+//! ended and that the object still waits for (a worker that died between
+//! its parent's end and its write, freeing or not). Another claim landed,
+//! or the object is gone: the marker is deleted.
 //!
+//! A settle's calls, all once the parent child's end is recorded and before
+//! its message is settled (the worker sends what they claimed after it):
+//! its reads ([`Ledger::s3_read_ends`]): the LIST of the unit's edges
+//! (once this process has seen the parent have `same` dependants, beside
+//! the LIST of its markers, `unit`, `whole` and other queues' (`foreign`);
+//! before that, after it), then the held object's GET with its marker's
+//! PUT; then the held object's conditional PUT ([`Ledger::s3_spend_ends`]);
+//! one that lost a race reads again. The children a unit frees are
+//! changed [`PUTS_AT_ONCE`] at a time. A released child costs a constant
+//! number of calls, whatever the arrays' sizes: the markers' LIST, the
+//! edges' LIST, the GET and PUT of the held object, the marker's PUT and,
+//! after the send, its DELETE; a spend that leaves waits (a child waiting
+//! for several units) the same but the LISTs.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -51,8 +56,11 @@ pub(super) enum Mark {
     Cancels,
     /// After the read, once the change is known to free it.
     AfterRead,
-    /// Beside the read, with the claim id made first (the change likely
-    /// frees it); deleted when the claim does not land.
+    /// Beside the read, with the claim id made first; deleted when the
+    /// claim does not land (the change did not free it, or lost). A
+    /// parent's end spends with it: its claim is then the one write after
+    /// the read, and a reader that dies before its write leaves a marker
+    /// for the sweep, whether or not its spend would have freed it.
     Ahead,
 }
 
@@ -84,19 +92,6 @@ pub(in crate::events::ledger::holds) struct S3Read {
     foreign: Option<ForeignEnd>,
     /// Read from kept edges ([`Ledger::s3_read_ahead`]), not listed.
     pub kept: bool,
-}
-
-/// When the held objects read for a spend are spent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(in crate::events::ledger::holds) enum SpendAt {
-    /// Right after the reads: a likely release's marker is written beside
-    /// its read ([`Mark::Ahead`]).
-    Once,
-    /// After the parent's message is settled: no marker is written by the
-    /// reads, each is written just before its claim, so that a marker's
-    /// age stays that of its claim, send and delete (the sweep takes one
-    /// older than `release_grace` for a dead worker's).
-    AfterSettle,
 }
 
 /// Edges spent already, by unit (`None`: the whole), dependant and child.
@@ -250,7 +245,7 @@ impl Ledger {
         spent: &Spent,
     ) -> Result<Ended, LedgerError> {
         let read = self
-            .s3_read_ends(parent_id, size, indexes, state, spent, SpendAt::Once)
+            .s3_read_ends(parent_id, size, indexes, state, spent)
             .await?;
         self.s3_spend_ends(read).await
     }
@@ -266,7 +261,6 @@ impl Ledger {
         indexes: Vec<u32>,
         state: ChildState,
         spent: &Spent,
-        at: SpendAt,
     ) -> Result<S3Read, LedgerError> {
         if size == 0 {
             let key = self.deps_key(&format!("ends/{parent_id}"));
@@ -331,7 +325,7 @@ impl Ledger {
             edges.retain(|edge| !spent.contains(&(*index, edge.job_id.clone(), edge.child)));
         }
         let (spends, foreign) = tokio::try_join!(
-            self.read_spends(parent_id, ended, at),
+            self.read_spends(parent_id, ended),
             self.s3_foreign_end(parent_id, size, &indexes, state, &markers),
         )?;
         Ok(S3Read {
@@ -356,21 +350,13 @@ impl Ledger {
     ) -> Result<S3Read, LedgerError> {
         let Some(kept) = self.kept_edges(parent_id, indexes) else {
             let ends = indexes.to_vec();
-            return (self.s3_read_ends(
-                parent_id,
-                size,
-                ends,
-                state,
-                &Spent::new(),
-                SpendAt::AfterSettle,
-            ))
-            .await;
+            return (self.s3_read_ends(parent_id, size, ends, state, &Spent::new())).await;
         };
         let units = (indexes.iter().zip(kept))
             .map(|(&index, edges)| (Some(index), state, edges))
             .collect();
         Ok(S3Read {
-            spends: (self.read_spends(parent_id, units, SpendAt::AfterSettle)).await?,
+            spends: self.read_spends(parent_id, units).await?,
             foreign: None,
             kept: true,
         })
@@ -397,29 +383,23 @@ impl Ledger {
         parent_id: &str,
         units: Vec<(Option<u32>, ChildState, Vec<Edge>)>,
     ) -> Result<Vec<Freed>, LedgerError> {
-        let spends = self.read_spends(parent_id, units, SpendAt::Once).await?;
+        let spends = self.read_spends(parent_id, units).await?;
         self.write_spends(spends).await
     }
 
     /// Reads the held object of every edge of parent units,
-    /// [`PUTS_AT_ONCE`] at a time, to be spent `at`.
+    /// [`PUTS_AT_ONCE`] at a time, each with its marker written beside the
+    /// read, so that its claim is the one write after it.
     async fn read_spends(
         &self,
         parent_id: &str,
         units: Vec<(Option<u32>, ChildState, Vec<Edge>)>,
-        at: SpendAt,
     ) -> Result<Vec<Spend>, LedgerError> {
         let spends = units.into_iter().flat_map(|(index, state, edges)| {
             let (unit, label) = (unit_key(parent_id, index), unit_label(parent_id, index));
             edges.into_iter().map(move |edge| Spend {
                 index,
-                // The unit is likely the child's last wait: its marker is
-                // written beside the read, when spent at once.
-                mark: if edge.last && at == SpendAt::Once {
-                    Mark::Ahead
-                } else {
-                    Mark::AfterRead
-                },
+                mark: Mark::Ahead,
                 unit: unit.clone(),
                 label: label.clone(),
                 state,
@@ -491,6 +471,8 @@ impl Ledger {
             .await
     }
 
+    /// The sweep: what workers left, from the `releasing/` markers older
+    /// than `grace` (see the module's doc).
     pub(in crate::events::ledger::holds) async fn s3_stale_holds(
         &self,
         grace: Duration,
@@ -511,24 +493,68 @@ impl Ledger {
                 continue;
             };
             let key = format!("{root}{rest}");
-            // One sweeper takes it: the one whose re-stamp wins.
-            let cond = etag.map_or(Cond::Always, Cond::IfMatch);
-            if !self.s3_put(&key, stamp(), cond).await? {
-                continue;
-            }
-            let held = self
-                .s3_get_json::<HeldObject>(&self.deps_key(&format!("held/{job_id}/{index}")))
-                .await?;
+            let held = (self.s3_read_json::<HeldObject>(&self.held_key(job_id, index))).await?;
             match held {
-                Some((held, _))
-                    if held.state != HeldState::Held && held.claim.as_deref() == Some(claim) =>
+                // Its claim landed: its claimer sends it, unless the claim
+                // is older than the grace too (the marker may be older than
+                // its claim: it is written beside the read).
+                Some(got)
+                    if got.value.state != HeldState::Held
+                        && got.value.claim.as_deref() == Some(claim) =>
                 {
-                    freed.push(held.freed(job_id, index));
+                    if got.written >= cutoff {
+                        continue;
+                    }
+                    // One sweeper takes it: the one whose re-stamp wins.
+                    let cond = etag.map_or(Cond::Always, Cond::IfMatch);
+                    if self.s3_put(&key, stamp(), cond).await? {
+                        freed.push(got.value.freed(job_id, index));
+                    }
                 }
-                // A claim that lost its race, or a row gone.
+                // Not claimed yet: its reader died before the claim, or is
+                // slow. The sweep spends what ended of what it waits for,
+                // under a claim (and marker) of its own; this marker goes
+                // once another claim has landed.
+                Some(got) if got.value.state == HeldState::Held => {
+                    freed.extend(self.spend_ended_waits(job_id, index, &got.value).await?);
+                }
+                // Another claim won, or the row is gone.
                 _ => self.s3_delete(&key).await?,
             }
         }
         Ok(freed)
+    }
+
+    /// Spends, once, the ended parent units of this queue that a held
+    /// object still waits for; what that freed.
+    async fn spend_ended_waits(
+        &self,
+        job_id: &str,
+        index: u32,
+        held: &HeldObject,
+    ) -> Result<Option<Freed>, LedgerError> {
+        let mut units: std::collections::BTreeMap<&str, Vec<Option<u32>>> = Default::default();
+        for unit in held.waits.keys() {
+            let (parent, name) = unit.rsplit_once('/').unwrap_or((unit, "whole"));
+            // A parent on another queue: its sweep (`foreign`) reads it.
+            if !held.queues.contains_key(parent) {
+                units.entry(parent).or_default().push(name.parse().ok());
+            }
+        }
+        let mut ended = Vec::new();
+        for (parent, units) in units {
+            for (unit, state) in self.s3_unit_ends(parent, units).await? {
+                ended.push((unit_key(parent, unit), unit_label(parent, unit), state));
+            }
+        }
+        if ended.is_empty() {
+            return Ok(None);
+        }
+        self.change_held(job_id, index, Mark::AfterRead, |h| {
+            (ended.iter())
+                .filter_map(|(unit, label, state)| h.spend(unit, label, *state))
+                .reduce(|a, b| a || b)
+        })
+        .await
     }
 }
