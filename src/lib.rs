@@ -231,11 +231,12 @@
 //!   dependant queue's sweep from the parent ledger's ends; a submit reads
 //!   those ends again after writing its edges and the parent ledger's
 //!   note, and a settle reads the note after writing its end, so one of
-//!   the two sees the other. A parent's end is spent, and what it
-//!   frees claimed, after its end is recorded and before its message is
-//!   settled; what was claimed is sent after the settle. A worker that
-//!   dies before the settle leaves the message to come back (spending is
-//!   idempotent), one that dies after leaves claims for the sweep. On S3
+//!   the two sees the other. A parent's end is read (on S3 with a
+//!   `releasing/` marker per held object) after its end is recorded and
+//!   before its message is settled, and spent after the settle: a worker
+//!   that dies before the settle leaves the message to come back
+//!   (spending is idempotent), one that dies after leaves markers or
+//!   claims for the sweep. On S3
 //!   the edges a process keeps from a parent's first listing are only a
 //!   head start: every settle still lists the unit's edges and the
 //!   parent's markers after its end is recorded, and spends what the kept

@@ -577,37 +577,47 @@ impl Worker {
             let ended = self.final_state(&job.delivery, &outcome);
             let recorded = self.record_array_child(&job.delivery, &outcome).await;
             self.judge(&job.delivery, &outcome);
-            // With its end recorded, and before its message is settled,
-            // the dependants its end frees are claimed; sent after.
-            let claimed = match ended.filter(|_| recorded.is_ok()) {
-                Some(state) => self.claim_dependants(&job.delivery, state).await,
-                None => Vec::new(),
+            // With its end recorded, and before its message is settled, the
+            // release's reads (on S3 each with its `releasing/` marker): a
+            // worker dying after the settle leaves markers for the sweep,
+            // one dying before leaves the message to come back. Its claims
+            // wait for its end, so that a dependant never starts before
+            // its parents' ends are announced.
+            let release = match ended.filter(|_| recorded.is_ok()) {
+                Some(state) => self.read_release(&job.delivery, state).await,
+                None => None,
             };
-            // No extension may land after the settle (it would undo a
-            // retry's back-off): one in flight is waited for.
-            job.heartbeat.stop().await;
-            let (end, completion) = match recorded {
-                Ok(completion) => (self.settle(&job.delivery, outcome).await, completion),
-                Err(error) => {
-                    error!(%error, "cannot record the array child's end; leaving its message to come back");
-                    let reason = format!("the ledger is unreachable ({error})");
-                    (Ok(JobEnd::Requeued { reason }), None)
+            let settling = async {
+                // No extension may land after the settle (it would undo a
+                // retry's back-off): one in flight is waited for.
+                job.heartbeat.stop().await;
+                let (end, completion) = match recorded {
+                    Ok(completion) => (self.settle(&job.delivery, outcome).await, completion),
+                    Err(error) => {
+                        error!(%error, "cannot record the array child's end; leaving its message to come back");
+                        let reason = format!("the ledger is unreachable ({error})");
+                        (Ok(JobEnd::Requeued { reason }), None)
+                    }
+                };
+                // Its end is told as soon as it is settled.
+                self.observer.metrics().busy(-1);
+                if let Ok(end) = &end {
+                    self.observer
+                        .ended_with(&job.subject, end, Some(&job.usage));
                 }
+                self.charge(&job.delivery, &job.subject, &job.usage).await;
+                // Claimed is claimed: announced even if the settle failed.
+                if let Some(done) = completion {
+                    self.observer
+                        .array_completed(&job.subject, &done.array_id, done.counts);
+                }
+                end
             };
-            self.observer.metrics().busy(-1);
-            if let Ok(end) = &end {
-                self.observer
-                    .ended_with(&job.subject, end, Some(&job.usage));
-            }
-            self.charge(&job.delivery, &job.subject, &job.usage).await;
-            // Claimed is claimed: announced, and sent, even if the settle
-            // failed (the end is recorded).
-            if let Some(done) = completion {
-                self.observer
-                    .array_completed(&job.subject, &done.array_id, done.counts);
-            }
+            let end = settling.await;
             // The dependants it frees go out after its own end.
-            self.release_dependants(&job.delivery, claimed).await;
+            if let (Some(read), Ok(_)) = (release, &end) {
+                self.release_dependants(&job.delivery, read).await;
+            }
             let end = end?;
             Ok(Outcome::Processed {
                 message_id: job.delivery.message_id.clone(),

@@ -2,11 +2,10 @@
 //! hand, or the sweep) freed is sent, or cancelled with its reason; a
 //! cancelled dependant ends as a parent too, so its own dependants follow.
 //!
-//! The ledger freed each row once (see `events::ledger::holds`), claimed
-//! before the parent's message was settled ([`Worker::claim_dependants`]);
-//! this sends it after the settle and only then marks it released. A
-//! worker that dies in between leaves the row `releasing`, and the sweep
-//! ([`Worker::sweep_holds`]) sends it after `release_grace`.
+//! The ledger freed each row once (see `events::ledger::holds`); this sends
+//! it and only then marks it released. A worker that dies in between
+//! leaves the row `releasing`, and the sweep ([`Worker::sweep_holds`])
+//! sends it after `release_grace`.
 //!
 //! A parent whose dependants are on another queue (see
 //! `events::ledger::holds::foreign`): its end, as its own ledger returns
@@ -23,7 +22,7 @@ use tracing::{info, warn};
 
 use super::Worker;
 use super::delivery::Delivery;
-use crate::events::ledger::{ChildState, Ended, ForeignEnd, Freed, Ledger, Ledgers};
+use crate::events::ledger::{ChildState, Ended, EndsRead, ForeignEnd, Freed, Ledger, Ledgers};
 use crate::events::observe::Observer;
 use crate::job::event::EventType;
 use crate::queue::{Queue, Queues, Received};
@@ -33,8 +32,7 @@ const SEND_TRIES: u32 = 4;
 const SEND_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 
 /// Set (to anything) only by tests: a worker that freed a dependant stops
-/// after its parent's settle, before sending it, as if it died (the test
-/// then kills it).
+/// there, before sending it, as if it died (the test then kills it).
 const HALT_BEFORE_RELEASE: &str = "RENDERQ_TEST_HALT_BEFORE_RELEASE";
 
 /// Every queue and ledger this process opened from its config: where the
@@ -225,67 +223,58 @@ pub(crate) fn held_delivery(body: &str) -> Delivery {
 }
 
 impl Worker {
-    /// Spends a job's end in its queue's ledger ([`Ledger::read_ends`],
-    /// then [`Ledger::spend_ends`] until nothing is left to read): the
-    /// dependants it frees are claimed, to be sent by
-    /// [`Worker::release_dependants`]. Runs once its end is recorded and
-    /// before its message is settled, so that a worker dying after the
-    /// settle leaves them claimed (the sweep sends them), and one dying
-    /// before leaves the message to come back. Empty when its queue keeps
-    /// no ledger.
-    pub(super) async fn claim_dependants(
+    /// The reads of a job's release ([`Ledger::read_ends`]), once its end
+    /// is recorded and before its message is settled; `None` when its
+    /// queue keeps no ledger.
+    pub(super) async fn read_release(
         &self,
         delivery: &Delivery,
         state: ChildState,
-    ) -> Vec<Ended> {
-        let Some(ledger) = &self.source(delivery).ledger else {
-            return Vec::new();
-        };
-        let Ok(envelope) = delivery.envelope.as_ref() else {
-            return Vec::new();
-        };
-        // A plain job's end is recorded by the spend.
+    ) -> Option<EndsRead> {
+        let ledger = self.source(delivery).ledger.as_ref()?;
+        let envelope = delivery.envelope.as_ref().ok()?;
+        // A plain job's end is recorded by the spend, after its own.
         let (id, size, indexes) = match &envelope.array {
             Some(array) => (array.job_id.as_str(), array.size, vec![array.index]),
             None => (delivery.message_id.as_str(), 0, Vec::new()),
         };
-        let mut next = Some(ledger.read_ends(id, size, indexes, state).await);
-        let mut claimed = Vec::new();
-        while let Some(read) = next.take() {
-            match ledger.spend_ends(read).await {
-                Ok((ended, full)) => {
-                    claimed.push(ended);
-                    next = full;
-                }
-                Err(error) => {
-                    warn!(%error, "cannot free the job's dependants; the sweep will");
-                    break;
-                }
-            }
-        }
-        claimed
+        Some(ledger.read_ends(id, size, indexes, state).await)
     }
 
-    /// After a job's end is settled: sends (or cancels) the dependants
-    /// [`Worker::claim_dependants`] claimed.
-    pub(super) async fn release_dependants(&self, delivery: &Delivery, claimed: Vec<Ended>) {
+    /// After a job's end: frees (sends or cancels) its dependants, as
+    /// [`Worker::read_release`] read them. A plain job's end is recorded
+    /// for dependants to come.
+    pub(super) async fn release_dependants(&self, delivery: &Delivery, read: EndsRead) {
         let source = self.source(delivery);
         let Some(ledger) = &source.ledger else {
             return;
         };
-        let frees = (claimed.iter()).any(|e| !e.freed.is_empty() || e.foreign.is_some());
-        if frees && std::env::var_os(HALT_BEFORE_RELEASE).is_some() {
-            warn!("{HALT_BEFORE_RELEASE}: halting before the release, as if dead");
-            std::future::pending::<()>().await;
-        }
-        let releaser = Releaser {
-            queue: &source.queue,
-            ledger,
-            observer: &self.observer,
-            reach: self.reach(),
-        };
-        for ended in claimed {
-            releaser.after_end(ended).await;
+        // A spend from kept edges, then the full one it returns.
+        let mut next = Some(read);
+        while let Some(read) = next.take() {
+            let freed = match ledger.spend_ends(read).await {
+                Ok((freed, full)) => {
+                    next = full;
+                    freed
+                }
+                Err(error) => {
+                    warn!(%error, "cannot free the job's dependants; the sweep will");
+                    return;
+                }
+            };
+            let frees = !freed.freed.is_empty() || freed.foreign.is_some();
+            if frees && std::env::var_os(HALT_BEFORE_RELEASE).is_some() {
+                warn!("{HALT_BEFORE_RELEASE}: halting before the release, as if dead");
+                std::future::pending::<()>().await;
+            }
+            Releaser {
+                queue: &source.queue,
+                ledger,
+                observer: &self.observer,
+                reach: self.reach(),
+            }
+            .after_end(freed)
+            .await;
         }
     }
 

@@ -311,7 +311,8 @@ impl Ledger {
     /// is recorded already (in `children`): on the S3 ledger, the held
     /// objects of the ended units' dependants, each with its `releasing/`
     /// marker written beside it; after it only the claims
-    /// ([`Ledger::spend_ends`]).
+    /// ([`Ledger::spend_ends`]). The worker reads before the settle of the
+    /// child's message and claims after it.
     /// Where this process keeps the units' edges (see `s3::KnownParents`)
     /// no LIST comes first; the spend is then followed by a full one
     /// ([`Ledger::spend_ends`] returns it). Reads that fail are left for

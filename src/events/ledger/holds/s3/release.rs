@@ -22,14 +22,14 @@
 //! its parent's end and its write, freeing or not). Another claim landed,
 //! or the object is gone: the marker is deleted.
 //!
-//! A settle's calls, all once the parent child's end is recorded and before
-//! its message is settled (the worker sends what they claimed after it):
-//! its reads ([`Ledger::s3_read_ends`]): the LIST of the unit's edges
+//! A settle's calls: once the parent child's end is recorded and before its
+//! message is settled, its reads ([`Ledger::s3_read_ends`]): the LIST of the unit's edges
 //! (once this process has seen the parent have `same` dependants, beside
 //! the LIST of its markers, `unit`, `whole` and other queues' (`foreign`);
 //! before that, after it), then the held object's GET with its marker's
-//! PUT; then the held object's conditional PUT ([`Ledger::s3_spend_ends`]);
-//! one that lost a race reads again. The children a unit frees are
+//! PUT; after the settle, the held object's conditional PUT
+//! ([`Ledger::s3_spend_ends`]), the one write before the send; one that
+//! lost a race reads again. The children a unit frees are
 //! changed [`PUTS_AT_ONCE`] at a time. A released child costs a constant
 //! number of calls, whatever the arrays' sizes: the markers' LIST, the
 //! edges' LIST, the GET and PUT of the held object, the marker's PUT and,
